@@ -1,0 +1,42 @@
+# Helpers shared by the kernels: boundary checks, fixed work splits, and the deterministic column reduction.
+#
+# Loops that do the arithmetic live in small `cdef inline` functions over raw pointers; `prange` only hands out
+# rows or chunks. gcc vectorises a plain pointer loop, but not the body of a prange loop (its lastprivate
+# bookkeeping counts as control flow).
+from cython.parallel cimport prange
+
+cdef extern from "fastmath.h" nogil:
+    float cllm_expf(float x)
+    float cllm_tanhf(float x)
+
+# Column blocks and element chunks of fixed sizes: the work split depends on the data shape, never on the
+# thread count, so every reduction adds in the same order whatever `num_threads` is.
+cdef enum:
+    COLUMN_BLOCK = 64
+    CHUNK = 8192
+
+
+cdef inline int require(bint ok, str message) except -1:
+    if not ok:
+        raise ValueError(message)
+    return 0
+
+
+cdef inline int require_threads(int threads) except -1:
+    return require(1 <= threads <= 1024, f"threads must be in [1, 1024], got {threads}")
+
+
+cdef inline void add_rows_block(const float* a, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t c0, Py_ssize_t c1,
+                                float* out) noexcept nogil:
+    cdef Py_ssize_t r, c
+    for r in range(rows):
+        for c in range(c0, c1):
+            out[c] += a[r * cols + c]
+
+
+cdef inline void column_sum_accumulate(const float* a, Py_ssize_t rows, Py_ssize_t cols, float* out,
+                                       int threads) noexcept nogil:
+    """out[c] += sum_r a[r, c], rows added in order, each column block owned by one thread."""
+    cdef Py_ssize_t nblocks = (cols + COLUMN_BLOCK - 1) // COLUMN_BLOCK, blk
+    for blk in prange(nblocks, num_threads=threads, schedule="static"):
+        add_rows_block(a, rows, cols, blk * COLUMN_BLOCK, min((blk + 1) * COLUMN_BLOCK, cols), out)

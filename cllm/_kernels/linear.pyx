@@ -1,0 +1,71 @@
+# Linear layers on BLAS: y[N,OC] = x[N,C] @ W + b, where W is (C, OC), or (OC, C) with w_transposed=True (the
+# tied LM head multiplies by the token embedding, stored (V, C)). Thread count of the GEMMs is BLAS's own,
+# set process-wide through threadpoolctl; `threads` only drives the bias reduction.
+from libc.string cimport memcpy
+from scipy.linalg.cython_blas cimport sgemm
+
+from ._common cimport column_sum_accumulate, require, require_threads
+
+
+cdef void gemm(bint trans_a, bint trans_b, int m, int n, int k, const float* a, int lda, const float* b, int ldb,
+               float beta, float* c, int ldc) noexcept nogil:
+    """Row-major C[m,n] = op(A)[m,k] @ op(B)[k,n] + beta*C.
+
+    BLAS is column-major, and a row-major matrix is its transpose in column-major, so C^T = op(B)^T op(A)^T:
+    call sgemm with the operands swapped.
+    """
+    cdef char ta = b'T' if trans_a else b'N'
+    cdef char tb = b'T' if trans_b else b'N'
+    cdef float one = 1.0
+    sgemm(&tb, &ta, &n, &m, &k, &one, <float*>b, &ldb, <float*>a, &lda, &beta, c, &ldc)
+
+
+cdef int check_weight(tuple wshape, Py_ssize_t c, Py_ssize_t oc, bint w_transposed) except -1:
+    want = (oc, c) if w_transposed else (c, oc)
+    return require(wshape == want, f"weight shape {wshape} does not match {want}")
+
+
+def linear_forward(const float[:, ::1] x, const float[:, ::1] w, const float[::1] b, float[:, ::1] out,
+                   *, bint w_transposed=False, int threads=1):
+    """out = x @ W + b.  x (N, C), out (N, OC), b (OC,) or None."""
+    cdef Py_ssize_t n = x.shape[0], c = x.shape[1], oc = out.shape[1], r
+    require_threads(threads)
+    require(out.shape[0] == n, f"out has {out.shape[0]} rows, x has {n}")
+    check_weight((w.shape[0], w.shape[1]), c, oc, w_transposed)
+    require(n > 0 and c > 0 and oc > 0, f"empty linear: x {n}x{c}, out features {oc}")
+    require(b is None or b.shape[0] == oc, f"bias length must be {oc}")
+    cdef float beta = 0.0
+    with nogil:
+        if b is not None:
+            # Seed every row with the bias, then let the GEMM accumulate onto it.
+            for r in range(n):
+                memcpy(&out[r, 0], &b[0], oc * sizeof(float))
+            beta = 1.0
+        if w_transposed:
+            gemm(False, True, n, oc, c, &x[0, 0], c, &w[0, 0], c, beta, &out[0, 0], oc)
+        else:
+            gemm(False, False, n, oc, c, &x[0, 0], c, &w[0, 0], oc, beta, &out[0, 0], oc)
+
+
+def linear_backward(const float[:, ::1] dout, const float[:, ::1] x, const float[:, ::1] w, float[:, ::1] dx,
+                    float[:, ::1] dw, float[::1] db, *, bint w_transposed=False, int threads=1):
+    """dx += dout @ W^T (skipped if dx is None), dW += x^T @ dout, db += sum over rows of dout."""
+    cdef Py_ssize_t n = x.shape[0], c = x.shape[1], oc = dout.shape[1]
+    require_threads(threads)
+    require(dout.shape[0] == n, f"dout has {dout.shape[0]} rows, x has {n}")
+    check_weight((w.shape[0], w.shape[1]), c, oc, w_transposed)
+    check_weight((dw.shape[0], dw.shape[1]), c, oc, w_transposed)
+    require(dx is None or (dx.shape[0] == n and dx.shape[1] == c), f"dx must be ({n}, {c})")
+    require(n > 0 and c > 0 and oc > 0, f"empty linear: x {n}x{c}, out features {oc}")
+    require(db is None or db.shape[0] == oc, f"db length must be {oc}")
+    with nogil:
+        if w_transposed:  # W is (OC, C)
+            if dx is not None:
+                gemm(False, False, n, c, oc, &dout[0, 0], oc, &w[0, 0], c, 1.0, &dx[0, 0], c)
+            gemm(True, False, oc, c, n, &dout[0, 0], oc, &x[0, 0], c, 1.0, &dw[0, 0], c)
+        else:  # W is (C, OC)
+            if dx is not None:
+                gemm(False, True, n, c, oc, &dout[0, 0], oc, &w[0, 0], oc, 1.0, &dx[0, 0], c)
+            gemm(True, False, c, oc, n, &x[0, 0], c, &dout[0, 0], oc, 1.0, &dw[0, 0], oc)
+        if db is not None:
+            column_sum_accumulate(&dout[0, 0], n, oc, &db[0], threads)

@@ -1,0 +1,265 @@
+"""A GPT-2-style decoder on the Cython kernels.
+
+    tokens (B, T) -> wte[tokens] + wpe[:T] -> n_layers x Block -> LayerNorm -> @ wte^T -> logits (B, T, V)
+    Block: x = x + proj(attn(ln_1(x)));  x = x + mlp_proj(gelu(mlp_fc(ln_2(x))))
+
+All parameters live in one flat float32 buffer (`params`) and their gradients in a second buffer of the same
+layout (`grads`); named views (GPT-2's names, weights stored (in, out)) look into both. Matrices come first in
+the layout, so AdamW decays exactly `params[:n_decay]`. Activations live in a `Workspace` for one (B, T),
+allocated once and reused every step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._kernels import attention, crossentropy, embedding, gelu, layernorm, linear
+from .buffers import aligned_zeros, carve, carved_size
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    context_length: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    mlp_ratio: int = 4
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ModelConfig.{field.name} must be a positive integer, got {value!r}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.mlp_ratio * self.dim
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+def parameter_shapes(cfg: ModelConfig) -> tuple[dict[str, tuple[int, ...]], int]:
+    """The flat layout: every matrix, then every vector. Returns (name -> shape, number of matrix elements)."""
+    C, H = cfg.dim, cfg.hidden_dim
+    matrices = {"wte": (cfg.vocab_size, C), "wpe": (cfg.context_length, C)}
+    vectors = {}
+    for i in range(cfg.n_layers):
+        p = f"h.{i}."
+        matrices |= {p + "attn.c_attn.weight": (C, 3 * C), p + "attn.c_proj.weight": (C, C),
+                     p + "mlp.c_fc.weight": (C, H), p + "mlp.c_proj.weight": (H, C)}
+        vectors |= {p + "ln_1.weight": (C,), p + "ln_1.bias": (C,),
+                    p + "attn.c_attn.bias": (3 * C,), p + "attn.c_proj.bias": (C,),
+                    p + "ln_2.weight": (C,), p + "ln_2.bias": (C,),
+                    p + "mlp.c_fc.bias": (H,), p + "mlp.c_proj.bias": (C,)}
+    vectors |= {"ln_f.weight": (C,), "ln_f.bias": (C,)}
+    return matrices | vectors, carved_size(matrices, pad=False)
+
+
+class Workspace:
+    """Activations for one (batch, seq) shape, plus the scratch gradients the backward pass reuses per layer."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, seq: int):
+        if not 1 <= seq <= cfg.context_length:
+            raise ValueError(f"sequence length {seq} must be in [1, context_length={cfg.context_length}]")
+        if batch < 1:
+            raise ValueError(f"batch size must be positive, got {batch}")
+        self.batch, self.seq = batch, seq
+        N, C, H, V, NH, L = batch * seq, cfg.dim, cfg.hidden_dim, cfg.vocab_size, cfg.n_heads, cfg.n_layers
+        shapes = {}
+        for i in range(L):
+            shapes |= {f"res{i}": (N, C), f"ln1_{i}": (N, C), f"ln1_mean{i}": (N,), f"ln1_rstd{i}": (N,),
+                       f"qkv{i}": (batch, seq, 3 * C), f"att{i}": (batch, NH, seq, seq), f"atty{i}": (N, C),
+                       f"res_mid{i}": (N, C), f"ln2_{i}": (N, C), f"ln2_mean{i}": (N,), f"ln2_rstd{i}": (N,),
+                       f"fc{i}": (N, H), f"fc_gelu{i}": (N, H)}
+        shapes |= {f"res{L}": (N, C), "lnf": (N, C), "lnf_mean": (N,), "lnf_rstd": (N,), "logits": (N, V),
+                   "losses": (N,),
+                   # backward scratch, reused by every layer
+                   "dres": (N, C), "dc": (N, C), "dqkv": (batch, seq, 3 * C), "dh": (N, H), "dh_gelu": (N, H)}
+        self.buffer = aligned_zeros(carved_size(shapes, pad=True))
+        self.a = carve(self.buffer, shapes, pad=True)
+        self.tokens = np.zeros((batch, seq), np.int32)
+        self.has_dlogits = False  # set by a forward pass with targets; logits then hold dlogits
+
+
+class GPT:
+    def __init__(self, config: ModelConfig, *, seed: int = 0, threads: int = 1):
+        self.config = config
+        self.threads = threads
+        shapes, self.n_decay = parameter_shapes(config)
+        self.params = aligned_zeros(carved_size(shapes, pad=False))
+        self.grads = aligned_zeros(self.params.size)
+        self.p = carve(self.params, shapes, pad=False)
+        self.g = carve(self.grads, shapes, pad=False)
+        self._workspaces: dict[tuple[int, int], Workspace] = {}
+        self._last: Workspace | None = None
+        self.init_weights(seed)
+
+    @property
+    def num_params(self) -> int:
+        return self.params.size
+
+    def init_weights(self, seed: int) -> None:
+        """GPT-2 init: N(0, 0.02); residual output projections N(0, 0.02/sqrt(2 n_layers)); biases 0; LN w 1."""
+        rng = np.random.default_rng(seed)
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for name, view in self.p.items():
+            if name.endswith("c_proj.weight"):
+                view[...] = rng.normal(0.0, residual_std, view.shape)
+            elif view.ndim == 2:
+                view[...] = rng.normal(0.0, 0.02, view.shape)
+            elif name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                view[...] = 1.0
+            else:
+                view[...] = 0.0
+
+    def zero_grad(self) -> None:
+        self.grads.fill(0.0)
+
+    def workspace(self, batch: int, seq: int) -> Workspace:
+        key = (batch, seq)
+        if key not in self._workspaces:
+            self._workspaces[key] = Workspace(self.config, batch, seq)
+        return self._workspaces[key]
+
+    # ----------------------------------------------------------------------------------------------------------
+    # public API
+
+    def forward(self, tokens: np.ndarray, targets: np.ndarray | None = None) -> float | None:
+        """Runs the model on tokens (B, T). With targets, returns the mean cross-entropy and readies backward()."""
+        tokens = _as_ids(tokens, "tokens")
+        ws = self.workspace(*tokens.shape)
+        loss = self.forward_ws(ws, tokens, targets, grad_scale=1.0 / tokens.size)
+        self._last = ws
+        return None if loss is None else loss / tokens.size
+
+    def backward(self) -> None:
+        """Accumulates d(mean loss)/d(params) of the last forward(tokens, targets) into `grads`."""
+        if self._last is None or not self._last.has_dlogits:
+            raise RuntimeError("backward() needs a preceding forward(tokens, targets)")
+        self.backward_ws(self._last, self.g)
+
+    def logits(self, tokens: np.ndarray) -> np.ndarray:
+        """Logits (B, T, V) for tokens (B, T), as a new array."""
+        tokens = _as_ids(tokens, "tokens")
+        ws = self.workspace(*tokens.shape)
+        self.forward_ws(ws, tokens, None)
+        return ws.a["logits"].reshape(*tokens.shape, -1).copy()
+
+    # ----------------------------------------------------------------------------------------------------------
+    # passes over an explicit workspace and gradient views (what parallel workers call, each with their own)
+
+    def forward_ws(self, ws: Workspace, tokens: np.ndarray, targets: np.ndarray | None,
+                   grad_scale: float = 1.0) -> float | None:
+        """Forward over ws. With targets, returns the SUM of token losses and leaves dlogits * grad_scale."""
+        cfg, p, a, th = self.config, self.p, ws.a, self.threads
+        B, T = ws.batch, ws.seq
+        if tokens.shape != (B, T):
+            raise ValueError(f"tokens must have shape {(B, T)}, got {tokens.shape}")
+        np.copyto(ws.tokens, tokens)
+        ws.has_dlogits = False
+        x = a["res0"]
+        embedding.embedding_forward(ws.tokens, p["wte"], p["wpe"], x.reshape(B, T, -1), threads=th)
+        for i in range(cfg.n_layers):
+            h = f"h.{i}."
+            layernorm.layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"], a[f"ln1_{i}"],
+                                        a[f"ln1_mean{i}"], a[f"ln1_rstd{i}"], threads=th)
+            qkv = a[f"qkv{i}"]
+            linear.linear_forward(a[f"ln1_{i}"], p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"],
+                                  qkv.reshape(B * T, -1), threads=th)
+            attention.attention_forward(qkv, a[f"atty{i}"].reshape(B, T, -1), a[f"att{i}"], cfg.n_heads,
+                                        threads=th)
+            mid = a[f"res_mid{i}"]
+            linear.linear_forward(a[f"atty{i}"], p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"], mid,
+                                  threads=th)
+            np.add(mid, x, out=mid)
+            layernorm.layernorm_forward(mid, p[h + "ln_2.weight"], p[h + "ln_2.bias"], a[f"ln2_{i}"],
+                                        a[f"ln2_mean{i}"], a[f"ln2_rstd{i}"], threads=th)
+            linear.linear_forward(a[f"ln2_{i}"], p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"], a[f"fc{i}"],
+                                  threads=th)
+            gelu.gelu_forward(a[f"fc{i}"], a[f"fc_gelu{i}"], threads=th)
+            x = a[f"res{i + 1}"]
+            linear.linear_forward(a[f"fc_gelu{i}"], p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"], x,
+                                  threads=th)
+            np.add(x, mid, out=x)
+        layernorm.layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"], a["lnf"], a["lnf_mean"], a["lnf_rstd"],
+                                    threads=th)
+        logits = a["logits"]
+        linear.linear_forward(a["lnf"], p["wte"], None, logits, w_transposed=True, threads=th)
+        if targets is None:
+            return None
+        targets = _as_ids(targets, "targets")
+        if targets.shape != (B, T):
+            raise ValueError(f"targets must have shape {(B, T)}, got {targets.shape}")
+        # Fused loss and dlogits, written over the logits: the backward needs nothing else from them.
+        loss_sum = crossentropy.cross_entropy(logits, targets.reshape(-1), a["losses"], logits, grad_scale,
+                                              threads=th)
+        ws.has_dlogits = True
+        return loss_sum
+
+    def backward_ws(self, ws: Workspace, g: dict[str, np.ndarray]) -> None:
+        """Accumulates parameter gradients into the views g, from the dlogits that forward_ws left in ws."""
+        cfg, p, a, th = self.config, self.p, ws.a, self.threads
+        B, T, L = ws.batch, ws.seq, cfg.n_layers
+        dres, dc, dqkv, dh, dh_gelu = a["dres"], a["dc"], a["dqkv"], a["dh"], a["dh_gelu"]
+        dc.fill(0.0)
+        linear.linear_backward(a["logits"], a["lnf"], p["wte"], dc, g["wte"], None, w_transposed=True, threads=th)
+        dres.fill(0.0)
+        layernorm.layernorm_backward(dc, a[f"res{L}"], p["ln_f.weight"], a["lnf_mean"], a["lnf_rstd"], dres,
+                                     g["ln_f.weight"], g["ln_f.bias"], threads=th)
+        for i in reversed(range(L)):
+            h = f"h.{i}."
+            # dres is d(block output); it flows unchanged into res_mid (the residual) and into the MLP.
+            dh_gelu.fill(0.0)
+            linear.linear_backward(dres, a[f"fc_gelu{i}"], p[h + "mlp.c_proj.weight"], dh_gelu,
+                                   g[h + "mlp.c_proj.weight"], g[h + "mlp.c_proj.bias"], threads=th)
+            dh.fill(0.0)
+            gelu.gelu_backward(dh_gelu, a[f"fc{i}"], dh, threads=th)
+            dc.fill(0.0)
+            linear.linear_backward(dh, a[f"ln2_{i}"], p[h + "mlp.c_fc.weight"], dc, g[h + "mlp.c_fc.weight"],
+                                   g[h + "mlp.c_fc.bias"], threads=th)
+            layernorm.layernorm_backward(dc, a[f"res_mid{i}"], p[h + "ln_2.weight"], a[f"ln2_mean{i}"],
+                                         a[f"ln2_rstd{i}"], dres, g[h + "ln_2.weight"], g[h + "ln_2.bias"],
+                                         threads=th)
+            # dres is now d(res_mid); it flows into the block input and into the attention branch.
+            dc.fill(0.0)
+            linear.linear_backward(dres, a[f"atty{i}"], p[h + "attn.c_proj.weight"], dc,
+                                   g[h + "attn.c_proj.weight"], g[h + "attn.c_proj.bias"], threads=th)
+            dqkv.fill(0.0)
+            attention.attention_backward(dc.reshape(B, T, -1), a[f"qkv{i}"], a[f"att{i}"], dqkv, cfg.n_heads,
+                                         threads=th)
+            dc.fill(0.0)
+            linear.linear_backward(dqkv.reshape(B * T, -1), a[f"ln1_{i}"], p[h + "attn.c_attn.weight"], dc,
+                                   g[h + "attn.c_attn.weight"], g[h + "attn.c_attn.bias"], threads=th)
+            layernorm.layernorm_backward(dc, a[f"res{i}"], p[h + "ln_1.weight"], a[f"ln1_mean{i}"],
+                                         a[f"ln1_rstd{i}"], dres, g[h + "ln_1.weight"], g[h + "ln_1.bias"],
+                                         threads=th)
+        embedding.embedding_backward(dres.reshape(B, T, -1), ws.tokens, g["wte"], g["wpe"], threads=th)
+        ws.has_dlogits = False  # the logits buffer was consumed; a second backward would double-count
+
+
+def _as_ids(ids, what: str) -> np.ndarray:
+    ids = np.asarray(ids)
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{what} must be a 2-D integer array (batch, seq), got {ids.dtype} {ids.shape}")
+    if ids.dtype != np.int32 and ids.size and (ids.min() < 0 or ids.max() > np.iinfo(np.int32).max):
+        raise ValueError(f"{what} hold ids outside [0, 2^31)")  # the kernels range-check only int32 values
+    return np.ascontiguousarray(ids, dtype=np.int32)

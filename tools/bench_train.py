@@ -1,0 +1,332 @@
+"""Training-step benchmark: cllm against a PyTorch peer (tools/torch_gpt.py) of the same architecture.
+
+A timed step is a full training step: forward, backward, global grad-norm clipping (1.0) and AdamW.
+Both engines see the same random token batch (fixed seed) and the same thread budget. Engines run one
+after the other, never concurrently: all cllm configs first, then torch (imported lazily, so its OpenMP
+pool does not exist while cllm is timed). torch is optional; without it only cllm's numbers are printed.
+
+    python tools/bench_train.py                          # baby + mid, both engines, 2 threads
+    python tools/bench_train.py --configs baby --threads 1 --steps 50
+    python tools/bench_train.py --no-torch
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOLS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    name: str
+    n_layers: int
+    n_heads: int
+    dim: int
+    seq: int
+    batch: int
+    vocab: int
+    default_steps: int
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+    def expected_params(self) -> int:
+        """Parameter count of the architecture (tied embedding counted once, position embedding included)."""
+        C, L = self.dim, self.n_layers
+        per_layer = 12 * C * C + 13 * C  # ln_1 2C, qkv 3C^2+3C, proj C^2+C, ln_2 2C, fc 4C^2+4C, fc_2 4C^2+C
+        return self.vocab * C + self.seq * C + L * per_layer + 2 * C
+
+
+CONFIGS = {
+    "baby": BenchConfig("baby", n_layers=4, n_heads=4, dim=128, seq=64, batch=12, vocab=65, default_steps=20),
+    "mid": BenchConfig("mid", n_layers=6, n_heads=6, dim=384, seq=256, batch=8, vocab=65, default_steps=10),
+}
+
+LR, BETAS, EPS, WEIGHT_DECAY, MAX_GRAD_NORM, SEED = 3e-4, (0.9, 0.95), 1e-8, 0.1, 1.0, 1337
+
+
+def flops_per_step(cfg: BenchConfig, num_params: int) -> float:
+    """Training FLOPs of one step, the same formula for both engines.
+
+    FLOPs = 6 * N * B*T                  (matmuls against the weights: 2 fwd + 4 bwd per param per token)
+          + 6 * L * B * T * T * C        (attention: fwd QK^T and A@V cost 2*B*T*T*C per layer,
+                                          x3 for fwd+bwd; the causal mask is not discounted)
+    N counts the tied embedding once and includes the position embedding.
+    """
+    B, T, C, L = cfg.batch, cfg.seq, cfg.dim, cfg.n_layers
+    return 6.0 * num_params * B * T + 6.0 * L * B * T * T * C
+
+
+def make_batch(cfg: BenchConfig, seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:
+    """Random tokens: int32 (B, T) inputs and next-token targets from one (B, T+1) draw."""
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, cfg.vocab, size=(cfg.batch, cfg.seq + 1), dtype=np.int32)
+    return np.ascontiguousarray(data[:, :-1]), np.ascontiguousarray(data[:, 1:])
+
+
+def time_steps(step: Callable[[], float], warmup: int, steps: int) -> tuple[list[float], list[float]]:
+    """Run `warmup` untimed then `steps` timed calls of step(); returns (seconds per timed step, all losses)."""
+    losses = [step() for _ in range(warmup)]
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        losses.append(step())
+        times.append(time.perf_counter() - t0)
+    return times, losses
+
+
+# ---------------------------------------------------------------------------------------------- engines
+# Each engine is a pair: available() -> error message or None, and setup(cfg, threads, x, y) ->
+# (num_params, step) where step() runs one full training step and returns the loss as a float.
+
+
+def cllm_available() -> str | None:
+    try:
+        import cllm.model  # noqa: F401
+        import cllm.optim  # noqa: F401
+    except ImportError as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def cllm_setup(cfg: BenchConfig, threads: int, x: np.ndarray, y: np.ndarray):
+    from cllm.model import GPT, ModelConfig
+    from cllm.optim import AdamW
+
+    mcfg = ModelConfig(
+        vocab_size=cfg.vocab, context_length=cfg.seq, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads
+    )
+    model = GPT(mcfg, seed=SEED, threads=threads)
+    opt = AdamW(model, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+
+    def step() -> float:
+        loss = model.forward(x, y)
+        model.zero_grad()
+        model.backward()
+        opt.step(max_grad_norm=MAX_GRAD_NORM)
+        return float(loss)
+
+    return model.num_params, step
+
+
+def torch_available() -> str | None:
+    try:
+        import torch  # noqa: F401
+    except ImportError as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def torch_setup(cfg: BenchConfig, threads: int, x: np.ndarray, y: np.ndarray):
+    import torch
+
+    if TOOLS_DIR not in sys.path:
+        sys.path.insert(0, TOOLS_DIR)
+    from torch_gpt import GPT, GPTConfig, configure_optimizer, train_step
+
+    torch.set_num_threads(threads)
+    gcfg = GPTConfig(vocab_size=cfg.vocab, context_length=cfg.seq, dim=cfg.dim, n_layers=cfg.n_layers,
+                     n_heads=cfg.n_heads)
+    model = GPT(gcfg, seed=SEED)
+    model.train()
+    opt = configure_optimizer(model, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+    xt = torch.from_numpy(x).long()
+    yt = torch.from_numpy(y).long()
+
+    def step() -> float:
+        loss, _ = train_step(model, opt, xt, yt, max_grad_norm=MAX_GRAD_NORM)
+        return loss
+
+    return model.num_params, step
+
+
+@dataclass
+class Result:
+    engine: str
+    config: BenchConfig
+    num_params: int
+    times: list[float]
+    losses: list[float]
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def tok_per_s(self) -> float:
+        return self.config.tokens / self.median_s
+
+    @property
+    def gflops(self) -> float:
+        return flops_per_step(self.config, self.num_params) / self.median_s / 1e9
+
+
+def run(engine: str, setup, cfg: BenchConfig, threads: int, warmup: int, steps: int) -> Result:
+    x, y = make_batch(cfg)
+    num_params, step = setup(cfg, threads, x, y)
+    if num_params != cfg.expected_params():
+        print(f"  warning: {engine} reports {num_params:,} params, architecture has {cfg.expected_params():,}")
+    times, losses = time_steps(step, warmup, steps)
+    res = Result(engine, cfg, num_params, times, losses)
+    print(
+        f"  {engine:5s} {cfg.name:4s}  median {res.median_s * 1e3:8.1f} ms/step"
+        f"  (min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f})"
+        f"  {res.tok_per_s:9.0f} tok/s  {res.gflops:6.1f} GFLOP/s"
+        f"  init loss {losses[0]:.4f}, last {losses[-1]:.4f}"
+    )
+    return res
+
+
+# ------------------------------------------------------------------------- is anything else using the CPUs?
+# Timings with N threads on an N-core machine collapse when another process holds a core (threads that
+# spin-wait for each other get descheduled), so the benchmark measures and reports foreign CPU use.
+# Linux only (/proc/stat); elsewhere these return None and nothing is printed.
+
+
+def machine_snapshot() -> tuple[float, float, float] | None:
+    """(wall time, busy CPU-seconds of the whole machine, CPU-seconds of this process)."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal [guest guest_nice, already counted in user/nice]
+    busy = sum(ticks[:8]) - ticks[3] - ticks[4]
+    own = os.times()
+    return time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
+def foreign_load(since=None, probe_s: float = 0.0) -> float | None:
+    """Average number of CPUs kept busy by other processes since the snapshot `since` (or over probe_s)."""
+    if since is None:
+        since = machine_snapshot()
+        time.sleep(probe_s)
+    now = machine_snapshot()
+    if since is None or now is None or now[0] <= since[0]:
+        return None
+    return max(0.0, (now[1] - since[1]) - (now[2] - since[2])) / (now[0] - since[0])
+
+
+def busy_note(cpus: float) -> str:
+    return "  <- WARNING: the machine is not idle, timings are unreliable" if cpus > 0.2 else ""
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def markdown_table(configs: list[BenchConfig], results: dict[tuple[str, str], Result], threads: int) -> str:
+    lines = [
+        f"| config | params | tokens/step | cllm tok/s | torch tok/s | ratio | cllm GFLOP/s | torch GFLOP/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for cfg in configs:
+        c, t = results.get(("cllm", cfg.name)), results.get(("torch", cfg.name))
+        ratio = c.tok_per_s / t.tok_per_s if c and t else None
+        lines.append(
+            f"| {cfg.name} (L{cfg.n_layers} H{cfg.n_heads} C{cfg.dim} T{cfg.seq} B{cfg.batch}) "
+            f"| {cfg.expected_params() / 1e6:.2f}M | {cfg.tokens} "
+            f"| {fmt(c and c.tok_per_s, ',.0f')} | {fmt(t and t.tok_per_s, ',.0f')} | {fmt(ratio, '.2f')} "
+            f"| {fmt(c and c.gflops, '.1f')} | {fmt(t and t.gflops, '.1f')} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", default="baby,mid", help=f"comma-separated subset of {','.join(CONFIGS)}")
+    p.add_argument("--threads", type=int, default=2, help="threads for each engine (BLAS/OpenMP)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed steps per config (default: " +
+                        ", ".join(f"{c.name} {c.default_steps}" for c in CONFIGS.values()) + ")")
+    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps (default 3)")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
+    args = p.parse_args(argv)
+    names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown or not names:
+        p.error(f"unknown config(s) {unknown}; choose from {list(CONFIGS)}")
+    args.configs = [CONFIGS[n] for n in names]
+    if args.threads < 1 or args.warmup < 0 or (args.steps is not None and args.steps < 1):
+        p.error("need --threads >= 1, --warmup >= 0, --steps >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+
+    # Running as `python tools/bench_train.py` puts tools/ first on sys.path, not the repo: make an
+    # uninstalled checkout importable too (appended, so an installed cllm still wins).
+    if REPO_ROOT not in sys.path:
+        sys.path.append(REPO_ROOT)
+
+    engines = []
+    cllm_err = cllm_available()
+    if cllm_err is None:
+        engines.append(("cllm", cllm_setup))
+    else:
+        print(f"cllm is not importable ({cllm_err}); skipping cllm (is the model written and are the "
+              f"kernels built?)")
+    if args.no_torch:
+        pass
+    elif (torch_err := torch_available()) is None:
+        engines.append(("torch", torch_setup))
+    else:
+        print(f"torch is not importable ({torch_err}); skipping the PyTorch peer")
+    if not engines:
+        print("nothing to benchmark")
+        return 1
+
+    print(f"threads {args.threads}, warm-up {args.warmup}, python {platform.python_version()}, "
+          f"numpy {np.__version__}, {os.cpu_count()} logical CPUs")
+    before = foreign_load(probe_s=1.0)
+    if before is not None:
+        print(f"other processes busy on {before:.2f} CPUs before the run{busy_note(before)}")
+    print(f"expected init loss ln(vocab) = {math.log(args.configs[0].vocab):.4f}")
+
+    results: dict[tuple[str, str], Result] = {}
+    start = machine_snapshot()
+    for engine, setup in engines:  # engine-major: torch is first imported after every cllm run
+        for cfg in args.configs:
+            steps = args.steps or cfg.default_steps
+            if engine == "cllm":
+                from threadpoolctl import threadpool_limits
+
+                with threadpool_limits(limits=args.threads, user_api="blas"):
+                    results[(engine, cfg.name)] = run(engine, setup, cfg, args.threads, args.warmup, steps)
+            else:
+                results[(engine, cfg.name)] = run(engine, setup, cfg, args.threads, args.warmup, steps)
+        if engine == "torch":
+            import torch
+
+            print(f"  (torch {torch.__version__}, intra-op threads {torch.get_num_threads()})")
+
+    during = foreign_load(since=start)
+    if during is not None:
+        print(f"other processes busy on {during:.2f} CPUs on average during the run{busy_note(during)}")
+
+    print()
+    print(f"Training step (fwd+bwd+clip+AdamW), fp32, {args.threads} threads, median of timed steps; "
+          f"ratio = cllm/torch tok/s")
+    print()
+    print(markdown_table(args.configs, results, args.threads))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""A small PyTorch reference of cllm's GPT-2 style model, used as a peer in benchmarks.
+
+Architecture (kept identical to cllm.model):
+- token embedding + learned position embedding
+- n_layers pre-LayerNorm blocks (LayerNorm eps 1e-5):
+    x = x + proj(causal_self_attention(ln_1(x)))     packed qkv Linear with bias, output proj with bias
+    x = x + fc_2(gelu_tanh(fc_1(ln_2(x))))             4x MLP, GELU approximate='tanh'
+- final LayerNorm, LM head tied to the token embedding (no bias), no dropout.
+
+Init follows GPT-2: every Linear / Embedding weight ~ N(0, 0.02), the two residual output projections
+(attention out proj and MLP out proj) ~ N(0, 0.02 / sqrt(2 * n_layers)), biases zero, LayerNorm weights one.
+
+torch is imported at module level here: import this module only when torch is wanted.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    context_length: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    mlp_ratio: int = 4
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        assert cfg.dim % cfg.n_heads == 0, "dim must be divisible by n_heads"
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=True)
+        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        H = self.n_heads
+        q, k, v = self.qkv(x).split(C, dim=2)
+        # (B, T, C) -> (B, H, T, head_dim)
+        q = q.view(B, T, H, C // H).transpose(1, 2)
+        k = k.view(B, T, H, C // H).transpose(1, 2)
+        v = v.view(B, T, H, C // H).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        hidden = cfg.mlp_ratio * cfg.dim
+        self.fc = nn.Linear(cfg.dim, hidden, bias=True)
+        self.proj = nn.Linear(hidden, cfg.dim, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.dim, eps=1e-5)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.dim, eps=1e-5)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig, seed: int = 1337):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.dim, eps=1e-5)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.tok_emb.weight  # weight tying: one tensor, counted once
+        self._init_weights(seed)
+
+    @torch.no_grad()
+    def _init_weights(self, seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        std = 0.02
+        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.tok_emb.weight, 0.0, std, generator=gen)  # also the LM head
+        nn.init.normal_(self.pos_emb.weight, 0.0, std, generator=gen)
+        for block in self.blocks:
+            for linear, s in (
+                (block.attn.qkv, std),
+                (block.attn.proj, residual_std),
+                (block.mlp.fc, std),
+                (block.mlp.proj, residual_std),
+            ):
+                nn.init.normal_(linear.weight, 0.0, s, generator=gen)
+                nn.init.zeros_(linear.bias)
+        for module in self.modules():
+            if isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    @property
+    def num_params(self) -> int:
+        # parameters() de-duplicates shared tensors, so the tied embedding counts once.
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """idx, targets: (B, T) int64. Returns the mean cross-entropy loss, or the logits without targets."""
+        B, T = idx.shape
+        assert T <= self.cfg.context_length, f"sequence length {T} > context_length {self.cfg.context_length}"
+        pos = torch.arange(T, device=idx.device)
+        x = self.tok_emb(idx) + self.pos_emb(pos)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))
+
+
+def configure_optimizer(
+    model: GPT,
+    lr: float = 3e-4,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+    weight_decay: float = 0.1,
+    fused: bool | None = None,
+) -> torch.optim.AdamW:
+    """AdamW with weight decay on the 2-D parameters (matmul weights, embeddings) and none on biases / LN."""
+    params = list(model.parameters())
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
+
+
+def train_step(
+    model: GPT,
+    opt: torch.optim.Optimizer,
+    idx: torch.Tensor,
+    targets: torch.Tensor,
+    max_grad_norm: float = 1.0,
+) -> tuple[float, float]:
+    """One full step: forward, backward, global-norm clipping, AdamW. Returns (loss, pre-clip grad norm)."""
+    opt.zero_grad(set_to_none=True)
+    loss = model(idx, targets)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    opt.step()
+    return loss.item(), grad_norm.item()
