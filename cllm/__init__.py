@@ -1,0 +1,13 @@
+"""cllm: train and serve small GPT-style language models on the CPU."""
+import os
+
+# Idle OpenMP threads that spin steal the cores BLAS is about to use, and the other way round: on a 2-core
+# machine that made training steps several times slower. Sleeping idle threads cost microseconds per region.
+# This must be set before the kernels load libgomp, hence here.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
+from .model import GPT, ModelConfig  # noqa: E402
+from .optim import AdamW, cosine_lr  # noqa: E402
+
+__all__ = ["GPT", "ModelConfig", "AdamW", "cosine_lr"]
+__version__ = "0.1.0"

@@ -153,7 +153,7 @@ class GPT:
 
     def backward(self) -> None:
         """Accumulates d(mean loss)/d(params) of the last forward(tokens, targets) into `grads`."""
-        if self._last is None or not self._last.has_dlogits:
+        if self._last is None:
             raise RuntimeError("backward() needs a preceding forward(tokens, targets)")
         self.backward_ws(self._last, self.g)
 
@@ -168,9 +168,9 @@ class GPT:
     # passes over an explicit workspace and gradient views (what parallel workers call, each with their own)
 
     def forward_ws(self, ws: Workspace, tokens: np.ndarray, targets: np.ndarray | None,
-                   grad_scale: float = 1.0) -> float | None:
+                   grad_scale: float = 1.0, threads: int | None = None) -> float | None:
         """Forward over ws. With targets, returns the SUM of token losses and leaves dlogits * grad_scale."""
-        cfg, p, a, th = self.config, self.p, ws.a, self.threads
+        cfg, p, a, th = self.config, self.p, ws.a, threads or self.threads
         B, T = ws.batch, ws.seq
         if tokens.shape != (B, T):
             raise ValueError(f"tokens must have shape {(B, T)}, got {tokens.shape}")
@@ -215,9 +215,11 @@ class GPT:
         ws.has_dlogits = True
         return loss_sum
 
-    def backward_ws(self, ws: Workspace, g: dict[str, np.ndarray]) -> None:
+    def backward_ws(self, ws: Workspace, g: dict[str, np.ndarray], threads: int | None = None) -> None:
         """Accumulates parameter gradients into the views g, from the dlogits that forward_ws left in ws."""
-        cfg, p, a, th = self.config, self.p, ws.a, self.threads
+        if not ws.has_dlogits:
+            raise RuntimeError("backward needs a preceding forward with targets on this workspace")
+        cfg, p, a, th = self.config, self.p, ws.a, threads or self.threads
         B, T, L = ws.batch, ws.seq, cfg.n_layers
         dres, dc, dqkv, dh, dh_gelu = a["dres"], a["dc"], a["dqkv"], a["dh"], a["dh_gelu"]
         dc.fill(0.0)

@@ -1,9 +1,14 @@
 """Training-step benchmark: cllm against a PyTorch peer (tools/torch_gpt.py) of the same architecture.
 
 A timed step is a full training step: forward, backward, global grad-norm clipping (1.0) and AdamW.
-Both engines see the same random token batch (fixed seed) and the same thread budget. Engines run one
-after the other, never concurrently: all cllm configs first, then torch (imported lazily, so its OpenMP
-pool does not exist while cllm is timed). torch is optional; without it only cllm's numbers are printed.
+Both engines see the same random token batch (fixed seed) and the same thread budget, and report the
+median step time over the timed steps after an untimed warm-up.
+
+Each engine runs in its own fresh (spawned) process, one after the other, never concurrently: cllm first,
+then torch. Separate processes matter: importing cllm sets OMP_WAIT_POLICY=passive for its OpenMP runtime,
+and torch's bundled libgomp has the same soname, so in one process torch would silently run on cllm's
+already-initialised runtime and settings. The parent imports neither engine. torch is optional: without it
+only cllm's numbers are printed.
 
     python tools/bench_train.py                          # baby + mid, both engines, 2 threads
     python tools/bench_train.py --configs baby --threads 1 --steps 50
@@ -12,12 +17,17 @@ pool does not exist while cllm is timed). torch is optional; without it only cll
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import math
+import multiprocessing
 import os
 import platform
 import statistics
 import sys
 import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -88,55 +98,53 @@ def time_steps(step: Callable[[], float], warmup: int, steps: int) -> tuple[list
 
 
 # ---------------------------------------------------------------------------------------------- engines
-# Each engine is a pair: available() -> error message or None, and setup(cfg, threads, x, y) ->
-# (num_params, step) where step() runs one full training step and returns the loss as a float.
+# Each engine is a pair of functions, both called in the engine's own process:
+#   threads_ctx(threads) -> context manager holding the thread settings while the engine runs;
+#   setup(cfg, threads, x, y) -> (num_params, step), step() running one full training step, returning the loss.
 
 
-def cllm_available() -> str | None:
-    try:
-        import cllm.model  # noqa: F401
-        import cllm.optim  # noqa: F401
-    except ImportError as e:
-        return f"{type(e).__name__}: {e}"
-    return None
+def cllm_threads(threads: int):
+    return contextlib.nullcontext()  # Spheres holds BLAS at one thread and runs `threads` sphere workers
 
 
-def cllm_setup(cfg: BenchConfig, threads: int, x: np.ndarray, y: np.ndarray):
+def cllm_setup(cfg: BenchConfig, threads: int, x: np.ndarray, y: np.ndarray, stack: contextlib.ExitStack):
+    from anyio.from_thread import start_blocking_portal
+
     from cllm.model import GPT, ModelConfig
     from cllm.optim import AdamW
+    from cllm.spheres import Spheres
 
     mcfg = ModelConfig(
         vocab_size=cfg.vocab, context_length=cfg.seq, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads
     )
     model = GPT(mcfg, seed=SEED, threads=threads)
     opt = AdamW(model, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+    # One sphere per thread: the batch is cut into `threads` shards that run concurrently.
+    spheres = stack.enter_context(Spheres(model, spheres=threads, threads=threads))
+    portal = stack.enter_context(start_blocking_portal())
 
     def step() -> float:
-        loss = model.forward(x, y)
-        model.zero_grad()
-        model.backward()
+        loss = portal.call(spheres.step, x, y)
         opt.step(max_grad_norm=MAX_GRAD_NORM)
         return float(loss)
 
     return model.num_params, step
 
 
-def torch_available() -> str | None:
-    try:
-        import torch  # noqa: F401
-    except ImportError as e:
-        return f"{type(e).__name__}: {e}"
-    return None
+def torch_threads(threads: int):
+    import torch
+
+    torch.set_num_threads(threads)
+    return contextlib.nullcontext()
 
 
-def torch_setup(cfg: BenchConfig, threads: int, x: np.ndarray, y: np.ndarray):
+def torch_setup(cfg: BenchConfig, threads: int, x: np.ndarray, y: np.ndarray, stack=None):
     import torch
 
     if TOOLS_DIR not in sys.path:
         sys.path.insert(0, TOOLS_DIR)
     from torch_gpt import GPT, GPTConfig, configure_optimizer, train_step
 
-    torch.set_num_threads(threads)
     gcfg = GPTConfig(vocab_size=cfg.vocab, context_length=cfg.seq, dim=cfg.dim, n_layers=cfg.n_layers,
                      n_heads=cfg.n_heads)
     model = GPT(gcfg, seed=SEED)
@@ -150,6 +158,9 @@ def torch_setup(cfg: BenchConfig, threads: int, x: np.ndarray, y: np.ndarray):
         return loss
 
     return model.num_params, step
+
+
+ENGINES = {"cllm": (cllm_threads, cllm_setup), "torch": (torch_threads, torch_setup)}
 
 
 @dataclass
@@ -172,21 +183,52 @@ class Result:
     def gflops(self) -> float:
         return flops_per_step(self.config, self.num_params) / self.median_s / 1e9
 
+    def summary(self) -> str:
+        return (f"  {self.engine:5s} {self.config.name:4s}  median {self.median_s * 1e3:8.1f} ms/step"
+                f"  (min {min(self.times) * 1e3:.1f}, max {max(self.times) * 1e3:.1f})"
+                f"  {self.tok_per_s:9.0f} tok/s  {self.gflops:6.1f} GFLOP/s"
+                f"  init loss {self.losses[0]:.4f}, last {self.losses[-1]:.4f}")
 
-def run(engine: str, setup, cfg: BenchConfig, threads: int, warmup: int, steps: int) -> Result:
-    x, y = make_batch(cfg)
-    num_params, step = setup(cfg, threads, x, y)
-    if num_params != cfg.expected_params():
-        print(f"  warning: {engine} reports {num_params:,} params, architecture has {cfg.expected_params():,}")
-    times, losses = time_steps(step, warmup, steps)
-    res = Result(engine, cfg, num_params, times, losses)
-    print(
-        f"  {engine:5s} {cfg.name:4s}  median {res.median_s * 1e3:8.1f} ms/step"
-        f"  (min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f})"
-        f"  {res.tok_per_s:9.0f} tok/s  {res.gflops:6.1f} GFLOP/s"
-        f"  init loss {losses[0]:.4f}, last {losses[-1]:.4f}"
-    )
-    return res
+
+def bench_engine(engine: str, configs: list[BenchConfig], threads: int, warmup: int,
+                 steps: int | None) -> tuple[list[Result], str | None]:
+    """Benchmarks one engine on every config; runs in the engine's own process.
+
+    Returns (results, None), or (results so far, message) when the engine cannot be imported or fails.
+    """
+    threads_ctx, setup = ENGINES[engine]
+    results = []
+    try:
+        with threads_ctx(threads):
+            for cfg in configs:
+                x, y = make_batch(cfg)
+                with contextlib.ExitStack() as stack:
+                    num_params, step = setup(cfg, threads, x, y, stack)
+                    if num_params != cfg.expected_params():
+                        print(f"  warning: {engine} reports {num_params:,} params, "
+                              f"the architecture has {cfg.expected_params():,}", flush=True)
+                    times, losses = time_steps(step, warmup, steps or cfg.default_steps)
+                results.append(Result(engine, cfg, num_params, times, losses))
+                print(results[-1].summary(), flush=True)
+    except ImportError as e:
+        hint = " (is the model written and are the kernels built?)" if engine == "cllm" else ""
+        return results, f"{engine} is not importable ({type(e).__name__}: {e}){hint}; skipping {engine}"
+    except Exception:  # report and go on with the other engine
+        return results, f"{engine} failed:\n{traceback.format_exc()}"
+    if engine == "torch":
+        import torch
+
+        print(f"  (torch {torch.__version__}, intra-op threads {torch.get_num_threads()}, "
+              f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')})", flush=True)
+    if engine == "cllm":
+        print(f"  (cllm OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')})", flush=True)
+    return results, None
+
+
+def bench_engine_in_fresh_process(engine: str, *args) -> tuple[list[Result], str | None]:
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+        return pool.submit(bench_engine, engine, *args).result()
 
 
 # ------------------------------------------------------------------------- is anything else using the CPUs?
@@ -196,7 +238,7 @@ def run(engine: str, setup, cfg: BenchConfig, threads: int, warmup: int, steps: 
 
 
 def machine_snapshot() -> tuple[float, float, float] | None:
-    """(wall time, busy CPU-seconds of the whole machine, CPU-seconds of this process)."""
+    """(wall time, busy CPU-seconds of the whole machine, CPU-seconds of this process and its reaped children)."""
     try:
         with open("/proc/stat") as f:
             ticks = [int(v) for v in f.readline().split()[1:]]
@@ -205,7 +247,8 @@ def machine_snapshot() -> tuple[float, float, float] | None:
     # user nice system idle iowait irq softirq steal [guest guest_nice, already counted in user/nice]
     busy = sum(ticks[:8]) - ticks[3] - ticks[4]
     own = os.times()
-    return time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
+    return (time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"),
+            own.user + own.system + own.children_user + own.children_system)
 
 
 def foreign_load(since=None, probe_s: float = 0.0) -> float | None:
@@ -230,9 +273,9 @@ def fmt(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def markdown_table(configs: list[BenchConfig], results: dict[tuple[str, str], Result], threads: int) -> str:
+def markdown_table(configs: list[BenchConfig], results: dict[tuple[str, str], Result]) -> str:
     lines = [
-        f"| config | params | tokens/step | cllm tok/s | torch tok/s | ratio | cllm GFLOP/s | torch GFLOP/s |",
+        "| config | params | tokens/step | cllm tok/s | torch tok/s | ratio | cllm GFLOP/s | torch GFLOP/s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for cfg in configs:
@@ -271,60 +314,46 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     # Running as `python tools/bench_train.py` puts tools/ first on sys.path, not the repo: make an
-    # uninstalled checkout importable too (appended, so an installed cllm still wins).
+    # uninstalled checkout importable too (appended, so an installed cllm still wins). Spawned engine
+    # processes inherit this sys.path.
     if REPO_ROOT not in sys.path:
         sys.path.append(REPO_ROOT)
 
-    engines = []
-    cllm_err = cllm_available()
-    if cllm_err is None:
-        engines.append(("cllm", cllm_setup))
-    else:
-        print(f"cllm is not importable ({cllm_err}); skipping cllm (is the model written and are the "
-              f"kernels built?)")
+    engines = ["cllm"]
     if args.no_torch:
         pass
-    elif (torch_err := torch_available()) is None:
-        engines.append(("torch", torch_setup))
+    elif importlib.util.find_spec("torch") is None:  # find, don't import
+        print("torch is not installed; skipping the PyTorch peer")
     else:
-        print(f"torch is not importable ({torch_err}); skipping the PyTorch peer")
-    if not engines:
-        print("nothing to benchmark")
-        return 1
+        engines.append("torch")
 
     print(f"threads {args.threads}, warm-up {args.warmup}, python {platform.python_version()}, "
           f"numpy {np.__version__}, {os.cpu_count()} logical CPUs")
     before = foreign_load(probe_s=1.0)
     if before is not None:
         print(f"other processes busy on {before:.2f} CPUs before the run{busy_note(before)}")
-    print(f"expected init loss ln(vocab) = {math.log(args.configs[0].vocab):.4f}")
+    print(f"expected init loss ln(vocab) = {math.log(args.configs[0].vocab):.4f}", flush=True)
 
     results: dict[tuple[str, str], Result] = {}
     start = machine_snapshot()
-    for engine, setup in engines:  # engine-major: torch is first imported after every cllm run
-        for cfg in args.configs:
-            steps = args.steps or cfg.default_steps
-            if engine == "cllm":
-                from threadpoolctl import threadpool_limits
-
-                with threadpool_limits(limits=args.threads, user_api="blas"):
-                    results[(engine, cfg.name)] = run(engine, setup, cfg, args.threads, args.warmup, steps)
-            else:
-                results[(engine, cfg.name)] = run(engine, setup, cfg, args.threads, args.warmup, steps)
-        if engine == "torch":
-            import torch
-
-            print(f"  (torch {torch.__version__}, intra-op threads {torch.get_num_threads()})")
-
+    for engine in engines:
+        engine_results, error = bench_engine_in_fresh_process(
+            engine, args.configs, args.threads, args.warmup, args.steps)
+        if error:
+            print(error)
+        results |= {(r.engine, r.config.name): r for r in engine_results}
     during = foreign_load(since=start)
     if during is not None:
         print(f"other processes busy on {during:.2f} CPUs on average during the run{busy_note(during)}")
+    if not results:
+        print("nothing was benchmarked")
+        return 1
 
     print()
     print(f"Training step (fwd+bwd+clip+AdamW), fp32, {args.threads} threads, median of timed steps; "
           f"ratio = cllm/torch tok/s")
     print()
-    print(markdown_table(args.configs, results, args.threads))
+    print(markdown_table(args.configs, results))
     return 0
 
 
