@@ -11,6 +11,8 @@ at one thread while a `Spheres` is open: parallelism comes from spheres, never f
 """
 from __future__ import annotations
 
+from functools import partial
+
 import anyio
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -47,52 +49,72 @@ class Spheres:
         self._blas_limit.restore_original_limits()
         self._blas_limit = None
 
-    async def step(self, tokens: np.ndarray, targets: np.ndarray) -> float:
-        """Forward and backward of the whole batch; fills model.grads and returns the mean loss."""
+    async def step(self, tokens: np.ndarray, targets: np.ndarray, *, accumulate: bool = False,
+                   scale: float = 1.0) -> float:
+        """Forward and backward of the whole batch; returns the mean loss.
+
+        model.grads receives scale * d(mean loss)/d(params), replacing what it held, or added to it with
+        accumulate=True (gradient accumulation over micro-batches, scale = 1/micro-batches).
+        """
+        grad_scale = scale / tokens.size  # every sphere scales by the global token count: the sum is the mean
+        commit = partial(self._commit, accumulate=accumulate)
+        return await self._run(tokens, targets, partial(self._compute, grad_scale=grad_scale), commit)
+
+    async def loss(self, tokens: np.ndarray, targets: np.ndarray) -> float:
+        """Mean loss of a batch, forward only (evaluation)."""
+        return await self._run(tokens, targets, self._forward, None)
+
+    async def _run(self, tokens, targets, work, commit) -> float:
+        """Runs work(slot, shard_tokens, shard_targets) -> loss sum for every sphere, then (if given)
+        commit(slot, first) strictly in sphere order. Returns the mean loss over the batch."""
         if self._blas_limit is None:
             raise RuntimeError("use Spheres as a context manager: `with Spheres(model, ...) as spheres:`")
         B, T = tokens.shape
         if targets.shape != (B, T):
             raise ValueError(f"targets must have shape {(B, T)}, got {targets.shape}")
-        shards = [(k, rows) for k, rows in enumerate(shard_rows(B, self.n_spheres)) if rows[1] > rows[0]]
-        grad_scale = 1.0 / (B * T)  # every sphere scales by the global token count: the sum is the batch mean
+        shards = [rows for rows in shard_rows(B, self.n_spheres) if rows[1] > rows[0]]
         limiter = anyio.CapacityLimiter(self.threads)
         free_slots = list(range(len(self._slots)))
-        slot_available = anyio.Semaphore(len(self._slots))
+        slot_available = anyio.Semaphore(len(self._slots))  # FIFO: spheres take slots in order, so no deadlock
         turns = [anyio.Event() for _ in range(len(shards) + 1)]
         turns[0].set()
         losses = [0.0] * len(shards)
 
-        async def run(order: int, sphere: int, rows: tuple[int, int]) -> None:
+        async def run(order: int, start: int, stop: int) -> None:
             async with slot_available:
                 slot = free_slots.pop()
                 losses[order] = await anyio.to_thread.run_sync(
-                    self._compute, sphere, slot, tokens[rows[0]:rows[1]], targets[rows[0]:rows[1]], grad_scale,
-                    limiter=limiter, abandon_on_cancel=True)
-                await turns[order].wait()
-                await anyio.to_thread.run_sync(self._commit, slot, order == 0, limiter=limiter,
-                                               abandon_on_cancel=True)
+                    work, slot, tokens[start:stop], targets[start:stop], limiter=limiter, abandon_on_cancel=True)
+                if commit is not None:
+                    await turns[order].wait()
+                    await anyio.to_thread.run_sync(commit, slot, order == 0, limiter=limiter,
+                                                   abandon_on_cancel=True)
                 free_slots.append(slot)
             turns[order + 1].set()
 
         async with anyio.create_task_group() as tg:
-            for order, (sphere, rows) in enumerate(shards):
-                tg.start_soon(run, order, sphere, rows)
+            for order, (start, stop) in enumerate(shards):
+                tg.start_soon(run, order, start, stop)
         return sum(losses) / (B * T)
 
-    def _compute(self, sphere: int, slot: int, tokens, targets, grad_scale: float) -> float:
-        rows, seq = tokens.shape
+    def _workspace(self, slot: int, rows: int, seq: int) -> Workspace:
         key = (slot, rows, seq)
         if key not in self._workspaces:
             self._workspaces[key] = Workspace(self.model.config, rows, seq)
-        ws = self._workspaces[key]
+        return self._workspaces[key]
+
+    def _forward(self, slot: int, tokens, targets) -> float:
+        return self.model.forward_ws(self._workspace(slot, *tokens.shape), tokens, targets, 1.0, threads=1)
+
+    def _compute(self, slot: int, tokens, targets, *, grad_scale: float) -> float:
+        ws = self._workspace(slot, *tokens.shape)
         self._slots[slot].fill(0.0)
         loss_sum = self.model.forward_ws(ws, tokens, targets, grad_scale, threads=1)
         self.model.backward_ws(ws, self._slot_views[slot], threads=1)
         return loss_sum
 
-    def _commit(self, slot: int, first: bool) -> None:
-        if first:
+    def _commit(self, slot: int, first: bool, *, accumulate: bool) -> None:
+        if first and not accumulate:
             np.copyto(self.model.grads, self._slots[slot])
         else:
             np.add(self.model.grads, self._slots[slot], out=self.model.grads)

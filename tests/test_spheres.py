@@ -54,3 +54,18 @@ def test_needs_context_and_valid_arguments():
         Spheres(model, threads=65)
     with pytest.raises(RuntimeError, match="context manager"):
         anyio.run(Spheres(model).step, *data())
+
+
+def test_accumulation_adds_scaled_micro_batches():
+    tokens, targets = data(B=8)
+    model = GPT(CFG, seed=2)
+    with Spheres(model, spheres=2, threads=2) as sp:
+        anyio.run(sp.step, tokens, targets)
+        full = model.grads.copy()
+
+        async def two_halves():
+            await sp.step(tokens[:4], targets[:4], scale=0.5)
+            await sp.step(tokens[4:], targets[4:], scale=0.5, accumulate=True)
+
+        anyio.run(two_halves)
+    np.testing.assert_allclose(model.grads, full, rtol=1e-4, atol=1e-7)
