@@ -12,7 +12,7 @@ import os
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-KERNELS = ["linear", "layernorm", "gelu", "attention", "embedding", "crossentropy", "adamw"]
+KERNELS = ["linear", "layernorm", "gelu", "attention", "embedding", "crossentropy", "adamw", "decode"]
 
 compile_args = [
     "-O3",

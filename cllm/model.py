@@ -168,8 +168,12 @@ class GPT:
     # passes over an explicit workspace and gradient views (what parallel workers call, each with their own)
 
     def forward_ws(self, ws: Workspace, tokens: np.ndarray, targets: np.ndarray | None,
-                   grad_scale: float = 1.0, threads: int | None = None) -> float | None:
-        """Forward over ws. With targets, returns the SUM of token losses and leaves dlogits * grad_scale."""
+                   grad_scale: float = 1.0, threads: int | None = None, heartbeat=None) -> float | None:
+        """Forward over ws. With targets, returns the SUM of token losses and leaves dlogits * grad_scale.
+
+        heartbeat, if given, is called as heartbeat("forward", layer) before each layer: the coordinator's
+        watchdog reads it, and it may raise to stop work that has been abandoned.
+        """
         cfg, p, a, th = self.config, self.p, ws.a, threads or self.threads
         B, T = ws.batch, ws.seq
         if tokens.shape != (B, T):
@@ -179,6 +183,8 @@ class GPT:
         x = a["res0"]
         embedding.embedding_forward(ws.tokens, p["wte"], p["wpe"], x.reshape(B, T, -1), threads=th)
         for i in range(cfg.n_layers):
+            if heartbeat is not None:
+                heartbeat("forward", i)
             h = f"h.{i}."
             layernorm.layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"], a[f"ln1_{i}"],
                                         a[f"ln1_mean{i}"], a[f"ln1_rstd{i}"], threads=th)
@@ -215,7 +221,8 @@ class GPT:
         ws.has_dlogits = True
         return loss_sum
 
-    def backward_ws(self, ws: Workspace, g: dict[str, np.ndarray], threads: int | None = None) -> None:
+    def backward_ws(self, ws: Workspace, g: dict[str, np.ndarray], threads: int | None = None,
+                    heartbeat=None) -> None:
         """Accumulates parameter gradients into the views g, from the dlogits that forward_ws left in ws."""
         if not ws.has_dlogits:
             raise RuntimeError("backward needs a preceding forward with targets on this workspace")
@@ -228,6 +235,8 @@ class GPT:
         layernorm.layernorm_backward(dc, a[f"res{L}"], p["ln_f.weight"], a["lnf_mean"], a["lnf_rstd"], dres,
                                      g["ln_f.weight"], g["ln_f.bias"], threads=th)
         for i in reversed(range(L)):
+            if heartbeat is not None:
+                heartbeat("backward", i)
             h = f"h.{i}."
             # dres is d(block output); it flows unchanged into res_mid (the residual) and into the MLP.
             dh_gelu.fill(0.0)

@@ -2,7 +2,7 @@
 # tied LM head multiplies by the token embedding, stored (V, C)). Thread count of the GEMMs is BLAS's own,
 # set process-wide through threadpoolctl; `threads` only drives the bias reduction.
 from libc.string cimport memcpy
-from scipy.linalg.cython_blas cimport sgemm
+from scipy.linalg.cython_blas cimport sgemm, sgemv
 
 from ._common cimport column_sum_accumulate, require, require_threads
 
@@ -17,6 +17,15 @@ cdef void gemm(bint trans_a, bint trans_b, int m, int n, int k, const float* a, 
     cdef char ta = b'T' if trans_a else b'N'
     cdef char tb = b'T' if trans_b else b'N'
     cdef float one = 1.0
+    cdef int inc = 1
+    if m == 1 and not trans_a:
+        # One row (KV-cache decoding): a matrix-vector product, which BLAS does ~10x faster than a 1-row GEMM.
+        # c^T = op(B)^T a^T, with op(B)^T being B read column-major.
+        if trans_b:
+            sgemv(&tb, &k, &n, &one, <float*>b, &ldb, <float*>a, &inc, &beta, c, &inc)
+        else:
+            sgemv(&tb, &n, &k, &one, <float*>b, &ldb, <float*>a, &inc, &beta, c, &inc)
+        return
     sgemm(&tb, &ta, &n, &m, &k, &one, <float*>b, &ldb, <float*>a, &lda, &beta, c, &ldc)
 
 

@@ -1,0 +1,156 @@
+"""Tokenizers on HF `tokenizers`, trained locally and offline, saved as one JSON string inside the model file.
+
+Three kinds:
+- "bpe" (default): byte-level BPE, GPT-2 style. Every unicode string round-trips: decode(encode(s)) == s.
+- "char": one token per character seen in training, plus <unk> for characters it never saw. Round-trips any
+  text made of seen characters, whitespace included.
+- "word": the C prototype's tokenizer. Lower-cased words split on whitespace, the most frequent ones kept.
+  Lossy by design: decode joins words with single spaces, so case, line breaks and runs of spaces are lost.
+
+Text is always encoded literally: "<|endoftext|>" typed in a document is text, never the separator. The
+separator only enters a token stream when data preparation appends `separator_id` after each document.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+JSON_FORMAT = "cllm-tokenizer"
+JSON_VERSION = 1
+
+ENDOFTEXT, UNK = "<|endoftext|>", "<unk>"
+WORD_SPECIALS = ["<pad>", UNK, "<bos>", "<eos>"]  # ids 0..3, as in the prototype
+SEPARATOR = {"bpe": ENDOFTEXT, "char": ENDOFTEXT, "word": "<eos>"}
+SPECIALS = {"bpe": [ENDOFTEXT], "char": [ENDOFTEXT, UNK], "word": WORD_SPECIALS}
+DEFAULT_VOCAB_SIZE = {"bpe": 4096, "char": None, "word": 8192}  # char: every character seen
+KINDS = tuple(SEPARATOR)
+BYTE_ALPHABET = 256
+
+
+def check_settings(kind: str, vocab_size: int | None) -> None:
+    """Raises ValueError for an unknown kind or a vocab_size too small to hold the kind's fixed tokens."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown tokenizer {kind!r}: choose one of {', '.join(KINDS)}")
+    if vocab_size is None:
+        return
+    fixed = len(SPECIALS[kind]) + (BYTE_ALPHABET if kind == "bpe" else 0)
+    if vocab_size <= fixed:
+        what = "256 bytes + 1 special token" if kind == "bpe" else f"{fixed} special tokens"
+        raise ValueError(f"{kind} vocab_size must be more than {fixed} ({what}), got {vocab_size}")
+
+
+class Tokenizer:
+    """A trained tokenizer of one kind. Build it with train() or from_json(), not the constructor."""
+
+    def __init__(self, kind: str, hf: HFTokenizer):
+        check_settings(kind, None)
+        self.kind = kind
+        self._hf = hf
+        # Without this, HF would turn "<|endoftext|>" typed in a document into the separator token.
+        self._hf.encode_special_tokens = True
+        separator_id = hf.token_to_id(SEPARATOR[kind])
+        if separator_id is None:
+            raise ValueError(f"{kind} tokenizer has no separator token {SEPARATOR[kind]}")
+        self.separator_id: int = separator_id
+
+    @classmethod
+    def train(cls, kind: str, texts: Iterable[str], vocab_size: int | None = None) -> "Tokenizer":
+        """Trains on texts, streamed: an iterator is consumed once and never held in memory.
+
+        vocab_size is the whole vocabulary, special tokens included; None takes DEFAULT_VOCAB_SIZE[kind].
+        Deterministic: the same texts and settings give the same to_json().
+        """
+        check_settings(kind, vocab_size)
+        if vocab_size is None:
+            vocab_size = DEFAULT_VOCAB_SIZE[kind]
+        return cls(kind, _TRAINERS[kind](iter(texts), vocab_size))
+
+    @classmethod
+    def from_json(cls, s: str) -> "Tokenizer":
+        """The inverse of to_json(); raises ValueError on anything malformed."""
+        try:
+            doc = json.loads(s)
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f"tokenizer JSON is malformed: {e}") from None
+        if not isinstance(doc, dict) or doc.get("format") != JSON_FORMAT:
+            raise ValueError("not a cllm tokenizer (no \"format\": \"cllm-tokenizer\" field)")
+        if doc.get("version") != JSON_VERSION:
+            raise ValueError(f"unsupported cllm tokenizer version {doc.get('version')!r} (this is {JSON_VERSION})")
+        kind = doc.get("kind")
+        if kind not in KINDS:
+            raise ValueError(f"unknown tokenizer kind {kind!r} in tokenizer JSON")
+        try:
+            hf = HFTokenizer.from_str(json.dumps(doc.get("hf")))
+        except Exception as e:  # HF raises a bare Exception for any parse or schema error
+            raise ValueError(f"tokenizer JSON has an invalid HF tokenizer: {e}") from None
+        return cls(kind, hf)
+
+    def to_json(self) -> str:
+        hf = json.loads(self._hf.to_str())
+        return json.dumps({"format": JSON_FORMAT, "version": JSON_VERSION, "kind": self.kind, "hf": hf},
+                          ensure_ascii=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._hf.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.array(self._hf.encode(text).ids, dtype=np.int32)
+
+    def encode_batch(self, texts: Iterable[str]) -> list[np.ndarray]:
+        """Encodes many texts at once, in parallel on HF's Rust threads."""
+        # The _fast variant skips computing character offsets, which nothing here uses.
+        return [np.array(e.ids, dtype=np.int32) for e in self._hf.encode_batch_fast(list(texts))]
+
+    def decode(self, ids) -> str:
+        """Special tokens are rendered as their text (e.g. "<unk>"), so decoding never drops a token silently."""
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.vocab_size}), got {ids.min()}..{ids.max()}")
+        return self._hf.decode(ids.tolist(), skip_special_tokens=False)
+
+
+def _train_bpe(texts: Iterator[str], vocab_size: int) -> HFTokenizer:
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    # Seeding all 256 bytes means any string can be encoded, even characters training never saw.
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS["bpe"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(texts, trainer)
+    return hf
+
+
+def _train_char(texts: Iterator[str], vocab_size: int | None) -> HFTokenizer:
+    counts = Counter()
+    for text in texts:
+        counts.update(text)
+    kept = counts.most_common(None if vocab_size is None else vocab_size - len(SPECIALS["char"]))
+    # Ids in code-point order, as in nanoGPT's char model: readable, and independent of frequencies.
+    chars = sorted(ch for ch, _ in kept)
+    vocab = {token: i for i, token in enumerate(SPECIALS["char"] + chars)}
+    # A BPE model with no merges is exactly a character lookup table, and HF's fastest one: with no
+    # pre-tokenizer every text is one "word" split into characters, so whitespace survives as tokens.
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK, fuse_unk=False))
+    hf.add_special_tokens(SPECIALS["char"])
+    hf.decoder = decoders.Fuse()  # concatenate the characters back, no separator between them
+    return hf
+
+
+def _train_word(texts: Iterator[str], vocab_size: int) -> HFTokenizer:
+    hf = HFTokenizer(models.WordLevel(unk_token=UNK))
+    hf.normalizer = normalizers.Lowercase()
+    hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # No decoder: HF then joins tokens with single spaces, which is this kind's (lossy) decoding.
+    trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=WORD_SPECIALS, show_progress=False)
+    hf.train_from_iterator(texts, trainer)
+    return hf
+
+
+_TRAINERS: dict[str, Callable[[Iterator[str], int | None], HFTokenizer]] = {
+    "bpe": _train_bpe, "char": _train_char, "word": _train_word}

@@ -1,0 +1,47 @@
+"""What every command-line tool shares: one-line usage errors (exit 2) and no traceback for a user's error."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+USAGE_ERROR = 2
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}")
+    return value
+
+
+def run(prog: str, main: Callable[[], int]) -> None:
+    """Runs main and exits with its status. Errors in the user's input or files (ValueError, OSError) are one
+    line and status 2; Ctrl-C is status 130. Anything else is a bug and keeps its traceback."""
+    try:
+        status = main()
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        status = 130
+    except (ValueError, OSError) as e:
+        message = str(e) or type(e).__name__
+        if isinstance(e, OSError) and e.filename is not None and e.strerror:
+            message = f"{e.strerror}: {e.filename}"
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        status = USAGE_ERROR
+    sys.stdout.flush()
+    sys.exit(status)

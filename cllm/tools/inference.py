@@ -1,0 +1,54 @@
+"""Generate text from a trained model, streamed to stdout as it is decoded.
+
+    python -m cllm.tools.inference runs/default/model.cllm -p "def main(" -n 200 --temperature 0.8 --top-k 40
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+from ..checkpoint import load_model
+from ..generate import generate
+from ._cli import Parser, non_negative_float, positive_int, run
+
+
+def probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = Parser(prog="inference", description="Generate text with a .cllm model.")
+    p.add_argument("model", help="a .cllm model file")
+    p.add_argument("-p", "--prompt", default="", help="text to continue (default: start a new document)")
+    p.add_argument("-n", "--max-new", type=positive_int, default=200, help="tokens to generate at most")
+    p.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 is greedy (default: 0.8)")
+    p.add_argument("--top-k", type=positive_int, help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=probability, help="sample from the smallest set holding this probability")
+    p.add_argument("--seed", type=int, help="for reproducible sampling")
+    p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+    p.add_argument("--threads", type=positive_int, default=1)
+    p.add_argument("-v", "--verbose", action="store_true", help="report tokens/s on stderr")
+    args = p.parse_args(argv)
+
+    model, tokenizer = load_model(args.model, threads=args.threads)
+    started = time.perf_counter()
+    pieces = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new, temperature=args.temperature,
+                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+    sys.stdout.write(args.prompt)
+    count = 0
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        count += 1
+    sys.stdout.write("\n")
+    if args.verbose:
+        seconds = time.perf_counter() - started
+        print(f"{count} pieces in {seconds:.2f} s: {count / seconds:.1f} tokens/s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    run("inference", lambda: main(sys.argv[1:]))

@@ -1,0 +1,324 @@
+"""Generation: the decode attention kernel, the KV-cache decoder against the full model, sampling, and the
+streaming generate() API (stop strings, finish reasons, context limits, multi-byte text).
+
+Models are tiny and random, with weights scaled up from GPT-2's init so that logits differ clearly between
+tokens. The separator's embedding row is zeroed, so its logit is exactly 0 while the largest of the others is
+positive: greedy decoding then never ends a document early, and the finish-reason tests stay deterministic.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from cllm._kernels import attention, decode
+from cllm.generate import Decoder, TextStream, complete, generate, sample_token
+from cllm.model import GPT, ModelConfig
+from cllm.tokenizer import Tokenizer
+from tests.reference import rel_err
+
+f32 = np.float32
+CORPUS = "the quick brown fox jumps over the lazy dog. pack my box with five dozen liquor jugs!"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.train("char", [CORPUS])
+
+
+def random_model(vocab_size, *, context_length=16, dim=16, n_layers=2, n_heads=2, seed=0, separator_id=None):
+    model = GPT(ModelConfig(vocab_size=vocab_size, context_length=context_length, dim=dim, n_layers=n_layers,
+                            n_heads=n_heads), seed=seed)
+    model.params[:] = np.random.default_rng(seed).normal(0.0, 0.3, model.params.size)
+    if separator_id is not None:
+        model.p["wte"][separator_id] = 0.0
+    return model
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return random_model(tokenizer.vocab_size, separator_id=tokenizer.separator_id)
+
+
+def full_forward_next_logits(model, ids):
+    """The logits predicting the token after ids, from a full forward pass over all of them."""
+    return model.logits(np.array([ids], np.int32))[0, -1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the decode attention kernel
+
+
+def reference_decode(q, k, v, lengths, n_heads):
+    """float64 single-query attention, one (row, head) at a time."""
+    B, C = q.shape
+    hs = C // n_heads
+    out = np.zeros((B, C))
+    for b in range(B):
+        for h in range(n_heads):
+            ch = slice(h * hs, (h + 1) * hs)
+            keys, values = k[b, :lengths[b], ch].astype(np.float64), v[b, :lengths[b], ch].astype(np.float64)
+            scores = keys @ q[b, ch].astype(np.float64) / math.sqrt(hs)
+            weights = np.exp(scores - scores.max())
+            out[b, ch] = (weights / weights.sum()) @ values
+    return out
+
+
+def test_attention_decode_matches_reference_for_ragged_lengths():
+    rng = np.random.default_rng(1)
+    B, T_max, C, NH = 3, 9, 12, 3
+    lengths = np.array([1, 9, 4], np.int32)
+    q = rng.standard_normal((B, C)).astype(f32) * 2
+    k = rng.standard_normal((B, T_max, C)).astype(f32) * 2
+    v = rng.standard_normal((B, T_max, C)).astype(f32)
+    for b in range(B):  # positions past a row's length must never be read
+        k[b, lengths[b]:] = np.nan
+        v[b, lengths[b]:] = np.nan
+    results = []
+    for threads in (1, 2, 3):
+        out = np.full((B, C), np.nan, f32)
+        decode.attention_decode(q, k, v, lengths, out, NH, threads=threads)
+        results.append(out)
+    assert rel_err(results[0], reference_decode(q, k, v, lengths, NH)) <= 1e-5
+    for other in results[1:]:
+        assert np.array_equal(other, results[0]), "results must not depend on the thread count"
+
+
+def test_attention_decode_equals_the_last_row_of_full_attention():
+    rng = np.random.default_rng(2)
+    B, T, C, NH = 2, 7, 12, 3
+    qkv = rng.standard_normal((B, T, 3 * C)).astype(f32)
+    full = np.zeros((B, T, C), f32)
+    attention.attention_forward(qkv, full, np.zeros((B, NH, T, T), f32), NH)
+    k, v = np.ascontiguousarray(qkv[:, :, C:2 * C]), np.ascontiguousarray(qkv[:, :, 2 * C:])
+    for t in range(1, T + 1):
+        out = np.full((B, C), np.nan, f32)
+        decode.attention_decode(np.ascontiguousarray(qkv[:, t - 1, :C]), k, v, np.full(B, t, np.int32), out, NH)
+        assert rel_err(out, full[:, t - 1]) <= 1e-6
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(lengths=np.array([0, 2], np.int32)), "outside"),
+    (dict(lengths=np.array([1, 6], np.int32)), "outside"),
+    (dict(lengths=np.array([1], np.int32)), "lengths must have 2"),
+    (dict(n_heads=5), "not divisible"),
+    (dict(out=np.zeros((2, 6), f32)), "out must be"),
+    (dict(v=np.zeros((2, 4, 8), f32)), "v_cache must be"),
+    (dict(threads=0), "threads"),
+])
+def test_attention_decode_rejects_bad_input(change, message):
+    args = dict(q=np.zeros((2, 8), f32), k=np.zeros((2, 5, 8), f32), v=np.zeros((2, 5, 8), f32),
+                lengths=np.array([1, 5], np.int32), out=np.zeros((2, 8), f32), n_heads=2, threads=1)
+    args |= change
+    with pytest.raises(ValueError, match=message):
+        decode.attention_decode(args["q"], args["k"], args["v"], args["lengths"], args["out"], args["n_heads"],
+                                threads=args["threads"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the KV-cache decoder against the full forward pass
+
+
+def test_decoder_logits_match_the_full_model_at_every_position(model):
+    ids = np.random.default_rng(3).integers(0, model.config.vocab_size, model.config.context_length).tolist()
+    decoder = Decoder(model)
+    logits = decoder.prefill([ids[:3]])
+    assert rel_err(logits[0], full_forward_next_logits(model, ids[:3])) <= 1e-5
+    for t in range(3, len(ids)):
+        logits = decoder.step([ids[t]])
+        assert rel_err(logits[0], full_forward_next_logits(model, ids[:t + 1])) <= 1e-4, f"position {t}"
+
+
+def test_decoder_batch_with_prompts_of_different_lengths(model):
+    rng = np.random.default_rng(4)
+    V = model.config.vocab_size
+    sequences = [rng.integers(0, V, 8).tolist() for _ in range(3)]
+    prompt_lengths = [2, 5, 2]
+    decoder = Decoder(model, batch=3, threads=2)
+    logits = decoder.prefill([s[:n] for s, n in zip(sequences, prompt_lengths)])
+    for step in range(3):
+        for row, (s, n) in enumerate(zip(sequences, prompt_lengths)):
+            assert rel_err(logits[row], full_forward_next_logits(model, s[:n + step])) <= 1e-4
+        logits = decoder.step([s[n + step] for s, n in zip(sequences, prompt_lengths)])
+    assert decoder.lengths.tolist() == [5, 8, 5]
+
+
+def test_decoder_refuses_steps_it_cannot_take(model):
+    decoder = Decoder(model)
+    with pytest.raises(ValueError, match="prefill first"):
+        decoder.step([1])
+    context = model.config.context_length
+    decoder.prefill([[1] * context])
+    with pytest.raises(ValueError, match="context is full"):
+        decoder.step([1])
+    with pytest.raises(ValueError, match="token ids must be in"):
+        decoder.prefill([[model.config.vocab_size]])
+    with pytest.raises(ValueError, match="1 to 16 token ids"):
+        decoder.prefill([[1] * (context + 1)])
+    with pytest.raises(ValueError, match="one token per sequence"):
+        Decoder(model).step([1, 2])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sampling
+
+
+@pytest.fixture
+def logits():
+    return np.random.default_rng(5).standard_normal(50).astype(f32) * 3
+
+
+def test_greedy_and_its_equivalents_pick_the_argmax(logits):
+    best = int(np.argmax(logits))
+    rng = np.random.default_rng(0)
+    assert sample_token(logits, rng, temperature=0) == best
+    for _ in range(20):
+        assert sample_token(logits, rng, temperature=1.5, top_k=1) == best
+        assert sample_token(logits, rng, temperature=1.5, top_p=1e-9) == best
+
+
+def test_top_k_and_top_p_restrict_the_candidates(logits):
+    rng = np.random.default_rng(0)
+    top3 = set(np.argsort(-logits)[:3].tolist())
+    assert {sample_token(logits, rng, top_k=3) for _ in range(300)} <= top3
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    nucleus = set(order[:np.searchsorted(np.cumsum(probs[order]), 0.6) + 1].tolist())
+    drawn = {sample_token(logits, rng, top_p=0.6) for _ in range(300)}
+    assert drawn <= nucleus and len(drawn) > 1
+
+
+def test_sampling_follows_the_softmax_and_is_seeded():
+    logits = np.log(np.array([0.5, 0.3, 0.2, 0.0], f32) + 1e-30)
+    rng = np.random.default_rng(7)
+    draws = np.array([sample_token(logits, rng) for _ in range(4000)])
+    assert np.allclose(np.bincount(draws, minlength=4) / draws.size, [0.5, 0.3, 0.2, 0.0], atol=0.03)
+    again = [sample_token(logits, np.random.default_rng(11), temperature=0.7) for _ in range(3)]
+    assert len(set(again)) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# generate()
+
+
+def test_greedy_generation_is_the_argmax_of_the_full_model_step_by_step(model, tokenizer):
+    generation = generate(model, tokenizer, "the fox", max_new_tokens=6, temperature=0)
+    pieces = list(generation)
+    assert generation.finish_reason == "length" and len(generation.token_ids) == 6
+    ids = list(generation.prompt_ids)
+    for token in generation.token_ids:
+        assert token == int(np.argmax(full_forward_next_logits(model, ids)))
+        ids.append(token)
+    assert "".join(pieces) == generation.text == tokenizer.decode(generation.token_ids)
+    text_and_reason = complete(model, tokenizer, "the fox", max_new_tokens=6, temperature=0)
+    assert text_and_reason == (generation.text, "length")
+
+
+def test_seeded_sampling_is_reproducible(model, tokenizer):
+    def run(seed):
+        generation = generate(model, tokenizer, "a", max_new_tokens=10, temperature=1.0, seed=seed)
+        list(generation)
+        return generation.token_ids
+
+    assert run(42) == run(42)
+    assert len({tuple(run(seed)) for seed in range(4)}) > 1
+
+
+def test_top_k_1_and_tiny_top_p_generate_the_greedy_text(model, tokenizer):
+    greedy = complete(model, tokenizer, "lazy", max_new_tokens=8, temperature=0)
+    assert complete(model, tokenizer, "lazy", max_new_tokens=8, top_k=1, seed=1) == greedy
+    assert complete(model, tokenizer, "lazy", max_new_tokens=8, top_p=1e-9, seed=2) == greedy
+
+
+def test_stop_strings_end_the_text_before_them(model, tokenizer):
+    settings = dict(max_new_tokens=10, temperature=0)
+    full, _ = complete(model, tokenizer, "box", **settings)
+    stop = full[3:5]
+    generation = generate(model, tokenizer, "box", stop=("zzz", stop), **settings)
+    pieces = list(generation)
+    assert generation.finish_reason == "stop"
+    assert "".join(pieces) == generation.text == full[:full.find(stop)]
+    # A stop string that never completes holds nothing back for good.
+    assert complete(model, tokenizer, "box", stop=full[-1] + "#", **settings) == (full, "length")
+
+
+def test_separator_token_finishes_with_stop(tokenizer):
+    model = random_model(tokenizer.vocab_size)
+    # ln_f outputs its bias e at every position, so the logit of token v is e . wte[v]: make the separator's huge.
+    e = np.random.default_rng(0).standard_normal(model.config.dim).astype(f32)
+    model.p["ln_f.weight"][:] = 0.0
+    model.p["ln_f.bias"][:] = e
+    model.p["wte"][tokenizer.separator_id] = 10 * e
+    generation = generate(model, tokenizer, "dog", temperature=0)
+    assert list(generation) == [] and generation.finish_reason == "stop" and generation.token_ids == []
+
+
+def test_ids_past_the_tokenizer_vocabulary_are_never_sampled(tokenizer):
+    model = random_model(tokenizer.vocab_size + 4)  # a vocabulary padded beyond the tokenizer's
+    e = np.random.default_rng(0).standard_normal(model.config.dim).astype(f32)
+    model.p["ln_f.weight"][:] = 0.0
+    model.p["ln_f.bias"][:] = e
+    model.p["wte"][tokenizer.vocab_size:] = 10 * e
+    model.p["wte"][tokenizer.separator_id] = -10 * e
+    generation = generate(model, tokenizer, "dog", max_new_tokens=5, temperature=0)
+    list(generation)
+    assert len(generation.token_ids) == 5 and max(generation.token_ids) < tokenizer.vocab_size
+
+
+def test_empty_prompt_starts_from_the_separator(model, tokenizer):
+    generation = generate(model, tokenizer, "", max_new_tokens=3, temperature=0)
+    list(generation)
+    assert generation.prompt_ids == [tokenizer.separator_id] and len(generation.token_ids) == 3
+
+
+def test_context_limits(model, tokenizer):
+    context = model.config.context_length
+    with pytest.raises(ValueError, match=f"prompt is {context + 1} tokens long"):
+        generate(model, tokenizer, "o" * (context + 1))
+    # Prompt plus generated tokens fill the context, then generation stops, however many tokens were asked for.
+    generation = generate(model, tokenizer, "o" * (context - 3), max_new_tokens=100, temperature=0)
+    list(generation)
+    assert len(generation.token_ids) == 3 and generation.finish_reason == "length"
+    assert complete(model, tokenizer, "o" * context, temperature=0) == ("", "length")
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(temperature=-1.0), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(top_k=0), "top_k"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(max_new_tokens=-1), "max_new_tokens"),
+    (dict(stop=("",)), "stop"),
+])
+def test_bad_settings_raise_before_generating(model, tokenizer, settings, message):
+    with pytest.raises(ValueError, match=message):
+        generate(model, tokenizer, "a", **settings)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# streaming text
+
+
+def test_text_stream_never_emits_half_a_character():
+    tokenizer = Tokenizer.train("bpe", ["plain ascii text only"] * 4, vocab_size=280)
+    text = "naïve café ☕ ok"
+    ids = tokenizer.encode(text)
+    assert len(ids) > len(text), "non-ASCII characters should span several byte tokens"
+    stream = TextStream(tokenizer)
+    pieces = [stream.push(int(i)) for i in ids]
+    pieces.append(stream.flush())
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in piece for piece in pieces)
+
+
+def test_text_stream_holds_back_a_possible_stop_string(tokenizer):
+    stream = TextStream(tokenizer, stop=["fox!"])
+    pieces = [stream.push(int(i)) for i in tokenizer.encode("the fox jumps")]
+    assert pieces[:5] == ["t", "h", "e", " ", ""]  # "f" could start "fox!"
+    assert "".join(pieces) + stream.flush() == "the fox jumps" and not stream.stopped
+    stream = TextStream(tokenizer, stop=["ox"])
+    pieces = [stream.push(int(i)) for i in tokenizer.encode("the fox jumps")]
+    assert "".join(pieces) + stream.flush() == "the f" and stream.stopped

@@ -1,0 +1,130 @@
+"""Text to trained model: the training loop, resume, and the command-line tools end to end."""
+import json
+import subprocess
+import sys
+
+from functools import partial
+
+import anyio
+import numpy as np
+import pytest
+
+from cllm.checkpoint import load_model
+from cllm.data import prepare
+from cllm.model import GPT, ModelConfig
+from cllm.trainer import Trainer, TrainSettings
+
+TEXT = "".join(f"the {w} sat on the mat number {i}.\n" for i, w in enumerate(["cat", "dog", "bird", "fox"] * 60))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def small_settings(**kw):
+    base = dict(steps=8, batch_size=4, lr=3e-3, min_lr=3e-4, warmup=2, eval_every=4, eval_batches=2,
+                checkpoint_every=4, seed=7, threads=2, spheres=4)
+    return TrainSettings(**{**base, **kw})
+
+
+def train(corpus, run_dir, settings, *, resume=False, until=None):
+    prepared = prepare(corpus, run_dir / "data", tokenizer="char", log=lambda *a: None)
+    if resume:
+        model, tokenizer = load_model(run_dir / "model.cllm")
+    else:
+        tokenizer = prepared.tokenizer
+        cfg = ModelConfig(vocab_size=tokenizer.vocab_size, context_length=16, dim=16, n_layers=2, n_heads=2)
+        model = GPT(cfg, seed=settings.seed)
+    trainer = Trainer(model, tokenizer, prepared.train, prepared.val, settings, run_dir, progress=False)
+    if resume:
+        trainer.resume()
+    anyio.run(partial(trainer.run, until=until))
+    return model
+
+
+def test_resume_is_bit_identical(corpus, tmp_path):
+    straight = train(corpus, tmp_path / "a", small_settings(steps=8))
+    train(corpus, tmp_path / "b", small_settings(steps=8), until=4)
+    resumed = train(corpus, tmp_path / "b", small_settings(steps=8), resume=True)
+    assert np.array_equal(straight.params, resumed.params)
+    a = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    b = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"} for x in lines]
+    assert strip(a) == strip(b)  # one continuous log, the same losses
+
+
+def test_metrics_and_learning(corpus, tmp_path):
+    train(corpus, tmp_path, small_settings(steps=40, eval_every=10, lr=1e-2, min_lr=1e-3))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 41))
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(records[0])
+    assert [r["step"] for r in records if "val_loss" in r] == [10, 20, 30, 40]
+    assert records[-1]["loss"] < records[0]["loss"] - 1.0  # it learned more than the character frequencies
+    assert records[-1]["val_loss"] < records[9]["val_loss"]
+
+
+def test_resume_refuses_a_different_batch_layout(corpus, tmp_path):
+    train(corpus, tmp_path, small_settings(steps=4))
+    with pytest.raises(ValueError, match="batch-size"):
+        train(corpus, tmp_path, small_settings(steps=8, batch_size=6), resume=True)
+
+
+# ------------------------------------------------------------------------------------------------ the CLIs
+
+
+def cli(tool, *args, cwd=None):
+    return subprocess.run([sys.executable, "-m", f"cllm.tools.{tool}", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=240)
+
+
+def assert_usage_error(result, fragment):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert fragment in result.stderr
+
+
+def test_cli_train_then_generate(corpus, tmp_path):
+    out = tmp_path / "run"
+    r = cli("train_model", corpus, "--out", out, "--tokenizer", "char", "--dim", 16, "--layers", 1, "--heads", 2,
+            "--context", 16, "--batch-size", 4, "--steps", 6, "--eval-every", 3, "--eval-batches", 1,
+            "--threads", 2, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert (out / "model.cllm").exists() and "sample:" in r.stdout
+    greedy = [cli("inference", out / "model.cllm", "-p", "the cat", "-n", 12, "--temperature", 0) for _ in "ab"]
+    assert greedy[0].returncode == 0, greedy[0].stderr
+    assert greedy[0].stdout == greedy[1].stdout and greedy[0].stdout.startswith("the cat")
+    assert_usage_error(cli("inference", out / "model.cllm", "-p", "the cat " * 10), "context")
+
+
+def test_cli_usage_errors(tmp_path):
+    assert_usage_error(cli("train_model", "--no-such-flag"), "unrecognized arguments")
+    assert_usage_error(cli("train_model", tmp_path / "missing", "--out", tmp_path), "missing")
+    assert_usage_error(cli("train_model", "x", "--steps", "0"), "positive")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_usage_error(cli("train_model", empty, "--out", tmp_path / "r"), "no files")
+    binary = tmp_path / "bin"
+    binary.mkdir()
+    (binary / "blob.dat").write_bytes(bytes(range(256)) * 10)
+    assert_usage_error(cli("prepare", binary, "--out", tmp_path / "r"), "binary")
+    bad_model = tmp_path / "bad.cllm"
+    bad_model.write_bytes(b"\x00" * 100)
+    assert_usage_error(cli("inference", bad_model, "-p", "x"), "bad.cllm")
+    assert_usage_error(cli("inference", tmp_path / "none.cllm"), "none.cllm")
+    assert_usage_error(cli("inference", bad_model, "--top-p", "2"), "top-p")
+    assert_usage_error(cli("plot", tmp_path), "metrics")
+
+
+def test_plot_tool(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.5, "val_loss": 2.7}\n')
+    r = cli("plot", tmp_path)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert_usage_error(r, "pip install")
+    else:
+        assert r.returncode == 0 and (tmp_path / "loss.png").stat().st_size > 1000

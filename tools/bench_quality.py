@@ -1,0 +1,119 @@
+"""Quality benchmark: train the "baby" model on a text file with a char tokenizer; report the validation loss.
+
+    python tools/bench_quality.py ../shared/data/tinyshakespeare.txt            # cllm, then the PyTorch peer
+    python tools/bench_quality.py DATA --steps 500 --no-torch
+
+Config (nanoGPT's small char-level setting): 4 layers, 4 heads, dim 128, context 64, batch 12, AdamW with lr
+1e-3 warming up over 100 steps and decaying (cosine) to 1e-4 at 2000 steps, weight decay 0.1, clip 1.0, seed
+1337; validation = the last 10% of the text. Both engines see exactly the same batches (cllm's
+data.Batches, written to a temporary file for the peer) and are evaluated on the same validation batches.
+The peer (tools/torch_gpt.py) runs in a fresh process that never imports cllm, so neither engine's OpenMP
+settings leak into the other's.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import multiprocessing
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+TOOLS_DIR = Path(__file__).resolve().parent
+BABY = dict(n_layers=4, n_heads=4, dim=128, context_length=64)
+BATCH, LR, MIN_LR, WARMUP, WEIGHT_DECAY, CLIP, SEED, EVAL_BATCHES = 12, 1e-3, 1e-4, 100, 0.1, 1.0, 1337, 50
+
+
+def run_cllm(data: Path, steps: int, threads: int, workdir: Path) -> tuple[float, float, int]:
+    """Trains with cllm's own Trainer; also writes every batch it used for the peer. Returns (val, s, vocab)."""
+    import anyio
+
+    from cllm.data import prepare
+    from cllm.model import GPT, ModelConfig
+    from cllm.trainer import Trainer, TrainSettings
+
+    prepared = prepare(data, workdir / "data", tokenizer="char")
+    cfg = ModelConfig(vocab_size=prepared.tokenizer.vocab_size, **BABY)
+    settings = TrainSettings(steps=steps, batch_size=BATCH, lr=LR, min_lr=MIN_LR, warmup=WARMUP,
+                             weight_decay=WEIGHT_DECAY, grad_clip=CLIP, eval_every=max(1, steps // 4),
+                             eval_batches=EVAL_BATCHES, checkpoint_every=steps, seed=SEED, threads=threads)
+    trainer = Trainer(GPT(cfg, seed=SEED), prepared.tokenizer, prepared.train, prepared.val, settings,
+                      workdir / "run", progress=True)
+    np.save(workdir / "train_batches.npy", np.stack([np.stack(trainer.batches.get(s)) for s in range(steps)]))
+    np.save(workdir / "val_batches.npy", np.stack([np.stack(b) for b in trainer.val]))
+    started = time.perf_counter()
+    result = anyio.run(trainer.run)
+    return result.val_loss, time.perf_counter() - started, cfg.vocab_size
+
+
+def run_torch(workdir: Path, steps: int, threads: int, vocab: int) -> tuple[float, float]:
+    """The peer, in its own process: same model, schedule and batches. Returns (final val loss, seconds)."""
+    import math
+
+    import torch
+
+    sys.path.insert(0, str(TOOLS_DIR))
+    from torch_gpt import GPT, GPTConfig, configure_optimizer
+
+    torch.set_num_threads(threads)
+    train = np.load(workdir / "train_batches.npy", mmap_mode="r")
+    val = np.load(workdir / "val_batches.npy")
+    model = GPT(GPTConfig(vocab_size=vocab, **BABY), seed=SEED)
+    opt = configure_optimizer(model, lr=LR, weight_decay=WEIGHT_DECAY)
+
+    def lr_at(step: int) -> float:  # the same warmup + cosine as cllm.optim.cosine_lr
+        if step < WARMUP:
+            return LR * (step + 1) / WARMUP
+        progress = (step - WARMUP) / max(1, steps - WARMUP)
+        return MIN_LR + 0.5 * (1.0 + math.cos(math.pi * progress)) * (LR - MIN_LR)
+
+    started = time.perf_counter()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        x, y = (torch.from_numpy(np.asarray(a, dtype=np.int64)) for a in train[step])
+        opt.zero_grad(set_to_none=True)
+        model(x, y).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+    seconds = time.perf_counter() - started
+    with torch.no_grad():
+        losses = [model(torch.from_numpy(x.astype(np.int64)), torch.from_numpy(y.astype(np.int64))).item()
+                  for x, y in val]
+    return float(np.mean(losses)), seconds
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("data", type=Path, help="a text file, e.g. tinyshakespeare.txt")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-torch", action="store_true")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="cllm-quality-") as tmp:
+        workdir = Path(tmp)
+        val, seconds, vocab = run_cllm(args.data, args.steps, args.threads, workdir)
+        rows = [("cllm", val, seconds)]
+        have_torch = not args.no_torch and importlib.util.find_spec("torch") is not None
+        if have_torch:
+            spawn = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+                t_val, t_seconds = pool.submit(run_torch, workdir, args.steps, args.threads, vocab).result()
+            rows.append(("torch", t_val, t_seconds))
+    print(f"\n{args.data.name}, char tokenizer (vocab {vocab}), baby config, {args.steps} steps, "
+          f"{args.threads} threads\n")
+    print("| engine | final val loss | train wall time |")
+    print("|---|---:|---:|")
+    for name, v, s in rows:
+        print(f"| {name} | {v:.4f} | {s:.0f} s |")
+    if len(rows) == 2:
+        print(f"\nwall-time ratio torch/cllm: {rows[1][2] / rows[0][2]:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
