@@ -24,6 +24,7 @@ import numpy as np
 import safetensors.numpy
 from safetensors import SafetensorError, safe_open
 
+from .atomic import atomic_write_bytes
 from .model import GPT, ModelConfig, parameter_shapes
 from .optim import AdamW
 from .tokenizer import Tokenizer
@@ -35,47 +36,6 @@ STATE_TENSORS = ("adamw.m", "adamw.v")
 
 class ModelFileError(ValueError):
     """A model or training-state file is missing, corrupt, or not one this version of cllm can read."""
-
-
-# --------------------------------------------------------------------------------------------------------------
-# atomic writes
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Writes data to path so that path holds either its old content or all of data, even after a crash.
-
-    The bytes go to a temporary file in the same directory (os.replace is only atomic within one file
-    system), are fsynced, then renamed over path; the directory is fsynced so the rename itself is durable.
-    On any error, including Ctrl-C, the temporary file is removed and path is untouched.
-    """
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Best effort: the file is complete and in place already; this only makes the rename survive a crash."""
-    if not hasattr(os, "O_DIRECTORY"):  # Windows cannot open a directory, and needs no such sync
-        return
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems refuse to sync a directory
-        pass
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------------------------

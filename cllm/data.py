@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from .atomic import atomic_write_bytes, commit, temporary_path
 from .tokenizer import Tokenizer, check_settings
 
 TOKENIZER_FILE, TRAIN_FILE, VAL_FILE = "tokenizer.json", "train.tokens", "val.tokens"
@@ -258,7 +259,7 @@ class TokenFileWriter:
 
     def __init__(self, path, vocab_size: int, fingerprint: bytes):
         self.path = Path(path)
-        self.tmp = _tmp_path(self.path)
+        self.tmp = temporary_path(self.path)
         self.code = dtype_code(vocab_size)
         self.dtype = DTYPES[self.code]
         self.fingerprint = fingerprint
@@ -288,9 +289,7 @@ class TokenFileWriter:
     def commit(self) -> TokenFile:
         self._file.seek(0)
         self._file.write(self._header())
-        _sync(self._file)
-        self._file.close()
-        os.replace(self.tmp, self.path)
+        commit(self._file, self.tmp, self.path)
         return TokenFile.open(self.path)
 
     def __enter__(self) -> "TokenFileWriter":
@@ -299,26 +298,6 @@ class TokenFileWriter:
     def __exit__(self, *exc) -> None:
         self._file.close()
         self.tmp.unlink(missing_ok=True)  # already gone after a commit
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            _sync(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # already gone after the rename
-
-
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f"{path.name}.tmp-{os.getpid()}")  # same folder, so os.replace is an atomic rename
-
-
-def _sync(f) -> None:
-    f.flush()
-    os.fsync(f.fileno())  # the data must be on disk before the rename makes it visible under the real name
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -408,7 +387,7 @@ def _build(out_dir: Path, recipe: bytes, corpus: Corpus, val_corpus: Corpus | No
     tokenizer_json = tokenizer.to_json()
     fingerprint = _fingerprint(recipe, tokenizer_json)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomically(out_dir / TOKENIZER_FILE, tokenizer_json.encode())
+    atomic_write_bytes(out_dir / TOKENIZER_FILE, tokenizer_json.encode())
     size = tokenizer.vocab_size
     with TokenFileWriter(out_dir / TRAIN_FILE, size, fingerprint) as train, \
             TokenFileWriter(out_dir / VAL_FILE, size, fingerprint) as val:

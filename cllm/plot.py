@@ -5,6 +5,8 @@ import json
 import os
 from pathlib import Path
 
+from .atomic import temporary_path
+
 PLOT_FILE = "loss.png"
 INSTALL_HINT = "plotting needs matplotlib: pip install 'cllm[plot]' (or pip install matplotlib)"
 
@@ -55,8 +57,8 @@ def write_loss_plot(run_dir: Path) -> Path | None:
     ax.legend()
     fig.tight_layout()
     out = Path(run_dir) / PLOT_FILE
-    tmp = out.with_name(f"{out.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp)
+    tmp = temporary_path(out)
+    fig.savefig(tmp, format="png")
     plt.close(fig)
-    tmp.replace(out)  # atomic: an existing plot is never left half-written
+    os.replace(tmp, out)  # an existing plot is never left half-written
     return out

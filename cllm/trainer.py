@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .atomic import atomic_write_bytes
 from .checkpoint import load_state, save_model, save_state
 from .data import Batches, eval_batches
 from .model import GPT
@@ -115,7 +116,7 @@ class Trainer:
         if not path.exists():
             return
         kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
+        atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
 
     # ------------------------------------------------------------------------------------------- the loop
 

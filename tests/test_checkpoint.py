@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from cllm import checkpoint
-from cllm.checkpoint import (ModelFileError, atomic_write_bytes, load_model, load_state, read_metadata,
+from cllm import atomic, checkpoint
+from cllm.atomic import atomic_write_bytes
+from cllm.checkpoint import (ModelFileError, load_model, load_state, read_metadata,
                              save_model, save_state)
 from cllm.model import GPT, ModelConfig
 from cllm.optim import AdamW
@@ -186,7 +187,7 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch
     def fail(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(checkpoint.os, failing, fail)
+    monkeypatch.setattr(atomic.os, failing, fail)
     with pytest.raises(type(error)):
         atomic_write_bytes(path, b"new content")
     monkeypatch.undo()
@@ -198,7 +199,7 @@ def test_save_model_goes_through_the_atomic_write(tmp_path, monkeypatch, model, 
     path = tmp_path / "m.cllm"
     save_model(path, model, tokenizer)
     before = path.read_bytes()
-    monkeypatch.setattr(checkpoint.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("crash")))
+    monkeypatch.setattr(atomic.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("crash")))
     model.params[:] = 0.5
     with pytest.raises(OSError):
         save_model(path, model, tokenizer)

@@ -14,7 +14,7 @@ from ._cli import Parser, positive_int, run
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="prepare", description="Tokenize a corpus into a run folder's data/.")
     p.add_argument("data", help="a text file or a folder of them")
-    p.add_argument("--out", default="runs/default", help="run folder (default: %(default)s)")
+    p.add_argument("--out", default="runs/default", help="run folder")
     p.add_argument("--val-data", help="validation text (default: the last 10%% of DATA)")
     p.add_argument("--tokenizer", choices=["bpe", "char", "word"], default="bpe")
     p.add_argument("--vocab-size", type=positive_int, default=4096)
