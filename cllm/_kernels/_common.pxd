@@ -4,6 +4,7 @@
 # rows or chunks. gcc vectorises a plain pointer loop, but not the body of a prange loop (its lastprivate
 # bookkeeping counts as control flow).
 from cython.parallel cimport prange
+from libc.math cimport INFINITY
 
 cdef extern from "fastmath.h" nogil:
     float cllm_expf(float x)
@@ -40,3 +41,35 @@ cdef inline void column_sum_accumulate(const float* a, Py_ssize_t rows, Py_ssize
     cdef Py_ssize_t nblocks = (cols + COLUMN_BLOCK - 1) // COLUMN_BLOCK, blk
     for blk in prange(nblocks, num_threads=threads, schedule="static"):
         add_rows_block(a, rows, cols, blk * COLUMN_BLOCK, min((blk + 1) * COLUMN_BLOCK, cols), out)
+
+
+# Vector pieces shared by the attention kernels; inline, so gcc vectorises each loop where it is used.
+cdef inline float dot(const float* a, const float* b, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef float acc = 0.0
+    for i in range(n):
+        acc = acc + a[i] * b[i]
+    return acc
+
+
+cdef inline void axpy(float alpha, const float* x, float* y, Py_ssize_t n) noexcept nogil:
+    """y += alpha * x"""
+    cdef Py_ssize_t i
+    for i in range(n):
+        y[i] += alpha * x[i]
+
+
+cdef inline void softmax_inplace(float* row, Py_ssize_t n) noexcept nogil:
+    """row[:n] = softmax(row[:n])."""
+    cdef Py_ssize_t s
+    cdef float maxv = -INFINITY, total = 0.0, e
+    for s in range(n):
+        if row[s] > maxv:
+            maxv = row[s]
+    for s in range(n):
+        e = cllm_expf(row[s] - maxv)
+        row[s] = e
+        total = total + e
+    total = 1.0 / total
+    for s in range(n):
+        row[s] = row[s] * total

@@ -5,40 +5,10 @@
 # Work is split over (batch, head) pairs, which touch disjoint slices, so there are no races and every reduction
 # runs inside one thread in a fixed order.
 from cython.parallel cimport parallel, prange
-from libc.math cimport INFINITY, sqrtf
+from libc.math cimport sqrtf
 from libc.stdlib cimport free, malloc
 
-from ._common cimport cllm_expf, require, require_threads
-
-
-cdef inline float dot(const float* a, const float* b, Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t i
-    cdef float acc = 0.0
-    for i in range(n):
-        acc = acc + a[i] * b[i]
-    return acc
-
-
-cdef inline void axpy(float alpha, const float* x, float* y, Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t i
-    for i in range(n):
-        y[i] += alpha * x[i]
-
-
-cdef inline float softmax_inplace(float* row, Py_ssize_t n) noexcept nogil:
-    """row[:n] = softmax(row[:n])."""
-    cdef Py_ssize_t s
-    cdef float maxv = -INFINITY, total = 0.0, e
-    for s in range(n):
-        if row[s] > maxv:
-            maxv = row[s]
-    for s in range(n):
-        e = cllm_expf(row[s] - maxv)
-        row[s] = e
-        total = total + e
-    total = 1.0 / total
-    for s in range(n):
-        row[s] = row[s] * total
+from ._common cimport axpy, dot, require, require_threads, softmax_inplace
 
 
 cdef void head_forward(const float* qkv, float* att, float* out, Py_ssize_t T, Py_ssize_t C, Py_ssize_t hs,

@@ -9,42 +9,10 @@
 # same, in the same order, as one row of attention.pyx's forward, so a decoded token sees the attention that
 # the full forward pass would compute for it.
 from cython.parallel cimport parallel, prange
-from libc.math cimport INFINITY, sqrtf
+from libc.math cimport sqrtf
 from libc.stdlib cimport free, malloc
 
-from ._common cimport cllm_expf, require, require_threads
-
-
-# dot, axpy and softmax_inplace repeat attention.pyx's: that module has no .pxd to cimport them from, and
-# inlined copies keep gcc free to vectorise each loop here.
-cdef inline float dot(const float* a, const float* b, Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t i
-    cdef float acc = 0.0
-    for i in range(n):
-        acc = acc + a[i] * b[i]
-    return acc
-
-
-cdef inline void axpy(float alpha, const float* x, float* y, Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t i
-    for i in range(n):
-        y[i] += alpha * x[i]
-
-
-cdef inline void softmax_inplace(float* row, Py_ssize_t n) noexcept nogil:
-    """row[:n] = softmax(row[:n])."""
-    cdef Py_ssize_t s
-    cdef float maxv = -INFINITY, total = 0.0, e
-    for s in range(n):
-        if row[s] > maxv:
-            maxv = row[s]
-    for s in range(n):
-        e = cllm_expf(row[s] - maxv)
-        row[s] = e
-        total = total + e
-    total = 1.0 / total
-    for s in range(n):
-        row[s] = row[s] * total
+from ._common cimport axpy, dot, require, require_threads, softmax_inplace
 
 
 cdef void head_decode(const float* q, const float* k, const float* v, float* out, float* scores,
