@@ -13,19 +13,21 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from .atomic import atomic_write_bytes
 from .checkpoint import load_state, save_model, save_state
 from .data import Batches, eval_batches
 from .model import GPT
 from .optim import AdamW, cosine_lr
+from .progress import Progress, sphere_summary
 from .spheres import Spheres
 from .tokenizer import Tokenizer
 
@@ -40,6 +42,7 @@ class TrainSettings:
     batch_size: int = 16
     lr: float = 1e-3
     min_lr: float = 1e-4
+    beta2: float = 0.99  # small CPU batches give noisy second moments: average them longer than GPT-2's 0.95
     warmup: int = 100
     weight_decay: float = 0.1
     grad_clip: float = 1.0
@@ -50,6 +53,8 @@ class TrainSettings:
     seed: int = 1337
     threads: int = max(1, os.cpu_count() or 1)
     spheres: int = 12
+    step_timeout: float | None = None  # seconds; None chooses one from measured step times (StepDeadline)
+    stats: bool = False  # per-sphere progress lines and a summary at the end
 
     def validate(self) -> None:
         positive = ["steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "checkpoint_every",
@@ -59,13 +64,84 @@ class TrainSettings:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not 0 < self.lr < 10 or not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"need 0 < lr < 10 and 0 <= min-lr <= lr, got lr={self.lr}, min-lr={self.min_lr}")
+        if not 0 <= self.beta2 < 1:
+            raise ValueError(f"beta2 must be in [0, 1), got {self.beta2}")
         if self.warmup < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("warmup, weight-decay and grad-clip must not be negative")
         if self.threads > 64:
             raise ValueError(f"threads must be in [1, 64], got {self.threads}")
+        if self.step_timeout is not None and not self.step_timeout > 0:
+            raise ValueError(f"step-timeout must be positive, got {self.step_timeout}")
 
     # What a resumed run must share with the original for its batches and updates to continue exactly.
     RESUME_KEYS = ("batch_size", "grad_accum", "seed", "spheres")
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped training at a step boundary, after writing a checkpoint."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"{signal.Signals(signum).name} at step {step}: checkpoint written, continue with --resume")
+        self.signum, self.step = signum, step
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+class StopSignals:
+    """While training: the first SIGINT or SIGTERM asks for a stop at the next step boundary (the loop then
+    writes a checkpoint and raises TrainingInterrupted); a second one exits at once. Files on disk are whole
+    either way, since every write is atomic. Signal handlers can only be set from the main thread; elsewhere
+    this does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            os._exit(128 + signum)  # the second signal: leave now, without waiting for the step
+        self.received = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+              f"(again to quit at once)", file=sys.stderr, flush=True)
+
+
+class StepDeadline:
+    """How long one step (or one evaluation batch) may take before it counts as stalled.
+
+    Fixed if --step-timeout is given. Otherwise: 300 s for the first steps, which allocate workspaces and warm
+    caches, then 25 times the median of the last 20 steps, but never under 30 s. That is far outside any
+    step's normal variation on a loaded machine, yet a hang on a step of 1 s is reported within 30 s.
+    """
+
+    FIRST, FLOOR, FACTOR, WINDOW, WARMUP_STEPS = 300.0, 30.0, 25.0, 20, 3
+
+    def __init__(self, fixed: float | None = None):
+        self.fixed = fixed
+        self.recent: list[float] = []
+
+    @property
+    def seconds(self) -> float:
+        if self.fixed is not None:
+            return self.fixed
+        if len(self.recent) < self.WARMUP_STEPS:
+            return self.FIRST
+        return max(self.FLOOR, self.FACTOR * float(np.median(self.recent)))
+
+    def record(self, seconds: float) -> None:
+        self.recent = (self.recent + [seconds])[-self.WINDOW:]
 
 
 @dataclass
@@ -88,7 +164,8 @@ class Trainer:
         seq = model.config.context_length
         self.batches = Batches(train_tokens, settings.batch_size, seq, settings.seed)
         self.val = list(eval_batches(val_tokens, settings.batch_size, seq, settings.eval_batches, settings.seed))
-        self.optimizer = AdamW(model, lr=settings.lr, weight_decay=settings.weight_decay)
+        self.optimizer = AdamW(model, lr=settings.lr, betas=(0.9, settings.beta2), weight_decay=settings.weight_decay)
+        self.deadline = StepDeadline(settings.step_timeout)
         self.step = 0
 
     @property
@@ -121,46 +198,57 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- the loop
 
     async def run(self, *, until: int | None = None) -> TrainResult:
-        """Trains to settings.steps, or stops early after step `until` (with a checkpoint, ready to resume)."""
+        """Trains to settings.steps, or stops early after step `until` (with a checkpoint, ready to resume).
+
+        Raises SphereStalledError or SphereFailedError when a step fails (no checkpoint is written then, so the
+        last one stays good), and TrainingInterrupted after SIGINT/SIGTERM, once a checkpoint is written.
+        """
         s = self.settings
         stop_at = s.steps if until is None else min(until, s.steps)
-        tokens_per_step = s.batch_size * self.model.config.context_length * s.grad_accum
         started = time.perf_counter()
-        loss = val_loss = float("nan")
-        bar = tqdm(total=s.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
-                   disable=not self.progress, file=sys.stderr, mininterval=0.5)
+        loss, val_loss = float("nan"), None
         with Spheres(self.model, spheres=s.spheres, threads=s.threads) as spheres, \
-                open(self.run_dir / METRICS_FILE, "a") as metrics:
-            val_loss = None
+                Progress(s.steps, self.step, spheres if s.stats else None, enabled=self.progress) as progress, \
+                open(self.run_dir / METRICS_FILE, "a") as metrics, StopSignals() as signals:
             while self.step < stop_at:
-                t0 = time.perf_counter()
-                lr = cosine_lr(self.step, max_lr=s.lr, min_lr=s.min_lr, warmup=s.warmup, total=s.steps)
-                loss = 0.0
-                for micro in range(s.grad_accum):
-                    x, y = self.batches.get(self.step * s.grad_accum + micro)
-                    loss += await spheres.step(x, y, accumulate=micro > 0, scale=1.0 / s.grad_accum)
-                loss /= s.grad_accum
-                grad_norm = self.optimizer.step(lr=lr, max_grad_norm=s.grad_clip or None)
-                self.step += 1
-                record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                          "tokens_per_s": tokens_per_step / (time.perf_counter() - t0)}
+                record = await self._train_step(spheres)
+                loss = record["loss"]
                 last = self.step == stop_at
                 if self.step % s.eval_every == 0 or last:
-                    val_loss = await self.evaluate(spheres)
-                    record["val_loss"] = val_loss
+                    progress.note("evaluating")
+                    val_loss = record["val_loss"] = await self.evaluate(spheres)
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
-                if self.step % s.checkpoint_every == 0 or last:
+                if self.step % s.checkpoint_every == 0 or last or signals.received:
+                    progress.note("checkpoint")
                     self.save_checkpoint()
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", val=f"{val_loss:.4f}" if val_loss is not None else "-",
-                                tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
-        bar.close()
+                progress.update(record, val_loss)
+                if signals.received:
+                    raise TrainingInterrupted(signals.received, self.step)
+        if s.stats:
+            print(sphere_summary(spheres), file=sys.stderr, flush=True)
         return TrainResult(self.step, loss, val_loss, time.perf_counter() - started, self.model_path)
 
+    async def _train_step(self, spheres: Spheres) -> dict:
+        s = self.settings
+        t0 = time.perf_counter()
+        lr = cosine_lr(self.step, max_lr=s.lr, min_lr=s.min_lr, warmup=s.warmup, total=s.steps)
+        loss = 0.0
+        for micro in range(s.grad_accum):
+            x, y = self.batches.get(self.step * s.grad_accum + micro)
+            loss += await spheres.step(x, y, accumulate=micro > 0, scale=1.0 / s.grad_accum, step=self.step + 1,
+                                       timeout=self.deadline.seconds)
+        grad_norm = self.optimizer.step(lr=lr, max_grad_norm=s.grad_clip or None)
+        self.step += 1
+        seconds = time.perf_counter() - t0
+        self.deadline.record(seconds)
+        tokens = s.batch_size * self.model.config.context_length * s.grad_accum
+        return {"step": self.step, "loss": loss / s.grad_accum, "lr": lr, "grad_norm": grad_norm,
+                "tokens_per_s": tokens / seconds}
+
     async def evaluate(self, spheres: Spheres) -> float:
-        """Mean loss over the fixed validation batches."""
-        losses = [await spheres.loss(x, y) for x, y in self.val]
+        """Mean loss over the fixed validation batches, each under the step deadline."""
+        losses = [await spheres.loss(x, y, step=self.step, timeout=self.deadline.seconds) for x, y in self.val]
         return float(np.mean(losses))
 
     def save_checkpoint(self) -> None:

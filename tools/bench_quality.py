@@ -3,8 +3,8 @@
     python tools/bench_quality.py ../shared/data/tinyshakespeare.txt            # cllm, then the PyTorch peer
     python tools/bench_quality.py DATA --steps 500 --no-torch
 
-Config (nanoGPT's small char-level setting): 4 layers, 4 heads, dim 128, context 64, batch 12, AdamW with lr
-1e-3 warming up over 100 steps and decaying (cosine) to 1e-4 at 2000 steps, weight decay 0.1, clip 1.0, seed
+Config (nanoGPT's small char-level setting): 4 layers, 4 heads, dim 128, context 64, batch 12, AdamW (betas
+0.9, 0.99) with lr 1e-3 warming up over 100 steps and decaying (cosine) to 1e-4 at 2000 steps, weight decay 0.1, clip 1.0, seed
 1337; validation = the last 10% of the text. Both engines see exactly the same batches (cllm's
 data.Batches, written to a temporary file for the peer) and are evaluated on the same validation batches.
 The peer (tools/torch_gpt.py) runs in a fresh process that never imports cllm, so neither engine's OpenMP
@@ -25,7 +25,7 @@ import numpy as np
 
 TOOLS_DIR = Path(__file__).resolve().parent
 BABY = dict(n_layers=4, n_heads=4, dim=128, context_length=64)
-BATCH, LR, MIN_LR, WARMUP, WEIGHT_DECAY, CLIP, SEED, EVAL_BATCHES = 12, 1e-3, 1e-4, 100, 0.1, 1.0, 1337, 50
+BATCH, LR, MIN_LR, BETA2, WARMUP, WEIGHT_DECAY, CLIP, SEED, EVAL_BATCHES = 12, 1e-3, 1e-4, 0.99, 100, 0.1, 1.0, 1337, 50
 
 
 def run_cllm(data: Path, steps: int, threads: int, workdir: Path) -> tuple[float, float, int]:
@@ -38,7 +38,7 @@ def run_cllm(data: Path, steps: int, threads: int, workdir: Path) -> tuple[float
 
     prepared = prepare(data, workdir / "data", tokenizer="char")
     cfg = ModelConfig(vocab_size=prepared.tokenizer.vocab_size, **BABY)
-    settings = TrainSettings(steps=steps, batch_size=BATCH, lr=LR, min_lr=MIN_LR, warmup=WARMUP,
+    settings = TrainSettings(steps=steps, batch_size=BATCH, lr=LR, min_lr=MIN_LR, beta2=BETA2, warmup=WARMUP,
                              weight_decay=WEIGHT_DECAY, grad_clip=CLIP, eval_every=max(1, steps // 4),
                              eval_batches=EVAL_BATCHES, checkpoint_every=steps, seed=SEED, threads=threads)
     trainer = Trainer(GPT(cfg, seed=SEED), prepared.tokenizer, prepared.train, prepared.val, settings,
@@ -63,7 +63,7 @@ def run_torch(workdir: Path, steps: int, threads: int, vocab: int) -> tuple[floa
     train = np.load(workdir / "train_batches.npy", mmap_mode="r")
     val = np.load(workdir / "val_batches.npy")
     model = GPT(GPTConfig(vocab_size=vocab, **BABY), seed=SEED)
-    opt = configure_optimizer(model, lr=LR, weight_decay=WEIGHT_DECAY)
+    opt = configure_optimizer(model, lr=LR, betas=(0.9, BETA2), weight_decay=WEIGHT_DECAY)
 
     def lr_at(step: int) -> float:  # the same warmup + cosine as cllm.optim.cosine_lr
         if step < WARMUP:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import sysconfig
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -19,8 +20,9 @@ from ..data import prepare
 from ..generate import complete
 from ..model import GPT, ModelConfig
 from ..plot import write_loss_plot
-from ..trainer import MODEL_FILE, Trainer, TrainSettings
-from ._cli import Parser, non_negative_float, positive_int, run
+from ..spheres import SphereFailedError, SphereStalledError
+from ..trainer import MODEL_FILE, Trainer, TrainingInterrupted, TrainSettings
+from ._cli import Parser, non_negative_float, positive_float, positive_int, run
 
 # With no DATA: the standard library's top-level modules (about 5 MB of Python on any machine) and a
 # schedule that takes about two minutes on two cores.
@@ -51,6 +53,7 @@ def build_parser() -> Parser:
     g.add_argument("--steps", type=positive_int, help=f"optimizer steps (default: {d.steps}, demo: {DEMO_STEPS})")
     g.add_argument("--lr", type=non_negative_float, default=d.lr, help="peak learning rate")
     g.add_argument("--min-lr", type=non_negative_float, default=d.min_lr, help="final learning rate (cosine decay)")
+    g.add_argument("--beta2", type=non_negative_float, default=d.beta2, help="AdamW's second-moment decay")
     g.add_argument("--warmup", type=int, default=d.warmup, help="linear warmup steps")
     g.add_argument("--weight-decay", type=non_negative_float, default=d.weight_decay, help="AdamW decay, on matrices only")
     g.add_argument("--grad-clip", type=non_negative_float, default=d.grad_clip, help="0 disables clipping")
@@ -62,6 +65,12 @@ def build_parser() -> Parser:
     g.add_argument("--threads", type=positive_int, default=d.threads, help="worker threads (default: all cores)")
     g.add_argument("--spheres", type=positive_int, default=d.spheres,
                    help="shards per batch; fixes the result, whatever --threads is")
+    g.add_argument("--step-timeout", type=positive_float,
+                   help="seconds a step may take before it counts as stalled (default: 300 s for the first steps, "
+                        "then 25x the median step, at least 30 s)")
+    g.add_argument("--stats", action="store_true", help="per-sphere shards, busy time and tokens/s")
+    g.add_argument("--stop-after", type=positive_int,
+                   help="stop after this step with a checkpoint, keeping the --steps schedule (resume later)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -74,10 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     settings = TrainSettings(
         steps=args.steps or (DEMO_STEPS if demo else TrainSettings.steps), batch_size=args.batch_size,
-        lr=args.lr, min_lr=args.min_lr, warmup=args.warmup, weight_decay=args.weight_decay,
+        lr=args.lr, min_lr=args.min_lr, beta2=args.beta2, warmup=args.warmup, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, grad_accum=args.grad_accum, eval_every=args.eval_every,
         eval_batches=args.eval_batches, checkpoint_every=args.checkpoint_every, seed=args.seed,
-        threads=args.threads, spheres=args.spheres)
+        threads=args.threads, spheres=args.spheres, step_timeout=args.step_timeout, stats=args.stats)
     settings.validate()
     if demo:
         print(f"no DATA given: training a demo model on Python's standard library "
@@ -102,7 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume:
         trainer.resume()
         print(f"resumed at step {trainer.step} of {settings.steps}", flush=True)
-    result = anyio.run(trainer.run)
+    try:
+        result = anyio.run(partial(trainer.run, until=args.stop_after))
+    except TrainingInterrupted as e:
+        print(f"train_model: {e}", file=sys.stderr)
+        return e.exit_status
+    except (SphereStalledError, SphereFailedError) as e:
+        print(f"train_model: error: {e}; the last checkpoint in {out} is intact", file=sys.stderr)
+        return 1
     val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     print(f"done: {result.steps} steps in {result.seconds:.0f} s, loss {result.final_loss:.4f}{val}", flush=True)
     plot = write_loss_plot(out)
