@@ -168,8 +168,12 @@ class GPT:
     # passes over an explicit workspace and gradient views (what parallel workers call, each with their own)
 
     def forward_ws(self, ws: Workspace, tokens: np.ndarray, targets: np.ndarray | None,
-                   grad_scale: float = 1.0, threads: int | None = None, heartbeat=None) -> float | None:
+                   grad_scale: float = 1.0, threads: int | None = None, heartbeat=None,
+                   logits: bool = True) -> float | None:
         """Forward over ws. With targets, returns the SUM of token losses and leaves dlogits * grad_scale.
+
+        With logits=False it stops after the final LayerNorm: ws.a["lnf"] (B*T, C) holds the hidden states
+        (what embeddings pool), and the vocabulary projection is skipped.
 
         heartbeat, if given, is called as heartbeat("forward", layer) before each layer: the coordinator's
         watchdog reads it, and it may raise to stop work that has been abandoned.
@@ -208,16 +212,17 @@ class GPT:
             np.add(x, mid, out=x)
         layernorm.layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"], a["lnf"], a["lnf_mean"], a["lnf_rstd"],
                                     threads=th)
-        logits = a["logits"]
-        linear.linear_forward(a["lnf"], p["wte"], None, logits, w_transposed=True, threads=th)
+        if not logits:
+            return None
+        linear.linear_forward(a["lnf"], p["wte"], None, a["logits"], w_transposed=True, threads=th)
         if targets is None:
             return None
         targets = _as_ids(targets, "targets")
         if targets.shape != (B, T):
             raise ValueError(f"targets must have shape {(B, T)}, got {targets.shape}")
         # Fused loss and dlogits, written over the logits: the backward needs nothing else from them.
-        loss_sum = crossentropy.cross_entropy(logits, targets.reshape(-1), a["losses"], logits, grad_scale,
-                                              threads=th)
+        loss_sum = crossentropy.cross_entropy(a["logits"], targets.reshape(-1), a["losses"], a["logits"],
+                                              grad_scale, threads=th)
         ws.has_dlogits = True
         return loss_sum
 
