@@ -5,10 +5,11 @@ is cut, and therefore every floating-point sum; *threads* only execute spheres. 
 kissing spheres", one control sphere (the coordinator, on the event loop) leads up to 12 worker spheres, and
 larger counts nest: worker k reports to control sphere k // 12 of the level above (see `hierarchy`).
 
-Each running sphere has its own activation workspace and gradient slot, and commits its slot into the shared
-gradient strictly in sphere order (sphere 0 copies, sphere k adds), so the gradient is ((g0 + g1) + g2) + ...
-whether 1 thread runs the spheres or 64. Slots and workspaces are pooled: at most `threads` spheres hold one at
-a time, so memory grows with the thread count, not the sphere count.
+Each running sphere has its own activation workspace and gradient slot. The slots are added in a fixed binary
+tree over the sphere indices (`ReductionTree`), taken in sphere order, so the gradient's rounding is the same
+whether 1 thread runs the spheres or 64, and whether one process runs them all or several ranks share them.
+Slots and workspaces are pooled: running spheres and the tree's pending partial sums hold one each, so memory
+grows with the thread count (and the log of the sphere count), not with the sphere count.
 
 Coordination is an anyio task group per step, under a deadline. Workers run in anyio's thread pool with a
 dedicated limiter and BLAS held at one thread (parallelism comes from spheres, never from nested pools), and
@@ -68,6 +69,56 @@ def hierarchy(spheres: int, fanout: int = FANOUT) -> list[list[int]]:
             return levels
 
 
+class ReductionTree:
+    """The fixed order in which the spheres' results are added: recursive halving of [0, S).
+
+    sum[lo, hi) = sum[lo, mid) + sum[mid, hi) with mid = (lo + hi) // 2, down to single spheres. The tree depends
+    on S alone, so the sum's rounding is the same for any thread count. Cut [0, S) among R ranks, R a power of
+    two dividing S, and every rank's block is a node of this tree: a rank sums its own subtree, and the ranks'
+    sums combine by the same rule, giving the bits of one process running all S spheres.
+    """
+
+    def __init__(self, n: int):
+        self.n = n
+        self.mid: dict[tuple[int, int], int] = {}
+        self._split(0, n)
+
+    def _split(self, lo: int, hi: int) -> None:
+        if hi - lo > 1:
+            mid = (lo + hi) // 2
+            self.mid[(lo, hi)] = mid
+            self._split(lo, mid)
+            self._split(mid, hi)
+
+    def is_node(self, lo: int, hi: int) -> bool:
+        return hi - lo == 1 and 0 <= lo < self.n or (lo, hi) in self.mid
+
+    def depth(self) -> int:
+        return max(1, (self.n - 1).bit_length()) + 1
+
+
+class TreeSum:
+    """Adds results pushed in sphere order, merging two partial sums as soon as they are siblings in the tree,
+    so at most tree.depth() partial sums are held at once. add(left, right) returns their sum; None is zero."""
+
+    def __init__(self, tree: ReductionTree, add):
+        self.tree, self.add, self.stack = tree, add, []
+
+    def push(self, lo: int, hi: int, item) -> None:
+        self.stack.append((lo, hi, item))
+        while len(self.stack) >= 2:
+            (a, b, left), (b2, c, right) = self.stack[-2], self.stack[-1]
+            if b != b2 or self.tree.mid.get((a, c)) != b:
+                break
+            merged = right if left is None else left if right is None else self.add(left, right)
+            self.stack[-2:] = [(a, c, merged)]
+
+    def result(self):
+        if len(self.stack) != 1:
+            raise RuntimeError(f"the pushed ranges {[(a, b) for a, b, _ in self.stack]} are not one tree node")
+        return self.stack[0][2]
+
+
 @dataclass(frozen=True)
 class Fault:
     kind: str  # "stall" or "raise"
@@ -113,14 +164,22 @@ class SphereStats:
 
 
 class Spheres:
-    def __init__(self, model: GPT, *, spheres: int = 12, threads: int = 1, faults: list[Fault] | None = None):
+    def __init__(self, model: GPT, *, spheres: int = 12, threads: int = 1, faults: list[Fault] | None = None,
+                 owned: tuple[int, int] | None = None):
+        """owned: the block [first, stop) of spheres this process runs (a rank's share); default all of them."""
         if not 1 <= threads <= MAX_THREADS:
             raise ValueError(f"threads must be in [1, {MAX_THREADS}], got {threads}")
         if spheres < 1:
             raise ValueError(f"spheres must be positive, got {spheres}")
         self.model, self.n_spheres, self.threads = model, spheres, threads
+        self.tree = ReductionTree(spheres)
+        self.owned = (0, spheres) if owned is None else owned
+        if not self.tree.is_node(*self.owned):
+            raise ValueError(f"spheres {self.owned[0]}..{self.owned[1] - 1} are not one block of the reduction tree "
+                             f"of {spheres} spheres: the rank count must be a power of two that divides --spheres")
         self.faults = parse_faults(os.environ.get("CLLM_FAULT", "")) if faults is None else faults
-        n_slots = min(spheres, threads)
+        # Running spheres hold a slot each, and the tree holds at most depth() partial sums.
+        n_slots = min(self.owned[1] - self.owned[0], threads + self.tree.depth())
         self._slots = [aligned_zeros(model.params.size) for _ in range(n_slots)]
         self._slot_views = [carve(s, {k: v.shape for k, v in model.p.items()}, pad=False) for s in self._slots]
         self._workspaces: dict[tuple[int, int, int], Workspace] = {}
@@ -138,54 +197,78 @@ class Spheres:
 
     async def step(self, tokens: np.ndarray, targets: np.ndarray, *, accumulate: bool = False,
                    scale: float = 1.0, step: int = 0, timeout: float | None = None) -> float:
-        """Forward and backward of the whole batch; returns the mean loss.
+        """Forward and backward of this process's spheres' shards of the batch.
 
-        model.grads receives scale * d(mean loss)/d(params), replacing what it held, or added to it with
-        accumulate=True (gradient accumulation over micro-batches, scale = 1/micro-batches). `step` names the
-        step in errors and faults; `timeout` is its deadline in seconds.
+        model.grads receives scale * d(mean loss)/d(params) over those shards, replacing what it held, or added
+        to it with accumulate=True (gradient accumulation over micro-batches, scale = 1/micro-batches). Returns
+        their share of the batch's mean loss (the whole mean when this process owns every sphere). `step` names
+        the step in errors and faults; `timeout` is its deadline in seconds.
         """
         grad_scale = scale / tokens.size  # every sphere scales by the global token count: the sum is the mean
-        commit = partial(self._commit, accumulate=accumulate)
-        return await self._run(tokens, targets, partial(self._compute, grad_scale=grad_scale), commit, step,
-                               timeout)
+        loss, slot = await self._run(tokens, targets, partial(self._compute, grad_scale=grad_scale), True, step,
+                                     timeout)
+        if slot is None:  # no rows for any owned sphere (more spheres than batch rows)
+            if not accumulate:
+                self.model.grads.fill(0.0)
+        elif accumulate:
+            np.add(self.model.grads, self._slots[slot], out=self.model.grads)
+        else:
+            np.copyto(self.model.grads, self._slots[slot])
+        return loss
 
     async def loss(self, tokens: np.ndarray, targets: np.ndarray, *, step: int = 0,
                    timeout: float | None = None) -> float:
-        """Mean loss of a batch, forward only (evaluation)."""
-        return await self._run(tokens, targets, self._forward, None, step, timeout)
+        """Mean loss of a batch over this process's spheres' shards, forward only (evaluation)."""
+        loss, _ = await self._run(tokens, targets, self._forward, False, step, timeout)
+        return loss
 
-    async def _run(self, tokens, targets, work, commit, step: int, timeout: float | None) -> float:
-        """Runs work(slot, tokens, targets, heartbeat) -> loss sum for every sphere, then (if given)
-        commit(slot, first) strictly in sphere order, all under one deadline. Returns the mean loss."""
+    async def _run(self, tokens, targets, work, with_gradients: bool, step: int,
+                   timeout: float | None) -> tuple[float, int | None]:
+        """Runs work(slot, tokens, targets, heartbeat) -> loss sum for every owned sphere under one deadline, and
+        adds the results in tree order. Returns (loss sum / batch tokens, the slot holding the gradient sum)."""
         if self._blas_limit is None:
             raise RuntimeError("use Spheres as a context manager: `with Spheres(model, ...) as spheres:`")
         B, T = tokens.shape
         if targets.shape != (B, T):
             raise ValueError(f"targets must have shape {(B, T)}, got {targets.shape}")
-        shards = [(k, rows) for k, rows in enumerate(shard_rows(B, self.n_spheres)) if rows[1] > rows[0]]
+        first, last = self.owned
+        shards = [(k, shard_rows(B, self.n_spheres)[k]) for k in range(first, last)]
         stop = threading.Event()  # per step: a worker abandoned now must not see a later step's flag cleared
         limiter = anyio.CapacityLimiter(self.threads)
         free_slots = list(range(len(self._slots)))
         slot_available = anyio.Semaphore(len(self._slots))  # FIFO: spheres take slots in order, so no deadlock
         turns = [anyio.Event() for _ in range(len(shards) + 1)]
         turns[0].set()
-        losses = [0.0] * len(shards)
+        losses = TreeSum(self.tree, lambda a, b: a + b)
+        freed: list[int] = []
+        gradients = TreeSum(self.tree, partial(self._add_slots, freed=freed))
         done = [False] * len(shards)
         for sphere, _ in shards:
             self.heartbeats[sphere] = Heartbeat()
 
         async def run(order: int, sphere: int, start: int, stop_row: int) -> None:
-            async with slot_available:
+            if start == stop_row:  # an empty shard adds nothing; it still takes its place in the order
+                await turns[order].wait()
+                losses.push(sphere, sphere + 1, None)
+                gradients.push(sphere, sphere + 1, None)
+            else:
+                await slot_available.acquire()
                 slot = free_slots.pop()
-                losses[order] = await anyio.to_thread.run_sync(
+                loss = await anyio.to_thread.run_sync(
                     self._guarded, work, sphere, step, (start, stop_row), stop, slot, tokens[start:stop_row],
                     targets[start:stop_row], limiter=limiter, abandon_on_cancel=True)
-                if commit is not None:
-                    self.heartbeats[sphere] = Heartbeat("waiting to commit")
-                    await turns[order].wait()
-                    await anyio.to_thread.run_sync(commit, slot, order == 0, limiter=limiter,
+                self.heartbeats[sphere] = Heartbeat("waiting to commit")
+                await turns[order].wait()
+                losses.push(sphere, sphere + 1, loss)
+                if with_gradients:
+                    await anyio.to_thread.run_sync(gradients.push, sphere, sphere + 1, slot, limiter=limiter,
                                                    abandon_on_cancel=True)
-                free_slots.append(slot)
+                else:
+                    freed.append(slot)
+                for released in freed:
+                    free_slots.append(released)
+                    slot_available.release()
+                freed.clear()
             done[order] = True
             turns[order + 1].set()
 
@@ -210,7 +293,12 @@ class Spheres:
             raise _first_leaf(failures) from None
         finally:
             stop.set()  # whatever is still running belongs to a step that is over: let it end
-        return sum(losses) / (B * T)
+        return (losses.result() or 0.0) / (B * T), gradients.result() if with_gradients else None
+
+    def _add_slots(self, left: int, right: int, *, freed: list[int]) -> int:
+        np.add(self._slots[left], self._slots[right], out=self._slots[left])
+        freed.append(right)
+        return left
 
     def _guarded(self, work, sphere: int, step: int, rows: tuple[int, int], stop: threading.Event, slot: int,
                  tokens, targets) -> float:
@@ -258,12 +346,6 @@ class Spheres:
         loss_sum = self.model.forward_ws(ws, tokens, targets, grad_scale, threads=1, heartbeat=heartbeat)
         self.model.backward_ws(ws, self._slot_views[slot], threads=1, heartbeat=heartbeat)
         return loss_sum
-
-    def _commit(self, slot: int, first: bool, *, accumulate: bool) -> None:
-        if first and not accumulate:
-            np.copyto(self.model.grads, self._slots[slot])
-        else:
-            np.add(self.model.grads, self._slots[slot], out=self.model.grads)
 
 
 def _first_leaf(group: BaseExceptionGroup) -> BaseException:

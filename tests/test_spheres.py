@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from cllm.model import GPT, ModelConfig
-from cllm.spheres import Spheres, shard_rows
+from cllm.spheres import ReductionTree, Spheres, TreeSum, shard_rows
 
 CFG = ModelConfig(vocab_size=40, context_length=16, dim=32, n_layers=2, n_heads=4)
 
@@ -69,3 +69,28 @@ def test_accumulation_adds_scaled_micro_batches():
 
         anyio.run(two_halves)
     np.testing.assert_allclose(model.grads, full, rtol=1e-4, atol=1e-7)
+
+
+def test_rank_blocks_combine_to_the_same_bits():
+    """What MPI ranks do, in one process: each block of spheres is summed alone, then the block sums are added
+    by the same tree rule. The result must be the single-process gradient, bit for bit."""
+    tokens, targets = data(B=12)
+    _, whole = sphere_step(3, 12, tokens, targets)
+    for ranks in (2, 4):
+        size = 12 // ranks
+        sums = []
+        for r in range(ranks):
+            model = GPT(CFG, seed=2)
+            with Spheres(model, spheres=12, threads=2, owned=(r * size, (r + 1) * size)) as sp:
+                anyio.run(sp.step, tokens, targets)
+            sums.append(model.grads.copy())
+        combined = TreeSum(ReductionTree(ranks), lambda a, b: a + b)
+        for r, g in enumerate(sums):
+            combined.push(r, r + 1, g)
+        assert np.array_equal(combined.result(), whole)
+
+
+def test_rank_blocks_must_be_tree_nodes():
+    with pytest.raises(ValueError, match="power of two"):
+        Spheres(GPT(CFG), spheres=12, owned=(0, 4))
+    assert ReductionTree(12).is_node(6, 12) and not ReductionTree(12).is_node(4, 8)
