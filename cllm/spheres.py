@@ -186,6 +186,7 @@ class Spheres:
         self._blas_limit = None
         self.heartbeats = [Heartbeat() for _ in range(spheres)]
         self.stats = [SphereStats() for _ in range(spheres)]
+        self.loss_sum = 0.0  # of the last step or loss call: what ranks add up before dividing
 
     def __enter__(self) -> "Spheres":
         self._blas_limit = threadpool_limits(limits=1, user_api="blas")
@@ -205,8 +206,8 @@ class Spheres:
         the step in errors and faults; `timeout` is its deadline in seconds.
         """
         grad_scale = scale / tokens.size  # every sphere scales by the global token count: the sum is the mean
-        loss, slot = await self._run(tokens, targets, partial(self._compute, grad_scale=grad_scale), True, step,
-                                     timeout)
+        self.loss_sum, slot = await self._run(tokens, targets, partial(self._compute, grad_scale=grad_scale), True,
+                                              step, timeout)
         if slot is None:  # no rows for any owned sphere (more spheres than batch rows)
             if not accumulate:
                 self.model.grads.fill(0.0)
@@ -214,18 +215,18 @@ class Spheres:
             np.add(self.model.grads, self._slots[slot], out=self.model.grads)
         else:
             np.copyto(self.model.grads, self._slots[slot])
-        return loss
+        return self.loss_sum / tokens.size
 
     async def loss(self, tokens: np.ndarray, targets: np.ndarray, *, step: int = 0,
                    timeout: float | None = None) -> float:
         """Mean loss of a batch over this process's spheres' shards, forward only (evaluation)."""
-        loss, _ = await self._run(tokens, targets, self._forward, False, step, timeout)
-        return loss
+        self.loss_sum, _ = await self._run(tokens, targets, self._forward, False, step, timeout)
+        return self.loss_sum / tokens.size
 
     async def _run(self, tokens, targets, work, with_gradients: bool, step: int,
                    timeout: float | None) -> tuple[float, int | None]:
         """Runs work(slot, tokens, targets, heartbeat) -> loss sum for every owned sphere under one deadline, and
-        adds the results in tree order. Returns (loss sum / batch tokens, the slot holding the gradient sum)."""
+        adds the results in tree order. Returns (the loss sum, the slot holding the gradient sum)."""
         if self._blas_limit is None:
             raise RuntimeError("use Spheres as a context manager: `with Spheres(model, ...) as spheres:`")
         B, T = tokens.shape
@@ -293,7 +294,7 @@ class Spheres:
             raise _first_leaf(failures) from None
         finally:
             stop.set()  # whatever is still running belongs to a step that is over: let it end
-        return (losses.result() or 0.0) / (B * T), gradients.result() if with_gradients else None
+        return losses.result() or 0.0, gradients.result() if with_gradients else None
 
     def _add_slots(self, left: int, right: int, *, freed: list[int]) -> int:
         np.add(self._slots[left], self._slots[right], out=self._slots[left])

@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import numpy as np
 from .atomic import atomic_write_bytes
 from .checkpoint import load_state, save_model, save_state
 from .data import Batches, eval_batches
+from .distributed import MPIGroup
 from .model import GPT
 from .optim import AdamW, cosine_lr
 from .progress import Progress, sphere_summary
@@ -101,6 +103,15 @@ class StopSignals:
         self.received: int | None = None
         self._previous = {}
 
+    def flags(self) -> tuple[float, float]:
+        """(got SIGINT, got SIGTERM), for ranks to agree on whether and why to stop."""
+        return float(self.received == signal.SIGINT), float(self.received == signal.SIGTERM)
+
+    @staticmethod
+    def agreed(flags) -> int | None:
+        """The signal to stop on, from flags summed over ranks."""
+        return signal.SIGTERM if flags[1] > 0 else signal.SIGINT if flags[0] > 0 else None
+
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
             self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
@@ -155,7 +166,7 @@ class TrainResult:
 
 class Trainer:
     def __init__(self, model: GPT, tokenizer: Tokenizer, train_tokens: np.ndarray, val_tokens: np.ndarray,
-                 settings: TrainSettings, run_dir: Path, *, progress: bool = True):
+                 settings: TrainSettings, run_dir: Path, *, progress: bool = True, group: MPIGroup | None = None):
         settings.validate()
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
         self.run_dir = Path(run_dir)
@@ -166,6 +177,8 @@ class Trainer:
         self.val = list(eval_batches(val_tokens, settings.batch_size, seq, settings.eval_batches, settings.seed))
         self.optimizer = AdamW(model, lr=settings.lr, betas=(0.9, settings.beta2), weight_decay=settings.weight_decay)
         self.deadline = StepDeadline(settings.step_timeout)
+        self.group = group
+        self._accumulated: np.ndarray | None = None  # micro-batch gradient sum, across ranks
         self.step = 0
 
     @property
@@ -202,53 +215,87 @@ class Trainer:
 
         Raises SphereStalledError or SphereFailedError when a step fails (no checkpoint is written then, so the
         last one stays good), and TrainingInterrupted after SIGINT/SIGTERM, once a checkpoint is written.
+        With an MPI group, every rank runs this; rank 0 alone writes files and shows progress.
         """
-        s = self.settings
+        s, group = self.settings, self.group
+        root = group is None or group.is_root
         stop_at = s.steps if until is None else min(until, s.steps)
         started = time.perf_counter()
         loss, val_loss = float("nan"), None
-        with Spheres(self.model, spheres=s.spheres, threads=s.threads) as spheres, \
-                Progress(s.steps, self.step, spheres if s.stats else None, enabled=self.progress) as progress, \
-                open(self.run_dir / METRICS_FILE, "a") as metrics, StopSignals() as signals:
+        owned = group.owned_spheres(s.spheres) if group else None
+        with Spheres(self.model, spheres=s.spheres, threads=s.threads, owned=owned) as spheres, \
+                Progress(s.steps, self.step, spheres if s.stats else None, enabled=self.progress and root) \
+                as progress, open(self.run_dir / METRICS_FILE, "a") if root else nullcontext() as metrics, \
+                StopSignals() as signals:
+            if group:  # every rank starts from rank 0's parameters
+                await group.broadcast(self.model.params, "the parameters", self.deadline.seconds)
             while self.step < stop_at:
-                record = await self._train_step(spheres)
+                record, stop_signal = await self._train_step(spheres, signals)
                 loss = record["loss"]
                 last = self.step == stop_at
                 if self.step % s.eval_every == 0 or last:
                     progress.note("evaluating")
                     val_loss = record["val_loss"] = await self.evaluate(spheres)
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                if self.step % s.checkpoint_every == 0 or last or signals.received:
-                    progress.note("checkpoint")
-                    self.save_checkpoint()
+                if root:
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                    if self.step % s.checkpoint_every == 0 or last or stop_signal:
+                        progress.note("checkpoint")
+                        self.save_checkpoint()
                 progress.update(record, val_loss)
-                if signals.received:
-                    raise TrainingInterrupted(signals.received, self.step)
-        if s.stats:
+                if stop_signal:
+                    raise TrainingInterrupted(stop_signal, self.step)
+        if s.stats and root:
             print(sphere_summary(spheres), file=sys.stderr, flush=True)
         return TrainResult(self.step, loss, val_loss, time.perf_counter() - started, self.model_path)
 
-    async def _train_step(self, spheres: Spheres) -> dict:
-        s = self.settings
+    async def _train_step(self, spheres: Spheres, signals: "StopSignals") -> tuple[dict, int | None]:
+        """One optimizer step. Returns its metrics record, and the signal to stop on if any rank received one."""
+        s, group, grads = self.settings, self.group, self.model.grads
         t0 = time.perf_counter()
         lr = cosine_lr(self.step, max_lr=s.lr, min_lr=s.min_lr, warmup=s.warmup, total=s.steps)
-        loss = 0.0
+        loss, stop = 0.0, None
         for micro in range(s.grad_accum):
             x, y = self.batches.get(self.step * s.grad_accum + micro)
-            loss += await spheres.step(x, y, accumulate=micro > 0, scale=1.0 / s.grad_accum, step=self.step + 1,
-                                       timeout=self.deadline.seconds)
+            # Across ranks, each micro-batch's gradient is completed before micro-batches are added, as a single
+            # process adds them: the same association, the same bits.
+            await spheres.step(x, y, accumulate=micro > 0 and group is None, scale=1.0 / s.grad_accum,
+                               step=self.step + 1, timeout=self.deadline.seconds)
+            loss_sum, stop = spheres.loss_sum, signals.received
+            if group:  # all ranks must agree on the stop, or one would wait for the others forever
+                await group.tree_sum(grads, "gradients", self.deadline.seconds)
+                agreed = await group.tree_sum(np.array([loss_sum, *signals.flags()]), "losses",
+                                              self.deadline.seconds)
+                loss_sum, stop = agreed[0], signals.agreed(agreed[1:])
+                if s.grad_accum > 1:
+                    if self._accumulated is None:
+                        self._accumulated = np.empty_like(grads)
+                    if micro == 0:
+                        np.copyto(self._accumulated, grads)
+                    else:
+                        np.add(self._accumulated, grads, out=self._accumulated)
+            loss += loss_sum / x.size
+        if group and s.grad_accum > 1:
+            np.copyto(grads, self._accumulated)
         grad_norm = self.optimizer.step(lr=lr, max_grad_norm=s.grad_clip or None)
         self.step += 1
         seconds = time.perf_counter() - t0
         self.deadline.record(seconds)
         tokens = s.batch_size * self.model.config.context_length * s.grad_accum
-        return {"step": self.step, "loss": loss / s.grad_accum, "lr": lr, "grad_norm": grad_norm,
-                "tokens_per_s": tokens / seconds}
+        record = {"step": self.step, "loss": loss / s.grad_accum, "lr": lr, "grad_norm": grad_norm,
+                  "tokens_per_s": tokens / seconds}
+        return record, stop
 
     async def evaluate(self, spheres: Spheres) -> float:
         """Mean loss over the fixed validation batches, each under the step deadline."""
-        losses = [await spheres.loss(x, y, step=self.step, timeout=self.deadline.seconds) for x, y in self.val]
+        losses = []
+        for x, y in self.val:
+            loss = await spheres.loss(x, y, step=self.step, timeout=self.deadline.seconds)
+            if self.group:
+                total = await self.group.tree_sum(np.array([spheres.loss_sum]), "validation losses",
+                                                  self.deadline.seconds)
+                loss = total[0] / x.size
+            losses.append(loss)
         return float(np.mean(losses))
 
     def save_checkpoint(self) -> None:

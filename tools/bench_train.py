@@ -299,6 +299,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         ", ".join(f"{c.name} {c.default_steps}" for c in CONFIGS.values()) + ")")
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps (default 3)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
+    p.add_argument("--ranks", help="e.g. 1,2: cllm alone, data-parallel over that many MPI ranks each (needs "
+                                   "pip install -e '.[mpi]'); prints the scaling")
+    p.add_argument("--spheres", type=int, default=12, help="with --ranks: total spheres (default 12)")
+    p.add_argument("--mpi-worker", action="store_true", help=argparse.SUPPRESS)  # one rank of a --ranks run
     args = p.parse_args(argv)
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIGS]
@@ -310,14 +314,94 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+# ------------------------------------------------------------------------------- scaling over MPI ranks
+
+
+def mpi_worker(args) -> int:
+    """One rank of `--ranks`: times distributed steps; rank 0 prints one JSON line per config."""
+    import json
+
+    import anyio
+    from anyio.from_thread import start_blocking_portal
+
+    from cllm.distributed import MPIGroup
+    from cllm.model import GPT, ModelConfig
+    from cllm.optim import AdamW
+    from cllm.spheres import Spheres
+
+    group = MPIGroup()
+    for cfg in args.configs:
+        x, y = make_batch(cfg)
+        mcfg = ModelConfig(vocab_size=cfg.vocab, context_length=cfg.seq, dim=cfg.dim, n_layers=cfg.n_layers,
+                           n_heads=cfg.n_heads)
+        model = GPT(mcfg, seed=SEED, threads=args.threads)
+        opt = AdamW(model, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+        with Spheres(model, spheres=args.spheres, threads=args.threads,
+                     owned=group.owned_spheres(args.spheres)) as spheres, start_blocking_portal() as portal:
+
+            async def step_async() -> float:
+                await spheres.step(x, y)
+                await group.tree_sum(model.grads, "gradients")
+                return (await group.tree_sum(np.array([spheres.loss_sum]), "losses"))[0] / x.size
+
+            def step() -> float:
+                loss = portal.call(step_async)
+                opt.step(max_grad_norm=MAX_GRAD_NORM)
+                return loss
+
+            times, losses = time_steps(step, args.warmup, args.steps or cfg.default_steps)
+        if group.is_root:
+            print(json.dumps({"config": cfg.name, "median_s": statistics.median(times), "tokens": cfg.tokens,
+                              "loss": losses[-1]}), flush=True)
+    return 0
+
+
+def bench_ranks(args) -> int:
+    import json
+    import shutil
+    import subprocess
+
+    if shutil.which("mpiexec") is None or importlib.util.find_spec("mpi4py") is None:
+        print("--ranks needs mpi4py and mpiexec: pip install -e '.[mpi]'")
+        return 1
+    ranks = [int(r) for r in args.ranks.split(",")]
+    rows: dict[tuple[str, int], dict] = {}
+    for r in ranks:
+        cmd = ["mpiexec", "-n", str(r), sys.executable, "-m", "mpi4py", os.path.abspath(__file__), "--mpi-worker",
+               "--configs", ",".join(c.name for c in args.configs), "--threads", str(args.threads),
+               "--warmup", str(args.warmup), "--spheres", str(args.spheres)]
+        if args.steps:
+            cmd += ["--steps", str(args.steps)]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        if out.returncode != 0:
+            print(f"{r} ranks failed:\n{out.stderr}")
+            return 1
+        for line in out.stdout.splitlines():
+            if line.startswith("{"):
+                row = json.loads(line)
+                rows[(row["config"], r)] = row
+                print(f"  {r} rank(s) x {args.threads} thread(s)  {row['config']:4s}  "
+                      f"{row['tokens'] / row['median_s']:9.0f} tok/s  (last loss {row['loss']:.4f})", flush=True)
+    print(f"\nData-parallel scaling, {args.spheres} spheres, {args.threads} thread(s) per rank, median step\n")
+    print("| config | " + " | ".join(f"{r} rank{'s' * (r > 1)} tok/s" for r in ranks) + " | speed-up |")
+    print("|---|" + "---:|" * (len(ranks) + 1))
+    for cfg in args.configs:
+        speeds = [cfg.tokens / rows[(cfg.name, r)]["median_s"] for r in ranks]
+        print(f"| {cfg.name} | " + " | ".join(f"{v:,.0f}" for v in speeds) + f" | {speeds[-1] / speeds[0]:.2f}x |")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-
     # Running as `python tools/bench_train.py` puts tools/ first on sys.path, not the repo: make an
     # uninstalled checkout importable too (appended, so an installed cllm still wins). Spawned engine
     # processes inherit this sys.path.
     if REPO_ROOT not in sys.path:
         sys.path.append(REPO_ROOT)
+    if args.mpi_worker:
+        return mpi_worker(args)
+    if args.ranks:
+        return bench_ranks(args)
 
     engines = ["cllm"]
     if args.no_torch:

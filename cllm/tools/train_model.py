@@ -17,6 +17,7 @@ import anyio
 
 from ..checkpoint import load_model
 from ..data import prepare
+from ..distributed import CollectiveTimeout, MPIGroup
 from ..generate import complete
 from ..model import GPT, ModelConfig
 from ..plot import write_loss_plot
@@ -69,6 +70,8 @@ def build_parser() -> Parser:
                    help="seconds a step may take before it counts as stalled (default: 300 s for the first steps, "
                         "then 25x the median step, at least 30 s)")
     g.add_argument("--stats", action="store_true", help="per-sphere shards, busy time and tokens/s")
+    g.add_argument("--distributed", choices=["mpi"],
+                   help="data-parallel over MPI ranks: run under mpiexec -n R python -m mpi4py -m ...")
     g.add_argument("--stop-after", type=positive_int,
                    help="stop after this step with a checkpoint, keeping the --steps schedule (resume later)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -88,37 +91,57 @@ def main(argv: list[str] | None = None) -> int:
         eval_batches=args.eval_batches, checkpoint_every=args.checkpoint_every, seed=args.seed,
         threads=args.threads, spheres=args.spheres, step_timeout=args.step_timeout, stats=args.stats)
     settings.validate()
+    group = MPIGroup() if args.distributed == "mpi" else None
+    if group:
+        group.owned_spheres(settings.spheres)  # a rank count that cannot work fails here, on every rank
+    root = group is None or group.is_root
+    say = print if root else (lambda *a, **k: None)  # rank 0 speaks for the job
     if demo:
-        print(f"no DATA given: training a demo model on Python's standard library "
-              f"({sysconfig.get_paths()['stdlib']}/*.py)", flush=True)
+        say(f"no DATA given: training a demo model on Python's standard library "
+            f"({sysconfig.get_paths()['stdlib']}/*.py)", flush=True)
+    if group:
+        say(f"distributed: {group.size} ranks x {settings.spheres // group.size} spheres", flush=True)
 
-    prepared = prepare(data, out / "data", tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                       val_data=args.val_data)
+    # Rank 0 prepares first; the others then reuse its files (a shared folder) or build identical ones.
+    if root:
+        prepared = prepare(data, out / "data", tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                           val_data=args.val_data)
+    if group:
+        group.barrier()
+    if not root:
+        prepared = prepare(data, out / "data", tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                           val_data=args.val_data, log=say)
     if args.resume:
         model, tokenizer = load_model(out / MODEL_FILE, threads=settings.threads)
-        print(f"resuming {out / MODEL_FILE}: the model's own config is used", flush=True)
+        say(f"resuming {out / MODEL_FILE}: the model's own config is used", flush=True)
     else:
         tokenizer = prepared.tokenizer
         config = ModelConfig(vocab_size=tokenizer.vocab_size, context_length=args.context, dim=args.dim,
                              n_layers=args.layers, n_heads=args.heads)
         model = GPT(config, seed=settings.seed, threads=settings.threads)
-    print(f"model: {model.num_params:,} parameters ({model.config.n_layers} layers, dim {model.config.dim}, "
-          f"{model.config.n_heads} heads, context {model.config.context_length}, vocab {model.config.vocab_size})",
-          flush=True)
+    say(f"model: {model.num_params:,} parameters ({model.config.n_layers} layers, dim {model.config.dim}, "
+        f"{model.config.n_heads} heads, context {model.config.context_length}, vocab {model.config.vocab_size})",
+        flush=True)
 
     trainer = Trainer(model, tokenizer, prepared.train, prepared.val, settings, out,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, group=group)
     if args.resume:
         trainer.resume()
-        print(f"resumed at step {trainer.step} of {settings.steps}", flush=True)
+        say(f"resumed at step {trainer.step} of {settings.steps}", flush=True)
     try:
         result = anyio.run(partial(trainer.run, until=args.stop_after))
     except TrainingInterrupted as e:
-        print(f"train_model: {e}", file=sys.stderr)
+        say(f"train_model: {e}", file=sys.stderr)
         return e.exit_status
-    except (SphereStalledError, SphereFailedError) as e:
-        print(f"train_model: error: {e}; the last checkpoint in {out} is intact", file=sys.stderr)
+    except (SphereStalledError, SphereFailedError, CollectiveTimeout) as e:
+        where = f"rank {group.rank}: " if group else ""
+        print(f"train_model: error: {where}{e}; the last checkpoint in {out} is intact", file=sys.stderr,
+              flush=True)
+        if group:
+            group.abort(1)  # the other ranks would otherwise wait for this one until their own deadline
         return 1
+    if not root:
+        return 0
     val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     print(f"done: {result.steps} steps in {result.seconds:.0f} s, loss {result.final_loss:.4f}{val}", flush=True)
     plot = write_loss_plot(out)

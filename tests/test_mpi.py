@@ -1,0 +1,77 @@
+"""Scale-out over MPI: 2 ranks x 6 spheres give the bits of 1 rank x 12; a failing rank ends the whole job.
+
+Runs real `mpiexec -n 2` jobs on localhost under `python -m mpi4py`; skipped where mpi4py or mpiexec is missing
+(`pip install -e '.[mpi]'` brings both).
+"""
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from cllm.checkpoint import load_model, read_metadata
+
+pytestmark = [
+    pytest.mark.timeout(180),
+    pytest.mark.skipif(importlib.util.find_spec("mpi4py") is None or shutil.which("mpiexec") is None,
+                       reason="needs mpi4py and mpiexec (pip install -e '.[mpi]')"),
+]
+
+TEXT = "".join(f"{i}: the rain in spain stays mainly in the plain, said the professor.\n" for i in range(300))
+ARGS = ["--tokenizer", "char", "--dim", "32", "--layers", "2", "--heads", "2", "--context", "32", "--batch-size",
+        "12", "--eval-every", "3", "--eval-batches", "2", "--threads", "1", "--spheres", "12", "--no-progress"]
+
+
+def train(tmp_path, out, ranks, *extra, env=None):
+    corpus = tmp_path / "text.txt"
+    corpus.write_text(TEXT)
+    command = [sys.executable, "-m", "cllm.tools.train_model", str(corpus), "--out", str(tmp_path / out), *ARGS,
+               *extra]
+    if ranks:
+        command = ["mpiexec", "-n", str(ranks), sys.executable, "-m", "mpi4py", *command[1:], "--distributed", "mpi"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=150, env={**os.environ, **(env or {})})
+
+
+def test_two_ranks_give_the_bits_of_one(tmp_path):
+    one = train(tmp_path, "one", 0, "--steps", "8")
+    two = train(tmp_path, "two", 2, "--steps", "8")
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    a, _ = load_model(tmp_path / "one" / "model.cllm")
+    b, _ = load_model(tmp_path / "two" / "model.cllm")
+    assert np.array_equal(a.params, b.params)
+    assert (tmp_path / "one" / "metrics.jsonl").read_text().count("val_loss") == 3
+    strip = lambda p: [line.split(', "tokens_per_s"')[0] for line in p.read_text().splitlines()]
+    assert strip(tmp_path / "one" / "metrics.jsonl") == strip(tmp_path / "two" / "metrics.jsonl")
+    assert "distributed: 2 ranks x 6 spheres" in two.stdout and two.stdout.count("sample:") == 1
+
+
+def test_resume_across_ranks(tmp_path):
+    assert train(tmp_path, "a", 2, "--steps", "8", "--stop-after", "4").returncode == 0
+    resumed = train(tmp_path, "a", 2, "--steps", "8", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    straight = train(tmp_path, "b", 0, "--steps", "8")
+    assert straight.returncode == 0
+    a, _ = load_model(tmp_path / "a" / "model.cllm")
+    b, _ = load_model(tmp_path / "b" / "model.cllm")
+    assert np.array_equal(a.params, b.params)
+
+
+@pytest.mark.parametrize("fault,message", [("raise:7:3", "rank 1: sphere 7"), ("stall:2:3", "rank 0: step 3")])
+def test_one_failing_rank_ends_the_job(tmp_path, fault, message):
+    started = time.monotonic()
+    r = train(tmp_path, "run", 2, "--steps", "50", "--checkpoint-every", "2", "--step-timeout", "4",
+              env={"CLLM_FAULT": fault})
+    assert r.returncode != 0
+    assert time.monotonic() - started < 60
+    assert message in r.stderr
+    assert read_metadata(tmp_path / "run" / "model.cllm")["step"] == "2"  # the last checkpoint is whole
+
+
+def test_rank_count_must_split_the_tree(tmp_path):
+    r = train(tmp_path, "run", 3, "--steps", "2")
+    assert r.returncode != 0 and "power of two" in r.stderr
