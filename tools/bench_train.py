@@ -301,7 +301,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
     p.add_argument("--ranks", help="e.g. 1,2: cllm alone, data-parallel over that many MPI ranks each (needs "
                                    "pip install -e '.[mpi]'); prints the scaling")
-    p.add_argument("--spheres", type=int, default=12, help="with --ranks: total spheres (default 12)")
+    p.add_argument("--spheres", type=int, default=12, help="with --ranks or --profile: spheres (default 12)")
+    p.add_argument("--profile", action="store_true", help="cllm alone: where a step's time goes, per kernel")
     p.add_argument("--mpi-worker", action="store_true", help=argparse.SUPPRESS)  # one rank of a --ranks run
     args = p.parse_args(argv)
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
@@ -312,6 +313,89 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.threads < 1 or args.warmup < 0 or (args.steps is not None and args.steps < 1):
         p.error("need --threads >= 1, --warmup >= 0, --steps >= 1")
     return args
+
+
+# ----------------------------------------------------------------------------------- where the time goes
+
+
+def profile(args) -> int:
+    """Per-kernel time of cllm's training step, one thread (so the parts add up to the step), --spheres spheres.
+
+    Every kernel call is timed by wrapping the kernel modules' functions; GEMMs are told apart by their weight's
+    shape. 'python + coordination' is the step's wall time minus all timed parts.
+    """
+    from collections import defaultdict
+
+    from anyio.from_thread import start_blocking_portal
+
+    from cllm import spheres as spheres_module
+    from cllm._kernels import adamw, attention, crossentropy, embedding, gelu, layernorm, linear
+    from cllm.model import GPT, ModelConfig
+    from cllm.optim import AdamW
+    from cllm.spheres import Spheres
+
+    for cfg in args.configs:
+        totals: dict[str, float] = defaultdict(float)
+        C = cfg.dim
+
+        def gemm_name(w, direction):
+            name = {(C, 3 * C): "qkv GEMM", (C, C): "attn-out GEMM", (C, 4 * C): "MLP GEMMs",
+                    (4 * C, C): "MLP GEMMs", (cfg.vocab, C): "head GEMM"}.get(w.shape, "other GEMM")
+            return f"{name} {direction}"
+
+        def timed(module, fn_name, label):
+            fn = getattr(module, fn_name)
+
+            def wrapper(*a, **k):
+                t = time.perf_counter()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    totals[label(*a) if callable(label) else label] += time.perf_counter() - t
+            setattr(module, fn_name, wrapper)
+            return module, fn_name, fn
+
+        originals = [
+            timed(embedding, "embedding_forward", "embedding"), timed(embedding, "embedding_backward", "embedding"),
+            timed(layernorm, "layernorm_forward", "layernorm"), timed(layernorm, "layernorm_backward", "layernorm"),
+            timed(linear, "linear_forward", lambda x, w, *r: gemm_name(w, "fwd")),
+            timed(linear, "linear_backward", lambda g, x, w, *r: gemm_name(w, "bwd")),
+            timed(attention, "attention_forward", "attention"), timed(attention, "attention_backward", "attention"),
+            timed(gelu, "gelu_forward", "GELU"), timed(gelu, "gelu_backward", "GELU"),
+            timed(crossentropy, "cross_entropy", "cross-entropy"),
+            timed(adamw, "adamw_step", "AdamW + grad norm"), timed(adamw, "grad_sq_norm", "AdamW + grad norm"),
+            timed(spheres_module.Spheres, "_add_slots", "gradient reduction"),
+        ]
+        try:
+            mcfg = ModelConfig(vocab_size=cfg.vocab, context_length=cfg.seq, dim=cfg.dim, n_layers=cfg.n_layers,
+                               n_heads=cfg.n_heads)
+            model = GPT(mcfg, seed=SEED)
+            opt = AdamW(model, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+            x, y = make_batch(cfg)
+            with Spheres(model, spheres=args.spheres, threads=1) as sp, start_blocking_portal() as portal:
+                def step():
+                    loss = portal.call(sp.step, x, y)
+                    opt.step(max_grad_norm=MAX_GRAD_NORM)
+                    return loss
+                for _ in range(args.warmup):
+                    step()
+                totals.clear()
+                n = args.steps or cfg.default_steps
+                started = time.perf_counter()
+                for _ in range(n):
+                    step()
+                wall = (time.perf_counter() - started) / n
+        finally:
+            for module, fn_name, fn in originals:
+                setattr(module, fn_name, fn)
+        parts = {k: v / n for k, v in totals.items()}
+        parts["python + coordination"] = wall - sum(parts.values())
+        print(f"\n{cfg.name}: {wall * 1e3:.1f} ms per step on 1 thread, {args.spheres} spheres "
+              f"({cfg.tokens / wall:,.0f} tok/s)\n")
+        print("| part | ms/step | share |\n|---|---:|---:|")
+        for k, v in sorted(parts.items(), key=lambda kv: -kv[1]):
+            print(f"| {k} | {v * 1e3:.2f} | {v / wall:.1%} |")
+    return 0
 
 
 # ------------------------------------------------------------------------------- scaling over MPI ranks
@@ -402,6 +486,8 @@ def main(argv=None) -> int:
         return mpi_worker(args)
     if args.ranks:
         return bench_ranks(args)
+    if args.profile:
+        return profile(args)
 
     engines = ["cllm"]
     if args.no_torch:
