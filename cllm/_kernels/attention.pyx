@@ -3,55 +3,70 @@
 #   att (B, NH, T, T): the softmax probabilities, kept for the backward; zero above the diagonal.
 #   out (B, T, C): head h's weighted sum of values in channels h*hs:(h+1)*hs.
 # Work is split over (batch, head) pairs, which touch disjoint slices, so there are no races and every reduction
-# runs inside one thread in a fixed order.
+# runs inside one thread in a fixed order. The products of a head go to BLAS by blocks of queries: call these
+# kernels with BLAS held at one thread (as the spheres do), or the BLAS pool and prange compete for the cores.
 from cython.parallel cimport parallel, prange
 from libc.math cimport sqrtf
 from libc.stdlib cimport free, malloc
 
-from ._common cimport axpy, dot, require, require_threads, softmax_inplace
+from ._common cimport gemm, require, require_threads, softmax_inplace
+
+cdef enum:
+    QUERY_BLOCK = 64  # queries per BLAS call: 64 rows keep a block of scores in L2, and GEMMs efficient
 
 
 cdef void head_forward(const float* qkv, float* att, float* out, Py_ssize_t T, Py_ssize_t C, Py_ssize_t hs,
                        float scale) noexcept nogil:
-    """One (batch, head): qkv and out point at that batch row and head's channel offset; att at its (T, T)."""
-    cdef Py_ssize_t t, s, i, C3 = 3 * C
+    """One (batch, head): qkv and out point at that batch row and head's channel offset; att at its (T, T).
+
+    Blocks of QUERY_BLOCK queries go through BLAS: scores = Q_blk K[:t1]^T, then softmax, then out = P V[:t1].
+    Keys past the block's last query are never touched, so only the diagonal blocks do wasted (masked) work.
+    """
+    cdef Py_ssize_t t0 = 0, t1, r, s, C3 = 3 * C
     cdef float* row
-    cdef float* o
-    for t in range(T):
-        row = att + t * T
-        for s in range(t + 1):
-            row[s] = dot(qkv + t * C3, qkv + s * C3 + C, hs) * scale
-        softmax_inplace(row, t + 1)
-        for s in range(t + 1, T):
-            row[s] = 0.0
-        o = out + t * C
-        for i in range(hs):
-            o[i] = 0.0
-        for s in range(t + 1):
-            axpy(row[s], qkv + s * C3 + 2 * C, o, hs)
+    while t0 < T:
+        t1 = min(t0 + QUERY_BLOCK, T)
+        gemm(False, True, t1 - t0, t1, hs, qkv + t0 * C3, C3, qkv + C, C3, 0.0, att + t0 * T, T)
+        for r in range(t1 - t0):
+            row = att + (t0 + r) * T
+            for s in range(t0 + r + 1):
+                row[s] = row[s] * scale
+            softmax_inplace(row, t0 + r + 1)
+            for s in range(t0 + r + 1, T):
+                row[s] = 0.0
+        gemm(False, False, t1 - t0, hs, t1, att + t0 * T, T, qkv + 2 * C, C3, 0.0, out + t0 * C, C)
+        t0 = t1
 
 
-cdef void head_backward(const float* dout, const float* qkv, const float* att, float* dqkv, float* datt,
+cdef void head_backward(const float* dout, const float* qkv, const float* att, float* dqkv, float* dscores,
                         Py_ssize_t T, Py_ssize_t C, Py_ssize_t hs, float scale) noexcept nogil:
-    """Backward of head_forward; datt is a scratch row of T floats."""
-    cdef Py_ssize_t t, s, C3 = 3 * C
-    cdef const float* row
-    cdef const float* g
-    cdef float weighted, dpre
-    for t in range(T):
-        row = att + t * T
-        g = dout + t * C
-        # datt[s] = dout_t . v_s, and dv_s += att[t, s] * dout_t
-        weighted = 0.0
-        for s in range(t + 1):
-            datt[s] = dot(g, qkv + s * C3 + 2 * C, hs)
-            axpy(row[s], g, dqkv + s * C3 + 2 * C, hs)
-            weighted = weighted + row[s] * datt[s]
-        # Softmax backward, then through the scaled dot product into q and k.
-        for s in range(t + 1):
-            dpre = row[s] * (datt[s] - weighted) * scale
-            axpy(dpre, qkv + s * C3 + C, dqkv + t * C3, hs)
-            axpy(dpre, qkv + t * C3, dqkv + s * C3 + C, hs)
+    """Backward of head_forward, by the same query blocks; dscores is scratch for QUERY_BLOCK x T floats.
+
+        dV[:t1] += P^T dO_blk;  dP = dO_blk V[:t1]^T;  dS = P * (dP - rowsum(P * dP)) * scale;
+        dQ_blk += dS K[:t1];    dK[:t1] += dS^T Q_blk
+    """
+    cdef Py_ssize_t t0 = 0, t1, m, r, s, C3 = 3 * C
+    cdef const float* p
+    cdef float* d
+    cdef float weighted
+    while t0 < T:
+        t1 = min(t0 + QUERY_BLOCK, T)
+        m = t1 - t0
+        gemm(True, False, t1, hs, m, att + t0 * T, T, dout + t0 * C, C, 1.0, dqkv + 2 * C, C3)
+        gemm(False, True, m, t1, hs, dout + t0 * C, C, qkv + 2 * C, C3, 0.0, dscores, T)
+        for r in range(m):
+            p = att + (t0 + r) * T
+            d = dscores + r * T
+            weighted = 0.0
+            for s in range(t0 + r + 1):
+                weighted = weighted + p[s] * d[s]
+            for s in range(t0 + r + 1):
+                d[s] = p[s] * (d[s] - weighted) * scale
+            for s in range(t0 + r + 1, t1):
+                d[s] = 0.0
+        gemm(False, False, m, hs, t1, dscores, T, qkv + C, C3, 1.0, dqkv + t0 * C3, C3)
+        gemm(True, False, t1, hs, m, dscores, T, qkv + t0 * C3, C3, 1.0, dqkv + C, C3)
+        t0 = t1
 
 
 cdef int check_shapes(Py_ssize_t b, Py_ssize_t t, Py_ssize_t c3, tuple att_shape, int n_heads,
@@ -91,7 +106,7 @@ def attention_backward(const float[:, :, ::1] dout, const float[:, :, ::1] qkv, 
     cdef int failed[1]  # an array, so the flag is shared, not private to each thread
     failed[0] = 0
     with nogil, parallel(num_threads=threads):
-        datt = <float*>malloc(T * sizeof(float))  # one row of d(att), private to this thread
+        datt = <float*>malloc(QUERY_BLOCK * T * sizeof(float))  # a block of d(scores), private to this thread
         if datt == NULL:
             failed[0] = 1
         else:

@@ -2,31 +2,8 @@
 # tied LM head multiplies by the token embedding, stored (V, C)). Thread count of the GEMMs is BLAS's own,
 # set process-wide through threadpoolctl; `threads` only drives the bias reduction.
 from libc.string cimport memcpy
-from scipy.linalg.cython_blas cimport sgemm, sgemv
 
-from ._common cimport column_sum_accumulate, require, require_threads
-
-
-cdef void gemm(bint trans_a, bint trans_b, int m, int n, int k, const float* a, int lda, const float* b, int ldb,
-               float beta, float* c, int ldc) noexcept nogil:
-    """Row-major C[m,n] = op(A)[m,k] @ op(B)[k,n] + beta*C.
-
-    BLAS is column-major, and a row-major matrix is its transpose in column-major, so C^T = op(B)^T op(A)^T:
-    call sgemm with the operands swapped.
-    """
-    cdef char ta = b'T' if trans_a else b'N'
-    cdef char tb = b'T' if trans_b else b'N'
-    cdef float one = 1.0
-    cdef int inc = 1
-    if m == 1 and not trans_a:
-        # One row (KV-cache decoding): a matrix-vector product, which BLAS does ~10x faster than a 1-row GEMM.
-        # c^T = op(B)^T a^T, with op(B)^T being B read column-major.
-        if trans_b:
-            sgemv(&tb, &k, &n, &one, <float*>b, &ldb, <float*>a, &inc, &beta, c, &inc)
-        else:
-            sgemv(&tb, &n, &k, &one, <float*>b, &ldb, <float*>a, &inc, &beta, c, &inc)
-        return
-    sgemm(&tb, &ta, &n, &m, &k, &one, <float*>b, &ldb, <float*>a, &lda, &beta, c, &ldc)
+from ._common cimport column_sum_accumulate, gemm, require, require_threads
 
 
 cdef int check_weight(tuple wshape, Py_ssize_t c, Py_ssize_t oc, bint w_transposed) except -1:
