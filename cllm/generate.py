@@ -1,7 +1,12 @@
 """Text generation: KV-cache decoding, sampling, and streaming text with stop strings.
 
     prompt -> tokens -> Decoder.prefill (one full forward pass, keys and values cached per layer)
-           -> repeat: sample a token from the last logits -> Decoder.step (that one token through every layer)
+           -> repeat: Continuation.advance (sample a token from the last logits, settle its text, decide
+              whether to end) -> Decoder.step (that one token through every layer)
+
+A Continuation is one sequence's sampling and text, apart from the model; a Decoder holds a batch of rows that
+can each be restarted or left idle, so one decoder can serve many continuations that join and leave it at
+different times (continuous batching, cllm/serving.py).
 
 Decoding a token costs one pass of a single position through the model instead of a full forward pass over
 the whole sequence so far; the cached keys and values are exactly what the full pass computes, so the logits
@@ -39,6 +44,10 @@ class Decoder:
     """A key/value cache for one model and a batch of sequences: prefill prompts, then decode one token per
     sequence per step.
 
+    Rows are independent: `prefill_rows` restarts some rows while the others keep their sequences, and `step`
+    may advance only the active rows, so a server can let requests join and leave a running batch (continuous
+    batching). A step computes only its active rows, so a lone sequence costs what it would in a batch of one.
+
     The cache and every per-step buffer are allocated once, here. The model's parameters are only read, so
     several decoders (each with its own buffers) may share one model, from different threads.
     """
@@ -52,14 +61,22 @@ class Decoder:
         shapes = {}
         for i in range(cfg.n_layers):
             shapes |= {f"k{i}": (B, T, C), f"v{i}": (B, T, C)}
+        # A step packs its n active rows into the first n rows of these buffers ...
         shapes |= {"x": (B, C), "position": (B, C), "mid": (B, C), "ln": (B, C), "mean": (B,), "rstd": (B,),
-                   "qkv": (B, 3 * C), "q": (B, C), "atty": (B, C), "fc": (B, cfg.hidden_dim),
-                   "fc_gelu": (B, cfg.hidden_dim), "logits": (B, cfg.vocab_size)}
+                   "qkv": (B, 3 * C), "atty": (B, C), "fc": (B, cfg.hidden_dim), "fc_gelu": (B, cfg.hidden_dim),
+                   "step_logits": (B, cfg.vocab_size)}
+        # ... but the attention kernel and the caller index by cache row.
+        shapes |= {"q_by_row": (B, C), "atty_by_row": (B, C), "logits": (B, cfg.vocab_size)}
         self.buffer = aligned_zeros(carved_size(shapes, pad=True))
         self.a = carve(self.buffer, shapes, pad=True)
         self.lengths = np.zeros(B, np.int32)  # cached positions per sequence
-        self._positions = np.zeros(B, np.int32)  # where this step's tokens go
-        self._rows = np.arange(B)
+        self._attended = np.ones(B, np.int32)  # what the attention kernel reads per row; >= 1 even for idle rows
+        self._all_rows = np.arange(B)
+
+    @property
+    def logits(self) -> np.ndarray:
+        """(B, V): each row's logits from its latest prefill or step, predicting its next token (a view)."""
+        return self.a["logits"]
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         """Starts every sequence afresh from its prompt (one token-id sequence per batch row, lengths may differ).
@@ -67,9 +84,22 @@ class Decoder:
         Returns the logits (B, V) that predict each sequence's next token: a view into this decoder, valid until
         its next call.
         """
-        cfg = self.model.config
         if len(prompts) != self.batch:
             raise ValueError(f"this decoder holds {self.batch} sequences, got {len(prompts)} prompts")
+        return self.prefill_rows(range(self.batch), prompts)
+
+    def prefill_rows(self, rows: Sequence[int], prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """Starts the given rows afresh from their prompts (lengths may differ); the other rows keep their
+        sequences and logits.
+
+        Returns the logits (B, V), a view into this decoder (see `logits`).
+        """
+        cfg = self.model.config
+        rows = [int(r) for r in rows]
+        if len(rows) != len(prompts):
+            raise ValueError(f"got {len(rows)} rows but {len(prompts)} prompts")
+        if len(set(rows)) != len(rows) or not all(0 <= r < self.batch for r in rows):
+            raise ValueError(f"rows must be distinct and in [0, {self.batch}), got {rows}")
         prompts = [np.asarray(p) for p in prompts]
         for p in prompts:
             if p.ndim != 1 or not 1 <= p.size <= cfg.context_length:
@@ -77,13 +107,14 @@ class Decoder:
             _check_ids(p, cfg.vocab_size)
         # Checked above, before anything is written: a bad prompt leaves the cache as it was.
         rows_by_length: dict[int, list[int]] = {}
-        for row, p in enumerate(prompts):
+        for row, p in zip(rows, prompts):
             rows_by_length.setdefault(p.size, []).append(row)
-        for rows in rows_by_length.values():
-            self._prefill_rows(rows, np.stack([prompts[r] for r in rows]))
+        prompt_of_row = dict(zip(rows, prompts))
+        for same_length in rows_by_length.values():
+            self._prefill_equal_lengths(same_length, np.stack([prompt_of_row[r] for r in same_length]))
         return self.a["logits"]
 
-    def _prefill_rows(self, rows: list[int], tokens: np.ndarray) -> None:
+    def _prefill_equal_lengths(self, rows: list[int], tokens: np.ndarray) -> None:
         """One full forward pass over equally long prompts; their keys and values are copied into the cache."""
         cfg, a = self.model.config, self.a
         n, T, C = len(rows), tokens.shape[1], cfg.dim
@@ -98,57 +129,78 @@ class Decoder:
         a["logits"][rows] = ws.a["logits"].reshape(n, T, -1)[:, -1]
         self.lengths[rows] = T
 
-    def step(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Appends one token to every sequence and returns the logits (B, V) that predict the token after it
-        (a view into this decoder, valid until its next call)."""
+    def step(self, tokens: Sequence[int] | np.ndarray, active: Sequence[bool] | np.ndarray | None = None
+             ) -> np.ndarray:
+        """Appends one token to every active sequence and returns the logits (B, V) (a view, see `logits`):
+        the active rows now predict the token after the one appended.
+
+        active is a boolean mask (B,), all rows by default. Inactive rows are left exactly as they were: their
+        tokens are ignored, their lengths and logits do not change, and they may be empty or full.
+        """
         cfg, p, a, th = self.model.config, self.model.p, self.a, self.threads
-        tokens = self._check_step(tokens)
-        C, NH = cfg.dim, cfg.n_heads
-        np.copyto(self._positions, self.lengths)
-        x = a["x"]
+        tokens, rows = self._check_step(tokens, active)
+        n, C, NH = rows.size, cfg.dim, cfg.n_heads
+        positions = self.lengths[rows]
+        x = a["x"][:n]
         np.take(p["wte"], tokens, axis=0, out=x)
-        np.take(p["wpe"], self._positions, axis=0, out=a["position"])
-        x += a["position"]
-        self.lengths += 1  # attention below covers the new token too
+        np.take(p["wpe"], positions, axis=0, out=a["position"][:n])
+        x += a["position"][:n]
+        self.lengths[rows] += 1  # attention below covers the new token too
+        self._attended.fill(1)
+        self._attended[rows] = self.lengths[rows]
+        ln, qkv, mid, fc, fc_gelu = a["ln"][:n], a["qkv"][:n], a["mid"][:n], a["fc"][:n], a["fc_gelu"][:n]
+        mean, rstd, atty = a["mean"][:n], a["rstd"][:n], a["atty"][:n]
         for i in range(cfg.n_layers):
             h = f"h.{i}."
-            layernorm.layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"], a["ln"], a["mean"], a["rstd"],
-                                        threads=th)
-            qkv = a["qkv"]
-            linear.linear_forward(a["ln"], p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"], qkv,
-                                  threads=th)
-            np.copyto(a["q"], qkv[:, :C])  # the kernel takes q as its own contiguous (B, C) array
-            a[f"k{i}"][self._rows, self._positions] = qkv[:, C:2 * C]
-            a[f"v{i}"][self._rows, self._positions] = qkv[:, 2 * C:]
-            decode.attention_decode(a["q"], a[f"k{i}"], a[f"v{i}"], self.lengths, a["atty"], NH, threads=th)
-            mid = a["mid"]
-            linear.linear_forward(a["atty"], p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"], mid,
-                                  threads=th)
+            layernorm.layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"], ln, mean, rstd, threads=th)
+            linear.linear_forward(ln, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"], qkv, threads=th)
+            a["q_by_row"][rows] = qkv[:, :C]
+            a[f"k{i}"][rows, positions] = qkv[:, C:2 * C]
+            a[f"v{i}"][rows, positions] = qkv[:, 2 * C:]
+            # Every row goes through the kernel; an idle row attends to one stale position, which costs
+            # next to nothing, and its output is never read.
+            decode.attention_decode(a["q_by_row"], a[f"k{i}"], a[f"v{i}"], self._attended, a["atty_by_row"], NH,
+                                    threads=th)
+            np.take(a["atty_by_row"], rows, axis=0, out=atty)
+            linear.linear_forward(atty, p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"], mid, threads=th)
             mid += x
-            layernorm.layernorm_forward(mid, p[h + "ln_2.weight"], p[h + "ln_2.bias"], a["ln"], a["mean"],
-                                        a["rstd"], threads=th)
-            linear.linear_forward(a["ln"], p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"], a["fc"], threads=th)
-            gelu.gelu_forward(a["fc"], a["fc_gelu"], threads=th)
+            layernorm.layernorm_forward(mid, p[h + "ln_2.weight"], p[h + "ln_2.bias"], ln, mean, rstd, threads=th)
+            linear.linear_forward(ln, p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"], fc, threads=th)
+            gelu.gelu_forward(fc, fc_gelu, threads=th)
             # x (the block's input) is no longer needed: the block's output takes its place.
-            linear.linear_forward(a["fc_gelu"], p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"], x,
-                                  threads=th)
+            linear.linear_forward(fc_gelu, p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"], x, threads=th)
             x += mid
-        layernorm.layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"], a["ln"], a["mean"], a["rstd"], threads=th)
-        linear.linear_forward(a["ln"], p["wte"], None, a["logits"], w_transposed=True, threads=th)
+        layernorm.layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"], ln, mean, rstd, threads=th)
+        step_logits = a["step_logits"][:n]
+        linear.linear_forward(ln, p["wte"], None, step_logits, w_transposed=True, threads=th)
+        a["logits"][rows] = step_logits
         return a["logits"]
 
-    def _check_step(self, tokens) -> np.ndarray:
+    def _check_step(self, tokens, active) -> tuple[np.ndarray, np.ndarray]:
+        """The active rows' tokens (as indices) and the active rows, once the step is known to be possible."""
         cfg = self.model.config
         tokens = np.asarray(tokens)
         if tokens.shape != (self.batch,):
             raise ValueError(f"step takes one token per sequence, shape ({self.batch},), got {tokens.shape}")
+        if active is None:
+            rows = self._all_rows
+        else:
+            active = np.asarray(active)
+            if active.dtype != bool or active.shape != (self.batch,):
+                raise ValueError(f"active must be a boolean mask of shape ({self.batch},), got {active.dtype} "
+                                 f"{active.shape}")
+            rows = np.flatnonzero(active)
+            if rows.size == 0:
+                raise ValueError("step needs at least one active sequence")
+        tokens = tokens[rows]
         _check_ids(tokens, cfg.vocab_size)
-        if self.lengths.min() < 1:
+        lengths = self.lengths[rows]
+        if lengths.min() < 1:
             raise ValueError("step needs a prefill first")
-        if self.lengths.max() >= cfg.context_length:
+        if lengths.max() >= cfg.context_length:
             raise ValueError(f"the context is full: a sequence already holds context_length="
                              f"{cfg.context_length} tokens")
-        return tokens.astype(np.intp)
+        return tokens.astype(np.intp), rows
 
 
 def _check_ids(ids: np.ndarray, vocab_size: int) -> None:
@@ -256,11 +308,78 @@ def _stop_prefix_length(text: str, stops: tuple[str, ...]) -> int:
 # the generation API
 
 
+class Continuation:
+    """One continuation of a prompt, apart from the model that computes it.
+
+    Settings are checked and the prompt encoded on creation. Then each `advance(logits)` draws the next token,
+    turns it into settled text and decides whether the continuation has ended (`finish_reason`). A Generation
+    drives one with a decoder of its own; a server drives many, one per row of a shared decoder, and gets the
+    very same tokens and text.
+
+    `prompt_ids` are the tokens the model is given, `token_ids` the tokens generated (stop string included,
+    separator not), `finish_reason` "stop" or "length", None while it may go on.
+    """
+
+    def __init__(self, tokenizer, prompt: str, *, context_length: int, max_new_tokens: int = 256,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = None, stop: str | Iterable[str] = ()):
+        check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+        if not isinstance(max_new_tokens, Integral) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        if seed is not None and (not isinstance(seed, Integral) or isinstance(seed, bool) or seed < 0):
+            raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+        stop = (stop,) if isinstance(stop, str) else tuple(stop)
+        if not all(isinstance(s, str) and s for s in stop):
+            raise ValueError("stop strings must be non-empty strings")
+        ids = tokenizer.encode(prompt)
+        if len(ids) == 0:
+            ids = [tokenizer.separator_id]
+        if len(ids) > context_length:
+            raise ValueError(f"the prompt is {len(ids)} tokens long but the model's context holds only "
+                             f"{context_length}")
+        self.prompt_ids = [int(i) for i in ids]
+        self.token_ids: list[int] = []
+        self.finish_reason: str | None = None
+        self._budget = min(max_new_tokens, context_length - len(self.prompt_ids))
+        if self._budget == 0:
+            self.finish_reason = "length"
+        self._separator_id = tokenizer.separator_id
+        # Ids past the tokenizer's vocabulary (a model vocabulary padded for speed) can never be decoded.
+        self._vocab_size = tokenizer.vocab_size
+        self._text = TextStream(tokenizer, stop)
+        self._rng = np.random.default_rng(seed)
+        self._sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def advance(self, logits: np.ndarray) -> str:
+        """Draws the next token from logits (V,), those predicting the token after prompt_ids + token_ids.
+
+        Returns the text that token settles (often "", and once the continuation has ended, everything held
+        back too). The model then needs token_ids[-1] appended, unless the continuation has finished.
+        """
+        if self.finished:
+            raise RuntimeError(f"the continuation has finished ({self.finish_reason})")
+        token = sample_token(logits[:self._vocab_size], self._rng, **self._sampling)
+        if token == self._separator_id:
+            self.finish_reason = "stop"
+            return self._text.flush()
+        self.token_ids.append(token)
+        piece = self._text.push(token)
+        if self._text.stopped:
+            self.finish_reason = "stop"
+        elif len(self.token_ids) == self._budget:
+            self.finish_reason = "length"
+        return piece + self._text.flush() if self.finished else piece
+
+
 class Generation(Iterator[str]):
     """One streaming generation: iterate it for text pieces as they are decoded.
 
     Afterwards, `text` is everything generated (the pieces joined), `finish_reason` is "stop" or "length"
-    (None until the end), `prompt_ids` are the tokens the model was given and `token_ids` the tokens it
+    (None while it may go on), `prompt_ids` are the tokens the model was given and `token_ids` the tokens it
     generated, stop string included. Settings are checked and the prompt encoded when it is created; the model
     runs only while it is iterated.
     """
@@ -268,56 +387,42 @@ class Generation(Iterator[str]):
     def __init__(self, model: GPT, tokenizer, prompt: str, *, max_new_tokens: int = 256,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, stop: str | Iterable[str] = ()):
-        check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
-        if not isinstance(max_new_tokens, Integral) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-        stop = (stop,) if isinstance(stop, str) else tuple(stop)
-        if not all(isinstance(s, str) and s for s in stop):
-            raise ValueError("stop strings must be non-empty strings")
-        context = model.config.context_length
-        ids = tokenizer.encode(prompt)
-        if len(ids) == 0:
-            ids = [tokenizer.separator_id]
-        if len(ids) > context:
-            raise ValueError(f"the prompt is {len(ids)} tokens long but the model's context holds only {context}")
-        self.prompt_ids = [int(i) for i in ids]
-        self.token_ids: list[int] = []
+        self._continuation = Continuation(tokenizer, prompt, context_length=model.config.context_length,
+                                          max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                          top_p=top_p, seed=seed, stop=stop)
         self.text = ""
-        self.finish_reason: str | None = None
-        self._pieces = self._run(model, tokenizer, max_new_tokens, stop, np.random.default_rng(seed),
-                                 dict(temperature=temperature, top_k=top_k, top_p=top_p))
+        self._pieces = self._run(model)
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self._continuation.prompt_ids
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self._continuation.token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._continuation.finish_reason
 
     def __next__(self) -> str:
         piece = next(self._pieces)
         self.text += piece
         return piece
 
-    def _run(self, model, tokenizer, max_new_tokens, stop, rng, sampling) -> Iterator[str]:
+    def _run(self, model: GPT) -> Iterator[str]:
+        continuation = self._continuation
+        if continuation.finished:  # the prompt fills the context
+            return
         decoder = Decoder(model)
-        stream = TextStream(tokenizer, stop)
-        # Ids past the tokenizer's vocabulary (a model vocabulary padded for speed) can never be decoded.
-        vocab = tokenizer.vocab_size
-        budget = min(max_new_tokens, model.config.context_length - len(self.prompt_ids))
-        finish_reason = "length"
-        logits = decoder.prefill([self.prompt_ids])[0] if budget > 0 else None
-        for n in range(budget):
-            token = sample_token(logits[:vocab], rng, **sampling)
-            if token == tokenizer.separator_id:
-                finish_reason = "stop"
-                break
-            self.token_ids.append(token)
-            piece = stream.push(token)
+        logits = decoder.prefill([continuation.prompt_ids])
+        while True:
+            piece = continuation.advance(logits[0])
             if piece:
                 yield piece
-            if stream.stopped:
-                finish_reason = "stop"
-                break
-            if n + 1 < budget:
-                logits = decoder.step([token])[0]
-        self.finish_reason = finish_reason
-        tail = stream.flush()
-        if tail:
-            yield tail
+            if continuation.finished:
+                return
+            logits = decoder.step([continuation.token_ids[-1]])
 
 
 def generate(model: GPT, tokenizer, prompt: str, *, max_new_tokens: int = 256, temperature: float = 1.0,

@@ -151,6 +151,12 @@ class StepDeadline:
             return self.FIRST
         return max(self.FLOOR, self.FACTOR * float(np.median(self.recent)))
 
+    @property
+    def collective(self) -> float:
+        """For a collective call across ranks: twice a step's deadline, so that when one rank stalls, it is that
+        rank's own deadline that fires first and names the stalled sphere, not its peers' waiting."""
+        return 2 * self.seconds
+
     def record(self, seconds: float) -> None:
         self.recent = (self.recent + [seconds])[-self.WINDOW:]
 
@@ -228,7 +234,7 @@ class Trainer:
                 as progress, open(self.run_dir / METRICS_FILE, "a") if root else nullcontext() as metrics, \
                 StopSignals() as signals:
             if group:  # every rank starts from rank 0's parameters
-                await group.broadcast(self.model.params, "the parameters", self.deadline.seconds)
+                await group.broadcast(self.model.params, "the parameters", self.deadline.collective)
             while self.step < stop_at:
                 record, stop_signal = await self._train_step(spheres, signals)
                 loss = record["loss"]
@@ -263,9 +269,9 @@ class Trainer:
                                step=self.step + 1, timeout=self.deadline.seconds)
             loss_sum, stop = spheres.loss_sum, signals.received
             if group:  # all ranks must agree on the stop, or one would wait for the others forever
-                await group.tree_sum(grads, "gradients", self.deadline.seconds)
+                await group.tree_sum(grads, "gradients", self.deadline.collective)
                 agreed = await group.tree_sum(np.array([loss_sum, *signals.flags()]), "losses",
-                                              self.deadline.seconds)
+                                              self.deadline.collective)
                 loss_sum, stop = agreed[0], signals.agreed(agreed[1:])
                 if s.grad_accum > 1:
                     if self._accumulated is None:
@@ -293,7 +299,7 @@ class Trainer:
             loss = await spheres.loss(x, y, step=self.step, timeout=self.deadline.seconds)
             if self.group:
                 total = await self.group.tree_sum(np.array([spheres.loss_sum]), "validation losses",
-                                                  self.deadline.seconds)
+                                                  self.deadline.collective)
                 loss = total[0] / x.size
             losses.append(loss)
         return float(np.mean(losses))

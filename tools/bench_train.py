@@ -170,6 +170,9 @@ class Result:
     num_params: int
     times: list[float]
     losses: list[float]
+    # The engine process's peak RSS when this config finished: a high-water mark over every config run so far
+    # in that process (interpreter and libraries included), so a config after a bigger one reports the bigger.
+    peak_rss_mb: float | None = None
 
     @property
     def median_s(self) -> float:
@@ -187,7 +190,18 @@ class Result:
         return (f"  {self.engine:5s} {self.config.name:4s}  median {self.median_s * 1e3:8.1f} ms/step"
                 f"  (min {min(self.times) * 1e3:.1f}, max {max(self.times) * 1e3:.1f})"
                 f"  {self.tok_per_s:9.0f} tok/s  {self.gflops:6.1f} GFLOP/s"
-                f"  init loss {self.losses[0]:.4f}, last {self.losses[-1]:.4f}")
+                f"  init loss {self.losses[0]:.4f}, last {self.losses[-1]:.4f}"
+                f"  peak RSS {fmt(self.peak_rss_mb, '.0f')} MB")
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident set size so far, in MiB (None where the resource module is missing)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
 
 def bench_engine(engine: str, configs: list[BenchConfig], threads: int, warmup: int,
@@ -208,7 +222,7 @@ def bench_engine(engine: str, configs: list[BenchConfig], threads: int, warmup: 
                         print(f"  warning: {engine} reports {num_params:,} params, "
                               f"the architecture has {cfg.expected_params():,}", flush=True)
                     times, losses = time_steps(step, warmup, steps or cfg.default_steps)
-                results.append(Result(engine, cfg, num_params, times, losses))
+                results.append(Result(engine, cfg, num_params, times, losses, peak_rss_mb()))
                 print(results[-1].summary(), flush=True)
     except ImportError as e:
         hint = " (is the model written and are the kernels built?)" if engine == "cllm" else ""
@@ -275,8 +289,9 @@ def fmt(value: float | None, spec: str) -> str:
 
 def markdown_table(configs: list[BenchConfig], results: dict[tuple[str, str], Result]) -> str:
     lines = [
-        "| config | params | tokens/step | cllm tok/s | torch tok/s | ratio | cllm GFLOP/s | torch GFLOP/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| config | params | tokens/step | cllm tok/s | torch tok/s | ratio | cllm GFLOP/s | torch GFLOP/s "
+        "| cllm peak RSS MB | torch peak RSS MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for cfg in configs:
         c, t = results.get(("cllm", cfg.name)), results.get(("torch", cfg.name))
@@ -285,7 +300,8 @@ def markdown_table(configs: list[BenchConfig], results: dict[tuple[str, str], Re
             f"| {cfg.name} (L{cfg.n_layers} H{cfg.n_heads} C{cfg.dim} T{cfg.seq} B{cfg.batch}) "
             f"| {cfg.expected_params() / 1e6:.2f}M | {cfg.tokens} "
             f"| {fmt(c and c.tok_per_s, ',.0f')} | {fmt(t and t.tok_per_s, ',.0f')} | {fmt(ratio, '.2f')} "
-            f"| {fmt(c and c.gflops, '.1f')} | {fmt(t and t.gflops, '.1f')} |"
+            f"| {fmt(c and c.gflops, '.1f')} | {fmt(t and t.gflops, '.1f')} "
+            f"| {fmt(c and c.peak_rss_mb, '.0f')} | {fmt(t and t.peak_rss_mb, '.0f')} |"
         )
     return "\n".join(lines)
 
