@@ -103,14 +103,12 @@ def main(argv: list[str] | None = None) -> int:
         say(f"distributed: {group.size} ranks x {settings.spheres // group.size} spheres", flush=True)
 
     # Rank 0 prepares first; the others then reuse its files (a shared folder) or build identical ones.
-    if root:
-        prepared = prepare(data, out / "data", tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                           val_data=args.val_data)
-    if group:
+    if group and not root:
         group.barrier()
-    if not root:
-        prepared = prepare(data, out / "data", tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                           val_data=args.val_data, log=say)
+    prepared = prepare(data, out / "data", tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                       val_data=args.val_data, log=say)
+    if group and root:
+        group.barrier()
     if args.resume:
         model, tokenizer = load_model(out / MODEL_FILE, threads=settings.threads)
         say(f"resuming {out / MODEL_FILE}: the model's own config is used", flush=True)
