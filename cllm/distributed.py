@@ -78,6 +78,10 @@ class MPIGroup:
         np.copyto(local, total.result())
         return local
 
+    async def wait_for_all(self, what: str, timeout: float | None = None) -> None:
+        """Returns once every rank has got here (a barrier under a deadline)."""
+        await self._wait(self.comm.Ibarrier(), what, timeout)
+
     def barrier(self) -> None:
         self.comm.Barrier()
 

@@ -70,6 +70,29 @@ class Completion:
     completion_tokens: int  # stop string included
 
 
+class CompletionStream(AsyncIterator[str]):
+    """Text pieces as they are decoded; after the last one, `completion` has the finish reason and the token
+    counts (None until then)."""
+
+    def __init__(self, pieces: AsyncIterator[str], continuation: Continuation):
+        self._pieces, self._continuation = pieces, continuation
+        self._text: list[str] = []
+        self.completion: Completion | None = None
+
+    async def __anext__(self) -> str:
+        try:
+            piece = await self._pieces.__anext__()
+        except StopAsyncIteration:
+            c = self._continuation
+            self.completion = Completion("".join(self._text), c.finish_reason, len(c.prompt_ids), len(c.token_ids))
+            raise
+        self._text.append(piece)
+        return piece
+
+    async def aclose(self) -> None:
+        await self._pieces.aclose()
+
+
 @dataclass(eq=False)
 class _EmbeddingRequest:
     """One embed() call, as the batcher sees it."""
@@ -325,17 +348,18 @@ class AsyncModel:
 
     def stream(self, prompt: str, *, max_new_tokens: int = 128, temperature: float = 1.0,
                top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-               stop: str | Sequence[str] = ()) -> AsyncIterator[str]:
+               stop: str | Sequence[str] = ()) -> "CompletionStream":
         """The continuation of prompt as text pieces, as they are decoded; settings as for generate().
 
         Settings are checked now (ValueError); the request is queued when iteration starts (Overloaded then).
-        Leaving the iteration early frees the request's decoder row once the iterator is closed: use
-        `contextlib.aclosing` to have that happen at once.
+        Once the iteration ends, the stream's `completion` holds what generate() would return. Leaving the
+        iteration early frees the request's decoder row once the stream is closed: use `contextlib.aclosing`
+        to have that happen at once.
         """
         continuation = self._continuation(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                                           top_k=top_k, top_p=top_p, seed=seed, stop=stop)
         self._check_running()
-        return self._stream(continuation)
+        return CompletionStream(self._stream(continuation), continuation)
 
     async def _stream(self, continuation: Continuation) -> AsyncIterator[str]:
         request, pieces = _generation_request(continuation)

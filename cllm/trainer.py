@@ -242,12 +242,15 @@ class Trainer:
                 if self.step % s.eval_every == 0 or last:
                     progress.note("evaluating")
                     val_loss = record["val_loss"] = await self.evaluate(spheres)
+                checkpoint = self.step % s.checkpoint_every == 0 or last or stop_signal
                 if root:
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
-                    if self.step % s.checkpoint_every == 0 or last or stop_signal:
+                    if checkpoint:
                         progress.note("checkpoint")
                         self.save_checkpoint()
+                if group and checkpoint:  # no rank runs ahead (and could abort the job) while rank 0 writes
+                    await group.wait_for_all("the checkpoint", self.deadline.collective)
                 progress.update(record, val_loss)
                 if stop_signal:
                     raise TrainingInterrupted(stop_signal, self.step)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from cllm import atomic, checkpoint
+from cllm import atomic
 from cllm.atomic import atomic_write_bytes
 from cllm.checkpoint import (ModelFileError, load_model, load_state, read_metadata,
                              save_model, save_state)

@@ -421,7 +421,6 @@ def mpi_worker(args) -> int:
     """One rank of `--ranks`: times distributed steps; rank 0 prints one JSON line per config."""
     import json
 
-    import anyio
     from anyio.from_thread import start_blocking_portal
 
     from cllm.distributed import MPIGroup

@@ -1,0 +1,517 @@
+"""The OpenAI-compatible HTTP server: a real uvicorn server on a free 127.0.0.1 port, with a real AsyncModel over a
+tiny random model, driven with httpx and with OpenAI's own Python client.
+
+The model's weights are scaled up from GPT-2's init so that logits differ clearly between tokens, and the
+separator's embedding row is zeroed: its logit is then exactly 0 while the largest of the others is positive, so
+greedy decoding never ends a document early and greedy completions run to max_tokens ("length").
+"""
+from __future__ import annotations
+
+import base64
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import anyio
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from cllm.checkpoint import save_model
+from cllm.generate import complete
+from cllm.model import GPT, ModelConfig
+from cllm.server import ServerLimits
+from cllm.serving import AsyncModel, Overloaded
+from cllm.tokenizer import Tokenizer
+from cllm.tools.serve import BackgroundServer, listen
+
+pytestmark = pytest.mark.timeout(60)
+
+CORPUS = "the quick brown fox jumps over the lazy dog. pack my box with five dozen liquor jugs!"
+CONTEXT, DIM = 48, 32
+NAME = "tiny"
+LIMITS = ServerLimits(max_embedding_inputs=8, max_body_bytes=16 * 1024, max_completion_tokens=40)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.train("char", [CORPUS])
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, context_length=CONTEXT, dim=DIM, n_layers=2,
+                            n_heads=2), seed=0)
+    model.params[:] = np.random.default_rng(0).normal(0.0, 0.3, model.params.size)
+    model.p["wte"][tokenizer.separator_id] = 0.0
+    return model
+
+
+@pytest.fixture(scope="module")
+def model_path(model, tokenizer, tmp_path_factory):
+    path = tmp_path_factory.mktemp("server") / "tiny.cllm"
+    save_model(path, model, tokenizer)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(model_path):
+    with BackgroundServer(model_path, model_name=NAME, limits=LIMITS) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    # No retries: a 429 must reach the test, not be retried away.
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=30) as client:
+        yield client
+
+
+def assert_error(response: httpx.Response, status: int, type: str = "invalid_request_error", param=None):
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == type and error["message"]
+    assert error["param"] == param
+    return error
+
+
+def sse_events(response: httpx.Response) -> list[str]:
+    """The data of each server-sent event, in order."""
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = response.text.split("\n\n")
+    assert events[-1] == ""  # the body ends with a complete event
+    assert all(event.startswith("data: ") for event in events[:-1]), response.text
+    return [event[len("data: "):] for event in events[:-1]]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# health, info, models
+
+
+def test_health_and_info(http):
+    assert http.get("/health").json() == {"status": "ok"}
+    info = http.get("/info").json()
+    assert info["model"] == NAME
+    assert info["config"]["context_length"] == CONTEXT and info["config"]["dim"] == DIM
+    assert info["limits"] == {"max_embedding_inputs": 8, "max_input_tokens": CONTEXT, "max_completion_tokens": 40,
+                              "max_body_bytes": 16 * 1024, "max_concurrent_requests": 64}
+    assert isinstance(info["engine"], dict)
+
+
+def test_models_list_the_one_model(client):
+    assert [m.id for m in client.models.list()] == [NAME]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# embeddings
+
+
+def embed_directly(model_path, texts) -> np.ndarray:
+    """The embeddings from an AsyncModel of the same file, without HTTP in between."""
+
+    async def embed():
+        async with AsyncModel.open(model_path) as model:
+            return await model.embed(texts)
+
+    return anyio.run(embed)
+
+
+def test_embeddings_float(http, model_path):
+    texts = ["the quick brown fox", "lazy dog", "the quick brown fox"]
+    response = http.post("/v1/embeddings", json={"model": NAME, "input": texts})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "list" and body["model"] == NAME
+    assert [d["index"] for d in body["data"]] == [0, 1, 2]
+    assert all(d["object"] == "embedding" for d in body["data"])
+    vectors = np.array([d["embedding"] for d in body["data"]])
+    assert vectors.shape == (3, DIM)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+    # The engine's own vectors (batched differently here, so equal up to float32 rounding).
+    np.testing.assert_allclose(vectors, embed_directly(model_path, texts), atol=1e-6)
+    assert not np.allclose(vectors[0], vectors[1])
+    tokens = sum(len(t) for t in texts)  # a char tokenizer: one token per character
+    assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
+
+
+def test_embeddings_base64_is_the_float32_bytes(http):
+    texts = ["pack my box", "five dozen liquor jugs"]
+    floats = http.post("/v1/embeddings", json={"model": NAME, "input": texts}).json()
+    packed = http.post("/v1/embeddings", json={"model": NAME, "input": texts, "encoding_format": "base64"}).json()
+    for f, b in zip(floats["data"], packed["data"]):
+        decoded = np.frombuffer(base64.b64decode(b["embedding"]), dtype="<f4")
+        np.testing.assert_array_equal(decoded, np.array(f["embedding"], dtype=np.float32))
+    assert packed["usage"] == floats["usage"]
+
+
+def test_embeddings_with_the_openai_client(client, http):
+    texts = ["the lazy dog", "quick"]
+    result = client.embeddings.create(model=NAME, input=texts)  # the client asks for base64 and decodes it
+    expected = http.post("/v1/embeddings", json={"model": NAME, "input": texts}).json()
+    assert len(result.data) == 2
+    for got, want in zip(result.data, expected["data"]):
+        np.testing.assert_array_equal(np.float32(got.embedding), np.float32(want["embedding"]))
+    assert result.usage.prompt_tokens == result.usage.total_tokens == len("the lazy dog") + len("quick")
+    one = client.embeddings.create(model=NAME, input="quick", encoding_format="float", dimensions=DIM)
+    np.testing.assert_allclose(one.data[0].embedding, expected["data"][1]["embedding"], atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# completions
+
+
+def completion(http, **fields) -> dict:
+    response = http.post("/v1/completions", json={"model": NAME} | fields)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_greedy_completion_is_the_engines_and_deterministic(http, model, tokenizer):
+    body = completion(http, prompt="the quick", max_tokens=12, temperature=0)
+    assert body["id"].startswith("cmpl-") and body["object"] == "text_completion" and body["model"] == NAME
+    assert isinstance(body["created"], int)
+    [choice] = body["choices"]
+    assert choice["index"] == 0 and choice["logprobs"] is None and choice["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21}
+    text, _ = complete(model, tokenizer, "the quick", max_new_tokens=12, temperature=0)
+    assert choice["text"] == text
+    assert completion(http, prompt="the quick", max_tokens=12, temperature=0)["choices"][0]["text"] == text
+
+
+def test_default_max_tokens_is_16_as_in_openai(http):
+    assert completion(http, prompt="the", temperature=0)["usage"]["completion_tokens"] == 16
+
+
+def test_seeded_sampling_is_reproducible(http):
+    def sample(seed):
+        return completion(http, prompt="pack my", max_tokens=20, temperature=1.0, top_k=10, top_p=0.95,
+                          seed=seed)["choices"][0]["text"]
+
+    assert sample(1) == sample(1)
+    assert len({sample(seed) for seed in range(4)}) > 1
+
+
+def test_stop_strings_end_the_text_before_them(http, client):
+    greedy = completion(http, prompt="the lazy", max_tokens=20, temperature=0)["choices"][0]["text"]
+    stop = greedy[8:10]
+    expected = greedy[:greedy.find(stop)]
+    for stop_field in (stop, [stop, "no such text"]):
+        body = completion(http, prompt="the lazy", max_tokens=20, temperature=0, stop=stop_field)
+        assert body["choices"][0]["text"] == expected
+        assert body["choices"][0]["finish_reason"] == "stop"
+    chunks = list(client.completions.create(model=NAME, prompt="the lazy", max_tokens=20, temperature=0,
+                                            stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_prompt_may_be_a_list_of_one_string_or_empty(http):
+    as_list = completion(http, prompt=["the quick"], max_tokens=5, temperature=0)
+    assert as_list["choices"][0]["text"] == completion(http, prompt="the quick", max_tokens=5,
+                                                       temperature=0)["choices"][0]["text"]
+    assert completion(http, prompt="", max_tokens=5, temperature=0)["usage"]["completion_tokens"] == 5
+
+
+def test_completion_with_the_openai_client(client, http):
+    result = client.completions.create(model=NAME, prompt="pack my box", max_tokens=10, temperature=0)
+    expected = completion(http, prompt="pack my box", max_tokens=10, temperature=0)
+    assert result.choices[0].text == expected["choices"][0]["text"]
+    assert result.choices[0].finish_reason == "length"
+    assert result.usage.completion_tokens == 10 and result.usage.prompt_tokens == len("pack my box")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# streamed completions
+
+
+def test_stream_pieces_join_to_the_completion(http):
+    fields = dict(prompt="the quick", max_tokens=15, temperature=0.8, seed=7)
+    whole = completion(http, **fields)
+    response = http.post("/v1/completions", json={"model": NAME, "stream": True,
+                                                 "stream_options": {"include_usage": True}} | fields)
+    assert response.status_code == 200, response.text
+    events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    usage_chunk, text_chunks = chunks[-1], chunks[:-1]
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"] == whole["usage"]
+    for chunk in chunks:
+        assert chunk["id"] == chunks[0]["id"] and chunk["id"].startswith("cmpl-")
+        assert chunk["object"] == "text_completion" and chunk["model"] == NAME
+    reasons = [c["choices"][0]["finish_reason"] for c in text_chunks]
+    assert reasons[:-1] == [None] * (len(reasons) - 1) and reasons[-1] == whole["choices"][0]["finish_reason"]
+    pieces = [c["choices"][0]["text"] for c in text_chunks]
+    assert len([p for p in pieces if p]) > 1  # it really streamed
+    assert "".join(pieces) == whole["choices"][0]["text"]
+
+
+def test_stream_with_the_openai_client(client):
+    fields = dict(model=NAME, prompt="five dozen", max_tokens=12, temperature=0, stop=["jugs"])
+    whole = client.completions.create(**fields)
+    chunks = list(client.completions.create(stream=True, **fields))
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+# --------------------------------------------------------------------------------------------------------------
+# bad requests
+
+
+TOO_LONG = "a" * (CONTEXT + 1)
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/embeddings", {"input": ""}, "input"),
+    ("/v1/embeddings", {"input": []}, "input"),
+    ("/v1/embeddings", {"input": ["ok", ""]}, "input"),
+    ("/v1/embeddings", {"input": ["the"] * 9}, "input"),  # the limit is 8
+    ("/v1/embeddings", {"input": [1, 2, 3]}, "input"),  # token ids
+    ("/v1/embeddings", {"input": 5}, "input"),
+    ("/v1/embeddings", {"input": TOO_LONG}, "input"),
+    ("/v1/embeddings", {}, "input"),
+    ("/v1/embeddings", {"input": "ok", "encoding_format": "int8"}, "encoding_format"),
+    ("/v1/embeddings", {"input": "ok", "dimensions": DIM - 1}, "dimensions"),
+    ("/v1/embeddings", {"input": "ok", "colour": "blue"}, "colour"),
+    ("/v1/completions", {"prompt": "a", "max_tokens": 10**9}, "max_tokens"),
+    ("/v1/completions", {"prompt": "a", "max_tokens": 41}, "max_tokens"),  # the limit is 40
+    ("/v1/completions", {"prompt": "a", "max_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {"prompt": "a", "max_tokens": "5"}, "max_tokens"),
+    ("/v1/completions", {"prompt": "a", "max_tokens": 2.5}, "max_tokens"),
+    ("/v1/completions", {"prompt": "a", "temperature": "hot"}, "temperature"),
+    ("/v1/completions", {"prompt": "a", "temperature": 2.5}, "temperature"),
+    ("/v1/completions", {"prompt": "a", "top_p": 0}, "top_p"),
+    ("/v1/completions", {"prompt": "a", "top_k": 0}, "top_k"),
+    ("/v1/completions", {"prompt": "a", "seed": -1}, "seed"),
+    ("/v1/completions", {"prompt": "a", "stream": "yes"}, "stream"),
+    ("/v1/completions", {"prompt": "a", "stop": ""}, "stop"),
+    ("/v1/completions", {"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ("/v1/completions", {"prompt": "a", "stop": 5}, "stop"),
+    ("/v1/completions", {"prompt": 5}, "prompt"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
+    ("/v1/completions", {"prompt": TOO_LONG}, "prompt"),
+    ("/v1/completions", {"prompt": TOO_LONG, "stream": True}, "prompt"),
+    ("/v1/completions", {"prompt": "a", "n": 2}, "n"),
+    ("/v1/completions", {"prompt": "a", "logprobs": 3}, "logprobs"),
+    ("/v1/completions", {"prompt": "a", "stream_options": {"include_usage": True}}, "stream_options"),
+    ("/v1/completions", {"prompt": "a", "stream": True, "stream_options": {"what": 1}}, "stream_options.what"),
+    ("/v1/completions", {"prompt": "a", "max_token": 5}, "max_token"),
+])
+def test_invalid_fields_are_400_naming_the_field(http, path, body, param):
+    assert_error(http.post(path, json={"model": NAME} | body), 400, param=param)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_neutral_values_of_unsupported_options_are_accepted(http, stream):
+    body = {"model": NAME, "prompt": "a", "max_tokens": 2, "n": 1, "best_of": 1, "echo": False, "logprobs": None,
+            "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "user": "me", "stream": stream,
+            "top_k": None, "seed": None, "stop": None}
+    assert http.post("/v1/completions", json=body).status_code == 200
+
+
+@pytest.mark.parametrize("content", [b"not json", b'{"model": "tiny", "input": "a"', b"[1, 2]", b'"a"',
+                                     b'{"model": "tiny", "input": "a", "x": NaN}', b"\xff\xfe{}",
+                                     b"[" * 5000 + b"]" * 5000])
+def test_a_body_that_is_not_a_json_object_is_400(http, content):
+    assert_error(http.post("/v1/embeddings", content=content), 400)
+
+
+def test_missing_or_wrong_model_name(http):
+    assert_error(http.post("/v1/embeddings", json={"input": "a"}), 400, param="model")
+    error = assert_error(http.post("/v1/embeddings", json={"model": "gpt-4", "input": "a"}), 404, param="model")
+    assert error["code"] == "model_not_found" and NAME in error["message"]
+
+
+def test_body_too_large_is_413_by_header_or_by_count(http):
+    big = {"model": NAME, "input": ["a" * 1000] * 20}  # over the 16 KiB limit
+    assert_error(http.post("/v1/embeddings", json=big), 413)
+
+    def chunked():  # no Content-Length: the server must count
+        yield json.dumps(big).encode()
+
+    assert_error(http.post("/v1/embeddings", content=chunked()), 413)
+    assert http.get("/health").status_code == 200
+
+
+def test_unknown_route_and_wrong_method(http):
+    error = assert_error(http.post("/v1/chat/completions", json={}), 404)
+    assert "/v1/chat/completions" in error["message"]
+    assert_error(http.get("/v1/completions"), 405)
+
+
+def test_the_openai_client_sees_errors_as_openai_errors(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=NAME, prompt="a", max_tokens=10**6)
+    assert info.value.param == "max_tokens" and "max_tokens" in info.value.message
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="nope", input="a")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# overload and failures
+
+
+class Gate:
+    """Holds the model's embed calls until opened, so a request stays in flight as long as a test needs."""
+
+    def __init__(self, embed):
+        self.embed, self.entered, self.opened = embed, threading.Event(), threading.Event()
+
+    async def __call__(self, *args, **kwargs):
+        self.entered.set()
+        await anyio.to_thread.run_sync(self.opened.wait, abandon_on_cancel=True)
+        return await self.embed(*args, **kwargs)
+
+
+def test_requests_beyond_the_concurrency_limit_are_429(model_path, monkeypatch):
+    with BackgroundServer(model_path, model_name=NAME, limits=ServerLimits(max_concurrent_requests=1)) as server, \
+            httpx.Client(base_url=server.url, timeout=30) as http:
+        gate = Gate(server.model.embed)
+        monkeypatch.setattr(server.model, "embed", gate)
+        first: list[httpx.Response] = []
+        in_flight = threading.Thread(target=lambda: first.append(
+            http.post("/v1/embeddings", json={"model": NAME, "input": "held"})))
+        in_flight.start()
+        try:
+            assert gate.entered.wait(10)
+            refused = http.post("/v1/completions", json={"model": NAME, "prompt": "a"})
+            assert_error(refused, 429, type="rate_limit_error")
+            assert refused.headers["retry-after"] == "1"
+            assert http.get("/health").status_code == 200  # probes are never limited
+        finally:
+            gate.opened.set()
+            in_flight.join(10)
+        assert first[0].status_code == 200
+        # The slot is free again once the request is answered.
+        assert http.post("/v1/completions", json={"model": NAME, "prompt": "a", "max_tokens": 2}).status_code == 200
+
+
+def test_a_full_model_queue_is_429(server, http, monkeypatch):
+    async def overloaded(*args, **kwargs):
+        raise Overloaded("the queue holds 1 requests")
+
+    async def overloaded_stream(*args, **kwargs):
+        raise Overloaded("the queue holds 1 requests")
+        yield  # an async generator, as AsyncModel.stream is
+
+    monkeypatch.setattr(server.model, "generate", overloaded)
+    monkeypatch.setattr(server.model, "embed", overloaded)
+    monkeypatch.setattr(server.model, "stream", overloaded_stream)
+    for path, body in [("/v1/completions", {"prompt": "a"}), ("/v1/completions", {"prompt": "a", "stream": True}),
+                       ("/v1/embeddings", {"input": "a"})]:
+        response = http.post(path, json={"model": NAME} | body)
+        assert_error(response, 429, type="rate_limit_error")
+        assert response.headers["retry-after"] == "1"
+
+
+def test_a_bug_is_500_with_a_generic_message_and_a_logged_traceback(server, http, monkeypatch, caplog):
+    async def broken(*args, **kwargs):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(server.model, "embed", broken)
+    error = assert_error(http.post("/v1/embeddings", json={"model": NAME, "input": "a"}), 500, type="server_error")
+    assert "secret" not in error["message"]
+    # The server thread may log just after the response is sent: give it a moment.
+    deadline = time.monotonic() + 5
+    while not any(r.exc_info and "secret internals" in str(r.exc_info[1]) for r in caplog.records):
+        assert time.monotonic() < deadline, "the traceback was not logged"
+        time.sleep(0.02)
+
+
+def test_an_error_mid_stream_is_an_error_event_without_done(server, http, client, monkeypatch):
+    async def breaks_after_one_piece(*args, **kwargs):
+        yield "the"
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(server.model, "stream", breaks_after_one_piece)
+    response = http.post("/v1/completions", json={"model": NAME, "prompt": "a", "stream": True})
+    assert response.status_code == 200
+    events = sse_events(response)
+    assert json.loads(events[0])["choices"][0]["text"] == "the"
+    error = json.loads(events[-1])["error"]
+    assert error["type"] == "server_error" and "secret" not in error["message"]
+    assert "[DONE]" not in events
+    with pytest.raises(openai.APIError):
+        list(client.completions.create(model=NAME, prompt="a", stream=True))
+
+
+def test_a_client_that_leaves_mid_stream_closes_the_models_stream(server, http, monkeypatch):
+    real_stream, closed = server.model.stream, threading.Event()
+
+    def slow_stream(*args, **kwargs):  # the real stream, slowed down so that the client leaves in the middle
+        pieces = real_stream(*args, **kwargs)
+
+        async def slowly():
+            try:
+                async for piece in pieces:
+                    await anyio.sleep(0.5)
+                    yield piece
+            finally:
+                await pieces.aclose()
+                closed.set()
+
+        return slowly()
+
+    monkeypatch.setattr(server.model, "stream", slow_stream)
+    body = {"model": NAME, "prompt": "the", "max_tokens": 40, "stream": True}
+    with http.stream("POST", "/v1/completions", json=body) as response:
+        assert next(response.iter_lines()).startswith("data: {")
+    assert closed.wait(5)  # long before the 40 pieces' 20 s
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the command-line tool
+
+
+@pytest.mark.parametrize("case", ["missing file", "corrupt file", "bad value", "unknown flag", "port in use",
+                                  "limit past the context"])
+def test_serve_tool_usage_errors_are_one_line_and_status_2(model_path, tmp_path, case):
+    corrupt = tmp_path / "corrupt.cllm"
+    corrupt.write_bytes(b"not a model")
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        args = {"missing file": [tmp_path / "missing.cllm"], "corrupt file": [corrupt],
+                "bad value": [model_path, "--threads", "0"], "unknown flag": [model_path, "--bogus"],
+                "port in use": [model_path, "--port", busy.getsockname()[1]],
+                "limit past the context": [model_path, "--port", 0, "--max-input-tokens", CONTEXT + 1]}[case]
+        result = subprocess.run([sys.executable, "-m", "cllm.tools.serve", *map(str, args)], capture_output=True,
+                                text=True, timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("serve: error:"), result.stderr
+
+
+def test_the_listening_socket_is_tcp_so_that_nagle_is_turned_off():
+    # asyncio sets TCP_NODELAY only on connections whose socket's proto says TCP; with Nagle's algorithm left on,
+    # every response waited ~40 ms for the client's delayed ACK.
+    with listen("127.0.0.1", 0) as sock:
+        assert sock.proto == socket.IPPROTO_TCP
+
+
+def test_serve_tool_serves_until_ctrl_c(model_path):
+    process = subprocess.Popen([sys.executable, "-m", "cllm.tools.serve", str(model_path), "--port", "0",
+                                "--model-name", "m"], stderr=subprocess.PIPE, text=True)
+    try:
+        announced = process.stderr.readline()  # the tool's first line names the port it got
+        assert " on http://127.0.0.1:" in announced, announced + process.stderr.read()
+        url = announced.split(" on ")[1].split()[0]
+        reply = httpx.post(f"{url}/completions", json={"model": "m", "prompt": "the", "max_tokens": 3}, timeout=30)
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and stderr.rstrip().endswith("serve: interrupted")
