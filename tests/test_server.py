@@ -212,6 +212,11 @@ def test_stop_strings_end_the_text_before_them(http, client):
         body = completion(http, prompt="the lazy", max_tokens=20, temperature=0, stop=stop_field)
         assert body["choices"][0]["text"] == expected
         assert body["choices"][0]["finish_reason"] == "stop"
+        assert body["usage"]["completion_tokens"] == len(expected) + len(stop)  # the stop string counts
+    streamed = http.post("/v1/completions", json={"model": NAME, "prompt": "the lazy", "max_tokens": 20,
+                                                 "temperature": 0, "stop": stop, "stream": True,
+                                                 "stream_options": {"include_usage": True}})
+    assert json.loads(sse_events(streamed)[-2])["usage"] == body["usage"]
     chunks = list(client.completions.create(model=NAME, prompt="the lazy", max_tokens=20, temperature=0,
                                             stop=stop, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == expected
