@@ -75,14 +75,37 @@ def parameter_shapes(cfg: ModelConfig) -> tuple[dict[str, tuple[int, ...]], int]
 
 
 class Workspace:
-    """Activations for one (batch, seq) shape, plus the scratch gradients the backward pass reuses per layer."""
+    """Activations for one (batch, seq) shape, plus the scratch gradients the backward pass reuses per layer.
 
-    def __init__(self, cfg: ModelConfig, batch: int, seq: int):
+    buffer, if given, is memory to carve the views from (at least Workspace.size floats, 64-byte aligned): a
+    server that runs many shapes one at a time reuses one allocation instead of paging in a new one per shape.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, seq: int, *, buffer: np.ndarray | None = None):
+        shapes = self._shapes(cfg, batch, seq)
+        self.batch, self.seq = batch, seq
+        size = carved_size(shapes, pad=True)
+        if buffer is None:
+            self.buffer = aligned_zeros(size)
+        elif buffer.size >= size and buffer.dtype == np.float32 and buffer.ctypes.data % 64 == 0:
+            self.buffer = buffer[:size]
+        else:
+            raise ValueError(f"a workspace for {(batch, seq)} needs an aligned float32 buffer of {size} floats")
+        self.a = carve(self.buffer, shapes, pad=True)
+        self.tokens = np.zeros((batch, seq), np.int32)
+        self.has_dlogits = False  # set by a forward pass with targets; logits then hold dlogits
+
+    @classmethod
+    def size(cls, cfg: ModelConfig, batch: int, seq: int) -> int:
+        """Floats a workspace of this shape needs."""
+        return carved_size(cls._shapes(cfg, batch, seq), pad=True)
+
+    @staticmethod
+    def _shapes(cfg: ModelConfig, batch: int, seq: int) -> dict[str, tuple[int, ...]]:
         if not 1 <= seq <= cfg.context_length:
             raise ValueError(f"sequence length {seq} must be in [1, context_length={cfg.context_length}]")
         if batch < 1:
             raise ValueError(f"batch size must be positive, got {batch}")
-        self.batch, self.seq = batch, seq
         N, C, H, V, NH, L = batch * seq, cfg.dim, cfg.hidden_dim, cfg.vocab_size, cfg.n_heads, cfg.n_layers
         shapes = {}
         for i in range(L):
@@ -94,10 +117,7 @@ class Workspace:
                    "losses": (N,),
                    # backward scratch, reused by every layer
                    "dres": (N, C), "dc": (N, C), "dqkv": (batch, seq, 3 * C), "dh": (N, H), "dh_gelu": (N, H)}
-        self.buffer = aligned_zeros(carved_size(shapes, pad=True))
-        self.a = carve(self.buffer, shapes, pad=True)
-        self.tokens = np.zeros((batch, seq), np.int32)
-        self.has_dlogits = False  # set by a forward pass with targets; logits then hold dlogits
+        return shapes
 
 
 class GPT:

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
@@ -49,6 +49,7 @@ import numpy as np
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from threadpoolctl import threadpool_limits
 
+from .buffers import aligned_zeros
 from .checkpoint import load_model
 from .generate import Continuation, Decoder
 from .model import GPT, ModelConfig, Workspace
@@ -56,7 +57,6 @@ from .tokenizer import Tokenizer
 
 NOT_RUNNING = "the model is not running: use it inside `async with AsyncModel(...) as model:`"
 CLOSED_WHILE_PENDING = "the model was closed before this request finished"
-WORKSPACES_KEPT = 4  # embedding batch shapes whose activations stay allocated between batches
 
 
 class Overloaded(Exception):
@@ -137,7 +137,8 @@ class AsyncModel:
         self.threads, self.max_batch_tokens, self.max_streams = int(threads), int(max_batch_tokens), int(max_streams)
         self.max_wait_ms, self.max_queue, self.queue_timeout = float(max_wait_ms), int(max_queue), float(queue_timeout)
         self._task_group: anyio.abc.TaskGroup | None = None
-        self._workspaces: OrderedDict[tuple[int, int], Workspace] = OrderedDict()  # most recently used last
+        self._workspaces: dict[tuple[int, int], Workspace] = {}  # views into _workspace_buffer, by shape
+        self._workspace_buffer = aligned_zeros(0)
 
     @classmethod
     def open(cls, path: str | os.PathLike, **kwargs) -> "AsyncModel":
@@ -322,13 +323,15 @@ class AsyncModel:
         return np.where(np.array(normalize)[:, None], unit, vectors).astype(np.float32)
 
     def _workspace(self, batch: int, seq: int) -> Workspace:
+        """A workspace for this batch shape, carved out of one buffer that every shape shares (batches run one
+        at a time): batches of many sizes then cost no new allocation, only new views."""
         key = (batch, seq)
-        if key in self._workspaces:
-            self._workspaces.move_to_end(key)
-        else:
-            self._workspaces[key] = Workspace(self.config, batch, seq)
-            if len(self._workspaces) > WORKSPACES_KEPT:
-                self._workspaces.popitem(last=False)
+        if key not in self._workspaces:
+            size = Workspace.size(self.config, batch, seq)
+            if self._workspace_buffer.size < size:
+                self._workspace_buffer = aligned_zeros(size)
+                self._workspaces.clear()  # their views are into the buffer just replaced
+            self._workspaces[key] = Workspace(self.config, batch, seq, buffer=self._workspace_buffer)
         return self._workspaces[key]
 
     # ----------------------------------------------------------------------------------------------------------

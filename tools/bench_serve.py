@@ -3,7 +3,7 @@
     python tools/bench_serve.py                        # a freshly initialised "baby" model (L4 H4 C128 T64)
     python tools/bench_serve.py runs/default/model.cllm --threads 2 --seconds 5
 
-It measures, against a server in this process (its own thread and event loop, on 127.0.0.1):
+It measures, against `python -m cllm.tools.serve` in a process of its own on 127.0.0.1:
 - embeddings: one text per request, from 1, 16 and 64 concurrent clients: requests/s, p50 and p99 latency;
 - generation: streamed completions, one stream alone, 8 at once, and the same 8 one after another: tokens/s.
 
@@ -16,12 +16,17 @@ tokens are always counted from the server's usage report, not assumed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
+import signal
 import statistics
 import string
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
@@ -37,9 +42,7 @@ if REPO_ROOT not in sys.path:
 
 from cllm.checkpoint import save_model  # noqa: E402
 from cllm.model import GPT, ModelConfig  # noqa: E402
-from cllm.server import ServerLimits  # noqa: E402
 from cllm.tokenizer import Tokenizer  # noqa: E402
-from cllm.tools.serve import BackgroundServer  # noqa: E402
 
 MODEL_NAME = "bench"
 EMBEDDING_CLIENTS = (1, 16, 64)
@@ -190,6 +193,29 @@ def print_table(rows: list[Row]) -> None:
     print("\nFor generation, p50 ms is the time to the first streamed piece.")
 
 
+@contextlib.contextmanager
+def served(model_path: str, threads: int):
+    """`python -m cllm.tools.serve` on a free loopback port, stopped (Ctrl-C) when the block ends."""
+    command = [sys.executable, "-m", "cllm.tools.serve", model_path, "--port", "0", "--model-name", MODEL_NAME,
+               "--threads", str(threads), "--max-streams", str(STREAMS), "--max-concurrent-requests", "256",
+               "--no-access-log", "--log-level", "warning"]
+    server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        line = server.stderr.readline()  # the tool announces its address on stderr
+        match = re.search(r"(http://127\.0\.0\.1:\d+)/v1", line)
+        if not match:
+            raise RuntimeError(f"the server did not start: {line!r}")
+        # Keep reading, so that a chatty server never blocks on a full pipe.
+        threading.Thread(target=server.stderr.read, daemon=True).start()
+        yield match.group(1)
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("model", nargs="?", help="a .cllm model (default: a freshly initialised baby model)")
@@ -201,16 +227,16 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as folder:
         path = args.model or baby_model(folder)
-        limits = ServerLimits(max_concurrent_requests=256)
-        with BackgroundServer(path, model_name=MODEL_NAME, limits=limits, threads=args.threads,
-                              max_streams=STREAMS) as server:
-            info = httpx.get(f"{server.url}/info").json()
+        # The server runs as its own process, as in production: clients in the same interpreter would share its
+        # GIL, and at 64 clients the benchmark would measure that contention rather than the server.
+        with served(path, args.threads) as url:
+            info = httpx.get(f"{url}/info").json()
             max_tokens = min(args.max_tokens, info["limits"]["max_completion_tokens"])
 
             async def run_all() -> list[Row]:
-                rows = [await embeddings_phase(server.url, clients, args.requests, args.seconds)
+                rows = [await embeddings_phase(url, clients, args.requests, args.seconds)
                         for clients in EMBEDDING_CLIENTS]
-                return rows + await generation_phase(server.url, max_tokens, args.seconds)
+                return rows + await generation_phase(url, max_tokens, args.seconds)
 
             rows = anyio.run(run_all)
     config = info["config"]
