@@ -38,7 +38,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bench_train import REPO_ROOT, TOOLS_DIR, busy_note, fmt, foreign_load, machine_snapshot, peak_rss_mb
+from bench_train import (REPO_ROOT, TOOLS_DIR, busy_note, finish_report, fmt, foreign_load,  # noqa: E402
+                         machine_snapshot, peak_rss_mb)
 
 SEED = 1337
 COMPARED_TOKENS = 10  # greedy tokens that must agree; later ones may differ on near-ties
@@ -326,19 +327,9 @@ def main(argv=None) -> int:
                 check_result(result)
             if ("cllm", cfg.name) in results and ("torch", cfg.name) in results:
                 compare_engines(results[("cllm", cfg.name)], results[("torch", cfg.name)])
-    during = foreign_load(since=start)
-    if during is not None:
-        print(f"other processes busy on {during:.2f} CPUs on average during the run{busy_note(during)}")
-    if not results:
-        print("nothing was benchmarked")
-        return 1
-
-    print()
-    print(f"Single-stream greedy decoding, batch 1, fp32, {args.threads} threads, median of {args.repeats} runs; "
-          f"prompt = half the context, decode = the rest; ratio = cllm/torch")
-    print()
-    print(markdown_table(args.configs, results))
-    return 0
+    title = (f"Single-stream greedy decoding, batch 1, fp32, {args.threads} threads, median of {args.repeats} "
+             f"runs; prompt = half the context, decode = the rest; ratio = cllm/torch")
+    return finish_report(start, results, title, lambda: markdown_table(args.configs, results))
 
 
 if __name__ == "__main__":

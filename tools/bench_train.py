@@ -527,18 +527,21 @@ def main(argv=None) -> int:
         if error:
             print(error)
         results |= {(r.engine, r.config.name): r for r in engine_results}
+    title = (f"Training step (fwd+bwd+clip+AdamW), fp32, {args.threads} threads, median of timed steps; "
+             f"ratio = cllm/torch tok/s")
+    return finish_report(start, results, title, lambda: markdown_table(args.configs, results))
+
+
+def finish_report(start, results: dict, title: str, table: Callable[[], str]) -> int:
+    """The end of a side-by-side run: how busy the machine was meanwhile, then the title and the table."""
     during = foreign_load(since=start)
     if during is not None:
         print(f"other processes busy on {during:.2f} CPUs on average during the run{busy_note(during)}")
     if not results:
         print("nothing was benchmarked")
         return 1
-
-    print()
-    print(f"Training step (fwd+bwd+clip+AdamW), fp32, {args.threads} threads, median of timed steps; "
-          f"ratio = cllm/torch tok/s")
-    print()
-    print(markdown_table(args.configs, results))
+    print(f"\n{title}\n")
+    print(table())
     return 0
 
 
