@@ -319,6 +319,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                    "pip install -e '.[mpi]'); prints the scaling")
     p.add_argument("--spheres", type=int, default=12, help="with --ranks or --profile: spheres (default 12)")
     p.add_argument("--profile", action="store_true", help="cllm alone: where a step's time goes, per kernel")
+    p.add_argument("--gemm-limit", action="store_true",
+                   help="GFLOP/s of bare sgemm on the step's GEMM shapes, the limit to compare training against")
     p.add_argument("--mpi-worker", action="store_true", help=argparse.SUPPRESS)  # one rank of a --ranks run
     args = p.parse_args(argv)
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
@@ -414,6 +416,41 @@ def profile(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------- the GEMM limit
+
+
+def gemm_limit(args) -> int:
+    """GFLOP/s of bare sgemm calls on a training step's own GEMM shapes (whole batch, BLAS on --threads threads):
+    the machine's limit for this work, to hold a training step's GFLOP/s against."""
+    from scipy.linalg.blas import sgemm
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(0)
+    for cfg in args.configs:
+        N, C, V = cfg.tokens, cfg.dim, cfg.vocab
+        layer = [(N, C, 3 * C), (N, C, C), (N, C, 4 * C), (N, 4 * C, C)]  # (rows, inner, cols) of y = x @ W
+        forward = layer * cfg.n_layers + [(N, C, V)]
+        # The backward of each y = x @ W: dx = dy @ W^T (N, out, in) and dW = x^T @ dy (in, N, out).
+        shapes = forward + [(m, n, k) for m, k, n in forward] + [(k, m, n) for m, k, n in forward]
+        # Fortran order, so that scipy's wrapper hands the arrays to BLAS as they are, without copying them.
+        operands = [(np.asfortranarray(rng.standard_normal((m, k), dtype=np.float32)),
+                     np.asfortranarray(rng.standard_normal((k, n), dtype=np.float32))) for m, k, n in shapes]
+        flops = sum(2.0 * m * k * n for m, k, n in shapes)
+        with threadpool_limits(limits=args.threads, user_api="blas"):
+            for a, b in operands:
+                sgemm(1.0, a, b)  # warm-up
+            times = []
+            for _ in range(args.steps or 5):
+                started = time.perf_counter()
+                for a, b in operands:
+                    sgemm(1.0, a, b)
+                times.append(time.perf_counter() - started)
+        seconds = statistics.median(times)
+        print(f"{cfg.name}: bare sgemm on the step's {len(shapes)} GEMM shapes, {args.threads} BLAS threads: "
+              f"{flops / seconds / 1e9:.1f} GFLOP/s ({seconds * 1e3:.1f} ms for {flops / 1e9:.1f} GFLOP)")
+    return 0
+
+
 # ------------------------------------------------------------------------------- scaling over MPI ranks
 
 
@@ -503,6 +540,8 @@ def main(argv=None) -> int:
         return bench_ranks(args)
     if args.profile:
         return profile(args)
+    if args.gemm_limit:
+        return gemm_limit(args)
 
     engines = ["cllm"]
     if args.no_torch:
