@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import sysconfig
+import time
 from functools import partial
 from pathlib import Path
 
@@ -136,7 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train_model: error: {where}{e}; the last checkpoint in {out} is intact", file=sys.stderr,
               flush=True)
         if group:
-            group.abort(1)  # the other ranks would otherwise wait for this one until their own deadline
+            # The other ranks would otherwise wait for this one until their own deadline. MPI_Abort tears the
+            # job down at once, stdio forwarding included: give the line above a moment to reach the user.
+            time.sleep(1.0)
+            group.abort(1)
         return 1
     if not root:
         return 0
