@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from ._kernels import adamw
 from .buffers import aligned_zeros
 
@@ -43,9 +41,6 @@ class AdamW:
                          weight_decay=self.weight_decay, step=self.step_count, n_decay=self.model.n_decay,
                          grad_scale=scale, threads=self.model.threads)
         return norm
-
-    def state_arrays(self) -> dict[str, np.ndarray]:
-        return {"adamw.m": self.m, "adamw.v": self.v}
 
 
 def cosine_lr(step: int, *, max_lr: float, min_lr: float, warmup: int, total: int) -> float:
