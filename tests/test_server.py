@@ -510,7 +510,8 @@ def test_serve_tool_serves_until_ctrl_c(model_path):
         announced = process.stderr.readline()  # the tool's first line names the port it got
         assert " on http://127.0.0.1:" in announced, announced + process.stderr.read()
         url = announced.split(" on ")[1].split()[0]
-        reply = httpx.post(f"{url}/completions", json={"model": "m", "prompt": "the", "max_tokens": 3}, timeout=30)
+        request = {"model": "m", "prompt": "the", "max_tokens": 3, "temperature": 0}  # greedy: never the separator
+        reply = httpx.post(f"{url}/completions", json=request, timeout=30)
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=30)
