@@ -129,6 +129,8 @@ class GPT:
         self.grads = aligned_zeros(self.params.size)
         self.p = carve(self.params, shapes, pad=False)
         self.g = carve(self.grads, shapes, pad=False)
+        # Gradients that backward only ever adds to (LayerNorm parameters, positions): the rest are written once.
+        self._summed_grads = [name for name in shapes if name == "wpe" or "ln_" in name]
         self._workspaces: dict[tuple[int, int], Workspace] = {}
         self._last: Workspace | None = None
         self.init_weights(seed)
@@ -247,15 +249,25 @@ class GPT:
         return loss_sum
 
     def backward_ws(self, ws: Workspace, g: dict[str, np.ndarray], threads: int | None = None,
-                    heartbeat=None) -> None:
-        """Accumulates parameter gradients into the views g, from the dlogits that forward_ws left in ws."""
+                    heartbeat=None, accumulate: bool = True) -> None:
+        """Adds parameter gradients into the views g (or overwrites them, accumulate=False), from the dlogits
+        that forward_ws left in ws.
+
+        Every scratch buffer is overwritten before it is read, so nothing here is zeroed but the few gradients
+        that only ever receive sums (LayerNorm parameters and positions) when they are overwritten.
+        """
         if not ws.has_dlogits:
             raise RuntimeError("backward needs a preceding forward with targets on this workspace")
         cfg, p, a, th = self.config, self.p, ws.a, threads or self.threads
         B, T, L = ws.batch, ws.seq, cfg.n_layers
+        if not accumulate:
+            for name in self._summed_grads:
+                g[name].fill(0.0)
         dres, dc, dqkv, dh, dh_gelu = a["dres"], a["dc"], a["dqkv"], a["dh"], a["dh_gelu"]
-        dc.fill(0.0)
-        linear.linear_backward(a["logits"], a["lnf"], p["wte"], dc, g["wte"], None, w_transposed=True, threads=th)
+        # The head writes g["wte"] first (the embedding's scatter-add comes last), so it alone may overwrite.
+        overwrite_dx = {"accumulate": accumulate, "accumulate_dx": False, "threads": th}
+        linear.linear_backward(a["logits"], a["lnf"], p["wte"], dc, g["wte"], None, w_transposed=True,
+                               **overwrite_dx)
         dres.fill(0.0)
         layernorm.layernorm_backward(dc, a[f"res{L}"], p["ln_f.weight"], a["lnf_mean"], a["lnf_rstd"], dres,
                                      g["ln_f.weight"], g["ln_f.bias"], threads=th)
@@ -264,27 +276,21 @@ class GPT:
                 heartbeat("backward", i)
             h = f"h.{i}."
             # dres is d(block output); it flows unchanged into res_mid (the residual) and into the MLP.
-            dh_gelu.fill(0.0)
             linear.linear_backward(dres, a[f"fc_gelu{i}"], p[h + "mlp.c_proj.weight"], dh_gelu,
-                                   g[h + "mlp.c_proj.weight"], g[h + "mlp.c_proj.bias"], threads=th)
-            dh.fill(0.0)
-            gelu.gelu_backward(dh_gelu, a[f"fc{i}"], dh, threads=th)
-            dc.fill(0.0)
+                                   g[h + "mlp.c_proj.weight"], g[h + "mlp.c_proj.bias"], **overwrite_dx)
+            gelu.gelu_backward(dh_gelu, a[f"fc{i}"], dh, accumulate=False, threads=th)
             linear.linear_backward(dh, a[f"ln2_{i}"], p[h + "mlp.c_fc.weight"], dc, g[h + "mlp.c_fc.weight"],
-                                   g[h + "mlp.c_fc.bias"], threads=th)
+                                   g[h + "mlp.c_fc.bias"], **overwrite_dx)
             layernorm.layernorm_backward(dc, a[f"res_mid{i}"], p[h + "ln_2.weight"], a[f"ln2_mean{i}"],
                                          a[f"ln2_rstd{i}"], dres, g[h + "ln_2.weight"], g[h + "ln_2.bias"],
                                          threads=th)
             # dres is now d(res_mid); it flows into the block input and into the attention branch.
-            dc.fill(0.0)
             linear.linear_backward(dres, a[f"atty{i}"], p[h + "attn.c_proj.weight"], dc,
-                                   g[h + "attn.c_proj.weight"], g[h + "attn.c_proj.bias"], threads=th)
-            dqkv.fill(0.0)
+                                   g[h + "attn.c_proj.weight"], g[h + "attn.c_proj.bias"], **overwrite_dx)
             attention.attention_backward(dc.reshape(B, T, -1), a[f"qkv{i}"], a[f"att{i}"], dqkv, cfg.n_heads,
-                                         threads=th)
-            dc.fill(0.0)
+                                         accumulate=False, threads=th)
             linear.linear_backward(dqkv.reshape(B * T, -1), a[f"ln1_{i}"], p[h + "attn.c_attn.weight"], dc,
-                                   g[h + "attn.c_attn.weight"], g[h + "attn.c_attn.bias"], threads=th)
+                                   g[h + "attn.c_attn.weight"], g[h + "attn.c_attn.bias"], **overwrite_dx)
             layernorm.layernorm_backward(dc, a[f"res{i}"], p[h + "ln_1.weight"], a[f"ln1_mean{i}"],
                                          a[f"ln1_rstd{i}"], dres, g[h + "ln_1.weight"], g[h + "ln_1.bias"],
                                          threads=th)

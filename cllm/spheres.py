@@ -343,9 +343,9 @@ class Spheres:
 
     def _compute(self, slot: int, tokens, targets, heartbeat, *, grad_scale: float) -> float:
         ws = self._workspace(slot, *tokens.shape)
-        self._slots[slot].fill(0.0)
         loss_sum = self.model.forward_ws(ws, tokens, targets, grad_scale, threads=1, heartbeat=heartbeat)
-        self.model.backward_ws(ws, self._slot_views[slot], threads=1, heartbeat=heartbeat)
+        # Overwrites the slot: whatever an earlier step left there is never read.
+        self.model.backward_ws(ws, self._slot_views[slot], threads=1, heartbeat=heartbeat, accumulate=False)
         return loss_sum
 
 

@@ -147,6 +147,16 @@ def test_linear_backward_accumulates_and_optional_grads(K, rng, transposed):
     dw = dw0.copy()
     K.linear.linear_backward(dout, x, w, None, dw, None, **kw)
     assert_close("linear dw (+=, dx/db None)", dw, d64(dw0) + rdw)
+    # accumulate=False overwrites the parameter gradients, accumulate_dx=False dx: NaNs there are never read
+    dx, dw, db = dx0.copy(), nans(*w.shape), nans(OC)
+    K.linear.linear_backward(dout, x, w, dx, dw, db, accumulate=False, **kw)
+    assert_close("linear dx (+=, dW overwritten)", dx, d64(dx0) + rdx)
+    assert_close("linear dw (=)", dw, rdw)
+    assert_close("linear db (=)", db, rdb)
+    dx, dw = nans(N, C), dw0.copy()
+    K.linear.linear_backward(dout, x, w, dx, dw, None, accumulate_dx=False, **kw)
+    assert_close("linear dx (=)", dx, rdx)
+    assert_close("linear dw (+=, dx overwritten)", dw, d64(dw0) + rdw)
 
 
 @settings(max_examples=15, deadline=None)
@@ -251,6 +261,9 @@ def test_gelu(K, rng, shape):
     dx = dx0.copy()
     K.gelu.gelu_backward(dout, x, dx)
     assert_close("gelu dx (+=)", dx, d64(dx0) + ref.gelu_backward(d64(dout), d64(x)))
+    dx = nans(*shape)
+    K.gelu.gelu_backward(dout, x, dx, accumulate=False)
+    assert_close("gelu dx (=)", dx, ref.gelu_backward(d64(dout), d64(x)))
 
 
 def test_gelu_extreme_values(K):
@@ -268,7 +281,8 @@ def test_gelu_extreme_values(K):
 # ================================================================================================================
 # attention
 # ================================================================================================================
-ATT_SHAPES = [(2, 8, 32, 4), (1, 1, 12, 1), (3, 5, 9, 3), (2, 7, 20, 1), (2, 33, 64, 4)]  # (B, T, C, NH)
+# (B, T, C, NH); T = 130 spans three blocks of queries (64, 64, 2)
+ATT_SHAPES = [(2, 8, 32, 4), (1, 1, 12, 1), (3, 5, 9, 3), (2, 7, 20, 1), (2, 33, 64, 4), (1, 130, 16, 2)]
 
 
 def _causal(T):
@@ -317,8 +331,9 @@ def test_attention_forward_zeroes_upper_triangle(K, rng):
     assert np.allclose(att.sum(axis=-1), 1.0, atol=1e-5)
 
 
-def test_attention_backward_accumulates(K, rng):
-    B, T, C, NH = 2, 5, 12, 3
+@pytest.mark.parametrize("T", [5, 130])
+def test_attention_backward_accumulates_or_overwrites(K, rng, T):
+    B, C, NH = 2, 12, 3
     qkv, dout = randn(rng, B, T, 3 * C), randn(rng, B, T, C)
     out, att = nans(B, T, C), nans(B, NH, T, T)
     K.attention.attention_forward(qkv, out, att, NH)
@@ -326,7 +341,11 @@ def test_attention_backward_accumulates(K, rng):
     d0 = randn(rng, B, T, 3 * C)
     d = d0.copy()
     K.attention.attention_backward(dout, qkv, att, d, NH)
-    assert_close("attention dqkv (+=)", d, d64(d0) + ref.attention_backward(d64(dout), d64(qkv), ratt, NH))
+    rd = ref.attention_backward(d64(dout), d64(qkv), ratt, NH)
+    assert_close("attention dqkv (+=)", d, d64(d0) + rd)
+    d = nans(B, T, 3 * C)
+    K.attention.attention_backward(dout, qkv, att, d, NH, accumulate=False)
+    assert_close("attention dqkv (=)", d, rd)
 
 
 def test_attention_large_scores_are_stable(K, rng):

@@ -180,6 +180,20 @@ def test_backward_accumulates_and_needs_forward():
     np.testing.assert_allclose(model.grads, 2 * once, rtol=1e-6, atol=1e-9)
 
 
+def test_backward_can_overwrite_every_gradient():
+    # What the spheres rely on: with accumulate=False no gradient slot needs zeroing, as none is read.
+    model = GPT(TINY, seed=0)
+    tokens, targets = batch(TINY, 2, 8)
+    ws = model.workspace(2, 8)
+    model.forward_ws(ws, tokens, targets, grad_scale=1.0 / tokens.size)
+    model.backward_ws(ws, model.g)
+    accumulated = model.grads.copy()
+    model.grads.fill(np.nan)
+    model.forward_ws(ws, tokens, targets, grad_scale=1.0 / tokens.size)
+    model.backward_ws(ws, model.g, accumulate=False)
+    assert np.array_equal(model.grads, accumulated)
+
+
 def test_logits_agree_with_loss():
     model = GPT(TINY, seed=1)
     tokens, targets = batch(TINY, 2, 8)

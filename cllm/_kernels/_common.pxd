@@ -29,19 +29,22 @@ cdef inline int require_threads(int threads) except -1:
 
 
 cdef inline void add_rows_block(const float* a, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t c0, Py_ssize_t c1,
-                                float* out) noexcept nogil:
+                                float* out, bint accumulate) noexcept nogil:
     cdef Py_ssize_t r, c
+    if not accumulate:
+        for c in range(c0, c1):
+            out[c] = 0.0
     for r in range(rows):
         for c in range(c0, c1):
             out[c] += a[r * cols + c]
 
 
-cdef inline void column_sum_accumulate(const float* a, Py_ssize_t rows, Py_ssize_t cols, float* out,
-                                       int threads) noexcept nogil:
-    """out[c] += sum_r a[r, c], rows added in order, each column block owned by one thread."""
+cdef inline void column_sum(const float* a, Py_ssize_t rows, Py_ssize_t cols, float* out, bint accumulate,
+                            int threads) noexcept nogil:
+    """out[c] (+)= sum_r a[r, c], rows added in order, each column block owned by one thread."""
     cdef Py_ssize_t nblocks = (cols + COLUMN_BLOCK - 1) // COLUMN_BLOCK, blk
     for blk in prange(nblocks, num_threads=threads, schedule="static"):
-        add_rows_block(a, rows, cols, blk * COLUMN_BLOCK, min((blk + 1) * COLUMN_BLOCK, cols), out)
+        add_rows_block(a, rows, cols, blk * COLUMN_BLOCK, min((blk + 1) * COLUMN_BLOCK, cols), out, accumulate)
 
 
 # Vector pieces shared by the attention kernels; inline, so gcc vectorises each loop where it is used.
@@ -60,15 +63,20 @@ cdef inline void axpy(float alpha, const float* x, float* y, Py_ssize_t n) noexc
         y[i] += alpha * x[i]
 
 
-cdef inline void softmax_inplace(float* row, Py_ssize_t n) noexcept nogil:
-    """row[:n] = softmax(row[:n])."""
+cdef inline float row_max(const float* x, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef float m = -INFINITY
+    for i in range(n):
+        m = x[i] if x[i] > m else m  # a ternary, which gcc vectorises, where an `if` statement stays scalar
+    return m
+
+
+cdef inline void softmax_inplace(float* row, Py_ssize_t n, float scale) noexcept nogil:
+    """row[:n] = softmax(scale * row[:n]), for scale > 0 (the scaling rides along in the exponent's pass)."""
     cdef Py_ssize_t s
-    cdef float maxv = -INFINITY, total = 0.0, e
+    cdef float maxv = row_max(row, n), total = 0.0, e
     for s in range(n):
-        if row[s] > maxv:
-            maxv = row[s]
-    for s in range(n):
-        e = cllm_expf(row[s] - maxv)
+        e = cllm_expf((row[s] - maxv) * scale)
         row[s] = e
         total = total + e
     total = 1.0 / total

@@ -9,11 +9,11 @@ from ._common cimport CHUNK, require, require_threads
 cdef inline void adamw_span(float* p, const float* grad, float* m, float* v, Py_ssize_t n, float lr, float b1,
                             float b2, float eps, float bc1, float bc2, float gscale, float decay) noexcept nogil:
     cdef Py_ssize_t i
-    cdef float g, mi, vi
+    cdef float g, mi, vi, a1 = 1 - b1, a2 = 1 - b2  # int 1, not 1.0: a double literal would promote the loop
     for i in range(n):
         g = grad[i] * gscale
-        mi = b1 * m[i] + (1.0 - b1) * g
-        vi = b2 * v[i] + (1.0 - b2) * g * g
+        mi = b1 * m[i] + a1 * g
+        vi = b2 * v[i] + a2 * g * g
         m[i] = mi
         v[i] = vi
         p[i] = p[i] - decay * p[i] - lr * (mi / bc1) / (sqrtf(vi / bc2) + eps)

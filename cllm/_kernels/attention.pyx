@@ -29,9 +29,7 @@ cdef void head_forward(const float* qkv, float* att, float* out, Py_ssize_t T, P
         gemm(False, True, t1 - t0, t1, hs, qkv + t0 * C3, C3, qkv + C, C3, 0.0, att + t0 * T, T)
         for r in range(t1 - t0):
             row = att + (t0 + r) * T
-            for s in range(t0 + r + 1):
-                row[s] = row[s] * scale
-            softmax_inplace(row, t0 + r + 1)
+            softmax_inplace(row, t0 + r + 1, scale)
             for s in range(t0 + r + 1, T):
                 row[s] = 0.0
         gemm(False, False, t1 - t0, hs, t1, att + t0 * T, T, qkv + 2 * C, C3, 0.0, out + t0 * C, C)
@@ -39,20 +37,24 @@ cdef void head_forward(const float* qkv, float* att, float* out, Py_ssize_t T, P
 
 
 cdef void head_backward(const float* dout, const float* qkv, const float* att, float* dqkv, float* dscores,
-                        Py_ssize_t T, Py_ssize_t C, Py_ssize_t hs, float scale) noexcept nogil:
+                        Py_ssize_t T, Py_ssize_t C, Py_ssize_t hs, float scale, bint accumulate) noexcept nogil:
     """Backward of head_forward, by the same query blocks; dscores is scratch for QUERY_BLOCK x T floats.
 
         dV[:t1] += P^T dO_blk;  dP = dO_blk V[:t1]^T;  dS = P * (dP - rowsum(P * dP)) * scale;
         dQ_blk += dS K[:t1];    dK[:t1] += dS^T Q_blk
+
+    The blocks run last to first: the last one reaches every key, so with accumulate=False it writes all of dK
+    and dV (beta 0) and the earlier blocks add to them; each block writes its own rows of dQ once.
     """
-    cdef Py_ssize_t t0 = 0, t1, m, r, s, C3 = 3 * C
+    cdef Py_ssize_t t0 = (T - 1) // QUERY_BLOCK * QUERY_BLOCK, t1, m, r, s, C3 = 3 * C
     cdef const float* p
     cdef float* d
     cdef float weighted
-    while t0 < T:
+    cdef float beta_q = 1.0 if accumulate else 0.0, beta_kv = beta_q
+    while t0 >= 0:
         t1 = min(t0 + QUERY_BLOCK, T)
         m = t1 - t0
-        gemm(True, False, t1, hs, m, att + t0 * T, T, dout + t0 * C, C, 1.0, dqkv + 2 * C, C3)
+        gemm(True, False, t1, hs, m, att + t0 * T, T, dout + t0 * C, C, beta_kv, dqkv + 2 * C, C3)
         gemm(False, True, m, t1, hs, dout + t0 * C, C, qkv + 2 * C, C3, 0.0, dscores, T)
         for r in range(m):
             p = att + (t0 + r) * T
@@ -64,9 +66,10 @@ cdef void head_backward(const float* dout, const float* qkv, const float* att, f
                 d[s] = p[s] * (d[s] - weighted) * scale
             for s in range(t0 + r + 1, t1):
                 d[s] = 0.0
-        gemm(False, False, m, hs, t1, dscores, T, qkv + C, C3, 1.0, dqkv + t0 * C3, C3)
-        gemm(True, False, t1, hs, m, dscores, T, qkv + t0 * C3, C3, 1.0, dqkv + C, C3)
-        t0 = t1
+        gemm(False, False, m, hs, t1, dscores, T, qkv + C, C3, beta_q, dqkv + t0 * C3, C3)
+        gemm(True, False, t1, hs, m, dscores, T, qkv + t0 * C3, C3, beta_kv, dqkv + C, C3)
+        beta_kv = 1.0
+        t0 -= QUERY_BLOCK
 
 
 cdef int check_shapes(Py_ssize_t b, Py_ssize_t t, Py_ssize_t c3, tuple att_shape, int n_heads,
@@ -94,8 +97,8 @@ def attention_forward(const float[:, :, ::1] qkv, float[:, :, ::1] out, float[:,
 
 
 def attention_backward(const float[:, :, ::1] dout, const float[:, :, ::1] qkv, const float[:, :, :, ::1] att,
-                       float[:, :, ::1] dqkv, int n_heads, *, int threads=1):
-    """dqkv += the gradient of out with respect to qkv, given dout (B, T, C)."""
+                       float[:, :, ::1] dqkv, int n_heads, *, bint accumulate=True, int threads=1):
+    """dqkv += the gradient of out with respect to qkv, given dout (B, T, C); dqkv = it with accumulate=False."""
     cdef Py_ssize_t B = qkv.shape[0], T = qkv.shape[1], C3 = qkv.shape[2]
     check_shapes(B, T, C3, (att.shape[0], att.shape[1], att.shape[2], att.shape[3]), n_heads, threads)
     cdef Py_ssize_t C = C3 // 3, NH = n_heads, hs = C // NH, bh, b, h
@@ -114,7 +117,7 @@ def attention_backward(const float[:, :, ::1] dout, const float[:, :, ::1] qkv, 
                 b = bh // NH
                 h = bh % NH
                 head_backward(&dout[b, 0, h * hs], &qkv[b, 0, h * hs], &att[b, h, 0, 0], &dqkv[b, 0, h * hs],
-                              datt, T, C, hs, scale)
+                              datt, T, C, hs, scale, accumulate)
             free(datt)
     if failed[0]:
         raise MemoryError("attention_backward could not allocate its scratch row")

@@ -1,17 +1,8 @@
 # Softmax + cross-entropy over the vocabulary, fused: one pass gives each row's loss and its dlogits.
 from cython.parallel cimport prange
-from libc.math cimport INFINITY, logf
+from libc.math cimport logf
 
-from ._common cimport cllm_expf, require, require_threads
-
-
-cdef inline float row_max(const float* x, Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t j
-    cdef float m = -INFINITY
-    for j in range(n):
-        if x[j] > m:
-            m = x[j]
-    return m
+from ._common cimport cllm_expf, require, require_threads, row_max
 
 
 cdef inline float row_loss(const float* x, Py_ssize_t V, int target) noexcept nogil:

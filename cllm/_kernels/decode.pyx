@@ -21,8 +21,8 @@ cdef void head_decode(const float* q, const float* k, const float* v, float* out
     (consecutive positions are C floats apart); scores is scratch for `length` floats."""
     cdef Py_ssize_t s, i
     for s in range(length):
-        scores[s] = dot(q, k + s * C, hs) * scale
-    softmax_inplace(scores, length)
+        scores[s] = dot(q, k + s * C, hs)
+    softmax_inplace(scores, length, scale)
     for i in range(hs):
         out[i] = 0.0
     for s in range(length):

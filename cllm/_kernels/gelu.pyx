@@ -5,25 +5,33 @@ import numpy as np
 
 from ._common cimport CHUNK, cllm_tanhf, require, require_threads
 
-cdef float SQRT_2_OVER_PI = 0.7978845608028654
-cdef float CUBIC = 0.044715
-
-
+# The constants are float locals, not literals or module globals: a bare literal is a C double, which would
+# promote the whole expression to double and halve the vector width, and gcc must reload a global after every
+# store through `out` (it might alias).
 cdef inline void gelu_span(const float* x, float* out, Py_ssize_t n) noexcept nogil:
+    cdef float k = 0.7978845608028654, cubic = 0.044715, half = 0.5, one = 1.0  # k = sqrt(2/pi)
     cdef Py_ssize_t i
     cdef float v
     for i in range(n):
         v = x[i]
-        out[i] = 0.5 * v * (1.0 + cllm_tanhf(SQRT_2_OVER_PI * (v + CUBIC * v * v * v)))
+        out[i] = half * v * (one + cllm_tanhf(k * (v + cubic * v * v * v)))
 
 
-cdef inline void gelu_backward_span(const float* dout, const float* x, float* dx, Py_ssize_t n) noexcept nogil:
+cdef inline float gelu_grad(float v) noexcept nogil:
+    cdef float k = 0.7978845608028654, cubic = 0.044715, cubic3 = 3 * 0.044715, half = 0.5, one = 1.0
+    cdef float t = cllm_tanhf(k * (v + cubic * v * v * v))
+    return half * (one + t) + half * v * (one - t * t) * k * (one + cubic3 * v * v)
+
+
+cdef inline void gelu_backward_span(const float* dout, const float* x, float* dx, Py_ssize_t n,
+                                    bint accumulate) noexcept nogil:
     cdef Py_ssize_t i
-    cdef float v, t
-    for i in range(n):
-        v = x[i]
-        t = cllm_tanhf(SQRT_2_OVER_PI * (v + CUBIC * v * v * v))
-        dx[i] += (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * CUBIC * v * v)) * dout[i]
+    if accumulate:
+        for i in range(n):
+            dx[i] += gelu_grad(x[i]) * dout[i]
+    else:
+        for i in range(n):
+            dx[i] = gelu_grad(x[i]) * dout[i]
 
 
 def gelu_forward(x, out, *, int threads=1):
@@ -40,8 +48,8 @@ def gelu_forward(x, out, *, int threads=1):
             gelu_span(&xf[c], &of[c], min(CHUNK, n - c))
 
 
-def gelu_backward(dout, x, dx, *, int threads=1):
-    """dx += gelu'(x) * dout."""
+def gelu_backward(dout, x, dx, *, bint accumulate=True, int threads=1):
+    """dx += gelu'(x) * dout, or dx = gelu'(x) * dout with accumulate=False."""
     cdef const float[::1] gf = _flat(dout)
     cdef const float[::1] xf = _flat(x)
     cdef float[::1] dxf = _flat(dx)
@@ -52,7 +60,7 @@ def gelu_backward(dout, x, dx, *, int threads=1):
         return
     with nogil:
         for c in prange(0, n, CHUNK, num_threads=threads, schedule="static"):
-            gelu_backward_span(&gf[c], &xf[c], &dxf[c], min(CHUNK, n - c))
+            gelu_backward_span(&gf[c], &xf[c], &dxf[c], min(CHUNK, n - c), accumulate)
 
 
 cdef object _flat(a):

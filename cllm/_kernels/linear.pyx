@@ -3,7 +3,7 @@
 # set process-wide through threadpoolctl; `threads` only drives the bias reduction.
 from libc.string cimport memcpy
 
-from ._common cimport column_sum_accumulate, gemm, require, require_threads
+from ._common cimport column_sum, gemm, require, require_threads
 
 
 cdef int check_weight(tuple wshape, Py_ssize_t c, Py_ssize_t oc, bint w_transposed) except -1:
@@ -34,8 +34,13 @@ def linear_forward(const float[:, ::1] x, const float[:, ::1] w, const float[::1
 
 
 def linear_backward(const float[:, ::1] dout, const float[:, ::1] x, const float[:, ::1] w, float[:, ::1] dx,
-                    float[:, ::1] dw, float[::1] db, *, bint w_transposed=False, int threads=1):
-    """dx += dout @ W^T (skipped if dx is None), dW += x^T @ dout, db += sum over rows of dout."""
+                    float[:, ::1] dw, float[::1] db, *, bint w_transposed=False, bint accumulate=True,
+                    bint accumulate_dx=True, int threads=1):
+    """dx += dout @ W^T (skipped if dx is None), dW += x^T @ dout, db += sum over rows of dout.
+
+    accumulate=False overwrites dW and db instead, and accumulate_dx=False dx: a backward pass then needs no
+    zeroed buffers.
+    """
     cdef Py_ssize_t n = x.shape[0], c = x.shape[1], oc = dout.shape[1]
     require_threads(threads)
     require(dout.shape[0] == n, f"dout has {dout.shape[0]} rows, x has {n}")
@@ -44,14 +49,15 @@ def linear_backward(const float[:, ::1] dout, const float[:, ::1] x, const float
     require(dx is None or (dx.shape[0] == n and dx.shape[1] == c), f"dx must be ({n}, {c})")
     require(n > 0 and c > 0 and oc > 0, f"empty linear: x {n}x{c}, out features {oc}")
     require(db is None or db.shape[0] == oc, f"db length must be {oc}")
+    cdef float beta = 1.0 if accumulate else 0.0, beta_dx = 1.0 if accumulate_dx else 0.0
     with nogil:
         if w_transposed:  # W is (OC, C)
             if dx is not None:
-                gemm(False, False, n, c, oc, &dout[0, 0], oc, &w[0, 0], c, 1.0, &dx[0, 0], c)
-            gemm(True, False, oc, c, n, &dout[0, 0], oc, &x[0, 0], c, 1.0, &dw[0, 0], c)
+                gemm(False, False, n, c, oc, &dout[0, 0], oc, &w[0, 0], c, beta_dx, &dx[0, 0], c)
+            gemm(True, False, oc, c, n, &dout[0, 0], oc, &x[0, 0], c, beta, &dw[0, 0], c)
         else:  # W is (C, OC)
             if dx is not None:
-                gemm(False, True, n, c, oc, &dout[0, 0], oc, &w[0, 0], oc, 1.0, &dx[0, 0], c)
-            gemm(True, False, c, oc, n, &x[0, 0], c, &dout[0, 0], oc, 1.0, &dw[0, 0], oc)
+                gemm(False, True, n, c, oc, &dout[0, 0], oc, &w[0, 0], oc, beta_dx, &dx[0, 0], c)
+            gemm(True, False, c, oc, n, &x[0, 0], c, &dout[0, 0], oc, beta, &dw[0, 0], oc)
         if db is not None:
-            column_sum_accumulate(&dout[0, 0], n, oc, &db[0], threads)
+            column_sum(&dout[0, 0], n, oc, &db[0], accumulate, threads)
