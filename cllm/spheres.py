@@ -104,6 +104,13 @@ class TreeSum:
     def __init__(self, tree: ReductionTree, add):
         self.tree, self.add, self.stack = tree, add, []
 
+    def merges(self, lo: int, hi: int) -> bool:
+        """Whether pushing [lo, hi) next adds anything (else it is only stacked)."""
+        if not self.stack:
+            return False
+        a, b, _ = self.stack[-1]
+        return b == lo and self.tree.mid.get((a, hi)) == b
+
     def push(self, lo: int, hi: int, item) -> None:
         self.stack.append((lo, hi, item))
         while len(self.stack) >= 2:
@@ -261,9 +268,11 @@ class Spheres:
                 self.heartbeats[sphere] = Heartbeat("waiting to commit")
                 await turns[order].wait()
                 losses.push(sphere, sphere + 1, loss)
-                if with_gradients:
+                if with_gradients and gradients.merges(sphere, sphere + 1):  # adding is work for a thread
                     await anyio.to_thread.run_sync(gradients.push, sphere, sphere + 1, slot, limiter=limiter,
                                                    abandon_on_cancel=True)
+                elif with_gradients:  # stacking is not: skip a thread round trip
+                    gradients.push(sphere, sphere + 1, slot)
                 else:
                     freed.append(slot)
                 for released in freed:

@@ -90,6 +90,17 @@ def test_rank_blocks_combine_to_the_same_bits():
         assert np.array_equal(combined.result(), whole)
 
 
+def test_tree_sum_adds_siblings_in_tree_order_and_says_when():
+    added = []
+    total = TreeSum(ReductionTree(5), lambda a, b: added.append((a, b)) or a + b)  # [0,2) + [2,5), [2,5) = 2 + [3,5)
+    expect_merge = [False, True, False, False, True]
+    for k in range(5):
+        assert total.merges(k, k + 1) == expect_merge[k], k
+        total.push(k, k + 1, 10 ** k)
+    assert total.result() == 11111
+    assert added == [(1, 10), (1000, 10000), (100, 11000), (11, 11100)]
+
+
 def test_rank_blocks_must_be_tree_nodes():
     with pytest.raises(ValueError, match="power of two"):
         Spheres(GPT(CFG), spheres=12, owned=(0, 4))
