@@ -5,7 +5,8 @@ Both engines see the same random token batch (fixed seed) and the same thread bu
 median step time over the timed steps after an untimed warm-up.
 
 Each engine runs in its own fresh (spawned) process, one after the other, never concurrently: cllm first,
-then torch. Separate processes matter: importing cllm sets OMP_WAIT_POLICY=passive for its OpenMP runtime,
+then torch, and again for each of --rounds rounds (default 3), whose timed steps are pooled before the median.
+Alternating lets both engines sample the same drift of a shared machine's speed. Separate processes matter: importing cllm sets OMP_WAIT_POLICY=passive for its OpenMP runtime,
 and torch's bundled libgomp has the same soname, so in one process torch would silently run on cllm's
 already-initialised runtime and settings. The parent imports neither engine. torch is optional: without it
 only cllm's numbers are printed.
@@ -314,6 +315,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="timed steps per config (default: " +
                         ", ".join(f"{c.name} {c.default_steps}" for c in CONFIGS.values()) + ")")
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps (default 3)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="alternate the engines this many times, --steps timed steps each time (default 3)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
     p.add_argument("--ranks", help="e.g. 1,2: cllm alone, data-parallel over that many MPI ranks each (needs "
                                    "pip install -e '.[mpi]'); prints the scaling")
@@ -328,8 +331,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown or not names:
         p.error(f"unknown config(s) {unknown}; choose from {list(CONFIGS)}")
     args.configs = [CONFIGS[n] for n in names]
-    if args.threads < 1 or args.warmup < 0 or (args.steps is not None and args.steps < 1):
-        p.error("need --threads >= 1, --warmup >= 0, --steps >= 1")
+    if args.threads < 1 or args.warmup < 0 or args.rounds < 1 or (args.steps is not None and args.steps < 1):
+        p.error("need --threads >= 1, --warmup >= 0, --rounds >= 1, --steps >= 1")
     return args
 
 
@@ -560,14 +563,20 @@ def main(argv=None) -> int:
 
     results: dict[tuple[str, str], Result] = {}
     start = machine_snapshot()
-    for engine in engines:
-        engine_results, error = bench_engine_in_fresh_process(
-            engine, args.configs, args.threads, args.warmup, args.steps)
-        if error:
-            print(error)
-        results |= {(r.engine, r.config.name): r for r in engine_results}
-    title = (f"Training step (fwd+bwd+clip+AdamW), fp32, {args.threads} threads, median of timed steps; "
-             f"ratio = cllm/torch tok/s")
+    for round_ in range(1, args.rounds + 1):
+        print(f"round {round_} of {args.rounds}", flush=True)
+        for engine in engines:
+            engine_results, error = bench_engine_in_fresh_process(
+                engine, args.configs, args.threads, args.warmup, args.steps)
+            if error:
+                print(error)
+            for r in engine_results:
+                pooled = results.setdefault((r.engine, r.config.name), r)
+                if pooled is not r:  # every round repeats the same seeded steps: pool the times, keep the peak
+                    pooled.times += r.times
+                    pooled.peak_rss_mb = max(pooled.peak_rss_mb or 0.0, r.peak_rss_mb or 0.0) or None
+    title = (f"Training step (fwd+bwd+clip+AdamW), fp32, {args.threads} threads, median of the timed steps of "
+             f"{args.rounds} alternating rounds; ratio = cllm/torch tok/s")
     return finish_report(start, results, title, lambda: markdown_table(args.configs, results))
 
 
