@@ -2,7 +2,9 @@
 
 A timed step is a full training step: forward, backward, global grad-norm clipping (1.0) and AdamW.
 Both engines see the same random token batch (fixed seed) and the same thread budget, and report the
-median step time over the timed steps after an untimed warm-up.
+median step time over the timed steps after an untimed warm-up. Each round also times bare sgemm calls on
+the step's own GEMM shapes (whole batch, BLAS on the same threads): the machine's limit for this work, which
+the table holds cllm's GFLOP/s against (a step's FLOPs count its attention products too, the same for both).
 
 Each engine runs in its own fresh (spawned) process, one after the other, never concurrently: cllm first,
 then torch, and again for each of --rounds rounds (default 3), whose timed steps are pooled before the median.
@@ -288,20 +290,22 @@ def fmt(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def markdown_table(configs: list[BenchConfig], results: dict[tuple[str, str], Result]) -> str:
+def markdown_table(configs: list[BenchConfig], results: dict[tuple[str, str], Result],
+                   sgemm_gflops: dict[str, float]) -> str:
     lines = [
         "| config | params | tokens/step | cllm tok/s | torch tok/s | ratio | cllm GFLOP/s | torch GFLOP/s "
-        "| cllm peak RSS MB | torch peak RSS MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| bare sgemm GFLOP/s | cllm/sgemm | cllm peak RSS MB | torch peak RSS MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for cfg in configs:
-        c, t = results.get(("cllm", cfg.name)), results.get(("torch", cfg.name))
+        c, t, limit = results.get(("cllm", cfg.name)), results.get(("torch", cfg.name)), sgemm_gflops[cfg.name]
         ratio = c.tok_per_s / t.tok_per_s if c and t else None
         lines.append(
             f"| {cfg.name} (L{cfg.n_layers} H{cfg.n_heads} C{cfg.dim} T{cfg.seq} B{cfg.batch}) "
             f"| {cfg.expected_params() / 1e6:.2f}M | {cfg.tokens} "
             f"| {fmt(c and c.tok_per_s, ',.0f')} | {fmt(t and t.tok_per_s, ',.0f')} | {fmt(ratio, '.2f')} "
             f"| {fmt(c and c.gflops, '.1f')} | {fmt(t and t.gflops, '.1f')} "
+            f"| {limit:.1f} | {fmt(c and c.gflops / limit, '.0%')} "
             f"| {fmt(c and c.peak_rss_mb, '.0f')} | {fmt(t and t.peak_rss_mb, '.0f')} |"
         )
     return "\n".join(lines)
@@ -322,8 +326,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                                    "pip install -e '.[mpi]'); prints the scaling")
     p.add_argument("--spheres", type=int, default=12, help="with --ranks or --profile: spheres (default 12)")
     p.add_argument("--profile", action="store_true", help="cllm alone: where a step's time goes, per kernel")
-    p.add_argument("--gemm-limit", action="store_true",
-                   help="GFLOP/s of bare sgemm on the step's GEMM shapes, the limit to compare training against")
     p.add_argument("--mpi-worker", action="store_true", help=argparse.SUPPRESS)  # one rank of a --ranks run
     args = p.parse_args(argv)
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
@@ -422,36 +424,35 @@ def profile(args) -> int:
 # --------------------------------------------------------------------------------------- the GEMM limit
 
 
-def gemm_limit(args) -> int:
-    """GFLOP/s of bare sgemm calls on a training step's own GEMM shapes (whole batch, BLAS on --threads threads):
-    the machine's limit for this work, to hold a training step's GFLOP/s against."""
+def gemm_shapes(cfg: BenchConfig) -> list[tuple[int, int, int]]:
+    """(m, k, n) of every GEMM of a training step on the whole batch: the forward's y = x @ W, and for each its
+    backward dx = dy @ W^T and dW = x^T @ dy."""
+    N, C, V = cfg.tokens, cfg.dim, cfg.vocab
+    forward = [(N, C, 3 * C), (N, C, C), (N, C, 4 * C), (N, 4 * C, C)] * cfg.n_layers + [(N, C, V)]
+    return forward + [(m, n, k) for m, k, n in forward] + [(k, m, n) for m, k, n in forward]
+
+
+def gemm_limit(cfg: BenchConfig, threads: int, repeats: int) -> tuple[list[float], float]:
+    """Seconds per pass of bare sgemm calls over a step's GEMM shapes (BLAS on `threads` threads), and the
+    pass's FLOPs: the machine's limit for this work, to hold a training step's GFLOP/s against."""
     from scipy.linalg.blas import sgemm
     from threadpoolctl import threadpool_limits
 
     rng = np.random.default_rng(0)
-    for cfg in args.configs:
-        N, C, V = cfg.tokens, cfg.dim, cfg.vocab
-        layer = [(N, C, 3 * C), (N, C, C), (N, C, 4 * C), (N, 4 * C, C)]  # (rows, inner, cols) of y = x @ W
-        forward = layer * cfg.n_layers + [(N, C, V)]
-        # The backward of each y = x @ W: dx = dy @ W^T (N, out, in) and dW = x^T @ dy (in, N, out).
-        shapes = forward + [(m, n, k) for m, k, n in forward] + [(k, m, n) for m, k, n in forward]
-        # Fortran order, so that scipy's wrapper hands the arrays to BLAS as they are, without copying them.
-        operands = [(np.asfortranarray(rng.standard_normal((m, k), dtype=np.float32)),
-                     np.asfortranarray(rng.standard_normal((k, n), dtype=np.float32))) for m, k, n in shapes]
-        flops = sum(2.0 * m * k * n for m, k, n in shapes)
-        with threadpool_limits(limits=args.threads, user_api="blas"):
+    shapes = gemm_shapes(cfg)
+    # Fortran order, so that scipy's wrapper hands the arrays to BLAS as they are, without copying them.
+    operands = [(np.asfortranarray(rng.standard_normal((m, k), dtype=np.float32)),
+                 np.asfortranarray(rng.standard_normal((k, n), dtype=np.float32))) for m, k, n in shapes]
+    times = []
+    with threadpool_limits(limits=threads, user_api="blas"):
+        for a, b in operands:
+            sgemm(1.0, a, b)  # warm-up
+        for _ in range(repeats):
+            started = time.perf_counter()
             for a, b in operands:
-                sgemm(1.0, a, b)  # warm-up
-            times = []
-            for _ in range(args.steps or 5):
-                started = time.perf_counter()
-                for a, b in operands:
-                    sgemm(1.0, a, b)
-                times.append(time.perf_counter() - started)
-        seconds = statistics.median(times)
-        print(f"{cfg.name}: bare sgemm on the step's {len(shapes)} GEMM shapes, {args.threads} BLAS threads: "
-              f"{flops / seconds / 1e9:.1f} GFLOP/s ({seconds * 1e3:.1f} ms for {flops / 1e9:.1f} GFLOP)")
-    return 0
+                sgemm(1.0, a, b)
+            times.append(time.perf_counter() - started)
+    return times, sum(2.0 * m * k * n for m, k, n in shapes)
 
 
 # ------------------------------------------------------------------------------- scaling over MPI ranks
@@ -543,8 +544,6 @@ def main(argv=None) -> int:
         return bench_ranks(args)
     if args.profile:
         return profile(args)
-    if args.gemm_limit:
-        return gemm_limit(args)
 
     engines = ["cllm"]
     if args.no_torch:
@@ -562,6 +561,7 @@ def main(argv=None) -> int:
     print(f"expected init loss ln(vocab) = {math.log(args.configs[0].vocab):.4f}", flush=True)
 
     results: dict[tuple[str, str], Result] = {}
+    limits: dict[str, tuple[list[float], float]] = {}  # config -> (seconds per bare-sgemm pass, its FLOPs)
     start = machine_snapshot()
     for round_ in range(1, args.rounds + 1):
         print(f"round {round_} of {args.rounds}", flush=True)
@@ -575,9 +575,17 @@ def main(argv=None) -> int:
                 if pooled is not r:  # every round repeats the same seeded steps: pool the times, keep the peak
                     pooled.times += r.times
                     pooled.peak_rss_mb = max(pooled.peak_rss_mb or 0.0, r.peak_rss_mb or 0.0) or None
+        for cfg in args.configs:
+            times, flops = gemm_limit(cfg, args.threads, repeats=5)
+            limits.setdefault(cfg.name, ([], flops))[0].extend(times)
+    for cfg in args.configs:
+        times, flops = limits[cfg.name]
+        print(f"  bare sgemm on {cfg.name}'s {len(gemm_shapes(cfg))} GEMM shapes (whole batch, {args.threads} BLAS "
+              f"threads): median {statistics.median(times) * 1e3:.1f} ms per pass of {flops / 1e9:.2f} GFLOP")
     title = (f"Training step (fwd+bwd+clip+AdamW), fp32, {args.threads} threads, median of the timed steps of "
              f"{args.rounds} alternating rounds; ratio = cllm/torch tok/s")
-    return finish_report(start, results, title, lambda: markdown_table(args.configs, results))
+    gflops = {name: flops / statistics.median(times) / 1e9 for name, (times, flops) in limits.items()}
+    return finish_report(start, results, title, lambda: markdown_table(args.configs, results, gflops))
 
 
 def finish_report(start, results: dict, title: str, table: Callable[[], str]) -> int:
