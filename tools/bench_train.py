@@ -198,7 +198,18 @@ class Result:
 
 
 def peak_rss_mb() -> float | None:
-    """This process's peak resident set size so far, in MiB (None where the resource module is missing)."""
+    """This process's peak resident set size so far, in MiB (None where it cannot be read).
+
+    Linux's VmHWM first: getrusage's ru_maxrss survives fork and exec, so a spawned engine process would report
+    its parent's peak whenever that was higher.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:  # Windows
