@@ -153,18 +153,25 @@ class Decoder:
         self._attended[rows] = self.lengths[rows]
         ln, qkv, mid, fc, fc_gelu = a["ln"][:n], a["qkv"][:n], a["mid"][:n], a["fc"][:n], a["fc_gelu"][:n]
         mean, rstd, atty = a["mean"][:n], a["rstd"][:n], a["atty"][:n]
+        # With every row active, packed rows are cache rows: no gathering by row around the attention.
+        every_row = n == self.batch
+        q_by_row = a["q_by_row"]
+        atty_by_row = atty if every_row else a["atty_by_row"]
         for i in range(cfg.n_layers):
             h = f"h.{i}."
             layernorm.layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"], ln, mean, rstd, threads=th)
             linear.linear_forward(ln, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"], qkv, threads=th)
-            a["q_by_row"][rows] = qkv[:, :C]
+            if every_row:
+                np.copyto(q_by_row, qkv[:, :C])  # the kernel wants q contiguous
+            else:
+                q_by_row[rows] = qkv[:, :C]
             a[f"k{i}"][rows, positions] = qkv[:, C:2 * C]
             a[f"v{i}"][rows, positions] = qkv[:, 2 * C:]
             # Every row goes through the kernel; an idle row attends to one stale position, which costs
             # next to nothing, and its output is never read.
-            decode.attention_decode(a["q_by_row"], a[f"k{i}"], a[f"v{i}"], self._attended, a["atty_by_row"], NH,
-                                    threads=th)
-            np.take(a["atty_by_row"], rows, axis=0, out=atty)
+            decode.attention_decode(q_by_row, a[f"k{i}"], a[f"v{i}"], self._attended, atty_by_row, NH, threads=th)
+            if not every_row:
+                np.take(atty_by_row, rows, axis=0, out=atty)
             linear.linear_forward(atty, p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"], mid, threads=th)
             mid += x
             layernorm.layernorm_forward(mid, p[h + "ln_2.weight"], p[h + "ln_2.bias"], ln, mean, rstd, threads=th)

@@ -7,13 +7,14 @@ same random prompt of half the context. One run is
     decode    greedy (argmax), one token per step until the context is full   -> steps / s
 
 Batch 1, float32, the same thread count for both engines. After one untimed warm-up run, --repeats runs are
-timed; the table shows medians. Before the table, three checks: each engine's last decode logits against a
+timed, in each of --rounds rounds that alternate the engines (so both sample the same drift of a shared
+machine's speed); the table shows the medians of the pooled runs. Before the table, three checks: each engine's last decode logits against a
 full forward pass (no cache) over the same tokens, the two engines' logits after the prefill, and their greedy
 tokens (the first 10 should agree; later ones may part on near-ties, which float rounding can flip).
 
 Each (engine, config) pair runs in its own fresh spawned process, one at a time, cllm first, never both
 engines in one process: see tools/bench_train.py for why (OMP_WAIT_POLICY and torch's libgomp share a soname).
-A process per config also makes its peak RSS (ru_maxrss, interpreter and libraries included) that config's own.
+A process per config also makes its peak RSS (interpreter and libraries included) that config's own.
 The parent imports neither engine; torch is optional.
 
     python tools/bench_generate.py                    # baby + mid, both engines, 2 threads
@@ -274,7 +275,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default="baby,mid", help=f"comma-separated subset of {','.join(CONFIGS)}")
     p.add_argument("--threads", type=int, default=2, help="threads for each engine (BLAS/OpenMP, default 2)")
-    p.add_argument("--repeats", type=int, default=10, help="timed runs per engine and config (default 10)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per engine, config and round (default 5)")
+    p.add_argument("--rounds", type=int, default=3, help="alternate the engines this many times (default 3)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
@@ -282,8 +284,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown or not names:
         p.error(f"unknown config(s) {unknown}; choose from {list(CONFIGS)}")
     args.configs = [CONFIGS[n] for n in names]
-    if args.threads < 1 or args.repeats < 1:
-        p.error("need --threads >= 1 and --repeats >= 1")
+    if args.threads < 1 or args.repeats < 1 or args.rounds < 1:
+        p.error("need --threads >= 1, --repeats >= 1 and --rounds >= 1")
     return args
 
 
@@ -311,24 +313,31 @@ def main(argv=None) -> int:
     results: dict[tuple[str, str], Result] = {}
     start = machine_snapshot()
     with tempfile.TemporaryDirectory(prefix="cllm-bench-generate-") as tmp:
-        for cfg in args.configs:
-            prompt = np.random.default_rng(SEED).integers(0, cfg.vocab, cfg.prompt_len, dtype=np.int32)
-            # cllm writes its weights here for the peer, which reads them only if cllm got that far.
-            weights_path = os.path.join(tmp, f"{cfg.name}.npz") if "torch" in engines else None
-            for engine in engines:
-                weights = weights_path if engine == "cllm" or ("cllm", cfg.name) in results else None
-                result, error = bench_engine_in_fresh_process(engine, cfg, args.threads, args.repeats, prompt,
-                                                              weights)
-                if error:
-                    print(error)
-                    continue
-                results[(engine, cfg.name)] = result
-                print(result.summary(), flush=True)
-                check_result(result)
-            if ("cllm", cfg.name) in results and ("torch", cfg.name) in results:
-                compare_engines(results[("cllm", cfg.name)], results[("torch", cfg.name)])
+        for round_ in range(1, args.rounds + 1):
+            print(f"round {round_} of {args.rounds}", flush=True)
+            for cfg in args.configs:
+                prompt = np.random.default_rng(SEED).integers(0, cfg.vocab, cfg.prompt_len, dtype=np.int32)
+                # cllm writes its weights here for the peer, which reads them only if cllm got that far.
+                weights_path = os.path.join(tmp, f"{cfg.name}.npz") if "torch" in engines else None
+                for engine in engines:
+                    weights = weights_path if engine == "cllm" or ("cllm", cfg.name) in results else None
+                    result, error = bench_engine_in_fresh_process(engine, cfg, args.threads, args.repeats, prompt,
+                                                                  weights)
+                    if error:
+                        print(error)
+                        continue
+                    print(result.summary(), flush=True)
+                    check_result(result)
+                    pooled = results.setdefault((engine, cfg.name), result)
+                    if pooled is not result:  # the same seeded runs again: pool the times, keep the peak
+                        pooled.prefill_s += result.prefill_s
+                        pooled.decode_s += result.decode_s
+                        pooled.peak_rss_mb = max(pooled.peak_rss_mb or 0.0, result.peak_rss_mb or 0.0) or None
+                if round_ == 1 and ("cllm", cfg.name) in results and ("torch", cfg.name) in results:
+                    compare_engines(results[("cllm", cfg.name)], results[("torch", cfg.name)])
     title = (f"Single-stream greedy decoding, batch 1, fp32, {args.threads} threads, median of {args.repeats} "
-             f"runs; prompt = half the context, decode = the rest; ratio = cllm/torch")
+             f"runs in each of {args.rounds} alternating rounds; prompt = half the context, decode = the rest; "
+             f"ratio = cllm/torch")
     return finish_report(start, results, title, lambda: markdown_table(args.configs, results))
 
 
