@@ -27,8 +27,8 @@ from numbers import Integral, Real
 
 import numpy as np
 
-from ._kernels import decode, gelu, layernorm, linear
-from .buffers import aligned_zeros, carve, carved_size
+from ._kernels import decode
+from .buffers import aligned_zeros
 from .model import GPT, Workspace
 
 # A byte-level BPE token can end inside a multi-byte UTF-8 character; until the next token completes it, that
@@ -58,25 +58,23 @@ class Decoder:
         cfg = model.config
         self.model, self.batch, self.threads = model, batch, threads or model.threads
         B, C, T = batch, cfg.dim, cfg.context_length
-        shapes = {}
-        for i in range(cfg.n_layers):
-            shapes |= {f"k{i}": (B, T, C), f"v{i}": (B, T, C)}
-        # A step packs its n active rows into the first n rows of these buffers ...
-        shapes |= {"x": (B, C), "position": (B, C), "mid": (B, C), "ln": (B, C), "mean": (B,), "rstd": (B,),
-                   "qkv": (B, 3 * C), "atty": (B, C), "fc": (B, cfg.hidden_dim), "fc_gelu": (B, cfg.hidden_dim),
-                   "step_logits": (B, cfg.vocab_size)}
-        # ... but the attention kernel and the caller index by cache row.
-        shapes |= {"q_by_row": (B, C), "atty_by_row": (B, C), "logits": (B, cfg.vocab_size)}
-        self.buffer = aligned_zeros(carved_size(shapes, pad=True))
-        self.a = carve(self.buffer, shapes, pad=True)
+        self.k_cache = aligned_zeros(cfg.n_layers * B * T * C).reshape(cfg.n_layers, B, T, C)
+        self.v_cache = aligned_zeros(self.k_cache.size).reshape(self.k_cache.shape)
+        self._logits = aligned_zeros(B * cfg.vocab_size).reshape(B, cfg.vocab_size)
+        self._scratch = aligned_zeros(decode.decode_step_scratch(B, C, cfg.hidden_dim, cfg.vocab_size, T))
+        # Where decode_step finds each parameter in the model's flat buffer.
+        offset = {name: (view.ctypes.data - model.params.ctypes.data) // view.itemsize
+                  for name, view in model.p.items()}
+        self._layer_offsets = np.array([[offset[f"h.{i}.{name}"] for name in decode.LAYER_PARAMETERS]
+                                        for i in range(cfg.n_layers)], np.intp)
+        self._model_offsets = np.array([offset[name] for name in decode.MODEL_PARAMETERS], np.intp)
         self.lengths = np.zeros(B, np.int32)  # cached positions per sequence
-        self._attended = np.ones(B, np.int32)  # what the attention kernel reads per row; >= 1 even for idle rows
         self._all_rows = np.arange(B)
 
     @property
     def logits(self) -> np.ndarray:
         """(B, V): each row's logits from its latest prefill or step, predicting its next token (a view)."""
-        return self.a["logits"]
+        return self._logits
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         """Starts every sequence afresh from its prompt (one token-id sequence per batch row, lengths may differ).
@@ -112,11 +110,11 @@ class Decoder:
         prompt_of_row = dict(zip(rows, prompts))
         for same_length in rows_by_length.values():
             self._prefill_equal_lengths(same_length, np.stack([prompt_of_row[r] for r in same_length]))
-        return self.a["logits"]
+        return self._logits
 
     def _prefill_equal_lengths(self, rows: list[int], tokens: np.ndarray) -> None:
         """One full forward pass over equally long prompts; their keys and values are copied into the cache."""
-        cfg, a = self.model.config, self.a
+        cfg = self.model.config
         n, T, C = len(rows), tokens.shape[1], cfg.dim
         # A workspace of our own, not model.workspace(): the model keeps those forever (one per shape, and
         # prompt lengths vary), and a training step or another decoder may be using them right now.
@@ -124,9 +122,9 @@ class Decoder:
         self.model.forward_ws(ws, tokens, None, threads=self.threads)
         for i in range(cfg.n_layers):
             qkv = ws.a[f"qkv{i}"]  # (n, T, 3C): q | k | v
-            a[f"k{i}"][rows, :T] = qkv[:, :, C:2 * C]
-            a[f"v{i}"][rows, :T] = qkv[:, :, 2 * C:]
-        a["logits"][rows] = ws.a["logits"].reshape(n, T, -1)[:, -1]
+            self.k_cache[i, rows, :T] = qkv[:, :, C:2 * C]
+            self.v_cache[i, rows, :T] = qkv[:, :, 2 * C:]
+        self._logits[rows] = ws.a["logits"].reshape(n, T, -1)[:, -1]
         self.lengths[rows] = T
 
     def step(self, tokens: Sequence[int] | np.ndarray, active: Sequence[bool] | np.ndarray | None = None
@@ -137,54 +135,15 @@ class Decoder:
         active is a boolean mask (B,), all rows by default. Inactive rows are left exactly as they were: their
         tokens are ignored, their lengths and logits do not change, and they may be empty or full.
         """
-        # One row per sequence is too little work to split: waking OpenMP threads for each small kernel cost
-        # more than it saved (measured: 2-6x slower decoding on 2 threads). The matrix-vector products still
-        # use BLAS's own threads; the other kernels run on this one.
-        cfg, p, a, th = self.model.config, self.model.p, self.a, 1
+        cfg = self.model.config
         tokens, rows = self._check_step(tokens, active)
-        n, C, NH = rows.size, cfg.dim, cfg.n_heads
-        positions = self.lengths[rows]
-        x = a["x"][:n]
-        np.take(p["wte"], tokens, axis=0, out=x)
-        np.take(p["wpe"], positions, axis=0, out=a["position"][:n])
-        x += a["position"][:n]
-        self.lengths[rows] += 1  # attention below covers the new token too
-        self._attended.fill(1)
-        self._attended[rows] = self.lengths[rows]
-        ln, qkv, mid, fc, fc_gelu = a["ln"][:n], a["qkv"][:n], a["mid"][:n], a["fc"][:n], a["fc_gelu"][:n]
-        mean, rstd, atty = a["mean"][:n], a["rstd"][:n], a["atty"][:n]
-        # With every row active, packed rows are cache rows: no gathering by row around the attention.
-        every_row = n == self.batch
-        q_by_row = a["q_by_row"]
-        atty_by_row = atty if every_row else a["atty_by_row"]
-        for i in range(cfg.n_layers):
-            h = f"h.{i}."
-            layernorm.layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"], ln, mean, rstd, threads=th)
-            linear.linear_forward(ln, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"], qkv, threads=th)
-            if every_row:
-                np.copyto(q_by_row, qkv[:, :C])  # the kernel wants q contiguous
-            else:
-                q_by_row[rows] = qkv[:, :C]
-            a[f"k{i}"][rows, positions] = qkv[:, C:2 * C]
-            a[f"v{i}"][rows, positions] = qkv[:, 2 * C:]
-            # Every row goes through the kernel; an idle row attends to one stale position, which costs
-            # next to nothing, and its output is never read.
-            decode.attention_decode(q_by_row, a[f"k{i}"], a[f"v{i}"], self._attended, atty_by_row, NH, threads=th)
-            if not every_row:
-                np.take(atty_by_row, rows, axis=0, out=atty)
-            linear.linear_forward(atty, p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"], mid, threads=th)
-            mid += x
-            layernorm.layernorm_forward(mid, p[h + "ln_2.weight"], p[h + "ln_2.bias"], ln, mean, rstd, threads=th)
-            linear.linear_forward(ln, p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"], fc, threads=th)
-            gelu.gelu_forward(fc, fc_gelu, threads=th)
-            # x (the block's input) is no longer needed: the block's output takes its place.
-            linear.linear_forward(fc_gelu, p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"], x, threads=th)
-            x += mid
-        layernorm.layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"], ln, mean, rstd, threads=th)
-        step_logits = a["step_logits"][:n]
-        linear.linear_forward(ln, p["wte"], None, step_logits, w_transposed=True, threads=th)
-        a["logits"][rows] = step_logits
-        return a["logits"]
+        # One nogil call for the whole model: its small kernels run on this thread (waking OpenMP threads for
+        # each one cost more than it saved), its matrix products on BLAS's threads.
+        decode.decode_step(self.model.params, self._layer_offsets, self._model_offsets, cfg.n_heads,
+                           cfg.hidden_dim, tokens, rows, self.lengths[rows].astype(np.intp), self.k_cache,
+                           self.v_cache, self._scratch, self._logits)
+        self.lengths[rows] += 1
+        return self._logits
 
     def _check_step(self, tokens, active) -> tuple[np.ndarray, np.ndarray]:
         """The active rows' tokens (as indices) and the active rows, once the step is known to be possible."""

@@ -144,6 +144,51 @@ def test_decoder_batch_with_prompts_of_different_lengths(model):
     assert decoder.lengths.tolist() == [5, 8, 5]
 
 
+def test_decoder_steps_only_the_active_rows(model):
+    rng = np.random.default_rng(6)
+    sequences = [rng.integers(0, model.config.vocab_size, 6).tolist() for _ in range(3)]
+    decoder = Decoder(model, batch=3)
+    decoder.prefill([s[:2] for s in sequences])
+    idle_logits, idle_keys = decoder.logits[1].copy(), decoder.k_cache[:, 1].copy()
+    active = np.array([True, False, True])
+    for t in range(2, 5):
+        logits = decoder.step([s[t] for s in sequences], active)
+        for row in (0, 2):
+            assert rel_err(logits[row], full_forward_next_logits(model, sequences[row][:t + 1])) <= 1e-4
+    assert np.array_equal(decoder.logits[1], idle_logits) and np.array_equal(decoder.k_cache[:, 1], idle_keys)
+    assert decoder.lengths.tolist() == [5, 2, 5]
+    logits = decoder.step([sequences[1][2]] * 3, ~active)  # the idle row picks up where it was
+    assert rel_err(logits[1], full_forward_next_logits(model, sequences[1][:3])) <= 1e-4
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(tokens=[40]), "token id 40 is outside"),
+    (dict(tokens=[-1]), "token id -1 is outside"),
+    (dict(rows=[2]), "row 2 is outside"),
+    (dict(positions=[16]), "position 16 is outside"),
+    (dict(tokens=[1, 1], rows=[0, 1], positions=[0]), "same length"),
+    (dict(scratch=10), "scratch is too small"),
+    (dict(layer_offsets=lambda o: o + 10**6), "is outside the buffer"),
+    (dict(model_offsets=lambda o: o - 10**6), "is outside the buffer"),
+    (dict(n_heads=3), "not divisible"),
+])
+def test_decode_step_checks_its_bounds_before_it_runs(model, change, message):
+    # The Decoder checks what users send; the kernel still refuses anything that would index out of bounds.
+    decoder = Decoder(model, batch=2)
+    decoder.prefill([[1], [2]])
+    args = dict(tokens=[1], rows=[0], positions=[1], scratch=decoder._scratch.size, n_heads=model.config.n_heads,
+                layer_offsets=lambda o: o, model_offsets=lambda o: o)
+    args |= change
+    before = decoder.k_cache.copy()
+    with pytest.raises(ValueError, match=message):
+        decode.decode_step(model.params, args["layer_offsets"](decoder._layer_offsets),
+                           args["model_offsets"](decoder._model_offsets), args["n_heads"], model.config.hidden_dim,
+                           np.array(args["tokens"], np.intp), np.array(args["rows"], np.intp),
+                           np.array(args["positions"], np.intp), decoder.k_cache, decoder.v_cache,
+                           np.zeros(args["scratch"], f32), decoder.logits)
+    assert np.array_equal(decoder.k_cache, before)
+
+
 def test_decoder_refuses_steps_it_cannot_take(model):
     decoder = Decoder(model)
     with pytest.raises(ValueError, match="prefill first"):

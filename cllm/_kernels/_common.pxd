@@ -5,6 +5,7 @@
 # bookkeeping counts as control flow).
 from cython.parallel cimport prange
 from libc.math cimport INFINITY
+from libc.string cimport memcpy
 from scipy.linalg.cython_blas cimport sgemm, sgemv
 
 cdef extern from "fastmath.h" nogil:
@@ -104,3 +105,19 @@ cdef inline void gemm(bint trans_a, bint trans_b, int m, int n, int k, const flo
             sgemv(&tb, &n, &k, &one, <float*>b, &ldb, <float*>a, &inc, &beta, c, &inc)
         return
     sgemm(&tb, &ta, &n, &m, &k, &one, <float*>b, &ldb, <float*>a, &lda, &beta, c, &ldc)
+
+
+cdef inline void linear_rows(const float* x, int n, int c, const float* w, const float* b, float* out, int oc,
+                             bint w_transposed) noexcept nogil:
+    """out (n, oc) = x (n, c) @ W + b, W being (c, oc), or (oc, c) if w_transposed; b may be NULL."""
+    cdef int r
+    cdef float beta = 0.0
+    if b != NULL:
+        # Seed every row with the bias, then let the GEMM accumulate onto it.
+        for r in range(n):
+            memcpy(out + r * oc, b, oc * sizeof(float))
+        beta = 1.0
+    if w_transposed:
+        gemm(False, True, n, oc, c, x, c, w, c, beta, out, oc)
+    else:
+        gemm(False, False, n, oc, c, x, c, w, oc, beta, out, oc)

@@ -5,16 +5,7 @@ import numpy as np
 
 from ._common cimport CHUNK, cllm_tanhf, require, require_threads
 
-# The constants are float locals, not literals or module globals: a bare literal is a C double, which would
-# promote the whole expression to double and halve the vector width, and gcc must reload a global after every
-# store through `out` (it might alias).
-cdef inline void gelu_span(const float* x, float* out, Py_ssize_t n) noexcept nogil:
-    cdef float k = 0.7978845608028654, cubic = 0.044715, half = 0.5, one = 1.0  # k = sqrt(2/pi)
-    cdef Py_ssize_t i
-    cdef float v
-    for i in range(n):
-        v = x[i]
-        out[i] = half * v * (one + cllm_tanhf(k * (v + cubic * v * v * v)))
+# gelu_span, the forward, is in gelu.pxd. As there, the constants are float locals (see why there).
 
 
 cdef inline float gelu_grad(float v) noexcept nogil:

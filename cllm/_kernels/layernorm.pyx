@@ -1,26 +1,10 @@
 # LayerNorm over the last dimension. The forward saves each row's mean and rstd = 1/sqrt(var + eps) so that the
 # backward does not recompute the statistics.
 from cython.parallel cimport prange
-from libc.math cimport sqrtf
 
 from ._common cimport COLUMN_BLOCK, require, require_threads
 
-
-cdef inline void layernorm_row(const float* x, const float* w, const float* b, float* out, float* mean,
-                               float* rstd, Py_ssize_t c, float eps) noexcept nogil:
-    cdef Py_ssize_t i
-    cdef float m = 0.0, v = 0.0, d, s
-    for i in range(c):
-        m = m + x[i]
-    m = m / c
-    for i in range(c):
-        d = x[i] - m
-        v = v + d * d
-    s = 1.0 / sqrtf(v / c + eps)
-    for i in range(c):
-        out[i] = (x[i] - m) * s * w[i] + b[i]
-    mean[0] = m
-    rstd[0] = s
+# layernorm_row, the forward of one row, is in layernorm.pxd.
 
 
 cdef inline void layernorm_row_backward(const float* dout, const float* x, const float* w, float m, float s,

@@ -1,9 +1,7 @@
 # Linear layers on BLAS: y[N,OC] = x[N,C] @ W + b, where W is (C, OC), or (OC, C) with w_transposed=True (the
 # tied LM head multiplies by the token embedding, stored (V, C)). Thread count of the GEMMs is BLAS's own,
 # set process-wide through threadpoolctl; `threads` only drives the bias reduction.
-from libc.string cimport memcpy
-
-from ._common cimport column_sum, gemm, require, require_threads
+from ._common cimport column_sum, gemm, linear_rows, require, require_threads
 
 
 cdef int check_weight(tuple wshape, Py_ssize_t c, Py_ssize_t oc, bint w_transposed) except -1:
@@ -14,23 +12,15 @@ cdef int check_weight(tuple wshape, Py_ssize_t c, Py_ssize_t oc, bint w_transpos
 def linear_forward(const float[:, ::1] x, const float[:, ::1] w, const float[::1] b, float[:, ::1] out,
                    *, bint w_transposed=False, int threads=1):
     """out = x @ W + b.  x (N, C), out (N, OC), b (OC,) or None."""
-    cdef Py_ssize_t n = x.shape[0], c = x.shape[1], oc = out.shape[1], r
+    cdef Py_ssize_t n = x.shape[0], c = x.shape[1], oc = out.shape[1]
     require_threads(threads)
     require(out.shape[0] == n, f"out has {out.shape[0]} rows, x has {n}")
     check_weight((w.shape[0], w.shape[1]), c, oc, w_transposed)
     require(n > 0 and c > 0 and oc > 0, f"empty linear: x {n}x{c}, out features {oc}")
     require(b is None or b.shape[0] == oc, f"bias length must be {oc}")
-    cdef float beta = 0.0
+    cdef const float* bias = NULL if b is None else &b[0]
     with nogil:
-        if b is not None:
-            # Seed every row with the bias, then let the GEMM accumulate onto it.
-            for r in range(n):
-                memcpy(&out[r, 0], &b[0], oc * sizeof(float))
-            beta = 1.0
-        if w_transposed:
-            gemm(False, True, n, oc, c, &x[0, 0], c, &w[0, 0], c, beta, &out[0, 0], oc)
-        else:
-            gemm(False, False, n, oc, c, &x[0, 0], c, &w[0, 0], oc, beta, &out[0, 0], oc)
+        linear_rows(&x[0, 0], n, c, &w[0, 0], bias, &out[0, 0], oc, w_transposed)
 
 
 def linear_backward(const float[:, ::1] dout, const float[:, ::1] x, const float[:, ::1] w, float[:, ::1] dx,
