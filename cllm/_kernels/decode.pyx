@@ -1,11 +1,11 @@
-# One decoding step for a batch of sequences over a KV cache.
+# Decoding over a KV cache, one new token per sequence.
 #
-# decode_step runs the whole model for one new token per sequence in a single nogil call: a step is too little
-# work per kernel for Python to sit between the kernels (it took about half of a small model's step). Its
-# pieces are the training kernels' own inline row functions (layernorm.pxd, gelu.pxd, linear_rows) and
-# head_decode below, which attention_decode also exposes alone:
+# decode_step runs the whole model for a step in a single nogil call: there is too little work per kernel for
+# Python to sit between the kernels (it took about half of a small model's step). Its pieces are the training
+# kernels' own inline row functions (layernorm.pxd, gelu.pxd, linear_rows in _common.pxd) and head_decode.
 #
-# Single-query causal attention over a KV cache.
+# attention_decode is the attention part alone, single-query causal attention over the cache, a kernel of its
+# own so that it is tested on its own:
 #   q (B, C): the new token's query per row; head h owns channels h*hs:(h+1)*hs.
 #   k_cache, v_cache (B, Tmax, C): keys and values of every position so far; the new token's are already
 #   written at position lengths[b] - 1.
