@@ -502,8 +502,8 @@ def mpi_worker(args) -> int:
 
             times, losses = time_steps(step, args.warmup, args.steps or cfg.default_steps)
         if group.is_root:
-            print(json.dumps({"config": cfg.name, "median_s": statistics.median(times), "tokens": cfg.tokens,
-                              "loss": losses[-1]}), flush=True)
+            print(json.dumps({"config": cfg.name, "times": times, "tokens": cfg.tokens, "loss": losses[-1]}),
+                  flush=True)
     return 0
 
 
@@ -516,28 +516,31 @@ def bench_ranks(args) -> int:
         print("--ranks needs mpi4py and mpiexec: pip install -e '.[mpi]'")
         return 1
     ranks = [int(r) for r in args.ranks.split(",")]
-    rows: dict[tuple[str, int], dict] = {}
-    for r in ranks:
-        cmd = ["mpiexec", "-n", str(r), sys.executable, "-m", "mpi4py", os.path.abspath(__file__), "--mpi-worker",
-               "--configs", ",".join(c.name for c in args.configs), "--threads", str(args.threads),
-               "--warmup", str(args.warmup), "--spheres", str(args.spheres)]
-        if args.steps:
-            cmd += ["--steps", str(args.steps)]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-        if out.returncode != 0:
-            print(f"{r} ranks failed:\n{out.stderr}")
-            return 1
-        for line in out.stdout.splitlines():
-            if line.startswith("{"):
-                row = json.loads(line)
-                rows[(row["config"], r)] = row
-                print(f"  {r} rank(s) x {args.threads} thread(s)  {row['config']:4s}  "
-                      f"{row['tokens'] / row['median_s']:9.0f} tok/s  (last loss {row['loss']:.4f})", flush=True)
-    print(f"\nData-parallel scaling, {args.spheres} spheres, {args.threads} thread(s) per rank, median step\n")
+    times: dict[tuple[str, int], list[float]] = {}  # (config, ranks) -> timed steps, pooled over the rounds
+    for round_ in range(1, args.rounds + 1):
+        for r in ranks:  # alternating, as the engines do
+            cmd = ["mpiexec", "-n", str(r), sys.executable, "-m", "mpi4py", os.path.abspath(__file__),
+                   "--mpi-worker", "--configs", ",".join(c.name for c in args.configs), "--threads",
+                   str(args.threads), "--warmup", str(args.warmup), "--spheres", str(args.spheres)]
+            if args.steps:
+                cmd += ["--steps", str(args.steps)]
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+            if out.returncode != 0:
+                print(f"{r} ranks failed:\n{out.stderr}")
+                return 1
+            for line in out.stdout.splitlines():
+                if line.startswith("{"):
+                    row = json.loads(line)
+                    times.setdefault((row["config"], r), []).extend(row["times"])
+                    print(f"  round {round_}: {r} rank(s) x {args.threads} thread(s)  {row['config']:4s}  "
+                          f"{row['tokens'] / statistics.median(row['times']):9.0f} tok/s  "
+                          f"(last loss {row['loss']:.4f})", flush=True)
+    print(f"\nData-parallel scaling, {args.spheres} spheres, {args.threads} thread(s) per rank, median step of "
+          f"{args.rounds} alternating rounds\n")
     print("| config | " + " | ".join(f"{r} rank{'s' * (r > 1)} tok/s" for r in ranks) + " | speed-up |")
     print("|---|" + "---:|" * (len(ranks) + 1))
     for cfg in args.configs:
-        speeds = [cfg.tokens / rows[(cfg.name, r)]["median_s"] for r in ranks]
+        speeds = [cfg.tokens / statistics.median(times[(cfg.name, r)]) for r in ranks]
         print(f"| {cfg.name} | " + " | ".join(f"{v:,.0f}" for v in speeds) + f" | {speeds[-1] / speeds[0]:.2f}x |")
     return 0
 
