@@ -331,7 +331,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         ", ".join(f"{c.name} {c.default_steps}" for c in CONFIGS.values()) + ")")
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps (default 3)")
     p.add_argument("--rounds", type=int, default=3,
-                   help="alternate the engines this many times, --steps timed steps each time (default 3)")
+                   help="alternate the engines (with --ranks: the rank counts) this many times, --steps timed steps "
+                        "each time (default 3)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
     p.add_argument("--ranks", help="e.g. 1,2: cllm alone, data-parallel over that many MPI ranks each (needs "
                                    "pip install -e '.[mpi]'); prints the scaling")
