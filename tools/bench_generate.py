@@ -8,9 +8,10 @@ same random prompt of half the context. One run is
 
 Batch 1, float32, the same thread count for both engines. After one untimed warm-up run, --repeats runs are
 timed, in each of --rounds rounds that alternate the engines (so both sample the same drift of a shared
-machine's speed); the table shows the medians of the pooled runs. Before the table, three checks: each engine's last decode logits against a
-full forward pass (no cache) over the same tokens, the two engines' logits after the prefill, and their greedy
-tokens (the first 10 should agree; later ones may part on near-ties, which float rounding can flip).
+machine's speed); the table shows the medians of the pooled runs. Before the table, three checks: each
+engine's last decode logits against a full forward pass (no cache) over the same tokens, the two engines'
+logits after the prefill, and their greedy tokens (the first 10 should agree; later ones may part on
+near-ties, which float rounding can flip).
 
 Each (engine, config) pair runs in its own fresh spawned process, one at a time, cllm first, never both
 engines in one process: see tools/bench_train.py for why (OMP_WAIT_POLICY and torch's libgomp share a soname).
