@@ -10,8 +10,8 @@ Each engine runs in its own fresh (spawned) process, one after the other, never 
 then torch, and again for each of --rounds rounds (default 3), whose timed steps are pooled before the median.
 Alternating lets both engines sample the same drift of a shared machine's speed. Separate processes matter:
 importing cllm sets OMP_WAIT_POLICY=passive for its OpenMP runtime, and torch's bundled libgomp has the same
-soname, so in one process torch would silently run on cllm's already-initialised runtime and settings. The parent imports neither engine. torch is optional: without it
-only cllm's numbers are printed.
+soname, so in one process torch would silently run on cllm's already-initialised runtime and settings. The
+parent imports neither engine. torch is optional: without it only cllm's numbers are printed.
 
     python tools/bench_train.py                          # baby + mid, both engines, 2 threads
     python tools/bench_train.py --configs baby --threads 1 --steps 50
