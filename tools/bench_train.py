@@ -446,7 +446,7 @@ def gemm_shapes(cfg: BenchConfig) -> list[tuple[int, int, int]]:
 
 def gemm_limit(cfg: BenchConfig, threads: int, repeats: int) -> tuple[list[float], float]:
     """Seconds per pass of bare sgemm calls over a step's GEMM shapes (BLAS on `threads` threads), and the
-    pass's FLOPs: the machine's limit for this work, to hold a training step's GFLOP/s against."""
+    pass's FLOPs: what the BLAS gives on this work alone, to hold a training step's GFLOP/s against."""
     from scipy.linalg.blas import sgemm
     from threadpoolctl import threadpool_limits
 
