@@ -3,8 +3,8 @@
 A timed step is a full training step: forward, backward, global grad-norm clipping (1.0) and AdamW.
 Both engines see the same random token batch (fixed seed) and the same thread budget, and report the
 median step time over the timed steps after an untimed warm-up. Each round also times bare sgemm calls on
-the step's own GEMM shapes (whole batch, BLAS on the same threads): what the BLAS gives on that work alone, which
-the table holds cllm's GFLOP/s against (a step's FLOPs count its attention products too, the same for both).
+the step's own GEMM shapes (whole batch, BLAS on the same threads): what the BLAS gives on that work alone,
+which the table holds cllm's GFLOP/s against (a step's FLOPs count its attention products too, for both).
 
 Each engine runs in its own fresh (spawned) process, one after the other, never concurrently: cllm first,
 then torch, and again for each of --rounds rounds (default 3), whose timed steps are pooled before the median.
