@@ -27,7 +27,7 @@ from numbers import Integral, Real
 
 import numpy as np
 
-from ._kernels import decode
+from ._kernels import decode, linear
 from .buffers import aligned_zeros
 from .model import GPT, Workspace
 
@@ -119,12 +119,17 @@ class Decoder:
         # A workspace of our own, not model.workspace(): the model keeps those forever (one per shape, and
         # prompt lengths vary), and a training step or another decoder may be using them right now.
         ws = Workspace(cfg, n, T)
-        self.model.forward_ws(ws, tokens, None, threads=self.threads)
+        self.model.forward_ws(ws, tokens, None, threads=self.threads, logits=False)
         for i in range(cfg.n_layers):
             qkv = ws.a[f"qkv{i}"]  # (n, T, 3C): q | k | v
             self.k_cache[i, rows, :T] = qkv[:, :, C:2 * C]
             self.v_cache[i, rows, :T] = qkv[:, :, 2 * C:]
-        self._logits[rows] = ws.a["logits"].reshape(n, T, -1)[:, -1]
+        # Only the last position's logits are wanted, so the head runs on those rows alone: with a real
+        # vocabulary, the head over every position is a large part of the pass.
+        last_hidden = np.ascontiguousarray(ws.a["lnf"].reshape(n, T, C)[:, -1])
+        logits = np.empty((n, cfg.vocab_size), np.float32)
+        linear.linear_forward(last_hidden, self.model.p["wte"], None, logits, w_transposed=True, threads=self.threads)
+        self._logits[rows] = logits
         self.lengths[rows] = T
 
     def step(self, tokens: Sequence[int] | np.ndarray, active: Sequence[bool] | np.ndarray | None = None
