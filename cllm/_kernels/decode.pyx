@@ -42,8 +42,8 @@ cdef int check_lengths(const int[::1] lengths, Py_ssize_t t_max) except -1:
     """Every length in [1, Tmax]: the one bounds check, done before any loop walks the cache with them."""
     cdef Py_ssize_t b
     for b in range(lengths.shape[0]):
-        require(1 <= lengths[b] <= t_max,
-                f"lengths[{b}] = {lengths[b]} is outside [1, {t_max}] (the cache holds {t_max} positions)")
+        if not 1 <= lengths[b] <= t_max:  # the message is formatted only when it is needed
+            require(False, f"lengths[{b}] = {lengths[b]} is outside [1, {t_max}] (the cache holds {t_max} positions)")
     return 0
 
 
@@ -139,16 +139,24 @@ def decode_step(const float[::1] params, const Py_ssize_t[:, ::1] layer_offsets,
     require(layer_offsets.shape[0] == L and layer_offsets.shape[1] == N_LAYER_PARAMETERS,
             f"layer_offsets must be ({L}, {N_LAYER_PARAMETERS})")
     require(model_offsets.shape[0] == N_MODEL_PARAMETERS, f"model_offsets must have {N_MODEL_PARAMETERS} entries")
-    layer_sizes = (C, C, C * 3 * C, 3 * C, C * C, C, C, C, C * H, H, H * C, C)
+    # These run every step, so they test in C and build a message only for what fails (an f-string passed to
+    # require() would be formatted every time: about a tenth of a small model's step).
+    cdef Py_ssize_t[N_LAYER_PARAMETERS] layer_sizes = [C, C, C * 3 * C, 3 * C, C * C, C, C, C, C * H, H, H * C, C]
+    cdef Py_ssize_t[N_MODEL_PARAMETERS] model_sizes = [V * C, T * C, C, C]
     for l in range(L):
         for i in range(N_LAYER_PARAMETERS):
-            check_span(layer_offsets[l, i], layer_sizes[i], params.shape[0], LAYER_PARAMETERS[i])
-    for i, size in enumerate((V * C, T * C, C, C)):
-        check_span(model_offsets[i], size, params.shape[0], MODEL_PARAMETERS[i])
+            if not 0 <= layer_offsets[l, i] <= params.shape[0] - layer_sizes[i]:
+                span_error(layer_offsets[l, i], layer_sizes[i], params.shape[0], LAYER_PARAMETERS[i])
+    for i in range(N_MODEL_PARAMETERS):
+        if not 0 <= model_offsets[i] <= params.shape[0] - model_sizes[i]:
+            span_error(model_offsets[i], model_sizes[i], params.shape[0], MODEL_PARAMETERS[i])
     for j in range(n):
-        require(0 <= tokens[j] < V, f"token id {tokens[j]} is outside [0, {V})")
-        require(0 <= rows[j] < B, f"row {rows[j]} is outside [0, {B})")
-        require(0 <= positions[j] < T, f"position {positions[j]} is outside [0, {T}) (the cache holds {T})")
+        if not 0 <= tokens[j] < V:
+            require(False, f"token id {tokens[j]} is outside [0, {V})")
+        if not 0 <= rows[j] < B:
+            require(False, f"row {rows[j]} is outside [0, {B})")
+        if not 0 <= positions[j] < T:
+            require(False, f"position {positions[j]} is outside [0, {T}) (the cache holds {T})")
 
     cdef const float* P = &params[0]
     cdef const Py_ssize_t* o
@@ -201,6 +209,5 @@ def decode_step(const float[::1] params, const Py_ssize_t[:, ::1] layer_offsets,
             memcpy(&logits[rows[j], 0], step_logits + j * V, V * sizeof(float))
 
 
-cdef int check_span(Py_ssize_t offset, Py_ssize_t size, Py_ssize_t total, str name) except -1:
-    return require(0 <= offset and offset + size <= total,
-                   f"parameter {name} at offset {offset} ({size} floats) is outside the buffer of {total}")
+cdef int span_error(Py_ssize_t offset, Py_ssize_t size, Py_ssize_t total, str name) except -1:
+    return require(False, f"parameter {name} at offset {offset} ({size} floats) is outside the buffer of {total}")
