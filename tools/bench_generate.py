@@ -40,8 +40,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bench_train import (REPO_ROOT, TOOLS_DIR, busy_note, finish_report, fmt, foreign_load,  # noqa: E402
-                         machine_snapshot, peak_rss_mb)
+from bench_train import (REPO_ROOT, TOOLS_DIR, busy_note, choose_configs, finish_report, fmt,  # noqa: E402
+                         foreign_load, higher_peak, machine_snapshot, peak_rss_mb)
 
 SEED = 1337
 COMPARED_TOKENS = 10  # greedy tokens that must agree; later ones may differ on near-ties
@@ -280,11 +280,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="alternate the engines this many times (default 3)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
     args = p.parse_args(argv)
-    names = [n.strip() for n in args.configs.split(",") if n.strip()]
-    unknown = [n for n in names if n not in CONFIGS]
-    if unknown or not names:
-        p.error(f"unknown config(s) {unknown}; choose from {list(CONFIGS)}")
-    args.configs = [CONFIGS[n] for n in names]
+    args.configs = choose_configs(p, args.configs, CONFIGS)
     if args.threads < 1 or args.repeats < 1 or args.rounds < 1:
         p.error("need --threads >= 1, --repeats >= 1 and --rounds >= 1")
     return args
@@ -333,7 +329,7 @@ def main(argv=None) -> int:
                     if pooled is not result:  # the same seeded runs again: pool the times, keep the peak
                         pooled.prefill_s += result.prefill_s
                         pooled.decode_s += result.decode_s
-                        pooled.peak_rss_mb = max(pooled.peak_rss_mb or 0.0, result.peak_rss_mb or 0.0) or None
+                        pooled.peak_rss_mb = higher_peak(pooled.peak_rss_mb, result.peak_rss_mb)
                 if round_ == 1 and ("cllm", cfg.name) in results and ("torch", cfg.name) in results:
                     compare_engines(results[("cllm", cfg.name)], results[("torch", cfg.name)])
     title = (f"Single-stream greedy decoding, batch 1, fp32, {args.threads} threads, median of {args.repeats} "

@@ -322,6 +322,20 @@ def markdown_table(configs: list[BenchConfig], results: dict[tuple[str, str], Re
     return "\n".join(lines)
 
 
+def choose_configs(p: argparse.ArgumentParser, names: str, configs: dict) -> list:
+    """The configs named in a comma-separated list, in its order; anything else is a usage error."""
+    chosen = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in configs]
+    if unknown or not chosen:
+        p.error(f"unknown config(s) {unknown}; choose from {list(configs)}")
+    return [configs[n] for n in chosen]
+
+
+def higher_peak(a: float | None, b: float | None) -> float | None:
+    """The higher of two peak RSS readings, either of which may be missing."""
+    return max(a or 0.0, b or 0.0) or None
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default="baby,mid", help=f"comma-separated subset of {','.join(CONFIGS)}")
@@ -340,11 +354,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="cllm alone: where a step's time goes, per kernel")
     p.add_argument("--mpi-worker", action="store_true", help=argparse.SUPPRESS)  # one rank of a --ranks run
     args = p.parse_args(argv)
-    names = [n.strip() for n in args.configs.split(",") if n.strip()]
-    unknown = [n for n in names if n not in CONFIGS]
-    if unknown or not names:
-        p.error(f"unknown config(s) {unknown}; choose from {list(CONFIGS)}")
-    args.configs = [CONFIGS[n] for n in names]
+    args.configs = choose_configs(p, args.configs, CONFIGS)
     if args.threads < 1 or args.warmup < 0 or args.rounds < 1 or (args.steps is not None and args.steps < 1):
         p.error("need --threads >= 1, --warmup >= 0, --rounds >= 1, --steps >= 1")
     return args
@@ -589,7 +599,7 @@ def main(argv=None) -> int:
                 pooled = results.setdefault((r.engine, r.config.name), r)
                 if pooled is not r:  # every round repeats the same seeded steps: pool the times, keep the peak
                     pooled.times += r.times
-                    pooled.peak_rss_mb = max(pooled.peak_rss_mb or 0.0, r.peak_rss_mb or 0.0) or None
+                    pooled.peak_rss_mb = higher_peak(pooled.peak_rss_mb, r.peak_rss_mb)
         for cfg in args.configs:
             times, flops = gemm_limit(cfg, args.threads, repeats=5)
             limits.setdefault(cfg.name, ([], flops))[0].extend(times)
