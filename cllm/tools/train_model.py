@@ -43,7 +43,8 @@ def build_parser() -> Parser:
     p.add_argument("--out", default="runs/default", help="run folder")
     p.add_argument("--val-data", help="validation text (default: the last 10%% of DATA)")
     g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer", choices=["bpe", "char", "word"], default="bpe", help="byte-level BPE, characters, or lower-cased words")
+    g.add_argument("--tokenizer", choices=["bpe", "char", "word"], default="bpe",
+                   help="byte-level BPE, characters, or lower-cased words")
     g.add_argument("--vocab-size", type=positive_int, default=4096, help="for bpe and word")
     g = p.add_argument_group("model")
     g.add_argument("--dim", type=positive_int, default=128, help="model width")
@@ -57,12 +58,14 @@ def build_parser() -> Parser:
     g.add_argument("--min-lr", type=non_negative_float, default=d.min_lr, help="final learning rate (cosine decay)")
     g.add_argument("--beta2", type=non_negative_float, default=d.beta2, help="AdamW's second-moment decay")
     g.add_argument("--warmup", type=int, default=d.warmup, help="linear warmup steps")
-    g.add_argument("--weight-decay", type=non_negative_float, default=d.weight_decay, help="AdamW decay, on matrices only")
+    g.add_argument("--weight-decay", type=non_negative_float, default=d.weight_decay,
+                   help="AdamW decay, on matrices only")
     g.add_argument("--grad-clip", type=non_negative_float, default=d.grad_clip, help="0 disables clipping")
     g.add_argument("--grad-accum", type=positive_int, default=d.grad_accum, help="micro-batches per step")
     g.add_argument("--eval-every", type=positive_int, default=d.eval_every, help="steps between validation runs")
     g.add_argument("--eval-batches", type=positive_int, default=d.eval_batches, help="validation batches per run")
-    g.add_argument("--checkpoint-every", type=positive_int, default=d.checkpoint_every, help="steps between checkpoints")
+    g.add_argument("--checkpoint-every", type=positive_int, default=d.checkpoint_every,
+                   help="steps between checkpoints")
     g.add_argument("--seed", type=int, default=d.seed, help="initialisation and batch order")
     g.add_argument("--threads", type=positive_int, default=d.threads, help="worker threads (default: all cores)")
     g.add_argument("--spheres", type=positive_int, default=d.spheres,
