@@ -12,7 +12,7 @@ import os
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-KERNELS = ["linear", "layernorm", "gelu", "attention", "embedding", "crossentropy", "adamw", "decode"]
+KERNELS = ["linear", "layernorm", "gelu", "attention", "embedding", "crossentropy", "adamw", "decode", "fault"]
 
 compile_args = [
     "-O3",

@@ -25,6 +25,7 @@ import safetensors.numpy
 from safetensors import SafetensorError, safe_open
 
 from .atomic import atomic_write_bytes
+from .errors import UsageError
 from .model import GPT, ModelConfig, parameter_shapes
 from .optim import AdamW
 from .tokenizer import Tokenizer
@@ -34,7 +35,7 @@ MODEL_KEYS = ("format", "format_version", "config", "tokenizer")  # metadata tha
 STATE_TENSORS = ("adamw.m", "adamw.v")
 
 
-class ModelFileError(ValueError):
+class ModelFileError(UsageError):
     """A model or training-state file is missing, corrupt, or not one this version of cllm can read."""
 
 

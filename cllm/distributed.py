@@ -17,6 +17,7 @@ from __future__ import annotations
 import anyio
 import numpy as np
 
+from .errors import UsageError
 from .spheres import ReductionTree, TreeSum
 
 POLL_S = 0.0005  # how often a pending collective is checked; the event loop stays responsive meanwhile
@@ -33,7 +34,7 @@ class MPIGroup:
         try:
             from mpi4py import MPI
         except ImportError:
-            raise ValueError("--distributed mpi needs mpi4py and an MPI runtime: pip install -e '.[mpi]'") from None
+            raise UsageError("--distributed mpi needs mpi4py and an MPI runtime: pip install -e '.[mpi]'") from None
         self.MPI = MPI
         self.comm = MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
@@ -47,7 +48,7 @@ class MPIGroup:
     def owned_spheres(self, spheres: int) -> tuple[int, int]:
         """This rank's block of spheres. Refuses a split that would not give one process's bits."""
         if spheres % self.size or self.size & (self.size - 1):
-            raise ValueError(f"{self.size} ranks cannot share {spheres} spheres bit-reproducibly: the rank count "
+            raise UsageError(f"{self.size} ranks cannot share {spheres} spheres bit-reproducibly: the rank count "
                              f"must be a power of two that divides --spheres")
         share = spheres // self.size
         return self.rank * share, (self.rank + 1) * share

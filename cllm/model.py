@@ -18,6 +18,7 @@ import numpy as np
 
 from ._kernels import attention, crossentropy, embedding, gelu, layernorm, linear
 from .buffers import aligned_zeros, carve, carved_size
+from .errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -33,9 +34,9 @@ class ModelConfig:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"ModelConfig.{field.name} must be a positive integer, got {value!r}")
+                raise UsageError(f"ModelConfig.{field.name} must be a positive integer, got {value!r}")
         if self.dim % self.n_heads:
-            raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+            raise UsageError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
 
     @property
     def head_dim(self) -> int:
@@ -53,7 +54,7 @@ class ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
+            raise UsageError(f"unknown ModelConfig fields: {sorted(unknown)}")
         return cls(**d)
 
 
@@ -103,9 +104,9 @@ class Workspace:
     @staticmethod
     def _shapes(cfg: ModelConfig, batch: int, seq: int) -> dict[str, tuple[int, ...]]:
         if not 1 <= seq <= cfg.context_length:
-            raise ValueError(f"sequence length {seq} must be in [1, context_length={cfg.context_length}]")
+            raise UsageError(f"sequence length {seq} must be in [1, context_length={cfg.context_length}]")
         if batch < 1:
-            raise ValueError(f"batch size must be positive, got {batch}")
+            raise UsageError(f"batch size must be positive, got {batch}")
         N, C, H, V, NH, L = batch * seq, cfg.dim, cfg.hidden_dim, cfg.vocab_size, cfg.n_heads, cfg.n_layers
         shapes = {}
         for i in range(L):

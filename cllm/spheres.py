@@ -18,26 +18,35 @@ cannot be interrupted, so each one reports a heartbeat before every layer and ch
 step is given up, it ends at its next layer boundary. A stall raises SphereStalledError naming the sphere, its
 shard, the step and its last heartbeat; an exception in a worker is re-raised as SphereFailedError, naming it.
 
+Workers are daemon threads (cllm.threads.run_sync_daemon): a worker stuck for good in native code, which
+nothing can interrupt, is abandoned when its step is given up, and never keeps the process from exiting. The
+buffers it may still be writing (its gradient slot, its workspace) are retired with it: after a stall, the next
+step runs on fresh ones.
+
 Faults can be injected for testing, with `faults=` or the environment variable CLLM_FAULT, a comma-separated
-list of KIND:SPHERE:STEP, e.g. CLLM_FAULT=stall:3:5 makes sphere 3 hang at the start of step 5 (until the
-step is given up), and raise:0:2 makes sphere 0 raise at step 2. Spheres count from 0, steps from 1.
+list of KIND:SPHERE:STEP. stall:3:5 makes sphere 3 stop at the start of step 5 until the step is given up (a
+hang that still honours the stop flag); hang:3:5 makes it block forever in native code without the GIL, as a
+real deadlock would; raise:0:2 makes sphere 0 raise at step 2. Spheres count from 0, steps from 1.
 """
 from __future__ import annotations
 
 import os
 import threading
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
 
 import anyio
 import numpy as np
-from threadpoolctl import threadpool_limits
 
+from ._kernels import fault as native_fault
 from .buffers import aligned_zeros, carve
+from .errors import UsageError
 from .model import GPT, Workspace
+from .threads import MAX_THREADS, blas_limit, run_sync_daemon
 
-MAX_THREADS = 64
+FAULT_KINDS = ("stall", "hang", "raise")
 FANOUT = 12  # worker spheres per control sphere
 
 
@@ -128,7 +137,7 @@ class TreeSum:
 
 @dataclass(frozen=True)
 class Fault:
-    kind: str  # "stall" or "raise"
+    kind: str  # one of FAULT_KINDS
     sphere: int
     step: int
 
@@ -140,9 +149,9 @@ def parse_faults(spec: str) -> list[Fault]:
             kind, sphere, step = item.split(":")
             fault = Fault(kind, int(sphere), int(step))
         except ValueError:
-            raise ValueError(f"bad fault {item!r}: expected KIND:SPHERE:STEP, e.g. stall:3:5") from None
-        if fault.kind not in ("stall", "raise"):
-            raise ValueError(f"bad fault {item!r}: KIND is stall or raise")
+            raise UsageError(f"bad fault {item!r}: expected KIND:SPHERE:STEP, e.g. stall:3:5") from None
+        if fault.kind not in FAULT_KINDS:
+            raise UsageError(f"bad fault {item!r}: KIND is one of {', '.join(FAULT_KINDS)}")
         faults.append(fault)
     return faults
 
@@ -170,38 +179,61 @@ class SphereStats:
         return self.tokens / self.busy_s if self.busy_s else 0.0
 
 
+class _Buffers:
+    """What running spheres write into: gradient slots and activation workspaces. A step that is given up may
+    leave workers still writing into its buffers, so they are never reused after that (see Spheres._retire)."""
+
+    def __init__(self, model: GPT, n_slots: int):
+        self.model = model
+        self.slots = [aligned_zeros(model.params.size) for _ in range(n_slots)]
+        self.slot_views = [carve(s, {k: v.shape for k, v in model.p.items()}, pad=False) for s in self.slots]
+        self._workspaces: dict[tuple[int, int, int], Workspace] = {}
+
+    def workspace(self, slot: int, rows: int, seq: int) -> Workspace:
+        key = (slot, rows, seq)
+        if key not in self._workspaces:
+            self._workspaces[key] = Workspace(self.model.config, rows, seq)
+        return self._workspaces[key]
+
+    def add_slots(self, left: int, right: int, *, freed: list[int]) -> int:
+        np.add(self.slots[left], self.slots[right], out=self.slots[left])
+        freed.append(right)
+        return left
+
+
 class Spheres:
     def __init__(self, model: GPT, *, spheres: int = 12, threads: int = 1, faults: list[Fault] | None = None,
                  owned: tuple[int, int] | None = None):
         """owned: the block [first, stop) of spheres this process runs (a rank's share); default all of them."""
         if not 1 <= threads <= MAX_THREADS:
-            raise ValueError(f"threads must be in [1, {MAX_THREADS}], got {threads}")
+            raise UsageError(f"threads must be in [1, {MAX_THREADS}], got {threads}")
         if spheres < 1:
-            raise ValueError(f"spheres must be positive, got {spheres}")
+            raise UsageError(f"spheres must be positive, got {spheres}")
         self.model, self.n_spheres, self.threads = model, spheres, threads
         self.tree = ReductionTree(spheres)
         self.owned = (0, spheres) if owned is None else owned
         if not self.tree.is_node(*self.owned):
-            raise ValueError(f"spheres {self.owned[0]}..{self.owned[1] - 1} are not one block of the reduction tree "
+            raise UsageError(f"spheres {self.owned[0]}..{self.owned[1] - 1} are not one block of the reduction tree "
                              f"of {spheres} spheres: the rank count must be a power of two that divides --spheres")
         self.faults = parse_faults(os.environ.get("CLLM_FAULT", "")) if faults is None else faults
         # Running spheres hold a slot each, and the tree holds at most depth() partial sums.
-        n_slots = min(self.owned[1] - self.owned[0], threads + self.tree.depth())
-        self._slots = [aligned_zeros(model.params.size) for _ in range(n_slots)]
-        self._slot_views = [carve(s, {k: v.shape for k, v in model.p.items()}, pad=False) for s in self._slots]
-        self._workspaces: dict[tuple[int, int, int], Workspace] = {}
-        self._blas_limit = None
+        self._n_slots = min(self.owned[1] - self.owned[0], threads + self.tree.depth())
+        self._buffers = _Buffers(model, self._n_slots)
+        self.retired = 0  # buffer sets given up with an abandoned step
+        self._exit_stack: ExitStack | None = None
         self.heartbeats = [Heartbeat() for _ in range(spheres)]
         self.stats = [SphereStats() for _ in range(spheres)]
         self.loss_sum = 0.0  # of the last step or loss call: what ranks add up before dividing
 
     def __enter__(self) -> "Spheres":
-        self._blas_limit = threadpool_limits(limits=1, user_api="blas")
+        with ExitStack() as stack:
+            stack.enter_context(blas_limit(1))
+            self._exit_stack = stack.pop_all()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._blas_limit.restore_original_limits()
-        self._blas_limit = None
+        self._exit_stack.close()
+        self._exit_stack = None
 
     async def step(self, tokens: np.ndarray, targets: np.ndarray, *, accumulate: bool = False,
                    scale: float = 1.0, step: int = 0, timeout: float | None = None) -> float:
@@ -213,43 +245,45 @@ class Spheres:
         the step in errors and faults; `timeout` is its deadline in seconds.
         """
         grad_scale = scale / tokens.size  # every sphere scales by the global token count: the sum is the mean
-        self.loss_sum, slot = await self._run(tokens, targets, partial(self._compute, grad_scale=grad_scale), True,
+        buffers = self._buffers
+        self.loss_sum, slot = await self._run(tokens, targets, partial(_compute, grad_scale=grad_scale), True,
                                               step, timeout)
         if slot is None:  # no rows for any owned sphere (more spheres than batch rows)
             if not accumulate:
                 self.model.grads.fill(0.0)
         elif accumulate:
-            np.add(self.model.grads, self._slots[slot], out=self.model.grads)
+            np.add(self.model.grads, buffers.slots[slot], out=self.model.grads)
         else:
-            np.copyto(self.model.grads, self._slots[slot])
+            np.copyto(self.model.grads, buffers.slots[slot])
         return self.loss_sum / tokens.size
 
     async def loss(self, tokens: np.ndarray, targets: np.ndarray, *, step: int = 0,
                    timeout: float | None = None) -> float:
         """Mean loss of a batch over this process's spheres' shards, forward only (evaluation)."""
-        self.loss_sum, _ = await self._run(tokens, targets, self._forward, False, step, timeout)
+        self.loss_sum, _ = await self._run(tokens, targets, _forward, False, step, timeout)
         return self.loss_sum / tokens.size
 
     async def _run(self, tokens, targets, work, with_gradients: bool, step: int,
                    timeout: float | None) -> tuple[float, int | None]:
-        """Runs work(slot, tokens, targets, heartbeat) -> loss sum for every owned sphere under one deadline, and
-        adds the results in tree order. Returns (the loss sum, the slot holding the gradient sum)."""
-        if self._blas_limit is None:
+        """Runs work(model, buffers, slot, tokens, targets, heartbeat) -> loss sum for every owned sphere under one
+        deadline, and adds the results in tree order. Returns (the loss sum, the slot holding the gradient sum)."""
+        if self._exit_stack is None:
             raise RuntimeError("use Spheres as a context manager: `with Spheres(model, ...) as spheres:`")
         B, T = tokens.shape
         if targets.shape != (B, T):
             raise ValueError(f"targets must have shape {(B, T)}, got {targets.shape}")
         first, last = self.owned
         shards = [(k, shard_rows(B, self.n_spheres)[k]) for k in range(first, last)]
+        buffers = self._buffers  # this step's, even if a stall retires them while its workers still run
         stop = threading.Event()  # per step: a worker abandoned now must not see a later step's flag cleared
         limiter = anyio.CapacityLimiter(self.threads)
-        free_slots = list(range(len(self._slots)))
-        slot_available = anyio.Semaphore(len(self._slots))  # FIFO: spheres take slots in order, so no deadlock
+        free_slots = list(range(len(buffers.slots)))
+        slot_available = anyio.Semaphore(len(buffers.slots))  # FIFO: spheres take slots in order, so no deadlock
         turns = [anyio.Event() for _ in range(len(shards) + 1)]
         turns[0].set()
         losses = TreeSum(self.tree, lambda a, b: a + b)
         freed: list[int] = []
-        gradients = TreeSum(self.tree, partial(self._add_slots, freed=freed))
+        gradients = TreeSum(self.tree, partial(buffers.add_slots, freed=freed))
         done = [False] * len(shards)
         for sphere, _ in shards:
             self.heartbeats[sphere] = Heartbeat()
@@ -262,15 +296,14 @@ class Spheres:
             else:
                 await slot_available.acquire()
                 slot = free_slots.pop()
-                loss = await anyio.to_thread.run_sync(
-                    self._guarded, work, sphere, step, (start, stop_row), stop, slot, tokens[start:stop_row],
-                    targets[start:stop_row], limiter=limiter, abandon_on_cancel=True)
+                loss = await run_sync_daemon(
+                    self._guarded, partial(work, self.model, buffers, slot), sphere, step, (start, stop_row), stop,
+                    tokens[start:stop_row], targets[start:stop_row], limiter=limiter)
                 self.heartbeats[sphere] = Heartbeat("waiting to commit")
                 await turns[order].wait()
                 losses.push(sphere, sphere + 1, loss)
                 if with_gradients and gradients.merges(sphere, sphere + 1):  # adding is work for a thread
-                    await anyio.to_thread.run_sync(gradients.push, sphere, sphere + 1, slot, limiter=limiter,
-                                                   abandon_on_cancel=True)
+                    await run_sync_daemon(gradients.push, sphere, sphere + 1, slot, limiter=limiter)
                 elif with_gradients:  # stacking is not: skip a thread round trip
                     gradients.push(sphere, sphere + 1, slot)
                 else:
@@ -282,13 +315,15 @@ class Spheres:
             done[order] = True
             turns[order + 1].set()
 
+        finished = False
         try:
             with anyio.fail_after(timeout):
                 async with anyio.create_task_group() as tg:
                     for order, (sphere, (start, stop_row)) in enumerate(shards):
                         tg.start_soon(run, order, sphere, start, stop_row)
+            finished = True
         except TimeoutError:
-            stalled = [(sphere, rows) for (sphere, rows), finished in zip(shards, done) if not finished]
+            stalled = [(sphere, rows) for (sphere, rows), ended in zip(shards, done) if not ended]
             running = [s for s in stalled if self.heartbeats[s[0]].phase in ("forward", "backward")]
             # The culprit: the running sphere silent the longest; queued ones only wait for it.
             sphere, rows = min(running, key=lambda s: self.heartbeats[s[0]].time) if running else stalled[0]
@@ -303,14 +338,17 @@ class Spheres:
             raise _first_leaf(failures) from None
         finally:
             stop.set()  # whatever is still running belongs to a step that is over: let it end
+            if not finished:
+                self._retire()
         return losses.result() or 0.0, gradients.result() if with_gradients else None
 
-    def _add_slots(self, left: int, right: int, *, freed: list[int]) -> int:
-        np.add(self._slots[left], self._slots[right], out=self._slots[left])
-        freed.append(right)
-        return left
+    def _retire(self) -> None:
+        """Gives up the buffers of a step that did not finish: a worker that was abandoned, or that never reached
+        its next stop-flag check, may still write into them. The next step gets fresh ones."""
+        self._buffers = _Buffers(self.model, self._n_slots)
+        self.retired += 1
 
-    def _guarded(self, work, sphere: int, step: int, rows: tuple[int, int], stop: threading.Event, slot: int,
+    def _guarded(self, work, sphere: int, step: int, rows: tuple[int, int], stop: threading.Event,
                  tokens, targets) -> float:
         """Runs in a worker thread: work() with this sphere's heartbeat, stats and failure naming."""
         fault = next((f for f in self.faults if f.sphere == sphere and f.step == step), None)
@@ -323,11 +361,13 @@ class Spheres:
                 if fault.kind == "stall":
                     stop.wait()  # a hung kernel that still honours the stop flag at the next layer boundary
                     raise _Abandoned
+                if fault.kind == "hang":
+                    native_fault.hang()  # a deadlock in native code: never returns, never looks at the flag
                 raise RuntimeError(f"injected fault ({fault.kind}:{sphere}:{step})")
 
         started = time.perf_counter()
         try:
-            loss = work(slot, tokens, targets, heartbeat)
+            loss = work(tokens, targets, heartbeat)
         except _Abandoned:
             raise
         except Exception as e:
@@ -340,22 +380,18 @@ class Spheres:
         self.heartbeats[sphere] = Heartbeat("done")
         return loss
 
-    def _workspace(self, slot: int, rows: int, seq: int) -> Workspace:
-        key = (slot, rows, seq)
-        if key not in self._workspaces:
-            self._workspaces[key] = Workspace(self.model.config, rows, seq)
-        return self._workspaces[key]
 
-    def _forward(self, slot: int, tokens, targets, heartbeat) -> float:
-        return self.model.forward_ws(self._workspace(slot, *tokens.shape), tokens, targets, 1.0, threads=1,
-                                     heartbeat=heartbeat)
+def _forward(model: GPT, buffers: _Buffers, slot: int, tokens, targets, heartbeat) -> float:
+    return model.forward_ws(buffers.workspace(slot, *tokens.shape), tokens, targets, 1.0, threads=1,
+                            heartbeat=heartbeat)
 
-    def _compute(self, slot: int, tokens, targets, heartbeat, *, grad_scale: float) -> float:
-        ws = self._workspace(slot, *tokens.shape)
-        loss_sum = self.model.forward_ws(ws, tokens, targets, grad_scale, threads=1, heartbeat=heartbeat)
-        # Overwrites the slot: whatever an earlier step left there is never read.
-        self.model.backward_ws(ws, self._slot_views[slot], threads=1, heartbeat=heartbeat, accumulate=False)
-        return loss_sum
+
+def _compute(model: GPT, buffers: _Buffers, slot: int, tokens, targets, heartbeat, *, grad_scale: float) -> float:
+    ws = buffers.workspace(slot, *tokens.shape)
+    loss_sum = model.forward_ws(ws, tokens, targets, grad_scale, threads=1, heartbeat=heartbeat)
+    # Overwrites the slot: whatever an earlier step left there is never read.
+    model.backward_ws(ws, buffers.slot_views[slot], threads=1, heartbeat=heartbeat, accumulate=False)
+    return loss_sum
 
 
 def _first_leaf(group: BaseExceptionGroup) -> BaseException:

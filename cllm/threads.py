@@ -13,6 +13,7 @@ threads that run native work which may never return.
 """
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import queue
@@ -21,7 +22,6 @@ from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterator, TypeVar
 
 import anyio
-import anyio.from_thread
 import anyio.lowlevel
 from threadpoolctl import ThreadpoolController
 
@@ -122,10 +122,12 @@ class _DaemonThreads:
     def __init__(self):
         self._lock = threading.Lock()
         self._idle = 0
+        self.busy = 0  # calls running now, abandoned ones included
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
 
     def submit(self, call: Callable[[], None]) -> None:
         with self._lock:
+            self.busy += 1
             start = self._idle == 0
             if not start:
                 self._idle -= 1
@@ -135,20 +137,29 @@ class _DaemonThreads:
 
     def _work(self) -> None:
         while True:
-            self._calls.get()()
-            with self._lock:
-                self._idle += 1
+            call = self._calls.get()
+            try:
+                call()
+            finally:
+                with self._lock:
+                    self.busy -= 1
+                    self._idle += 1
 
 
 _daemon_threads = _DaemonThreads()
+
+
+def busy_daemon_threads() -> int:
+    """How many run_sync_daemon calls are running now, abandoned ones included (a stuck one counts forever)."""
+    return _daemon_threads.busy
 
 
 async def run_sync_daemon(fn: Callable[..., T], *args, limiter: anyio.CapacityLimiter | None = None) -> T:
     """fn(*args) on a daemon worker thread. If the caller is cancelled, it returns at once and the call is
     abandoned: it runs on to its end (or forever), and its result is dropped. The limiter's token is held until
     the call ends or is abandoned."""
-    token = anyio.lowlevel.current_token()
     finished = anyio.Event()
+    call_soon = _call_soon_threadsafe()
     outcome: list = []
 
     def call() -> None:
@@ -156,10 +167,7 @@ async def run_sync_daemon(fn: Callable[..., T], *args, limiter: anyio.CapacityLi
             outcome.append((True, fn(*args)))
         except BaseException as e:  # handed to the caller, which re-raises it
             outcome.append((False, e))
-        try:
-            anyio.from_thread.run_sync(finished.set, token=token)
-        except Exception:  # the event loop has closed: nobody waits any more
-            pass
+        call_soon(finished.set)
 
     async with limiter if limiter is not None else nullcontext():
         _daemon_threads.submit(call)
@@ -169,3 +177,22 @@ async def run_sync_daemon(fn: Callable[..., T], *args, limiter: anyio.CapacityLi
         return value
     raise value
 
+
+def _call_soon_threadsafe() -> Callable[[Callable[[], object]], None]:
+    """For a worker thread: schedules a callback on the current event loop without waiting for it (anyio's
+    from_thread.run_sync would wait, forever if the loop has stopped without closing). Once the loop is gone the
+    callback is dropped: nobody waits for it any more."""
+    native = anyio.lowlevel.current_token().native_token
+    if isinstance(native, asyncio.AbstractEventLoop):
+        schedule, gone = native.call_soon_threadsafe, RuntimeError  # RuntimeError: the loop is closed
+    else:  # a trio token
+        import trio
+
+        schedule, gone = native.run_sync_soon, trio.RunFinishedError
+
+    def call_soon(callback) -> None:
+        try:
+            schedule(callback)
+        except gone:
+            pass
+    return call_soon

@@ -20,6 +20,8 @@ import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
+from .errors import UsageError
+
 JSON_FORMAT = "cllm-tokenizer"
 JSON_VERSION = 1
 
@@ -35,13 +37,13 @@ BYTE_ALPHABET = 256
 def check_settings(kind: str, vocab_size: int | None) -> None:
     """Raises ValueError for an unknown kind or a vocab_size too small to hold the kind's fixed tokens."""
     if kind not in KINDS:
-        raise ValueError(f"unknown tokenizer {kind!r}: choose one of {', '.join(KINDS)}")
+        raise UsageError(f"unknown tokenizer {kind!r}: choose one of {', '.join(KINDS)}")
     if vocab_size is None:
         return
     fixed = len(SPECIALS[kind]) + (BYTE_ALPHABET if kind == "bpe" else 0)
     if vocab_size <= fixed:
         what = "256 bytes + 1 special token" if kind == "bpe" else f"{fixed} special tokens"
-        raise ValueError(f"{kind} vocab_size must be more than {fixed} ({what}), got {vocab_size}")
+        raise UsageError(f"{kind} vocab_size must be more than {fixed} ({what}), got {vocab_size}")
 
 
 class Tokenizer:
@@ -55,7 +57,7 @@ class Tokenizer:
         self._hf.encode_special_tokens = True
         separator_id = hf.token_to_id(SEPARATOR[kind])
         if separator_id is None:
-            raise ValueError(f"{kind} tokenizer has no separator token {SEPARATOR[kind]}")
+            raise UsageError(f"{kind} tokenizer has no separator token {SEPARATOR[kind]}")
         self.separator_id: int = separator_id
 
     @classmethod
@@ -76,18 +78,18 @@ class Tokenizer:
         try:
             doc = json.loads(s)
         except (json.JSONDecodeError, TypeError) as e:
-            raise ValueError(f"tokenizer JSON is malformed: {e}") from None
+            raise UsageError(f"tokenizer JSON is malformed: {e}") from None
         if not isinstance(doc, dict) or doc.get("format") != JSON_FORMAT:
-            raise ValueError("not a cllm tokenizer (no \"format\": \"cllm-tokenizer\" field)")
+            raise UsageError("not a cllm tokenizer (no \"format\": \"cllm-tokenizer\" field)")
         if doc.get("version") != JSON_VERSION:
-            raise ValueError(f"unsupported cllm tokenizer version {doc.get('version')!r} (this is {JSON_VERSION})")
+            raise UsageError(f"unsupported cllm tokenizer version {doc.get('version')!r} (this is {JSON_VERSION})")
         kind = doc.get("kind")
         if kind not in KINDS:
-            raise ValueError(f"unknown tokenizer kind {kind!r} in tokenizer JSON")
+            raise UsageError(f"unknown tokenizer kind {kind!r} in tokenizer JSON")
         try:
             hf = HFTokenizer.from_str(json.dumps(doc.get("hf")))
         except Exception as e:  # HF raises a bare Exception for any parse or schema error
-            raise ValueError(f"tokenizer JSON has an invalid HF tokenizer: {e}") from None
+            raise UsageError(f"tokenizer JSON has an invalid HF tokenizer: {e}") from None
         return cls(kind, hf)
 
     def to_json(self) -> str:
@@ -111,7 +113,7 @@ class Tokenizer:
         """Special tokens are rendered as their text (e.g. "<unk>"), so decoding never drops a token silently."""
         ids = np.asarray(ids, dtype=np.int64).ravel()
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise ValueError(f"token ids must be in [0, {self.vocab_size}), got {ids.min()}..{ids.max()}")
+            raise UsageError(f"token ids must be in [0, {self.vocab_size}), got {ids.min()}..{ids.max()}")
         return self._hf.decode(ids.tolist(), skip_special_tokens=False)
 
 

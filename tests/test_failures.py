@@ -19,6 +19,7 @@ from cllm.checkpoint import load_model
 from cllm.data import prepare
 from cllm.model import GPT, ModelConfig
 from cllm.spheres import Fault, SphereFailedError, SphereStalledError, Spheres, hierarchy, parse_faults
+from cllm.threads import busy_daemon_threads
 from cllm.trainer import StepDeadline, Trainer, TrainSettings
 
 pytestmark = pytest.mark.timeout(120)
@@ -32,15 +33,12 @@ def batch(B=12, seed=0):
     return ids[:, :-1], ids[:, 1:]
 
 
-def worker_threads():
-    return [t for t in threading.enumerate() if t.name.startswith("AnyIO worker")]
-
-
 def wait_for_no_workers(limit=5.0):
+    """How many worker calls still run after up to `limit` seconds (0 once every abandoned one has ended)."""
     deadline = time.monotonic() + limit
-    while worker_threads() and time.monotonic() < deadline:
+    while busy_daemon_threads() and time.monotonic() < deadline:
         time.sleep(0.05)
-    return worker_threads()
+    return busy_daemon_threads()
 
 
 @pytest.mark.parametrize("threads,sphere,step", [(1, 0, 1), (1, 7, 3), (2, 3, 2), (2, 11, 1), (8, 5, 4)])
@@ -61,7 +59,7 @@ def test_stall_raises_within_the_deadline(threads, sphere, step):
     assert elapsed < timeout * step + 2.0
     message = str(info.value)
     assert f"step {step} " in message and f"sphere {sphere} " in message and "heartbeat: forward" in message
-    assert wait_for_no_workers() == []  # the stalled worker saw the stop flag and ended
+    assert wait_for_no_workers() == 0  # the stalled worker saw the stop flag and ended
 
 
 @pytest.mark.parametrize("threads", [1, 2, 8])
@@ -70,7 +68,7 @@ def test_worker_exception_names_the_sphere(threads):
     with Spheres(model, spheres=4, threads=threads, faults=[Fault("raise", 2, 1)]) as sp:
         with pytest.raises(SphereFailedError, match=r"sphere 2 \(batch rows 6:9\) failed at step 1: RuntimeError"):
             anyio.run(partial(sp.step, *batch(), step=1, timeout=30))
-    assert wait_for_no_workers() == []
+    assert wait_for_no_workers() == 0
 
 
 def test_a_real_error_in_a_worker_propagates():
@@ -82,9 +80,49 @@ def test_a_real_error_in_a_worker_propagates():
             anyio.run(partial(sp.step, x, y, step=1))
 
 
+HUNG_SPHERE = """
+import sys, anyio, numpy as np
+from cllm.model import GPT, ModelConfig
+from cllm.spheres import Fault, SphereStalledError, Spheres
+model = GPT(ModelConfig(vocab_size=30, context_length=16, dim=16, n_layers=2, n_heads=2))
+ids = np.random.default_rng(0).integers(0, 30, (4, 17)).astype(np.int32)
+with Spheres(model, spheres=4, threads=2, faults=[Fault("hang", 1, 1)]) as spheres:
+    try:
+        anyio.run(lambda: spheres.step(ids[:, :-1], ids[:, 1:], step=1, timeout=2))
+    except SphereStalledError as e:
+        print(e, flush=True)
+        sys.exit(1)
+"""
+
+
+def test_a_sphere_hung_in_native_code_does_not_keep_the_process_alive():
+    # The hang fault blocks forever without the GIL and never looks at the stop flag, as a deadlocked kernel
+    # would. The step is given up at its deadline, and the process must then be able to exit.
+    started = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", HUNG_SPHERE], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert "step 1 missed its 2 s deadline: sphere 1" in r.stdout
+    assert time.monotonic() - started < 30
+
+
+def test_a_stall_retires_the_buffers_its_workers_may_still_write():
+    model = GPT(CFG)
+    x, y = batch()
+    with Spheres(model, spheres=4, threads=2, faults=[Fault("hang", 2, 1)]) as sp:
+        with pytest.raises(SphereStalledError):
+            anyio.run(partial(sp.step, x, y, step=1, timeout=1))
+        assert sp.retired == 1
+        # The hung worker still holds step 1's buffers; step 2 runs on new ones and gives the right gradient.
+        loss = anyio.run(partial(sp.step, x, y, step=2, timeout=30))
+    reference = GPT(CFG)
+    assert np.isclose(loss, reference.forward(x, y), rtol=1e-5)
+    reference.backward()
+    np.testing.assert_allclose(model.grads, reference.grads, rtol=1e-4, atol=1e-6)
+
+
 def test_fault_spec_and_hierarchy():
-    assert parse_faults("stall:3:5, raise:0:2") == [Fault("stall", 3, 5), Fault("raise", 0, 2)]
-    for bad in ["stall:3", "hang:1:1", "stall:x:1"]:
+    assert parse_faults("stall:3:5, raise:0:2, hang:1:1") == [Fault("stall", 3, 5), Fault("raise", 0, 2), Fault("hang", 1, 1)]
+    for bad in ["stall:3", "freeze:1:1", "stall:x:1"]:
         with pytest.raises(ValueError, match="bad fault"):
             parse_faults(bad)
     assert hierarchy(12) == [[0] * 12]
@@ -194,14 +232,15 @@ def test_second_interrupt_exits_at_once_and_keeps_the_checkpoint(tmp_path):
     assert model.num_params > 0
 
 
-def test_stalled_tool_exits_soon_with_the_checkpoint_intact(tmp_path):
+@pytest.mark.parametrize("kind", ["stall", "hang"])
+def test_stalled_tool_exits_soon_with_the_checkpoint_intact(tmp_path, kind):
     corpus = tmp_path / "text.txt"
     corpus.write_text(TEXT)
     started = time.monotonic()
     r = subprocess.run([sys.executable, "-m", "cllm.tools.train_model", str(corpus), "--out", str(tmp_path),
                         *TRAIN_ARGS, "--steps", "50", "--checkpoint-every", "2", "--step-timeout", "3"],
-                       capture_output=True, text=True, timeout=60, env={**os.environ, "CLLM_FAULT": "stall:4:5"})
-    assert r.returncode == 1
+                       capture_output=True, text=True, timeout=60, env={**os.environ, "CLLM_FAULT": f"{kind}:4:5"})
+    assert r.returncode == 1, r.stderr
     assert time.monotonic() - started < 30
     assert "step 5 missed its 3 s deadline: sphere 4" in r.stderr and "Traceback" not in r.stderr
     assert load_model_step(tmp_path) == "4"

@@ -61,7 +61,8 @@ def test_resume_across_ranks(tmp_path):
     assert np.array_equal(a.params, b.params)
 
 
-@pytest.mark.parametrize("fault,message", [("raise:7:3", "rank 1: sphere 7"), ("stall:2:3", "rank 0: step 3")])
+@pytest.mark.parametrize("fault,message", [("raise:7:3", "rank 1: sphere 7"), ("stall:2:3", "rank 0: step 3"),
+                                           ("hang:2:3", "rank 0: step 3")])
 def test_one_failing_rank_ends_the_job(tmp_path, fault, message):
     started = time.monotonic()
     r = train(tmp_path, "run", 2, "--steps", "50", "--checkpoint-every", "2", "--step-timeout", "4",

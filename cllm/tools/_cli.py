@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable
+
+from ..errors import UsageError
 
 USAGE_ERROR = 2
 
@@ -51,16 +54,22 @@ def non_negative_float(text: str) -> float:
 
 
 def run(prog: str, main: Callable[[], int]) -> None:
-    """Runs main and exits with its status. Errors in the user's input or files (ValueError, OSError) are one
-    line and status 2; Ctrl-C is status 130. Anything else is a bug and keeps its traceback."""
+    """Runs main and exits with its status.
+
+    A user's error is one line and status 2: a UsageError, or an OSError on a file the user named (missing,
+    unreadable). Ctrl-C is status 130. Anything else is a bug and keeps its traceback, and so does a user's
+    error when CLLM_DEBUG=1 is set.
+    """
     try:
         status = main()
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted", file=sys.stderr)
         status = 130
-    except (ValueError, OSError) as e:
+    except (UsageError, OSError) as e:
+        if os.environ.get("CLLM_DEBUG") == "1" or isinstance(e, OSError) and e.filename is None:
+            raise
         message = str(e) or type(e).__name__
-        if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        if isinstance(e, OSError) and e.strerror:
             message = f"{e.strerror}: {e.filename}"
         print(f"{prog}: error: {message}", file=sys.stderr)
         status = USAGE_ERROR
