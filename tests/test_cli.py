@@ -1,0 +1,45 @@
+"""The command-line tools' error contract: a user's error is one line and status 2, a bug keeps its traceback."""
+import pytest
+
+from cllm.errors import UsageError
+from cllm.tools._cli import run
+
+
+def exit_of(main, capsys):
+    with pytest.raises(SystemExit) as info:
+        run("tool", main)
+    return info.value.code, capsys.readouterr().err
+
+
+def fail_with(error):
+    def main():
+        raise error
+    return main
+
+
+def test_a_usage_error_is_one_line_and_status_2(capsys):
+    status, err = exit_of(fail_with(UsageError("--steps must be at least 1")), capsys)
+    assert status == 2 and err == "tool: error: --steps must be at least 1\n"
+
+
+def test_a_missing_file_the_user_named_is_one_line(capsys):
+    status, err = exit_of(fail_with(FileNotFoundError(2, "No such file or directory", "runs/x/model.cllm")), capsys)
+    assert status == 2 and err == "tool: error: No such file or directory: runs/x/model.cllm\n"
+
+
+@pytest.mark.parametrize("bug", [ValueError("operands could not be broadcast"), OSError("no filename"),
+                                 KeyError("config")])
+def test_any_other_exception_is_a_bug_and_keeps_its_traceback(bug, capsys):
+    with pytest.raises(type(bug)):
+        run("tool", fail_with(bug))
+
+
+def test_cllm_debug_shows_the_traceback_of_a_usage_error(monkeypatch):
+    monkeypatch.setenv("CLLM_DEBUG", "1")
+    with pytest.raises(UsageError):
+        run("tool", fail_with(UsageError("bad flag")))
+
+
+def test_the_status_of_main_is_the_exit_status(capsys):
+    assert exit_of(lambda: 0, capsys)[0] == 0
+    assert exit_of(lambda: 1, capsys)[0] == 1
