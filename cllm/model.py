@@ -78,13 +78,20 @@ def parameter_shapes(cfg: ModelConfig) -> tuple[dict[str, tuple[int, ...]], int]
 class Workspace:
     """Activations for one (batch, seq) shape, plus the scratch gradients the backward pass reuses per layer.
 
+    A training workspace keeps every layer's activations, which the backward pass reads. An inference workspace
+    (training=False) keeps one layer's, shared by all layers (each layer's inputs are consumed before its
+    outputs are written), and no backward scratch: a forward pass then needs memory for one layer, not for
+    all of them. Each layer's qkv is still its own, because a prefill copies every layer's keys and values
+    into its cache after the pass.
+
     buffer, if given, is memory to carve the views from (at least Workspace.size floats, 64-byte aligned): a
     server that runs many shapes one at a time reuses one allocation instead of paging in a new one per shape.
     """
 
-    def __init__(self, cfg: ModelConfig, batch: int, seq: int, *, buffer: np.ndarray | None = None):
-        shapes = self._shapes(cfg, batch, seq)
-        self.batch, self.seq = batch, seq
+    def __init__(self, cfg: ModelConfig, batch: int, seq: int, *, training: bool = True,
+                 buffer: np.ndarray | None = None):
+        shapes = self._shapes(cfg, batch, seq, training)
+        self.batch, self.seq, self.training = batch, seq, training
         size = carved_size(shapes, pad=True)
         if buffer is None:
             self.buffer = aligned_zeros(size)
@@ -93,32 +100,44 @@ class Workspace:
         else:
             raise ValueError(f"a workspace for {(batch, seq)} needs an aligned float32 buffer of {size} floats")
         self.a = carve(self.buffer, shapes, pad=True)
+        if not training:  # every layer's name for an activation is the one shared view
+            for i in range(cfg.n_layers):
+                self.a |= {f"{name}{i}": self.a[name] for name in self._SHARED_ACROSS_LAYERS}
+            self.a[f"res{cfg.n_layers}"] = self.a["res"]
         self.tokens = np.zeros((batch, seq), np.int32)
         self.has_dlogits = False  # set by a forward pass with targets; logits then hold dlogits
 
     @classmethod
-    def size(cls, cfg: ModelConfig, batch: int, seq: int) -> int:
+    def size(cls, cfg: ModelConfig, batch: int, seq: int, *, training: bool = True) -> int:
         """Floats a workspace of this shape needs."""
-        return carved_size(cls._shapes(cfg, batch, seq), pad=True)
+        return carved_size(cls._shapes(cfg, batch, seq, training), pad=True)
 
-    @staticmethod
-    def _shapes(cfg: ModelConfig, batch: int, seq: int) -> dict[str, tuple[int, ...]]:
+    _SHARED_ACROSS_LAYERS = ("res", "ln1_", "ln1_mean", "ln1_rstd", "att", "atty", "res_mid", "ln2_", "ln2_mean",
+                             "ln2_rstd", "fc", "fc_gelu")
+
+    @classmethod
+    def _shapes(cls, cfg: ModelConfig, batch: int, seq: int, training: bool) -> dict[str, tuple[int, ...]]:
         if not 1 <= seq <= cfg.context_length:
             raise UsageError(f"sequence length {seq} must be in [1, context_length={cfg.context_length}]")
         if batch < 1:
             raise UsageError(f"batch size must be positive, got {batch}")
         N, C, H, V, NH, L = batch * seq, cfg.dim, cfg.hidden_dim, cfg.vocab_size, cfg.n_heads, cfg.n_layers
-        shapes = {}
+
+        def layer(i) -> dict[str, tuple[int, ...]]:
+            return {f"res{i}": (N, C), f"ln1_{i}": (N, C), f"ln1_mean{i}": (N,), f"ln1_rstd{i}": (N,),
+                    f"att{i}": (batch, NH, seq, seq), f"atty{i}": (N, C), f"res_mid{i}": (N, C), f"ln2_{i}": (N, C),
+                    f"ln2_mean{i}": (N,), f"ln2_rstd{i}": (N,), f"fc{i}": (N, H), f"fc_gelu{i}": (N, H)}
+
+        shapes = {f"qkv{i}": (batch, seq, 3 * C) for i in range(L)}
+        final = {"lnf": (N, C), "lnf_mean": (N,), "lnf_rstd": (N,), "logits": (N, V)}
+        if not training:
+            return shapes | layer("") | final
         for i in range(L):
-            shapes |= {f"res{i}": (N, C), f"ln1_{i}": (N, C), f"ln1_mean{i}": (N,), f"ln1_rstd{i}": (N,),
-                       f"qkv{i}": (batch, seq, 3 * C), f"att{i}": (batch, NH, seq, seq), f"atty{i}": (N, C),
-                       f"res_mid{i}": (N, C), f"ln2_{i}": (N, C), f"ln2_mean{i}": (N,), f"ln2_rstd{i}": (N,),
-                       f"fc{i}": (N, H), f"fc_gelu{i}": (N, H)}
-        shapes |= {f"res{L}": (N, C), "lnf": (N, C), "lnf_mean": (N,), "lnf_rstd": (N,), "logits": (N, V),
-                   "losses": (N,),
-                   # backward scratch, reused by every layer
-                   "dres": (N, C), "dc": (N, C), "dqkv": (batch, seq, 3 * C), "dh": (N, H), "dh_gelu": (N, H)}
-        return shapes
+            shapes |= layer(i)
+        return shapes | {f"res{L}": (N, C)} | final | {
+            "losses": (N,),
+            # backward scratch, reused by every layer
+            "dres": (N, C), "dc": (N, C), "dqkv": (batch, seq, 3 * C), "dh": (N, H), "dh_gelu": (N, H)}
 
 
 class GPT:
@@ -132,8 +151,8 @@ class GPT:
         self.g = carve(self.grads, shapes, pad=False)
         # Gradients that backward only ever adds to (LayerNorm parameters, positions): the rest are written once.
         self._summed_grads = [name for name in shapes if name == "wpe" or "ln_" in name]
-        self._workspaces: dict[tuple[int, int], Workspace] = {}
-        self._last: Workspace | None = None
+        self._workspace: Workspace | None = None  # the latest shape's only: the model keeps no cache by shape
+        self._last: Workspace | None = None  # what backward() differentiates
         self.init_weights(seed)
 
     @property
@@ -157,11 +176,13 @@ class GPT:
     def zero_grad(self) -> None:
         self.grads.fill(0.0)
 
-    def workspace(self, batch: int, seq: int) -> Workspace:
-        key = (batch, seq)
-        if key not in self._workspaces:
-            self._workspaces[key] = Workspace(self.config, batch, seq)
-        return self._workspaces[key]
+    def workspace(self, batch: int, seq: int, *, training: bool = True) -> Workspace:
+        """A workspace of this shape and kind for the convenience methods below. Only the latest is kept (and
+        the one backward() still needs), so memory does not grow with the number of shapes ever seen."""
+        ws = self._workspace
+        if ws is None or (ws.batch, ws.seq, ws.training) != (batch, seq, training):
+            self._workspace = ws = Workspace(self.config, batch, seq, training=training)
+        return ws
 
     # ----------------------------------------------------------------------------------------------------------
     # public API
@@ -183,7 +204,7 @@ class GPT:
     def logits(self, tokens: np.ndarray) -> np.ndarray:
         """Logits (B, T, V) for tokens (B, T), as a new array."""
         tokens = _as_ids(tokens, "tokens")
-        ws = self.workspace(*tokens.shape)
+        ws = self.workspace(*tokens.shape, training=False)
         self.forward_ws(ws, tokens, None)
         return ws.a["logits"].reshape(*tokens.shape, -1).copy()
 
@@ -240,6 +261,8 @@ class GPT:
         linear.linear_forward(a["lnf"], p["wte"], None, a["logits"], w_transposed=True, threads=th)
         if targets is None:
             return None
+        if not ws.training:
+            raise ValueError("a loss needs a training workspace (Workspace(..., training=True))")
         targets = _as_ids(targets, "targets")
         if targets.shape != (B, T):
             raise ValueError(f"targets must have shape {(B, T)}, got {targets.shape}")

@@ -727,3 +727,23 @@ def test_good_calls_in_bad_call_table_shape_are_accepted(K):
     K.adamw.adamw_step(A(10), A(10), A(10), A(10), **{**ADAMW_HP, "n_decay": 10})
     K.adamw.adamw_step(A(10), A(10), A(10), A(10), **{**ADAMW_HP, "n_decay": 0})
     K.adamw.grad_sq_norm(A(10))
+
+
+def sparse_floats(path, *shape):
+    """A float32 array of this shape backed by a sparse file: address space, no memory or disk until written."""
+    with open(path, "wb") as f:
+        f.truncate(4 * int(np.prod(shape)))
+    return np.memmap(path, np.float32, mode="r+", shape=shape)
+
+
+@pytest.mark.parametrize("call", ["forward", "backward"])
+def test_sizes_past_blas_32_bit_ints_are_refused_not_truncated(K, tmp_path, call):
+    # 2^31 rows of one feature: BLAS would see a negative (or, at 2^32 + k, a small) row count.
+    rows = 2**31
+    x, out = sparse_floats(tmp_path / "x", rows, 1), sparse_floats(tmp_path / "out", rows, 1)
+    with pytest.raises(ValueError, match="32-bit"):
+        if call == "forward":
+            K.linear.linear_forward(x, A(1, 1), A(1), out)
+        else:
+            K.linear.linear_backward(out, x, A(1, 1), None, A(1, 1), A(1))
+    assert not out[:16].any() and not out[-16:].any()  # nothing was written

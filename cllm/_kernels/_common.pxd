@@ -4,6 +4,7 @@
 # rows or chunks. gcc vectorises a plain pointer loop, but not the body of a prange loop (its lastprivate
 # bookkeeping counts as control flow).
 from cython.parallel cimport prange
+from libc.limits cimport INT_MAX
 from libc.math cimport INFINITY
 from libc.string cimport memcpy
 from scipy.linalg.cython_blas cimport sgemm, sgemv
@@ -27,6 +28,16 @@ cdef inline int require(bint ok, str message) except -1:
 
 cdef inline int require_threads(int threads) except -1:
     return require(1 <= threads <= 1024, f"threads must be in [1, 1024], got {threads}")
+
+
+cdef inline int require_blas_sizes(tuple sizes, str what) except -1:
+    """BLAS takes 32-bit sizes and leading dimensions: a larger one would be truncated, and the GEMM would then
+    compute the wrong rows or run outside its buffers. Checked once per call, at the boundary."""
+    for size in sizes:
+        if size > INT_MAX:
+            raise ValueError(f"{what} has a dimension of {size:,}, more than BLAS's 32-bit sizes allow "
+                             f"({INT_MAX:,}): use smaller batches")
+    return 0
 
 
 cdef inline void add_rows_block(const float* a, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t c0, Py_ssize_t c1,
@@ -87,7 +98,7 @@ cdef inline void softmax_inplace(float* row, Py_ssize_t n, float scale) noexcept
 
 cdef inline void gemm(bint trans_a, bint trans_b, int m, int n, int k, const float* a, int lda, const float* b,
                       int ldb, float beta, float* c, int ldc) noexcept nogil:
-    """Row-major C[m,n] = op(A)[m,k] @ op(B)[k,n] + beta*C.
+    """Row-major C[m,n] = op(A)[m,k] @ op(B)[k,n] + beta*C. Callers check their sizes with require_blas_sizes.
 
     BLAS is column-major, and a row-major matrix is its transpose in column-major, so C^T = op(B)^T op(A)^T:
     call sgemm with the operands swapped.
@@ -107,10 +118,11 @@ cdef inline void gemm(bint trans_a, bint trans_b, int m, int n, int k, const flo
     sgemm(&tb, &ta, &n, &m, &k, &one, <float*>b, &ldb, <float*>a, &lda, &beta, c, &ldc)
 
 
-cdef inline void linear_rows(const float* x, int n, int c, const float* w, const float* b, float* out, int oc,
-                             bint w_transposed) noexcept nogil:
-    """out (n, oc) = x (n, c) @ W + b, W being (c, oc), or (oc, c) if w_transposed; b may be NULL."""
-    cdef int r
+cdef inline void linear_rows(const float* x, Py_ssize_t n, Py_ssize_t c, const float* w, const float* b,
+                             float* out, Py_ssize_t oc, bint w_transposed) noexcept nogil:
+    """out (n, oc) = x (n, c) @ W + b, W being (c, oc), or (oc, c) if w_transposed; b may be NULL.
+    n, c and oc must fit BLAS's 32-bit sizes (require_blas_sizes); their products need not."""
+    cdef Py_ssize_t r
     cdef float beta = 0.0
     if b != NULL:
         # Seed every row with the bias, then let the GEMM accumulate onto it.
@@ -118,6 +130,6 @@ cdef inline void linear_rows(const float* x, int n, int c, const float* w, const
             memcpy(out + r * oc, b, oc * sizeof(float))
         beta = 1.0
     if w_transposed:
-        gemm(False, True, n, oc, c, x, c, w, c, beta, out, oc)
+        gemm(False, True, <int>n, <int>oc, <int>c, x, <int>c, w, <int>c, beta, out, <int>oc)
     else:
-        gemm(False, False, n, oc, c, x, c, w, oc, beta, out, oc)
+        gemm(False, False, <int>n, <int>oc, <int>c, x, <int>c, w, <int>oc, beta, out, <int>oc)

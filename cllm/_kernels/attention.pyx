@@ -9,7 +9,7 @@ from cython.parallel cimport parallel, prange
 from libc.math cimport sqrtf
 from libc.stdlib cimport free, malloc
 
-from ._common cimport gemm, require, require_threads, softmax_inplace
+from ._common cimport gemm, require, require_blas_sizes, require_threads, softmax_inplace
 
 cdef enum:
     QUERY_BLOCK = 64  # queries per BLAS call: 64 rows keep a block of scores in L2, and GEMMs efficient
@@ -79,7 +79,7 @@ cdef int check_shapes(Py_ssize_t b, Py_ssize_t t, Py_ssize_t c3, tuple att_shape
     require(c3 % 3 == 0, f"qkv's last dimension ({c3}) must be 3 * dim")
     require(n_heads > 0 and (c3 // 3) % n_heads == 0, f"dim {c3 // 3} is not divisible by n_heads={n_heads}")
     require(att_shape == (b, n_heads, t, t), f"att must be {(b, n_heads, t, t)}, got {att_shape}")
-    return 0
+    return require_blas_sizes((t, c3), "attention")
 
 
 def attention_forward(const float[:, :, ::1] qkv, float[:, :, ::1] out, float[:, :, :, ::1] att, int n_heads,

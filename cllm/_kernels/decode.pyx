@@ -15,11 +15,12 @@
 # reduction runs inside one thread in a fixed order: results do not depend on `threads`. (The full forward pass
 # in attention.pyx gets its dot products from BLAS, so the two agree to rounding, not bit for bit.)
 from cython.parallel cimport parallel, prange
+from libc.limits cimport INT_MAX
 from libc.math cimport sqrtf
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
-from ._common cimport axpy, dot, linear_rows, require, require_threads, softmax_inplace
+from ._common cimport axpy, dot, linear_rows, require, require_blas_sizes, require_threads, softmax_inplace
 from .gelu cimport gelu_span
 from .layernorm cimport layernorm_row
 
@@ -150,6 +151,8 @@ def decode_step(const float[::1] params, const Py_ssize_t[:, ::1] layer_offsets,
     for i in range(N_MODEL_PARAMETERS):
         if not 0 <= model_offsets[i] <= params.shape[0] - model_sizes[i]:
             span_error(model_offsets[i], model_sizes[i], params.shape[0], MODEL_PARAMETERS[i])
+    if 3 * C > INT_MAX or H > INT_MAX or V > INT_MAX:  # the GEMMs' sizes (n <= B and C < 3C pass with these)
+        require_blas_sizes((3 * C, H, V, B), "decode_step")
     for j in range(n):
         if not 0 <= tokens[j] < V:
             require(False, f"token id {tokens[j]} is outside [0, {V})")

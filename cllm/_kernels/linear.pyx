@@ -1,7 +1,7 @@
 # Linear layers on BLAS: y[N,OC] = x[N,C] @ W + b, where W is (C, OC), or (OC, C) with w_transposed=True (the
 # tied LM head multiplies by the token embedding, stored (V, C)). Thread count of the GEMMs is BLAS's own,
 # set process-wide through threadpoolctl; `threads` only drives the bias reduction.
-from ._common cimport column_sum, gemm, linear_rows, require, require_threads
+from ._common cimport column_sum, gemm, linear_rows, require, require_blas_sizes, require_threads
 
 
 cdef int check_weight(tuple wshape, Py_ssize_t c, Py_ssize_t oc, bint w_transposed) except -1:
@@ -18,6 +18,7 @@ def linear_forward(const float[:, ::1] x, const float[:, ::1] w, const float[::1
     check_weight((w.shape[0], w.shape[1]), c, oc, w_transposed)
     require(n > 0 and c > 0 and oc > 0, f"empty linear: x {n}x{c}, out features {oc}")
     require(b is None or b.shape[0] == oc, f"bias length must be {oc}")
+    require_blas_sizes((n, c, oc), "linear_forward")
     cdef const float* bias = NULL if b is None else &b[0]
     with nogil:
         linear_rows(&x[0, 0], n, c, &w[0, 0], bias, &out[0, 0], oc, w_transposed)
@@ -39,6 +40,7 @@ def linear_backward(const float[:, ::1] dout, const float[:, ::1] x, const float
     require(dx is None or (dx.shape[0] == n and dx.shape[1] == c), f"dx must be ({n}, {c})")
     require(n > 0 and c > 0 and oc > 0, f"empty linear: x {n}x{c}, out features {oc}")
     require(db is None or db.shape[0] == oc, f"db length must be {oc}")
+    require_blas_sizes((n, c, oc), "linear_backward")
     cdef float beta = 1.0 if accumulate else 0.0, beta_dx = 1.0 if accumulate_dx else 0.0
     with nogil:
         if w_transposed:  # W is (OC, C)
