@@ -2,17 +2,48 @@
 
 New content goes to a temporary file in the same folder (os.replace is atomic only within one file system), is
 flushed and fsynced, then renamed over the real name; the folder is fsynced so the rename itself is durable.
+
+A temporary is named NAME.tmp-PID-RANDOM. The random part keeps two writers apart even when they share a process
+id, as processes on two machines writing to one shared folder can. A writer that is killed leaves its temporary
+behind; sweep_temporaries() removes such leftovers once nothing can be writing them any more.
 """
 from __future__ import annotations
 
 import os
+import re
+import secrets
 from pathlib import Path
 from typing import BinaryIO
+
+TEMPORARY_NAME = re.compile(r".\.tmp-\d+(-[0-9a-f]+)?$")  # also the pid-only names of earlier versions
 
 
 def temporary_path(path: str | os.PathLike) -> Path:
     path = Path(path)
-    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def sweep_temporaries(folder: str | os.PathLike, *, older_than: float) -> list[Path]:
+    """Deletes the temporaries in folder (not below it) last modified before older_than, and returns them.
+
+    Only the caller can know that a temporary's writer is gone: e.g. one that holds a lock every writer of the
+    folder takes, passing the time it took the lock. older_than should come from the folder's own clock (a file's
+    mtime), since a shared folder's clock may differ from this machine's.
+    """
+    swept = []
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return swept
+    for entry in entries:
+        try:
+            if TEMPORARY_NAME.search(entry.name) and entry.is_file(follow_symlinks=False) \
+                    and entry.stat(follow_symlinks=False).st_mtime < older_than:
+                os.unlink(entry.path)
+                swept.append(Path(entry.path))
+        except FileNotFoundError:  # gone meanwhile
+            pass
+    return swept
 
 
 def commit(f: BinaryIO, tmp: Path, path: str | os.PathLike) -> None:

@@ -195,6 +195,29 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch
     assert os.listdir(tmp_path) == ["f.bin"]
 
 
+def test_temporary_names_differ_even_within_one_process(tmp_path):
+    # Processes on two machines sharing a folder can have the same pid: the pid alone would collide.
+    first, second = atomic.temporary_path(tmp_path / "f.bin"), atomic.temporary_path(tmp_path / "f.bin")
+    assert first != second
+    assert first.parent == tmp_path and first.name.startswith(f"f.bin.tmp-{os.getpid()}-")
+
+
+def test_sweep_removes_only_temporaries_older_than_the_cutoff(tmp_path):
+    names = ["model.cllm.tmp-123-0badf00d", "metrics.jsonl.tmp-77", "fresh.tmp-5-abcd1234", "notes.tmp",
+             "model.cllm", "draft.tmp-notes"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    cutoff = (tmp_path / "model.cllm").stat().st_mtime
+    for name in names:
+        if name != "fresh.tmp-5-abcd1234":
+            os.utime(tmp_path / name, (cutoff - 60, cutoff - 60))
+    os.utime(tmp_path / "fresh.tmp-5-abcd1234", (cutoff + 60, cutoff + 60))  # written after the cutoff: kept
+    swept = atomic.sweep_temporaries(tmp_path, older_than=cutoff)
+    assert sorted(p.name for p in swept) == ["metrics.jsonl.tmp-77", "model.cllm.tmp-123-0badf00d"]
+    assert sorted(os.listdir(tmp_path)) == ["draft.tmp-notes", "fresh.tmp-5-abcd1234", "model.cllm", "notes.tmp"]
+    assert atomic.sweep_temporaries(tmp_path / "missing", older_than=cutoff) == []
+
+
 def test_save_model_goes_through_the_atomic_write(tmp_path, monkeypatch, model, tokenizer):
     path = tmp_path / "m.cllm"
     save_model(path, model, tokenizer)
