@@ -1,8 +1,8 @@
 """Text to trained model: the training loop, resume, and the command-line tools end to end."""
 import json
+import os
 import subprocess
 import sys
-
 from functools import partial
 
 import anyio
@@ -11,7 +11,9 @@ import pytest
 
 from cllm.checkpoint import load_model
 from cllm.data import prepare
+from cllm.errors import UsageError
 from cllm.model import GPT, ModelConfig
+from cllm.plot import read_metrics, write_loss_plot
 from cllm.trainer import Trainer, TrainSettings
 
 TEXT = "".join(f"the {w} sat on the mat number {i}.\n" for i, w in enumerate(["cat", "dog", "bird", "fox"] * 60))
@@ -128,3 +130,30 @@ def test_plot_tool(tmp_path):
         assert_usage_error(r, "pip install")
     else:
         assert r.returncode == 0 and (tmp_path / "loss.png").stat().st_size > 1000
+
+
+def test_a_failing_render_leaves_the_old_plot_and_no_temporary(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
+    (tmp_path / "loss.png").write_bytes(b"the old plot")
+
+    def half_then_fail(self, target, **kwargs):
+        (target if hasattr(target, "write") else open(target, "wb")).write(b"half a png")
+        raise RuntimeError("render failed")
+
+    monkeypatch.setattr(Figure, "savefig", half_then_fail)
+    with pytest.raises(RuntimeError, match="render failed"):
+        write_loss_plot(tmp_path)
+    assert (tmp_path / "loss.png").read_bytes() == b"the old plot"
+    assert sorted(os.listdir(tmp_path)) == ["loss.png", "metrics.jsonl"]
+
+
+def test_metrics_reading_drops_a_torn_last_line_only(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.5}\n{"step": 3, "lo')  # killed mid-write
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    path.write_text('{"step": 1, "loss": 3.0}\nnot json\n{"step": 3, "loss": 2.5}\n')
+    with pytest.raises(UsageError, match="metrics.jsonl:2 is not JSON"):
+        read_metrics(tmp_path)
