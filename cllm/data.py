@@ -2,7 +2,7 @@
 
 prepare() finds the text files under a path, trains a tokenizer on them and streams their tokens into two token
 files, train and validation, beside tokenizer.json. When neither the corpus nor the settings changed, the next
-prepare() reuses all three. Batches cuts random windows out of a token file as a pure function of (seed, step),
+prepare() reuses all three; reopen() opens them again without looking at the corpus at all. Batches cuts random windows out of a token file as a pure function of (seed, step),
 so a resumed run sees exactly the batches an unbroken run would have seen.
 """
 from __future__ import annotations
@@ -13,14 +13,15 @@ import json
 import os
 import struct
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from .atomic import atomic_write_bytes, commit, temporary_path
-from .tokenizer import Tokenizer, check_settings
+from .errors import UsageError
+from .tokenizer import KINDS, Tokenizer, check_settings
 
 TOKENIZER_FILE, TRAIN_FILE, VAL_FILE = "tokenizer.json", "train.tokens", "val.tokens"
 
@@ -30,11 +31,11 @@ PIECE_CHARS = 1 << 16  # characters read at a time; a piece is cut at the last s
 BATCH_CHARS = 1 << 20  # characters per encode_batch call: keeps HF's threads busy and memory bounded
 
 
-class CorpusError(ValueError):
+class CorpusError(UsageError):
     """The corpus cannot be used: it is missing, holds no text, or is too short for the windows asked of it."""
 
 
-class TokenFileError(ValueError):
+class TokenFileError(UsageError):
     """A token file is truncated, corrupt or not a cllm token file at all."""
 
 
@@ -42,15 +43,20 @@ class TokenFileError(ValueError):
 # The corpus: which files, which of them are text, and their text in pieces
 
 
-def discover(path) -> list[Path]:
-    """The path itself if it is a file, else every file under it, sorted; hidden files and folders are skipped."""
+def discover(path, *, skip=None) -> list[Path]:
+    """The path itself if it is a file, else every file under it, sorted; hidden files and folders are skipped,
+    and so is the folder `skip` wherever it turns up in the walk."""
     path = Path(path)
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise CorpusError(f"no such file or folder: {path}")
+    skip = None if skip is None else Path(skip).resolve()
     found = []
     for folder, subfolders, names in os.walk(path):
+        if skip is not None and Path(folder).resolve() == skip:
+            subfolders[:] = []
+            continue
         subfolders[:] = [name for name in subfolders if not name.startswith(".")]
         found += [Path(folder) / name for name in names if not name.startswith(".")]
     return sorted(p for p in found if p.is_file())  # is_file: no sockets or FIFOs, which would block a read
@@ -74,22 +80,21 @@ class Corpus:
 
 
 def scan(path, *, exclude=None) -> Corpus:
-    """Inspects every file under path (skipping those under `exclude`) and keeps the ones that are text.
+    """Inspects every file under path and keeps the ones that are text.
 
     path may also be a list of files and folders; their names are then taken relative to their common folder.
+    exclude is a folder never read while walking a folder of the corpus: a run folder that sits inside it holds
+    the run's own output. A file named in path is always read.
     """
     paths = [Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)]
     if not paths:
         raise CorpusError("no corpus files given")
-    files = [f for p in paths for f in discover(p)]
+    files = [f for p in paths for f in discover(p, skip=exclude)]
     if len(paths) > 1:
         path = Path(os.path.commonpath([p.resolve() for p in paths]))
         files = [f.resolve() for f in files]
     else:
         path = paths[0]
-    if exclude is not None:
-        excluded = Path(exclude).resolve()
-        files = [f for f in files if not f.resolve().is_relative_to(excluded)]
     if not files:
         raise CorpusError(f"no files in {path}")
     root = path if path.is_dir() else path.parent
@@ -253,7 +258,7 @@ class TokenFile:
 
 
 class TokenFileWriter:
-    """Streams tokens into PATH.tmp-<pid> in the same folder; commit() writes the final count into the header,
+    """Streams tokens into a temporary file beside PATH; commit() writes the final count into the header,
     syncs and renames the file into place. A crash or an error never leaves a half-written file under PATH.
     Use it as a context manager: leaving the block without commit() deletes the temporary file."""
 
@@ -305,6 +310,16 @@ class TokenFileWriter:
 
 
 @dataclass(frozen=True)
+class TokenizerSettings:
+    """The tokenizer flags of train_model: each field's default and help are the flag's."""
+    kind: str = field(default="bpe", metadata={
+        "flag": "--tokenizer", "choices": KINDS, "help": "byte-level BPE, characters, or lower-cased words"})
+    vocab_size: int = field(default=4096, metadata={
+        "help": "tokens in the vocabulary, special tokens included; caps char too (the most frequent characters "
+                "are kept, the rest become <unk>)"})
+
+
+@dataclass(frozen=True)
 class PrepareReport:
     files: int
     bytes: int
@@ -312,6 +327,8 @@ class PrepareReport:
     train_tokens: int
     val_tokens: int
     reused: bool  # True when the existing tokenizer and token files were up to date
+    fingerprint: bytes  # the corpus's (Corpus.fingerprint)
+    val_fingerprint: bytes | None  # the validation data's, when it is separate
 
 
 @dataclass(frozen=True)
@@ -319,24 +336,27 @@ class Prepared:
     tokenizer: Tokenizer
     train: np.ndarray  # token ids, memory-mapped read-only
     val: np.ndarray
-    report: PrepareReport
+    recipe: bytes  # what the files were made from: reopen() takes it to open exactly these files again
+    report: PrepareReport | None  # None from reopen(), which looks at no corpus
 
 
 def prepare(data, out_dir, *, tokenizer: str = "bpe", vocab_size: int | None = None, val_data=None,
-            val_fraction: float = 0.1, log: Callable[[str], object] = print) -> Prepared:
+            val_fraction: float = 0.1, exclude=None, log: Callable[[str], object] = print) -> Prepared:
     """Trains a tokenizer on the text under `data` and writes out_dir/{tokenizer.json,train.tokens,val.tokens}.
 
     The validation tokens are the last val_fraction of the token stream or, when val_data (a file or folder) is
     given, its tokens; the tokenizer is then trained on `data` alone. If the corpus (every usable file's relative
     path and content) and the settings are unchanged since the last call, the files are reused as they are.
+    exclude (default: out_dir) is a folder never read as corpus, e.g. the run folder that out_dir is part of.
     Raises CorpusError for a missing or unusable corpus, ValueError for bad settings.
     """
     check_settings(tokenizer, vocab_size)
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     out_dir = Path(out_dir)
-    corpus = scan(data, exclude=out_dir)  # out_dir may sit inside the corpus folder: never read our own output
-    val_corpus = None if val_data is None else scan(val_data, exclude=out_dir)
+    exclude = out_dir if exclude is None else exclude  # it may sit inside the corpus folder: never read our output
+    corpus = scan(data, exclude=exclude)
+    val_corpus = None if val_data is None else scan(val_data, exclude=exclude)
     log(f"corpus: {corpus.describe()}" + (f"; validation: {val_corpus.describe()}" if val_corpus else ""))
 
     recipe = _recipe(corpus, val_corpus, tokenizer, vocab_size, val_fraction)
@@ -345,13 +365,25 @@ def prepare(data, out_dir, *, tokenizer: str = "bpe", vocab_size: int | None = N
     if not reused:
         outputs = _build(out_dir, recipe, corpus, val_corpus, tokenizer, vocab_size, val_fraction)
     tok, train, val = outputs
-    report = PrepareReport(len(corpus.files), corpus.n_bytes, corpus.skipped, len(train), len(val), reused)
+    report = PrepareReport(len(corpus.files), corpus.n_bytes, corpus.skipped, len(train), len(val), reused,
+                           corpus.fingerprint, val_corpus.fingerprint if val_corpus else None)
     counts = f"{len(train):,} train + {len(val):,} validation tokens"
     if report.reused:
         log(f"reusing the tokenizer and tokens in {out_dir} (corpus and settings unchanged): {counts}")
     else:
         log(f"tokens: {counts}, {tok.kind} tokenizer with {tok.vocab_size:,} tokens, written to {out_dir}")
-    return Prepared(tok, train.tokens, val.tokens, report)
+    return Prepared(tok, train.tokens, val.tokens, recipe, report)
+
+
+def reopen(out_dir, recipe: bytes) -> Prepared:
+    """The tokenizer and token files that prepare() made from `recipe`, opened as they are: no corpus is read and
+    nothing is rebuilt. Raises TokenFileError if they are missing, damaged, or were rebuilt from anything else."""
+    outputs = _load_if_current(Path(out_dir), recipe)
+    if outputs is None:
+        raise TokenFileError(f"the tokenizer and token files in {out_dir} are missing, damaged, or not the ones "
+                             f"this run was prepared with (rebuilt since?)")
+    tok, train, val = outputs
+    return Prepared(tok, train.tokens, val.tokens, recipe, None)
 
 
 def _recipe(corpus: Corpus, val_corpus: Corpus | None, kind: str, vocab_size: int | None,

@@ -6,7 +6,8 @@ import pytest
 
 from cllm import data
 from cllm.data import (Batches, CorpusError, TokenFile, TokenFileError, TokenFileWriter, discover, eval_batches,
-                       prepare, read_pieces, scan)
+                       prepare, read_pieces, reopen, scan)
+from cllm.errors import UsageError
 from cllm.tokenizer import Tokenizer
 
 SPEECH = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
@@ -254,6 +255,40 @@ def test_an_output_folder_inside_the_corpus_is_not_read_as_corpus(tmp_path):
     first = prepare(tmp_path / "corpus", tmp_path / "corpus" / "prepared", tokenizer="char", log=quiet)
     second = prepare(tmp_path / "corpus", tmp_path / "corpus" / "prepared", tokenizer="char", log=quiet)
     assert second.report.reused and second.report.files == first.report.files == 1
+
+
+def test_a_run_folder_inside_the_corpus_is_skipped_whole(tmp_path):
+    write(tmp_path / "corpus" / "speech.txt", SPEECH * 20)
+    run = tmp_path / "corpus" / "run"
+    first = prepare(tmp_path / "corpus", run / "data", tokenizer="char", exclude=run, log=quiet)
+    write(run / "metrics.jsonl", '{"step": 1, "loss": 3.0}\n')  # what a run writes beside data/: text too
+    write(run / "run.json", "{}\n")
+    second = prepare(tmp_path / "corpus", run / "data", tokenizer="char", exclude=run, log=quiet)
+    assert second.report.reused and second.report.files == first.report.files == 1
+
+
+def test_a_file_named_as_the_corpus_is_read_even_inside_the_excluded_folder(tmp_path):
+    corpus = write(tmp_path / "run" / "text.txt", SPEECH * 20)
+    prepared = prepare(corpus, tmp_path / "run" / "data", tokenizer="char", exclude=tmp_path / "run", log=quiet)
+    assert prepared.report.files == 1
+
+
+def test_reopen_opens_the_prepared_files_without_reading_the_corpus(tmp_path, monkeypatch):
+    corpus = write(tmp_path / "corpus" / "speech.txt", SPEECH * 20)
+    first = prepare(corpus, tmp_path / "out", tokenizer="char", log=quiet)
+    write(corpus, SPEECH * 20 + "Zebras!\n")  # the corpus changes; the prepared files stay what they were
+    monkeypatch.setattr(data, "scan", lambda *a, **k: pytest.fail("the corpus was read"))
+    again = reopen(tmp_path / "out", first.recipe)
+    assert np.array_equal(again.train, first.train) and np.array_equal(again.val, first.val)
+    assert again.tokenizer.to_json() == first.tokenizer.to_json() and again.report is None
+    monkeypatch.undo()
+    prepare(corpus, tmp_path / "out", tokenizer="char", log=quiet)  # rebuilt from the new text
+    with pytest.raises(TokenFileError, match="not the ones this run was prepared with"):
+        reopen(tmp_path / "out", first.recipe)
+
+
+def test_corpus_and_token_file_errors_are_usage_errors():
+    assert issubclass(CorpusError, UsageError) and issubclass(TokenFileError, UsageError)
 
 
 def test_bad_settings_fail_before_any_work(tmp_path):
