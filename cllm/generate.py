@@ -13,7 +13,7 @@ the whole sequence so far; the cached keys and values are exactly what the full 
 agree with `GPT.logits` up to float32 rounding.
 
 Context overflow: the model has learned positions for `context_length` tokens and no more, so nothing here
-slides or truncates the window. A prompt longer than the context raises ValueError. Generation stops with
+slides or truncates the window. A prompt longer than the context raises UsageError. Generation stops with
 finish_reason "length" once the prompt plus the generated tokens fill the context (a prompt of exactly
 context_length tokens therefore generates nothing), or after max_new_tokens. It stops with "stop" when the model
 generates the separator token (the end of a document) or the text contains a stop string. An empty prompt
@@ -29,11 +29,17 @@ import numpy as np
 
 from ._kernels import decode, linear
 from .buffers import aligned_zeros
+from .errors import UsageError
 from .model import GPT, Workspace
 
 # A byte-level BPE token can end inside a multi-byte UTF-8 character; until the next token completes it, that
 # character decodes to U+FFFD.
 REPLACEMENT_CHARACTER = "\ufffd"
+
+# Temperatures below this sample greedily, as temperature 0 does (vLLM draws the same line). Dividing logits by a
+# smaller one overflows: 1e-310 turned every logit into inf and the softmax into NaN, which always drew the last
+# token id. Down here the softmax is the argmax anyway, unless two logits are within about 1e-3 of each other.
+GREEDY_TEMPERATURE = 1e-5
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -192,12 +198,12 @@ def sample_token(logits: np.ndarray, rng: np.random.Generator, *, temperature: f
                  top_k: int | None = None, top_p: float | None = None) -> int:
     """One token id drawn from logits (V,).
 
-    temperature 0 is greedy (the first maximum). Otherwise the draw is from softmax(logits / temperature),
-    restricted first to the top_k most likely tokens (ties with the k-th are kept), then to the smallest set of
-    most likely tokens whose probability reaches top_p. Either filter always keeps the most likely token, so
-    top_k=1 or a tiny top_p is greedy.
+    temperature 0 is greedy (the first maximum), and so is any temperature below GREEDY_TEMPERATURE (1e-5).
+    Otherwise the draw is from softmax(logits / temperature), restricted first to the top_k most likely tokens
+    (ties with the k-th are kept), then to the smallest set of most likely tokens whose probability reaches
+    top_p. Either filter always keeps the most likely token, so top_k=1 or a tiny top_p is greedy.
     """
-    if temperature == 0:
+    if temperature < GREEDY_TEMPERATURE:
         return int(np.argmax(logits))
     z = logits.astype(np.float64) / temperature
     if top_k is not None and top_k < z.size:
@@ -215,13 +221,38 @@ def sample_token(logits: np.ndarray, rng: np.random.Generator, *, temperature: f
 
 
 def check_sampling(*, temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """Raises ValueError for sampling settings that mean nothing."""
+    """Raises UsageError for sampling settings that mean nothing."""
     if not (isinstance(temperature, Real) and math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        raise UsageError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if top_k is not None and (not isinstance(top_k, Integral) or isinstance(top_k, bool) or top_k < 1):
-        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+        raise UsageError(f"top_k must be a positive integer or None, got {top_k!r}")
     if top_p is not None and not (isinstance(top_p, Real) and 0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+        raise UsageError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+
+
+def check_generation(*, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
+                     seed: int | None, stop: str | Iterable[str]) -> tuple[str, ...]:
+    """Raises UsageError for generation settings that mean nothing; returns the stop strings as a tuple."""
+    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+    if not isinstance(max_new_tokens, Integral) or max_new_tokens < 0:
+        raise UsageError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    if seed is not None and (not isinstance(seed, Integral) or isinstance(seed, bool) or seed < 0):
+        raise UsageError(f"seed must be a non-negative integer or None, got {seed!r}")
+    stop = (stop,) if isinstance(stop, str) else tuple(stop)
+    if not all(isinstance(s, str) and s for s in stop):
+        raise UsageError("stop strings must be non-empty strings")
+    return stop
+
+
+def token_ids(value, vocab_size: int, what: str) -> np.ndarray:
+    """value as a 1-D int32 array of token ids below vocab_size (UsageError otherwise): ids a caller hands in
+    instead of text, checked before any kernel sees them."""
+    ids = np.asarray(value) if isinstance(value, (list, tuple, np.ndarray)) else None
+    if ids is None or ids.ndim != 1 or not (ids.size == 0 or np.issubdtype(ids.dtype, np.integer)):
+        raise UsageError(f"{what} must be a string or token ids, got {type(value).__name__}")
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise UsageError(f"{what} holds token ids outside [0, {vocab_size}): {ids.min()}..{ids.max()}")
+    return ids.astype(np.int32)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -285,31 +316,27 @@ def _stop_prefix_length(text: str, stops: tuple[str, ...]) -> int:
 class Continuation:
     """One continuation of a prompt, apart from the model that computes it.
 
-    Settings are checked and the prompt encoded on creation. Then each `advance(logits)` draws the next token,
-    turns it into settled text and decides whether the continuation has ended (`finish_reason`). A Generation
-    drives one with a decoder of its own; a server drives many, one per row of a shared decoder, and gets the
-    very same tokens and text.
+    Settings are checked and the prompt encoded (unless it comes as token ids) on creation. Then each
+    `advance(logits)` draws the next token, turns it into settled text and decides whether the continuation has
+    ended (`finish_reason`). A Generation drives one with a decoder of its own; a server drives many, one per
+    row of a shared decoder, and gets the very same tokens and text.
 
     `prompt_ids` are the tokens the model is given, `token_ids` the tokens generated (stop string included,
     separator not), `finish_reason` "stop" or "length", None while it may go on.
     """
 
-    def __init__(self, tokenizer, prompt: str, *, context_length: int, max_new_tokens: int = 256,
+    def __init__(self, tokenizer, prompt: str | Sequence[int], *, context_length: int, max_new_tokens: int = 256,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, stop: str | Iterable[str] = ()):
-        check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
-        if not isinstance(max_new_tokens, Integral) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-        if seed is not None and (not isinstance(seed, Integral) or isinstance(seed, bool) or seed < 0):
-            raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
-        stop = (stop,) if isinstance(stop, str) else tuple(stop)
-        if not all(isinstance(s, str) and s for s in stop):
-            raise ValueError("stop strings must be non-empty strings")
-        ids = tokenizer.encode(prompt)
+        stop = check_generation(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                seed=seed, stop=stop)
+        # Token ids are taken as they are: a server that has tokenized the prompt to count it need not again.
+        ids = tokenizer.encode(prompt) if isinstance(prompt, str) else token_ids(prompt, tokenizer.vocab_size,
+                                                                                 "the prompt")
         if len(ids) == 0:
             ids = [tokenizer.separator_id]
         if len(ids) > context_length:
-            raise ValueError(f"the prompt is {len(ids)} tokens long but the model's context holds only "
+            raise UsageError(f"the prompt is {len(ids)} tokens long but the model's context holds only "
                              f"{context_length}")
         self.prompt_ids = [int(i) for i in ids]
         self.token_ids: list[int] = []

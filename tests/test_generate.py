@@ -13,9 +13,13 @@ import numpy as np
 import pytest
 
 from cllm._kernels import attention, decode
+from cllm.checkpoint import save_model
+from cllm.errors import UsageError
 from cllm.generate import Decoder, TextStream, complete, generate, sample_token
 from cllm.model import GPT, ModelConfig
+from cllm.threads import current_blas_limit
 from cllm.tokenizer import Tokenizer
+from cllm.tools import inference
 from tests.reference import rel_err
 
 f32 = np.float32
@@ -235,6 +239,20 @@ def test_top_k_and_top_p_restrict_the_candidates(logits):
     assert drawn <= nucleus and len(drawn) > 1
 
 
+@pytest.mark.parametrize("temperature", [1e-310, 5e-324, 1e-200, 9.9e-6])
+def test_temperatures_too_small_to_divide_by_are_greedy(temperature):
+    # 1e-310 used to overflow the logits to inf, the softmax to NaN, and always drew the last token id.
+    logits = np.array([0.5, 3.0, -1.0, 2.9, 0.0], f32)
+    rng = np.random.default_rng(0)
+    assert {sample_token(logits, rng, temperature=temperature) for _ in range(20)} == {1}
+    assert {sample_token(logits, rng, temperature=temperature, top_k=3, top_p=0.9) for _ in range(20)} == {1}
+
+
+def test_a_tiny_temperature_generates_the_greedy_text(model, tokenizer):
+    greedy = complete(model, tokenizer, "lazy", max_new_tokens=8, temperature=0)
+    assert complete(model, tokenizer, "lazy", max_new_tokens=8, temperature=1e-310, seed=3) == greedy
+
+
 def test_sampling_follows_the_softmax_and_is_seeded():
     logits = np.log(np.array([0.5, 0.3, 0.2, 0.0], f32) + 1e-30)
     rng = np.random.default_rng(7)
@@ -312,6 +330,16 @@ def test_ids_past_the_tokenizer_vocabulary_are_never_sampled(tokenizer):
     assert len(generation.token_ids) == 5 and max(generation.token_ids) < tokenizer.vocab_size
 
 
+def test_a_prompt_may_be_given_as_token_ids(model, tokenizer):
+    as_text = generate(model, tokenizer, "the fox", max_new_tokens=6, temperature=0)
+    as_ids = generate(model, tokenizer, tokenizer.encode("the fox").tolist(), max_new_tokens=6, temperature=0)
+    assert list(as_ids) == list(as_text) and as_ids.prompt_ids == as_text.prompt_ids
+    with pytest.raises(UsageError, match=r"outside \[0, "):
+        generate(model, tokenizer, [1, tokenizer.vocab_size])
+    with pytest.raises(UsageError, match="must be a string or token ids"):
+        generate(model, tokenizer, [0.5, 1.5])
+
+
 def test_empty_prompt_starts_from_the_separator(model, tokenizer):
     generation = generate(model, tokenizer, "", max_new_tokens=3, temperature=0)
     list(generation)
@@ -339,8 +367,56 @@ def test_context_limits(model, tokenizer):
     (dict(stop=("",)), "stop"),
 ])
 def test_bad_settings_raise_before_generating(model, tokenizer, settings, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UsageError, match=message):
         generate(model, tokenizer, "a", **settings)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the inference tool
+
+
+@pytest.fixture(scope="module")
+def model_path(model, tokenizer, tmp_path_factory):
+    path = tmp_path_factory.mktemp("inference") / "tiny.cllm"
+    save_model(path, model, tokenizer)
+    return path
+
+
+def blas_threads() -> int:
+    from threadpoolctl import threadpool_info
+    return min(pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_inference_holds_blas_at_its_threads_while_decoding(model_path, monkeypatch, capsys, threads):
+    seen = []
+    step = Decoder.step
+
+    def observed_step(self, *args, **kwargs):
+        seen.append((current_blas_limit(), blas_threads(), self.threads))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Decoder, "step", observed_step)
+    assert inference.main([str(model_path), "-p", "the", "-n", "4", "--temperature", "0",
+                           "--threads", str(threads)]) == 0
+    # BLAS has the budget; the kernels' OpenMP loops (the prefill's) stay on one thread, never threads x threads.
+    assert seen and set(seen) == {(threads, threads, 1)}
+    assert current_blas_limit() is None  # given back
+
+
+def test_inference_verbose_counts_tokens_not_pieces(model, tokenizer, model_path, capsys):
+    text, _ = complete(model, tokenizer, "box", max_new_tokens=10, temperature=0)
+    # A stop string that starts like the text's third character but never completes holds that character back
+    # until the next token: that token's piece then holds two tokens' text, so pieces are fewer than tokens.
+    stop = text[2] + "#"
+    generation = generate(model, tokenizer, "box", max_new_tokens=10, temperature=0, stop=stop)
+    pieces = list(generation)
+    assert len(pieces) < len(generation.token_ids) == 10
+    assert inference.main([str(model_path), "-p", "box", "-n", "10", "--temperature", "0", "--stop", stop,
+                           "-v"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "box" + generation.text + "\n"
+    assert err.startswith("10 tokens in ") and err.rstrip().endswith("tokens/s")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import time
 
 from ..checkpoint import load_model
 from ..generate import generate
+from ..threads import blas_limit
 from ._cli import Parser, non_negative_float, positive_int, run
 
 
@@ -24,29 +25,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model", help="a .cllm model file")
     p.add_argument("-p", "--prompt", default="", help="text to continue (default: start a new document)")
     p.add_argument("-n", "--max-new", type=positive_int, default=200, help="tokens to generate at most")
-    p.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 is greedy")
+    p.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 (or below 1e-5) is greedy")
     p.add_argument("--top-k", type=positive_int, help="sample from the k most likely tokens")
     p.add_argument("--top-p", type=probability, help="sample from the smallest set holding this probability")
     p.add_argument("--seed", type=int, help="for reproducible sampling")
     p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
-    p.add_argument("--threads", type=positive_int, default=1, help="kernel threads")
+    p.add_argument("--threads", type=positive_int, default=1, help="threads for the kernels and BLAS")
     p.add_argument("-v", "--verbose", action="store_true", help="report tokens/s on stderr")
     args = p.parse_args(argv)
 
-    model, tokenizer = load_model(args.model, threads=args.threads)
+    # The kernels' own OpenMP loops stay on one thread: the prefill's attention calls BLAS inside its loop, and
+    # BLAS has the thread budget (below), so threads of each would make threads² (as in cllm.serving).
+    model, tokenizer = load_model(args.model, threads=1)
     started = time.perf_counter()
-    pieces = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new, temperature=args.temperature,
-                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+    generation = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
     sys.stdout.write(args.prompt)
-    count = 0
-    for piece in pieces:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-        count += 1
+    # BLAS would otherwise use every core whatever --threads says.
+    with blas_limit(args.threads):
+        for piece in generation:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
     sys.stdout.write("\n")
     if args.verbose:
-        seconds = time.perf_counter() - started
-        print(f"{count} pieces in {seconds:.2f} s: {count / seconds:.1f} tokens/s", file=sys.stderr)
+        # Tokens, not pieces: a piece may hold several tokens' text, or a token none yet.
+        tokens, seconds = len(generation.token_ids), time.perf_counter() - started
+        print(f"{tokens} tokens in {seconds:.2f} s: {tokens / seconds:.1f} tokens/s", file=sys.stderr)
     return 0
 
 
