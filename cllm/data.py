@@ -2,8 +2,9 @@
 
 prepare() finds the text files under a path, trains a tokenizer on them and streams their tokens into two token
 files, train and validation, beside tokenizer.json. When neither the corpus nor the settings changed, the next
-prepare() reuses all three; reopen() opens them again without looking at the corpus at all. Batches cuts random windows out of a token file as a pure function of (seed, step),
-so a resumed run sees exactly the batches an unbroken run would have seen.
+prepare() reuses all three; reopen() opens them again without looking at the corpus at all. Batches cuts random
+windows out of a token file as a pure function of (seed, step), so a resumed run sees exactly the batches an
+unbroken run would have seen.
 """
 from __future__ import annotations
 
