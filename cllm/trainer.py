@@ -1,6 +1,6 @@
 """The training loop: sphere-parallel steps, LR schedule, clipping, evaluation, metrics, checkpoints, resume.
 
-A run folder holds everything about one run:
+A run folder holds everything about one run (see run_folder.py for run.json and the lock):
     model.cllm               the latest weights + config + tokenizer (a complete model)
     train_state.safetensors  what resume needs beyond that: AdamW moments, step, seed, data cursor
     metrics.jsonl            one JSON object per optimizer step
@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,56 +27,83 @@ from .atomic import atomic_write_bytes
 from .checkpoint import load_state, save_model, save_state
 from .data import Batches, eval_batches
 from .distributed import MPIGroup
+from .errors import UsageError
 from .model import GPT
 from .optim import AdamW, cosine_lr
+from .plot import METRICS_FILE, read_metrics
 from .progress import Progress, sphere_summary
 from .spheres import Spheres
+from .threads import MAX_THREADS, available_cpus
 from .tokenizer import Tokenizer
 
 MODEL_FILE = "model.cllm"
 STATE_FILE = "train_state.safetensors"
-METRICS_FILE = "metrics.jsonl"
+
+
+def _setting(default, help: str, **more):
+    return field(default=default, metadata={"help": help, **more})
 
 
 @dataclass
 class TrainSettings:
-    steps: int = 2000
-    batch_size: int = 16
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    beta2: float = 0.99  # small CPU batches give noisy second moments: average them longer than GPT-2's 0.95
-    warmup: int = 100
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    grad_accum: int = 1
-    eval_every: int = 200
-    eval_batches: int = 20
-    checkpoint_every: int = 500
-    seed: int = 1337
-    threads: int = max(1, os.cpu_count() or 1)
-    spheres: int = 12
-    step_timeout: float | None = None  # seconds; None chooses one from measured step times (StepDeadline)
-    stats: bool = False  # per-sphere progress lines and a summary at the end
+    """Every training setting. Each field's default and help text are also train_model's flag's (--batch-size for
+    batch_size), and run.json records them all."""
+    steps: int = _setting(2000, "optimizer steps")
+    batch_size: int = _setting(16, "sequences per step")
+    lr: float = _setting(1e-3, "peak learning rate")
+    min_lr: float = _setting(1e-4, "final learning rate (cosine decay)")
+    # Small CPU batches give noisy second moments: average them longer than GPT-2's 0.95.
+    beta2: float = _setting(0.99, "AdamW's second-moment decay")
+    warmup: int = _setting(100, "linear warmup steps")
+    weight_decay: float = _setting(0.1, "AdamW decay, on matrices only")
+    grad_clip: float = _setting(1.0, "global-norm clipping; 0 disables it")
+    grad_accum: int = _setting(1, "micro-batches per step")
+    eval_every: int = _setting(200, "steps between validation runs")
+    eval_batches: int = _setting(20, "validation batches per run")
+    checkpoint_every: int = _setting(500, "steps between checkpoints (and one at the end)")
+    seed: int = _setting(1337, "initialisation and batch order")
+    threads: int = field(default_factory=available_cpus, metadata={
+        "help": "worker threads; any count gives the same bits", "default_help": "the CPUs this process may use"})
+    spheres: int = _setting(12, "shards per batch; fixes the result, whatever --threads is")
+    # None: a deadline from measured step times (StepDeadline).
+    step_timeout: float | None = _setting(None, "seconds a step may take before it counts as stalled",
+                                          default_help="300 s for the first steps, then 25x the median step, "
+                                                       "at least 30 s")
+    stats: bool = _setting(False, "per-sphere shards, busy time and tokens/s, live and in a summary at the end")
+
+    # How this process runs the training, not what it computes: a resumed run takes these from its own command
+    # line (or their defaults), not from the run it continues.
+    EXECUTION = ("threads", "step_timeout", "stats")
+    # What may differ from the run's own settings when it is resumed: those, and steps (to train longer; the cosine
+    # schedule then follows the new total).
+    RESUME_OVERRIDES = ("steps", *EXECUTION)
 
     def validate(self) -> None:
         positive = ["steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "checkpoint_every",
                     "threads", "spheres"]
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise UsageError(f"{flag(name)} must be a positive integer, got {getattr(self, name)}")
         if not 0 < self.lr < 10 or not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"need 0 < lr < 10 and 0 <= min-lr <= lr, got lr={self.lr}, min-lr={self.min_lr}")
+            raise UsageError(f"need 0 < lr < 10 and 0 <= min-lr <= lr, got lr={self.lr}, min-lr={self.min_lr}")
         if not 0 <= self.beta2 < 1:
-            raise ValueError(f"beta2 must be in [0, 1), got {self.beta2}")
-        if self.warmup < 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("warmup, weight-decay and grad-clip must not be negative")
-        if self.threads > 64:
-            raise ValueError(f"threads must be in [1, 64], got {self.threads}")
+            raise UsageError(f"--beta2 must be in [0, 1), got {self.beta2}")
+        for name in ("warmup", "weight_decay", "grad_clip", "seed"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"{flag(name)} must not be negative, got {getattr(self, name)}")
+        if self.threads > MAX_THREADS:
+            raise UsageError(f"--threads must be in [1, {MAX_THREADS}], got {self.threads}")
         if self.step_timeout is not None and not self.step_timeout > 0:
-            raise ValueError(f"step-timeout must be positive, got {self.step_timeout}")
+            raise UsageError(f"--step-timeout must be positive, got {self.step_timeout}")
 
-    # What a resumed run must share with the original for its batches and updates to continue exactly.
-    RESUME_KEYS = ("batch_size", "grad_accum", "seed", "spheres")
+
+def flag(name: str) -> str:
+    """The train_model flag of a TrainSettings field."""
+    return "--" + name.replace("_", "-")
+
+
+class TrainingDiverged(RuntimeError):
+    """The gradient became NaN or infinite. Nothing was written for that step, so the last checkpoint is good."""
 
 
 class TrainingInterrupted(Exception):
@@ -125,8 +152,10 @@ class StopSignals:
         if self.received is not None:
             os._exit(128 + signum)  # the second signal: leave now, without waiting for the step
         self.received = signum
-        print(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint "
-              f"(again to quit at once)", file=sys.stderr, flush=True)
+        # Straight to fd 2: the handler may run in the middle of a write to sys.stderr (the progress bar's), and
+        # a buffered stream entered again from there raises.
+        os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+                    f"(again to quit at once)\n".encode())
 
 
 class StepDeadline:
@@ -194,33 +223,38 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------- resume
 
     def resume(self) -> None:
-        """Restores weights, AdamW moments, step and data cursor from the run folder's last checkpoint."""
-        state = load_state(self.run_dir / STATE_FILE, optimizer=self.optimizer)
-        extra = state["extra"]
-        saved = extra.get("settings", {})
-        for key in TrainSettings.RESUME_KEYS:
-            if key in saved and saved[key] != getattr(self.settings, key):
-                raise ValueError(f"--{key.replace('_', '-')} is {getattr(self.settings, key)} but the run being "
-                                 f"resumed used {saved[key]}; resume needs the same value")
-        np.copyto(self.model.params, state["params"])
-        self.step = state["step"]
+        """Restores weights, AdamW moments, step and data cursor from the run folder's last checkpoint.
+
+        A run stopped before its first checkpoint starts over at step 0, from the model this Trainer was given
+        (which, built with the run's seed, holds the run's initial weights).
+        """
+        if (self.run_dir / STATE_FILE).exists():
+            state = load_state(self.run_dir / STATE_FILE, optimizer=self.optimizer)
+            saved = state["extra"].get("settings", {})
+            for key, value in asdict(self.settings).items():
+                if key in saved and key not in TrainSettings.RESUME_OVERRIDES and saved[key] != value:
+                    raise UsageError(f"{flag(key)} is {value} but the run being resumed used {saved[key]}; "
+                                     f"resume needs the same value")
+            np.copyto(self.model.params, state["params"])
+            self.step = state["step"]
         self._truncate_metrics(self.step)
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drops metric lines past the checkpoint, so a resumed run's log reads as one run."""
-        path = self.run_dir / METRICS_FILE
-        if not path.exists():
+        """Drops metric lines past the checkpoint (and a line torn by a crash), so that a resumed run's log reads
+        as one run."""
+        if not (self.run_dir / METRICS_FILE).exists():
             return
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+        kept = [record for record in read_metrics(self.run_dir) if record["step"] <= step]
+        atomic_write_bytes(self.run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     # ------------------------------------------------------------------------------------------- the loop
 
     async def run(self, *, until: int | None = None) -> TrainResult:
         """Trains to settings.steps, or stops early after step `until` (with a checkpoint, ready to resume).
 
-        Raises SphereStalledError or SphereFailedError when a step fails (no checkpoint is written then, so the
-        last one stays good), and TrainingInterrupted after SIGINT/SIGTERM, once a checkpoint is written.
+        Raises SphereStalledError or SphereFailedError when a step fails, TrainingDiverged when the gradient
+        becomes NaN or infinite (no checkpoint is written then, so the last one stays good), and
+        TrainingInterrupted after SIGINT/SIGTERM, once a checkpoint is written.
         With an MPI group, every rank runs this; rank 0 alone writes files and shows progress.
         """
         s, group = self.settings, self.group
@@ -286,7 +320,11 @@ class Trainer:
             loss += loss_sum / x.size
         if group and s.grad_accum > 1:
             np.copyto(grads, self._accumulated)
-        grad_norm = self.optimizer.step(lr=lr, max_grad_norm=s.grad_clip or None)
+        try:
+            grad_norm = self.optimizer.step(lr=lr, max_grad_norm=s.grad_clip or None)
+        except FloatingPointError:  # raised before the update: the parameters and moments are untouched
+            raise TrainingDiverged(f"step {self.step + 1} diverged: gradient norm is {self.optimizer.grad_norm()} "
+                                   f"(a lower --lr may help)") from None
         self.step += 1
         seconds = time.perf_counter() - t0
         self.deadline.record(seconds)

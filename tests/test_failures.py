@@ -220,16 +220,31 @@ def load_model_step(run_dir):
 
 
 def test_second_interrupt_exits_at_once_and_keeps_the_checkpoint(tmp_path):
-    corpus = tmp_path / "text.txt"
+    corpus, out = tmp_path / "text.txt", tmp_path / "run"
     corpus.write_text(TEXT)
-    proc = start_training(corpus, tmp_path, "--steps", 100000, "--checkpoint-every", 2)
-    wait_for_steps(tmp_path, 5, proc)
-    proc.send_signal(signal.SIGINT)
-    proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=30)
-    assert proc.returncode == 130
-    model, _ = load_model(tmp_path / "model.cllm")  # whichever checkpoint is there is whole
-    assert model.num_params > 0
+    # Step 4 stalls until its 600 s deadline, so the first signal's stop at the next step boundary cannot come:
+    # only a second signal that ends the process at once can end it within the minute waited for below.
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "cllm.tools.train_model", str(corpus), "--out", str(out),
+                                 *TRAIN_ARGS, "--steps", "100", "--checkpoint-every", "2", "--step-timeout", "600"],
+                                stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ, "CLLM_FAULT": "stall:0:4"})
+    try:
+        wait_for_steps(out, 3, proc)
+        proc.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 30  # two signals sent at once could be handled as one
+        while "stopping after this step" not in (tmp_path / "stderr.txt").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, "the first SIGINT was not noticed"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = (tmp_path / "stderr.txt").read_text()
+    assert proc.returncode == 130, err
+    assert "checkpoint written" not in err  # it did not wait for the step to end
+    assert load_model_step(out) == "2"  # the last checkpoint is whole
+    load_model(out / "model.cllm")
 
 
 @pytest.mark.parametrize("kind", ["stall", "hang"])

@@ -1,6 +1,7 @@
 """Text to trained model: the training loop, resume, and the command-line tools end to end."""
 import json
 import os
+import signal
 import subprocess
 import sys
 from functools import partial
@@ -9,12 +10,15 @@ import anyio
 import numpy as np
 import pytest
 
-from cllm.checkpoint import load_model
+from cllm import threads
+from cllm.checkpoint import load_model, read_metadata
 from cllm.data import prepare
 from cllm.errors import UsageError
 from cllm.model import GPT, ModelConfig
+from cllm.optim import AdamW
 from cllm.plot import read_metrics, write_loss_plot
-from cllm.trainer import Trainer, TrainSettings
+from cllm.tools import train_model
+from cllm.trainer import StopSignals, Trainer, TrainSettings
 
 TEXT = "".join(f"the {w} sat on the mat number {i}.\n" for i, w in enumerate(["cat", "dog", "bird", "fox"] * 60))
 
@@ -70,8 +74,34 @@ def test_metrics_and_learning(corpus, tmp_path):
 
 def test_resume_refuses_a_different_batch_layout(corpus, tmp_path):
     train(corpus, tmp_path, small_settings(steps=4))
-    with pytest.raises(ValueError, match="batch-size"):
+    with pytest.raises(UsageError, match="batch-size"):
         train(corpus, tmp_path, small_settings(steps=8, batch_size=6), resume=True)
+
+
+def test_default_threads_are_the_cpus_this_process_may_use(monkeypatch):
+    monkeypatch.setattr(threads, "_cgroup_cpu_quota", lambda: None)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(96)), raising=False)
+    assert TrainSettings().threads == 64  # a 96-core server: the most that --threads takes, not a refusal
+    TrainSettings().validate()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 5, 7}, raising=False)
+    assert TrainSettings().threads == 3  # taskset or a container's cpuset: the CPUs we may run on
+    monkeypatch.setattr(threads, "_cgroup_cpu_quota", lambda: 1.5)
+    assert TrainSettings().threads == 2  # a CPU quota of 1.5 CPUs
+
+
+def test_the_signal_handler_writes_only_to_file_descriptor_2(capfd, monkeypatch):
+    class Unwritable:
+        def write(self, text):
+            raise RuntimeError("reentrant call inside <_io.BufferedWriter name='<stderr>'>")
+
+        flush = write
+
+    monkeypatch.setattr(sys, "stderr", Unwritable())
+    signals = StopSignals()
+    signals._handle(signal.SIGINT, None)  # as if it had interrupted a write to sys.stderr
+    monkeypatch.undo()
+    assert signals.received == signal.SIGINT
+    assert "SIGINT: stopping after this step with a checkpoint (again to quit at once)" in capfd.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ the CLIs
@@ -100,6 +130,44 @@ def test_cli_train_then_generate(corpus, tmp_path):
     assert greedy[0].returncode == 0, greedy[0].stderr
     assert greedy[0].stdout == greedy[1].stdout and greedy[0].stdout.startswith("the cat")
     assert_usage_error(cli("inference", out / "model.cllm", "-p", "the cat " * 10), "context")
+
+
+TOOL_ARGS = ["--tokenizer", "char", "--dim", 16, "--layers", 1, "--heads", 2, "--context", 16, "--batch-size", 4,
+             "--eval-every", 1000, "--eval-batches", 1, "--threads", 2, "--no-progress"]
+
+
+def train_model_main(*args):
+    return train_model.main([str(a) for a in args])
+
+
+def test_a_diverging_step_is_one_line_and_the_checkpoint_stays(corpus, tmp_path, monkeypatch, capsys):
+    norm = AdamW.grad_norm
+    monkeypatch.setattr(AdamW, "grad_norm", lambda self: float("nan") if self.step_count == 2 else norm(self))
+    status = train_model_main(corpus, "--out", tmp_path, *TOOL_ARGS, "--steps", 6, "--checkpoint-every", 2)
+    assert status == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"train_model: error: step 3 diverged: gradient norm is nan (a lower --lr may help); the last checkpoint "
+        f"in {tmp_path} is intact")
+    assert read_metadata(tmp_path / "model.cllm")["step"] == "2"
+    load_model(tmp_path / "model.cllm")
+
+
+def test_a_run_folder_inside_data_is_not_read_as_data(tmp_path, capsys):
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "story.txt").write_text(TEXT)
+    for _ in range(2):  # the second run finds the first one's metrics, record and checkpoints in texts/run
+        assert train_model_main(texts, "--out", texts / "run", *TOOL_ARGS, "--steps", 2) == 0
+    out = capsys.readouterr().out
+    assert out.count("corpus: 1 file,") == 2
+    assert "reusing the tokenizer and tokens" in out  # nothing the run wrote changed the corpus
+
+
+def test_vocab_size_caps_a_char_vocabulary_too(corpus, tmp_path):
+    assert train_model_main(corpus, "--out", tmp_path, *TOOL_ARGS, "--steps", 1, "--vocab-size", 10) == 0
+    _, tokenizer = load_model(tmp_path / "model.cllm")
+    assert tokenizer.vocab_size == 10  # <|endoftext|>, <unk> and the 8 most frequent characters
+    assert tokenizer.decode(tokenizer.encode("the cat")) == "the <unk>at"  # " ", "a", "e", "h", "t" are frequent
 
 
 def test_cli_usage_errors(tmp_path):

@@ -1,101 +1,179 @@
 """Train a model on a text file or a folder of text files.
 
     python -m cllm.tools.train_model DATA --out runs/mine
-    python -m cllm.tools.train_model                         # a short demo on Python's own standard library
+    python -m cllm.tools.train_model --out runs/mine --resume   # continue that run, as its run.json records it
+    python -m cllm.tools.train_model                            # a short demo on Python's own standard library
 
-The run folder gets the tokenizer and token files (data/), model.cllm, train_state.safetensors (for --resume),
-metrics.jsonl and loss.png.
+The run folder gets run.json (what the run was started with), the tokenizer and token files (data/), model.cllm,
+train_state.safetensors (for --resume), metrics.jsonl and loss.png, and a lock file that keeps out a second run
+while this one holds the folder.
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import sys
 import sysconfig
 import time
+import typing
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import anyio
 
-from ..checkpoint import load_model
-from ..data import prepare
+from ..data import Prepared, TokenizerSettings, prepare, reopen
 from ..distributed import CollectiveTimeout, MPIGroup
+from ..errors import UsageError
 from ..generate import complete
 from ..model import GPT, ModelConfig
 from ..plot import write_loss_plot
+from ..run_folder import DATA_DIR, CorpusRecord, RunRecord, hold, start
 from ..spheres import SphereFailedError, SphereStalledError
-from ..trainer import MODEL_FILE, Trainer, TrainingInterrupted, TrainSettings
-from ._cli import Parser, non_negative_float, positive_float, positive_int, run
+from ..trainer import Trainer, TrainingDiverged, TrainingInterrupted, TrainSettings, flag
+from ._cli import Parser, positive_int, run
 
 # With no DATA: the standard library's top-level modules (about 5 MB of Python on any machine) and a
 # schedule that takes about two minutes on two cores.
 DEMO_STEPS = 400
+DEFAULT_OUT = "runs/default"
 
 
 def demo_corpus() -> list[Path]:
     return sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
 
 
+@dataclass(frozen=True)
+class ModelShape:
+    """The model flags. The fields are ModelConfig's; the vocabulary's size comes from the tokenizer."""
+    dim: int = field(default=128, metadata={"help": "model width"})
+    n_layers: int = field(default=4, metadata={"flag": "--layers", "help": "transformer blocks"})
+    n_heads: int = field(default=4, metadata={"flag": "--heads", "help": "attention heads"})
+    context_length: int = field(default=128, metadata={"flag": "--context", "help": "context length in tokens"})
+
+
+# What a run is made of, group by group (RunRecord has the same three). Each dataclass is the one place where its
+# flags' defaults and help are written.
+SETTINGS = {"tokenizer": TokenizerSettings, "model": ModelShape, "training": TrainSettings}
+MAY_CHANGE_ON_RESUME = ", ".join(map(flag, TrainSettings.RESUME_OVERRIDES)) + ", --stop-after and --no-progress"
+
+
+def flag_of(setting: dataclasses.Field) -> str:
+    return setting.metadata.get("flag") or flag(setting.name)
+
+
+def add_flags(group, settings: type, shown_defaults: dict[str, str] | None = None) -> None:
+    """A flag for each field of a settings dataclass, with the field's help and default. The flags themselves
+    have no default: what the user gave is then exactly what the parsed arguments hold."""
+    defaults, types = settings(), typing.get_type_hints(settings)
+    for setting in dataclasses.fields(settings):
+        kind = next(t for t in typing.get_args(types[setting.name]) or [types[setting.name]] if t is not type(None))
+        name, help = flag_of(setting), setting.metadata["help"]
+        if kind is bool:
+            group.add_argument(name, dest=setting.name, action="store_true", help=help)
+            continue
+        default = (shown_defaults or {}).get(setting.name) or setting.metadata.get("default_help") \
+            or getattr(defaults, setting.name)
+        choices = setting.metadata.get("choices")
+        group.add_argument(name, dest=setting.name, type=kind, choices=choices,
+                           metavar=None if choices else name[2:].replace("-", "_").upper(),
+                           help=f"{help} (default: {default})".replace("%", "%%"))
+
+
+def given_settings(settings: type, given: dict, base=None):
+    """base (default: the dataclass's defaults) with the fields the user gave."""
+    names = {setting.name for setting in dataclasses.fields(settings)}
+    return dataclasses.replace(settings() if base is None else base,
+                               **{name: value for name, value in given.items() if name in names})
+
+
 def build_parser() -> Parser:
-    d = TrainSettings()
-    p = Parser(prog="train_model", description="Train a GPT-style model on text, on the CPU.")
+    p = Parser(prog="train_model", description="Train a GPT-style model on text, on the CPU.",
+               argument_default=argparse.SUPPRESS)
     p.add_argument("data", nargs="?", help="a text file or a folder of them (default: a demo corpus, Python's "
-                                           "standard library)")
-    p.add_argument("--out", default="runs/default", help="run folder")
+                                           "standard library; with --resume, the run's own)")
+    p.add_argument("--out", help=f"run folder (default: {DEFAULT_OUT})")
     p.add_argument("--val-data", help="validation text (default: the last 10%% of DATA)")
-    g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer", choices=["bpe", "char", "word"], default="bpe",
-                   help="byte-level BPE, characters, or lower-cased words")
-    g.add_argument("--vocab-size", type=positive_int, default=4096, help="for bpe and word")
-    g = p.add_argument_group("model")
-    g.add_argument("--dim", type=positive_int, default=128, help="model width")
-    g.add_argument("--layers", type=positive_int, default=4, help="transformer blocks")
-    g.add_argument("--heads", type=positive_int, default=4, help="attention heads")
-    g.add_argument("--context", type=positive_int, default=128, help="context length in tokens")
-    g = p.add_argument_group("training")
-    g.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="sequences per step")
-    g.add_argument("--steps", type=positive_int, help=f"optimizer steps (default: {d.steps}, demo: {DEMO_STEPS})")
-    g.add_argument("--lr", type=non_negative_float, default=d.lr, help="peak learning rate")
-    g.add_argument("--min-lr", type=non_negative_float, default=d.min_lr, help="final learning rate (cosine decay)")
-    g.add_argument("--beta2", type=non_negative_float, default=d.beta2, help="AdamW's second-moment decay")
-    g.add_argument("--warmup", type=int, default=d.warmup, help="linear warmup steps")
-    g.add_argument("--weight-decay", type=non_negative_float, default=d.weight_decay,
-                   help="AdamW decay, on matrices only")
-    g.add_argument("--grad-clip", type=non_negative_float, default=d.grad_clip, help="0 disables clipping")
-    g.add_argument("--grad-accum", type=positive_int, default=d.grad_accum, help="micro-batches per step")
-    g.add_argument("--eval-every", type=positive_int, default=d.eval_every, help="steps between validation runs")
-    g.add_argument("--eval-batches", type=positive_int, default=d.eval_batches, help="validation batches per run")
-    g.add_argument("--checkpoint-every", type=positive_int, default=d.checkpoint_every,
-                   help="steps between checkpoints")
-    g.add_argument("--seed", type=int, default=d.seed, help="initialisation and batch order")
-    g.add_argument("--threads", type=positive_int, default=d.threads, help="worker threads (default: all cores)")
-    g.add_argument("--spheres", type=positive_int, default=d.spheres,
-                   help="shards per batch; fixes the result, whatever --threads is")
-    g.add_argument("--step-timeout", type=positive_float,
-                   help="seconds a step may take before it counts as stalled (default: 300 s for the first steps, "
-                        "then 25x the median step, at least 30 s)")
-    g.add_argument("--stats", action="store_true", help="per-sphere shards, busy time and tokens/s")
+    add_flags(p.add_argument_group("tokenizer"), TokenizerSettings)
+    add_flags(p.add_argument_group("model"), ModelShape)
+    add_flags(p.add_argument_group("training"), TrainSettings,
+              {"steps": f"{TrainSettings().steps}, demo: {DEMO_STEPS}"})
+    g = p.add_argument_group("running")
     g.add_argument("--distributed", choices=["mpi"],
                    help="data-parallel over MPI ranks: run under mpiexec -n R python -m mpi4py -m ...")
     g.add_argument("--stop-after", type=positive_int,
                    help="stop after this step with a checkpoint, keeping the --steps schedule (resume later)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g.add_argument("--resume", action="store_true",
+                   help=f"continue the run in --out from its last checkpoint, as its run.json records it; flags "
+                        f"that would change the run are refused, except {MAY_CHANGE_ON_RESUME}")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
+def refuse_changes(record: RunRecord, given: dict, out: Path) -> None:
+    """--resume continues the run that run.json records: a flag or DATA that would change it is refused, naming it.
+    One given with the run's own value changes nothing and is accepted."""
+    for group, settings in SETTINGS.items():
+        recorded = getattr(record, group)
+        for setting in dataclasses.fields(settings):
+            name = setting.name
+            if name in given and name not in TrainSettings.RESUME_OVERRIDES and given[name] != getattr(recorded, name):
+                raise UsageError(f"{flag_of(setting)} {given[name]} would change the run in {out}, which was started "
+                                 f"with {getattr(recorded, name)}: --resume continues a run as it was started "
+                                 f"(only {MAY_CHANGE_ON_RESUME} may differ)")
+    if "data" in given:
+        record.data.require(given["data"], "DATA", out)
+    if "val_data" in given:
+        if record.val_data is None:
+            raise UsageError(f"--val-data would change the run in {out}, which was started without it")
+        record.val_data.require(given["val_data"], "--val-data", out)
+
+
+def resumed_settings(record: RunRecord, given: dict) -> TrainSettings:
+    """What the run computes comes from its record (--steps aside, if given); how this process runs it, from this
+    command line, as for any run."""
+    return dataclasses.replace(
+        record.training, steps=given.get("steps", record.training.steps),
+        **{name: given.get(name, getattr(TrainSettings(), name)) for name in TrainSettings.EXECUTION})
+
+
+def start_run(out: Path, given: dict, settings: TrainSettings, *, root: bool, say) -> tuple[Prepared, RunRecord]:
+    """A new run: the tokenizer and token files from DATA (or the demo corpus), and on rank 0 the run's record."""
+    data = [Path(given["data"])] if "data" in given else demo_corpus()
+    val_data = given.get("val_data")
+    tokenizer = given_settings(TokenizerSettings, given)
+    prepared = prepare(data[0] if "data" in given else data, out / DATA_DIR, tokenizer=tokenizer.kind,
+                       vocab_size=tokenizer.vocab_size, val_data=val_data, exclude=out, log=say)
+    config = ModelConfig(vocab_size=prepared.tokenizer.vocab_size,
+                         **dataclasses.asdict(given_settings(ModelShape, given)))
+    report = prepared.report
+    record = RunRecord(CorpusRecord.of(data, report.fingerprint),
+                       val_data and CorpusRecord.of([val_data], report.val_fingerprint), tokenizer, config, settings,
+                       prepared.recipe.hex())
+    if root and start(out, record):
+        say(f"a new run replaces the one in {out}", flush=True)
+    return prepared, record
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    demo = args.data is None
-    data = demo_corpus() if demo else Path(args.data)
-    out = Path(args.out)
-    settings = TrainSettings(
-        steps=args.steps or (DEMO_STEPS if demo else TrainSettings.steps), batch_size=args.batch_size,
-        lr=args.lr, min_lr=args.min_lr, beta2=args.beta2, warmup=args.warmup, weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip, grad_accum=args.grad_accum, eval_every=args.eval_every,
-        eval_batches=args.eval_batches, checkpoint_every=args.checkpoint_every, seed=args.seed,
-        threads=args.threads, spheres=args.spheres, step_timeout=args.step_timeout, stats=args.stats)
+    with ExitStack() as held:  # what this process holds until it ends: the run folder's lock
+        return train(vars(args), held)
+
+
+def train(given: dict, held: ExitStack) -> int:
+    """given: the arguments the user gave, and only those."""
+    out = Path(given.get("out", DEFAULT_OUT))
+    record = RunRecord.load(out) if given.get("resume") else None
+    demo = record is None and "data" not in given
+    if record:
+        refuse_changes(record, given, out)
+        settings = resumed_settings(record, given)
+    else:
+        settings = given_settings(TrainSettings, given, TrainSettings(steps=DEMO_STEPS) if demo else None)
     settings.validate()
-    group = MPIGroup() if args.distributed == "mpi" else None
+    group = MPIGroup() if given.get("distributed") == "mpi" else None
     if group:
         group.owned_spheres(settings.spheres)  # a rank count that cannot work fails here, on every rank
     root = group is None or group.is_root
@@ -109,32 +187,38 @@ def main(argv: list[str] | None = None) -> int:
     # Rank 0 prepares first; the others then reuse its files (a shared folder) or build identical ones.
     if group and not root:
         group.barrier()
-    prepared = prepare(data, out / "data", tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                       val_data=args.val_data, log=say)
+    if root:
+        held.enter_context(hold(out))  # rank 0 holds the folder for the whole job
+    if record:  # the run's own tokenizer and token files, as they are: the corpus is not looked at
+        prepared = reopen(out / DATA_DIR, bytes.fromhex(record.tokens))
+    else:
+        prepared, record = start_run(out, given, settings, root=root, say=say)
     if group and root:
         group.barrier()
-    if args.resume:
-        model, tokenizer = load_model(out / MODEL_FILE, threads=settings.threads)
-        say(f"resuming {out / MODEL_FILE}: the model's own config is used", flush=True)
-    else:
-        tokenizer = prepared.tokenizer
-        config = ModelConfig(vocab_size=tokenizer.vocab_size, context_length=args.context, dim=args.dim,
-                             n_layers=args.layers, n_heads=args.heads)
-        model = GPT(config, seed=settings.seed, threads=settings.threads)
+    model = GPT(record.model, seed=settings.seed, threads=settings.threads)
     say(f"model: {model.num_params:,} parameters ({model.config.n_layers} layers, dim {model.config.dim}, "
         f"{model.config.n_heads} heads, context {model.config.context_length}, vocab {model.config.vocab_size})",
         flush=True)
 
-    trainer = Trainer(model, tokenizer, prepared.train, prepared.val, settings, out,
-                      progress=not args.no_progress, group=group)
-    if args.resume:
+    trainer = Trainer(model, prepared.tokenizer, prepared.train, prepared.val, settings, out,
+                      progress=not given.get("no_progress", False), group=group)
+    stop_after = given.get("stop_after")
+    if given.get("resume"):
         trainer.resume()
+        if trainer.step >= min(settings.steps, stop_after or settings.steps):
+            say(nothing_to_train(out, trainer.step, settings.steps, stop_after), flush=True)
+            return 0
+        if root and settings.steps != record.training.steps:  # later resumes train to the new total too
+            dataclasses.replace(record, training=dataclasses.replace(record.training, steps=settings.steps)).save(out)
         say(f"resumed at step {trainer.step} of {settings.steps}", flush=True)
     try:
-        result = anyio.run(partial(trainer.run, until=args.stop_after))
+        result = anyio.run(partial(trainer.run, until=stop_after))
     except TrainingInterrupted as e:
         say(f"train_model: {e}", file=sys.stderr)
         return e.exit_status
+    except TrainingDiverged as e:  # every rank diverges at the same step: they all hold the same gradient
+        say(f"train_model: error: {e}; the last checkpoint in {out} is intact", file=sys.stderr, flush=True)
+        return 1
     except (SphereStalledError, SphereFailedError, CollectiveTimeout) as e:
         where = f"rank {group.rank}: " if group else ""
         print(f"train_model: error: {where}{e}; the last checkpoint in {out} is intact", file=sys.stderr,
@@ -153,11 +237,19 @@ def main(argv: list[str] | None = None) -> int:
     if plot:
         print(f"loss curve: {plot}")
     prompt = "def " if demo else ""
-    text, _ = complete(model, tokenizer, prompt, max_new_tokens=120, temperature=0.8, top_k=40, seed=settings.seed)
+    text, _ = complete(model, prepared.tokenizer, prompt, max_new_tokens=120, temperature=0.8, top_k=40,
+                       seed=settings.seed)
     print(f"sample:\n{prompt}{text}\n")
     print(f"model: {result.model_path}")
     print(f"generate more: python -m cllm.tools.inference {result.model_path} -p \"...\"")
     return 0
+
+
+def nothing_to_train(out: Path, step: int, steps: int, stop_after: int | None) -> str:
+    if step == steps:
+        return f"the run in {out} finished at step {step} of {steps}; pass --steps N to train longer"
+    past = f"--steps {steps}" if step > steps else f"--stop-after {stop_after}"
+    return f"the run in {out} is at step {step} already, past {past}: nothing to train"
 
 
 if __name__ == "__main__":
