@@ -8,7 +8,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 from .model import GPT, ModelConfig  # noqa: E402
 from .optim import AdamW, cosine_lr  # noqa: E402
-from .serving import AsyncModel, Overloaded  # noqa: E402
+from .serving import AsyncModel, EngineStalled, Overloaded  # noqa: E402
 
-__all__ = ["GPT", "ModelConfig", "AdamW", "cosine_lr", "AsyncModel", "Overloaded"]
+__all__ = ["GPT", "ModelConfig", "AdamW", "cosine_lr", "AsyncModel", "EngineStalled", "Overloaded"]
 __version__ = "0.1.0"

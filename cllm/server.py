@@ -4,11 +4,18 @@
     POST /v1/completions   {"model", "prompt": str | [str], "max_tokens": 16, "temperature": 1, "top_p": 1,
                             "top_k" (an extension), "seed", "stop": str | [str], "stream": false, "stream_options"}
     GET  /v1/models        the one model served, as OpenAI lists models
-    GET  /health           {"status": "ok"}
+    GET  /health           {"status": "ok"}; 503 with {"status": "stalled" or "stopped", "reason"} when the model
+                           cannot serve (see AsyncModel.health)
     GET  /info             the model's name, config and engine settings, and the server's limits
 
 Lifetime: the caller opens the AsyncModel before create_app and closes it after the server has stopped; the
 app only borrows it (and has no lifespan of its own), so one model can outlive several apps, as in the tests.
+
+Before an endpoint sees a request, three middlewares have their say, outermost first: ApiKeyCheck (when the
+server has a key: `Authorization: Bearer KEY` on every route but /health), BufferedBody (the whole body, within
+a size and a time limit) and ConcurrencyLimit (a slot, taken only once the body is in, so that a client that
+sends its body slowly or never holds none). Token counts come from one tokenization per text, in a worker
+thread, whose ids then go to the model.
 
 Requests are checked field by field before the model sees them (RequestFields below): a field of the wrong
 type or out of range, an unknown field, or an OpenAI option that cllm does not implement (n > 1, logprobs,
@@ -18,17 +25,25 @@ it asked for. null is the same as leaving a field out, as in OpenAI's API.
 Every error has OpenAI's shape, {"error": {"message", "type", "param", "code"}}, and one status per cause:
 
     400 invalid_request_error  the body is not JSON, not an object, or a field is missing, of the wrong type, out
-                               of range or unknown; or the model refuses the input (longer than its context).
-                               Wrong types are 400 too, never 422: OpenAI answers 400, and its clients expect it.
+                               of range or unknown; or the model refuses the input (cllm.errors.UsageError: longer
+                               than its context, ...). Wrong types are 400 too, never 422: OpenAI answers 400, and
+                               its clients expect it.
+    401 invalid_request_error  no API key, or a wrong one (code "invalid_api_key"), when the server has a key
     404 invalid_request_error  an unknown route, or a `model` other than the one served (code "model_not_found")
     405 invalid_request_error  a known route with the wrong method
+    408 invalid_request_error  the body did not arrive within body_timeout seconds (code "request_timeout"); the
+                               connection is closed
     413 invalid_request_error  a body over max_body_bytes, by its Content-Length or by what actually arrives
     429 rate_limit_error       max_concurrent_requests already in flight, or the model's queue is full; with
                                Retry-After: 1, which OpenAI's clients honour before retrying
-    500 server_error           a bug: a generic message; the traceback goes to the server's log
+    500 server_error           a bug, the model's included: a generic message; the traceback goes to the log
+    503 server_error           the model's batch missed its deadline (code "engine_stalled"; see /health)
 
-A stream can only fail before its first byte with one of these statuses. Once its 200 is sent, an error
-becomes one last event, `data: {"error": {...}}`, with no `[DONE]` after it (OpenAI's clients raise it).
+A stream can only fail with one of these statuses until it is queued. Then its 200 is sent, and an error
+becomes one last event, `data: {"error": {...}}`, with no `[DONE]` after it (OpenAI's clients raise it). While
+a stream has nothing to send for KEEP_ALIVE_SECONDS (waiting in the queue for its first token, mostly), it sends
+an SSE comment, `: keep-alive`, which clients ignore but which keeps proxies and client timeouts from giving up
+on a quiet connection.
 
 A stream's last chunk carries its finish reason, and its usage comes in one more chunk if
 stream_options.include_usage asks for it (both from the model's CompletionStream, as generate() reports them).
@@ -37,8 +52,10 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hmac
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -49,6 +66,7 @@ from typing import Any
 import anyio
 import numpy as np
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -56,12 +74,16 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .serving import AsyncModel, Completion, CompletionStream, Overloaded
+from .errors import UsageError
+from .serving import AsyncModel, Completion, CompletionStream, EngineStalled, Overloaded
 
 logger = logging.getLogger(__name__)
 
 MODEL_ENDPOINTS = ("/v1/embeddings", "/v1/completions")  # the routes that use the model, and count as load
+OPEN_ENDPOINTS = ("/health",)  # answered without an API key: a load balancer's probe has none
 MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_STOP_CHARS = 64  # each stop string is looked for at every token: long ones would cost time on every token
+KEEP_ALIVE_SECONDS = 15.0  # a quiet stream sends an SSE comment this often
 MAX_TEMPERATURE = 2.0  # as OpenAI
 MAX_TOP_K = 2**31 - 1
 MAX_SEED = 2**63 - 1  # OpenAI's seeds are int64; numpy's generators take any non-negative integer
@@ -76,9 +98,13 @@ class ServerLimits:
     max_completion_tokens: int | None = None  # the largest max_tokens a completion may ask for
     max_body_bytes: int = 1 << 20  # request body, JSON included
     max_concurrent_requests: int = 64  # embeddings and completions in flight, streams until their last byte
+    # Seconds a client may take to send a request's headers (the serve tool's uvicorn protocol enforces it: the
+    # app only sees a request once its headers are in), and then its body (BufferedBody, 408).
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
 
     def resolve(self, context_length: int) -> ServerLimits:
-        """These limits with None replaced by context_length; ValueError for limits that cannot work."""
+        """These limits with None replaced by context_length; UsageError for limits that cannot work."""
         resolved = dataclasses.replace(
             self,
             max_input_tokens=context_length if self.max_input_tokens is None else self.max_input_tokens,
@@ -86,19 +112,24 @@ class ServerLimits:
                                    else self.max_completion_tokens))
         for field in dataclasses.fields(resolved):
             value = getattr(resolved, field.name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"ServerLimits.{field.name} must be a positive integer, got {value!r}")
+            if isinstance(field.default, float):
+                if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+                    raise UsageError(f"ServerLimits.{field.name} must be a positive number, got {value!r}")
+            elif not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UsageError(f"ServerLimits.{field.name} must be a positive integer, got {value!r}")
         if resolved.max_input_tokens > context_length:
             # The model could never take such an input: saying so here beats a confusing 400 later.
-            raise ValueError(f"ServerLimits.max_input_tokens ({resolved.max_input_tokens}) cannot exceed the "
+            raise UsageError(f"ServerLimits.max_input_tokens ({resolved.max_input_tokens}) cannot exceed the "
                              f"model's context length ({context_length})")
         return resolved
 
 
-def create_app(model: AsyncModel, *, model_name: str, limits: ServerLimits = ServerLimits()) -> Starlette:
-    """The API over an open AsyncModel, which the caller keeps open while the app serves (see the module notes)."""
+def create_app(model: AsyncModel, *, model_name: str, limits: ServerLimits = ServerLimits(),
+               api_key: str | None = None, keep_alive_interval: float = KEEP_ALIVE_SECONDS) -> Starlette:
+    """The API over an open AsyncModel, which the caller keeps open while the app serves (see the module notes).
+    With an api_key, every route but /health wants it as `Authorization: Bearer KEY`."""
     limits = limits.resolve(model.config.context_length)
-    api = OpenAIEndpoints(model, model_name, limits)
+    api = OpenAIEndpoints(model, model_name, limits, keep_alive_interval)
     routes = [
         Route("/v1/embeddings", api.embeddings, methods=["POST"]),
         Route("/v1/completions", api.completions, methods=["POST"]),
@@ -106,7 +137,11 @@ def create_app(model: AsyncModel, *, model_name: str, limits: ServerLimits = Ser
         Route("/health", api.health, methods=["GET"]),
         Route("/info", api.info, methods=["GET"]),
     ]
-    middleware = [Middleware(ConcurrencyLimit, limit=limits.max_concurrent_requests, paths=MODEL_ENDPOINTS)]
+    middleware = [Middleware(BufferedBody, paths=MODEL_ENDPOINTS, max_bytes=limits.max_body_bytes,
+                             timeout=limits.body_timeout),
+                  Middleware(ConcurrencyLimit, limit=limits.max_concurrent_requests, paths=MODEL_ENDPOINTS)]
+    if api_key is not None:
+        middleware.insert(0, Middleware(ApiKeyCheck, api_key=api_key, open_paths=OPEN_ENDPOINTS))
     handlers = {APIError: api_error_response, HTTPException: http_error_response, Exception: server_error_response}
     return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers)
 
@@ -139,6 +174,11 @@ def too_busy(message: str) -> APIError:
     return APIError(429, message, type="rate_limit_error", headers={"Retry-After": "1"})
 
 
+def stalled(error: EngineStalled) -> APIError:
+    return APIError(503, f"The model is stalled: {error}. Retry shortly.", type="server_error",
+                    code="engine_stalled")
+
+
 async def api_error_response(request: Request, error: APIError) -> Response:
     return error.response()
 
@@ -159,23 +199,125 @@ SERVER_ERROR = APIError(500, "The server had an error while processing your requ
 
 async def server_error_response(request: Request, error: Exception) -> Response:
     # No logging here: Starlette raises the exception again once this response is sent, and the ASGI server logs
-    # it with its traceback.
-    return SERVER_ERROR.response()
+    # it with its traceback, then closes the connection: Connection: close tells the client not to reuse it (its
+    # next request on it would meet a reset).
+    response = SERVER_ERROR.response()
+    response.headers["Connection"] = "close"
+    return response
 
 
 @contextmanager
 def model_errors() -> Iterator[None]:
-    """Around a call into the model: its refusals become the client's errors (400 and 429)."""
+    """Around a call into the model: its refusals become the client's errors (400, 429 and 503). Anything else
+    it raises is a bug, and goes on to be a 500."""
     try:
         yield
     except Overloaded as e:
         raise too_busy(f"The model is overloaded ({e or 'its queue is full'}); retry shortly.") from None
-    except ValueError as e:  # AsyncModel raises ValueError for input it cannot take, and only for that
+    except EngineStalled as e:
+        logger.error("%s", e)
+        raise stalled(e) from None
+    except UsageError as e:  # input the model cannot take
         raise invalid(str(e)) from None
 
 
 # --------------------------------------------------------------------------------------------------------------
-# backpressure
+# what a request gets through before an endpoint sees it: the API key, its whole body, a slot
+
+
+class ApiKeyCheck:
+    """ASGI middleware: requests to every path but `open_paths` must carry `Authorization: Bearer KEY`, as
+    OpenAI's clients send it, or get 401. The key is compared in constant time (hmac.compare_digest), so that
+    response times tell nothing about how much of a guess was right."""
+
+    def __init__(self, app: ASGIApp, *, api_key: str, open_paths: Sequence[str]):
+        self.app, self.open_paths, self.key = app, frozenset(open_paths), api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in self.open_paths:
+            refusal = self.refusal(Headers(scope=scope).getlist("authorization"))
+            if refusal is not None:
+                await refusal.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def refusal(self, authorization: list[str]) -> APIError | None:
+        if not authorization:
+            return unauthorized("You didn't provide an API key. Send it in an Authorization header, as "
+                                "'Authorization: Bearer KEY'.")
+        scheme, _, key = authorization[0].partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode("latin-1"), self.key):
+            return unauthorized("Incorrect API key provided.")
+        return None
+
+
+def unauthorized(message: str) -> APIError:
+    return APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+class BufferedBody:
+    """ASGI middleware: the whole body of a request to `paths` is read before the app sees it: at most
+    max_bytes (413), within `timeout` seconds (408, and the connection is closed). The app then gets the body in
+    one piece. Reading it here, before ConcurrencyLimit, means a client that dawdles over its body holds no
+    request slot: 64 connections that sent headers and one byte used to hold every slot, indefinitely."""
+
+    def __init__(self, app: ASGIApp, *, paths: Sequence[str], max_bytes: int, timeout: float):
+        self.app, self.paths, self.max_bytes, self.timeout = app, frozenset(paths), max_bytes, timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        try:
+            body = await self.read(scope, receive)
+        except APIError as error:
+            await error.response()(scope, receive, send)
+            return
+        except ClientGone:
+            return
+        await self.app(scope, replay(body, receive), send)
+
+    async def read(self, scope: Scope, receive: Receive) -> bytes:
+        declared = Headers(scope=scope).get("content-length")
+        # The declared length refuses a large body before any of it is read; counting what arrives covers chunked
+        # bodies, which declare nothing.
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            raise body_too_large(self.max_bytes)
+        body = bytearray()
+        with anyio.move_on_after(self.timeout):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientGone
+                body += message.get("body", b"")
+                if len(body) > self.max_bytes:
+                    raise body_too_large(self.max_bytes)
+                if not message.get("more_body", False):
+                    return bytes(body)
+        raise APIError(408, f"The request body did not arrive within {self.timeout:g} s.", code="request_timeout",
+                       headers={"Connection": "close"})
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request was whole: there is nobody to answer."""
+
+
+def replay(body: bytes, receive: Receive) -> Receive:
+    """A receive channel that gives the whole body first, then whatever receive gives (a disconnect)."""
+    replayed = False
+
+    async def receive_again() -> dict:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return receive_again
+
+
+def body_too_large(max_bytes: int) -> APIError:
+    return APIError(413, f"The request body is larger than this server accepts ({max_bytes} bytes).")
 
 
 class ConcurrencyLimit:
@@ -209,20 +351,10 @@ class ConcurrencyLimit:
 # request validation
 
 
-async def read_json_object(request: Request, max_bytes: int) -> dict:
-    """The request body as a JSON object, read at most max_bytes far."""
-    declared = request.headers.get("content-length")
-    # The declared length refuses a large body before any of it is read; counting what arrives covers chunked
-    # bodies, which declare nothing.
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise body_too_large(max_bytes)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise body_too_large(max_bytes)
+async def read_json_object(request: Request) -> dict:
+    """The request body (whole already, and within the size limit: BufferedBody) as a JSON object."""
     try:
-        document = json.loads(body, parse_constant=reject_json_constant)
+        document = json.loads(await request.body(), parse_constant=reject_json_constant)
     except (ValueError, RecursionError):  # ValueError covers bad UTF-8 and NaN/Infinity too
         raise invalid("The request body is not valid JSON.") from None
     if not isinstance(document, dict):
@@ -232,10 +364,6 @@ async def read_json_object(request: Request, max_bytes: int) -> dict:
 
 def reject_json_constant(name: str):
     raise ValueError(f"{name} is not JSON")  # Python's json accepts NaN and Infinity; no other JSON parser does
-
-
-def body_too_large(max_bytes: int) -> APIError:
-    return APIError(413, f"The request body is larger than this server accepts ({max_bytes} bytes).")
 
 
 MISSING: Any = object()
@@ -364,11 +492,13 @@ def short_repr(value, limit: int = 40) -> str:
 class OpenAIEndpoints:
     """The endpoints, sharing one model, its name and the limits."""
 
-    def __init__(self, model: AsyncModel, model_name: str, limits: ServerLimits):
+    def __init__(self, model: AsyncModel, model_name: str, limits: ServerLimits, keep_alive_interval: float):
         self.model, self.model_name, self.limits = model, model_name, limits
+        self.keep_alive_interval = keep_alive_interval
 
     async def health(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+        health = self.model.health()
+        return JSONResponse(health, status_code=200 if health["status"] == "ok" else 503)
 
     async def info(self, request: Request) -> Response:
         return JSONResponse({"model": self.model_name, "config": self.model.config.to_dict(),
@@ -379,21 +509,23 @@ class OpenAIEndpoints:
         return JSONResponse({"object": "list", "data": [card]})
 
     async def request_fields(self, request: Request, accepted: Sequence[str]) -> RequestFields:
-        fields = RequestFields(await read_json_object(request, self.limits.max_body_bytes), accepted)
+        fields = RequestFields(await read_json_object(request), accepted)
         name = fields.string("model")
         if name != self.model_name:
             raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.model_name}'.",
                            param="model", code="model_not_found")
         return fields
 
-    def count_input_tokens(self, texts: Sequence[str], param: str) -> list[int]:
-        counts = [self.model.count_tokens(text) for text in texts]
+    async def input_ids(self, texts: Sequence[str], param: str) -> list[np.ndarray]:
+        """The texts' token ids, each within max_input_tokens: the one tokenization of the request, done in a
+        worker thread; the model gets these ids."""
+        ids = await self.model.tokenize(texts)
         limit = self.limits.max_input_tokens
-        for i, count in enumerate(counts):
-            if count > limit:
+        for i, text_ids in enumerate(ids):
+            if len(text_ids) > limit:
                 where = f"{param}[{i}]" if len(texts) > 1 else param
-                raise invalid(f"'{where}' is {count} tokens long; this server takes at most {limit}.", param)
-        return counts
+                raise invalid(f"'{where}' is {len(text_ids)} tokens long; this server takes at most {limit}.", param)
+        return ids
 
     # ---- embeddings
 
@@ -407,12 +539,12 @@ class OpenAIEndpoints:
             # OpenAI's newer models can shorten their embeddings; these were not trained to keep meaning when cut.
             raise invalid(f"'dimensions' must be {dim}, the size of this model's embeddings.", "dimensions")
         fields.string("user", default="")  # accepted for compatibility; nothing to do with it
-        token_counts = self.count_input_tokens(texts, "input")
+        ids = await self.input_ids(texts, "input")
         with model_errors():
-            vectors = await self.model.embed(texts)
+            vectors = await self.model.embed(ids)
         encode = encode_base64 if encoding == "base64" else np.ndarray.tolist
         data = [{"object": "embedding", "index": i, "embedding": encode(vector)} for i, vector in enumerate(vectors)]
-        tokens = sum(token_counts)
+        tokens = sum(len(text_ids) for text_ids in ids)
         return JSONResponse({"object": "list", "data": data, "model": self.model_name,
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
@@ -424,11 +556,12 @@ class OpenAIEndpoints:
         settings = dict(
             max_new_tokens=fields.integer("max_tokens", minimum=1, maximum=self.limits.max_completion_tokens,
                                           default=16),  # OpenAI's default
+            # Below cllm.generate.GREEDY_TEMPERATURE (1e-5), sampling is greedy, as at 0.
             temperature=fields.number("temperature", minimum=0.0, maximum=MAX_TEMPERATURE, default=1.0),
             top_p=fields.number("top_p", minimum=0.0, exclusive_minimum=True, maximum=1.0, default=1.0),
             top_k=fields.integer("top_k", minimum=1, maximum=MAX_TOP_K, default=None),  # past the vocabulary: all
             seed=fields.integer("seed", minimum=0, maximum=MAX_SEED, default=None),
-            stop=tuple(fields.texts("stop", max_count=MAX_STOP_STRINGS, default=[])),
+            stop=self.stop_strings(fields),
         )
         stream = fields.boolean("stream", default=False)
         # include_obfuscation pads chunks against length side channels on OpenAI's side; here it changes nothing.
@@ -440,12 +573,13 @@ class OpenAIEndpoints:
         fields.string("user", default="")
         if include_usage and not stream:
             raise invalid("'stream_options' is only allowed when 'stream' is true.", "stream_options")
+        [prompt_ids] = await self.input_ids([prompt], "prompt")
         header = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                   "model": self.model_name}
         if stream:
-            return await self.stream_completion(prompt, settings, header, include_usage)
+            return await self.stream_completion(prompt_ids, settings, header, include_usage)
         with model_errors():
-            completion = await self.model.generate(prompt, **settings)
+            completion = await self.model.generate(prompt_ids, **settings)
         choice = {"text": completion.text, "index": 0, "finish_reason": completion.finish_reason, "logprobs": None}
         return JSONResponse(header | {"choices": [choice], "usage": usage(completion)})
 
@@ -460,23 +594,33 @@ class OpenAIEndpoints:
         if not isinstance(prompt, str):
             raise invalid("'prompt' must be a string or a list of one string (batches and token-id arrays are "
                           f"not supported), got {short_repr(prompt)}.", "prompt")
-        self.count_input_tokens([prompt], "prompt")
         return prompt
 
-    async def stream_completion(self, prompt: str, settings: dict, header: dict,
+    @staticmethod
+    def stop_strings(fields: RequestFields) -> tuple[str, ...]:
+        """At most MAX_STOP_STRINGS stop strings of at most MAX_STOP_CHARS characters each: every one is looked for
+        after every token."""
+        stop = fields.texts("stop", max_count=MAX_STOP_STRINGS, default=[])
+        for i, text in enumerate(stop):
+            if len(text) > MAX_STOP_CHARS:
+                where = f"stop[{i}]" if len(stop) > 1 else "stop"
+                raise invalid(f"'{where}' is {len(text)} characters long; a stop string may have at most "
+                              f"{MAX_STOP_CHARS}.", "stop")
+        return tuple(stop)
+
+    async def stream_completion(self, prompt_ids: np.ndarray, settings: dict, header: dict,
                                 include_usage: bool) -> Response:
-        # The first piece is awaited before the response starts, so that a refusal (bad settings, a full queue)
-        # still gets its 400 or 429 status rather than an error event inside a 200.
+        # The request is queued before the response starts, so that a refusal (bad settings, a prompt too long, a
+        # full queue) still gets its 400 or 429 status rather than an error event inside a 200.
         with model_errors():
-            stream = self.model.stream(prompt, **settings)
+            stream = self.model.stream(prompt_ids, **settings)
         try:
             with model_errors():
-                first = await anext(stream, "")
+                await stream.start()
         except BaseException:
-            with anyio.CancelScope(shield=True):  # a cancelled request must still give its decoder row back
-                await stream.aclose()
+            await stream.aclose()
             raise
-        events = completion_events(stream, first, header, include_usage)
+        events = completion_events(stream, header, include_usage, self.keep_alive_interval)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -502,10 +646,14 @@ def server_sent_event(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def completion_events(stream: CompletionStream, first: str, header: dict,
-                            include_usage: bool) -> AsyncIterator[str]:
+KEEP_ALIVE_COMMENT = ": keep-alive\n\n"  # an SSE comment: clients skip it, idle timeouts see traffic
+
+
+async def completion_events(stream: CompletionStream, header: dict, include_usage: bool,
+                            keep_alive_interval: float) -> AsyncIterator[str]:
     """The SSE body of a streamed completion: a chunk per text piece, a last chunk with the finish reason, the
-    usage if asked for, then [DONE]. Closing it early (the client went away) frees the model's decoder row."""
+    usage if asked for, then [DONE]; a keep-alive comment whenever the stream has been quiet for
+    keep_alive_interval seconds. Closing it early (the client went away) frees the model's decoder row."""
 
     def chunk(text: str, finish_reason: str | None = None) -> str:
         return server_sent_event(header | {"choices": [{"text": text, "index": 0, "finish_reason": finish_reason,
@@ -513,13 +661,21 @@ async def completion_events(stream: CompletionStream, first: str, header: dict,
 
     async with aclosing(stream):
         try:
-            if first:
-                yield chunk(first)
-            async for piece in stream:
+            while True:
+                if not await stream.wait(keep_alive_interval):
+                    yield KEEP_ALIVE_COMMENT
+                    continue
+                piece = await anext(stream, None)
+                if piece is None:
+                    break
                 yield chunk(piece)
+        except EngineStalled as e:
+            logger.error("%s", e)
+            yield server_sent_event(stalled(e).body())
+            return
         except Exception:
-            # The 200 is already sent, and the model refuses requests (ValueError, Overloaded) only before their
-            # first piece: whatever this is, it is the server's fault, and all that is left is to say so.
+            # The 200 is already sent, and the model refuses requests (UsageError, Overloaded) only before they
+            # are queued: whatever this is, it is the server's fault, and all that is left is to say so.
             logger.exception("a streamed completion failed")
             yield server_sent_event(SERVER_ERROR.body())
             return

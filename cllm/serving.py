@@ -12,6 +12,10 @@ llama.cpp do for a model without a pooling head of its own. The model is causal,
 not change its hidden states: a text's embedding is the same alone or batched with others, up to float32
 rounding.
 
+Text or token ids. Every call takes text, or token ids instead (`await model.tokenize(texts)` gives them): a
+server that counts a request's tokens against its limits tokenizes once and hands the ids on. Tokenizing runs
+in a worker thread, never on the event loop.
+
 Batching. Concurrent embed() calls are queued, and one batcher task gathers their texts, oldest first, into one
 forward pass of at most max_batch_tokens padded tokens (texts x the longest, rounded up to a power of two so
 that few activation shapes exist), waiting for more at most max_wait_ms after the oldest was queued. A single
@@ -22,9 +26,20 @@ next in the queue. A generation gets the tokens that cllm.generate.complete gets
 for bit when it decodes alone, and up to float32 rounding of its logits when batched with others (which can
 only change a token at a near-tie).
 
-Threads. BLAS is held at `threads` while the model runs. Model work runs in anyio worker threads, one call at a time (a limiter of its own, of 1: an
-embedding batch and a decoding step would only compete for the same cores), so the event loop never waits
-for it. Tokenizing happens in the caller's task.
+Threads. Model work runs on daemon worker threads (cllm.threads.run_sync_daemon), one call at a time (an
+embedding batch and a decoding step would only compete for the same cores), so the event loop never waits for
+it. BLAS is held at `threads` (cllm.threads.blas_limit, which nests with other holders such as a trainer) while
+the model runs, and the kernels' own OpenMP loops then run on one thread: the attention kernel calls sgemm
+inside its loop over (batch, head), so OpenMP threads each running a BLAS of `threads` threads would put
+threads² threads on `threads` cores. When the BLAS limit in force is one thread (another holder's), the kernels
+get the `threads` instead.
+
+Failures. A batch (an embedding forward pass, or a decoding step with the prefills of the rows that join it)
+that raises fails its own requests with that exception, and the next batch is served as usual. A batch that
+runs past batch_timeout seconds fails its requests with EngineStalled at once; its thread, which nothing can
+interrupt, is abandoned, and the buffers it may still be writing (workspaces, the decoder's KV cache) are never
+used again: later batches get new ones. health() reports the engine as stalled while an abandoned call is still
+running.
 
 Backpressure. Each queue (embeddings, generations) holds at most max_queue waiting requests. A request that
 finds its queue full raises Overloaded at once, or, with queue_timeout > 0, after waiting that many seconds
@@ -32,35 +47,72 @@ for room.
 
 Cancellation. A cancelled caller gets nothing and costs nothing more: its texts are dropped from the batches
 not yet run, its generation's row is freed before the next step, and the requests it was batched with carry
-on unaffected. Leaving `async with` waits for the model call in flight (one batch or one step), stops the
-batcher tasks, and fails every pending call with RuntimeError.
+on unaffected. Leaving `async with` does not wait for the model call in flight (it runs on, its result
+dropped), stops the batcher tasks, and fails every pending call with RuntimeError.
+
+Testing. `faults` (or the environment variable CLLM_FAULT) makes chosen batches hang or raise in their worker
+thread, as a stuck kernel or a bug would: ServingFault("stall", "embed", 1) hangs the first embedding batch,
+"raise:decode:3" makes the third decoding step raise. CLLM_FAULT is a comma-separated list of KIND:WORK:N; its
+entries for the trainer's spheres (KIND:SPHERE:STEP) are left to them.
 """
 from __future__ import annotations
 
 import math
 import os
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass
 from numbers import Integral, Real
 
 import anyio
 import numpy as np
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from threadpoolctl import threadpool_limits
 
 from .buffers import aligned_zeros
 from .checkpoint import load_model
-from .generate import Continuation, Decoder
+from .errors import UsageError
+from .generate import Continuation, Decoder, check_generation, token_ids
 from .model import GPT, ModelConfig, Workspace
+from .threads import blas_limit, current_blas_limit, run_sync_daemon
 from .tokenizer import Tokenizer
 
 NOT_RUNNING = "the model is not running: use it inside `async with AsyncModel(...) as model:`"
 CLOSED_WHILE_PENDING = "the model was closed before this request finished"
+DEFAULT_BATCH_TIMEOUT = 60.0  # seconds; a batch takes milliseconds, so only a stuck one comes near
 
 
 class Overloaded(Exception):
     """The request queue is full; try again later (HTTP 429)."""
+
+
+class EngineStalled(Exception):
+    """The batch this request was in missed its deadline, and its worker thread was abandoned (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class ServingFault:
+    """A fault to inject, for tests: the n-th call (from 1) of one kind of model work hangs or raises."""
+    kind: str  # "stall" (hang forever) or "raise"
+    work: str  # "embed" (an embedding batch) or "decode" (a decoding step, prefills included)
+    n: int
+
+    def __post_init__(self):
+        if self.kind not in ("stall", "raise") or self.work not in ("embed", "decode") or self.n < 1:
+            raise UsageError(f"bad serving fault {self}: KIND is stall or raise, WORK embed or decode, N from 1")
+
+
+def parse_serving_faults(spec: str) -> list[ServingFault]:
+    """The serving faults of a CLLM_FAULT value (KIND:WORK:N entries; the spheres' KIND:SPHERE:STEP are not ours)."""
+    faults = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        parts = item.split(":")
+        if len(parts) == 3 and parts[1] in ("embed", "decode"):
+            if not parts[2].isdigit():
+                raise UsageError(f"bad fault {item!r}: expected KIND:WORK:N, e.g. stall:embed:1")
+            faults.append(ServingFault(parts[0], parts[1], int(parts[2])))
+    return faults
 
 
 @dataclass(frozen=True)
@@ -69,29 +121,6 @@ class Completion:
     finish_reason: str  # "stop" (the end of a document, or a stop string) or "length"
     prompt_tokens: int
     completion_tokens: int  # stop string included
-
-
-class CompletionStream(AsyncIterator[str]):
-    """Text pieces as they are decoded; after the last one, `completion` has the finish reason and the token
-    counts (None until then)."""
-
-    def __init__(self, pieces: AsyncIterator[str], continuation: Continuation):
-        self._pieces, self._continuation = pieces, continuation
-        self._text: list[str] = []
-        self.completion: Completion | None = None
-
-    async def __anext__(self) -> str:
-        try:
-            piece = await self._pieces.__anext__()
-        except StopAsyncIteration:
-            c = self._continuation
-            self.completion = Completion("".join(self._text), c.finish_reason, len(c.prompt_ids), len(c.token_ids))
-            raise
-        self._text.append(piece)
-        return piece
-
-    async def aclose(self) -> None:
-        await self._pieces.aclose()
 
 
 @dataclass(eq=False)
@@ -103,6 +132,15 @@ class _EmbeddingRequest:
     results: MemoryObjectSendStream[np.ndarray]  # receives `vectors` once every text is done
     vectors: np.ndarray  # (len(texts), dim), filled in batch by batch
     done: int = 0
+    error: BaseException | None = None  # why a batch holding one of its texts failed
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.results.close()
+
+    def gone(self) -> bool:
+        """Nothing more to do for it: its caller stopped listening, or it has failed."""
+        return self.error is not None or _abandoned(self.results)
 
 
 @dataclass(eq=False)
@@ -111,6 +149,136 @@ class _GenerationRequest:
     continuation: Continuation
     results: MemoryObjectSendStream[str]  # text pieces; closed at the end
     completed: bool = False  # every piece was delivered (the stream was not closed by a shutdown)
+    error: BaseException | None = None  # why a decoding step it was in failed
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.results.close()
+
+
+class CompletionStream(AsyncIterator[str]):
+    """Text pieces as they are decoded; after the last one, `completion` has the finish reason and the token
+    counts (None until then).
+
+    The request is queued by `await start()`, or by the first iteration: a prompt the model cannot take
+    (UsageError) or a full queue (Overloaded) is raised there. A caller cancelled while it waits for a piece is
+    gone, and its decoder row is freed; `wait(seconds)` waits for the next piece without that, for a server
+    that has something to do meanwhile (a keep-alive). aclose() frees the row too.
+    """
+
+    def __init__(self, model: AsyncModel, prompt: str | Sequence[int], settings: dict):
+        self._model, self._prompt, self._settings = model, prompt, settings
+        self._request: _GenerationRequest | None = None
+        self._pieces: MemoryObjectReceiveStream[str] | None = None
+        self._next: str | object | None = None  # a piece received by wait() and not yet taken, or _END
+        self._text: list[str] = []
+        self._closed = False
+        self.completion: Completion | None = None
+
+    async def start(self) -> None:
+        """Queues the request, once."""
+        if self._request is not None or self._closed:
+            return
+        continuation = await self._model._continuation(self._prompt, self._settings)
+        request, pieces = _generation_request(continuation)
+        try:
+            await self._model._submit(self._model._generations, request)
+        except BaseException:
+            pieces.close()
+            raise
+        self._request, self._pieces = request, pieces
+
+    async def wait(self, seconds: float) -> bool:
+        """Whether the next piece (or the end) has come, waiting for it at most `seconds`; starts the request."""
+        await self.start()
+        if self._next is None and not self._closed:
+            with anyio.move_on_after(seconds):
+                try:
+                    self._next = await self._pieces.receive()  # cancelled, it loses nothing
+                except anyio.EndOfStream:
+                    self._next = _END
+        return self._next is not None or self._closed
+
+    async def __anext__(self) -> str:
+        try:
+            await self.wait(math.inf)
+        except anyio.get_cancelled_exc_class():
+            self._close()  # the caller has gone: its row is freed before the next step
+            raise
+        if self._closed:
+            raise StopAsyncIteration
+        if self._next is _END:
+            self._finish()
+            raise StopAsyncIteration
+        piece, self._next = self._next, None
+        self._text.append(piece)
+        return piece
+
+    def _finish(self) -> None:
+        request = self._request
+        if request.error is not None:
+            raise request.error
+        if not request.completed:
+            raise RuntimeError(CLOSED_WHILE_PENDING)
+        c = request.continuation
+        self.completion = Completion("".join(self._text), c.finish_reason, len(c.prompt_ids), len(c.token_ids))
+
+    async def aclose(self) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        self._closed = True
+        if self._pieces is not None:
+            self._pieces.close()  # the decoding loop sees that nobody listens, and frees the row
+
+
+_END = object()  # the end of a CompletionStream's pieces
+
+
+class _ModelCall:
+    """One call into the model on a worker thread: what it is, when it started, whether it still runs (set by
+    the worker thread, read by health()), and the fault to inject into it, if any."""
+
+    def __init__(self, what: str, fault: str | None):
+        self.what, self.fault = what, fault
+        self.started = time.monotonic()
+        self.running = True
+
+    def run(self, fn, *args):
+        try:
+            if self.fault == "stall":
+                _hang()
+            if self.fault == "raise":
+                raise RuntimeError(f"injected fault: this {self.what} raised")
+            return fn(*args)
+        finally:
+            self.running = False
+
+
+def _hang() -> None:
+    """A stuck kernel, for the stall fault: never returns."""
+    while True:
+        time.sleep(3600)
+
+
+class _Workspaces:
+    """Workspaces for embedding batches, carved out of one buffer that every shape shares (batches run one at
+    a time): batches of many sizes then cost no new allocation, only new views."""
+
+    def __init__(self, config: ModelConfig):
+        self.config = config
+        self._buffer = aligned_zeros(0)
+        self._views: dict[tuple[int, int], Workspace] = {}
+
+    def get(self, batch: int, seq: int) -> Workspace:
+        key = (batch, seq)
+        if key not in self._views:
+            size = Workspace.size(self.config, batch, seq)
+            if self._buffer.size < size:
+                self._buffer = aligned_zeros(size)
+                self._views.clear()  # their views are into the buffer just replaced
+            self._views[key] = Workspace(self.config, batch, seq, buffer=self._buffer)
+        return self._views[key]
 
 
 class AsyncModel:
@@ -122,23 +290,28 @@ class AsyncModel:
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, *, threads: int = 1, max_batch_tokens: int = 4096,
                  max_wait_ms: float = 5.0, max_queue: int = 256, queue_timeout: float = 0.0,
-                 max_streams: int = 8):
+                 max_streams: int = 8, batch_timeout: float = DEFAULT_BATCH_TIMEOUT,
+                 faults: Sequence[ServingFault] | None = None):
         for name, value in dict(threads=threads, max_batch_tokens=max_batch_tokens, max_queue=max_queue,
                                 max_streams=max_streams).items():
             if not isinstance(value, Integral) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise UsageError(f"{name} must be a positive integer, got {value!r}")
         for name, value in dict(max_wait_ms=max_wait_ms, queue_timeout=queue_timeout).items():
             if not isinstance(value, Real) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+                raise UsageError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not isinstance(batch_timeout, Real) or not math.isfinite(batch_timeout) or batch_timeout <= 0:
+            raise UsageError(f"batch_timeout must be a finite number > 0, got {batch_timeout!r}")
         if tokenizer.vocab_size > model.config.vocab_size:
-            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+            raise UsageError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                              f"{model.config.vocab_size}")
         self.model, self.tokenizer = model, tokenizer
         self.threads, self.max_batch_tokens, self.max_streams = int(threads), int(max_batch_tokens), int(max_streams)
         self.max_wait_ms, self.max_queue, self.queue_timeout = float(max_wait_ms), int(max_queue), float(queue_timeout)
-        self._task_group: anyio.abc.TaskGroup | None = None
-        self._workspaces: dict[tuple[int, int], Workspace] = {}  # views into _workspace_buffer, by shape
-        self._workspace_buffer = aligned_zeros(0)
+        self.batch_timeout = float(batch_timeout)
+        self.faults = parse_serving_faults(os.environ.get("CLLM_FAULT", "")) if faults is None else list(faults)
+        self._calls_made = {"embed": 0, "decode": 0}  # counted for the faults
+        self._abandoned: list[_ModelCall] = []  # calls that missed their deadline
+        self._running: AsyncExitStack | None = None
 
     @classmethod
     def open(cls, path: str | os.PathLike, **kwargs) -> "AsyncModel":
@@ -157,44 +330,63 @@ class AsyncModel:
                 "context_length": self.config.context_length,
                 "limits": {"threads": self.threads, "max_batch_tokens": self.max_batch_tokens,
                            "max_wait_ms": self.max_wait_ms, "max_queue": self.max_queue,
-                           "queue_timeout": self.queue_timeout, "max_streams": self.max_streams}}
+                           "queue_timeout": self.queue_timeout, "max_streams": self.max_streams,
+                           "batch_timeout": self.batch_timeout}}
+
+    def health(self) -> dict:
+        """{"status": "ok"}; or "stalled" while a call that missed its deadline still runs in its abandoned
+        thread (a stuck kernel never ends: the process should be restarted), or "stopped" outside `async with`;
+        with a "reason"."""
+        if self._running is None:
+            return {"status": "stopped", "reason": "the model is not running"}
+        stuck = [call for call in self._abandoned if call.running]
+        if stuck:
+            oldest = stuck[0]
+            return {"status": "stalled",
+                    "reason": f"{len(stuck)} model call(s) missed the {self.batch_timeout:g} s batch deadline and "
+                              f"still run in abandoned threads (the oldest, a {oldest.what}, started "
+                              f"{time.monotonic() - oldest.started:.0f} s ago)"}
+        return {"status": "ok"}
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text))
+
+    async def tokenize(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """The token ids of each text, computed in a worker thread."""
+        return await anyio.to_thread.run_sync(lambda: [self.tokenizer.encode(text) for text in texts])
 
     # ----------------------------------------------------------------------------------------------------------
     # running
 
     async def __aenter__(self) -> "AsyncModel":
-        if self._task_group is not None:
+        if self._running is not None:
             raise RuntimeError("this AsyncModel is already running")
-        self._limiter = anyio.CapacityLimiter(1)
-        self._embeddings, embedding_queue = anyio.create_memory_object_stream[_EmbeddingRequest](self.max_queue)
-        self._generations, generation_queue = anyio.create_memory_object_stream[_GenerationRequest](
-            self.max_queue)
-        # BLAS gets exactly our thread budget while we run: its default (every core) next to the kernels' OpenMP
-        # threads and the event loop oversubscribes the machine, which made small forward passes 10-100x slower.
-        self._blas_limit = threadpool_limits(limits=self.threads, user_api="blas")
-        task_group = anyio.create_task_group()
-        await task_group.__aenter__()
-        task_group.start_soon(self._batch_embeddings, embedding_queue)
-        task_group.start_soon(self._decode_generations, generation_queue)
-        self._task_group = task_group
+        # Each step is undone by the stack, last first, if a later one fails; pop_all() keeps them for __aexit__.
+        async with AsyncExitStack() as stack:
+            # BLAS gets exactly our thread budget while we run: its default (every core) next to the event loop
+            # oversubscribes the machine, which made small forward passes 10-100x slower.
+            stack.enter_context(blas_limit(self.threads))
+            self._limiter = anyio.CapacityLimiter(1)
+            self._embeddings, embedding_queue = anyio.create_memory_object_stream[_EmbeddingRequest](self.max_queue)
+            self._generations, generation_queue = anyio.create_memory_object_stream[_GenerationRequest](
+                self.max_queue)
+            # Closed only once the loops have ended: closed while they still ran, their queues would end instead
+            # of being cancelled.
+            stack.callback(self._generations.close)
+            stack.callback(self._embeddings.close)
+            task_group = await stack.enter_async_context(anyio.create_task_group())
+            task_group.start_soon(self._batch_embeddings, embedding_queue)
+            task_group.start_soon(self._decode_generations, generation_queue)
+            stack.callback(task_group.cancel_scope.cancel)  # leaving stops the loops rather than waiting for them
+            self._running = stack.pop_all()
         return self
 
     async def __aexit__(self, *exc_info) -> bool | None:
-        task_group, self._task_group = self._task_group, None
-        task_group.cancel_scope.cancel()
-        try:
-            return await task_group.__aexit__(*exc_info)
-        finally:
-            # Only now: closed while the loops still ran, their queues would end instead of being cancelled.
-            self._embeddings.close()
-            self._generations.close()
-            self._blas_limit.restore_original_limits()
+        running, self._running = self._running, None
+        return await running.__aexit__(*exc_info)
 
     def _check_running(self) -> None:
-        if self._task_group is None:
+        if self._running is None:
             raise RuntimeError(NOT_RUNNING)
 
     async def _submit(self, queue: MemoryObjectSendStream, request) -> None:
@@ -218,15 +410,35 @@ class AsyncModel:
         if not queued:
             raise Overloaded(f"the request queue is full ({self.max_queue} requests waiting)")
 
+    async def _run_model(self, work: str, what: str, fn, *args):
+        """fn(*args) on a daemon worker thread, one call at a time, under the batch deadline. A call that misses
+        it is abandoned (nothing can interrupt a thread in native code) and raises EngineStalled."""
+        async with self._limiter:  # waiting for the other loop's call is not part of the deadline
+            self._calls_made[work] += 1
+            fault = next((f.kind for f in self.faults if f.work == work and f.n == self._calls_made[work]), None)
+            call = _ModelCall(what, fault)
+            with anyio.move_on_after(self.batch_timeout):
+                return await run_sync_daemon(call.run, fn, *args)
+            self._abandoned.append(call)
+            raise EngineStalled(f"the model's {what} did not finish within its {self.batch_timeout:g} s deadline; "
+                                f"its worker thread was abandoned")
+
+    def _kernel_threads(self) -> int:
+        """In the worker: threads for the kernels' OpenMP loops, our budget only while BLAS is on one thread
+        (see the module notes)."""
+        return self.threads if current_blas_limit() == 1 else 1
+
     # ----------------------------------------------------------------------------------------------------------
     # embeddings
 
-    async def embed(self, texts: str | Sequence[str], *, normalize: bool = True) -> np.ndarray:
-        """Embeddings (n, dim) float32 of the texts, or (dim,) for a single string; see the module notes."""
+    async def embed(self, texts: str | Sequence[str | Sequence[int]], *, normalize: bool = True) -> np.ndarray:
+        """Embeddings (n, dim) float32 of the texts (strings, or token ids), or (dim,) for a single string; see
+        the module notes."""
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
-        ids = [self._embedding_ids(text, "the text" if single else f"texts[{i}]") for i, text in enumerate(texts)]
+        names = ["the text"] if single else [f"texts[{i}]" for i in range(len(texts))]
         self._check_running()
+        ids = await self._token_ids(texts, names)
         if not ids:
             return np.zeros((0, self.config.dim), np.float32)
         results, receive = anyio.create_memory_object_stream[np.ndarray](1)
@@ -237,24 +449,33 @@ class AsyncModel:
             try:
                 vectors = await receive.receive()
             except anyio.EndOfStream:
+                if request.error is not None:
+                    raise request.error from None
                 raise RuntimeError(CLOSED_WHILE_PENDING) from None
         return vectors[0] if single else vectors
 
-    def _embedding_ids(self, text: str, what: str) -> np.ndarray:
-        if not isinstance(text, str):
-            raise ValueError(f"{what} must be a string, got {type(text).__name__}")
-        ids = self.tokenizer.encode(text)
+    async def _token_ids(self, texts: list, names: list[str]) -> list[np.ndarray]:
+        """Each text's token ids (strings are tokenized together, in one worker-thread call), checked: not empty,
+        and within the context."""
+        ids = [None if isinstance(text, str) else token_ids(text, self.tokenizer.vocab_size, name)
+               for text, name in zip(texts, names)]
+        strings = [i for i, text in enumerate(texts) if isinstance(text, str)]
+        if strings:
+            for i, encoded in zip(strings, await self.tokenize([texts[i] for i in strings])):
+                ids[i] = encoded
         context = self.config.context_length
-        if ids.size == 0:
-            raise ValueError(f"{what} is empty: there is nothing to embed")
-        if ids.size > context:
-            raise ValueError(f"{what} is {ids.size} tokens long but the model's context holds only {context}")
+        for name, text_ids in zip(names, ids):
+            if text_ids.size == 0:
+                raise UsageError(f"{name} is empty: there is nothing to embed")
+            if text_ids.size > context:
+                raise UsageError(f"{name} is {text_ids.size} tokens long but the model's context holds only {context}")
         return ids
 
     async def _batch_embeddings(self, queue: MemoryObjectReceiveStream[_EmbeddingRequest]) -> None:
         """The batcher task: gathers queued texts into forward passes until cancelled."""
         waiting: deque[tuple[_EmbeddingRequest, int]] = deque()  # (request, index of one of its texts), oldest first
         batch: list[tuple[_EmbeddingRequest, int]] = []
+        workspaces = _Workspaces(self.config)
         try:
             while True:
                 if not waiting:
@@ -265,19 +486,28 @@ class AsyncModel:
                     if request is None:
                         break
                     _enqueue_texts(waiting, request)
-                waiting = _drop_abandoned(waiting)
+                waiting = _drop_gone(waiting)
                 batch = self._take_batch(waiting)
                 if not batch:
                     continue
-                vectors = await anyio.to_thread.run_sync(
-                    self._embed_batch, [r.texts[i] for r, i in batch], [r.normalize for r, _ in batch],
-                    limiter=self._limiter)
+                try:
+                    vectors = await self._run_model("embed", "embedding batch", self._embed_batch, workspaces,
+                                                    [r.texts[i] for r, i in batch], [r.normalize for r, _ in batch])
+                except Exception as error:  # this batch's requests fail; the next batch is served as usual
+                    if isinstance(error, EngineStalled):
+                        workspaces = _Workspaces(self.config)  # the abandoned thread may still write the old ones
+                    for request, _ in batch:
+                        request.fail(error)
+                    batch = []
+                    continue
                 for (request, i), vector in zip(batch, vectors):
+                    if request.gone():
+                        request.results.close()
+                        continue
                     request.vectors[i] = vector
                     request.done += 1
                     if request.done == len(request.texts):
-                        if not _abandoned(request.results):
-                            request.results.send_nowait(request.vectors)
+                        request.results.send_nowait(request.vectors)
                         request.results.close()
                 batch = []
         finally:
@@ -307,89 +537,67 @@ class AsyncModel:
             longest = longer
         return batch
 
-    def _embed_batch(self, texts: list[np.ndarray], normalize: list[bool]) -> np.ndarray:
+    def _embed_batch(self, workspaces: _Workspaces, texts: list[np.ndarray], normalize: list[bool]) -> np.ndarray:
         """In the worker thread: one forward pass over the texts right-padded to a common length; their
         masked mean-pooled final hidden states, (n, dim) float32, normalised where asked."""
         lengths = [ids.size for ids in texts]
-        ws = self._workspace(len(texts), self._padded_length(max(lengths)))
+        ws = workspaces.get(len(texts), self._padded_length(max(lengths)))
         tokens = np.zeros((ws.batch, ws.seq), np.int32)  # the padding's ids do not matter: nothing attends to it
         for row, ids in enumerate(texts):
             tokens[row, :ids.size] = ids
-        self.model.forward_ws(ws, tokens, None, threads=self.threads, logits=False)
+        self.model.forward_ws(ws, tokens, None, threads=self._kernel_threads(), logits=False)
         hidden = ws.a["lnf"].reshape(ws.batch, ws.seq, -1)
         vectors = np.stack([hidden[row, :n].mean(axis=0, dtype=np.float64) for row, n in enumerate(lengths)])
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         unit = vectors / np.maximum(norms, np.finfo(np.float64).tiny)
         return np.where(np.array(normalize)[:, None], unit, vectors).astype(np.float32)
 
-    def _workspace(self, batch: int, seq: int) -> Workspace:
-        """A workspace for this batch shape, carved out of one buffer that every shape shares (batches run one
-        at a time): batches of many sizes then cost no new allocation, only new views."""
-        key = (batch, seq)
-        if key not in self._workspaces:
-            size = Workspace.size(self.config, batch, seq)
-            if self._workspace_buffer.size < size:
-                self._workspace_buffer = aligned_zeros(size)
-                self._workspaces.clear()  # their views are into the buffer just replaced
-            self._workspaces[key] = Workspace(self.config, batch, seq, buffer=self._workspace_buffer)
-        return self._workspaces[key]
-
     # ----------------------------------------------------------------------------------------------------------
     # generation
 
-    async def generate(self, prompt: str, *, max_new_tokens: int = 128, temperature: float = 1.0,
+    async def generate(self, prompt: str | Sequence[int], *, max_new_tokens: int = 128, temperature: float = 1.0,
                        top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                        stop: str | Sequence[str] = ()) -> Completion:
-        """The continuation of prompt, whole. Settings as for cllm.generate.generate (temperature 0 is greedy;
-        seed makes sampling reproducible); max_new_tokens must be at least 1."""
-        continuation = self._continuation(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                                          top_k=top_k, top_p=top_p, seed=seed, stop=stop)
-        self._check_running()
-        request, pieces = _generation_request(continuation)
-        with pieces:
-            await self._submit(self._generations, request)
-            text = "".join([piece async for piece in pieces])
-        if not request.completed:
-            raise RuntimeError(CLOSED_WHILE_PENDING)
-        return Completion(text, continuation.finish_reason, len(continuation.prompt_ids),
-                          len(continuation.token_ids))
+        """The continuation of prompt (text, or token ids), whole. Settings as for cllm.generate.generate
+        (temperature 0 is greedy; seed makes sampling reproducible); max_new_tokens must be at least 1."""
+        stream = self.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                             top_p=top_p, seed=seed, stop=stop)
+        async with aclosing(stream):
+            async for _ in stream:
+                pass
+        return stream.completion
 
-    def stream(self, prompt: str, *, max_new_tokens: int = 128, temperature: float = 1.0,
+    def stream(self, prompt: str | Sequence[int], *, max_new_tokens: int = 128, temperature: float = 1.0,
                top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-               stop: str | Sequence[str] = ()) -> "CompletionStream":
-        """The continuation of prompt as text pieces, as they are decoded; settings as for generate().
+               stop: str | Sequence[str] = ()) -> CompletionStream:
+        """The continuation of prompt (text, or token ids) as text pieces, as they are decoded; settings as for
+        generate().
 
-        Settings are checked now (ValueError); the request is queued when iteration starts (Overloaded then).
+        Settings are checked now (UsageError); the prompt is tokenized and the request queued when iteration
+        starts, or at `await stream.start()` (UsageError for a prompt longer than the context, Overloaded then).
         Once the iteration ends, the stream's `completion` holds what generate() would return. Leaving the
         iteration early frees the request's decoder row once the stream is closed: use `contextlib.aclosing`
         to have that happen at once.
         """
-        continuation = self._continuation(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                                          top_k=top_k, top_p=top_p, seed=seed, stop=stop)
-        self._check_running()
-        return CompletionStream(self._stream(continuation), continuation)
-
-    async def _stream(self, continuation: Continuation) -> AsyncIterator[str]:
-        request, pieces = _generation_request(continuation)
-        with pieces:
-            await self._submit(self._generations, request)
-            async for piece in pieces:
-                yield piece
-        if not request.completed:
-            raise RuntimeError(CLOSED_WHILE_PENDING)
-
-    def _continuation(self, prompt: str, *, max_new_tokens: int, **settings) -> Continuation:
-        if not isinstance(prompt, str):
-            raise ValueError(f"the prompt must be a string, got {type(prompt).__name__}")
         if not isinstance(max_new_tokens, Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        return Continuation(self.tokenizer, prompt, context_length=self.config.context_length,
-                            max_new_tokens=max_new_tokens, **settings)
+            raise UsageError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                        stop=stop)
+        check_generation(**settings)
+        if not isinstance(prompt, str):
+            prompt = token_ids(prompt, self.tokenizer.vocab_size, "the prompt")
+        self._check_running()
+        return CompletionStream(self, prompt, settings)
+
+    async def _continuation(self, prompt: str | np.ndarray, settings: dict) -> Continuation:
+        if isinstance(prompt, str):
+            [prompt] = await self.tokenize([prompt])
+        return Continuation(self.tokenizer, prompt, context_length=self.config.context_length, **settings)
 
     async def _decode_generations(self, queue: MemoryObjectReceiveStream[_GenerationRequest]) -> None:
         """The decoding loop: admits queued generations into free decoder rows and steps them all together,
         until cancelled."""
-        decoder = Decoder(self.model, batch=self.max_streams, threads=self.threads)
+        decoder = Decoder(self.model, batch=self.max_streams)
         rows: dict[int, _GenerationRequest] = {}
         try:
             while True:
@@ -416,8 +624,17 @@ class AsyncModel:
                         rows[row] = request
                         joining.append(row)
                 continuations = {row: request.continuation for row, request in rows.items()}
-                pieces = await anyio.to_thread.run_sync(_decode_step, decoder, continuations, joining,
-                                                        limiter=self._limiter)
+                try:
+                    pieces = await self._run_model("decode", "decoding step", self._decode_step, decoder,
+                                                   continuations, joining)
+                except Exception as error:  # this step's requests fail; the next ones are served as usual
+                    if isinstance(error, EngineStalled):
+                        # The abandoned thread may still write this KV cache: never touch it again.
+                        decoder = Decoder(self.model, batch=self.max_streams)
+                    for request in rows.values():
+                        request.fail(error)
+                    rows.clear()
+                    continue
                 for row, piece in pieces.items():
                     request = rows[row]
                     if piece and not _abandoned(request.results):
@@ -431,21 +648,22 @@ class AsyncModel:
                 request.results.close()
             _refuse_queued(queue)
 
-
-def _decode_step(decoder: Decoder, continuations: dict[int, Continuation], joining: list[int]) -> dict[int, str]:
-    """In the worker thread: prefills the rows that join, draws every row's next token from its logits, then
-    runs the tokens of the rows that go on through the model. Returns each row's new text."""
-    if joining:
-        decoder.prefill_rows(joining, [continuations[row].prompt_ids for row in joining])
-    pieces = {row: continuation.advance(decoder.logits[row]) for row, continuation in continuations.items()}
-    tokens = np.zeros(decoder.batch, np.int32)
-    going_on = np.zeros(decoder.batch, bool)
-    for row, continuation in continuations.items():
-        if not continuation.finished:
-            tokens[row], going_on[row] = continuation.token_ids[-1], True
-    if going_on.any():
-        decoder.step(tokens, active=going_on)
-    return pieces
+    def _decode_step(self, decoder: Decoder, continuations: dict[int, Continuation],
+                     joining: list[int]) -> dict[int, str]:
+        """In the worker thread: prefills the rows that join, draws every row's next token from its logits, then
+        runs the tokens of the rows that go on through the model. Returns each row's new text."""
+        decoder.threads = self._kernel_threads()  # for the prefill's forward pass
+        if joining:
+            decoder.prefill_rows(joining, [continuations[row].prompt_ids for row in joining])
+        pieces = {row: continuation.advance(decoder.logits[row]) for row, continuation in continuations.items()}
+        tokens = np.zeros(decoder.batch, np.int32)
+        going_on = np.zeros(decoder.batch, bool)
+        for row, continuation in continuations.items():
+            if not continuation.finished:
+                tokens[row], going_on[row] = continuation.token_ids[-1], True
+        if going_on.any():
+            decoder.step(tokens, active=going_on)
+        return pieces
 
 
 def _generation_request(continuation: Continuation) -> tuple[_GenerationRequest, MemoryObjectReceiveStream[str]]:
@@ -464,10 +682,11 @@ def _enqueue_texts(waiting: deque, request: _EmbeddingRequest) -> None:
     waiting.extend((request, i) for i in range(len(request.texts)))
 
 
-def _drop_abandoned(waiting: deque) -> deque:
+def _drop_gone(waiting: deque) -> deque:
+    """The texts in waiting whose requests still want them."""
     kept = deque()
     for request, i in waiting:
-        if _abandoned(request.results):
+        if request.gone():
             request.results.close()
         else:
             kept.append((request, i))

@@ -26,7 +26,7 @@ from cllm.checkpoint import save_model
 from cllm.generate import complete
 from cllm.model import GPT, ModelConfig
 from cllm.server import ServerLimits
-from cllm.serving import AsyncModel, Overloaded
+from cllm.serving import DEFAULT_BATCH_TIMEOUT, AsyncModel, Overloaded, ServingFault
 from cllm.tokenizer import Tokenizer
 from cllm.tools.serve import BackgroundServer, listen
 
@@ -36,6 +36,7 @@ CORPUS = "the quick brown fox jumps over the lazy dog. pack my box with five doz
 CONTEXT, DIM = 48, 32
 NAME = "tiny"
 LIMITS = ServerLimits(max_embedding_inputs=8, max_body_bytes=16 * 1024, max_completion_tokens=40)
+TOO_LONG = "a" * (CONTEXT + 1)
 
 
 @pytest.fixture(scope="module")
@@ -101,14 +102,21 @@ def sse_events(response: httpx.Response) -> list[str]:
 # health, info, models
 
 
-def test_health_and_info(http):
-    assert http.get("/health").json() == {"status": "ok"}
+def test_health_and_info(http, model, tokenizer):
+    health = http.get("/health")
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
     info = http.get("/info").json()
     assert info["model"] == NAME
-    assert info["config"]["context_length"] == CONTEXT and info["config"]["dim"] == DIM
+    assert info["config"] == model.config.to_dict()
     assert info["limits"] == {"max_embedding_inputs": 8, "max_input_tokens": CONTEXT, "max_completion_tokens": 40,
-                              "max_body_bytes": 16 * 1024, "max_concurrent_requests": 64}
-    assert isinstance(info["engine"], dict)
+                              "max_body_bytes": 16 * 1024, "max_concurrent_requests": 64,
+                              "header_timeout": LIMITS.header_timeout, "body_timeout": LIMITS.body_timeout}
+    # The engine's own account: the same model, and AsyncModel's defaults, which BackgroundServer kept.
+    assert info["engine"] == {
+        "config": model.config.to_dict(), "tokenizer": "char", "vocab_size": tokenizer.vocab_size,
+        "embedding_dim": DIM, "context_length": CONTEXT,
+        "limits": {"threads": 1, "max_batch_tokens": 4096, "max_wait_ms": 5.0, "max_queue": 256,
+                   "queue_timeout": 0.0, "max_streams": 8, "batch_timeout": DEFAULT_BATCH_TIMEOUT}}
 
 
 def test_models_list_the_one_model(client):
@@ -223,6 +231,54 @@ def test_stop_strings_end_the_text_before_them(http, client):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_a_temperature_too_small_to_divide_by_is_greedy(http):
+    greedy = completion(http, prompt="the quick", max_tokens=12, temperature=0)["choices"][0]["text"]
+    # 1e-310 used to overflow the logits to NaN, and then always drew the last token id.
+    for temperature in (1e-310, 5e-324):
+        body = completion(http, prompt="the quick", max_tokens=12, temperature=temperature, seed=1)
+        assert body["choices"][0]["text"] == greedy
+
+
+def test_each_text_is_tokenized_once_off_the_event_loop(server, http, monkeypatch):
+    tokenizer, threads = server.model.tokenizer, []
+    encode = tokenizer.encode
+
+    def recorded(text):
+        threads.append(threading.get_ident())
+        return encode(text)
+
+    monkeypatch.setattr(tokenizer, "encode", recorded)
+    body = http.post("/v1/embeddings", json={"model": NAME, "input": ["the lazy dog", "quick", "a"]}).json()
+    assert body["usage"]["prompt_tokens"] == len("the lazy dog") + len("quick") + len("a")
+    assert len(threads) == 3
+    completion(http, prompt="the", max_tokens=2)
+    streamed = http.post("/v1/completions", json={"model": NAME, "prompt": "the", "max_tokens": 2, "stream": True})
+    assert sse_events(streamed)[-1] == "[DONE]"
+    assert len(threads) == 5
+    assert server.thread.ident not in threads  # the server's event loop runs in that thread
+
+
+@pytest.mark.parametrize("path,body,param,message", [
+    ("/v1/embeddings", {"input": TOO_LONG}, "input",
+     f"'input' is {CONTEXT + 1} tokens long; this server takes at most {CONTEXT}."),
+    ("/v1/embeddings", {"input": ["ok", TOO_LONG]}, "input",
+     f"'input[1]' is {CONTEXT + 1} tokens long; this server takes at most {CONTEXT}."),
+    ("/v1/completions", {"prompt": TOO_LONG}, "prompt",
+     f"'prompt' is {CONTEXT + 1} tokens long; this server takes at most {CONTEXT}."),
+    ("/v1/completions", {"prompt": TOO_LONG, "stream": True}, "prompt",
+     f"'prompt' is {CONTEXT + 1} tokens long; this server takes at most {CONTEXT}."),
+    ("/v1/completions", {"prompt": "a", "stop": ["ok", "x" * 65]}, "stop",
+     "'stop[1]' is 65 characters long; a stop string may have at most 64."),
+])
+def test_token_and_stop_string_limits_say_what_is_too_long(http, path, body, param, message):
+    error = assert_error(http.post(path, json={"model": NAME} | body), 400, param=param)
+    assert error["message"] == message
+
+
+def test_a_stop_string_of_the_longest_length_is_accepted(http):
+    assert completion(http, prompt="a", max_tokens=3, stop=["y" * 64] * 4)["usage"]["completion_tokens"] == 3
+
+
 def test_prompt_may_be_a_list_of_one_string_or_empty(http):
     as_list = completion(http, prompt=["the quick"], max_tokens=5, temperature=0)
     assert as_list["choices"][0]["text"] == completion(http, prompt="the quick", max_tokens=5,
@@ -275,9 +331,6 @@ def test_stream_with_the_openai_client(client):
 # bad requests
 
 
-TOO_LONG = "a" * (CONTEXT + 1)
-
-
 @pytest.mark.parametrize("path,body,param", [
     ("/v1/embeddings", {"input": ""}, "input"),
     ("/v1/embeddings", {"input": []}, "input"),
@@ -304,6 +357,7 @@ TOO_LONG = "a" * (CONTEXT + 1)
     ("/v1/completions", {"prompt": "a", "stop": ""}, "stop"),
     ("/v1/completions", {"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ("/v1/completions", {"prompt": "a", "stop": 5}, "stop"),
+    ("/v1/completions", {"prompt": "a", "stop": "z" * 65}, "stop"),
     ("/v1/completions", {"prompt": 5}, "prompt"),
     ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
     ("/v1/completions", {"prompt": TOO_LONG}, "prompt"),
@@ -407,13 +461,15 @@ def test_a_full_model_queue_is_429(server, http, monkeypatch):
     async def overloaded(*args, **kwargs):
         raise Overloaded("the queue holds 1 requests")
 
-    async def overloaded_stream(*args, **kwargs):
-        raise Overloaded("the queue holds 1 requests")
-        yield  # an async generator, as AsyncModel.stream is
+    class OverloadedStream:  # as AsyncModel.stream's, whose start() queues the request
+        start = overloaded
+
+        async def aclose(self):
+            pass
 
     monkeypatch.setattr(server.model, "generate", overloaded)
     monkeypatch.setattr(server.model, "embed", overloaded)
-    monkeypatch.setattr(server.model, "stream", overloaded_stream)
+    monkeypatch.setattr(server.model, "stream", lambda *args, **kwargs: OverloadedStream())
     for path, body in [("/v1/completions", {"prompt": "a"}), ("/v1/completions", {"prompt": "a", "stream": True}),
                        ("/v1/embeddings", {"input": "a"})]:
         response = http.post(path, json={"model": NAME} | body)
@@ -435,41 +491,40 @@ def test_a_bug_is_500_with_a_generic_message_and_a_logged_traceback(server, http
         time.sleep(0.02)
 
 
-def test_an_error_mid_stream_is_an_error_event_without_done(server, http, client, monkeypatch):
-    async def breaks_after_one_piece(*args, **kwargs):
-        yield "the"
-        raise RuntimeError("secret internals")
-
-    monkeypatch.setattr(server.model, "stream", breaks_after_one_piece)
-    response = http.post("/v1/completions", json={"model": NAME, "prompt": "a", "stream": True})
-    assert response.status_code == 200
-    events = sse_events(response)
-    assert json.loads(events[0])["choices"][0]["text"] == "the"
-    error = json.loads(events[-1])["error"]
-    assert error["type"] == "server_error" and "secret" not in error["message"]
-    assert "[DONE]" not in events
-    with pytest.raises(openai.APIError):
-        list(client.completions.create(model=NAME, prompt="a", stream=True))
+def test_an_error_mid_stream_is_an_error_event_without_done(model_path):
+    # The second and the fourth decoding steps raise: each stream gets one piece, then the error.
+    faults = [ServingFault("raise", "decode", 2), ServingFault("raise", "decode", 4)]
+    with BackgroundServer(model_path, model_name=NAME, faults=faults) as server, \
+            httpx.Client(base_url=server.url, timeout=30) as http, \
+            openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=30) as client:
+        response = http.post("/v1/completions", json={"model": NAME, "prompt": "a", "stream": True,
+                                                     "temperature": 0})
+        assert response.status_code == 200
+        events = sse_events(response)
+        assert len(events) == 2 and json.loads(events[0])["choices"][0]["text"]
+        error = json.loads(events[-1])["error"]
+        assert error["type"] == "server_error" and "injected" not in error["message"]
+        with pytest.raises(openai.APIError):
+            list(client.completions.create(model=NAME, prompt="a", stream=True))
 
 
 def test_a_client_that_leaves_mid_stream_closes_the_models_stream(server, http, monkeypatch):
     real_stream, closed = server.model.stream, threading.Event()
 
-    def slow_stream(*args, **kwargs):  # the real stream, slowed down so that the client leaves in the middle
-        pieces = real_stream(*args, **kwargs)
+    class SlowStream:  # the real stream, slowed down so that the client leaves in the middle
+        def __init__(self, *args, **kwargs):
+            self.pieces = real_stream(*args, **kwargs)
+            self.start, self.wait = self.pieces.start, self.pieces.wait
 
-        async def slowly():
-            try:
-                async for piece in pieces:
-                    await anyio.sleep(0.5)
-                    yield piece
-            finally:
-                await pieces.aclose()
-                closed.set()
+        async def __anext__(self):
+            await anyio.sleep(0.5)
+            return await self.pieces.__anext__()
 
-        return slowly()
+        async def aclose(self):
+            await self.pieces.aclose()
+            closed.set()
 
-    monkeypatch.setattr(server.model, "stream", slow_stream)
+    monkeypatch.setattr(server.model, "stream", SlowStream)
     body = {"model": NAME, "prompt": "the", "max_tokens": 40, "stream": True}
     with http.stream("POST", "/v1/completions", json=body) as response:
         assert next(response.iter_lines()).startswith("data: {")

@@ -4,22 +4,28 @@ streaming, backpressure, cancellation and shutdown, each on asyncio and on trio.
 The model is tiny and random, with weights scaled up from GPT-2's init so that logits differ clearly between
 tokens, and the separator's embedding row zeroed so that greedy decoding never ends a document early.
 Requests are lined up deterministically by holding forward passes or decoding steps in their worker thread
-(see Gate), never by sleeping and hoping.
+(see Gate), never by sleeping and hoping. Tests that line requests up with anyio.wait_all_tasks_blocked() pass
+token ids rather than text: tokenizing happens in a worker thread, and a task waiting for a thread counts as
+blocked before its request is queued.
 """
 from __future__ import annotations
 
 import json
 import threading
+import time
 
 import anyio
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_info
 
-from cllm import AsyncModel, Overloaded
+from cllm import AsyncModel, EngineStalled, Overloaded
 from cllm.checkpoint import save_model
+from cllm.errors import UsageError
 from cllm.generate import Decoder, complete, generate
 from cllm.model import GPT, ModelConfig, Workspace
-from cllm.serving import Completion
+from cllm.serving import Completion, ServingFault, parse_serving_faults
+from cllm.threads import blas_limit, current_blas_limit
 from cllm.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.timeout(60)
@@ -234,7 +240,9 @@ async def test_a_full_queue_raises_overloaded(model, tokenizer, monkeypatch, kin
     results = []
     async with AsyncModel(model, tokenizer, max_queue=2, max_wait_ms=0, max_streams=1,
                           queue_timeout=queue_timeout) as m:
-        call = m.embed if kind == "embed" else lambda text: m.generate(text, max_new_tokens=3, temperature=0)
+        def call(text):
+            ids = tokenizer.encode(text)
+            return m.embed([ids]) if kind == "embed" else m.generate(ids, max_new_tokens=3, temperature=0)
 
         async def request(text):
             results.append(await call(text))
@@ -265,7 +273,7 @@ async def test_a_cancelled_embedding_caller_does_not_break_its_batch(model, toke
 
     async def embed(text):
         with anyio.CancelScope() as scopes[text]:
-            results[text] = await m.embed(text, normalize=False)
+            results[text] = (await m.embed([tokenizer.encode(text)], normalize=False))[0]
 
     async with AsyncModel(model, tokenizer, max_wait_ms=100) as m:
         async with anyio.create_task_group() as tg:
@@ -292,11 +300,11 @@ async def test_a_cancelled_generation_frees_its_row_and_spares_its_batch(model, 
 
     async def stream(prompt):
         with scope:
-            async for piece in m.stream(prompt, **long_run):
+            async for piece in m.stream(tokenizer.encode(prompt), **long_run):
                 streamed.append(piece)
 
     async def run(prompt):
-        results[prompt] = await m.generate(prompt, **long_run)
+        results[prompt] = await m.generate(tokenizer.encode(prompt), **long_run)
 
     async with AsyncModel(model, tokenizer, max_streams=2) as m:
         async with anyio.create_task_group() as tg:
@@ -344,7 +352,7 @@ def test_leaving_the_context_fails_pending_calls_and_leaves_no_threads(model, to
                 callers.start_soon(call, "queued", lambda: m.embed("lazy dog"))
                 callers.start_soon(call, "generating", lambda: m.generate("the", temperature=0))
                 await anyio.wait_all_tasks_blocked()
-                passes.open()  # the pass in flight ends; leaving waits for it
+                passes.open()
         with pytest.raises(RuntimeError, match="not running"):
             await m.embed("too late")
         with pytest.raises(RuntimeError, match="not running"):
@@ -388,21 +396,24 @@ async def test_calls_outside_the_context_raise(model, tokenizer):
     (lambda m: m.generate("a", top_p=1.5), "top_p"),
     (lambda m: m.generate("a", seed=-1), "seed"),
     (lambda m: m.generate("a", stop=[""]), "stop"),
+    (lambda m: m.generate([1, 10**6]), "token ids outside"),
+    (lambda m: m.embed([[1, -1]]), r"texts\[0\] holds token ids outside"),
+    (lambda m: m.embed([[]]), "empty"),
 ])
-async def test_bad_input_raises_value_error(model, tokenizer, call, message):
+async def test_bad_input_raises_usage_error(model, tokenizer, call, message):
     async with AsyncModel(model, tokenizer) as m:
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(UsageError, match=message):
             await call(m)
-        with pytest.raises(ValueError, match="top_k"):
+        with pytest.raises(UsageError, match="top_k"):
             m.stream("a", top_k=-3)  # checked at the call, before any iteration
         assert (await m.embed("still serving")).shape == (16,)
 
 
 @pytest.mark.parametrize("setting", [dict(max_queue=0), dict(max_streams=0), dict(threads=0),
                                      dict(max_batch_tokens=-1), dict(max_wait_ms=-1.0),
-                                     dict(queue_timeout=float("inf"))])
-def test_bad_settings_raise_value_error(model, tokenizer, setting):
-    with pytest.raises(ValueError, match=next(iter(setting))):
+                                     dict(queue_timeout=float("inf")), dict(batch_timeout=0)])
+def test_bad_settings_raise_usage_error(model, tokenizer, setting):
+    with pytest.raises(UsageError, match=next(iter(setting))):
         AsyncModel(model, tokenizer, **setting)
 
 
@@ -416,3 +427,178 @@ async def test_open_a_model_file_and_describe_it(model, tokenizer, tmp_path):
         assert m.count_tokens("the fox") == 7 and m.config == model.config
         assert await m.generate("the", max_new_tokens=5, temperature=0) == expected(
             model, tokenizer, "the", max_new_tokens=5, temperature=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# failing and stalled batches
+
+
+def test_serving_faults_come_from_cllm_fault_beside_the_spheres_ones():
+    assert parse_serving_faults("stall:3:5, raise:embed:2,stall:decode:1") == [
+        ServingFault("raise", "embed", 2), ServingFault("stall", "decode", 1)]
+    with pytest.raises(UsageError, match="KIND is stall or raise"):
+        parse_serving_faults("hang:embed:1")
+    with pytest.raises(UsageError, match="KIND:WORK:N"):
+        parse_serving_faults("stall:embed:first")
+
+
+@pytest.mark.anyio
+async def test_a_failing_batch_fails_only_its_own_requests(model, tokenizer, monkeypatch):
+    monkeypatch.setenv("CLLM_FAULT", "raise:embed:1,raise:decode:1")  # the first batch of each kind raises
+    async with AsyncModel(model, tokenizer) as m:
+        with pytest.raises(RuntimeError, match="injected fault: this embedding batch raised"):
+            await m.embed("the fox")
+        assert np.allclose(await m.embed("the fox", normalize=False), pooled(model, tokenizer, "the fox"),
+                           atol=1e-5)
+        with pytest.raises(RuntimeError, match="injected fault: this decoding step raised"):
+            await m.generate("the fox", max_new_tokens=5, temperature=0)
+        settings = dict(max_new_tokens=5, temperature=0)
+        assert await m.generate("the fox", **settings) == expected(model, tokenizer, "the fox", **settings)
+        assert m.health() == {"status": "ok"}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("work", ["embed", "decode"])
+async def test_a_stalled_batch_fails_its_requests_at_its_deadline_and_later_ones_are_served(
+        model, tokenizer, work):
+    settings = dict(max_new_tokens=6, temperature=0)
+    m = AsyncModel(model, tokenizer, batch_timeout=0.5, faults=[ServingFault("stall", work, 1)])
+    async with m:
+        call = (lambda: m.embed("the fox")) if work == "embed" else (lambda: m.generate("the fox", **settings))
+        started = time.monotonic()
+        with pytest.raises(EngineStalled, match="did not finish within its 0.5 s deadline"):
+            await call()
+        assert time.monotonic() - started < 0.5 + 20  # the deadline, not the stall (which never ends)
+        health = m.health()
+        what = "embedding batch" if work == "embed" else "decoding step"
+        assert health["status"] == "stalled" and f"the oldest, a {what}" in health["reason"]
+        # Served on, by another thread and with new buffers; the stuck thread keeps the old ones.
+        assert np.allclose(await m.embed("lazy dog", normalize=False), pooled(model, tokenizer, "lazy dog"),
+                           atol=1e-5)
+        assert await m.generate("lazy", **settings) == expected(model, tokenizer, "lazy", **settings)
+    # Leaving did not wait for the stuck thread: this test's timeout would have ended it.
+    assert m.health()["status"] == "stopped"
+
+
+@pytest.mark.anyio
+async def test_a_stalled_batchs_buffers_are_never_used_again(model, tokenizer, monkeypatch):
+    """A kernel stuck inside a forward pass or a decoding step may write its workspace or KV cache at any time:
+    the batches after it must get buffers of their own."""
+    release, stuck, buffers, decoders = threading.Event(), [], [], []
+    forward_ws, step = model.forward_ws, Decoder.step
+
+    def forward_stuck_once(ws, *args, **kwargs):
+        buffers.append(ws.buffer.ctypes.data)
+        if len(buffers) == 1:
+            stuck.append(ws)
+            release.wait(30)  # stuck, until the test ends
+        return forward_ws(ws, *args, **kwargs)
+
+    def step_stuck_once(decoder, *args, **kwargs):
+        decoders.append(decoder.k_cache.ctypes.data)
+        if len(decoders) == 1:
+            release.wait(30)
+        return step(decoder, *args, **kwargs)
+
+    monkeypatch.setattr(model, "forward_ws", forward_stuck_once)
+    monkeypatch.setattr(Decoder, "step", step_stuck_once)
+    try:
+        async with AsyncModel(model, tokenizer, batch_timeout=0.5) as m:
+            with pytest.raises(EngineStalled):
+                await m.embed(["the fox", "lazy"])
+            await m.embed(["a dog", "quick"])  # the same shape
+            with pytest.raises(EngineStalled):
+                await m.generate("the", max_new_tokens=4, temperature=0)
+            await m.generate("the", max_new_tokens=4, temperature=0)
+    finally:
+        release.set()
+    embedding_buffers = buffers[:2]  # the prefills' passes come after
+    assert embedding_buffers[0] != embedding_buffers[1]
+    assert decoders[0] not in decoders[1:]
+
+
+def test_leaving_the_context_does_not_wait_for_a_stuck_call(model, tokenizer, monkeypatch, anyio_backend):
+    passes = forward_passes(model, monkeypatch, held=True)  # held until the test ends: a stuck kernel
+    outcome = []
+
+    async def main():
+        async with anyio.create_task_group() as callers:
+            async with AsyncModel(model, tokenizer, batch_timeout=3600) as m:
+                async def call():
+                    try:
+                        await m.embed("the fox")
+                    except RuntimeError as e:
+                        outcome.append(e)
+
+                callers.start_soon(call)
+                await passes.wait_entered()
+
+    try:
+        anyio.run(main, backend=anyio_backend)  # returns, though the call in flight does not
+    finally:
+        passes.open()
+    assert len(outcome) == 1 and "closed" in str(outcome[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# threads
+
+
+def blas_threads() -> int:
+    return min(pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas")
+
+
+def kernel_and_blas_threads(model, monkeypatch) -> list:
+    """Records, for each forward pass (embedding batches and prefills), in its worker thread: the threads the
+    kernels were given, the BLAS threads in force, and cllm's BLAS limit."""
+    seen = []
+    forward_ws = model.forward_ws
+
+    def observed(ws, tokens, targets, **kwargs):
+        seen.append((kwargs["threads"], blas_threads(), current_blas_limit()))
+        return forward_ws(ws, tokens, targets, **kwargs)
+
+    monkeypatch.setattr(model, "forward_ws", observed)
+    return seen
+
+
+@pytest.mark.anyio
+async def test_blas_has_the_threads_and_the_kernels_run_on_one(model, tokenizer, monkeypatch):
+    seen = kernel_and_blas_threads(model, monkeypatch)
+    async with AsyncModel(model, tokenizer, threads=2) as m:
+        await m.embed(["the fox", "lazy"])
+        await m.generate("the", max_new_tokens=3, temperature=0)
+    # Never OpenMP threads each running a multi-threaded BLAS (the attention kernel calls sgemm in its prange).
+    assert len(seen) == 2 and set(seen) == {(1, 2, 2)}
+    assert current_blas_limit() is None
+
+
+@pytest.mark.anyio
+async def test_the_blas_limit_nests_with_other_holders(model, tokenizer, monkeypatch):
+    seen = kernel_and_blas_threads(model, monkeypatch)
+    with blas_limit(1):  # a trainer in the same process, say
+        async with AsyncModel(model, tokenizer, threads=2) as m:
+            await m.embed("the fox")
+        assert current_blas_limit() == 1 and blas_threads() == 1  # the outer holder's limit is still in force
+    # BLAS is on one thread (the smaller limit), so the kernels may use the two.
+    assert seen == [(2, 1, 1)]
+
+
+@pytest.mark.anyio
+async def test_tokenizing_happens_in_a_worker_thread(model, tokenizer, monkeypatch):
+    threads = []
+    encode = tokenizer.encode
+
+    def recorded(text):
+        threads.append(threading.get_ident())
+        return encode(text)
+
+    monkeypatch.setattr(tokenizer, "encode", recorded)
+    async with AsyncModel(model, tokenizer) as m:
+        await m.embed(["the fox", "lazy"])
+        await m.generate("the", max_new_tokens=2, temperature=0)
+        async for _ in m.stream("a", max_new_tokens=2, temperature=0):
+            pass
+        ids = await m.tokenize(["pack my box"])
+        assert await m.embed(ids) == pytest.approx(await m.embed(["pack my box"]), abs=1e-6)
+    assert len(threads) == 6 and threading.get_ident() not in threads
