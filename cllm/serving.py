@@ -51,9 +51,10 @@ on unaffected. Leaving `async with` does not wait for the model call in flight (
 dropped), stops the batcher tasks, and fails every pending call with RuntimeError.
 
 Testing. `faults` (or the environment variable CLLM_FAULT) makes chosen batches hang or raise in their worker
-thread, as a stuck kernel or a bug would: ServingFault("stall", "embed", 1) hangs the first embedding batch,
-"raise:decode:3" makes the third decoding step raise. CLLM_FAULT is a comma-separated list of KIND:WORK:N; its
-entries for the trainer's spheres (KIND:SPHERE:STEP) are left to them.
+thread, as a deadlocked kernel or a bug would: ServingFault("hang", "embed", 1) blocks the first embedding
+batch forever in native code without the GIL (cllm._kernels.fault.hang), "raise:decode:3" makes the third
+decoding step raise. CLLM_FAULT is a comma-separated list of KIND:WORK:N; its entries for the trainer's spheres
+(KIND:SPHERE:STEP) are left to them.
 """
 from __future__ import annotations
 
@@ -70,6 +71,7 @@ import anyio
 import numpy as np
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from ._kernels.fault import hang
 from .buffers import aligned_zeros
 from .checkpoint import load_model
 from .errors import UsageError
@@ -94,13 +96,13 @@ class EngineStalled(Exception):
 @dataclass(frozen=True)
 class ServingFault:
     """A fault to inject, for tests: the n-th call (from 1) of one kind of model work hangs or raises."""
-    kind: str  # "stall" (hang forever) or "raise"
+    kind: str  # "hang" (block forever in native code, as a deadlocked kernel) or "raise"
     work: str  # "embed" (an embedding batch) or "decode" (a decoding step, prefills included)
     n: int
 
     def __post_init__(self):
-        if self.kind not in ("stall", "raise") or self.work not in ("embed", "decode") or self.n < 1:
-            raise UsageError(f"bad serving fault {self}: KIND is stall or raise, WORK embed or decode, N from 1")
+        if self.kind not in ("hang", "raise") or self.work not in ("embed", "decode") or self.n < 1:
+            raise UsageError(f"bad serving fault {self}: KIND is hang or raise, WORK embed or decode, N from 1")
 
 
 def parse_serving_faults(spec: str) -> list[ServingFault]:
@@ -110,7 +112,7 @@ def parse_serving_faults(spec: str) -> list[ServingFault]:
         parts = item.split(":")
         if len(parts) == 3 and parts[1] in ("embed", "decode"):
             if not parts[2].isdigit():
-                raise UsageError(f"bad fault {item!r}: expected KIND:WORK:N, e.g. stall:embed:1")
+                raise UsageError(f"bad fault {item!r}: expected KIND:WORK:N, e.g. hang:embed:1")
             faults.append(ServingFault(parts[0], parts[1], int(parts[2])))
     return faults
 
@@ -246,19 +248,13 @@ class _ModelCall:
 
     def run(self, fn, *args):
         try:
-            if self.fault == "stall":
-                _hang()
+            if self.fault == "hang":
+                hang()
             if self.fault == "raise":
                 raise RuntimeError(f"injected fault: this {self.what} raised")
             return fn(*args)
         finally:
             self.running = False
-
-
-def _hang() -> None:
-    """A stuck kernel, for the stall fault: never returns."""
-    while True:
-        time.sleep(3600)
 
 
 class _Workspaces:

@@ -54,8 +54,8 @@ def test_a_failing_batch_is_500_and_the_next_request_is_served(model_path, caplo
 
 
 def test_a_stalled_batch_is_503_and_health_says_why(model_path):
-    faults = [ServingFault("stall", "embed", 1), ServingFault("stall", "decode", 1),
-              ServingFault("stall", "decode", 2)]
+    faults = [ServingFault("hang", "embed", 1), ServingFault("hang", "decode", 1),
+              ServingFault("hang", "decode", 2)]
     with BackgroundServer(model_path, model_name=NAME, batch_timeout=1, faults=faults) as server, \
             client(server) as http:
         error = assert_error(http.post("/v1/embeddings", json=EMBEDDING), 503, type="server_error")
@@ -230,7 +230,7 @@ def interrupt(process: subprocess.Popen) -> str:
 
 
 def test_serve_tool_answers_a_stall_with_503_and_ctrl_c_does_not_wait_for_it(model_path):
-    process, _, url = start_serve(model_path, "--batch-timeout", "1", env={"CLLM_FAULT": "stall:embed:1"})
+    process, _, url = start_serve(model_path, "--batch-timeout", "1", env={"CLLM_FAULT": "hang:embed:1"})
     try:
         error = assert_error(httpx.post(f"{url}/v1/embeddings", json=EMBEDDING, timeout=30), 503, type="server_error")
         assert error["code"] == "engine_stalled"

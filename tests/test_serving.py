@@ -434,12 +434,12 @@ async def test_open_a_model_file_and_describe_it(model, tokenizer, tmp_path):
 
 
 def test_serving_faults_come_from_cllm_fault_beside_the_spheres_ones():
-    assert parse_serving_faults("stall:3:5, raise:embed:2,stall:decode:1") == [
-        ServingFault("raise", "embed", 2), ServingFault("stall", "decode", 1)]
-    with pytest.raises(UsageError, match="KIND is stall or raise"):
-        parse_serving_faults("hang:embed:1")
+    assert parse_serving_faults("hang:3:5, raise:embed:2,hang:decode:1") == [
+        ServingFault("raise", "embed", 2), ServingFault("hang", "decode", 1)]
+    with pytest.raises(UsageError, match="KIND is hang or raise"):
+        parse_serving_faults("stall:embed:1")
     with pytest.raises(UsageError, match="KIND:WORK:N"):
-        parse_serving_faults("stall:embed:first")
+        parse_serving_faults("hang:embed:first")
 
 
 @pytest.mark.anyio
@@ -462,7 +462,7 @@ async def test_a_failing_batch_fails_only_its_own_requests(model, tokenizer, mon
 async def test_a_stalled_batch_fails_its_requests_at_its_deadline_and_later_ones_are_served(
         model, tokenizer, work):
     settings = dict(max_new_tokens=6, temperature=0)
-    m = AsyncModel(model, tokenizer, batch_timeout=0.5, faults=[ServingFault("stall", work, 1)])
+    m = AsyncModel(model, tokenizer, batch_timeout=0.5, faults=[ServingFault("hang", work, 1)])
     async with m:
         call = (lambda: m.embed("the fox")) if work == "embed" else (lambda: m.generate("the fox", **settings))
         started = time.monotonic()
