@@ -258,8 +258,8 @@ class _ModelCall:
 
 
 class _Workspaces:
-    """Workspaces for embedding batches, carved out of one buffer that every shape shares (batches run one at
-    a time): batches of many sizes then cost no new allocation, only new views."""
+    """Forward-only workspaces for embedding batches, carved out of one buffer that every shape shares (batches
+    run one at a time): batches of many sizes then cost no new allocation, only new views."""
 
     def __init__(self, config: ModelConfig):
         self.config = config
@@ -269,11 +269,11 @@ class _Workspaces:
     def get(self, batch: int, seq: int) -> Workspace:
         key = (batch, seq)
         if key not in self._views:
-            size = Workspace.size(self.config, batch, seq)
+            size = Workspace.size(self.config, batch, seq, training=False)
             if self._buffer.size < size:
                 self._buffer = aligned_zeros(size)
                 self._views.clear()  # their views are into the buffer just replaced
-            self._views[key] = Workspace(self.config, batch, seq, buffer=self._buffer)
+            self._views[key] = Workspace(self.config, batch, seq, training=False, buffer=self._buffer)
         return self._views[key]
 
 
