@@ -9,10 +9,18 @@ in, so R ranks give the bits of one process running all S spheres. That needs R 
 S. Cost: an allgather moves R x (parameter count) floats into every rank, where an allreduce would move about
 2x; for models that fit a CPU that is milliseconds on one machine and the price of reproducibility across.
 
+Before the first step the ranks prove they run the same computation: each digests what must be equal (the data,
+the tokenizer, the settings, the step), the digests are gathered, and any difference is an error that names the
+field and the ranks. Then rank 0's whole training state (parameters, AdamW moments and step count) is broadcast,
+so a rank whose copy of the run folder is stale cannot drift in silence.
+
 Every collective is non-blocking and waited for under the step's deadline, so a rank that dies or stalls makes
-the others raise instead of waiting forever; the training tool then calls MPI_Abort, which ends every rank.
+the others raise instead of waiting forever. A rank that fails ends the whole job with MPI_Abort (the tools do
+this for any failure, cllm.tools._cli.run), so no rank is left waiting at a collective.
 """
 from __future__ import annotations
+
+import hashlib
 
 import anyio
 import numpy as np
@@ -79,13 +87,32 @@ class MPIGroup:
         np.copyto(local, total.result())
         return local
 
+    async def check_agreement(self, fields: dict[str, bytes], timeout: float | None = None) -> None:
+        """Raises UsageError unless every rank holds the same value for each field (compared as sha256 digests),
+        naming the first field that differs and the ranks that differ from rank 0."""
+        digests = np.frombuffer(b"".join(hashlib.sha256(value).digest() for value in fields.values()), np.uint8)
+        gathered = np.empty((self.size, digests.size), np.uint8)
+        await self._wait(self.comm.Iallgather(digests, gathered), "the ranks' agreement check", timeout)
+        for i, name in enumerate(fields):
+            field = slice(32 * i, 32 * (i + 1))
+            differ = [r for r in range(1, self.size) if not np.array_equal(gathered[r, field], gathered[0, field])]
+            if differ:
+                raise UsageError(f"rank{'s' if len(differ) > 1 else ''} {', '.join(map(str, differ))} disagree"
+                                 f"{'' if len(differ) > 1 else 's'} with rank 0 about {name}: every rank needs the "
+                                 f"same data, run folder and settings")
+
+    async def share_training_state(self, optimizer, timeout: float | None = None) -> None:
+        """Every rank takes rank 0's parameters, AdamW moments and step count."""
+        for array, what in [(optimizer.model.params, "the parameters"), (optimizer.m, "AdamW's first moments"),
+                            (optimizer.v, "AdamW's second moments")]:
+            await self.broadcast(array, what, timeout)
+        step_count = np.array([optimizer.step_count], np.int64)
+        await self.broadcast(step_count, "AdamW's step count", timeout)
+        optimizer.step_count = int(step_count[0])
+
     async def wait_for_all(self, what: str, timeout: float | None = None) -> None:
         """Returns once every rank has got here (a barrier under a deadline)."""
         await self._wait(self.comm.Ibarrier(), what, timeout)
 
     def barrier(self) -> None:
         self.comm.Barrier()
-
-    def abort(self, status: int) -> None:
-        """Ends every rank at once (a failed rank must not leave the others waiting)."""
-        self.comm.Abort(status)

@@ -11,6 +11,7 @@ resumed from a checkpoint continues exactly as if it had never stopped.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -237,7 +238,20 @@ class Trainer:
                                      f"resume needs the same value")
             np.copyto(self.model.params, state["params"])
             self.step = state["step"]
-        self._truncate_metrics(self.step)
+        if self.group is None or self.group.is_root:  # rank 0 alone writes the run's files
+            self._truncate_metrics(self.step)
+
+    def _what_ranks_share(self) -> dict[str, bytes]:
+        """What every MPI rank must hold alike for the ranks' steps to add up to one process's step: the tokens
+        (each rank reads its own copy of the data), the tokenizer, the settings that shape the arithmetic, and the
+        step it resumes at (which picks the batches)."""
+        shaping = {k: v for k, v in asdict(self.settings).items() if k not in TrainSettings.EXECUTION}
+        return {"the training tokens": hashlib.sha256(self.batches.tokens).digest(),
+                "the validation tokens": hashlib.sha256(np.concatenate([x for x, _ in self.val])).digest(),
+                "the tokenizer": self.tokenizer.to_json().encode(),
+                "the model's shape": json.dumps(self.model.config.to_dict(), sort_keys=True).encode(),
+                "the training settings": json.dumps(shaping, sort_keys=True).encode(),
+                "the step to resume at": str(self.step).encode()}
 
     def _truncate_metrics(self, step: int) -> None:
         """Drops metric lines past the checkpoint (and a line torn by a crash), so that a resumed run's log reads
@@ -267,8 +281,9 @@ class Trainer:
                 Progress(s.steps, self.step, spheres if s.stats else None, enabled=self.progress and root) \
                 as progress, open(self.run_dir / METRICS_FILE, "a") if root else nullcontext() as metrics, \
                 StopSignals() as signals:
-            if group:  # every rank starts from rank 0's parameters
-                await group.broadcast(self.model.params, "the parameters", self.deadline.collective)
+            if group:  # every rank runs the same computation, from rank 0's state
+                await group.check_agreement(self._what_ranks_share(), self.deadline.collective)
+                await group.share_training_state(self.optimizer, self.deadline.collective)
             while self.step < stop_at:
                 record, stop_signal = await self._train_step(spheres, signals)
                 loss = record["loss"]

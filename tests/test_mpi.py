@@ -76,3 +76,72 @@ def test_one_failing_rank_ends_the_job(tmp_path, fault, message):
 def test_rank_count_must_split_the_tree(tmp_path):
     r = train(tmp_path, "run", 3, "--steps", "2")
     assert r.returncode != 0 and "power of two" in r.stderr
+
+
+def two_ranks(tmp_path, rank0_args, rank1_args):
+    """An MPMD job: rank 0 and rank 1 run train_model with different arguments. mpiexec's own cleanup is off,
+    as with launchers that leave the other ranks running when one exits: cllm itself must end the job."""
+    corpus = tmp_path / "text.txt"
+    corpus.write_text(TEXT)
+    command = ["mpiexec", "-disable-auto-cleanup"]
+    for args in (rank0_args, rank1_args):
+        command += ["-n", "1", sys.executable, "-m", "mpi4py", "-m", "cllm.tools.train_model", *args,
+                    "--out", str(tmp_path / "run"), *ARGS, "--distributed", "mpi", ":"]
+    return subprocess.run(command[:-1], capture_output=True, text=True, timeout=150)
+
+
+def test_a_rank_that_fails_before_the_first_step_ends_the_job(tmp_path):
+    # Rank 1's DATA is missing (as on a machine without the file): it must not leave rank 0 at the barrier.
+    started = time.monotonic()
+    r = two_ranks(tmp_path, [str(tmp_path / "text.txt"), "--steps", "4", "--step-timeout", "100"],
+                  [str(tmp_path / "missing.txt"), "--steps", "4", "--step-timeout", "100"])
+    assert r.returncode != 0
+    assert "no such file or folder" in r.stderr and "missing.txt" in r.stderr
+    # Ended by the failing rank itself, not by MPI noticing later that a peer is gone (which may take long
+    # across machines, or never come while the peer lives on).
+    assert "rank 1 in comm 0): application called MPI_Abort(MPI_COMM_WORLD, 2)" in r.stderr
+    assert time.monotonic() - started < 60
+
+
+def test_ranks_that_disagree_refuse_to_train(tmp_path):
+    corpus = str(tmp_path / "text.txt")
+    r = two_ranks(tmp_path, [corpus, "--steps", "4", "--lr", "0.001"], [corpus, "--steps", "4", "--lr", "0.002"])
+    assert r.returncode != 0
+    assert "rank 1 disagrees with rank 0 about the training settings" in r.stderr
+    assert not (tmp_path / "run" / "model.cllm").exists()  # not a single step was taken
+
+
+def resume_on_two_ranks(tmp_path, folder0, folder1):
+    """A 2-rank --resume in which each rank reads its own copy of the run folder."""
+    command = ["mpiexec"]
+    for folder in (folder0, folder1):
+        command += ["-n", "1", sys.executable, "-m", "mpi4py", "-m", "cllm.tools.train_model", "--out", str(folder),
+                    "--resume", "--threads", "1", "--no-progress", "--distributed", "mpi", ":"]
+    return subprocess.run(command[:-1], capture_output=True, text=True, timeout=150)
+
+
+def test_every_rank_resumes_from_rank_0s_whole_training_state(tmp_path):
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+    assert train(tmp_path, "a", 0, "--steps", "8", "--stop-after", "4").returncode == 0
+    shutil.copytree(tmp_path / "a", tmp_path / "stale")
+    # Rank 1's copy has lost its AdamW moments: were they not taken from rank 0, its updates would differ.
+    state = tmp_path / "stale" / "train_state.safetensors"
+    with safe_open(state, "np") as f:
+        meta = f.metadata()
+    tensors = load_file(state)
+    save_file({**tensors, "adamw.m": np.zeros_like(tensors["adamw.m"])}, state, metadata=meta)
+    resumed = resume_on_two_ranks(tmp_path, tmp_path / "a", tmp_path / "stale")
+    assert resumed.returncode == 0, resumed.stderr
+    straight = train(tmp_path, "b", 0, "--steps", "8")
+    a, _ = load_model(tmp_path / "a" / "model.cllm")
+    b, _ = load_model(tmp_path / "b" / "model.cllm")
+    assert np.array_equal(a.params, b.params)
+
+
+def test_ranks_resuming_at_different_steps_refuse_to_train(tmp_path):
+    assert train(tmp_path, "a", 0, "--steps", "8", "--stop-after", "4").returncode == 0
+    shutil.copytree(tmp_path / "a", tmp_path / "behind")
+    assert train(tmp_path, "a", 0, "--steps", "8", "--stop-after", "6", "--resume").returncode == 0
+    r = resume_on_two_ranks(tmp_path, tmp_path / "a", tmp_path / "behind")
+    assert r.returncode != 0 and "rank 1 disagrees with rank 0 about the step to resume at" in r.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from typing import Callable
 
 from ..errors import UsageError
@@ -58,7 +59,7 @@ def run(prog: str, main: Callable[[], int]) -> None:
 
     A user's error is one line and status 2: a UsageError, or an OSError on a file the user named (missing,
     unreadable). Ctrl-C is status 130. Anything else is a bug and keeps its traceback, and so does a user's
-    error when CLLM_DEBUG=1 is set.
+    error when CLLM_DEBUG=1 is set. Under MPI, a rank that ends with a non-zero status ends every rank.
     """
     try:
         status = main()
@@ -74,4 +75,17 @@ def run(prog: str, main: Callable[[], int]) -> None:
         print(f"{prog}: error: {message}", file=sys.stderr)
         status = USAGE_ERROR
     sys.stdout.flush()
+    if status:
+        _end_other_ranks(status)
     sys.exit(status)
+
+
+def _end_other_ranks(status: int) -> None:
+    """Under MPI, a rank that fails must not leave the others waiting at a collective (a barrier, a broadcast):
+    MPI_Abort ends every rank. mpi4py is consulted only if this program imported it already."""
+    MPI = sys.modules.get("mpi4py.MPI")
+    if MPI is None or not MPI.Is_initialized() or MPI.Is_finalized() or MPI.COMM_WORLD.Get_size() == 1:
+        return
+    sys.stderr.flush()
+    time.sleep(1.0)  # MPI_Abort tears the job down at once, stdio forwarding included: let the error line out
+    MPI.COMM_WORLD.Abort(status)

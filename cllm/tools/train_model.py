@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import sys
 import sysconfig
-import time
 import typing
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -184,7 +183,9 @@ def train(given: dict, held: ExitStack) -> int:
     if group:
         say(f"distributed: {group.size} ranks x {settings.spheres // group.size} spheres", flush=True)
 
-    # Rank 0 prepares first; the others then reuse its files (a shared folder) or build identical ones.
+    # Rank 0 prepares first; the others then reuse its files (a shared folder) or build identical ones. A rank
+    # that fails on the way returns a non-zero status, which ends every rank (tools._cli.run): none is left at the
+    # barrier.
     if group and not root:
         group.barrier()
     if root:
@@ -216,18 +217,11 @@ def train(given: dict, held: ExitStack) -> int:
     except TrainingInterrupted as e:
         say(f"train_model: {e}", file=sys.stderr)
         return e.exit_status
-    except TrainingDiverged as e:  # every rank diverges at the same step: they all hold the same gradient
-        say(f"train_model: error: {e}; the last checkpoint in {out} is intact", file=sys.stderr, flush=True)
-        return 1
-    except (SphereStalledError, SphereFailedError, CollectiveTimeout) as e:
+    except (SphereStalledError, SphereFailedError, CollectiveTimeout, TrainingDiverged) as e:
+        # Under MPI, a non-zero status ends every rank at once (tools._cli.run), so none waits for this one.
         where = f"rank {group.rank}: " if group else ""
         print(f"train_model: error: {where}{e}; the last checkpoint in {out} is intact", file=sys.stderr,
               flush=True)
-        if group:
-            # The other ranks would otherwise wait for this one until their own deadline. MPI_Abort tears the
-            # job down at once, stdio forwarding included: give the line above a moment to reach the user.
-            time.sleep(1.0)
-            group.abort(1)
         return 1
     if not root:
         return 0
