@@ -43,3 +43,20 @@ def test_cllm_debug_shows_the_traceback_of_a_usage_error(monkeypatch):
 def test_the_status_of_main_is_the_exit_status(capsys):
     assert exit_of(lambda: 0, capsys)[0] == 0
     assert exit_of(lambda: 1, capsys)[0] == 1
+
+
+def test_the_prepare_tool_takes_train_models_tokenizer_flags_and_skips_its_run_folder(tmp_path, capsys):
+    from cllm.data import TokenFile
+    from cllm.tokenizer import Tokenizer
+    from cllm.tools import prepare
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 50)
+    out = corpus / "run"  # a run folder inside the corpus: its files are no text to learn from
+    (out / "notes").mkdir(parents=True)
+    (out / "notes" / "zzz.txt").write_text("QXZ" * 100)
+    assert prepare.main([str(corpus), "--out", str(out), "--tokenizer", "char", "--vocab-size", "40"]) == 0
+    tokenizer = Tokenizer.from_json((out / "data" / "tokenizer.json").read_text())
+    assert tokenizer.kind == "char" and "Q" not in tokenizer.decode(range(tokenizer.vocab_size))
+    assert len(TokenFile.open(out / "data" / "train.tokens")) > 0

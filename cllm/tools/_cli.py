@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
+import typing
 from typing import Callable
 
 from ..errors import UsageError
+from ..trainer import flag
 
 USAGE_ERROR = 2
 
@@ -31,6 +34,39 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see --help)\n")
+
+
+# Settings dataclasses as flags: each field's default and help are written once, in the dataclass.
+
+
+def flag_of(setting: dataclasses.Field) -> str:
+    """The flag of a settings field: its metadata's "flag", or its name with dashes."""
+    return setting.metadata.get("flag") or flag(setting.name)
+
+
+def add_flags(group, settings: type, shown_defaults: dict[str, str] | None = None) -> None:
+    """A flag for each field of a settings dataclass, with the field's help and default. The flags themselves
+    have no default: what the user gave is then exactly what the parsed arguments hold."""
+    defaults, types = settings(), typing.get_type_hints(settings)
+    for setting in dataclasses.fields(settings):
+        kind = next(t for t in typing.get_args(types[setting.name]) or [types[setting.name]] if t is not type(None))
+        name, help = flag_of(setting), setting.metadata["help"]
+        if kind is bool:
+            group.add_argument(name, dest=setting.name, action="store_true", help=help)
+            continue
+        default = (shown_defaults or {}).get(setting.name) or setting.metadata.get("default_help") \
+            or getattr(defaults, setting.name)
+        choices = setting.metadata.get("choices")
+        group.add_argument(name, dest=setting.name, type=kind, choices=choices,
+                           metavar=None if choices else name[2:].replace("-", "_").upper(),
+                           help=f"{help} (default: {default})".replace("%", "%%"))
+
+
+def given_settings(settings: type, given: dict, base=None):
+    """base (default: the dataclass's defaults) with the fields the user gave."""
+    names = {setting.name for setting in dataclasses.fields(settings)}
+    return dataclasses.replace(settings() if base is None else base,
+                               **{name: value for name, value in given.items() if name in names})
 
 
 def positive_int(text: str) -> int:

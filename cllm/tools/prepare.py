@@ -4,23 +4,27 @@
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
-from ..data import prepare
-from ._cli import Parser, positive_int, run
+from ..data import TokenizerSettings, prepare
+from ..run_folder import DATA_DIR
+from ._cli import Parser, add_flags, given_settings, run
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = Parser(prog="prepare", description="Tokenize a corpus into a run folder's data/.")
+    p = Parser(prog="prepare", description="Tokenize a corpus into a run folder's data/.",
+               argument_default=argparse.SUPPRESS)
     p.add_argument("data", help="a text file or a folder of them")
     p.add_argument("--out", default="runs/default", help="run folder")
-    p.add_argument("--val-data", help="validation text (default: the last 10%% of DATA)")
-    p.add_argument("--tokenizer", choices=["bpe", "char", "word"], default="bpe")
-    p.add_argument("--vocab-size", type=positive_int, default=4096)
+    p.add_argument("--val-data", default=None, help="validation text (default: the last 10%% of DATA)")
+    add_flags(p.add_argument_group("tokenizer"), TokenizerSettings)  # the same flags as train_model's
     args = p.parse_args(argv)
-    prepare(Path(args.data), Path(args.out) / "data", tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-            val_data=args.val_data)
+    tokenizer = given_settings(TokenizerSettings, vars(args))
+    out = Path(args.out)
+    prepare(Path(args.data), out / DATA_DIR, tokenizer=tokenizer.kind, vocab_size=tokenizer.vocab_size,
+            val_data=args.val_data, exclude=out)
     return 0
 
 

@@ -31,7 +31,7 @@ from ..plot import write_loss_plot
 from ..run_folder import DATA_DIR, CorpusRecord, RunRecord, hold, start
 from ..spheres import SphereFailedError, SphereStalledError
 from ..trainer import Trainer, TrainingDiverged, TrainingInterrupted, TrainSettings, flag
-from ._cli import Parser, positive_int, run
+from ._cli import Parser, add_flags, flag_of, given_settings, positive_int, run
 
 # With no DATA: the standard library's top-level modules (about 5 MB of Python on any machine) and a
 # schedule that takes about two minutes on two cores.
@@ -56,35 +56,6 @@ class ModelShape:
 # flags' defaults and help are written.
 SETTINGS = {"tokenizer": TokenizerSettings, "model": ModelShape, "training": TrainSettings}
 MAY_CHANGE_ON_RESUME = ", ".join(map(flag, TrainSettings.RESUME_OVERRIDES)) + ", --stop-after and --no-progress"
-
-
-def flag_of(setting: dataclasses.Field) -> str:
-    return setting.metadata.get("flag") or flag(setting.name)
-
-
-def add_flags(group, settings: type, shown_defaults: dict[str, str] | None = None) -> None:
-    """A flag for each field of a settings dataclass, with the field's help and default. The flags themselves
-    have no default: what the user gave is then exactly what the parsed arguments hold."""
-    defaults, types = settings(), typing.get_type_hints(settings)
-    for setting in dataclasses.fields(settings):
-        kind = next(t for t in typing.get_args(types[setting.name]) or [types[setting.name]] if t is not type(None))
-        name, help = flag_of(setting), setting.metadata["help"]
-        if kind is bool:
-            group.add_argument(name, dest=setting.name, action="store_true", help=help)
-            continue
-        default = (shown_defaults or {}).get(setting.name) or setting.metadata.get("default_help") \
-            or getattr(defaults, setting.name)
-        choices = setting.metadata.get("choices")
-        group.add_argument(name, dest=setting.name, type=kind, choices=choices,
-                           metavar=None if choices else name[2:].replace("-", "_").upper(),
-                           help=f"{help} (default: {default})".replace("%", "%%"))
-
-
-def given_settings(settings: type, given: dict, base=None):
-    """base (default: the dataclass's defaults) with the fields the user gave."""
-    names = {setting.name for setting in dataclasses.fields(settings)}
-    return dataclasses.replace(settings() if base is None else base,
-                               **{name: value for name, value in given.items() if name in names})
 
 
 def build_parser() -> Parser:
