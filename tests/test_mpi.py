@@ -79,15 +79,15 @@ def test_rank_count_must_split_the_tree(tmp_path):
 
 
 def two_ranks(tmp_path, rank0_args, rank1_args):
-    """An MPMD job: rank 0 and rank 1 run train_model with different arguments. mpiexec's own cleanup is off,
-    as with launchers that leave the other ranks running when one exits: cllm itself must end the job."""
+    """An MPMD job: rank 0 and rank 1 run train_model with different arguments. Neither mpiexec's cleanup nor
+    mpi4py's (`python -m mpi4py` aborts on an uncaught exit) is there to end the job: cllm itself must."""
     corpus = tmp_path / "text.txt"
     corpus.write_text(TEXT)
     command = ["mpiexec", "-disable-auto-cleanup"]
     for args in (rank0_args, rank1_args):
-        command += ["-n", "1", sys.executable, "-m", "mpi4py", "-m", "cllm.tools.train_model", *args,
+        command += ["-n", "1", sys.executable, "-m", "cllm.tools.train_model", *args,
                     "--out", str(tmp_path / "run"), *ARGS, "--distributed", "mpi", ":"]
-    return subprocess.run(command[:-1], capture_output=True, text=True, timeout=150)
+    return subprocess.run(command[:-1], capture_output=True, text=True, timeout=90)
 
 
 def test_a_rank_that_fails_before_the_first_step_ends_the_job(tmp_path):
@@ -97,10 +97,7 @@ def test_a_rank_that_fails_before_the_first_step_ends_the_job(tmp_path):
                   [str(tmp_path / "missing.txt"), "--steps", "4", "--step-timeout", "100"])
     assert r.returncode != 0
     assert "no such file or folder" in r.stderr and "missing.txt" in r.stderr
-    # Ended by the failing rank itself, not by MPI noticing later that a peer is gone (which may take long
-    # across machines, or never come while the peer lives on).
-    assert "rank 1 in comm 0): application called MPI_Abort(MPI_COMM_WORLD, 2)" in r.stderr
-    assert time.monotonic() - started < 60
+    assert time.monotonic() - started < 60  # rank 0 would otherwise wait out its 200 s collective deadline
 
 
 def test_ranks_that_disagree_refuse_to_train(tmp_path):
