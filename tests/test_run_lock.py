@@ -35,8 +35,10 @@ def test_the_lock_names_its_holder_and_keeps_a_second_holder_out(tmp_path):
 def test_a_live_run_keeps_a_second_one_out_and_a_killed_one_does_not(tmp_path):
     corpus, out = tmp_path / "text.txt", tmp_path / "run"
     corpus.write_text(TEXT)
-    # The live run hangs in step 2 until it is killed: its step deadline is far away.
-    live = train_model(corpus, out, "--steps", 50, "--step-timeout", 600, env={**os.environ, "CLLM_FAULT": "stall:0:2"})
+    # The live run hangs in step 2 until it is killed: its step deadline is far away. Its 2 spheres both have rows
+    # (of 4 rows cut 12 ways, sphere 0 would have none, and its fault would never fire).
+    live = train_model(corpus, out, "--steps", 50, "--step-timeout", 600, "--spheres", 2,
+                       env={**os.environ, "CLLM_FAULT": "stall:0:2"})
     try:
         deadline = time.monotonic() + 60
         while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():

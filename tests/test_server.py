@@ -520,12 +520,17 @@ def test_a_client_that_leaves_mid_stream_closes_the_models_stream(server, http, 
             await anyio.sleep(0.5)
             return await self.pieces.__anext__()
 
+        @property
+        def completion(self):
+            return self.pieces.completion
+
         async def aclose(self):
             await self.pieces.aclose()
             closed.set()
 
     monkeypatch.setattr(server.model, "stream", SlowStream)
-    body = {"model": NAME, "prompt": "the", "max_tokens": 40, "stream": True}
+    # Greedy: a sampled continuation could draw the separator at once and end before the client leaves.
+    body = {"model": NAME, "prompt": "the", "max_tokens": 40, "stream": True, "temperature": 0}
     with http.stream("POST", "/v1/completions", json=body) as response:
         assert next(response.iter_lines()).startswith("data: {")
     assert closed.wait(5)  # long before the 40 pieces' 20 s
