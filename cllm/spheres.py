@@ -1,9 +1,15 @@
 """Spheres: data-parallel training steps that never hang and give the same bits for any thread count.
 
 A *sphere* owns one shard of every batch (a contiguous block of rows). The number of spheres fixes how the batch
-is cut, and therefore every floating-point sum; *threads* only execute spheres. As in the prototype's "12-fold
-kissing spheres", one control sphere (the coordinator, on the event loop) leads up to 12 worker spheres, and
-larger counts nest: worker k reports to control sphere k // 12 of the level above (see `hierarchy`).
+is cut, and therefore every floating-point sum; *threads* only execute spheres. The coordinator (the prototype's
+"control sphere") is the event loop, which hands shards to worker threads and adds their results in order.
+
+The default number of spheres (`default_spheres`) depends on the batch's shape alone, never on the thread count,
+so results stay the same for any --threads. Each sphere costs one addition of a parameter-sized gradient slot
+into the sum, and small shards make small GEMMs, so the default cuts the batch into the most shards that keep
+MIN_SPHERE_TOKENS tokens each: enough work per sphere for that addition to stay a few per cent of its compute.
+The count is a power of two that divides the batch, so shards are equal (no thread waits on a larger one) and
+2, 4, ... MPI ranks can share them.
 
 Each running sphere has its own activation workspace and gradient slot. The slots are added in a fixed binary
 tree over the sphere indices (`ReductionTree`), taken in sphere order, so the gradient's rounding is the same
@@ -47,7 +53,9 @@ from .model import GPT, Workspace
 from .threads import MAX_THREADS, blas_limit, run_sync_daemon
 
 FAULT_KINDS = ("stall", "hang", "raise")
-FANOUT = 12  # worker spheres per control sphere
+# Tokens a default sphere gets at least. Its gradient slot's addition into the sum costs about as much per
+# parameter as 20 tokens of forward and backward do, so at 384 tokens it is about 5% of the sphere's work.
+MIN_SPHERE_TOKENS = 384
 
 
 class SphereStalledError(RuntimeError):
@@ -67,15 +75,13 @@ def shard_rows(batch: int, spheres: int) -> list[tuple[int, int]]:
     return [(k * batch // spheres, (k + 1) * batch // spheres) for k in range(spheres)]
 
 
-def hierarchy(spheres: int, fanout: int = FANOUT) -> list[list[int]]:
-    """The control levels above the workers: level[i][k] is the control sphere that worker (or control) k of
-    the level below reports to. One level of 12 covers 12 spheres; 13..144 need two, and so on."""
-    levels, width = [], spheres
-    while True:
-        levels.append([k // fanout for k in range(width)])
-        width = -(-width // fanout)
-        if width == 1:
-            return levels
+def default_spheres(batch: int, seq: int) -> int:
+    """The default cut of a (batch, seq) batch: the most spheres, a power of two dividing the batch, that keep
+    at least MIN_SPHERE_TOKENS tokens each (one sphere if even two would not). Never a function of threads."""
+    spheres = 1
+    while batch % (2 * spheres) == 0 and batch * seq // (2 * spheres) >= MIN_SPHERE_TOKENS:
+        spheres *= 2
+    return spheres
 
 
 class ReductionTree:

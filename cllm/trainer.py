@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,7 @@ from .model import GPT
 from .optim import AdamW, cosine_lr
 from .plot import METRICS_FILE, read_metrics
 from .progress import Progress, sphere_summary
-from .spheres import Spheres
+from .spheres import MIN_SPHERE_TOKENS, Spheres, default_spheres
 from .threads import MAX_THREADS, available_cpus
 from .tokenizer import Tokenizer
 
@@ -65,7 +65,10 @@ class TrainSettings:
     seed: int = _setting(1337, "initialisation and batch order")
     threads: int = field(default_factory=available_cpus, metadata={
         "help": "worker threads; any count gives the same bits", "default_help": "the CPUs this process may use"})
-    spheres: int = _setting(12, "shards per batch; fixes the result, whatever --threads is")
+    # None: spheres.default_spheres of the batch's shape (the run record holds the count it chose).
+    spheres: int | None = _setting(None, "shards per batch; fixes the result, whatever --threads is",
+                                   default_help=f"from the batch's shape: the most equal shards of at least "
+                                                f"{MIN_SPHERE_TOKENS} tokens, a power of two")
     # None: a deadline from measured step times (StepDeadline).
     step_timeout: float | None = _setting(None, "seconds a step may take before it counts as stalled",
                                           default_help="300 s for the first steps, then 25x the median step, "
@@ -83,7 +86,7 @@ class TrainSettings:
         positive = ["steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "checkpoint_every",
                     "threads", "spheres"]
         for name in positive:
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UsageError(f"{flag(name)} must be a positive integer, got {getattr(self, name)}")
         if not 0 < self.lr < 10 or not 0 <= self.min_lr <= self.lr:
             raise UsageError(f"need 0 < lr < 10 and 0 <= min-lr <= lr, got lr={self.lr}, min-lr={self.min_lr}")
@@ -204,6 +207,8 @@ class Trainer:
     def __init__(self, model: GPT, tokenizer: Tokenizer, train_tokens: np.ndarray, val_tokens: np.ndarray,
                  settings: TrainSettings, run_dir: Path, *, progress: bool = True, group: MPIGroup | None = None):
         settings.validate()
+        if settings.spheres is None:
+            settings = replace(settings, spheres=default_spheres(settings.batch_size, model.config.context_length))
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ import pytest
 from cllm.checkpoint import load_model
 from cllm.data import prepare
 from cllm.model import GPT, ModelConfig
-from cllm.spheres import Fault, SphereFailedError, SphereStalledError, Spheres, hierarchy, parse_faults
+from cllm.spheres import Fault, SphereFailedError, SphereStalledError, Spheres, default_spheres, parse_faults
 from cllm.threads import busy_daemon_threads
 from cllm.trainer import StepDeadline, Trainer, TrainSettings
 
@@ -120,14 +120,18 @@ def test_a_stall_retires_the_buffers_its_workers_may_still_write():
     np.testing.assert_allclose(model.grads, reference.grads, rtol=1e-4, atol=1e-6)
 
 
-def test_fault_spec_and_hierarchy():
+def test_fault_spec():
     assert parse_faults("stall:3:5, raise:0:2, hang:1:1") == [Fault("stall", 3, 5), Fault("raise", 0, 2), Fault("hang", 1, 1)]
     for bad in ["stall:3", "freeze:1:1", "stall:x:1"]:
         with pytest.raises(ValueError, match="bad fault"):
             parse_faults(bad)
-    assert hierarchy(12) == [[0] * 12]
-    levels = hierarchy(30)
-    assert [len(level) for level in levels] == [30, 3] and levels[0][13] == 1 and levels[1] == [0, 0, 0]
+
+
+@pytest.mark.parametrize("batch,seq,spheres", [(12, 64, 2), (8, 256, 4), (4, 256, 2), (16, 128, 4), (1, 1024, 1),
+                                               (12, 16, 1), (6, 1024, 2), (64, 1024, 64)])
+def test_default_spheres_are_the_most_equal_shards_of_enough_tokens(batch, seq, spheres):
+    assert default_spheres(batch, seq) == spheres
+    assert batch % spheres == 0 and spheres & (spheres - 1) == 0
 
 
 def test_deadline_policy():
@@ -145,13 +149,14 @@ def test_deadline_policy():
 # ------------------------------------------------------------------------------------- determinism end to end
 
 
-def run_training(tmp_path, threads, steps=6):
+def run_training(tmp_path, threads, steps=6, *, batch_size=12, context=16, spheres=12):
     (tmp_path / "text.txt").write_text(TEXT)
     prepared = prepare(tmp_path / "text.txt", tmp_path / "data", tokenizer="char", log=lambda *a: None)
-    cfg = ModelConfig(vocab_size=prepared.tokenizer.vocab_size, context_length=16, dim=16, n_layers=2, n_heads=2)
+    cfg = ModelConfig(vocab_size=prepared.tokenizer.vocab_size, context_length=context, dim=16, n_layers=2,
+                      n_heads=2)
     model = GPT(cfg, seed=3)
-    settings = TrainSettings(steps=steps, batch_size=12, warmup=2, eval_every=3, eval_batches=2,
-                             checkpoint_every=100, threads=threads, spheres=12)
+    settings = TrainSettings(steps=steps, batch_size=batch_size, warmup=2, eval_every=3, eval_batches=2,
+                             checkpoint_every=100, threads=threads, spheres=spheres)
     run_dir = tmp_path / f"run{threads}"
     anyio.run(Trainer(model, prepared.tokenizer, prepared.train, prepared.val, settings, run_dir,
                       progress=False).run)
@@ -166,10 +171,22 @@ def test_training_is_bit_identical_for_any_thread_count(tmp_path):
         assert losses == base_losses and np.array_equal(params, base_params), threads
 
 
+def test_the_default_sharding_is_bit_identical_for_any_thread_count(tmp_path):
+    # 8 rows of 96 tokens: the default cuts 2 spheres, whatever the thread count.
+    assert default_spheres(8, 96) == 2
+    run = partial(run_training, tmp_path, batch_size=8, context=96, spheres=None, steps=4)
+    base_losses, base_params = run(1)
+    for threads in (2, 3, 8, 64):
+        losses, params = run(threads)
+        assert losses == base_losses and np.array_equal(params, base_params), threads
+
+
 # ------------------------------------------------------------------------------- the real tool, as a process
 
+# 12 spheres of one row each: the faults below name spheres that must have rows (the default would cut 1).
 TRAIN_ARGS = ["--tokenizer", "char", "--dim", "32", "--layers", "2", "--heads", "2", "--context", "32",
-              "--batch-size", "12", "--eval-every", "1000", "--eval-batches", "1", "--threads", "2", "--no-progress"]
+              "--batch-size", "12", "--spheres", "12", "--eval-every", "1000", "--eval-batches", "1", "--threads", "2",
+              "--no-progress"]
 
 
 def start_training(corpus, out, *args, env=None):

@@ -26,10 +26,10 @@ ARGS = ["--tokenizer", "char", "--dim", "32", "--layers", "2", "--heads", "2", "
         "12", "--eval-every", "3", "--eval-batches", "2", "--threads", "1", "--spheres", "12", "--no-progress"]
 
 
-def train(tmp_path, out, ranks, *extra, env=None):
+def train(tmp_path, out, ranks, *extra, env=None, args=ARGS):
     corpus = tmp_path / "text.txt"
     corpus.write_text(TEXT)
-    command = [sys.executable, "-m", "cllm.tools.train_model", str(corpus), "--out", str(tmp_path / out), *ARGS,
+    command = [sys.executable, "-m", "cllm.tools.train_model", str(corpus), "--out", str(tmp_path / out), *args,
                *extra]
     if ranks:
         command = ["mpiexec", "-n", str(ranks), sys.executable, "-m", "mpi4py", *command[1:], "--distributed", "mpi"]
@@ -48,6 +48,20 @@ def test_two_ranks_give_the_bits_of_one(tmp_path):
     strip = lambda p: [line.split(', "tokens_per_s"')[0] for line in p.read_text().splitlines()]
     assert strip(tmp_path / "one" / "metrics.jsonl") == strip(tmp_path / "two" / "metrics.jsonl")
     assert "distributed: 2 ranks x 6 spheres" in two.stdout and two.stdout.count("sample:") == 1
+
+
+def test_two_ranks_share_the_default_sharding_bit_for_bit(tmp_path):
+    # No --spheres: 12 rows of 64 tokens are cut into 2 spheres (spheres.default_spheres), one per rank.
+    args = list(ARGS)
+    del args[args.index("--spheres"):args.index("--spheres") + 2]
+    args[args.index("--context") + 1] = "64"
+    one = train(tmp_path, "one", 0, "--steps", "4", args=args)
+    two = train(tmp_path, "two", 2, "--steps", "4", args=args)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    assert "distributed: 2 ranks x 1 spheres" in two.stdout
+    a, _ = load_model(tmp_path / "one" / "model.cllm")
+    b, _ = load_model(tmp_path / "two" / "model.cllm")
+    assert np.array_equal(a.params, b.params)
 
 
 def test_resume_across_ranks(tmp_path):

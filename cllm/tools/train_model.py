@@ -29,7 +29,7 @@ from ..generate import complete
 from ..model import GPT, ModelConfig
 from ..plot import write_loss_plot
 from ..run_folder import DATA_DIR, CorpusRecord, RunRecord, hold, start
-from ..spheres import SphereFailedError, SphereStalledError
+from ..spheres import SphereFailedError, SphereStalledError, default_spheres
 from ..trainer import Trainer, TrainingDiverged, TrainingInterrupted, TrainSettings, flag
 from ._cli import Parser, add_flags, flag_of, given_settings, positive_int, run
 
@@ -143,6 +143,9 @@ def train(given: dict, held: ExitStack) -> int:
     else:
         settings = given_settings(TrainSettings, given, TrainSettings(steps=DEMO_STEPS) if demo else None)
     settings.validate()
+    if settings.spheres is None:  # the default cut, fixed here so that the run record holds it
+        context = (record.model if record else given_settings(ModelShape, given)).context_length
+        settings = dataclasses.replace(settings, spheres=default_spheres(settings.batch_size, context))
     group = MPIGroup() if given.get("distributed") == "mpi" else None
     if group:
         group.owned_spheres(settings.spheres)  # a rank count that cannot work fails here, on every rank
