@@ -112,8 +112,8 @@ class Workspace:
         """Floats a workspace of this shape needs."""
         return carved_size(cls._shapes(cfg, batch, seq, training), pad=True)
 
-    _SHARED_ACROSS_LAYERS = ("res", "ln1_", "ln1_mean", "ln1_rstd", "att", "atty", "res_mid", "ln2_", "ln2_mean",
-                             "ln2_rstd", "fc", "fc_gelu")
+    _SHARED_ACROSS_LAYERS = ("res", "ln1_", "ln1_mean", "ln1_rstd", "att_denom", "atty", "res_mid", "ln2_",
+                             "ln2_mean", "ln2_rstd", "fc", "fc_gelu")
 
     @classmethod
     def _shapes(cls, cfg: ModelConfig, batch: int, seq: int, training: bool) -> dict[str, tuple[int, ...]]:
@@ -124,8 +124,10 @@ class Workspace:
         N, C, H, V, NH, L = batch * seq, cfg.dim, cfg.hidden_dim, cfg.vocab_size, cfg.n_heads, cfg.n_layers
 
         def layer(i) -> dict[str, tuple[int, ...]]:
+            # Attention keeps each query row's softmax denominator (att_denom), not the (seq, seq) probabilities,
+            # which its backward recomputes: every buffer here grows linearly with seq.
             return {f"res{i}": (N, C), f"ln1_{i}": (N, C), f"ln1_mean{i}": (N,), f"ln1_rstd{i}": (N,),
-                    f"att{i}": (batch, NH, seq, seq), f"atty{i}": (N, C), f"res_mid{i}": (N, C), f"ln2_{i}": (N, C),
+                    f"att_denom{i}": (batch, NH, seq), f"atty{i}": (N, C), f"res_mid{i}": (N, C), f"ln2_{i}": (N, C),
                     f"ln2_mean{i}": (N,), f"ln2_rstd{i}": (N,), f"fc{i}": (N, H), f"fc_gelu{i}": (N, H)}
 
         shapes = {f"qkv{i}": (batch, seq, 3 * C) for i in range(L)}
@@ -239,7 +241,7 @@ class GPT:
             qkv = a[f"qkv{i}"]
             linear.linear_forward(a[f"ln1_{i}"], p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"],
                                   qkv.reshape(B * T, -1), threads=th)
-            attention.attention_forward(qkv, a[f"atty{i}"].reshape(B, T, -1), a[f"att{i}"], cfg.n_heads,
+            attention.attention_forward(qkv, a[f"atty{i}"].reshape(B, T, -1), a[f"att_denom{i}"], cfg.n_heads,
                                         threads=th)
             mid = a[f"res_mid{i}"]
             linear.linear_forward(a[f"atty{i}"], p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"], mid,
@@ -311,7 +313,7 @@ class GPT:
             # dres is now d(res_mid); it flows into the block input and into the attention branch.
             linear.linear_backward(dres, a[f"atty{i}"], p[h + "attn.c_proj.weight"], dc,
                                    g[h + "attn.c_proj.weight"], g[h + "attn.c_proj.bias"], **overwrite_dx)
-            attention.attention_backward(dc.reshape(B, T, -1), a[f"qkv{i}"], a[f"att{i}"], dqkv, cfg.n_heads,
+            attention.attention_backward(dc.reshape(B, T, -1), a[f"qkv{i}"], a[f"att_denom{i}"], dqkv, cfg.n_heads,
                                          accumulate=False, threads=th)
             linear.linear_backward(dqkv.reshape(B * T, -1), a[f"ln1_{i}"], p[h + "attn.c_attn.weight"], dc,
                                    g[h + "attn.c_attn.weight"], g[h + "attn.c_attn.bias"], **overwrite_dx)

@@ -155,6 +155,20 @@ def attention_forward(qkv, n_heads):
     return out, att
 
 
+def attention_softmax_stats(qkv, n_heads):
+    """qkv (B, T, 3C)  ->  (top, denom), each (B, NH, T): for every query row of scaled causal scores
+    x_s = q_t . k_s / sqrt(hs), s <= t, its max top = max_s x_s and its softmax denominator relative to that max,
+    denom = sum_s exp(x_s - top). The row's log-sum-exp is top + log(denom), and att[t, s] = exp(x_s - top) / denom.
+    """
+    qkv = _f64(qkv)
+    T = qkv.shape[1]
+    q, k, _, _, hs = _split_heads(qkv, n_heads)
+    scores = (q @ k.transpose(0, 1, 3, 2)) / math.sqrt(hs)  # (B, NH, T, T)
+    scores = np.where(np.tril(np.ones((T, T), dtype=bool)), scores, -np.inf)
+    top = scores.max(axis=-1)  # finite: s = t is always allowed
+    return top, np.exp(scores - top[..., None]).sum(axis=-1)
+
+
 def attention_backward(dout, qkv, att, n_heads):
     """dout (B, T, C), qkv (B, T, 3C), att (B, NH, T, T)  ->  dqkv (B, T, 3C).
 

@@ -281,81 +281,136 @@ def test_gelu_extreme_values(K):
 # ================================================================================================================
 # attention
 # ================================================================================================================
-# (B, T, C, NH); T = 130 spans three blocks of queries (64, 64, 2)
-ATT_SHAPES = [(2, 8, 32, 4), (1, 1, 12, 1), (3, 5, 9, 3), (2, 7, 20, 1), (2, 33, 64, 4), (1, 130, 16, 2)]
+# (B, T, C, NH); T = 130 and 200 span several blocks of queries (64, 64, 2 and 64, 64, 64, 8)
+ATT_SHAPES = [(2, 8, 32, 4), (1, 1, 12, 1), (3, 5, 9, 3), (2, 7, 20, 1), (2, 33, 64, 4), (1, 130, 16, 2),
+              (2, 200, 24, 3)]
 
 
-def _causal(T):
-    return np.tril(np.ones((T, T), dtype=bool))
+def attention_forward(K, qkv, NH, threads=1):
+    """The kernel's out and denom, into NaN-filled buffers (so an element it forgets to write shows up)."""
+    B, T, C3 = qkv.shape
+    out, denom = nans(B, T, C3 // 3), nans(B, NH, T)
+    K.attention.attention_forward(qkv, out, denom, NH, threads=threads)
+    return out, denom
+
+
+def assert_attention_matches_reference(K, qkv, dout, NH, threads=1):
+    """Forward (out, denom) and backward (dq, dk, dv) against the float64 reference; returns the kernel's."""
+    B, T, C3 = qkv.shape
+    out, denom = attention_forward(K, qkv, NH, threads)
+    rout, ratt = ref.attention_forward(d64(qkv), NH)
+    assert_close("attention out", out, rout)
+    assert_denom_close(denom, ref.attention_softmax_stats(d64(qkv), NH)[1])
+    dqkv = zeros(B, T, C3)
+    K.attention.attention_backward(dout, qkv, denom, dqkv, NH, threads=threads)
+    rd = ref.attention_backward(d64(dout), d64(qkv), ratt, NH)
+    assert_close("attention dqkv", dqkv, rd)
+    C = C3 // 3
+    for part, sl in (("dq", slice(0, C)), ("dk", slice(C, 2 * C)), ("dv", slice(2 * C, 3 * C))):
+        assert_close(f"attention {part}", dqkv[..., sl], rd[..., sl])
+    return out, denom, dqkv
+
+
+def assert_denom_close(denom, want):
+    assert_close("attention denom", denom, want)
+    # and row by row, as one wrong row would hide in the norm
+    worst = np.max(np.abs(d64(denom) - want) / want)
+    assert worst <= TOL, f"attention denom: a row is off by {worst:.3e} (relative)"
 
 
 @pytest.mark.parametrize("B,T,C,NH", ATT_SHAPES)
 def test_attention(K, rng, B, T, C, NH):
     qkv = randn(rng, B, T, 3 * C, scale=1.5)
     dout = randn(rng, B, T, C)
-    causal = _causal(T)
 
-    def fwd(threads):
-        out, att = nans(B, T, C), nans(B, NH, T, T)
-        K.attention.attention_forward(qkv, out, att, NH, threads=threads)
-        return {"out": out, "att": np.where(causal, att, 0.0)}  # upper triangle checked in its own test
-
-    got = thread_invariant(fwd)
-    rout, ratt = ref.attention_forward(d64(qkv), NH)
-    assert_close("attention out", got["out"], rout)
-    assert_close("attention att (s<=t)", got["att"], ratt)
-
-    att = nans(B, NH, T, T)
-    K.attention.attention_forward(qkv, nans(B, T, C), att, NH)
-    att = np.where(causal, att, 0.0).astype(f32)  # feed backward the kernel's own probabilities
-
-    def bwd(threads):
+    def run(threads):
+        out, denom = attention_forward(K, qkv, NH, threads)
         dqkv = zeros(B, T, 3 * C)
-        K.attention.attention_backward(dout, qkv, att, dqkv, NH, threads=threads)
-        return {"dqkv": dqkv}
+        K.attention.attention_backward(dout, qkv, denom, dqkv, NH, threads=threads)
+        return {"out": out, "denom": denom, "dqkv": dqkv}
 
-    got = thread_invariant(bwd)
-    rd = ref.attention_backward(d64(dout), d64(qkv), ratt, NH)
-    assert_close("attention dqkv", got["dqkv"], rd)
-    for part, sl in (("dq", slice(0, C)), ("dk", slice(C, 2 * C)), ("dv", slice(2 * C, 3 * C))):
-        assert_close(f"attention {part}", got["dqkv"][..., sl], rd[..., sl])
+    got = thread_invariant(run)
+    out, denom, dqkv = assert_attention_matches_reference(K, qkv, dout, NH)
+    assert np.array_equal(got["out"], out) and np.array_equal(got["dqkv"], dqkv)
 
 
-def test_attention_forward_zeroes_upper_triangle(K, rng):
-    B, T, C, NH = 2, 6, 8, 2
+def test_attention_at_a_long_context(K, rng):
+    # 16 blocks of queries, whose (T, T) probabilities (8 MB here) the backward recomputes rather than reads
+    B, T, NH, hs = 1, 1024, 2, 8
+    qkv, dout = randn(rng, B, T, 3 * NH * hs, scale=1.5), randn(rng, B, T, NH * hs)
+    assert_attention_matches_reference(K, qkv, dout, NH)
+
+
+def test_attention_denom_gives_the_log_sum_exp_of_the_scaled_causal_scores(K, rng):
+    B, T, C, NH = 2, 150, 12, 3
+    qkv = randn(rng, B, T, 3 * C, scale=1.5)
+    _, denom = attention_forward(K, qkv, NH)
+    top, want = ref.attention_softmax_stats(d64(qkv), NH)
+    assert_denom_close(denom, want)
+    # The row's log-sum-exp, log(sum_s exp(x_s)) = top + log(denom), is the reference's to float32 rounding.
+    lse, ref_lse = top + np.log(d64(denom)), top + np.log(want)
+    assert np.max(np.abs(lse - ref_lse) / (1.0 + np.abs(ref_lse))) <= 1e-6
+    # Query t sees t + 1 keys, the largest of which adds exp(0) = 1: 1 <= denom <= t + 1; query 0 sees only itself.
+    assert np.all(denom >= 1.0) and np.all(denom <= np.arange(1, T + 1) * (1 + 1e-6))
+    assert np.all(denom[:, :, 0] == 1.0)
+
+
+def test_attention_backward_recomputes_the_forward_probabilities_bit_for_bit(K, rng):
+    # With V = I (the value of key s is the unit vector e_s), out[t] is row t of P; with dO = I, dV[s] is column s
+    # of P. Every product but one is an exact 0, so dV^T equals out exactly iff the backward's P, recomputed from
+    # Q K^T and denom, has the forward's bits. T = 130 spans three blocks of queries.
+    B, T, NH = 1, 130, 1
+    C = T
+    qkv = randn(rng, B, T, 3 * C, scale=1.5)
+    qkv[0, :, 2 * C:] = np.eye(T, dtype=f32)
+    out, denom = attention_forward(K, qkv, NH)
+    dqkv = nans(B, T, 3 * C)
+    K.attention.attention_backward(np.eye(T, dtype=f32)[None], qkv, denom, dqkv, NH, accumulate=False)
+    assert np.array_equal(dqkv[0, :, 2 * C:].T, out[0])
+
+
+def test_attention_is_causal(K, rng):
+    # Queries before t see nothing of positions t and later, whether in t's block of queries or an earlier one.
+    B, T, C, NH, t = 2, 100, 12, 3, 70
     qkv = randn(rng, B, T, 3 * C)
-    att = nans(B, NH, T, T)
-    K.attention.attention_forward(qkv, nans(B, T, C), att, NH)
-    upper = ~_causal(T)
-    assert np.all(att[..., upper] == 0.0), "att above the diagonal must be written as 0"
-    assert np.allclose(att.sum(axis=-1), 1.0, atol=1e-5)
+    out, denom = attention_forward(K, qkv, NH)
+    changed = qkv.copy()
+    changed[:, t:] = randn(rng, B, T - t, 3 * C)
+    out2, denom2 = attention_forward(K, changed, NH)
+    assert np.array_equal(out2[:, :t], out[:, :t]) and np.array_equal(denom2[:, :, :t], denom[:, :, :t])
 
 
 @pytest.mark.parametrize("T", [5, 130])
 def test_attention_backward_accumulates_or_overwrites(K, rng, T):
     B, C, NH = 2, 12, 3
     qkv, dout = randn(rng, B, T, 3 * C), randn(rng, B, T, C)
-    out, att = nans(B, T, C), nans(B, NH, T, T)
-    K.attention.attention_forward(qkv, out, att, NH)
+    _, denom = attention_forward(K, qkv, NH)
     _, ratt = ref.attention_forward(d64(qkv), NH)
     d0 = randn(rng, B, T, 3 * C)
     d = d0.copy()
-    K.attention.attention_backward(dout, qkv, att, d, NH)
+    K.attention.attention_backward(dout, qkv, denom, d, NH)
     rd = ref.attention_backward(d64(dout), d64(qkv), ratt, NH)
     assert_close("attention dqkv (+=)", d, d64(d0) + rd)
+    onto_zeros = zeros(B, T, 3 * C)
+    K.attention.attention_backward(dout, qkv, denom, onto_zeros, NH)
     d = nans(B, T, 3 * C)
-    K.attention.attention_backward(dout, qkv, att, d, NH, accumulate=False)
-    assert_close("attention dqkv (=)", d, rd)
+    K.attention.attention_backward(dout, qkv, denom, d, NH, accumulate=False)
+    assert np.array_equal(d, onto_zeros), "accumulate=False must write every element, as adding onto zeros does"
 
 
 def test_attention_large_scores_are_stable(K, rng):
     B, T, C, NH = 1, 9, 8, 2
     qkv = randn(rng, B, T, 3 * C, scale=12.0)  # scores up to ~hundreds: exp overflows without max-subtraction
-    out, att = nans(B, T, C), nans(B, NH, T, T)
-    K.attention.attention_forward(qkv, out, att, NH)
+    out, denom = attention_forward(K, qkv, NH)
     rout, ratt = ref.attention_forward(d64(qkv), NH)
     assert_close("attention out (large scores)", out, rout)
-    assert_close("attention att (large scores)", np.where(_causal(T), att, 0.0), ratt)
+    assert_denom_close(denom, ref.attention_softmax_stats(d64(qkv), NH)[1])
+    # Nearly one-hot rows: d(scores) is ~0 there, so dq and dk are rounding noise relative to themselves; over all
+    # of dqkv (dv carries the gradient) the error stays small.
+    dout = randn(rng, B, T, C)
+    dqkv = zeros(B, T, 3 * C)
+    K.attention.attention_backward(dout, qkv, denom, dqkv, NH)
+    assert_close("attention dqkv (large scores)", dqkv, ref.attention_backward(d64(dout), d64(qkv), ratt, NH))
 
 
 @settings(max_examples=12, deadline=None)
@@ -363,14 +418,7 @@ def test_attention_large_scores_are_stable(K, rng):
 def test_attention_property(K, B, T, NH, hs, seed):
     rng = np.random.default_rng(seed)
     C = NH * hs
-    qkv, dout = randn(rng, B, T, 3 * C), randn(rng, B, T, C)
-    out, att = nans(B, T, C), nans(B, NH, T, T)
-    K.attention.attention_forward(qkv, out, att, NH)
-    rout, ratt = ref.attention_forward(d64(qkv), NH)
-    assert_close("attention out", out, rout)
-    dqkv = zeros(B, T, 3 * C)
-    K.attention.attention_backward(dout, qkv, np.where(_causal(T), att, 0.0).astype(f32), dqkv, NH)
-    assert_close("attention dqkv", dqkv, ref.attention_backward(d64(dout), d64(qkv), ratt, NH))
+    assert_attention_matches_reference(K, randn(rng, B, T, 3 * C), randn(rng, B, T, C), NH)
 
 
 # ================================================================================================================
@@ -603,27 +651,38 @@ BAD_CALLS = {
     "gelu_bwd dx non-contiguous": ("gelu", "gelu_backward", lambda: (A(3, 4), A(3, 4), strided(3, 4))),
     # ---- attention
     "attention_fwd qkv last dim not 3C": ("attention", "attention_forward",
-                                          lambda: (A(B_, T_, 3 * 4 + 1), A(B_, T_, 4), A(B_, NH_, T_, T_), NH_)),
+                                          lambda: (A(B_, T_, 3 * 4 + 1), A(B_, T_, 4), A(B_, NH_, T_), NH_)),
     "attention_fwd out wrong C": ("attention", "attention_forward",
-                                  lambda: (A(B_, T_, 12), A(B_, T_, 5), A(B_, NH_, T_, T_), NH_)),
-    "attention_fwd att wrong NH": ("attention", "attention_forward",
-                                   lambda: (A(B_, T_, 12), A(B_, T_, 4), A(B_, NH_ + 1, T_, T_), NH_)),
-    "attention_fwd att wrong T": ("attention", "attention_forward",
-                                  lambda: (A(B_, T_, 12), A(B_, T_, 4), A(B_, NH_, T_, T_ + 1), NH_)),
+                                  lambda: (A(B_, T_, 12), A(B_, T_, 5), A(B_, NH_, T_), NH_)),
+    "attention_fwd out wrong T": ("attention", "attention_forward",
+                                  lambda: (A(B_, T_, 12), A(B_, T_ + 1, 4), A(B_, NH_, T_), NH_)),
+    "attention_fwd denom wrong NH": ("attention", "attention_forward",
+                                     lambda: (A(B_, T_, 12), A(B_, T_, 4), A(B_, NH_ + 1, T_), NH_)),
+    "attention_fwd denom wrong T": ("attention", "attention_forward",
+                                    lambda: (A(B_, T_, 12), A(B_, T_, 4), A(B_, NH_, T_ + 1), NH_)),
+    "attention_fwd denom given (T, T) probabilities": ("attention", "attention_forward",
+                                                       lambda: (A(B_, T_, 12), A(B_, T_, 4), A(B_, NH_, T_, T_), NH_)),
     "attention_fwd C not divisible by NH": ("attention", "attention_forward",
-                                            lambda: (A(B_, T_, 15), A(B_, T_, 5), A(B_, 2, T_, T_), 2)),
+                                            lambda: (A(B_, T_, 15), A(B_, T_, 5), A(B_, 2, T_), 2)),
     "attention_fwd n_heads 0": ("attention", "attention_forward",
-                                lambda: (A(B_, T_, 12), A(B_, T_, 4), A(B_, 0, T_, T_), 0)),
+                                lambda: (A(B_, T_, 12), A(B_, T_, 4), A(B_, 0, T_), 0)),
     "attention_fwd qkv float64": ("attention", "attention_forward",
-                                  lambda: (A(B_, T_, 12, dtype=np.float64), A(B_, T_, 4), A(B_, NH_, T_, T_), NH_)),
+                                  lambda: (A(B_, T_, 12, dtype=np.float64), A(B_, T_, 4), A(B_, NH_, T_), NH_)),
     "attention_fwd qkv non-contiguous": ("attention", "attention_forward",
-                                         lambda: (strided(B_, T_, 12), A(B_, T_, 4), A(B_, NH_, T_, T_), NH_)),
+                                         lambda: (strided(B_, T_, 12), A(B_, T_, 4), A(B_, NH_, T_), NH_)),
+    "attention_fwd denom non-contiguous": ("attention", "attention_forward",
+                                           lambda: (A(B_, T_, 12), A(B_, T_, 4), strided(B_, NH_, T_), NH_)),
     "attention_bwd dqkv wrong shape": ("attention", "attention_backward",
-                                       lambda: (A(B_, T_, 4), A(B_, T_, 12), A(B_, NH_, T_, T_), A(B_, T_, 13), NH_)),
+                                       lambda: (A(B_, T_, 4), A(B_, T_, 12), A(B_, NH_, T_), A(B_, T_, 13), NH_)),
     "attention_bwd dout wrong B": ("attention", "attention_backward",
-                                   lambda: (A(B_ + 1, T_, 4), A(B_, T_, 12), A(B_, NH_, T_, T_), A(B_, T_, 12), NH_)),
-    "attention_bwd att fortran": ("attention", "attention_backward",
-                                  lambda: (A(B_, T_, 4), A(B_, T_, 12), fortran(B_, NH_, T_, T_), A(B_, T_, 12), NH_)),
+                                   lambda: (A(B_ + 1, T_, 4), A(B_, T_, 12), A(B_, NH_, T_), A(B_, T_, 12), NH_)),
+    "attention_bwd denom wrong T": ("attention", "attention_backward",
+                                    lambda: (A(B_, T_, 4), A(B_, T_, 12), A(B_, NH_, T_ - 1), A(B_, T_, 12), NH_)),
+    "attention_bwd denom fortran": ("attention", "attention_backward",
+                                    lambda: (A(B_, T_, 4), A(B_, T_, 12), fortran(B_, NH_, T_), A(B_, T_, 12), NH_)),
+    "attention_bwd threads 0": ("attention", "attention_backward",
+                                lambda: (A(B_, T_, 4), A(B_, T_, 12), A(B_, NH_, T_), A(B_, T_, 12), NH_,
+                                         {"threads": 0})),
     # ---- embedding
     "embedding_fwd token == V": ("embedding", "embedding_forward",
                                  lambda: (I([[0, 1, V_]]), A(V_, C_), A(MT_, C_), A(1, 3, C_))),
@@ -716,8 +775,9 @@ def test_good_calls_in_bad_call_table_shape_are_accepted(K):
     K.layernorm.layernorm_backward(A(N_, C_), A(N_, C_), A(C_), A(N_), A(N_), A(N_, C_), A(C_), A(C_))
     K.gelu.gelu_forward(A(3, 4), A(3, 4))
     K.gelu.gelu_backward(A(3, 4), A(3, 4), A(3, 4))
-    K.attention.attention_forward(A(B_, T_, 12), A(B_, T_, 4), A(B_, NH_, T_, T_), NH_)
-    K.attention.attention_backward(A(B_, T_, 4), A(B_, T_, 12), A(B_, NH_, T_, T_), A(B_, T_, 12), NH_)
+    K.attention.attention_forward(A(B_, T_, 12), A(B_, T_, 4), A(B_, NH_, T_), NH_)
+    K.attention.attention_forward(A(B_, T_, 15), A(B_, T_, 5), A(B_, 5, T_), 5)
+    K.attention.attention_backward(A(B_, T_, 4), A(B_, T_, 12), A(B_, NH_, T_), A(B_, T_, 12), NH_)
     K.embedding.embedding_forward(I([[0, 1, V_ - 1]]), A(V_, C_), A(MT_, C_), A(1, 3, C_))
     K.embedding.embedding_forward(I(1, MT_, fill=0), A(V_, C_), A(MT_, C_), A(1, MT_, C_))  # T == maxT
     K.embedding.embedding_backward(A(1, 3, C_), I([[0, V_ - 1, 1]]), A(V_, C_), A(MT_, C_))

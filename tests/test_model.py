@@ -1,4 +1,5 @@
 """The GPT model: config validation, layout, init, whole-model gradients against a float64 reference, training."""
+import dataclasses
 import math
 import tracemalloc
 
@@ -126,18 +127,20 @@ def test_initial_loss_is_near_uniform():
     assert abs(GPT(cfg, seed=0).forward(tokens, targets) - math.log(65)) < 0.05
 
 
-def test_whole_model_gradient_matches_float64_reference():
-    model = GPT(TINY, seed=3)
+@pytest.mark.parametrize("cfg, B", [(TINY, 3), (dataclasses.replace(TINY, context_length=130), 1)],
+                         ids=["T=8", "T=130"])  # 130: attention in three blocks of queries
+def test_whole_model_gradient_matches_float64_reference(cfg, B):
+    model = GPT(cfg, seed=3)
     # Non-trivial LayerNorm and bias values, so their gradients are exercised too.
     rng = np.random.default_rng(4)
     for name, v in model.p.items():
         if v.ndim == 1:
             v += rng.normal(0, 0.1, v.shape).astype(np.float32)
-    tokens, targets = batch(TINY, 3, TINY.context_length, seed=5)
+    tokens, targets = batch(cfg, B, cfg.context_length, seed=5)
     loss = model.forward(tokens, targets)
     model.zero_grad()
     model.backward()
-    ref_loss, ref_grads = reference_loss_and_grads(TINY, float64_params(model), tokens, targets)
+    ref_loss, ref_grads = reference_loss_and_grads(cfg, float64_params(model), tokens, targets)
     assert abs(loss - ref_loss) / ref_loss < 1e-5
     for name, g in ref_grads.items():
         assert ref.rel_err(model.g[name], g) < 1e-4, name
@@ -247,6 +250,22 @@ def test_an_inference_workspace_holds_one_layer_and_gives_the_same_logits():
     assert np.array_equal(training.a["logits"], inference.a["logits"])
     with pytest.raises(ValueError, match="training workspace"):
         model.forward_ws(inference, tokens, targets)
+
+
+def test_workspace_memory_grows_linearly_with_the_context():
+    # GPT-2 small's heads, width and context (two of its layers, a small vocabulary). Attention keeps a (B, NH, T)
+    # softmax denominator per layer; the (B, NH, T, T) probabilities, 48 MB a layer here, are recomputed.
+    cfg = ModelConfig(vocab_size=256, context_length=1024, dim=768, n_layers=2, n_heads=12)
+    T = cfg.context_length
+    for training in (True, False):
+        ws = Workspace(cfg, 1, T, training=training)  # untouched zeros: address space, not memory
+        assert not [name for name, view in ws.a.items() if view.shape[-2:] == (T, T)]
+        # Twice the context, twice the floats: nothing in it grows faster than T.
+        assert Workspace.size(cfg, 1, T, training=training) <= 2 * Workspace.size(cfg, 1, T // 2, training=training)
+    # Half as wide, so that the activations are smaller than the probabilities were: the whole training workspace
+    # is now below what the probabilities alone would take.
+    narrow = dataclasses.replace(cfg, dim=384)
+    assert Workspace.size(narrow, 1, T) < narrow.n_layers * narrow.n_heads * T * T
 
 
 def test_bad_input_is_rejected_clearly():

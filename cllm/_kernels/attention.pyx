@@ -1,123 +1,246 @@
-# Causal multi-head self-attention on a packed qkv buffer.
+# Causal multi-head self-attention on a packed qkv buffer, in memory linear in the context length.
 #   qkv (B, T, 3C): q = [..., 0:C], k = [..., C:2C], v = [..., 2C:3C]; head h owns channels h*hs:(h+1)*hs.
-#   att (B, NH, T, T): the softmax probabilities, kept for the backward; zero above the diagonal.
 #   out (B, T, C): head h's weighted sum of values in channels h*hs:(h+1)*hs.
+#   denom (B, NH, T): each query row's softmax denominator, sum_{s<=t} exp(scale * (S[t, s] - m_t)), where S = Q K^T,
+#       scale = 1/sqrt(hs) and m_t = max_{s<=t} S[t, s]. It is all the backward keeps of the softmax; the row's
+#       log-sum-exp is scale * m_t + log(denom).
+# The (T, T) probabilities are never stored, so memory grows linearly with T. The forward computes them a block of
+# queries at a time in per-thread scratch; the backward recomputes each block (FlashAttention's recomputation) from
+# the same GEMM, hence the same scores and row maxima, and the same inline passes, hence the forward's
+# probabilities bit for bit.
+# Why the denominator rather than FlashAttention's log-sum-exp: P = exp(scale * S - lse) with lse rounded to float32
+# scales the whole row by exp(rounding of lse), up to |lse| * 2^-24 (3e-5 for scores in the hundreds), so the rows
+# no longer sum to 1 and a saturated row's gradient, exactly 0, comes out as noise. Recomputing the max costs one
+# cheap pass, and P stays a plain softmax: the forward's results are those of the kernel that stored P, bit for bit.
 # Work is split over (batch, head) pairs, which touch disjoint slices, so there are no races and every reduction
 # runs inside one thread in a fixed order. The products of a head go to BLAS by blocks of queries: call these
 # kernels with BLAS held at one thread (as the spheres do), or the BLAS pool and prange compete for the cores.
 from cython.parallel cimport parallel, prange
 from libc.math cimport sqrtf
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport free
 
-from ._common cimport gemm, require, require_blas_sizes, require_threads, softmax_inplace
+from ._common cimport cllm_expf, dot, gemm, require, require_blas_sizes, require_threads
+
+cdef extern from "stdlib.h" nogil:
+    void* aligned_alloc(size_t alignment, size_t size)
+
+cdef extern from * nogil:
+    """
+    /* max(x[:n]) for n >= 1, NaNs skipped. _common's row_max, one running `m = x > m ? x : m`, is a chain of
+     * dependent compares that gcc leaves scalar (it may not make a max reduction of it while NaNs are honoured):
+     * it took a third of the attention forward. Two vectors of running maxima (GCC vector extensions, lowered to
+     * whatever SSE, AVX or AVX-512 the build targets) go a vector at a time. A max is exact in any order. */
+    typedef float cllm_v8f __attribute__((vector_size(32)));
+    typedef int cllm_v8i __attribute__((vector_size(32)));
+    static inline float cllm_row_max(const float* x, Py_ssize_t n) {
+        cllm_v8f a = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+        cllm_v8f b = a, v, w;
+        cllm_v8i take;
+        Py_ssize_t i = 0;
+        float m = -INFINITY;
+        for (; i + 16 <= n; i += 16) {
+            memcpy(&v, x + i, sizeof v);
+            memcpy(&w, x + i + 8, sizeof w);
+            take = v > a;
+            a = (cllm_v8f)(((cllm_v8i)v & take) | ((cllm_v8i)a & ~take));
+            take = w > b;
+            b = (cllm_v8f)(((cllm_v8i)w & take) | ((cllm_v8i)b & ~take));
+        }
+        for (; i < n; i++)
+            m = x[i] > m ? x[i] : m;
+        for (int k = 0; k < 8; k++) {
+            m = a[k] > m ? a[k] : m;
+            m = b[k] > m ? b[k] : m;
+        }
+        return m;
+    }
+    """
+    float cllm_row_max(const float* x, Py_ssize_t n)
 
 cdef enum:
     QUERY_BLOCK = 64  # queries per BLAS call: 64 rows keep a block of scores in L2, and GEMMs efficient
 
 
-cdef void head_forward(const float* qkv, float* att, float* out, Py_ssize_t T, Py_ssize_t C, Py_ssize_t hs,
-                       float scale) noexcept nogil:
-    """One (batch, head): qkv and out point at that batch row and head's channel offset; att at its (T, T).
+cdef inline Py_ssize_t block_ld(Py_ssize_t t1) noexcept nogil:
+    """Row stride of a block of t1 scores: t1 rounded up to 16 floats (64 bytes), plus 16, so that the block's
+    rows neither share cache lines nor land at the power-of-two strides that alias in the caches."""
+    return (t1 + 15) // 16 * 16 + 16
 
-    Blocks of QUERY_BLOCK queries go through BLAS: scores = Q_blk K[:t1]^T, then softmax, then out = P V[:t1].
-    Keys past the block's last query are never touched, so only the diagonal blocks do wasted (masked) work.
+
+cdef inline float exp_shifted(float* row, Py_ssize_t n, float maxv, float scale) noexcept nogil:
+    """row[:n] = exp(scale * (row[:n] - maxv)); returns their sum. maxv is the row's max, so no exp overflows."""
+    cdef Py_ssize_t j
+    cdef float e, total = 0.0
+    for j in range(n):
+        e = cllm_expf((row[j] - maxv) * scale)
+        row[j] = e
+        total = total + e
+    return total
+
+
+cdef inline void normalise(float* row, Py_ssize_t n, Py_ssize_t width, float denom) noexcept nogil:
+    """row[:n] *= 1 / denom, row[n:width] = 0 (the causal mask)."""
+    cdef Py_ssize_t j
+    cdef float inv = 1.0 / denom
+    for j in range(n):
+        row[j] = row[j] * inv
+    for j in range(n, width):
+        row[j] = 0.0
+
+
+cdef inline void softmax_grad(const float* p, float* d, Py_ssize_t n, Py_ssize_t width, float delta,
+                              float scale) noexcept nogil:
+    """d[:n] = p * (d - delta) * scale, from dP to d(scores); d[n:width] = 0 (masked keys get no gradient)."""
+    cdef Py_ssize_t j
+    for j in range(n):
+        d[j] = p[j] * (d[j] - delta) * scale
+    for j in range(n, width):
+        d[j] = 0.0
+
+
+cdef inline void block_probabilities(float* scores, Py_ssize_t ld, Py_ssize_t t0, Py_ssize_t t1, float* denom,
+                                     float scale, bint store) noexcept nogil:
+    """Scores (t1 - t0, ld) of queries t0:t1 against keys 0:t1 -> their causal softmax, in place.
+
+    store: write each row's denominator to denom[t0 + r] (the forward); else read it (the backward). Both run the
+    same passes on the same scores, so they produce the same probabilities.
     """
-    cdef Py_ssize_t t0 = 0, t1, r, s, C3 = 3 * C
+    cdef Py_ssize_t r, n
     cdef float* row
+    cdef float total
+    for r in range(t1 - t0):
+        row = scores + r * ld
+        n = t0 + r + 1  # query t0 + r sees keys 0 .. t0 + r
+        total = exp_shifted(row, n, cllm_row_max(row, n), scale)
+        if store:
+            denom[t0 + r] = total
+        normalise(row, n, t1, denom[t0 + r])
+
+
+cdef void head_forward(const float* qkv, float* out, float* denom, float* scores, Py_ssize_t T, Py_ssize_t C,
+                       Py_ssize_t hs, float scale) noexcept nogil:
+    """One (batch, head): qkv and out point at that batch row and head's channel offset, denom at its T rows;
+    scores is scratch for QUERY_BLOCK x block_ld(T) floats.
+
+    Blocks of QUERY_BLOCK queries go through BLAS: S = Q_blk K[:t1]^T, then the softmax of each row (keeping its
+    denominator), then out = P V[:t1]. Keys past the block's last query are never touched, so only the diagonal
+    blocks do wasted (masked) work.
+    """
+    cdef Py_ssize_t t0 = 0, t1, ld, C3 = 3 * C
     while t0 < T:
         t1 = min(t0 + QUERY_BLOCK, T)
-        gemm(False, True, t1 - t0, t1, hs, qkv + t0 * C3, C3, qkv + C, C3, 0.0, att + t0 * T, T)
-        for r in range(t1 - t0):
-            row = att + (t0 + r) * T
-            softmax_inplace(row, t0 + r + 1, scale)
-            for s in range(t0 + r + 1, T):
-                row[s] = 0.0
-        gemm(False, False, t1 - t0, hs, t1, att + t0 * T, T, qkv + 2 * C, C3, 0.0, out + t0 * C, C)
+        ld = block_ld(t1)
+        gemm(False, True, t1 - t0, t1, hs, qkv + t0 * C3, C3, qkv + C, C3, 0.0, scores, ld)
+        block_probabilities(scores, ld, t0, t1, denom, scale, True)
+        gemm(False, False, t1 - t0, hs, t1, scores, ld, qkv + 2 * C, C3, 0.0, out + t0 * C, C)
         t0 = t1
 
 
-cdef void head_backward(const float* dout, const float* qkv, const float* att, float* dqkv, float* dscores,
-                        Py_ssize_t T, Py_ssize_t C, Py_ssize_t hs, float scale, bint accumulate) noexcept nogil:
-    """Backward of head_forward, by the same query blocks; dscores is scratch for QUERY_BLOCK x T floats.
+cdef void head_backward(const float* dout, const float* qkv, const float* denom, float* dqkv, float* probs,
+                        float* dscores, Py_ssize_t T, Py_ssize_t C, Py_ssize_t hs, float scale,
+                        bint accumulate) noexcept nogil:
+    """Backward of head_forward, by the same query blocks; probs and dscores are scratch for QUERY_BLOCK x
+    block_ld(T) floats each.
 
-        dV[:t1] += P^T dO_blk;  dP = dO_blk V[:t1]^T;  dS = P * (dP - rowsum(P * dP)) * scale;
-        dQ_blk += dS K[:t1];    dK[:t1] += dS^T Q_blk
+        P = softmax(Q_blk K[:t1]^T) recomputed;  dV[:t1] += P^T dO_blk;  dP = dO_blk V[:t1]^T;
+        dS = P * (dP - rowsum(P * dP)) * scale;  dQ_blk = dS K[:t1];      dK[:t1] += dS^T Q_blk
 
-    The blocks run last to first: the last one reaches every key, so with accumulate=False it writes all of dK
-    and dV (beta 0) and the earlier blocks add to them; each block writes its own rows of dQ once.
+    rowsum(P * dP) equals rowsum(dO * O) (FlashAttention-2's form, hs products a row instead of t1), but it is
+    taken from the P in hand: a saturated row (P one-hot) then gets dS = 0 (to exp's floor of 1e-38), not the
+    rounding error of dO . O, and its t1 products cost little next to the GEMMs (both measured the same). The
+    blocks run last to first: the last one reaches every key, so with accumulate=False it writes all of dK and dV
+    (beta 0) and the earlier blocks add to them; each block writes its own rows of dQ once.
     """
-    cdef Py_ssize_t t0 = (T - 1) // QUERY_BLOCK * QUERY_BLOCK, t1, m, r, s, C3 = 3 * C
-    cdef const float* p
-    cdef float* d
-    cdef float weighted
+    cdef Py_ssize_t t0 = (T - 1) // QUERY_BLOCK * QUERY_BLOCK, t1, ld, m, r, n, C3 = 3 * C
     cdef float beta_q = 1.0 if accumulate else 0.0, beta_kv = beta_q
     while t0 >= 0:
         t1 = min(t0 + QUERY_BLOCK, T)
         m = t1 - t0
-        gemm(True, False, t1, hs, m, att + t0 * T, T, dout + t0 * C, C, beta_kv, dqkv + 2 * C, C3)
-        gemm(False, True, m, t1, hs, dout + t0 * C, C, qkv + 2 * C, C3, 0.0, dscores, T)
+        ld = block_ld(t1)
+        gemm(False, True, m, t1, hs, qkv + t0 * C3, C3, qkv + C, C3, 0.0, probs, ld)
+        block_probabilities(probs, ld, t0, t1, <float*>denom, scale, False)
+        gemm(True, False, t1, hs, m, probs, ld, dout + t0 * C, C, beta_kv, dqkv + 2 * C, C3)
+        gemm(False, True, m, t1, hs, dout + t0 * C, C, qkv + 2 * C, C3, 0.0, dscores, ld)
         for r in range(m):
-            p = att + (t0 + r) * T
-            d = dscores + r * T
-            weighted = 0.0
-            for s in range(t0 + r + 1):
-                weighted = weighted + p[s] * d[s]
-            for s in range(t0 + r + 1):
-                d[s] = p[s] * (d[s] - weighted) * scale
-            for s in range(t0 + r + 1, t1):
-                d[s] = 0.0
-        gemm(False, False, m, hs, t1, dscores, T, qkv + C, C3, beta_q, dqkv + t0 * C3, C3)
-        gemm(True, False, t1, hs, m, dscores, T, qkv + t0 * C3, C3, beta_kv, dqkv + C, C3)
+            n = t0 + r + 1
+            softmax_grad(probs + r * ld, dscores + r * ld, n, t1, dot(probs + r * ld, dscores + r * ld, n), scale)
+        gemm(False, False, m, hs, t1, dscores, ld, qkv + C, C3, beta_q, dqkv + t0 * C3, C3)
+        gemm(True, False, t1, hs, m, dscores, ld, qkv + t0 * C3, C3, beta_kv, dqkv + C, C3)
         beta_kv = 1.0
         t0 -= QUERY_BLOCK
 
 
-cdef int check_shapes(Py_ssize_t b, Py_ssize_t t, Py_ssize_t c3, tuple att_shape, int n_heads,
+cdef int check_shapes(Py_ssize_t b, Py_ssize_t t, Py_ssize_t c3, tuple denom_shape, int n_heads,
                       int threads) except -1:
     require_threads(threads)
     require(b > 0 and t > 0 and c3 > 0, "attention of an empty batch")
     require(c3 % 3 == 0, f"qkv's last dimension ({c3}) must be 3 * dim")
     require(n_heads > 0 and (c3 // 3) % n_heads == 0, f"dim {c3 // 3} is not divisible by n_heads={n_heads}")
-    require(att_shape == (b, n_heads, t, t), f"att must be {(b, n_heads, t, t)}, got {att_shape}")
-    return require_blas_sizes((t, c3), "attention")
+    require(denom_shape == (b, n_heads, t), f"denom must be {(b, n_heads, t)} (batch, heads, seq), got {denom_shape}")
+    return require_blas_sizes((t, c3, block_ld(t)), "attention")
 
 
-def attention_forward(const float[:, :, ::1] qkv, float[:, :, ::1] out, float[:, :, :, ::1] att, int n_heads,
+cdef inline int require_shape(tuple got, tuple want, str name) except -1:
+    return require(got == want, f"{name} must be {want}, got {got}")
+
+
+cdef float* scratch(Py_ssize_t T) noexcept nogil:
+    """A 64-byte-aligned block of QUERY_BLOCK x block_ld(T) floats (NULL if out of memory); free() it."""
+    return <float*>aligned_alloc(64, QUERY_BLOCK * block_ld(T) * sizeof(float))  # a multiple of 64 bytes
+
+
+def attention_forward(const float[:, :, ::1] qkv, float[:, :, ::1] out, float[:, :, ::1] denom, int n_heads,
                       *, int threads=1):
+    """out (B, T, C) = causal softmax(Q K^T / sqrt(hs)) V, head by head; denom (B, NH, T) = each query row's softmax
+    denominator (relative to the row's largest score), which is what the backward needs of the softmax."""
     cdef Py_ssize_t B = qkv.shape[0], T = qkv.shape[1], C3 = qkv.shape[2]
-    check_shapes(B, T, C3, (att.shape[0], att.shape[1], att.shape[2], att.shape[3]), n_heads, threads)
+    check_shapes(B, T, C3, (denom.shape[0], denom.shape[1], denom.shape[2]), n_heads, threads)
     cdef Py_ssize_t C = C3 // 3, NH = n_heads, hs = C // NH, bh, b, h
-    require(out.shape[0] == B and out.shape[1] == T and out.shape[2] == C, f"out must be {(B, T, C)}")
+    require_shape((out.shape[0], out.shape[1], out.shape[2]), (B, T, C), "out")
     cdef float scale = 1.0 / sqrtf(<float>hs)
-    with nogil:
-        for bh in prange(B * NH, num_threads=threads, schedule="dynamic"):
-            b = bh // NH
-            h = bh % NH
-            head_forward(&qkv[b, 0, h * hs], &att[b, h, 0, 0], &out[b, 0, h * hs], T, C, hs, scale)
-
-
-def attention_backward(const float[:, :, ::1] dout, const float[:, :, ::1] qkv, const float[:, :, :, ::1] att,
-                       float[:, :, ::1] dqkv, int n_heads, *, bint accumulate=True, int threads=1):
-    """dqkv += the gradient of out with respect to qkv, given dout (B, T, C); dqkv = it with accumulate=False."""
-    cdef Py_ssize_t B = qkv.shape[0], T = qkv.shape[1], C3 = qkv.shape[2]
-    check_shapes(B, T, C3, (att.shape[0], att.shape[1], att.shape[2], att.shape[3]), n_heads, threads)
-    cdef Py_ssize_t C = C3 // 3, NH = n_heads, hs = C // NH, bh, b, h
-    require(dout.shape[0] == B and dout.shape[1] == T and dout.shape[2] == C, f"dout must be {(B, T, C)}")
-    require(dqkv.shape[0] == B and dqkv.shape[1] == T and dqkv.shape[2] == C3, f"dqkv must be {(B, T, C3)}")
-    cdef float scale = 1.0 / sqrtf(<float>hs)
-    cdef float* datt
+    cdef float* scores = NULL  # assigned in the parallel block (NULL here keeps its firstprivate copy defined)
     cdef int failed[1]  # an array, so the flag is shared, not private to each thread
     failed[0] = 0
     with nogil, parallel(num_threads=threads):
-        datt = <float*>malloc(QUERY_BLOCK * T * sizeof(float))  # a block of d(scores), private to this thread
-        if datt == NULL:
-            failed[0] = 1
-        else:
-            for bh in prange(B * NH, schedule="dynamic"):
+        scores = scratch(T)  # a block of scores, private to this thread
+        for bh in prange(B * NH, schedule="dynamic"):
+            if scores == NULL:
+                failed[0] = 1
+            else:
                 b = bh // NH
                 h = bh % NH
-                head_backward(&dout[b, 0, h * hs], &qkv[b, 0, h * hs], &att[b, h, 0, 0], &dqkv[b, 0, h * hs],
-                              datt, T, C, hs, scale, accumulate)
-            free(datt)
+                head_forward(&qkv[b, 0, h * hs], &out[b, 0, h * hs], &denom[b, h, 0], scores, T, C, hs, scale)
+        free(scores)
     if failed[0]:
-        raise MemoryError("attention_backward could not allocate its scratch row")
+        raise MemoryError("attention_forward could not allocate its block of scores")
+
+
+def attention_backward(const float[:, :, ::1] dout, const float[:, :, ::1] qkv, const float[:, :, ::1] denom,
+                       float[:, :, ::1] dqkv, int n_heads, *, bint accumulate=True, int threads=1):
+    """dqkv += the gradient of out with respect to qkv, given dout (B, T, C) and the forward's denom (B, NH, T);
+    dqkv = it with accumulate=False."""
+    cdef Py_ssize_t B = qkv.shape[0], T = qkv.shape[1], C3 = qkv.shape[2]
+    check_shapes(B, T, C3, (denom.shape[0], denom.shape[1], denom.shape[2]), n_heads, threads)
+    cdef Py_ssize_t C = C3 // 3, NH = n_heads, hs = C // NH, bh, b, h
+    require_shape((dout.shape[0], dout.shape[1], dout.shape[2]), (B, T, C), "dout")
+    require_shape((dqkv.shape[0], dqkv.shape[1], dqkv.shape[2]), (B, T, C3), "dqkv")
+    cdef float scale = 1.0 / sqrtf(<float>hs)
+    cdef float* probs = NULL
+    cdef float* dscores = NULL
+    cdef int failed[1]
+    failed[0] = 0
+    with nogil, parallel(num_threads=threads):
+        probs = scratch(T)  # a block of probabilities and one of their gradients, private to this thread
+        dscores = scratch(T)
+        for bh in prange(B * NH, schedule="dynamic"):
+            if probs == NULL or dscores == NULL:
+                failed[0] = 1
+            else:
+                b = bh // NH
+                h = bh % NH
+                head_backward(&dout[b, 0, h * hs], &qkv[b, 0, h * hs], &denom[b, h, 0], &dqkv[b, 0, h * hs], probs,
+                              dscores, T, C, hs, scale, accumulate)
+        free(probs)
+        free(dscores)
+    if failed[0]:
+        raise MemoryError("attention_backward could not allocate its blocks of scores")
