@@ -1,26 +1,40 @@
-"""Training-step benchmark: cllm against a PyTorch peer (tools/torch_gpt.py) of the same architecture.
+"""Training-step benchmark: cllm's default training step against a PyTorch peer (tools/torch_gpt.py) of the same model.
 
-A timed step is a full training step: forward, backward, global grad-norm clipping (1.0) and AdamW.
-Both engines see the same random token batch (fixed seed) and the same thread budget, and report the
-median step time over the timed steps after an untimed warm-up. Each round also times bare sgemm calls on
-the step's own GEMM shapes (whole batch, BLAS on the same threads): what the BLAS gives on that work alone,
-which the table holds cllm's GFLOP/s against (a step's FLOPs count its attention products too, for both).
+A timed step is a full training step: forward, backward, global grad-norm clipping and AdamW. cllm's is the step
+`python -m cllm.tools.train_model` runs by default: a cllm.trainer.Trainer with TrainSettings' defaults (only
+steps, batch size, seed and threads set), so its sharding is the default one (spheres.default_spheres of the
+batch's shape, printed with the results; --spheres N overrides it) and its learning-rate schedule, AdamW and
+clipping settings are train_model's. Its batches come through cllm's own data path, random windows of a synthetic
+token stream. The torch peer runs the same optimizer settings and schedule (lr 1e-3 warming up over 100 steps,
+betas (0.9, 0.99), weight decay 0.1 on matrices, clip 1.0) on one fixed random batch of the same shape. Each
+engine reports the median step time over the timed steps after untimed warm-up steps.
 
-Each engine runs in its own fresh (spawned) process, one after the other, never concurrently: cllm first,
-then torch, and again for each of --rounds rounds (default 3), whose timed steps are pooled before the median.
-Alternating lets both engines sample the same drift of a shared machine's speed. Separate processes matter:
-importing cllm sets OMP_WAIT_POLICY=passive for its OpenMP runtime, and torch's bundled libgomp has the same
-soname, so in one process torch would silently run on cllm's already-initialised runtime and settings. The
-parent imports neither engine. torch is optional: without it only cllm's numbers are printed.
+GFLOP/s (the same FLOP count for both engines, attention products included) is held against two limits: bare
+sgemm calls on the step's own GEMM shapes (whole batch, BLAS on the same threads, timed each round), what the BLAS
+gives on that work alone; and one large 2048x2048x2048 sgemm on the same threads (median of 5 calls, once per run),
+the machine's best sgemm rate. Both use the BLAS cllm calls (scipy's).
 
-    python tools/bench_train.py                          # baby + mid, both engines, 2 threads
+Each engine trains each config in its own fresh (spawned) process, one process after the other, never
+concurrently: for each config cllm, then torch, and all of that again for each of --rounds rounds (default 3),
+whose timed steps are pooled before the median. Alternating lets both engines sample the same drift of a shared
+machine's speed. Separate processes matter: importing cllm sets OMP_WAIT_POLICY=passive for its OpenMP runtime,
+and torch's bundled libgomp has the same soname, so in one process torch would silently run on cllm's
+already-initialised runtime and settings. The parent imports neither engine. A process per config also makes the
+peak RSS that config's alone (interpreter and libraries included). torch is optional: without it only cllm's
+numbers are printed.
+
+    python tools/bench_train.py                               # baby, mid, small: both engines, 2 threads
+    python tools/bench_train.py --configs small --seq 1024 --batch 4 --steps 2   # memory at T=1024, B=4
     python tools/bench_train.py --configs baby --threads 1 --steps 50
+    python tools/bench_train.py --configs mid --spheres 8     # another sharding than train_model's default
     python tools/bench_train.py --no-torch
+    python tools/bench_train.py --profile --configs mid       # where a step's time goes, kernel by kernel
+    python tools/bench_train.py --ranks 1,2 --threads 1 --configs mid   # data-parallel over MPI ranks
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import importlib.util
 import math
 import multiprocessing
@@ -55,6 +69,10 @@ class BenchConfig:
     def tokens(self) -> int:
         return self.batch * self.seq
 
+    @property
+    def label(self) -> str:
+        return f"{self.name} (L{self.n_layers} H{self.n_heads} C{self.dim} T{self.seq} B{self.batch})"
+
     def expected_params(self) -> int:
         """Parameter count of the architecture (tied embedding counted once, position embedding included)."""
         C, L = self.dim, self.n_layers
@@ -65,9 +83,19 @@ class BenchConfig:
 CONFIGS = {
     "baby": BenchConfig("baby", n_layers=4, n_heads=4, dim=128, seq=64, batch=12, vocab=65, default_steps=20),
     "mid": BenchConfig("mid", n_layers=6, n_heads=6, dim=384, seq=256, batch=8, vocab=65, default_steps=10),
+    # GPT-2 small's blocks, with a BPE-sized vocabulary of 8192.
+    "small": BenchConfig("small", n_layers=12, n_heads=12, dim=768, seq=256, batch=4, vocab=8192, default_steps=5),
 }
 
-LR, BETAS, EPS, WEIGHT_DECAY, MAX_GRAD_NORM, SEED = 3e-4, (0.9, 0.95), 1e-8, 0.1, 1.0, 1337
+# train_model's defaults (cllm.trainer.TrainSettings and cllm.optim.AdamW), which the torch peer runs too. The cllm
+# engine process checks them against cllm's own and warns if they have drifted apart.
+TRAIN_DEFAULTS = dict(lr=1e-3, min_lr=1e-4, warmup=100, beta2=0.99, weight_decay=0.1, grad_clip=1.0, seed=1337)
+BETA1, EPS = 0.9, 1e-8
+SEED = TRAIN_DEFAULTS["seed"]
+# --profile and --ranks drive cllm's model and optimizer without the Trainer, at train_model's peak lr.
+LR, BETAS, WEIGHT_DECAY, MAX_GRAD_NORM = (TRAIN_DEFAULTS["lr"], (BETA1, TRAIN_DEFAULTS["beta2"]),
+                                          TRAIN_DEFAULTS["weight_decay"], TRAIN_DEFAULTS["grad_clip"])
+LARGE_SGEMM = 2048  # m = k = n of the machine's best-case sgemm
 
 
 def flops_per_step(cfg: BenchConfig, num_params: int) -> float:
@@ -89,61 +117,91 @@ def make_batch(cfg: BenchConfig, seed: int = SEED) -> tuple[np.ndarray, np.ndarr
     return np.ascontiguousarray(data[:, :-1]), np.ascontiguousarray(data[:, 1:])
 
 
-def time_steps(step: Callable[[], float], warmup: int, steps: int) -> tuple[list[float], list[float]]:
-    """Run `warmup` untimed then `steps` timed calls of step(); returns (seconds per timed step, all losses)."""
-    losses = [step() for _ in range(warmup)]
+def synthetic_tokens(cfg: BenchConfig, windows: int, seed: int) -> np.ndarray:
+    """A random token stream holding `windows` batch windows, in the dtype of prepare's token files."""
+    dtype = np.uint16 if cfg.vocab <= 1 << 16 else np.uint32
+    return np.random.default_rng(seed).integers(0, cfg.vocab, size=windows * (cfg.seq + 1), dtype=dtype)
+
+
+def cosine_lr(step: int, total: int) -> float:
+    """train_model's default schedule (cllm.optim.cosine_lr with TrainSettings' defaults), for the torch peer."""
+    max_lr, min_lr, warmup = TRAIN_DEFAULTS["lr"], TRAIN_DEFAULTS["min_lr"], TRAIN_DEFAULTS["warmup"]
+    if step < warmup:
+        return max_lr * (step + 1) / warmup
+    if step >= total:
+        return min_lr
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))) * (max_lr - min_lr)
+
+
+def time_steps(step: Callable[[int], float], warmup: int, steps: int) -> tuple[list[float], list[float]]:
+    """Run step(i) for i < warmup untimed, then `steps` timed; returns (seconds per timed step, all losses)."""
+    losses = [step(i) for i in range(warmup)]
     times = []
-    for _ in range(steps):
+    for i in range(warmup, warmup + steps):
         t0 = time.perf_counter()
-        losses.append(step())
+        losses.append(step(i))
         times.append(time.perf_counter() - t0)
     return times, losses
 
 
 # ---------------------------------------------------------------------------------------------- engines
-# Each engine is a pair of functions, both called in the engine's own process:
-#   threads_ctx(threads) -> context manager holding the thread settings while the engine runs;
-#   setup(cfg, threads, x, y) -> (num_params, step), step() running one full training step, returning the loss.
+# Each engine is one function, called in the engine's own process:
+#   train(cfg, threads, warmup, steps, spheres) -> (num_params, seconds per timed step, all losses, spheres used)
+# running `warmup` untimed and then `steps` timed training steps. spheres: cllm's override (None: its default).
 
 
-def cllm_threads(threads: int):
-    return contextlib.nullcontext()  # Spheres holds BLAS at one thread and runs `threads` sphere workers
+def cllm_train(cfg: BenchConfig, threads: int, warmup: int, steps: int,
+               spheres: int | None) -> tuple[int, list[float], list[float], int]:
+    """train_model's default training step: a Trainer with TrainSettings' defaults, its own per-step method."""
+    import tempfile
+    from pathlib import Path
 
-
-def cllm_setup(cfg: BenchConfig, threads: int, x: np.ndarray, y: np.ndarray, stack: contextlib.ExitStack):
-    from anyio.from_thread import start_blocking_portal
+    import anyio
 
     from cllm.model import GPT, ModelConfig
-    from cllm.optim import AdamW
     from cllm.spheres import Spheres
+    from cllm.trainer import StopSignals, Trainer, TrainSettings
 
-    mcfg = ModelConfig(
-        vocab_size=cfg.vocab, context_length=cfg.seq, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads
-    )
-    model = GPT(mcfg, seed=SEED, threads=threads)
-    opt = AdamW(model, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
-    # One sphere per thread: the batch is cut into `threads` shards that run concurrently.
-    spheres = stack.enter_context(Spheres(model, spheres=threads, threads=threads))
-    portal = stack.enter_context(start_blocking_portal())
+    defaults = TrainSettings()
+    drifted = {k: (v, getattr(defaults, k)) for k, v in TRAIN_DEFAULTS.items() if getattr(defaults, k) != v}
+    settings = TrainSettings(steps=warmup + steps, batch_size=cfg.batch, seed=SEED, threads=threads, spheres=spheres)
+    model = GPT(ModelConfig(vocab_size=cfg.vocab, context_length=cfg.seq, dim=cfg.dim, n_layers=cfg.n_layers,
+                            n_heads=cfg.n_heads), seed=settings.seed, threads=settings.threads)
+    with tempfile.TemporaryDirectory(prefix="bench_train-") as run_dir:
+        # No tokenizer: it is only written into checkpoints, and the benchmark writes none.
+        trainer = Trainer(model, None, synthetic_tokens(cfg, 64 * cfg.batch, seed=1),
+                          synthetic_tokens(cfg, 4 * cfg.batch, seed=2), settings, Path(run_dir), progress=False)
+        if trainer.optimizer.eps != EPS:
+            drifted["eps"] = (EPS, trainer.optimizer.eps)
+        if drifted:
+            print(f"  warning: train_model's defaults are no longer the torch peer's: (peer, cllm) {drifted}",
+                  flush=True)
 
-    def step() -> float:
-        loss = portal.call(spheres.step, x, y)
-        opt.step(max_grad_norm=MAX_GRAD_NORM)
-        return float(loss)
+        async def train() -> tuple[list[float], list[float]]:
+            # What Trainer.run holds around its steps in one process (it adds the progress bar, evaluation,
+            # metrics and checkpoints between steps, outside a step's time), then its own step.
+            s = trainer.settings
+            times, losses = [], []
+            with Spheres(model, spheres=s.spheres, threads=s.threads) as sp, StopSignals() as signals:
+                for i in range(s.steps):
+                    t0 = time.perf_counter()
+                    record, stop = await trainer._train_step(sp, signals)
+                    if i >= warmup:
+                        times.append(time.perf_counter() - t0)
+                    losses.append(record["loss"])
+                    if stop:
+                        raise KeyboardInterrupt
+            return times, losses
 
-    return model.num_params, step
+        times, losses = anyio.run(train)
+    return model.num_params, times, losses, trainer.settings.spheres
 
 
-def torch_threads(threads: int):
+def torch_train(cfg: BenchConfig, threads: int, warmup: int, steps: int,
+                spheres: int | None) -> tuple[int, list[float], list[float], None]:
     import torch
 
     torch.set_num_threads(threads)
-    return contextlib.nullcontext()
-
-
-def torch_setup(cfg: BenchConfig, threads: int, x: np.ndarray, y: np.ndarray, stack=None):
-    import torch
-
     if TOOLS_DIR not in sys.path:
         sys.path.insert(0, TOOLS_DIR)
     from torch_gpt import GPT, GPTConfig, configure_optimizer, train_step
@@ -152,18 +210,21 @@ def torch_setup(cfg: BenchConfig, threads: int, x: np.ndarray, y: np.ndarray, st
                      n_heads=cfg.n_heads)
     model = GPT(gcfg, seed=SEED)
     model.train()
-    opt = configure_optimizer(model, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
-    xt = torch.from_numpy(x).long()
-    yt = torch.from_numpy(y).long()
+    opt = configure_optimizer(model, lr=TRAIN_DEFAULTS["lr"], betas=(BETA1, TRAIN_DEFAULTS["beta2"]), eps=EPS,
+                              weight_decay=TRAIN_DEFAULTS["weight_decay"])
+    x, y = (torch.from_numpy(a).long() for a in make_batch(cfg))
 
-    def step() -> float:
-        loss, _ = train_step(model, opt, xt, yt, max_grad_norm=MAX_GRAD_NORM)
+    def step(i: int) -> float:
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(i, warmup + steps)
+        loss, _ = train_step(model, opt, x, y, max_grad_norm=TRAIN_DEFAULTS["grad_clip"])
         return loss
 
-    return model.num_params, step
+    times, losses = time_steps(step, warmup, steps)
+    return model.num_params, times, losses, None
 
 
-ENGINES = {"cllm": (cllm_threads, cllm_setup), "torch": (torch_threads, torch_setup)}
+ENGINES = {"cllm": cllm_train, "torch": torch_train}
 
 
 @dataclass
@@ -173,8 +234,8 @@ class Result:
     num_params: int
     times: list[float]
     losses: list[float]
-    # The engine process's peak RSS when this config finished: a high-water mark over every config run so far
-    # in that process (interpreter and libraries included), so a config after a bigger one reports the bigger.
+    spheres: int | None = None  # cllm's sharding of the batch
+    # Peak RSS of the fresh process that trained this config alone (interpreter and libraries included).
     peak_rss_mb: float | None = None
 
     @property
@@ -190,7 +251,9 @@ class Result:
         return flops_per_step(self.config, self.num_params) / self.median_s / 1e9
 
     def summary(self) -> str:
-        return (f"  {self.engine:5s} {self.config.name:4s}  median {self.median_s * 1e3:8.1f} ms/step"
+        sharding = f", {self.spheres} sphere{'s' * (self.spheres != 1)}" if self.spheres else ""
+        return (f"  {self.engine:5s} {self.config.name} T{self.config.seq} B{self.config.batch}{sharding}"
+                f"  median {self.median_s * 1e3:8.1f} ms/step"
                 f"  (min {min(self.times) * 1e3:.1f}, max {max(self.times) * 1e3:.1f})"
                 f"  {self.tok_per_s:9.0f} tok/s  {self.gflops:6.1f} GFLOP/s"
                 f"  init loss {self.losses[0]:.4f}, last {self.losses[-1]:.4f}"
@@ -218,45 +281,40 @@ def peak_rss_mb() -> float | None:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
 
-def bench_engine(engine: str, configs: list[BenchConfig], threads: int, warmup: int,
-                 steps: int | None) -> tuple[list[Result], str | None]:
-    """Benchmarks one engine on every config; runs in the engine's own process.
+def bench_engine(engine: str, cfg: BenchConfig, threads: int, warmup: int, steps: int | None,
+                 spheres: int | None, describe: bool) -> tuple[Result | None, str | None]:
+    """Benchmarks one engine on one config; runs in a fresh process of its own. describe: also print the engine's
+    runtime settings.
 
-    Returns (results, None), or (results so far, message) when the engine cannot be imported or fails.
+    Returns (result, None), or (None, message) when the engine cannot be imported or fails.
     """
-    threads_ctx, setup = ENGINES[engine]
-    results = []
     try:
-        with threads_ctx(threads):
-            for cfg in configs:
-                x, y = make_batch(cfg)
-                with contextlib.ExitStack() as stack:
-                    num_params, step = setup(cfg, threads, x, y, stack)
-                    if num_params != cfg.expected_params():
-                        print(f"  warning: {engine} reports {num_params:,} params, "
-                              f"the architecture has {cfg.expected_params():,}", flush=True)
-                    times, losses = time_steps(step, warmup, steps or cfg.default_steps)
-                results.append(Result(engine, cfg, num_params, times, losses, peak_rss_mb()))
-                print(results[-1].summary(), flush=True)
+        num_params, times, losses, used = ENGINES[engine](cfg, threads, warmup, steps or cfg.default_steps, spheres)
     except ImportError as e:
         hint = " (is the model written and are the kernels built?)" if engine == "cllm" else ""
-        return results, f"{engine} is not importable ({type(e).__name__}: {e}){hint}; skipping {engine}"
+        return None, f"{engine} is not importable ({type(e).__name__}: {e}){hint}; skipping {engine}"
     except Exception:  # report and go on with the other engine
-        return results, f"{engine} failed:\n{traceback.format_exc()}"
-    if engine == "torch":
-        import torch
+        return None, f"{engine} failed on {cfg.name}:\n{traceback.format_exc()}"
+    if num_params != cfg.expected_params():
+        print(f"  warning: {engine} reports {num_params:,} params, the architecture has {cfg.expected_params():,}",
+              flush=True)
+    result = Result(engine, cfg, num_params, times, losses, used, peak_rss_mb())
+    print(result.summary(), flush=True)
+    if describe:
+        policy = f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}"
+        if engine == "torch":
+            import torch
 
-        print(f"  (torch {torch.__version__}, intra-op threads {torch.get_num_threads()}, "
-              f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')})", flush=True)
-    if engine == "cllm":
-        print(f"  (cllm OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')})", flush=True)
-    return results, None
+            print(f"  (torch {torch.__version__}, intra-op threads {torch.get_num_threads()}, {policy})", flush=True)
+        else:
+            print(f"  (cllm {policy})", flush=True)
+    return result, None
 
 
-def bench_engine_in_fresh_process(engine: str, *args) -> tuple[list[Result], str | None]:
+def in_fresh_process(fn: Callable, *args):
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
-        return pool.submit(bench_engine, engine, *args).result()
+        return pool.submit(fn, *args).result()
 
 
 # ------------------------------------------------------------------------- is anything else using the CPUs?
@@ -301,22 +359,46 @@ def fmt(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def markdown_table(configs: list[BenchConfig], results: dict[tuple[str, str], Result],
-                   sgemm_gflops: dict[str, float]) -> str:
+def cpu_description() -> str:
+    """The CPU's model name and its AVX2/AVX-512 flags, from /proc/cpuinfo (Linux; elsewhere what platform knows)."""
+    model, flags = None, None
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model is None:
+                    model = value.strip()
+                elif key == "flags" and flags is None:
+                    flags = value.split()
+                if model is not None and flags is not None:
+                    break
+    except OSError:
+        pass
+    model = model or platform.processor() or platform.machine()
+    if flags is None:
+        return f"{model} (SIMD flags unknown)"
+    simd = [f for f in flags if f == "avx2" or f.startswith("avx512")]
+    return f"{model}; {' '.join(simd) if simd else 'neither AVX2 nor AVX-512'}"
+
+
+def markdown_table(configs: list[BenchConfig], results: dict[tuple[str, BenchConfig], Result],
+                   sgemm_gflops: dict[BenchConfig, float], large_gflops: float | None) -> str:
     lines = [
-        "| config | params | tokens/step | cllm tok/s | torch tok/s | ratio | cllm GFLOP/s | torch GFLOP/s "
-        "| bare sgemm GFLOP/s | cllm/sgemm | cllm peak RSS MB | torch peak RSS MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| config | params | tokens/step | cllm spheres | cllm tok/s | torch tok/s | ratio | cllm GFLOP/s "
+        "| torch GFLOP/s | sgemm on the step's shapes GFLOP/s | cllm/that | sgemm 2048^3 GFLOP/s | cllm/that "
+        "| cllm peak RSS MB | torch peak RSS MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for cfg in configs:
-        c, t, limit = results.get(("cllm", cfg.name)), results.get(("torch", cfg.name)), sgemm_gflops[cfg.name]
+        c, t, limit = results.get(("cllm", cfg)), results.get(("torch", cfg)), sgemm_gflops[cfg]
         ratio = c.tok_per_s / t.tok_per_s if c and t else None
         lines.append(
-            f"| {cfg.name} (L{cfg.n_layers} H{cfg.n_heads} C{cfg.dim} T{cfg.seq} B{cfg.batch}) "
-            f"| {cfg.expected_params() / 1e6:.2f}M | {cfg.tokens} "
+            f"| {cfg.label} | {cfg.expected_params() / 1e6:.2f}M | {cfg.tokens} | {fmt(c and c.spheres, 'd')} "
             f"| {fmt(c and c.tok_per_s, ',.0f')} | {fmt(t and t.tok_per_s, ',.0f')} | {fmt(ratio, '.2f')} "
             f"| {fmt(c and c.gflops, '.1f')} | {fmt(t and t.gflops, '.1f')} "
             f"| {limit:.1f} | {fmt(c and c.gflops / limit, '.0%')} "
+            f"| {fmt(large_gflops, '.1f')} | {fmt(c and large_gflops and c.gflops / large_gflops, '.0%')} "
             f"| {fmt(c and c.peak_rss_mb, '.0f')} | {fmt(t and t.peak_rss_mb, '.0f')} |"
         )
     return "\n".join(lines)
@@ -338,7 +420,10 @@ def higher_peak(a: float | None, b: float | None) -> float | None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--configs", default="baby,mid", help=f"comma-separated subset of {','.join(CONFIGS)}")
+    p.add_argument("--configs", default=",".join(CONFIGS),
+                   help=f"comma-separated subset of {','.join(CONFIGS)} (default: all)")
+    p.add_argument("--seq", type=int, help="context length T for every chosen config, instead of its own")
+    p.add_argument("--batch", type=int, help="batch size B for every chosen config, instead of its own")
     p.add_argument("--threads", type=int, default=2, help="threads for each engine (BLAS/OpenMP)")
     p.add_argument("--steps", type=int, default=None,
                    help="timed steps per config (default: " +
@@ -350,21 +435,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
     p.add_argument("--ranks", help="e.g. 1,2: cllm alone, data-parallel over that many MPI ranks each (needs "
                                    "pip install -e '.[mpi]'); prints the scaling")
-    p.add_argument("--spheres", type=int, default=12, help="with --ranks or --profile: spheres (default 12)")
+    p.add_argument("--spheres", type=int, default=None,
+                   help="cllm's shards per batch (train_model's --spheres), also with --ranks and --profile "
+                        "(default: train_model's, from the batch's shape)")
     p.add_argument("--profile", action="store_true", help="cllm alone: where a step's time goes, per kernel")
     p.add_argument("--mpi-worker", action="store_true", help=argparse.SUPPRESS)  # one rank of a --ranks run
     args = p.parse_args(argv)
     args.configs = choose_configs(p, args.configs, CONFIGS)
     if args.threads < 1 or args.warmup < 0 or args.rounds < 1 or (args.steps is not None and args.steps < 1):
         p.error("need --threads >= 1, --warmup >= 0, --rounds >= 1, --steps >= 1")
+    if any(v is not None and v < 1 for v in (args.seq, args.batch, args.spheres)):
+        p.error("--seq, --batch and --spheres must be positive")
+    args.configs = [dataclasses.replace(c, seq=args.seq or c.seq, batch=args.batch or c.batch) for c in args.configs]
     return args
+
+
+def spheres_for(args, cfg: BenchConfig) -> int:
+    """--spheres, or train_model's default for the config's batch (in a process that may import cllm)."""
+    from cllm.spheres import default_spheres
+
+    return args.spheres or default_spheres(cfg.batch, cfg.seq)
 
 
 # ----------------------------------------------------------------------------------- where the time goes
 
 
 def profile(args) -> int:
-    """Per-kernel time of cllm's training step, one thread (so the parts add up to the step), --spheres spheres.
+    """Per-kernel time of cllm's training step, one thread (so the parts add up to the step), on train_model's
+    default spheres (or --spheres).
 
     Every kernel call is timed by wrapping the kernel modules' functions; GEMMs are told apart by their weight's
     shape. 'python + coordination' is the step's wall time minus all timed parts.
@@ -382,6 +480,7 @@ def profile(args) -> int:
     for cfg in args.configs:
         totals: dict[str, float] = defaultdict(float)
         C = cfg.dim
+        n_spheres = spheres_for(args, cfg)
 
         def gemm_name(w, direction):
             name = {(C, 3 * C): "qkv GEMM", (C, C): "attn-out GEMM", (C, 4 * C): "MLP GEMMs",
@@ -409,7 +508,7 @@ def profile(args) -> int:
             timed(gelu, "gelu_forward", "GELU"), timed(gelu, "gelu_backward", "GELU"),
             timed(crossentropy, "cross_entropy", "cross-entropy"),
             timed(adamw, "adamw_step", "AdamW + grad norm"), timed(adamw, "grad_sq_norm", "AdamW + grad norm"),
-            timed(spheres_module.Spheres, "_add_slots", "gradient reduction"),
+            timed(spheres_module._Buffers, "add_slots", "gradient reduction"),
         ]
         try:
             mcfg = ModelConfig(vocab_size=cfg.vocab, context_length=cfg.seq, dim=cfg.dim, n_layers=cfg.n_layers,
@@ -417,7 +516,7 @@ def profile(args) -> int:
             model = GPT(mcfg, seed=SEED)
             opt = AdamW(model, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
             x, y = make_batch(cfg)
-            with Spheres(model, spheres=args.spheres, threads=1) as sp, start_blocking_portal() as portal:
+            with Spheres(model, spheres=n_spheres, threads=1) as sp, start_blocking_portal() as portal:
                 def step():
                     loss = portal.call(sp.step, x, y)
                     opt.step(max_grad_norm=MAX_GRAD_NORM)
@@ -435,7 +534,7 @@ def profile(args) -> int:
                 setattr(module, fn_name, fn)
         parts = {k: v / n for k, v in totals.items()}
         parts["python + coordination"] = wall - sum(parts.values())
-        print(f"\n{cfg.name}: {wall * 1e3:.1f} ms per step on 1 thread, {args.spheres} spheres "
+        print(f"\n{cfg.label}: {wall * 1e3:.1f} ms per step on 1 thread, {n_spheres} spheres "
               f"({cfg.tokens / wall:,.0f} tok/s)\n")
         print("| part | ms/step | share |\n|---|---:|---:|")
         for k, v in sorted(parts.items(), key=lambda kv: -kv[1]):
@@ -443,7 +542,7 @@ def profile(args) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------------------- the GEMM limit
+# --------------------------------------------------------------------------------------- the GEMM limits
 
 
 def gemm_shapes(cfg: BenchConfig) -> list[tuple[int, int, int]]:
@@ -454,14 +553,13 @@ def gemm_shapes(cfg: BenchConfig) -> list[tuple[int, int, int]]:
     return forward + [(m, n, k) for m, k, n in forward] + [(k, m, n) for m, k, n in forward]
 
 
-def gemm_limit(cfg: BenchConfig, threads: int, repeats: int) -> tuple[list[float], float]:
-    """Seconds per pass of bare sgemm calls over a step's GEMM shapes (BLAS on `threads` threads), and the
-    pass's FLOPs: what the BLAS gives on this work alone, to hold a training step's GFLOP/s against."""
+def time_sgemm(shapes: list[tuple[int, int, int]], threads: int, repeats: int) -> list[float]:
+    """Seconds per pass of bare sgemm calls over `shapes` ((m, k, n) each), after one untimed pass, with the BLAS
+    cllm calls (scipy's) on `threads` threads."""
     from scipy.linalg.blas import sgemm
     from threadpoolctl import threadpool_limits
 
     rng = np.random.default_rng(0)
-    shapes = gemm_shapes(cfg)
     # Fortran order, so that scipy's wrapper hands the arrays to BLAS as they are, without copying them.
     operands = [(np.asfortranarray(rng.standard_normal((m, k), dtype=np.float32)),
                  np.asfortranarray(rng.standard_normal((k, n), dtype=np.float32))) for m, k, n in shapes]
@@ -474,7 +572,27 @@ def gemm_limit(cfg: BenchConfig, threads: int, repeats: int) -> tuple[list[float
             for a, b in operands:
                 sgemm(1.0, a, b)
             times.append(time.perf_counter() - started)
-    return times, sum(2.0 * m * k * n for m, k, n in shapes)
+    return times
+
+
+def gemm_limit(cfg: BenchConfig, threads: int, repeats: int) -> tuple[list[float], float]:
+    """Seconds per pass of bare sgemm calls over a step's GEMM shapes (BLAS on `threads` threads), and the
+    pass's FLOPs: what the BLAS gives on this work alone, to hold a training step's GFLOP/s against."""
+    shapes = gemm_shapes(cfg)
+    return time_sgemm(shapes, threads, repeats), sum(2.0 * m * k * n for m, k, n in shapes)
+
+
+def large_sgemm(threads: int, repeats: int = 5) -> tuple[float, str]:
+    """GFLOP/s of one large square sgemm (median of `repeats` calls) on `threads` threads: the machine's best
+    sgemm rate. Also returns which BLAS ran it. Run in a fresh process, like the engines."""
+    from threadpoolctl import threadpool_info
+
+    n = LARGE_SGEMM
+    seconds = statistics.median(time_sgemm([(n, n, n)], threads, repeats))
+    blas = [f"{i.get('internal_api')} {i.get('version')} {i.get('architecture') or ''} "
+            f"({os.path.basename(os.path.dirname(i['filepath']))})"
+            for i in threadpool_info() if i["user_api"] == "blas"]
+    return 2.0 * n**3 / seconds / 1e9, "; ".join(blas)
 
 
 # ------------------------------------------------------------------------------- scaling over MPI ranks
@@ -494,27 +612,28 @@ def mpi_worker(args) -> int:
     group = MPIGroup()
     for cfg in args.configs:
         x, y = make_batch(cfg)
+        n_spheres = spheres_for(args, cfg)
         mcfg = ModelConfig(vocab_size=cfg.vocab, context_length=cfg.seq, dim=cfg.dim, n_layers=cfg.n_layers,
                            n_heads=cfg.n_heads)
         model = GPT(mcfg, seed=SEED, threads=args.threads)
         opt = AdamW(model, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
-        with Spheres(model, spheres=args.spheres, threads=args.threads,
-                     owned=group.owned_spheres(args.spheres)) as spheres, start_blocking_portal() as portal:
+        with Spheres(model, spheres=n_spheres, threads=args.threads,
+                     owned=group.owned_spheres(n_spheres)) as spheres, start_blocking_portal() as portal:
 
             async def step_async() -> float:
                 await spheres.step(x, y)
                 await group.tree_sum(model.grads, "gradients")
                 return (await group.tree_sum(np.array([spheres.loss_sum]), "losses"))[0] / x.size
 
-            def step() -> float:
+            def step(i: int) -> float:
                 loss = portal.call(step_async)
                 opt.step(max_grad_norm=MAX_GRAD_NORM)
                 return loss
 
             times, losses = time_steps(step, args.warmup, args.steps or cfg.default_steps)
         if group.is_root:
-            print(json.dumps({"config": cfg.name, "times": times, "tokens": cfg.tokens, "loss": losses[-1]}),
-                  flush=True)
+            print(json.dumps({"config": cfg.name, "times": times, "tokens": cfg.tokens, "loss": losses[-1],
+                              "spheres": n_spheres}), flush=True)
     return 0
 
 
@@ -528,13 +647,15 @@ def bench_ranks(args) -> int:
         return 1
     ranks = [int(r) for r in args.ranks.split(",")]
     times: dict[tuple[str, int], list[float]] = {}  # (config, ranks) -> timed steps, pooled over the rounds
+    spheres: dict[str, int] = {}
     for round_ in range(1, args.rounds + 1):
         for r in ranks:  # alternating, as the engines do
             cmd = ["mpiexec", "-n", str(r), sys.executable, "-m", "mpi4py", os.path.abspath(__file__),
                    "--mpi-worker", "--configs", ",".join(c.name for c in args.configs), "--threads",
-                   str(args.threads), "--warmup", str(args.warmup), "--spheres", str(args.spheres)]
-            if args.steps:
-                cmd += ["--steps", str(args.steps)]
+                   str(args.threads), "--warmup", str(args.warmup)]
+            for name in ("steps", "spheres", "seq", "batch"):
+                if getattr(args, name):
+                    cmd += [f"--{name}", str(getattr(args, name))]
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
             if out.returncode != 0:
                 print(f"{r} ranks failed:\n{out.stderr}")
@@ -543,16 +664,19 @@ def bench_ranks(args) -> int:
                 if line.startswith("{"):
                     row = json.loads(line)
                     times.setdefault((row["config"], r), []).extend(row["times"])
+                    spheres[row["config"]] = row["spheres"]
                     print(f"  round {round_}: {r} rank(s) x {args.threads} thread(s)  {row['config']:4s}  "
                           f"{row['tokens'] / statistics.median(row['times']):9.0f} tok/s  "
                           f"(last loss {row['loss']:.4f})", flush=True)
-    print(f"\nData-parallel scaling, {args.spheres} spheres, {args.threads} thread(s) per rank, median step of "
+    sharding = f"{args.spheres} spheres" if args.spheres else "train_model's default spheres"
+    print(f"\nData-parallel scaling, {sharding}, {args.threads} thread(s) per rank, median step of "
           f"{args.rounds} alternating rounds\n")
-    print("| config | " + " | ".join(f"{r} rank{'s' * (r > 1)} tok/s" for r in ranks) + " | speed-up |")
-    print("|---|" + "---:|" * (len(ranks) + 1))
+    print("| config | spheres | " + " | ".join(f"{r} rank{'s' * (r > 1)} tok/s" for r in ranks) + " | speed-up |")
+    print("|---|---:|" + "---:|" * (len(ranks) + 1))
     for cfg in args.configs:
         speeds = [cfg.tokens / statistics.median(times[(cfg.name, r)]) for r in ranks]
-        print(f"| {cfg.name} | " + " | ".join(f"{v:,.0f}" for v in speeds) + f" | {speeds[-1] / speeds[0]:.2f}x |")
+        print(f"| {cfg.label} | {spheres[cfg.name]} | " + " | ".join(f"{v:,.0f}" for v in speeds)
+              + f" | {speeds[-1] / speeds[0]:.2f}x |")
     return 0
 
 
@@ -578,39 +702,55 @@ def main(argv=None) -> int:
     else:
         engines.append("torch")
 
+    print(f"CPU: {cpu_description()}")
     print(f"threads {args.threads}, warm-up {args.warmup}, python {platform.python_version()}, "
           f"numpy {np.__version__}, {os.cpu_count()} logical CPUs")
     before = foreign_load(probe_s=1.0)
     if before is not None:
         print(f"other processes busy on {before:.2f} CPUs before the run{busy_note(before)}")
-    print(f"expected init loss ln(vocab) = {math.log(args.configs[0].vocab):.4f}", flush=True)
-
-    results: dict[tuple[str, str], Result] = {}
-    limits: dict[str, tuple[list[float], float]] = {}  # config -> (seconds per bare-sgemm pass, its FLOPs)
     start = machine_snapshot()
+    try:
+        large_gflops, blas = in_fresh_process(large_sgemm, args.threads)
+        print(f"BLAS: {blas}\nsgemm {LARGE_SGEMM}x{LARGE_SGEMM}x{LARGE_SGEMM} on {args.threads} threads: "
+              f"{large_gflops:.1f} GFLOP/s", flush=True)
+    except Exception as e:  # no scipy or threadpoolctl: the table says n/a
+        large_gflops = None
+        print(f"the large sgemm failed ({type(e).__name__}: {e})")
+
+    results: dict[tuple[str, BenchConfig], Result] = {}
+    limits: dict[BenchConfig, tuple[list[float], float]] = {}  # config -> (seconds per bare-sgemm pass, its FLOPs)
+    failed: set[str] = set()
     for round_ in range(1, args.rounds + 1):
         print(f"round {round_} of {args.rounds}", flush=True)
-        for engine in engines:
-            engine_results, error = bench_engine_in_fresh_process(
-                engine, args.configs, args.threads, args.warmup, args.steps)
-            if error:
-                print(error)
-            for r in engine_results:
-                pooled = results.setdefault((r.engine, r.config.name), r)
+        for cfg in args.configs:
+            for engine in engines:
+                if engine in failed:
+                    continue
+                describe = round_ == 1 and cfg == args.configs[0]
+                r, error = in_fresh_process(bench_engine, engine, cfg, args.threads, args.warmup, args.steps,
+                                            args.spheres, describe)
+                if error:
+                    print(error)
+                    if "is not importable" in error:
+                        failed.add(engine)
+                if r is None:
+                    continue
+                pooled = results.setdefault((r.engine, cfg), r)
                 if pooled is not r:  # every round repeats the same seeded steps: pool the times, keep the peak
                     pooled.times += r.times
                     pooled.peak_rss_mb = higher_peak(pooled.peak_rss_mb, r.peak_rss_mb)
         for cfg in args.configs:
             times, flops = gemm_limit(cfg, args.threads, repeats=5)
-            limits.setdefault(cfg.name, ([], flops))[0].extend(times)
+            limits.setdefault(cfg, ([], flops))[0].extend(times)
     for cfg in args.configs:
-        times, flops = limits[cfg.name]
+        times, flops = limits[cfg]
         print(f"  bare sgemm on {cfg.name}'s {len(gemm_shapes(cfg))} GEMM shapes (whole batch, {args.threads} BLAS "
               f"threads): median {statistics.median(times) * 1e3:.1f} ms per pass of {flops / 1e9:.2f} GFLOP")
-    title = (f"Training step (fwd+bwd+clip+AdamW), fp32, {args.threads} threads, median of the timed steps of "
-             f"{args.rounds} alternating rounds; ratio = cllm/torch tok/s")
-    gflops = {name: flops / statistics.median(times) / 1e9 for name, (times, flops) in limits.items()}
-    return finish_report(start, results, title, lambda: markdown_table(args.configs, results, gflops))
+    title = (f"Training step (fwd+bwd+clip+AdamW; cllm: train_model's default step and sharding), fp32, "
+             f"{args.threads} threads, median of the timed steps of {args.rounds} alternating rounds; "
+             f"ratio = cllm/torch tok/s; cllm/that = cllm's GFLOP/s over the sgemm limit before it")
+    gflops = {cfg: flops / statistics.median(times) / 1e9 for cfg, (times, flops) in limits.items()}
+    return finish_report(start, results, title, lambda: markdown_table(args.configs, results, gflops, large_gflops))
 
 
 def finish_report(start, results: dict, title: str, table: Callable[[], str]) -> int:
