@@ -185,15 +185,41 @@ class SphereStats:
         return self.tokens / self.busy_s if self.busy_s else 0.0
 
 
+HOME = -1  # the slot id of model.grads itself (see Spheres.step)
+
+
 class _Buffers:
-    """What running spheres write into: gradient slots and activation workspaces. A step that is given up may
-    leave workers still writing into its buffers, so they are never reused after that (see Spheres._retire)."""
+    """What running spheres write into: gradient slots and activation workspaces, each allocated on first use
+    (a step that never needs a slot, such as an evaluation, costs none). A step that is given up may leave
+    workers still writing into its buffers, so they are never reused after that (see Spheres._retire).
+
+    Slot HOME is the model's own gradient buffer: the first sphere of a step that overwrites the gradient writes
+    there directly, and as the leftmost leaf of the reduction tree its slot receives the whole sum. That saves a
+    parameter-sized buffer and a copy per step."""
 
     def __init__(self, model: GPT, n_slots: int):
         self.model = model
-        self.slots = [aligned_zeros(model.params.size) for _ in range(n_slots)]
-        self.slot_views = [carve(s, {k: v.shape for k, v in model.p.items()}, pad=False) for s in self.slots]
+        self._slots: list[np.ndarray | None] = [None] * n_slots
+        self._views: list[dict[str, np.ndarray] | None] = [None] * n_slots
         self._workspaces: dict[tuple[int, int, int], Workspace] = {}
+
+    def slot(self, slot: int) -> np.ndarray:
+        if slot == HOME:
+            return self.model.grads
+        if self._slots[slot] is None:  # only the sphere holding this slot gets here: no race
+            self._slots[slot] = aligned_zeros(self.model.params.size)
+            self._views[slot] = carve(self._slots[slot], {k: v.shape for k, v in self.model.p.items()}, pad=False)
+        return self._slots[slot]
+
+    def views(self, slot: int) -> dict[str, np.ndarray]:
+        if slot == HOME:
+            return self.model.g
+        self.slot(slot)
+        return self._views[slot]
+
+    @property
+    def n_slots(self) -> int:
+        return len(self._slots)
 
     def workspace(self, slot: int, rows: int, seq: int) -> Workspace:
         key = (slot, rows, seq)
@@ -202,7 +228,7 @@ class _Buffers:
         return self._workspaces[key]
 
     def add_slots(self, left: int, right: int, *, freed: list[int]) -> int:
-        np.add(self.slots[left], self.slots[right], out=self.slots[left])
+        np.add(self.slot(left), self.slot(right), out=self.slot(left))
         freed.append(right)
         return left
 
@@ -222,7 +248,9 @@ class Spheres:
             raise UsageError(f"spheres {self.owned[0]}..{self.owned[1] - 1} are not one block of the reduction tree "
                              f"of {spheres} spheres: the rank count must be a power of two that divides --spheres")
         self.faults = parse_faults(os.environ.get("CLLM_FAULT", "")) if faults is None else faults
-        # Running spheres hold a slot each, and the tree holds at most depth() partial sums.
+        # Running spheres hold a slot each, and the tree holds at most depth() partial sums. Slots are allocated
+        # on first use and reused last-freed first, so a step whose first sphere writes to HOME never touches the
+        # pool's last slot: it costs no memory.
         self._n_slots = min(self.owned[1] - self.owned[0], threads + self.tree.depth())
         self._buffers = _Buffers(model, self._n_slots)
         self.retired = 0  # buffer sets given up with an abandoned step
@@ -253,14 +281,14 @@ class Spheres:
         grad_scale = scale / tokens.size  # every sphere scales by the global token count: the sum is the mean
         buffers = self._buffers
         self.loss_sum, slot = await self._run(tokens, targets, partial(_compute, grad_scale=grad_scale), True,
-                                              step, timeout)
+                                              step, timeout, home=not accumulate and not self.retired)
         if slot is None:  # no rows for any owned sphere (more spheres than batch rows)
             if not accumulate:
                 self.model.grads.fill(0.0)
         elif accumulate:
-            np.add(self.model.grads, buffers.slots[slot], out=self.model.grads)
-        else:
-            np.copyto(self.model.grads, buffers.slots[slot])
+            np.add(self.model.grads, buffers.slot(slot), out=self.model.grads)
+        elif slot != HOME:
+            np.copyto(self.model.grads, buffers.slot(slot))
         return self.loss_sum / tokens.size
 
     async def loss(self, tokens: np.ndarray, targets: np.ndarray, *, step: int = 0,
@@ -270,9 +298,11 @@ class Spheres:
         return self.loss_sum / tokens.size
 
     async def _run(self, tokens, targets, work, with_gradients: bool, step: int,
-                   timeout: float | None) -> tuple[float, int | None]:
+                   timeout: float | None, home: bool = False) -> tuple[float, int | None]:
         """Runs work(model, buffers, slot, tokens, targets, heartbeat) -> loss sum for every owned sphere under one
-        deadline, and adds the results in tree order. Returns (the loss sum, the slot holding the gradient sum)."""
+        deadline, and adds the results in tree order. Returns (the loss sum, the slot holding the gradient sum).
+        With home, the first sphere writes into slot HOME (if it has rows: only then is it the tree's leftmost
+        leaf, into which every merge adds)."""
         if self._exit_stack is None:
             raise RuntimeError("use Spheres as a context manager: `with Spheres(model, ...) as spheres:`")
         B, T = tokens.shape
@@ -283,8 +313,9 @@ class Spheres:
         buffers = self._buffers  # this step's, even if a stall retires them while its workers still run
         stop = threading.Event()  # per step: a worker abandoned now must not see a later step's flag cleared
         limiter = anyio.CapacityLimiter(self.threads)
-        free_slots = list(range(len(buffers.slots)))
-        slot_available = anyio.Semaphore(len(buffers.slots))  # FIFO: spheres take slots in order, so no deadlock
+        free_slots = list(range(buffers.n_slots))
+        slot_available = anyio.Semaphore(buffers.n_slots)  # FIFO: spheres take slots in order, so no deadlock
+        home = home and shards[0][1][0] < shards[0][1][1]
         turns = [anyio.Event() for _ in range(len(shards) + 1)]
         turns[0].set()
         losses = TreeSum(self.tree, lambda a, b: a + b)
@@ -300,8 +331,11 @@ class Spheres:
                 losses.push(sphere, sphere + 1, None)
                 gradients.push(sphere, sphere + 1, None)
             else:
-                await slot_available.acquire()
-                slot = free_slots.pop()
+                if order == 0 and home:
+                    slot = HOME
+                else:
+                    await slot_available.acquire()
+                    slot = free_slots.pop()
                 loss = await run_sync_daemon(
                     self._guarded, partial(work, self.model, buffers, slot), sphere, step, (start, stop_row), stop,
                     tokens[start:stop_row], targets[start:stop_row], limiter=limiter)
@@ -314,7 +348,7 @@ class Spheres:
                     gradients.push(sphere, sphere + 1, slot)
                 else:
                     freed.append(slot)
-                for released in freed:
+                for released in freed:  # never HOME: it is the leftmost, merges free the right-hand slot
                     free_slots.append(released)
                     slot_available.release()
                 freed.clear()
@@ -350,7 +384,8 @@ class Spheres:
 
     def _retire(self) -> None:
         """Gives up the buffers of a step that did not finish: a worker that was abandoned, or that never reached
-        its next stop-flag check, may still write into them. The next step gets fresh ones."""
+        its next stop-flag check, may still write into them. The next step gets fresh ones, and no sphere writes
+        into the model's own gradient (HOME) any more: an abandoned one may still be writing there."""
         self._buffers = _Buffers(self.model, self._n_slots)
         self.retired += 1
 
@@ -396,7 +431,7 @@ def _compute(model: GPT, buffers: _Buffers, slot: int, tokens, targets, heartbea
     ws = buffers.workspace(slot, *tokens.shape)
     loss_sum = model.forward_ws(ws, tokens, targets, grad_scale, threads=1, heartbeat=heartbeat)
     # Overwrites the slot: whatever an earlier step left there is never read.
-    model.backward_ws(ws, buffers.slot_views[slot], threads=1, heartbeat=heartbeat, accumulate=False)
+    model.backward_ws(ws, buffers.views(slot), threads=1, heartbeat=heartbeat, accumulate=False)
     return loss_sum
 
 

@@ -94,7 +94,7 @@ def test_attention_decode_equals_the_last_row_of_full_attention():
     B, T, C, NH = 2, 7, 12, 3
     qkv = rng.standard_normal((B, T, 3 * C)).astype(f32)
     full = np.zeros((B, T, C), f32)
-    attention.attention_forward(qkv, full, np.zeros((B, NH, T, T), f32), NH)
+    attention.attention_forward(qkv, full, np.zeros((B, NH, T), f32), NH)
     k, v = np.ascontiguousarray(qkv[:, :, C:2 * C]), np.ascontiguousarray(qkv[:, :, 2 * C:])
     for t in range(1, T + 1):
         out = np.full((B, C), np.nan, f32)

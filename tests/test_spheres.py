@@ -1,4 +1,6 @@
 """Sphere-parallel steps: same bits for any thread count, and the same gradient as one big batch."""
+import tracemalloc
+
 import anyio
 import numpy as np
 import pytest
@@ -105,3 +107,23 @@ def test_rank_blocks_must_be_tree_nodes():
     with pytest.raises(ValueError, match="power of two"):
         Spheres(GPT(CFG), spheres=12, owned=(0, 4))
     assert ReductionTree(12).is_node(6, 12) and not ReductionTree(12).is_node(4, 8)
+
+
+def test_the_first_sphere_writes_the_models_own_gradient_and_saves_a_buffer():
+    # A large vocabulary and tiny shards: the gradient slots, not the activations, dominate memory.
+    cfg = ModelConfig(vocab_size=4096, context_length=8, dim=64, n_layers=1, n_heads=2)
+    model = GPT(cfg, seed=4)
+    ids = np.random.default_rng(4).integers(0, cfg.vocab_size, (2, 9)).astype(np.int32)
+    tracemalloc.start()
+    try:
+        with Spheres(model, spheres=2, threads=2) as sp:
+            anyio.run(sp.step, ids[:, :-1], ids[:, 1:])
+            held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # Sphere 0 wrote into model.grads, and sphere 1's slot received nothing else: one slot, not two.
+    assert held < 1.6 * model.params.nbytes
+    reference = GPT(cfg, seed=4)
+    reference.forward(ids[:, :-1], ids[:, 1:])
+    reference.backward()
+    np.testing.assert_allclose(model.grads, reference.grads, rtol=1e-4, atol=1e-7)
