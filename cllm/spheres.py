@@ -14,12 +14,13 @@ The count is a power of two that divides the batch, so shards are equal (no thre
 Each running sphere has its own activation workspace and gradient slot. The slots are added in a fixed binary
 tree over the sphere indices (`ReductionTree`), taken in sphere order, so the gradient's rounding is the same
 whether 1 thread runs the spheres or 64, and whether one process runs them all or several ranks share them.
-Slots and workspaces are pooled: running spheres and the tree's pending partial sums hold one each, so memory
-grows with the thread count (and the log of the sphere count), not with the sphere count.
+Slots and workspaces are pooled: a workspace per thread (only a computing sphere needs activations), and a slot
+per running sphere or pending partial sum of the tree, so memory grows with the thread count (and the log of the
+sphere count), not with the sphere count. The first sphere's slot is the model's own gradient buffer.
 
-Coordination is an anyio task group per step, under a deadline. Workers run in anyio's thread pool with a
+Coordination is an anyio task group per step, under a deadline. Workers run in a thread pool with a
 dedicated limiter and BLAS held at one thread (parallelism comes from spheres, never from nested pools), and
-with abandon_on_cancel, so a stalled worker cannot hold the event loop. A worker that runs without the GIL
+are abandoned when their step is cancelled, so a stalled worker cannot hold the event loop. A worker that runs without the GIL
 cannot be interrupted, so each one reports a heartbeat before every layer and checks a stop flag there: when its
 step is given up, it ends at its next layer boundary. A stall raises SphereStalledError naming the sphere, its
 shard, the step and its last heartbeat; an exception in a worker is re-raised as SphereFailedError, naming it.
@@ -221,8 +222,8 @@ class _Buffers:
     def n_slots(self) -> int:
         return len(self._slots)
 
-    def workspace(self, slot: int, rows: int, seq: int) -> Workspace:
-        key = (slot, rows, seq)
+    def workspace(self, worker: int, rows: int, seq: int) -> Workspace:
+        key = (worker, rows, seq)
         if key not in self._workspaces:
             self._workspaces[key] = Workspace(self.model.config, rows, seq)
         return self._workspaces[key]
@@ -299,8 +300,8 @@ class Spheres:
 
     async def _run(self, tokens, targets, work, with_gradients: bool, step: int,
                    timeout: float | None, home: bool = False) -> tuple[float, int | None]:
-        """Runs work(model, buffers, slot, tokens, targets, heartbeat) -> loss sum for every owned sphere under one
-        deadline, and adds the results in tree order. Returns (the loss sum, the slot holding the gradient sum).
+        """Runs work(model, workspace, gradient views, tokens, targets, heartbeat) -> loss sum for every owned
+        sphere under one deadline, and adds the results in tree order. Returns (the loss sum, the slot holding the gradient sum).
         With home, the first sphere writes into slot HOME (if it has rows: only then is it the tree's leftmost
         leaf, into which every merge adds)."""
         if self._exit_stack is None:
@@ -315,6 +316,10 @@ class Spheres:
         limiter = anyio.CapacityLimiter(self.threads)
         free_slots = list(range(buffers.n_slots))
         slot_available = anyio.Semaphore(buffers.n_slots)  # FIFO: spheres take slots in order, so no deadlock
+        # Activations are needed only while a sphere computes, and at most `threads` compute at once: a workspace
+        # per thread, not per slot (slots also hold partial sums, which need no activations).
+        idle_workspaces = list(range(self.threads))
+        workspace_available = anyio.Semaphore(self.threads)
         home = home and shards[0][1][0] < shards[0][1][1]
         turns = [anyio.Event() for _ in range(len(shards) + 1)]
         turns[0].set()
@@ -336,9 +341,14 @@ class Spheres:
                 else:
                     await slot_available.acquire()
                     slot = free_slots.pop()
-                loss = await run_sync_daemon(
-                    self._guarded, partial(work, self.model, buffers, slot), sphere, step, (start, stop_row), stop,
-                    tokens[start:stop_row], targets[start:stop_row], limiter=limiter)
+                async with workspace_available:
+                    workspace = idle_workspaces.pop()
+                    ws = buffers.workspace(workspace, stop_row - start, T)
+                    loss = await run_sync_daemon(
+                        self._guarded, partial(work, self.model, ws, buffers.views(slot) if with_gradients else None),
+                        sphere, step, (start, stop_row), stop, tokens[start:stop_row], targets[start:stop_row],
+                        limiter=limiter)
+                    idle_workspaces.append(workspace)
                 self.heartbeats[sphere] = Heartbeat("waiting to commit")
                 await turns[order].wait()
                 losses.push(sphere, sphere + 1, loss)
@@ -422,16 +432,15 @@ class Spheres:
         return loss
 
 
-def _forward(model: GPT, buffers: _Buffers, slot: int, tokens, targets, heartbeat) -> float:
-    return model.forward_ws(buffers.workspace(slot, *tokens.shape), tokens, targets, 1.0, threads=1,
-                            heartbeat=heartbeat)
+def _forward(model: GPT, ws: Workspace, grads: None, tokens, targets, heartbeat) -> float:
+    return model.forward_ws(ws, tokens, targets, 1.0, threads=1, heartbeat=heartbeat)
 
 
-def _compute(model: GPT, buffers: _Buffers, slot: int, tokens, targets, heartbeat, *, grad_scale: float) -> float:
-    ws = buffers.workspace(slot, *tokens.shape)
+def _compute(model: GPT, ws: Workspace, grads: dict[str, np.ndarray], tokens, targets, heartbeat, *,
+             grad_scale: float) -> float:
     loss_sum = model.forward_ws(ws, tokens, targets, grad_scale, threads=1, heartbeat=heartbeat)
     # Overwrites the slot: whatever an earlier step left there is never read.
-    model.backward_ws(ws, buffers.views(slot), threads=1, heartbeat=heartbeat, accumulate=False)
+    model.backward_ws(ws, grads, threads=1, heartbeat=heartbeat, accumulate=False)
     return loss_sum
 
 

@@ -5,7 +5,7 @@ import anyio
 import numpy as np
 import pytest
 
-from cllm.model import GPT, ModelConfig
+from cllm.model import GPT, ModelConfig, Workspace
 from cllm.spheres import ReductionTree, Spheres, TreeSum, shard_rows
 
 CFG = ModelConfig(vocab_size=40, context_length=16, dim=32, n_layers=2, n_heads=4)
@@ -127,3 +127,20 @@ def test_the_first_sphere_writes_the_models_own_gradient_and_saves_a_buffer():
     reference.forward(ids[:, :-1], ids[:, 1:])
     reference.backward()
     np.testing.assert_allclose(model.grads, reference.grads, rtol=1e-4, atol=1e-7)
+
+
+def test_activations_are_held_per_thread_not_per_sphere():
+    # Long rows and a tiny model: the activations, not the gradient slots, dominate memory.
+    cfg = ModelConfig(vocab_size=16, context_length=128, dim=16, n_layers=2, n_heads=2)
+    model = GPT(cfg, seed=5)
+    ids = np.random.default_rng(5).integers(0, cfg.vocab_size, (8, 129)).astype(np.int32)
+    workspace_bytes = 4 * Workspace.size(cfg, 2, 128)
+    tracemalloc.start()
+    try:
+        with Spheres(model, spheres=4, threads=1) as sp:
+            anyio.run(sp.step, ids[:, :-1], ids[:, 1:])
+            held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # One thread computes one sphere at a time: one workspace, whatever slots hold partial sums meanwhile.
+    assert held < 1.5 * workspace_bytes + 3 * model.params.nbytes

@@ -5,13 +5,13 @@
 # bookkeeping counts as control flow).
 from cython.parallel cimport prange
 from libc.limits cimport INT_MAX
-from libc.math cimport INFINITY
 from libc.string cimport memcpy
 from scipy.linalg.cython_blas cimport sgemm, sgemv
 
 cdef extern from "fastmath.h" nogil:
     float cllm_expf(float x)
     float cllm_tanhf(float x)
+    float cllm_row_max(const float* x, Py_ssize_t n)
 
 # Column blocks and element chunks of fixed sizes: the work split depends on the data shape, never on the
 # thread count, so every reduction adds in the same order whatever `num_threads` is.
@@ -76,11 +76,8 @@ cdef inline void axpy(float alpha, const float* x, float* y, Py_ssize_t n) noexc
 
 
 cdef inline float row_max(const float* x, Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t i
-    cdef float m = -INFINITY
-    for i in range(n):
-        m = x[i] if x[i] > m else m  # a ternary, which gcc vectorises, where an `if` statement stays scalar
-    return m
+    """max(x[:n]), NaNs skipped, -inf for n = 0: a vector at a time (fastmath.h), exact in any order."""
+    return cllm_row_max(x, n)
 
 
 cdef inline void softmax_inplace(float* row, Py_ssize_t n, float scale) noexcept nogil:

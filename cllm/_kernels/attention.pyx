@@ -19,43 +19,11 @@ from cython.parallel cimport parallel, prange
 from libc.math cimport sqrtf
 from libc.stdlib cimport free
 
-from ._common cimport cllm_expf, dot, gemm, require, require_blas_sizes, require_threads
+from ._common cimport cllm_expf, dot, gemm, require, require_blas_sizes, require_threads, row_max
 
 cdef extern from "stdlib.h" nogil:
     void* aligned_alloc(size_t alignment, size_t size)
 
-cdef extern from * nogil:
-    """
-    /* max(x[:n]) for n >= 1, NaNs skipped. _common's row_max, one running `m = x > m ? x : m`, is a chain of
-     * dependent compares that gcc leaves scalar (it may not make a max reduction of it while NaNs are honoured):
-     * it took a third of the attention forward. Two vectors of running maxima (GCC vector extensions, lowered to
-     * whatever SSE, AVX or AVX-512 the build targets) go a vector at a time. A max is exact in any order. */
-    typedef float cllm_v8f __attribute__((vector_size(32)));
-    typedef int cllm_v8i __attribute__((vector_size(32)));
-    static inline float cllm_row_max(const float* x, Py_ssize_t n) {
-        cllm_v8f a = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
-        cllm_v8f b = a, v, w;
-        cllm_v8i take;
-        Py_ssize_t i = 0;
-        float m = -INFINITY;
-        for (; i + 16 <= n; i += 16) {
-            memcpy(&v, x + i, sizeof v);
-            memcpy(&w, x + i + 8, sizeof w);
-            take = v > a;
-            a = (cllm_v8f)(((cllm_v8i)v & take) | ((cllm_v8i)a & ~take));
-            take = w > b;
-            b = (cllm_v8f)(((cllm_v8i)w & take) | ((cllm_v8i)b & ~take));
-        }
-        for (; i < n; i++)
-            m = x[i] > m ? x[i] : m;
-        for (int k = 0; k < 8; k++) {
-            m = a[k] > m ? a[k] : m;
-            m = b[k] > m ? b[k] : m;
-        }
-        return m;
-    }
-    """
-    float cllm_row_max(const float* x, Py_ssize_t n)
 
 cdef enum:
     QUERY_BLOCK = 64  # queries per BLAS call: 64 rows keep a block of scores in L2, and GEMMs efficient
@@ -111,7 +79,7 @@ cdef inline void block_probabilities(float* scores, Py_ssize_t ld, Py_ssize_t t0
     for r in range(t1 - t0):
         row = scores + r * ld
         n = t0 + r + 1  # query t0 + r sees keys 0 .. t0 + r
-        total = exp_shifted(row, n, cllm_row_max(row, n), scale)
+        total = exp_shifted(row, n, row_max(row, n), scale)
         if store:
             denom[t0 + r] = total
         normalise(row, n, t1, denom[t0 + r])
