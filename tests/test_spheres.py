@@ -109,18 +109,23 @@ def test_rank_blocks_must_be_tree_nodes():
     assert ReductionTree(12).is_node(6, 12) and not ReductionTree(12).is_node(4, 8)
 
 
+def memory_held_by_a_step(model, ids, **spheres_options) -> int:
+    """Bytes a Spheres holds after one step over ids (B, T + 1): its gradient slots and workspaces."""
+    tracemalloc.start()
+    try:
+        with Spheres(model, **spheres_options) as sp:
+            anyio.run(sp.step, ids[:, :-1], ids[:, 1:])
+            return tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+
+
 def test_the_first_sphere_writes_the_models_own_gradient_and_saves_a_buffer():
     # A large vocabulary and tiny shards: the gradient slots, not the activations, dominate memory.
     cfg = ModelConfig(vocab_size=4096, context_length=8, dim=64, n_layers=1, n_heads=2)
     model = GPT(cfg, seed=4)
     ids = np.random.default_rng(4).integers(0, cfg.vocab_size, (2, 9)).astype(np.int32)
-    tracemalloc.start()
-    try:
-        with Spheres(model, spheres=2, threads=2) as sp:
-            anyio.run(sp.step, ids[:, :-1], ids[:, 1:])
-            held, _ = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    held = memory_held_by_a_step(model, ids, spheres=2, threads=2)
     # Sphere 0 wrote into model.grads, and sphere 1's slot received nothing else: one slot, not two.
     assert held < 1.6 * model.params.nbytes
     reference = GPT(cfg, seed=4)
@@ -135,12 +140,6 @@ def test_activations_are_held_per_thread_not_per_sphere():
     model = GPT(cfg, seed=5)
     ids = np.random.default_rng(5).integers(0, cfg.vocab_size, (8, 129)).astype(np.int32)
     workspace_bytes = 4 * Workspace.size(cfg, 2, 128)
-    tracemalloc.start()
-    try:
-        with Spheres(model, spheres=4, threads=1) as sp:
-            anyio.run(sp.step, ids[:, :-1], ids[:, 1:])
-            held, _ = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    held = memory_held_by_a_step(model, ids, spheres=4, threads=1)
     # One thread computes one sphere at a time: one workspace, whatever slots hold partial sums meanwhile.
     assert held < 1.5 * workspace_bytes + 3 * model.params.nbytes
