@@ -144,7 +144,7 @@ def test_every_rank_resumes_from_rank_0s_whole_training_state(tmp_path):
     save_file({**tensors, "adamw.m": np.zeros_like(tensors["adamw.m"])}, state, metadata=meta)
     resumed = resume_on_two_ranks(tmp_path, tmp_path / "a", tmp_path / "stale")
     assert resumed.returncode == 0, resumed.stderr
-    straight = train(tmp_path, "b", 0, "--steps", "8")
+    assert train(tmp_path, "b", 0, "--steps", "8").returncode == 0
     a, _ = load_model(tmp_path / "a" / "model.cllm")
     b, _ = load_model(tmp_path / "b" / "model.cllm")
     assert np.array_equal(a.params, b.params)

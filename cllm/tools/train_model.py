@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import sys
 import sysconfig
-import typing
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
