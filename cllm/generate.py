@@ -30,7 +30,7 @@ import numpy as np
 from ._kernels import decode, linear
 from .buffers import aligned_zeros
 from .errors import UsageError
-from .model import GPT, Workspace
+from .model import GPT, ForwardWorkspaces
 
 # A byte-level BPE token can end inside a multi-byte UTF-8 character; until the next token completes it, that
 # character decodes to U+FFFD.
@@ -75,7 +75,7 @@ class Decoder:
                                         for i in range(cfg.n_layers)], np.intp)
         self._model_offsets = np.array([offset[name] for name in decode.MODEL_PARAMETERS], np.intp)
         self.lengths = np.zeros(B, np.int32)  # cached positions per sequence
-        self._prefill_buffer = aligned_zeros(0)
+        self._prefill_workspaces = ForwardWorkspaces(cfg)
         self._all_rows = np.arange(B)
 
     @property
@@ -123,12 +123,8 @@ class Decoder:
         """One full forward pass over equally long prompts; their keys and values are copied into the cache."""
         cfg = self.model.config
         n, T, C = len(rows), tokens.shape[1], cfg.dim
-        # A workspace of our own, not model.workspace(): a training step or another decoder may be using that
-        # right now. Forward-only, and carved out of one buffer that grows to the largest prompt batch seen.
-        size = Workspace.size(cfg, n, T, training=False)
-        if self._prefill_buffer.size < size:
-            self._prefill_buffer = aligned_zeros(size)
-        ws = Workspace(cfg, n, T, training=False, buffer=self._prefill_buffer)
+        # Workspaces of our own, not model.workspace(): a training step or another decoder may be using that.
+        ws = self._prefill_workspaces.get(n, T)
         self.model.forward_ws(ws, tokens, None, threads=self.threads, logits=False)
         for i in range(cfg.n_layers):
             qkv = ws.a[f"qkv{i}"]  # (n, T, 3C): q | k | v

@@ -142,6 +142,27 @@ class Workspace:
             "dres": (N, C), "dc": (N, C), "dqkv": (batch, seq, 3 * C), "dh": (N, H), "dh_gelu": (N, H)}
 
 
+class ForwardWorkspaces:
+    """Forward-only workspaces of any (batch, seq) shape, carved out of one buffer that grows to the largest shape
+    asked for: what runs one forward pass at a time over shapes that vary (prefills, embedding batches) pays for
+    new views, not new memory. A workspace it returned is valid until the next get() of another shape."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+        self._buffer = aligned_zeros(0)
+        self._views: dict[tuple[int, int], Workspace] = {}
+
+    def get(self, batch: int, seq: int) -> Workspace:
+        key = (batch, seq)
+        if key not in self._views:
+            size = Workspace.size(self.cfg, batch, seq, training=False)
+            if self._buffer.size < size:
+                self._buffer = aligned_zeros(size)
+                self._views.clear()  # their views are into the buffer just replaced
+            self._views[key] = Workspace(self.cfg, batch, seq, training=False, buffer=self._buffer)
+        return self._views[key]
+
+
 class GPT:
     def __init__(self, config: ModelConfig, *, seed: int = 0, threads: int = 1):
         self.config = config

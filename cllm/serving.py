@@ -72,11 +72,10 @@ import numpy as np
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._kernels.fault import hang
-from .buffers import aligned_zeros
 from .checkpoint import load_model
 from .errors import UsageError
 from .generate import Continuation, Decoder, check_generation, token_ids
-from .model import GPT, ModelConfig, Workspace
+from .model import GPT, ForwardWorkspaces, ModelConfig
 from .threads import blas_limit, current_blas_limit, run_sync_daemon
 from .tokenizer import Tokenizer
 
@@ -255,26 +254,6 @@ class _ModelCall:
             return fn(*args)
         finally:
             self.running = False
-
-
-class _Workspaces:
-    """Forward-only workspaces for embedding batches, carved out of one buffer that every shape shares (batches
-    run one at a time): batches of many sizes then cost no new allocation, only new views."""
-
-    def __init__(self, config: ModelConfig):
-        self.config = config
-        self._buffer = aligned_zeros(0)
-        self._views: dict[tuple[int, int], Workspace] = {}
-
-    def get(self, batch: int, seq: int) -> Workspace:
-        key = (batch, seq)
-        if key not in self._views:
-            size = Workspace.size(self.config, batch, seq, training=False)
-            if self._buffer.size < size:
-                self._buffer = aligned_zeros(size)
-                self._views.clear()  # their views are into the buffer just replaced
-            self._views[key] = Workspace(self.config, batch, seq, training=False, buffer=self._buffer)
-        return self._views[key]
 
 
 class AsyncModel:
@@ -471,7 +450,7 @@ class AsyncModel:
         """The batcher task: gathers queued texts into forward passes until cancelled."""
         waiting: deque[tuple[_EmbeddingRequest, int]] = deque()  # (request, index of one of its texts), oldest first
         batch: list[tuple[_EmbeddingRequest, int]] = []
-        workspaces = _Workspaces(self.config)
+        workspaces = ForwardWorkspaces(self.config)
         try:
             while True:
                 if not waiting:
@@ -491,7 +470,7 @@ class AsyncModel:
                                                     [r.texts[i] for r, i in batch], [r.normalize for r, _ in batch])
                 except Exception as error:  # this batch's requests fail; the next batch is served as usual
                     if isinstance(error, EngineStalled):
-                        workspaces = _Workspaces(self.config)  # the abandoned thread may still write the old ones
+                        workspaces = ForwardWorkspaces(self.config)  # the abandoned thread may still write the old ones
                     for request, _ in batch:
                         request.fail(error)
                     batch = []
@@ -533,7 +512,7 @@ class AsyncModel:
             longest = longer
         return batch
 
-    def _embed_batch(self, workspaces: _Workspaces, texts: list[np.ndarray], normalize: list[bool]) -> np.ndarray:
+    def _embed_batch(self, workspaces: ForwardWorkspaces, texts: list[np.ndarray], normalize: list[bool]) -> np.ndarray:
         """In the worker thread: one forward pass over the texts right-padded to a common length; their
         masked mean-pooled final hidden states, (n, dim) float32, normalised where asked."""
         lengths = [ids.size for ids in texts]
