@@ -150,8 +150,12 @@ class Fault:
 
 
 def parse_faults(spec: str) -> list[Fault]:
+    """The spheres' faults of a CLLM_FAULT value (KIND:SPHERE:STEP entries). Entries that name the serving
+    engine's work instead (KIND:embed:N, KIND:decode:N; see serving.parse_serving_faults) are not ours."""
     faults = []
     for item in filter(None, (part.strip() for part in spec.split(","))):
+        if item.count(":") == 2 and item.split(":")[1] in ("embed", "decode"):
+            continue
         try:
             kind, sphere, step = item.split(":")
             fault = Fault(kind, int(sphere), int(step))

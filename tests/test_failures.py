@@ -121,6 +121,8 @@ def test_a_stall_retires_the_buffers_its_workers_may_still_write():
 
 def test_fault_spec():
     assert parse_faults("stall:3:5, raise:0:2, hang:1:1") == [Fault("stall", 3, 5), Fault("raise", 0, 2), Fault("hang", 1, 1)]
+    # The serving engine's entries share the variable, and are left to it.
+    assert parse_faults("hang:embed:1, stall:0:2, raise:decode:3") == [Fault("stall", 0, 2)]
     for bad in ["stall:3", "freeze:1:1", "stall:x:1"]:
         with pytest.raises(ValueError, match="bad fault"):
             parse_faults(bad)
