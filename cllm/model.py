@@ -78,7 +78,8 @@ def parameter_shapes(cfg: ModelConfig) -> tuple[dict[str, tuple[int, ...]], int]
 class Workspace:
     """Activations for one (batch, seq) shape, plus the scratch gradients the backward pass reuses per layer.
 
-    A training workspace keeps every layer's activations, which the backward pass reads. An inference workspace
+    A training workspace keeps every layer's activations that the backward pass reads, but for GELU's output,
+    which the backward recomputes (see _shapes). An inference workspace
     (training=False) keeps one layer's, shared by all layers (each layer's inputs are consumed before its
     outputs are written), and no backward scratch: a forward pass then needs memory for one layer, not for
     all of them. Each layer's qkv is still its own, because a prefill copies every layer's keys and values
@@ -113,7 +114,7 @@ class Workspace:
         return carved_size(cls._shapes(cfg, batch, seq, training), pad=True)
 
     _SHARED_ACROSS_LAYERS = ("res", "ln1_", "ln1_mean", "ln1_rstd", "att_denom", "atty", "res_mid", "ln2_",
-                             "ln2_mean", "ln2_rstd", "fc", "fc_gelu")
+                             "ln2_mean", "ln2_rstd", "fc")
 
     @classmethod
     def _shapes(cls, cfg: ModelConfig, batch: int, seq: int, training: bool) -> dict[str, tuple[int, ...]]:
@@ -128,9 +129,11 @@ class Workspace:
             # which its backward recomputes: every buffer here grows linearly with seq.
             return {f"res{i}": (N, C), f"ln1_{i}": (N, C), f"ln1_mean{i}": (N,), f"ln1_rstd{i}": (N,),
                     f"att_denom{i}": (batch, NH, seq), f"atty{i}": (N, C), f"res_mid{i}": (N, C), f"ln2_{i}": (N, C),
-                    f"ln2_mean{i}": (N,), f"ln2_rstd{i}": (N,), f"fc{i}": (N, H), f"fc_gelu{i}": (N, H)}
+                    f"ln2_mean{i}": (N,), f"ln2_rstd{i}": (N,), f"fc{i}": (N, H)}
 
-        shapes = {f"qkv{i}": (batch, seq, 3 * C) for i in range(L)}
+        # GELU's output is one buffer for all layers: the backward recomputes it from fc{i} (cheap next to the
+        # GEMMs), which saves a quarter of the activations a layer keeps.
+        shapes = {f"qkv{i}": (batch, seq, 3 * C) for i in range(L)} | {"fc_gelu": (N, H)}
         final = {"lnf": (N, C), "lnf_mean": (N,), "lnf_rstd": (N,), "logits": (N, V)}
         if not training:
             return shapes | layer("") | final
@@ -272,9 +275,9 @@ class GPT:
                                         a[f"ln2_mean{i}"], a[f"ln2_rstd{i}"], threads=th)
             linear.linear_forward(a[f"ln2_{i}"], p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"], a[f"fc{i}"],
                                   threads=th)
-            gelu.gelu_forward(a[f"fc{i}"], a[f"fc_gelu{i}"], threads=th)
+            gelu.gelu_forward(a[f"fc{i}"], a["fc_gelu"], threads=th)
             x = a[f"res{i + 1}"]
-            linear.linear_forward(a[f"fc_gelu{i}"], p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"], x,
+            linear.linear_forward(a["fc_gelu"], p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"], x,
                                   threads=th)
             np.add(x, mid, out=x)
         layernorm.layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"], a["lnf"], a["lnf_mean"], a["lnf_rstd"],
@@ -323,7 +326,10 @@ class GPT:
                 heartbeat("backward", i)
             h = f"h.{i}."
             # dres is d(block output); it flows unchanged into res_mid (the residual) and into the MLP.
-            linear.linear_backward(dres, a[f"fc_gelu{i}"], p[h + "mlp.c_proj.weight"], dh_gelu,
+            # GELU's output was not kept: recompute it (the same kernel on the same input, so the same bits) into
+            # dh, which gelu_backward overwrites once the GEMM has read it.
+            gelu.gelu_forward(a[f"fc{i}"], dh, threads=th)
+            linear.linear_backward(dres, dh, p[h + "mlp.c_proj.weight"], dh_gelu,
                                    g[h + "mlp.c_proj.weight"], g[h + "mlp.c_proj.bias"], **overwrite_dx)
             gelu.gelu_backward(dh_gelu, a[f"fc{i}"], dh, accumulate=False, threads=th)
             linear.linear_backward(dh, a[f"ln2_{i}"], p[h + "mlp.c_fc.weight"], dc, g[h + "mlp.c_fc.weight"],
