@@ -341,9 +341,11 @@ class Prepared:
     report: PrepareReport | None  # None from reopen(), which looks at no corpus
 
 
-def prepare(data, out_dir, *, tokenizer: str = "bpe", vocab_size: int | None = None, val_data=None,
+def prepare(data, out_dir, *, tokenizer: str | Tokenizer = "bpe", vocab_size: int | None = None, val_data=None,
             val_fraction: float = 0.1, exclude=None, log: Callable[[str], object] = print) -> Prepared:
     """Trains a tokenizer on the text under `data` and writes out_dir/{tokenizer.json,train.tokens,val.tokens}.
+
+    tokenizer is the kind to train, or a Tokenizer to use as it is (a model's own, when fine-tuning it).
 
     The validation tokens are the last val_fraction of the token stream or, when val_data (a file or folder) is
     given, its tokens; the tokenizer is then trained on `data` alone. If the corpus (every usable file's relative
@@ -351,7 +353,8 @@ def prepare(data, out_dir, *, tokenizer: str = "bpe", vocab_size: int | None = N
     exclude (default: out_dir) is a folder never read as corpus, e.g. the run folder that out_dir is part of.
     Raises CorpusError for a missing or unusable corpus, ValueError for bad settings.
     """
-    check_settings(tokenizer, vocab_size)
+    if isinstance(tokenizer, str):
+        check_settings(tokenizer, vocab_size)
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     out_dir = Path(out_dir)
@@ -387,9 +390,12 @@ def reopen(out_dir, recipe: bytes) -> Prepared:
     return Prepared(tok, train.tokens, val.tokens, recipe, None)
 
 
-def _recipe(corpus: Corpus, val_corpus: Corpus | None, kind: str, vocab_size: int | None,
+def _recipe(corpus: Corpus, val_corpus: Corpus | None, kind: str | Tokenizer, vocab_size: int | None,
             val_fraction: float) -> bytes:
-    """A digest of everything the outputs depend on, the tokenizer aside (see _fingerprint)."""
+    """A digest of everything the outputs depend on, the trained tokenizer aside (see _fingerprint); a given
+    tokenizer is part of it."""
+    if isinstance(kind, Tokenizer):
+        kind = "given " + hashlib.sha256(kind.to_json().encode()).hexdigest()
     recipe = {"format": FORMAT_VERSION, "tokenizer": kind, "vocab_size": vocab_size,
               "train": corpus.fingerprint.hex(),
               "val": val_corpus.fingerprint.hex() if val_corpus else f"last {val_fraction!r} of train"}
@@ -414,9 +420,9 @@ def _load_if_current(out_dir: Path, recipe: bytes) -> tuple[Tokenizer, TokenFile
         return None
 
 
-def _build(out_dir: Path, recipe: bytes, corpus: Corpus, val_corpus: Corpus | None, kind: str,
+def _build(out_dir: Path, recipe: bytes, corpus: Corpus, val_corpus: Corpus | None, kind: str | Tokenizer,
            vocab_size: int | None, val_fraction: float) -> tuple[Tokenizer, TokenFile, TokenFile]:
-    tokenizer = Tokenizer.train(kind, corpus.texts(), vocab_size)
+    tokenizer = kind if isinstance(kind, Tokenizer) else Tokenizer.train(kind, corpus.texts(), vocab_size)
     tokenizer_json = tokenizer.to_json()
     fingerprint = _fingerprint(recipe, tokenizer_json)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -96,12 +96,13 @@ class RunRecord:
     model: ModelConfig
     training: TrainSettings
     tokens: str  # data.Prepared.recipe, in hex: --resume reopens exactly the files it was made with
+    init_from: str | None = None  # the model a fine-tuning run started from (absolute path), None from scratch
 
     def save(self, run_dir) -> None:
         doc = {"format": RECORD_FORMAT, "version": RECORD_VERSION, "data": dataclasses.asdict(self.data),
                "val_data": self.val_data and dataclasses.asdict(self.val_data),
                "tokenizer": dataclasses.asdict(self.tokenizer), "model": self.model.to_dict(),
-               "training": dataclasses.asdict(self.training), "tokens": self.tokens}
+               "training": dataclasses.asdict(self.training), "tokens": self.tokens, "init_from": self.init_from}
         atomic_write_bytes(Path(run_dir) / RECORD_FILE, (json.dumps(doc, indent=2) + "\n").encode())
 
     @classmethod
@@ -118,7 +119,7 @@ class RunRecord:
                        None if doc["val_data"] is None else CorpusRecord.from_dict(doc["val_data"]),
                        TokenizerSettings(**_exact(TokenizerSettings, doc["tokenizer"])),
                        ModelConfig.from_dict(doc["model"]), TrainSettings(**_exact(TrainSettings, doc["training"])),
-                       str(doc["tokens"]))
+                       str(doc["tokens"]), doc.get("init_from"))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise UsageError(f"{path} is not a run record this cllm can read ({e})") from None
 

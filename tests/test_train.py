@@ -170,6 +170,37 @@ def test_vocab_size_caps_a_char_vocabulary_too(corpus, tmp_path):
     assert tokenizer.decode(tokenizer.encode("the cat")) == "the <unk>at"  # " ", "a", "e", "h", "t" are frequent
 
 
+def test_fine_tuning_starts_from_the_model_and_keeps_its_tokenizer_and_shape(corpus, tmp_path, capsys):
+    assert train_model_main(corpus, "--out", tmp_path / "base", *TOOL_ARGS, "--steps", 2) == 0
+    base, base_tokenizer = load_model(tmp_path / "base" / "model.cllm")
+    other = tmp_path / "other.txt"
+    other.write_text("".join(f"a mat and a cat, {i}.\n" for i in range(300)))
+    tuned_args = ["--batch-size", 4, "--eval-every", 1000, "--eval-batches", 1, "--threads", 2, "--no-progress"]
+    assert train_model_main(other, "--out", tmp_path / "tuned", "--init-from", tmp_path / "base" / "model.cllm",
+                            *tuned_args, "--steps", 4, "--lr", 1e-7, "--min-lr", 1e-7, "--weight-decay", 0) == 0
+    assert "fine-tuning" in capsys.readouterr().out
+    tuned, tokenizer = load_model(tmp_path / "tuned" / "model.cllm")
+    assert tokenizer.to_json() == base_tokenizer.to_json() and tuned.config == base.config
+    # Four steps of 1e-7 move no weight by more than 4e-7: they are the base model's, not a fresh init's.
+    np.testing.assert_allclose(tuned.params, base.params, rtol=0, atol=1e-6)
+    assert json.loads((tmp_path / "tuned" / "run.json").read_text())["init_from"] == \
+        str((tmp_path / "base" / "model.cllm").resolve())
+    # A real fine-tune moves them, and resumes like any run.
+    assert train_model_main(other, "--out", tmp_path / "moved", "--init-from", tmp_path / "base" / "model.cllm",
+                            *tuned_args, "--steps", 4, "--stop-after", 2) == 0
+    assert train_model_main("--out", tmp_path / "moved", "--resume", "--no-progress") == 0
+    moved, _ = load_model(tmp_path / "moved" / "model.cllm")
+    assert not np.array_equal(moved.params, base.params)
+    assert read_metadata(tmp_path / "moved" / "model.cllm")["step"] == "4"
+
+
+def test_fine_tuning_refuses_flags_that_change_the_model(corpus, tmp_path):
+    assert train_model_main(corpus, "--out", tmp_path / "base", *TOOL_ARGS, "--steps", 1) == 0
+    for flag, value in [("--dim", 32), ("--tokenizer", "bpe"), ("--context", 8)]:
+        assert_usage_error(cli("train_model", corpus, "--out", tmp_path / "t", "--init-from",
+                               tmp_path / "base" / "model.cllm", flag, value), flag)
+
+
 def test_cli_usage_errors(tmp_path):
     assert_usage_error(cli("train_model", "--no-such-flag"), "unrecognized arguments")
     assert_usage_error(cli("train_model", tmp_path / "missing", "--out", tmp_path), "missing")

@@ -1,6 +1,7 @@
 """Train a model on a text file or a folder of text files.
 
     python -m cllm.tools.train_model DATA --out runs/mine
+    python -m cllm.tools.train_model DATA --init-from gpt2/     # fine-tune a model (.cllm, or a Hugging Face folder)
     python -m cllm.tools.train_model --out runs/mine --resume   # continue that run, as its run.json records it
     python -m cllm.tools.train_model                            # a short demo on Python's own standard library
 
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import anyio
 
+from ..checkpoint import load_model
 from ..data import Prepared, TokenizerSettings, prepare, reopen
 from ..distributed import CollectiveTimeout, MPIGroup
 from ..errors import UsageError
@@ -29,7 +31,8 @@ from ..model import GPT, ModelConfig
 from ..plot import write_loss_plot
 from ..run_folder import DATA_DIR, CorpusRecord, RunRecord, hold, start
 from ..spheres import SphereFailedError, SphereStalledError, default_spheres
-from ..trainer import Trainer, TrainingDiverged, TrainingInterrupted, TrainSettings, flag
+from ..tokenizer import Tokenizer
+from ..trainer import STATE_FILE, Trainer, TrainingDiverged, TrainingInterrupted, TrainSettings, flag
 from ._cli import Parser, add_flags, flag_of, given_settings, positive_int, run
 
 # With no DATA: the standard library's top-level modules (about 5 MB of Python on any machine) and a
@@ -64,6 +67,9 @@ def build_parser() -> Parser:
                                            "standard library; with --resume, the run's own)")
     p.add_argument("--out", help=f"run folder (default: {DEFAULT_OUT})")
     p.add_argument("--val-data", help="validation text (default: the last 10%% of DATA)")
+    p.add_argument("--init-from", metavar="MODEL",
+                   help="fine-tune this model (a .cllm file or a Hugging Face GPT-2 folder): its weights, shape and "
+                        "tokenizer, which tokenizes DATA; the model and tokenizer flags are then refused")
     add_flags(p.add_argument_group("tokenizer"), TokenizerSettings)
     add_flags(p.add_argument_group("model"), ModelShape)
     add_flags(p.add_argument_group("training"), TrainSettings,
@@ -99,6 +105,15 @@ def refuse_changes(record: RunRecord, given: dict, out: Path) -> None:
         record.val_data.require(given["val_data"], "--val-data", out)
 
 
+def refuse_shape_flags(given: dict) -> None:
+    """A fine-tuned model keeps its shape and its tokenizer: their flags would contradict it."""
+    for settings in (TokenizerSettings, ModelShape):
+        for setting in dataclasses.fields(settings):
+            if setting.name in given:
+                raise UsageError(f"{flag_of(setting)} would change the model given by --init-from, whose shape "
+                                 f"and tokenizer a fine-tuning run keeps: leave it out")
+
+
 def resumed_settings(record: RunRecord, given: dict) -> TrainSettings:
     """What the run computes comes from its record (--steps aside, if given); how this process runs it, from this
     command line, as for any run."""
@@ -107,19 +122,27 @@ def resumed_settings(record: RunRecord, given: dict) -> TrainSettings:
         **{name: given.get(name, getattr(TrainSettings(), name)) for name in TrainSettings.EXECUTION})
 
 
-def start_run(out: Path, given: dict, settings: TrainSettings, *, root: bool, say) -> tuple[Prepared, RunRecord]:
-    """A new run: the tokenizer and token files from DATA (or the demo corpus), and on rank 0 the run's record."""
+def start_run(out: Path, given: dict, settings: TrainSettings, base: tuple[GPT, Tokenizer] | None, *, root: bool,
+              say) -> tuple[Prepared, RunRecord]:
+    """A new run: the tokenizer and token files from DATA (or the demo corpus), and on rank 0 the run's record.
+    base is the model to fine-tune and its tokenizer, which then tokenizes DATA."""
     data = [Path(given["data"])] if "data" in given else demo_corpus()
     val_data = given.get("val_data")
-    tokenizer = given_settings(TokenizerSettings, given)
-    prepared = prepare(data[0] if "data" in given else data, out / DATA_DIR, tokenizer=tokenizer.kind,
-                       vocab_size=tokenizer.vocab_size, val_data=val_data, exclude=out, log=say)
-    config = ModelConfig(vocab_size=prepared.tokenizer.vocab_size,
-                         **dataclasses.asdict(given_settings(ModelShape, given)))
+    if base:
+        model, tokenizer = base
+        prepared = prepare(data[0] if "data" in given else data, out / DATA_DIR, tokenizer=tokenizer,
+                           val_data=val_data, exclude=out, log=say)
+        tokenizer_settings, config = TokenizerSettings(tokenizer.kind, tokenizer.vocab_size), model.config
+    else:
+        tokenizer_settings = given_settings(TokenizerSettings, given)
+        prepared = prepare(data[0] if "data" in given else data, out / DATA_DIR, tokenizer=tokenizer_settings.kind,
+                           vocab_size=tokenizer_settings.vocab_size, val_data=val_data, exclude=out, log=say)
+        config = ModelConfig(vocab_size=prepared.tokenizer.vocab_size,
+                             **dataclasses.asdict(given_settings(ModelShape, given)))
     report = prepared.report
     record = RunRecord(CorpusRecord.of(data, report.fingerprint),
-                       val_data and CorpusRecord.of([val_data], report.val_fingerprint), tokenizer, config, settings,
-                       prepared.recipe.hex())
+                       val_data and CorpusRecord.of([val_data], report.val_fingerprint), tokenizer_settings, config,
+                       settings, prepared.recipe.hex(), base and str(Path(given["init_from"]).resolve()))
     if root and start(out, record):
         say(f"a new run replaces the one in {out}", flush=True)
     return prepared, record
@@ -138,12 +161,21 @@ def train(given: dict, held: ExitStack) -> int:
     demo = record is None and "data" not in given
     if record:
         refuse_changes(record, given, out)
+        if "init_from" in given and str(Path(given["init_from"]).resolve()) != record.init_from:
+            raise UsageError(f"--init-from {given['init_from']} would change the run in {out}, which was started "
+                             f"{f'from {record.init_from}' if record.init_from else 'from scratch'}")
         settings = resumed_settings(record, given)
     else:
         settings = given_settings(TrainSettings, given, TrainSettings(steps=DEMO_STEPS) if demo else None)
     settings.validate()
+    # The model to fine-tune; on a resume, only while the run has no checkpoint yet (which holds the weights).
+    init_from = record.init_from if record else given.get("init_from")
+    if init_from and not record:
+        refuse_shape_flags(given)
+    base = load_model(init_from) if init_from and not (record and (out / STATE_FILE).exists()) else None
     if settings.spheres is None:  # the default cut, fixed here so that the run record holds it
-        context = (record.model if record else given_settings(ModelShape, given)).context_length
+        shape = record.model if record else base[0].config if base else given_settings(ModelShape, given)
+        context = shape.context_length
         settings = dataclasses.replace(settings, spheres=default_spheres(settings.batch_size, context))
     group = MPIGroup() if given.get("distributed") == "mpi" else None
     if group:
@@ -166,10 +198,15 @@ def train(given: dict, held: ExitStack) -> int:
     if record:  # the run's own tokenizer and token files, as they are: the corpus is not looked at
         prepared = reopen(out / DATA_DIR, bytes.fromhex(record.tokens))
     else:
-        prepared, record = start_run(out, given, settings, root=root, say=say)
+        prepared, record = start_run(out, given, settings, base, root=root, say=say)
     if group and root:
         group.barrier()
-    model = GPT(record.model, seed=settings.seed, threads=settings.threads)
+    if base:
+        model = base[0]
+        model.threads = settings.threads
+        say(f"fine-tuning {init_from}", flush=True)
+    else:
+        model = GPT(record.model, seed=settings.seed, threads=settings.threads)
     say(f"model: {model.num_params:,} parameters ({model.config.n_layers} layers, dim {model.config.dim}, "
         f"{model.config.n_heads} heads, context {model.config.context_length}, vocab {model.config.vocab_size})",
         flush=True)
