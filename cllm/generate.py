@@ -2,7 +2,8 @@
 
     prompt -> tokens -> Decoder.prefill (one full forward pass, keys and values cached per layer)
            -> repeat: Continuation.advance (sample a token from the last logits, settle its text, decide
-              whether to end) -> Decoder.step (that one token through every layer)
+              whether to end) -> Decoder.step (that one token through every layer), or, once the cache
+              is full, a context shift (below)
 
 A Continuation is one sequence's sampling and text, apart from the model; a Decoder holds a batch of rows that
 can each be restarted or left idle, so one decoder can serve many continuations that join and leave it at
@@ -12,17 +13,33 @@ Decoding a token costs one pass of a single position through the model instead o
 the whole sequence so far; the cached keys and values are exactly what the full pass computes, so the logits
 agree with `GPT.logits` up to float32 rounding.
 
-Context overflow: the model has learned positions for `context_length` tokens and no more, so nothing here
-slides or truncates the window. A prompt longer than the context raises UsageError. Generation stops with
-finish_reason "length" once the prompt plus the generated tokens fill the context (a prompt of exactly
-context_length tokens therefore generates nothing), or after max_new_tokens. It stops with "stop" when the model
-generates the separator token (the end of a document) or the text contains a stop string. An empty prompt
-starts from the separator token, i.e. at the start of a new document.
+Context overflow: a context shift, as llama.cpp's, adapted to learned absolute positions. The model has learned
+positions (GPT-2's wpe) for `context_length` tokens and no more. When a sequence's cache is full and another
+token is wanted, the window slides: the most recent `context_shift_length(context_length)` tokens (half the
+context, `context_length // 2`, at least 1) of prompt + generated so far, the token just drawn included, are
+kept and encoded again from position 0 by a fresh prefill of that row alone (Decoder.prefill_rows: the other
+rows of a batch are untouched), and decoding goes on from there. Nothing at the start is pinned (llama.cpp can
+keep its first n_keep tokens): the window is the most recent tokens.
+
+The cache cannot simply be shifted, as llama.cpp rotates its RoPE keys to new positions: each cached key and
+value was computed from its token's embedding plus the learned embedding of its absolute position (and, past
+the first layer, from the keys and values before it), and nothing turns that into another position's, so the
+only way to move tokens to new positions is to encode them again. What this means for quality: from a shift
+on, the model sees only the kept window (what came before is forgotten, the prompt too once it has slid out),
+and each shift costs a prefill of context_length // 2 tokens. Shifts come every T - T // 2 + 1 generated tokens
+for a context of T (the room the kept window leaves, plus the token that finds the cache full): 9 for T = 16.
+A generation thus goes on until it stops or reaches max_new_tokens, whatever the context length.
+
+A prompt longer than the context raises UsageError (it is never truncated); a prompt of exactly
+context_length tokens is fine, its first new token comes with a shift. Generation ends with finish_reason
+"length" after max_new_tokens, and with "stop" when the model generates the separator token (the end of a
+document) or the text contains a stop string. An empty prompt starts from the separator token, i.e. at the
+start of a new document.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from numbers import Integral, Real
 
 import numpy as np
@@ -53,6 +70,7 @@ class Decoder:
     Rows are independent: `prefill_rows` restarts some rows while the others keep their sequences, and `step`
     may advance only the active rows, so a server can let requests join and leave a running batch (continuous
     batching). A step computes only its active rows, so a lone sequence costs what it would in a batch of one.
+    A row whose cache is full cannot step: `feed` then shifts its context with prefill_rows (module notes).
 
     The cache and every per-step buffer are allocated once, here. The model's parameters are only read, so
     several decoders (each with its own buffers) may share one model, from different threads.
@@ -183,6 +201,11 @@ class Decoder:
         return tokens.astype(np.intp), rows
 
 
+def context_shift_length(context_length: int) -> int:
+    """The tokens a context shift keeps (the most recent ones): half the context, at least one."""
+    return max(1, context_length // 2)
+
+
 def _check_ids(ids: np.ndarray, vocab_size: int) -> None:
     if not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"token ids must be integers, got {ids.dtype}")
@@ -265,8 +288,10 @@ class TextStream:
     Each piece is the newly settled end of decode(all ids so far). Two kinds of tail are held back until later
     tokens settle them: U+FFFD, which may be a multi-byte character cut in half, and any tail that could be the
     start of a stop string, so that a stop string is never half-emitted. Decoding the whole sequence each time
-    (rather than token by token) is what lets a later token complete an earlier one's bytes; sequences are at
-    most one context long, so the repeated work stays small.
+    (rather than token by token) is what lets a later token complete an earlier one's bytes. The repeated work
+    grows with the square of the length, which context shifts no longer bound (max_new_tokens does): a
+    Hugging Face decode takes about 0.2 microseconds a token, so a token costs some 0.2 ms at 1,000 tokens
+    and 2 ms at 10,000.
     """
 
     def __init__(self, tokenizer, stop: Iterable[str] = ()):
@@ -322,7 +347,8 @@ class Continuation:
     row of a shared decoder, and gets the very same tokens and text.
 
     `prompt_ids` are the tokens the model is given, `token_ids` the tokens generated (stop string included,
-    separator not), `finish_reason` "stop" or "length", None while it may go on.
+    separator not), `finish_reason` "stop" or "length" (max_new_tokens reached), None while it may go on, and
+    `context_shifts` how many times its decoder row slid its window (see `shift_window` and the module notes).
     """
 
     def __init__(self, tokenizer, prompt: str | Sequence[int], *, context_length: int, max_new_tokens: int = 256,
@@ -341,7 +367,9 @@ class Continuation:
         self.prompt_ids = [int(i) for i in ids]
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
-        self._budget = min(max_new_tokens, context_length - len(self.prompt_ids))
+        self.context_shifts = 0
+        self._context_length = context_length
+        self._budget = max_new_tokens
         if self._budget == 0:
             self.finish_reason = "length"
         self._separator_id = tokenizer.separator_id
@@ -375,14 +403,50 @@ class Continuation:
             self.finish_reason = "length"
         return piece + self._text.flush() if self.finished else piece
 
+    def shift_window(self) -> list[int]:
+        """For a context shift, once the decoder row is full: the tokens to prefill the row with afresh, the
+        last context_shift_length(context_length) of prompt_ids + token_ids (the token just drawn included).
+        Counts the shift."""
+        if self.finished:
+            raise RuntimeError(f"the continuation has finished ({self.finish_reason})")
+        keep = context_shift_length(self._context_length)
+        self.context_shifts += 1
+        return (self.prompt_ids[-keep:] + self.token_ids[-keep:])[-keep:]
+
+
+def feed(decoder: Decoder, continuations: Mapping[int, Continuation]) -> None:
+    """Gives each decoder row the token its continuation has just drawn, so that decoder.logits[row] predict
+    the one after; rows of finished continuations, and rows not named, are left as they are.
+
+    A row with room in its cache takes the token in one step (the rows together in one Decoder.step). A full
+    row shifts its context instead (module notes): it is prefilled afresh with its continuation's
+    shift_window(), which ends with that token, and the other rows do not see it happen.
+    """
+    context = decoder.model.config.context_length
+    tokens = np.zeros(decoder.batch, np.int32)
+    stepping = np.zeros(decoder.batch, bool)
+    shifting = []
+    for row, continuation in continuations.items():
+        if continuation.finished:
+            continue
+        if decoder.lengths[row] >= context:
+            shifting.append(row)
+        else:
+            tokens[row], stepping[row] = continuation.token_ids[-1], True
+    if shifting:
+        decoder.prefill_rows(shifting, [continuations[row].shift_window() for row in shifting])
+    if stepping.any():
+        decoder.step(tokens, active=stepping)
+
 
 class Generation(Iterator[str]):
     """One streaming generation: iterate it for text pieces as they are decoded.
 
     Afterwards, `text` is everything generated (the pieces joined), `finish_reason` is "stop" or "length"
     (None while it may go on), `prompt_ids` are the tokens the model was given and `token_ids` the tokens it
-    generated, stop string included. Settings are checked and the prompt encoded when it is created; the model
-    runs only while it is iterated.
+    generated, stop string included, and `context_shifts` how often the context was full and slid (module
+    notes). Settings are checked and the prompt encoded when it is created; the model runs only while it is
+    iterated.
     """
 
     def __init__(self, model: GPT, tokenizer, prompt: str, *, max_new_tokens: int = 256,
@@ -406,6 +470,10 @@ class Generation(Iterator[str]):
     def finish_reason(self) -> str | None:
         return self._continuation.finish_reason
 
+    @property
+    def context_shifts(self) -> int:
+        return self._continuation.context_shifts
+
     def __next__(self) -> str:
         piece = next(self._pieces)
         self.text += piece
@@ -413,17 +481,17 @@ class Generation(Iterator[str]):
 
     def _run(self, model: GPT) -> Iterator[str]:
         continuation = self._continuation
-        if continuation.finished:  # the prompt fills the context
+        if continuation.finished:  # max_new_tokens=0
             return
         decoder = Decoder(model)
-        logits = decoder.prefill([continuation.prompt_ids])
+        decoder.prefill([continuation.prompt_ids])
         while True:
-            piece = continuation.advance(logits[0])
+            piece = continuation.advance(decoder.logits[0])
             if piece:
                 yield piece
             if continuation.finished:
                 return
-            logits = decoder.step([continuation.token_ids[-1]])
+            feed(decoder, {0: continuation})
 
 
 def generate(model: GPT, tokenizer, prompt: str, *, max_new_tokens: int = 256, temperature: float = 1.0,

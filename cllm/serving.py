@@ -24,7 +24,10 @@ batching): a request joins at the next decoding step (its prompt prefilled into 
 own sampling settings and seeded generator, and leaves when it ends or its caller goes, freeing the row for the
 next in the queue. A generation gets the tokens that cllm.generate.complete gets with the same settings: bit
 for bit when it decodes alone, and up to float32 rounding of its logits when batched with others (which can
-only change a token at a near-tie).
+only change a token at a near-tie). That includes the context shift (cllm.generate's module notes): a row
+whose cache is full when it needs another token is prefilled afresh, within the same decoding step, with the
+last context_length // 2 tokens of its prompt and generation, while the other rows step as usual; a
+generation is bounded by its max_new_tokens, not by the context.
 
 Threads. Model work runs on daemon worker threads (cllm.threads.run_sync_daemon), one call at a time (an
 embedding batch and a decoding step would only compete for the same cores), so the event loop never waits for
@@ -74,7 +77,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from ._kernels.fault import hang
 from .checkpoint import load_model
 from .errors import UsageError
-from .generate import Continuation, Decoder, check_generation, token_ids
+from .generate import Continuation, Decoder, check_generation, feed, token_ids
 from .model import GPT, ForwardWorkspaces, ModelConfig
 from .threads import blas_limit, current_blas_limit, run_sync_daemon
 from .tokenizer import Tokenizer
@@ -591,7 +594,7 @@ class AsyncModel:
                         request = await queue.receive()  # idle: nothing to step until a request comes
                     if _abandoned(request.results):
                         request.results.close()
-                    elif request.continuation.finished:  # its prompt fills the context: nothing to decode
+                    elif request.continuation.finished:  # max_new_tokens=0: nothing to decode
                         request.completed = True
                         request.results.close()
                     else:
@@ -626,24 +629,19 @@ class AsyncModel:
     def _decode_step(self, decoder: Decoder, continuations: dict[int, Continuation],
                      joining: list[int]) -> dict[int, str]:
         """In the worker thread: prefills the rows that join, draws every row's next token from its logits, then
-        runs the tokens of the rows that go on through the model. Returns each row's new text."""
-        decoder.threads = self._kernel_threads()  # for the prefill's forward pass
+        gives the model the tokens of the rows that go on (one step for them all, a context shift for a row whose
+        cache is full: cllm.generate.feed). Returns each row's new text."""
+        decoder.threads = self._kernel_threads()  # for the forward passes of prefills and context shifts
         if joining:
             decoder.prefill_rows(joining, [continuations[row].prompt_ids for row in joining])
         pieces = {row: continuation.advance(decoder.logits[row]) for row, continuation in continuations.items()}
-        tokens = np.zeros(decoder.batch, np.int32)
-        going_on = np.zeros(decoder.batch, bool)
-        for row, continuation in continuations.items():
-            if not continuation.finished:
-                tokens[row], going_on[row] = continuation.token_ids[-1], True
-        if going_on.any():
-            decoder.step(tokens, active=going_on)
+        feed(decoder, continuations)
         return pieces
 
 
 def _generation_request(continuation: Continuation) -> tuple[_GenerationRequest, MemoryObjectReceiveStream[str]]:
-    # Unbounded, so that the decoding loop never waits for a slow reader; a continuation is at most one
-    # context of pieces.
+    # Unbounded, so that the decoding loop never waits for a slow reader; a continuation is at most
+    # max_new_tokens pieces.
     results, pieces = anyio.create_memory_object_stream[str](math.inf)
     return _GenerationRequest(continuation, results), pieces
 

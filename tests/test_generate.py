@@ -1,5 +1,6 @@
 """Generation: the decode attention kernel, the KV-cache decoder against the full model, sampling, and the
-streaming generate() API (stop strings, finish reasons, context limits, multi-byte text).
+streaming generate() API (stop strings, finish reasons, context limits and the context shift past them,
+multi-byte text).
 
 Models are tiny and random, with weights scaled up from GPT-2's init so that logits differ clearly between
 tokens. The separator's embedding row is zeroed, so its logit is exactly 0 while the largest of the others is
@@ -348,13 +349,88 @@ def test_empty_prompt_starts_from_the_separator(model, tokenizer):
 
 def test_context_limits(model, tokenizer):
     context = model.config.context_length
-    with pytest.raises(ValueError, match=f"prompt is {context + 1} tokens long"):
-        generate(model, tokenizer, "o" * (context + 1))
-    # Prompt plus generated tokens fill the context, then generation stops, however many tokens were asked for.
-    generation = generate(model, tokenizer, "o" * (context - 3), max_new_tokens=100, temperature=0)
+    with pytest.raises(UsageError, match=f"prompt is {context + 1} tokens long"):
+        generate(model, tokenizer, "o" * (context + 1))  # refused, never truncated
+    # A prompt that fills the context still generates: its first new token comes with a context shift.
+    generation = generate(model, tokenizer, "o" * context, max_new_tokens=5, temperature=0)
     list(generation)
-    assert len(generation.token_ids) == 3 and generation.finish_reason == "length"
-    assert complete(model, tokenizer, "o" * context, temperature=0) == ("", "length")
+    assert len(generation.token_ids) == 5 and generation.finish_reason == "length"
+    assert generation.context_shifts == 1
+    assert greedy_tokens_after(model, ["o" * (context // 2 - 1)], generation.token_ids[:1], tokenizer, 4) == \
+        generation.token_ids[1:]
+    assert complete(model, tokenizer, "o" * context, max_new_tokens=0) == ("", "length")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# generation past the context: the context shift
+
+
+def greedy_tokens_after(model, texts, ids, tokenizer, n):
+    """n greedy tokens from a fresh Decoder prefilled with the text pieces then the ids, stepping until it is
+    full: what generation must produce right after a context shift that kept exactly those tokens."""
+    window = [int(i) for text in texts for i in tokenizer.encode(text)] + list(ids)
+    decoder = Decoder(model)
+    logits = decoder.prefill([window])
+    tokens = []
+    while len(tokens) < n:
+        tokens.append(int(np.argmax(logits[0, :tokenizer.vocab_size])))
+        if len(tokens) < n:
+            logits = decoder.step([tokens[-1]])  # raises if the window overflowed: the shift came too late
+    return tokens
+
+
+def test_generation_past_the_context_keeps_the_last_half_and_goes_on(model, tokenizer):
+    context, keep = model.config.context_length, model.config.context_length // 2
+    generation = generate(model, tokenizer, "the fox", max_new_tokens=3 * context, temperature=0)
+    pieces = list(generation)
+    prompt, tokens = generation.prompt_ids, generation.token_ids
+    assert len(tokens) == 3 * context and generation.finish_reason == "length"
+    assert "".join(pieces) == generation.text == tokenizer.decode(tokens)
+    # Before the first shift, decoding is what it always was: the argmax of the full model over everything.
+    first = context - len(prompt)  # tokens[first] is the first token drawn with the cache full
+    for k in range(first + 1):
+        assert tokens[k] == int(np.argmax(full_forward_next_logits(model, prompt + tokens[:k])))
+    # Each shift keeps the last `keep` tokens, the one just drawn included; what follows, up to the token that
+    # finds the cache full again, is greedy decoding from a fresh prefill of that window.
+    sequence, period = prompt + tokens, context - keep + 1
+    shifts = range(first, len(tokens) - 1, period)  # the last token is never fed to the model
+    assert generation.context_shifts == len(shifts) == 5
+    for k in shifts:
+        window = sequence[:len(prompt) + k + 1][-keep:]
+        n = min(period, len(tokens) - k - 1)
+        assert greedy_tokens_after(model, [], window, tokenizer, n) == tokens[k + 1:k + 1 + n], f"shift at {k}"
+
+
+def test_generation_past_the_context_is_seeded_and_honours_stop_strings(model, tokenizer):
+    context = model.config.context_length
+
+    def run(**settings):
+        generation = generate(model, tokenizer, "a lazy dog", max_new_tokens=3 * context, **settings)
+        pieces = list(generation)
+        assert "".join(pieces) == generation.text  # pieces, once handed out, are never taken back
+        return generation
+
+    sampled = run(temperature=1.0, seed=4)
+    assert sampled.finish_reason == "length" and len(sampled.token_ids) == 3 * context
+    assert sampled.token_ids == run(temperature=1.0, seed=4).token_ids
+    assert sampled.context_shifts == 5 and sampled.text == tokenizer.decode(sampled.token_ids)
+    # A stop string first seen well after the first shift still ends the text just before it.
+    full = run(temperature=0).text
+    after_a_shift = context - len("a lazy dog") + 2
+    start = next(i for i in range(after_a_shift, len(full) - 3) if full.find(full[i:i + 3]) == i)
+    stopped = run(temperature=0, stop=full[start:start + 3])
+    assert stopped.finish_reason == "stop" and stopped.text == full[:start] and stopped.context_shifts >= 1
+
+
+def test_a_context_of_one_token_shifts_at_every_token(tokenizer):
+    model = random_model(tokenizer.vocab_size, context_length=1, separator_id=tokenizer.separator_id)
+    generation = generate(model, tokenizer, "q", max_new_tokens=6, temperature=0)
+    list(generation)
+    assert len(generation.token_ids) == 6 and generation.context_shifts == 5
+    previous = generation.prompt_ids[-1]
+    for token in generation.token_ids:  # each token predicted from the one before it alone
+        assert token == int(np.argmax(full_forward_next_logits(model, [previous])))
+        previous = token
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -417,6 +493,17 @@ def test_inference_verbose_counts_tokens_not_pieces(model, tokenizer, model_path
     out, err = capsys.readouterr()
     assert out == "box" + generation.text + "\n"
     assert err.startswith("10 tokens in ") and err.rstrip().endswith("tokens/s")
+
+
+def test_inference_generates_past_the_context(model, tokenizer, model_path, capsys):
+    context = model.config.context_length
+    text, reason = complete(model, tokenizer, "the fox", max_new_tokens=3 * context, temperature=0)
+    assert reason == "length" and len(text) == 3 * context  # one character per token
+    assert inference.main([str(model_path), "-p", "the fox", "-n", str(3 * context), "--temperature", "0",
+                           "-v"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "the fox" + text + "\n"
+    assert err.startswith(f"{3 * context} tokens in ") and err.rstrip().endswith("tokens/s (5 context shifts)")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -194,7 +194,10 @@ async def test_generation_matches_complete(model, tokenizer, requests):
     async with AsyncModel(model, tokenizer) as m:
         for prompt, settings in requests:
             assert await m.generate(prompt, **settings) == expected(model, tokenizer, prompt, **settings)
-        assert await m.generate("o" * CONTEXT, temperature=0) == Completion("", "length", CONTEXT, 0)
+        # A prompt that fills the context goes on past it (a context shift at its first new token).
+        full = await m.generate("o" * CONTEXT, max_new_tokens=2 * CONTEXT, temperature=0)
+        assert full == expected(model, tokenizer, "o" * CONTEXT, max_new_tokens=2 * CONTEXT, temperature=0)
+        assert full.finish_reason == "length" and full.completion_tokens == 2 * CONTEXT
     reasons = {expected(model, tokenizer, prompt, **settings).finish_reason for prompt, settings in requests}
     assert reasons == {"stop", "length"}
 
@@ -226,6 +229,37 @@ async def test_stream_pieces_join_to_the_completion(model, tokenizer, requests):
             assert all(pieces)
         pieces = [piece async for piece in m.stream("the fox", max_new_tokens=10, temperature=0)]
     assert len(pieces) > 1
+
+
+@pytest.mark.anyio
+async def test_a_row_that_shifts_its_context_leaves_the_others_as_they_were(model, tokenizer, monkeypatch):
+    long_prompt, short_prompt = tokenizer.encode("o" * (CONTEXT - 2)), tokenizer.encode("the fox")
+    long_run = dict(max_new_tokens=2 * CONTEXT, temperature=0.8, seed=4)  # its context fills, and shifts, 4 times
+    short_run = dict(max_new_tokens=20, temperature=0)  # 7 + 20 tokens: never full
+    async with AsyncModel(model, tokenizer, max_streams=2) as m:
+        alone = await m.generate(short_prompt, **short_run)
+        prefills = Gate(monkeypatch, Decoder, "prefill_rows",
+                        lambda decoder, rows, prompts: (list(rows), [len(p) for p in prompts]))
+        steps = decoding_steps(monkeypatch, held=True)
+        results = {}
+
+        async def run(name, prompt, settings):
+            results[name] = await m.generate(prompt, **settings)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run, "long", long_prompt, long_run)
+            await steps.wait_entered()  # the long one is prefilled and its first step held ...
+            tg.start_soon(run, "short", short_prompt, short_run)
+            await anyio.wait_all_tasks_blocked()  # ... while the short one waits to join the next
+            steps.open()
+    # The long one's row (0) is prefilled afresh with the last half of its context whenever it is full; the
+    # short one (row 1) steps alone meanwhile and gets what it gets alone.
+    assert prefills.calls[:3] == [([0], [CONTEXT - 2]), ([1], [7]), ([0], [CONTEXT // 2])]
+    assert prefills.calls[3:] == [([0], [CONTEXT // 2])] * 3
+    assert steps.calls[:3] == [1, 2, 1]
+    assert results["short"] == alone == expected(model, tokenizer, "the fox", **short_run)
+    assert results["long"] == expected(model, tokenizer, long_prompt.tolist(), **long_run)
+    assert results["long"].completion_tokens == 2 * CONTEXT and results["long"].finish_reason == "length"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -295,7 +329,7 @@ async def test_a_cancelled_embedding_caller_does_not_break_its_batch(model, toke
 @pytest.mark.anyio
 async def test_a_cancelled_generation_frees_its_row_and_spares_its_batch(model, tokenizer, monkeypatch):
     steps = decoding_steps(monkeypatch, held=True)
-    long_run = dict(max_new_tokens=CONTEXT, temperature=0)
+    long_run = dict(max_new_tokens=CONTEXT - 8, temperature=0)  # within the context: every token is a step
     scope, streamed, results = anyio.CancelScope(), [], {}
 
     async def stream(prompt):
@@ -320,7 +354,7 @@ async def test_a_cancelled_generation_frees_its_row_and_spares_its_batch(model, 
     assert streamed == [], "a cancelled caller gets nothing"
     for prompt in ("the fox", "lazy"):
         assert results[prompt] == expected(model, tokenizer, prompt, **long_run)
-    # "a" took part in one step only: its row went to "lazy" at once, not after its ~30 tokens.
+    # "a" took part in one step only: its row went to "lazy" at once, not after its 24 tokens.
     assert sum(served_steps) == 1 + sum(results[p].completion_tokens - 1 for p in ("the fox", "lazy"))
     assert served_steps[:2] == [2, 2], "lazy should join at the step right after the cancellation"
 

@@ -1,6 +1,10 @@
 """Generate text from a trained model, streamed to stdout as it is decoded.
 
     python -m cllm.tools.inference runs/default/model.cllm -p "def main(" -n 200 --temperature 0.8 --top-k 40
+
+-n may exceed the model's context: when the context is full, the last half of it is kept and re-encoded (a
+context shift, see cllm.generate), and generation goes on, seeing only that window from then on. A prompt
+longer than the context is refused.
 """
 from __future__ import annotations
 
@@ -50,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:
         # Tokens, not pieces: a piece may hold several tokens' text, or a token none yet.
         tokens, seconds = len(generation.token_ids), time.perf_counter() - started
-        print(f"{tokens} tokens in {seconds:.2f} s: {tokens / seconds:.1f} tokens/s", file=sys.stderr)
+        shifts = generation.context_shifts
+        print(f"{tokens} tokens in {seconds:.2f} s: {tokens / seconds:.1f} tokens/s"
+              + (f" ({shifts} context shift{'s' * (shifts != 1)})" if shifts else ""), file=sys.stderr)
     return 0
 
 
