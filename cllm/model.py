@@ -21,6 +21,11 @@ from .buffers import aligned_zeros, carve, carved_size
 from .errors import UsageError
 
 
+# The MLP's GELU: "gelu_tanh" is the tanh approximation (GPT-2; Hugging Face's gelu_new / gelu_pytorch_tanh),
+# "gelu_erf" the exact 0.5 x (1 + erf(x / sqrt 2)) (Hugging Face's gelu, nanoGPT's).
+ACTIVATIONS = ("gelu_tanh", "gelu_erf")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
@@ -29,14 +34,25 @@ class ModelConfig:
     n_layers: int
     n_heads: int
     mlp_ratio: int = 4
+    activation: str = "gelu_tanh"  # one of ACTIVATIONS; configs saved before it existed mean gelu_tanh
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
+            if field.name == "activation":
+                continue
             value = getattr(self, field.name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UsageError(f"ModelConfig.{field.name} must be a positive integer, got {value!r}")
+        if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS:
+            raise UsageError(f"ModelConfig.activation must be one of {', '.join(ACTIVATIONS)}, "
+                             f"got {self.activation!r}")
         if self.dim % self.n_heads:
             raise UsageError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+
+    @property
+    def exact_gelu(self) -> bool:
+        """Whether the MLP uses the erf GELU (the kernels' exact=True) rather than the tanh approximation."""
+        return self.activation == "gelu_erf"
 
     @property
     def head_dim(self) -> int:
@@ -47,7 +63,13 @@ class ModelConfig:
         return self.mlp_ratio * self.dim
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields, but activation only when it is not the default gelu_tanh: a tanh model's config then reads
+        exactly as before the field existed (run.json, model files), and cllm versions from before it, which
+        refuse unknown fields, still load it. from_dict restores the default."""
+        d = dataclasses.asdict(self)
+        if d["activation"] == "gelu_tanh":
+            del d["activation"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -275,7 +297,7 @@ class GPT:
                                         a[f"ln2_mean{i}"], a[f"ln2_rstd{i}"], threads=th)
             linear.linear_forward(a[f"ln2_{i}"], p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"], a[f"fc{i}"],
                                   threads=th)
-            gelu.gelu_forward(a[f"fc{i}"], a["fc_gelu"], threads=th)
+            gelu.gelu_forward(a[f"fc{i}"], a["fc_gelu"], exact=cfg.exact_gelu, threads=th)
             x = a[f"res{i + 1}"]
             linear.linear_forward(a["fc_gelu"], p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"], x,
                                   threads=th)
@@ -328,10 +350,10 @@ class GPT:
             # dres is d(block output); it flows unchanged into res_mid (the residual) and into the MLP.
             # GELU's output was not kept: recompute it (the same kernel on the same input, so the same bits) into
             # dh, which gelu_backward overwrites once the GEMM has read it.
-            gelu.gelu_forward(a[f"fc{i}"], dh, threads=th)
+            gelu.gelu_forward(a[f"fc{i}"], dh, exact=cfg.exact_gelu, threads=th)
             linear.linear_backward(dres, dh, p[h + "mlp.c_proj.weight"], dh_gelu,
                                    g[h + "mlp.c_proj.weight"], g[h + "mlp.c_proj.bias"], **overwrite_dx)
-            gelu.gelu_backward(dh_gelu, a[f"fc{i}"], dh, accumulate=False, threads=th)
+            gelu.gelu_backward(dh_gelu, a[f"fc{i}"], dh, accumulate=False, exact=cfg.exact_gelu, threads=th)
             linear.linear_backward(dh, a[f"ln2_{i}"], p[h + "mlp.c_fc.weight"], dc, g[h + "mlp.c_fc.weight"],
                                    g[h + "mlp.c_fc.bias"], **overwrite_dx)
             layernorm.layernorm_backward(dc, a[f"res_mid{i}"], p[h + "ln_2.weight"], a[f"ln2_mean{i}"],

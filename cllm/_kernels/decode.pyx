@@ -21,7 +21,7 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
 from ._common cimport axpy, dot, linear_rows, require, require_blas_sizes, require_threads, softmax_inplace
-from .gelu cimport gelu_span
+from .gelu cimport gelu_erf_span, gelu_span
 from .layernorm cimport layernorm_row
 
 
@@ -119,13 +119,15 @@ def decode_step_scratch(Py_ssize_t rows, Py_ssize_t dim, Py_ssize_t hidden, Py_s
 def decode_step(const float[::1] params, const Py_ssize_t[:, ::1] layer_offsets,
                 const Py_ssize_t[::1] model_offsets, int n_heads, Py_ssize_t hidden, const Py_ssize_t[::1] tokens,
                 const Py_ssize_t[::1] rows, const Py_ssize_t[::1] positions, float[:, :, :, ::1] k_cache,
-                float[:, :, :, ::1] v_cache, float[::1] scratch, float[:, ::1] logits, *, float eps=1e-5):
+                float[:, :, :, ::1] v_cache, float[::1] scratch, float[:, ::1] logits, *, float eps=1e-5,
+                bint exact_gelu=False):
     """Appends tokens[j] at position positions[j] of cache row rows[j], for each j, and writes the logits that
     predict each row's next token to logits[rows[j]].
 
     k_cache, v_cache (L, B, Tmax, C) get each new token's keys and values; row rows[j] attends to its positions
     0..positions[j]. Other rows of the cache and of logits are untouched. Matrix products use BLAS's threads,
-    everything else the calling thread.
+    everything else the calling thread. GELU is the tanh form, or with exact_gelu=True the erf form (the model's
+    ModelConfig.activation "gelu_erf").
     """
     cdef Py_ssize_t L = k_cache.shape[0], B = k_cache.shape[1], T = k_cache.shape[2], C = k_cache.shape[3]
     cdef Py_ssize_t n = tokens.shape[0], V = logits.shape[1], H = hidden, NH = n_heads, j, i, l, h
@@ -201,7 +203,10 @@ def decode_step(const float[::1] params, const Py_ssize_t[:, ::1] layer_offsets,
             for j in range(n):
                 layernorm_row(mid + j * C, P + o[LN2_W], P + o[LN2_B], ln + j * C, mean + j, rstd + j, C, eps)
             linear_rows(ln, n, C, P + o[FC_W], P + o[FC_B], fc, H, False)
-            gelu_span(fc, fc_gelu, n * H)
+            if exact_gelu:
+                gelu_erf_span(fc, fc_gelu, n * H)
+            else:
+                gelu_span(fc, fc_gelu, n * H)
             linear_rows(fc_gelu, n, H, P + o[MLP_W], P + o[MLP_B], x, C, False)  # the block's input is spent
             axpy(1, mid, x, n * C)
         for j in range(n):
