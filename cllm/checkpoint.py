@@ -66,13 +66,18 @@ def save_model(path: str | os.PathLike, model: GPT, tokenizer: Tokenizer, *,
 
 
 def load_model(path: str | os.PathLike, *, threads: int = 1) -> tuple[GPT, Tokenizer]:
-    """Reads a .cllm file written by save_model. Raises ModelFileError if anything about it is wrong."""
+    """Reads a .cllm file written by save_model, or a Hugging Face GPT-2 folder (cllm.formats.hf). Raises
+    ModelFileError (or HFFolderError) if anything about it is wrong."""
+    if Path(path).is_dir():
+        from .formats.hf import load_hf  # the folder reader, only when a folder is given
+
+        return load_hf(path, threads=threads)
     metadata, tensors = _read_container(path, MODEL_FORMAT, "model")
     config = _model_config(path, metadata)
     tokenizer = _tokenizer(path, metadata, config)
     shapes, _ = parameter_shapes(config)
     _check_tensors(path, tensors, shapes)
-    model = GPT(config, threads=threads)  # its random init is overwritten below
+    model = GPT(config, threads=threads, init=False)
     for name, tensor in tensors.items():
         model.p[name][...] = tensor
     return model, tokenizer

@@ -170,7 +170,7 @@ class Decoder:
         # each one cost more than it saved), its matrix products on BLAS's threads.
         decode.decode_step(self.model.params, self._layer_offsets, self._model_offsets, cfg.n_heads,
                            cfg.hidden_dim, tokens, rows, self.lengths[rows].astype(np.intp), self.k_cache,
-                           self.v_cache, self._scratch, self._logits)
+                           self.v_cache, self._scratch, self._logits, exact_gelu=cfg.exact_gelu)
         self.lengths[rows] += 1
         return self._logits
 

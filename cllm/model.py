@@ -189,7 +189,12 @@ class ForwardWorkspaces:
 
 
 class GPT:
-    def __init__(self, config: ModelConfig, *, seed: int = 0, threads: int = 1):
+    def __init__(self, config: ModelConfig, *, seed: int = 0, threads: int = 1, init: bool = True):
+        """init=False leaves the weights zero, for a loader that fills them: GPT-2's init draws a float64 normal
+        sample per matrix, which at 124M parameters costs seconds and twice the model's memory.
+
+        Both buffers are zeroed lazily by the OS (calloc): gradients that are never computed (inference) cost no
+        memory."""
         self.config = config
         self.threads = threads
         shapes, self.n_decay = parameter_shapes(config)
@@ -201,7 +206,8 @@ class GPT:
         self._summed_grads = [name for name in shapes if name == "wpe" or "ln_" in name]
         self._workspace: Workspace | None = None  # the latest shape's only: the model keeps no cache by shape
         self._last: Workspace | None = None  # what backward() differentiates
-        self.init_weights(seed)
+        if init:
+            self.init_weights(seed)
 
     @property
     def num_params(self) -> int:

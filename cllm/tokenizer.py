@@ -97,6 +97,14 @@ class Tokenizer:
         return json.dumps({"format": JSON_FORMAT, "version": JSON_VERSION, "kind": self.kind, "hf": hf},
                           ensure_ascii=False)
 
+    def hf_json(self) -> str:
+        """The HF `tokenizers` JSON alone: a tokenizer.json that HF's libraries load."""
+        return self._hf.to_str()
+
+    def vocab(self) -> dict[str, int]:
+        """Token -> id, special tokens included."""
+        return self._hf.get_vocab(with_added_tokens=True)
+
     @property
     def vocab_size(self) -> int:
         return self._hf.get_vocab_size(with_added_tokens=True)

@@ -298,8 +298,6 @@ def test_decode_step_with_exact_gelu_matches_the_full_forward_pass():
     assert worst_tanh > 10 * LOGITS_TOL  # the tanh form disagrees with an erf model: exact_gelu is what selects erf
 
 
-@pytest.mark.xfail(reason="cllm/generate.py's Decoder.step does not pass exact_gelu=cfg.exact_gelu to "
-                          "decode_step yet", strict=False)
 def test_decoder_step_of_an_erf_model_matches_the_full_forward_pass():
     model = random_model(ERF_TINY, seed=8)
     ids = np.random.default_rng(9).integers(0, ERF_TINY.vocab_size, ERF_TINY.context_length).tolist()

@@ -156,13 +156,13 @@ def test_load_model_rejects_damaged_bytes(tmp_path, model, tokenizer, damage, fr
     assert_one_line_error(excinfo, path, fragment)
 
 
-def test_load_model_rejects_missing_paths_and_directories(tmp_path):
+def test_load_model_rejects_missing_paths_and_folders_that_hold_no_model(tmp_path):
     with pytest.raises(ModelFileError) as excinfo:
         load_model(tmp_path / "nope.cllm")
     assert_one_line_error(excinfo, tmp_path / "nope.cllm", "no such model file")
-    with pytest.raises(ModelFileError) as excinfo:
+    with pytest.raises(ModelFileError) as excinfo:  # a folder is read as a Hugging Face model folder
         load_model(tmp_path)
-    assert_one_line_error(excinfo, tmp_path, "not a model file")
+    assert_one_line_error(excinfo, tmp_path, "not a model folder (no config.json)")
     assert issubclass(ModelFileError, ValueError)  # the CLIs turn ValueError into one line and exit status 2
 
 

@@ -1,0 +1,2 @@
+"""Model formats other than cllm's own .cllm file (cllm.checkpoint): Hugging Face folders, in and out, and GGUF,
+out."""
