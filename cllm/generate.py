@@ -229,18 +229,43 @@ def sample_token(logits: np.ndarray, rng: np.random.Generator, *, temperature: f
     if temperature < GREEDY_TEMPERATURE:
         return int(np.argmax(logits))
     z = logits.astype(np.float64) / temperature
+    ids = None  # the ids that z holds, when top_k cut it (else all of them, in order)
     if top_k is not None and top_k < z.size:
         kth_largest = np.partition(z, z.size - top_k)[z.size - top_k]
-        z[z < kth_largest] = -np.inf
+        ids = np.flatnonzero(z >= kth_largest)
+        z = z[ids]  # the rest of the vocabulary has probability 0: leave it out of everything below
     probs = np.exp(z - z.max())
     probs /= probs.sum()
     if top_p is not None and top_p < 1.0:
-        order = np.argsort(-probs, kind="stable")  # stable: among equals, the lowest id first, as argmax
-        kept = np.searchsorted(np.cumsum(probs[order]), top_p) + 1  # the shortest prefix reaching top_p
-        probs[order[kept:]] = 0.0
+        kept = _nucleus(probs, top_p)
+        probs_kept = probs[kept]
+        probs.fill(0.0)
+        probs[kept] = probs_kept
     # Inverse-CDF draw; side="right" never lands on a token of probability 0.
     cdf = np.cumsum(probs)
-    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), z.size - 1))
+    drawn = int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), z.size - 1))
+    return drawn if ids is None else int(ids[drawn])
+
+
+def _nucleus(probs: np.ndarray, top_p: float, first: int = 256) -> np.ndarray:
+    """The ids of the shortest run of most likely tokens whose probability reaches top_p, taken in descending
+    order of probability and, among equals, ascending id (argmax's order).
+
+    Sorting a 50,257-token vocabulary costs more than the rest of a decoding step's sampling, and the nucleus is
+    almost always a few hundred tokens at most: sort only the tokens at least as likely as the `first`-th most
+    likely (ties included, so their order is the full sort's), and widen that set only if it falls short.
+    """
+    n = probs.size
+    count = min(first, n)
+    while True:
+        threshold = np.partition(probs, n - count)[n - count] if count < n else 0.0
+        # Tokens of probability 0 (cut by top_k) are never needed: they add nothing to reach top_p.
+        candidates = np.flatnonzero(probs >= threshold if threshold > 0 else probs > 0)  # in id order
+        order = candidates[np.argsort(-probs[candidates], kind="stable")]
+        kept = np.searchsorted(np.cumsum(probs[order]), top_p) + 1  # the shortest prefix reaching top_p
+        if kept <= order.size or threshold == 0:  # reached, or every token that could count is in
+            return order[:kept]
+        count = min(n, count * 16)
 
 
 def check_sampling(*, temperature: float, top_k: int | None, top_p: float | None) -> None:

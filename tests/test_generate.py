@@ -16,7 +16,7 @@ import pytest
 from cllm._kernels import attention, decode
 from cllm.checkpoint import save_model
 from cllm.errors import UsageError
-from cllm.generate import Decoder, TextStream, complete, generate, sample_token
+from cllm.generate import Decoder, TextStream, _nucleus, complete, generate, sample_token
 from cllm.model import GPT, ModelConfig
 from cllm.threads import current_blas_limit
 from cllm.tokenizer import Tokenizer
@@ -530,3 +530,18 @@ def test_text_stream_holds_back_a_possible_stop_string(tokenizer):
     stream = TextStream(tokenizer, stop=["ox"])
     pieces = [stream.push(int(i)) for i in tokenizer.encode("the fox jumps")]
     assert "".join(pieces) + stream.flush() == "the f" and stream.stopped
+
+
+def test_the_nucleus_is_the_full_sorts_prefix_whatever_set_it_starts_from():
+    """_nucleus sorts only the likeliest tokens; it must pick exactly what a stable sort of all of them picks,
+    ties (which a partial sort could split) and vocabularies smaller than its first guess included."""
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        size = int(rng.integers(2, 5000))
+        probs = rng.random(size) ** rng.integers(1, 20)
+        probs[rng.integers(0, size, size // 3)] = probs[0]  # many ties
+        probs /= probs.sum()
+        top_p = float(rng.random())
+        order = np.argsort(-probs, kind="stable")
+        expected = order[:np.searchsorted(np.cumsum(probs[order]), top_p) + 1]
+        assert np.array_equal(_nucleus(probs, top_p, first=int(rng.integers(1, 50))), expected)
