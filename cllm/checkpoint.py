@@ -24,6 +24,7 @@ import numpy as np
 import safetensors.numpy
 from safetensors import SafetensorError, safe_open
 
+from . import tensor_files
 from .atomic import atomic_write_bytes
 from .errors import UsageError
 from .model import GPT, ModelConfig, parameter_shapes
@@ -72,14 +73,20 @@ def load_model(path: str | os.PathLike, *, threads: int = 1) -> tuple[GPT, Token
         from .formats.hf import load_hf  # the folder reader, only when a folder is given
 
         return load_hf(path, threads=threads)
-    metadata, tensors = _read_container(path, MODEL_FORMAT, "model")
+    metadata, layout = _read_container(path, MODEL_FORMAT, "model", with_tensors=False)
     config = _model_config(path, metadata)
     tokenizer = _tokenizer(path, metadata, config)
     shapes, _ = parameter_shapes(config)
-    _check_tensors(path, tensors, shapes)
+    _check_names_and_shapes(path, layout, shapes)
     model = GPT(config, threads=threads, init=False)
-    for name, tensor in tensors.items():
-        model.p[name][...] = tensor
+    try:  # straight into the model's buffer: loading costs one copy of the weights (cllm.tensor_files)
+        tensor_files.read_into(path, model.p.get)
+    except ValueError as e:
+        raise ModelFileError(f"{path}: {e}") from None
+    except OSError as e:
+        raise ModelFileError(f"{path}: cannot read the model file ({e.strerror or e})") from None
+    for name, view in model.p.items():
+        _check_finite(path, name, view)
     return model, tokenizer
 
 
@@ -187,8 +194,8 @@ def _json_field(path, metadata: dict[str, str], key: str, kind: type):
 
 def _read_container(path, expected_format: str, what: str, *, with_tensors: bool = True
                     ) -> tuple[dict[str, str], dict[str, np.ndarray]]:
-    """Metadata and (unless with_tensors is False) the float32 tensors of a safetensors file whose format
-    field is expected_format."""
+    """Metadata and the float32 tensors of a safetensors file whose format field is expected_format; with
+    with_tensors=False, each tensor's shape instead of the tensor, and no data is read."""
     if not Path(path).exists():
         raise ModelFileError(f"{path}: no such {what} file")
     if not Path(path).is_file():
@@ -197,13 +204,13 @@ def _read_container(path, expected_format: str, what: str, *, with_tensors: bool
         with safe_open(path, framework="np") as f:
             metadata = f.metadata() or {}
             _check_format(path, metadata, expected_format, what)
-            if not with_tensors:
-                return metadata, {}
             dtypes = {name: f.get_slice(name).get_dtype() for name in f.keys()}
             wrong = {name: dtype for name, dtype in dtypes.items() if dtype != "F32"}
             if wrong:
                 name, dtype = next(iter(wrong.items()))
                 raise ModelFileError(f"{path}: tensor {name!r} is {dtype}, expected F32 (float32)")
+            if not with_tensors:
+                return metadata, {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except SafetensorError as e:
         raise ModelFileError(f"{path}: not a readable safetensors file ({_one_line(e)})") from None
@@ -225,17 +232,25 @@ def _check_format(path, metadata: dict[str, str], expected_format: str, what: st
 
 def _check_tensors(path, tensors: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]]) -> None:
     """Exactly the expected names, each with its expected shape and only finite values."""
-    missing, unexpected = sorted(set(shapes) - set(tensors)), sorted(set(tensors) - set(shapes))
+    _check_names_and_shapes(path, {name: tensor.shape for name, tensor in tensors.items()}, shapes)
+    for name, tensor in tensors.items():
+        _check_finite(path, name, tensor)
+
+
+def _check_names_and_shapes(path, found: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]]) -> None:
+    missing, unexpected = sorted(set(shapes) - set(found)), sorted(set(found) - set(shapes))
     if missing:
         raise ModelFileError(f"{path}: missing tensors {_few(missing)}")
     if unexpected:
         raise ModelFileError(f"{path}: unexpected tensors {_few(unexpected)}")
     for name, shape in shapes.items():
-        tensor = tensors[name]
-        if tensor.shape != tuple(shape):
-            raise ModelFileError(f"{path}: tensor {name!r} has shape {tensor.shape}, expected {tuple(shape)}")
-        if not np.isfinite(tensor).all():
-            raise ModelFileError(f"{path}: tensor {name!r} holds non-finite values (NaN or inf)")
+        if tuple(found[name]) != tuple(shape):
+            raise ModelFileError(f"{path}: tensor {name!r} has shape {tuple(found[name])}, expected {tuple(shape)}")
+
+
+def _check_finite(path, name: str, tensor: np.ndarray) -> None:
+    if not np.isfinite(tensor).all():
+        raise ModelFileError(f"{path}: tensor {name!r} holds non-finite values (NaN or inf)")
 
 
 def _few(names: list[str], shown: int = 4) -> str:

@@ -230,3 +230,13 @@ def test_convert_usage_errors_exit_2(tmp_path, bpe):
         done = subprocess.run([sys.executable, "-m", "cllm.tools.convert", *args], capture_output=True, text=True)
         assert done.returncode == 2, done.stderr
         assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_float16_weights_are_widened_exactly(tmp_path, bpe):
+    reference = hf_gpt2(tmp_path, bpe)
+    reference.half().save_pretrained(tmp_path, safe_serialization=True)
+    model, _ = load_model(tmp_path)
+    wte = reference.transformer.wte.weight.detach().numpy()
+    assert wte.dtype == np.float16 and np.array_equal(model.p["wte"], wte.astype(np.float32))
+    c_fc = reference.transformer.h[1].mlp.c_fc.weight.detach().numpy()
+    assert np.array_equal(model.p["h.1.mlp.c_fc.weight"], c_fc.astype(np.float32))

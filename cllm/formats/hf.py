@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
+from .. import tensor_files
 from ..atomic import atomic_write_bytes
 from ..checkpoint import ModelFileError
 from ..errors import UsageError
@@ -161,45 +162,51 @@ def _weight_files(folder: Path) -> list[Path]:
 
 
 def _read_weights(folder: Path, model: GPT) -> None:
-    """Copies every tensor of the folder's safetensors file(s) into the model's parameter buffer, one at a time
-    (never a second copy of the model), checking names, shapes and values."""
+    """Reads every tensor of the folder's safetensors file(s) into the model's parameter buffer (never a second
+    copy of the model: cllm.tensor_files), checking names, dtypes, shapes and values."""
     shapes, _ = parameter_shapes(model.config)
     seen: set[str] = set()
     lm_head = None
     for path in _weight_files(folder):
+        wanted: dict[str, np.ndarray] = {}  # file key -> where it goes
         try:
-            with safe_open(path, framework="np") as f:
+            with safe_open(path, framework="np") as f:  # validates the header; only it is read here
                 for key in f.keys():
                     name = key.removeprefix("transformer.")
                     name = name.removesuffix(".weight") if name.removesuffix(".weight") in EMBEDDINGS else name
                     if name.endswith(IGNORED_TENSORS):
                         continue
-                    dtype = f.get_slice(key).get_dtype()
-                    if dtype not in READABLE_DTYPES:
-                        raise HFFolderError(f"{path}: tensor {key!r} is {dtype}; cllm reads "
+                    meta = f.get_slice(key)
+                    if meta.get_dtype() not in READABLE_DTYPES:
+                        raise HFFolderError(f"{path}: tensor {key!r} is {meta.get_dtype()}; cllm reads "
                                             f"{' and '.join(READABLE_DTYPES)}")
-                    if name == "lm_head.weight":
-                        lm_head = key, f.get_tensor(key)
+                    if name == "lm_head.weight":  # tied or absent in cllm: read it only to compare
+                        lm_head = key, np.empty(meta.get_shape(), np.float32)
+                        wanted[key] = lm_head[1]
                         continue
                     if name not in shapes:
                         raise HFFolderError(f"{path}: unexpected tensor {key!r} for a GPT-2 model")
-                    tensor = f.get_tensor(key)
-                    if tensor.shape != shapes[name]:
-                        raise HFFolderError(f"{path}: tensor {key!r} has shape {tensor.shape}, expected "
+                    if tuple(meta.get_shape()) != shapes[name]:
+                        raise HFFolderError(f"{path}: tensor {key!r} has shape {tuple(meta.get_shape())}, expected "
                                             f"{shapes[name]}")
-                    if not np.isfinite(tensor).all():
-                        raise HFFolderError(f"{path}: tensor {key!r} holds non-finite values")
-                    model.p[name][...] = tensor
+                    wanted[key] = model.p[name]
                     seen.add(name)
+            tensor_files.read_into(path, wanted.get)
         except SafetensorError as e:
             raise HFFolderError(f"{path}: not a readable safetensors file ({' '.join(str(e).split())})") from None
+        except ValueError as e:
+            raise HFFolderError(f"{path}: {e}") from None
         except OSError as e:
             raise HFFolderError(f"{path}: cannot read it ({e.strerror or e})") from None
     missing = sorted(set(shapes) - seen)
     if missing:
         raise HFFolderError(f"{folder}: missing tensors {', '.join(missing[:4])}"
                             f"{f' and {len(missing) - 4} more' if len(missing) > 4 else ''}")
-    if lm_head is not None and not np.array_equal(lm_head[1], model.p["wte"]):
+    for name, view in model.p.items():
+        if not np.isfinite(view).all():
+            raise HFFolderError(f"{folder}: tensor {hf_name(name)!r} holds non-finite values")
+    if lm_head is not None and (lm_head[1].shape != model.p["wte"].shape
+                                or not np.array_equal(lm_head[1], model.p["wte"])):
         raise HFFolderError(f"{folder}: {lm_head[0]} differs from the token embedding; cllm's output layer is "
                             f"the token embedding (tied), so an untied head is not supported")
 
