@@ -240,3 +240,33 @@ def test_float16_weights_are_widened_exactly(tmp_path, bpe):
     assert wte.dtype == np.float16 and np.array_equal(model.p["wte"], wte.astype(np.float32))
     c_fc = reference.transformer.h[1].mlp.c_fc.weight.detach().numpy()
     assert np.array_equal(model.p["h.1.mlp.c_fc.weight"], c_fc.astype(np.float32))
+
+
+def test_a_folder_serves_embeddings_and_generation_and_runs_the_inference_tool(tmp_path, bpe):
+    import subprocess
+    import sys
+
+    import anyio
+
+    from cllm import AsyncModel
+
+    reference = hf_gpt2(tmp_path, bpe)
+
+    async def serve():
+        async with AsyncModel.open(tmp_path, threads=1) as served:
+            vectors = await served.embed([TEXT[0], TEXT[1]])
+            completion = await served.generate(TEXT[2][:20], max_new_tokens=6, temperature=0)
+            return vectors, completion.text
+
+    vectors, text = anyio.run(serve)
+    model, tokenizer = load_model(tmp_path)
+    assert vectors.shape == (2, 32) and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    ids = tokenizer.encode(TEXT[2][:20])
+    with torch.no_grad():
+        out = reference.generate(torch.from_numpy(ids[None]).long(), max_new_tokens=6, do_sample=False,
+                                 pad_token_id=bpe.separator_id, eos_token_id=None)
+    assert text == tokenizer.decode(out[0, ids.size:].numpy())
+    done = subprocess.run([sys.executable, "-m", "cllm.tools.inference", str(tmp_path), "-p", TEXT[2][:20], "-n", "6",
+                           "--temperature", "0"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == TEXT[2][:20] + text + "\n"
