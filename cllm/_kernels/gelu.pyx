@@ -35,6 +35,8 @@ cdef inline void gelu_backward_span(const float* dout, const float* x, float* dx
             dx[i] = gelu_grad(x[i]) * dout[i]
 
 
+# The erf form's loop repeats the tanh form's rather than branching per element: each loop inlines its own gradient
+# and vectorises.
 cdef inline void gelu_erf_backward_span(const float* dout, const float* x, float* dx, Py_ssize_t n,
                                         bint accumulate) noexcept nogil:
     cdef Py_ssize_t i
