@@ -13,7 +13,7 @@ import os
 import re
 import secrets
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 TEMPORARY_NAME = re.compile(r".\.tmp-\d+(-[0-9a-f]+)?$")  # also the pid-only names of earlier versions
 
@@ -63,6 +63,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         with f:
             f.write(data)
             commit(f, tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_file(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
+    """Replaces path with the file that write(temporary path) creates, for writers that stream to a path of their
+    own (a model's tensors, written without first gathering them into one bytes object). As atomic_write_bytes:
+    on any error the temporary goes and path is untouched."""
+    tmp = temporary_path(path)
+    try:
+        write(tmp)
+        commit(open(tmp, "rb+"), tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ import safetensors.numpy
 from safetensors import SafetensorError, safe_open
 
 from . import tensor_files
-from .atomic import atomic_write_bytes
+from .atomic import atomic_write_file
 from .errors import UsageError
 from .model import GPT, ModelConfig, parameter_shapes
 from .optim import AdamW
@@ -63,7 +64,7 @@ def save_model(path: str | os.PathLike, model: GPT, tokenizer: Tokenizer, *,
         raise ValueError("the model has non-finite weights (NaN or inf); not saving them")
     header = {"format": MODEL_FORMAT, "format_version": FORMAT_VERSION,
               "config": json.dumps(model.config.to_dict()), "tokenizer": tokenizer.to_json()}
-    atomic_write_bytes(path, safetensors.numpy.save(dict(model.p), metadata=extra | header))
+    atomic_write_file(path, partial(safetensors.numpy.save_file, dict(model.p), metadata=extra | header))
 
 
 def load_model(path: str | os.PathLike, *, threads: int = 1) -> tuple[GPT, Tokenizer]:
@@ -144,7 +145,7 @@ def save_state(path: str | os.PathLike, *, optimizer: AdamW, step: int, extra: d
              "eps": optimizer.eps, "weight_decay": optimizer.weight_decay}
     metadata = {"format": STATE_FORMAT, "format_version": FORMAT_VERSION, "step": str(step),
                 "optimizer": json.dumps(hyper), "extra": extra_json}
-    atomic_write_bytes(path, safetensors.numpy.save(tensors, metadata=metadata))
+    atomic_write_file(path, partial(safetensors.numpy.save_file, tensors, metadata=metadata))
 
 
 def load_state(path: str | os.PathLike, *, optimizer: AdamW | None = None) -> dict:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
 from .. import tensor_files
-from ..atomic import atomic_write_bytes
+from ..atomic import atomic_write_bytes, atomic_write_file
 from ..checkpoint import ModelFileError
 from ..errors import UsageError
 from ..model import GPT, ModelConfig, parameter_shapes
@@ -239,16 +240,16 @@ def save_hf(folder: str | os.PathLike, model: GPT, tokenizer: Tokenizer) -> list
                         "clean_up_tokenization_spaces": False, **special}
     generation_config = {"bos_token_id": tokenizer.separator_id, "eos_token_id": tokenizer.separator_id}
     tensors = {f"transformer.{hf_name(name)}": view for name, view in model.p.items()}
+    atomic_write_file(folder / WEIGHTS, partial(safetensors.numpy.save_file, tensors, metadata={"format": "pt"}))
     files = {
         CONFIG: _json_bytes(config),
-        WEIGHTS: safetensors.numpy.save(tensors, metadata={"format": "pt"}),
         TOKENIZER: tokenizer.hf_json().encode("utf-8"),
         "tokenizer_config.json": _json_bytes(tokenizer_config),
         "generation_config.json": _json_bytes(generation_config),
     }
     for name, data in files.items():
         atomic_write_bytes(folder / name, data)
-    return [folder / name for name in files]
+    return [folder / WEIGHTS] + [folder / name for name in files]
 
 
 def _json_bytes(obj) -> bytes:
