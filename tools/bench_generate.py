@@ -37,7 +37,8 @@ machine's bandwidth says how close to the limit it runs.
 
 Each (engine, config) pair runs in its own fresh spawned process, one at a time, cllm first, never two engines in
 one process: see tools/bench_train.py for why (OMP_WAIT_POLICY and torch's libgomp share a soname). A process
-per config also makes its peak RSS (interpreter and libraries included) that config's own. The parent imports no
+per config also makes its peak RSS (interpreter and libraries included) that config's own; it is read after the
+timed runs and before the full-pass check, so it is the peak of loading and generating. The parent imports no
 engine; every peer is optional (one that is not installed or not importable is skipped with a line saying so).
 
     python tools/bench_generate.py                    # baby + mid, cllm and torch, 2 threads (a few minutes)
@@ -448,17 +449,20 @@ def bench_engine(engine: str, cfg: GenConfig, threads: int, repeats: int, prompt
         with contextlib.ExitStack() as stack:
             session = make_session(engine, cfg, threads, stack, files)
             warmup = greedy_run(session, prompt, cfg.decode_steps)
+            timed = [greedy_run(session, prompt, cfg.decode_steps) for _ in range(repeats)]
+            # The peak of loading and generating, before the check below: a full pass without a cache is no
+            # part of what a user's generation costs, for any engine.
+            peak = peak_rss_mb()
             # The last step's logits predict the token after prompt + tokens[:-1]; a full pass must agree.
             full = session.full_pass(np.concatenate([prompt, np.asarray(warmup.tokens[:-1], prompt.dtype)]))
             cache_error = float(np.max(np.abs(warmup.last_logits - full)))
-            timed = [greedy_run(session, prompt, cfg.decode_steps) for _ in range(repeats)]
             runtime, weight_bytes = session.runtime, getattr(session, "weight_bytes", None)
     except ImportError as e:
         return None, f"{engine} is not importable ({type(e).__name__}: {e}); skipping {engine} on {cfg.name}"
     except Exception:  # report and go on with the other runs
         return None, f"{engine} failed on {cfg.name}:\n{traceback.format_exc()}"
     return Result(engine, cfg, [r.prefill_s for r in timed], [r.decode_s for r in timed], warmup.tokens,
-                  warmup.prefill_logits, cache_error, peak_rss_mb(), runtime, weight_bytes), None
+                  warmup.prefill_logits, cache_error, peak, runtime, weight_bytes), None
 
 
 def in_fresh_process(fn, *args):
