@@ -156,3 +156,17 @@ def test_ranks_resuming_at_different_steps_refuse_to_train(tmp_path):
     assert train(tmp_path, "a", 0, "--steps", "8", "--stop-after", "6", "--resume").returncode == 0
     r = resume_on_two_ranks(tmp_path, tmp_path / "a", tmp_path / "behind")
     assert r.returncode != 0 and "rank 1 disagrees with rank 0 about the step to resume at" in r.stderr
+
+
+def test_fine_tuning_on_two_ranks_gives_the_bits_of_one(tmp_path):
+    base = train(tmp_path, "base", 0, "--steps", "2")
+    assert base.returncode == 0, base.stderr
+    tune = ["--init-from", str(tmp_path / "base" / "model.cllm"), "--batch-size", "12", "--eval-every", "3",
+            "--eval-batches", "2", "--threads", "1", "--spheres", "12", "--no-progress"]
+    one = train(tmp_path, "one", 0, "--steps", "4", args=tune)
+    two = train(tmp_path, "two", 2, "--steps", "4", args=tune)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    a, _ = load_model(tmp_path / "one" / "model.cllm")
+    b, _ = load_model(tmp_path / "two" / "model.cllm")
+    assert np.array_equal(a.params, b.params)
+    assert "fine-tuning" in two.stdout
