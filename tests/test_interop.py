@@ -163,7 +163,7 @@ def test_an_untied_head_is_refused(tmp_path, bpe):
 @pytest.mark.parametrize("gguf_type, tolerance", [("f32", 0.0), ("f16", 1e-3), ("q8_0", 1e-2)])
 def test_gguf_reads_back_with_gpt2_names_layouts_and_tokenizer(tmp_path, bpe, gguf_type, tolerance):
     model = GPT(ModelConfig(vocab_size=bpe.vocab_size, context_length=32, dim=64, n_layers=2, n_heads=4), seed=2)
-    path = save_gguf(tmp_path / "m.gguf", model, bpe, type=gguf_type)
+    path = save_gguf(tmp_path / "m.gguf", model, bpe, tensor_type=gguf_type)
     reader = gguf.GGUFReader(path)
     fields = {name: field for name, field in reader.fields.items()}
     assert bytes(fields["general.architecture"].parts[-1]).decode() == "gpt2"

@@ -182,7 +182,7 @@ def export_weights(cfg: GenConfig, folder: str, gguf_types: list[str]) -> tuple[
     files = WeightFiles(hf_folder=os.path.join(folder, f"{cfg.name}-hf"))
     written = [f"Hugging Face folder {_mb(sum(p.stat().st_size for p in save_hf(files.hf_folder, model, tokenizer)))}"]
     for gguf_type in gguf_types:
-        path = save_gguf(os.path.join(folder, f"{cfg.name}-{gguf_type}.gguf"), model, tokenizer, type=gguf_type)
+        path = save_gguf(os.path.join(folder, f"{cfg.name}-{gguf_type}.gguf"), model, tokenizer, tensor_type=gguf_type)
         files.gguf[gguf_type] = str(path)
         written.append(f"GGUF {gguf_type} {_mb(path.stat().st_size)}")
     note = (f"  {cfg.name}: {model.num_params / 1e6:.2f}M parameters (seed {SEED}), tokenizer of "

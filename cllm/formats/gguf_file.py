@@ -16,49 +16,54 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 from pathlib import Path
 
 import gguf
 import numpy as np
 
-from ..atomic import temporary_path
+from ..atomic import atomic_write_file
 from ..errors import UsageError
 from ..model import GPT
 from ..tokenizer import Tokenizer
-from .hf import hf_name
+from .hf import LAYER_NORM_EPS, hf_name
 
 TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
          "q8_0": gguf.GGMLQuantizationType.Q8_0}
 FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
               "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
 TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-LAYER_NORM_EPS = 1e-5
 
 
-def save_gguf(path: str | os.PathLike, model: GPT, tokenizer: Tokenizer, *, type: str = "f32",
+def save_gguf(path: str | os.PathLike, model: GPT, tokenizer: Tokenizer, *, tensor_type: str = "f32",
               name: str | None = None) -> Path:
-    """Writes model and tokenizer as a GGUF file of the given tensor type (f32, f16 or q8_0), atomically."""
-    if type not in TYPES:
-        raise UsageError(f"unknown GGUF type {type!r}: choose one of {', '.join(TYPES)}")
+    """Writes model and tokenizer as a GGUF file whose matrices are f32, f16 or q8_0, atomically."""
+    if tensor_type not in TYPES:
+        raise UsageError(f"unknown GGUF type {tensor_type!r}: choose one of {', '.join(TYPES)}")
     if tokenizer.kind != "bpe":
         raise UsageError(f"a {tokenizer.kind} tokenizer has no faithful GGUF form (llama.cpp's GPT-2 tokenizer is "
                          f"byte-level BPE): train with --tokenizer bpe to export to GGUF")
-    cfg = model.config
-    if cfg.activation != "gelu_tanh":
+    if model.config.activation != "gelu_tanh":
         raise UsageError(f"llama.cpp's gpt2 architecture computes GELU's tanh form; this model uses "
-                         f"{cfg.activation}, so a GGUF file would run a different model")
+                         f"{model.config.activation}, so a GGUF file would run a different model")
     path = Path(path)
-    tmp = temporary_path(path)
+    atomic_write_file(path, partial(_write, model=model, tokenizer=tokenizer, tensor_type=tensor_type,
+                                    name=name or path.stem))
+    return path
+
+
+def _write(tmp: Path, *, model: GPT, tokenizer: Tokenizer, tensor_type: str, name: str) -> None:
+    cfg = model.config
     writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT2])
     try:
-        writer.add_name(name or path.stem)
+        writer.add_name(name)
         writer.add_block_count(cfg.n_layers)
         writer.add_context_length(cfg.context_length)
         writer.add_embedding_length(cfg.dim)
         writer.add_feed_forward_length(cfg.hidden_dim)
         writer.add_head_count(cfg.n_heads)
         writer.add_layer_norm_eps(LAYER_NORM_EPS)
-        writer.add_file_type(FILE_TYPES[type])
+        writer.add_file_type(FILE_TYPES[tensor_type])
         _add_tokenizer(writer, tokenizer, cfg.vocab_size)
         names = gguf.TensorNameMap(gguf.MODEL_ARCH.GPT2, cfg.n_layers)
         for cllm_name, tensor in model.p.items():
@@ -67,21 +72,18 @@ def save_gguf(path: str | os.PathLike, model: GPT, tokenizer: Tokenizer, *, type
                 raise RuntimeError(f"no GGUF name for {cllm_name}")
             if cllm_name.endswith(TRANSPOSED):
                 tensor = tensor.T
-            _add_tensor(writer, gguf_name, np.ascontiguousarray(tensor), type, is_position=cllm_name == "wpe")
+            _add_tensor(writer, gguf_name, np.ascontiguousarray(tensor), tensor_type,
+                        is_position=cllm_name == "wpe")
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
+    finally:
         writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
-def _add_tensor(writer: gguf.GGUFWriter, name: str, tensor: np.ndarray, type: str, *, is_position: bool) -> None:
-    qtype = TYPES[type]
+def _add_tensor(writer: gguf.GGUFWriter, name: str, tensor: np.ndarray, tensor_type: str, *,
+                is_position: bool) -> None:
+    qtype = TYPES[tensor_type]
     if tensor.ndim == 1 or is_position:
         qtype = gguf.GGMLQuantizationType.F32
     elif qtype == gguf.GGMLQuantizationType.Q8_0 and tensor.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:

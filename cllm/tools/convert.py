@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         save_model(dst, model, tokenizer)
         written = [dst]
     elif dst.suffix == ".gguf":
-        written = [save_gguf(dst, model, tokenizer, type=args.gguf_type or "f32")]
+        written = [save_gguf(dst, model, tokenizer, tensor_type=args.gguf_type or "f32")]
     else:
         written = save_hf(dst, model, tokenizer)
     for path in written:
