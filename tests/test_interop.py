@@ -5,6 +5,8 @@ offline. Needs the interop extra (pip install -e ".[interop]")."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -221,12 +223,10 @@ def test_convert_between_all_three_formats(tmp_path, bpe, capsys):
 def test_convert_usage_errors_exit_2(tmp_path, bpe):
     model = GPT(ModelConfig(vocab_size=bpe.vocab_size, context_length=8, dim=8, n_layers=1, n_heads=2))
     save_model(tmp_path / "m.cllm", model, bpe)
-    import subprocess
-    import sys
-    for args, message in [([str(tmp_path / "m.cllm"), str(tmp_path / "x.cllm"), "--gguf-type", "f16"],
-                           "--gguf-type applies only"),
-                          ([str(tmp_path / "missing.cllm"), str(tmp_path / "x.cllm")], "no such model file"),
-                          ([str(tmp_path / "m.cllm"), str(tmp_path / "x.gguf"), "--gguf-type", "q4"], "invalid choice")]:
+    m, x = str(tmp_path / "m.cllm"), str(tmp_path / "x")
+    for args, message in [([m, x + ".cllm", "--gguf-type", "f16"], "--gguf-type applies only"),
+                          ([str(tmp_path / "missing.cllm"), x + ".cllm"], "no such model file"),
+                          ([m, x + ".gguf", "--gguf-type", "q4"], "invalid choice")]:
         done = subprocess.run([sys.executable, "-m", "cllm.tools.convert", *args], capture_output=True, text=True)
         assert done.returncode == 2, done.stderr
         assert message in done.stderr and "Traceback" not in done.stderr
@@ -243,9 +243,6 @@ def test_float16_weights_are_widened_exactly(tmp_path, bpe):
 
 
 def test_a_folder_serves_embeddings_and_generation_and_runs_the_inference_tool(tmp_path, bpe):
-    import subprocess
-    import sys
-
     import anyio
 
     from cllm import AsyncModel
