@@ -13,7 +13,7 @@ from pathlib import Path
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-KERNELS = sorted(path.stem for path in Path("cllm/_kernels").glob("*.pyx"))  # every kernel module there
+KERNELS = sorted(path.stem for path in (Path(__file__).parent / "cllm" / "_kernels").glob("*.pyx"))  # all of them
 
 compile_args = [
     "-O3",
