@@ -1,6 +1,8 @@
 # Causal multi-head self-attention on a packed qkv buffer, in memory linear in the context length.
-#   qkv (B, T, 3C): q = [..., 0:C], k = [..., C:2C], v = [..., 2C:3C]; head h owns channels h*hs:(h+1)*hs.
-#   out (B, T, C): head h's weighted sum of values in channels h*hs:(h+1)*hs.
+#   qkv (B, T, (NH + 2 NKV) hs): NH query heads, then NKV key heads, then NKV value heads, each hs wide. GPT-2 has
+#       NKV = NH, so qkv is (B, T, 3C) with q = [..., 0:C], k = [..., C:2C], v = [..., 2C:3C]. With fewer key/value
+#       heads (grouped-query attention), query head h reads key/value head h // (NH / NKV).
+#   out (B, T, NH hs): query head h's weighted sum of values in channels h*hs:(h+1)*hs.
 #   denom (B, NH, T): each query row's softmax denominator, sum_{s<=t} exp(scale * (S[t, s] - m_t)), where S = Q K^T,
 #       scale = 1/sqrt(hs) and m_t = max_{s<=t} S[t, s]. It is all the backward keeps of the softmax; the row's
 #       log-sum-exp is scale * m_t + log(denom).
@@ -12,8 +14,9 @@
 # scales the whole row by exp(rounding of lse), up to |lse| * 2^-24 (3e-5 for scores in the hundreds), so the rows
 # no longer sum to 1 and a saturated row's gradient, exactly 0, comes out as noise. Recomputing the max costs one
 # cheap pass, and P stays a plain softmax: the forward's results are those of the kernel that stored P, bit for bit.
-# Work is split over (batch, head) pairs, which touch disjoint slices, so there are no races and every reduction
-# runs inside one thread in a fixed order. The products of a head go to BLAS by blocks of queries: call these
+# The forward splits its work over (batch, query head) pairs, the backward over (batch, key/value head) pairs, whose
+# query heads it runs one after another in order (they all add into the same dK and dV): the pairs touch disjoint
+# slices, so there are no races and every reduction runs inside one thread in a fixed order. The products of a head go to BLAS by blocks of queries: call these
 # kernels with BLAS held at one thread (as the spheres do), or the BLAS pool and prange compete for the cores.
 from cython.parallel cimport parallel, prange
 from libc.math cimport sqrtf
@@ -85,30 +88,32 @@ cdef inline void block_probabilities(float* scores, Py_ssize_t ld, Py_ssize_t t0
         normalise(row, n, t1, denom[t0 + r])
 
 
-cdef void head_forward(const float* qkv, float* out, float* denom, float* scores, Py_ssize_t T, Py_ssize_t C,
-                       Py_ssize_t hs, float scale) noexcept nogil:
-    """One (batch, head): qkv and out point at that batch row and head's channel offset, denom at its T rows;
-    scores is scratch for QUERY_BLOCK x block_ld(T) floats.
+cdef void head_forward(const float* q, const float* k, const float* v, Py_ssize_t ld, float* out, Py_ssize_t ld_out,
+                       float* denom, float* scores, Py_ssize_t T, Py_ssize_t hs, float scale) noexcept nogil:
+    """One (batch, query head): q, k and v point at that batch row's first position in the head's channels, all
+    with row stride ld; out likewise with row stride ld_out; denom at its T rows; scores is scratch for
+    QUERY_BLOCK x block_ld(T) floats.
 
     Blocks of QUERY_BLOCK queries go through BLAS: S = Q_blk K[:t1]^T, then the softmax of each row (keeping its
     denominator), then out = P V[:t1]. Keys past the block's last query are never touched, so only the diagonal
     blocks do wasted (masked) work.
     """
-    cdef Py_ssize_t t0 = 0, t1, ld, C3 = 3 * C
+    cdef Py_ssize_t t0 = 0, t1, lds
     while t0 < T:
         t1 = min(t0 + QUERY_BLOCK, T)
-        ld = block_ld(t1)
-        gemm(False, True, t1 - t0, t1, hs, qkv + t0 * C3, C3, qkv + C, C3, 0.0, scores, ld)
-        block_probabilities(scores, ld, t0, t1, denom, scale, True)
-        gemm(False, False, t1 - t0, hs, t1, scores, ld, qkv + 2 * C, C3, 0.0, out + t0 * C, C)
+        lds = block_ld(t1)
+        gemm(False, True, t1 - t0, t1, hs, q + t0 * ld, ld, k, ld, 0.0, scores, lds)
+        block_probabilities(scores, lds, t0, t1, denom, scale, True)
+        gemm(False, False, t1 - t0, hs, t1, scores, lds, v, ld, 0.0, out + t0 * ld_out, ld_out)
         t0 = t1
 
 
-cdef void head_backward(const float* dout, const float* qkv, const float* denom, float* dqkv, float* probs,
-                        float* dscores, Py_ssize_t T, Py_ssize_t C, Py_ssize_t hs, float scale,
-                        bint accumulate) noexcept nogil:
-    """Backward of head_forward, by the same query blocks; probs and dscores are scratch for QUERY_BLOCK x
-    block_ld(T) floats each.
+cdef void head_backward(const float* dout, Py_ssize_t ld_out, const float* q, const float* k, const float* v,
+                        Py_ssize_t ld, const float* denom, float* dq, float* dk, float* dv, float* probs,
+                        float* dscores, Py_ssize_t T, Py_ssize_t hs, float scale, bint accumulate_q,
+                        bint accumulate_kv) noexcept nogil:
+    """Backward of head_forward, by the same query blocks: dout as out, and dq, dk, dv as q, k, v (row stride ld);
+    probs and dscores are scratch for QUERY_BLOCK x block_ld(T) floats each.
 
         P = softmax(Q_blk K[:t1]^T) recomputed;  dV[:t1] += P^T dO_blk;  dP = dO_blk V[:t1]^T;
         dS = P * (dP - rowsum(P * dP)) * scale;  dQ_blk = dS K[:t1];      dK[:t1] += dS^T Q_blk
@@ -116,36 +121,41 @@ cdef void head_backward(const float* dout, const float* qkv, const float* denom,
     rowsum(P * dP) equals rowsum(dO * O) (FlashAttention-2's form, hs products a row instead of t1), but it is
     taken from the P in hand: a saturated row (P one-hot) then gets dS = 0 (to exp's floor of 1e-38), not the
     rounding error of dO . O, and its t1 products cost little next to the GEMMs (both measured the same). The
-    blocks run last to first: the last one reaches every key, so with accumulate=False it writes all of dK and dV
-    (beta 0) and the earlier blocks add to them; each block writes its own rows of dQ once.
+    blocks run last to first: the last one reaches every key, so with accumulate_kv=False it writes all of dK and dV
+    (beta 0) and the earlier blocks add to them; each block writes its own rows of dQ once (accumulate_q: adds).
     """
-    cdef Py_ssize_t t0 = (T - 1) // QUERY_BLOCK * QUERY_BLOCK, t1, ld, m, r, n, C3 = 3 * C
-    cdef float beta_q = 1.0 if accumulate else 0.0, beta_kv = beta_q
+    cdef Py_ssize_t t0 = (T - 1) // QUERY_BLOCK * QUERY_BLOCK, t1, lds, m, r, n
+    cdef float beta_q = 1.0 if accumulate_q else 0.0, beta_kv = 1.0 if accumulate_kv else 0.0
     while t0 >= 0:
         t1 = min(t0 + QUERY_BLOCK, T)
         m = t1 - t0
-        ld = block_ld(t1)
-        gemm(False, True, m, t1, hs, qkv + t0 * C3, C3, qkv + C, C3, 0.0, probs, ld)
-        block_probabilities(probs, ld, t0, t1, <float*>denom, scale, False)
-        gemm(True, False, t1, hs, m, probs, ld, dout + t0 * C, C, beta_kv, dqkv + 2 * C, C3)
-        gemm(False, True, m, t1, hs, dout + t0 * C, C, qkv + 2 * C, C3, 0.0, dscores, ld)
+        lds = block_ld(t1)
+        gemm(False, True, m, t1, hs, q + t0 * ld, ld, k, ld, 0.0, probs, lds)
+        block_probabilities(probs, lds, t0, t1, <float*>denom, scale, False)
+        gemm(True, False, t1, hs, m, probs, lds, dout + t0 * ld_out, ld_out, beta_kv, dv, ld)
+        gemm(False, True, m, t1, hs, dout + t0 * ld_out, ld_out, v, ld, 0.0, dscores, lds)
         for r in range(m):
             n = t0 + r + 1
-            softmax_grad(probs + r * ld, dscores + r * ld, n, t1, dot(probs + r * ld, dscores + r * ld, n), scale)
-        gemm(False, False, m, hs, t1, dscores, ld, qkv + C, C3, beta_q, dqkv + t0 * C3, C3)
-        gemm(True, False, t1, hs, m, dscores, ld, qkv + t0 * C3, C3, beta_kv, dqkv + C, C3)
+            softmax_grad(probs + r * lds, dscores + r * lds, n, t1, dot(probs + r * lds, dscores + r * lds, n),
+                         scale)
+        gemm(False, False, m, hs, t1, dscores, lds, k, ld, beta_q, dq + t0 * ld, ld)
+        gemm(True, False, t1, hs, m, dscores, lds, q + t0 * ld, ld, beta_kv, dk, ld)
         beta_kv = 1.0
         t0 -= QUERY_BLOCK
 
 
-cdef int check_shapes(Py_ssize_t b, Py_ssize_t t, Py_ssize_t c3, tuple denom_shape, int n_heads,
-                      int threads) except -1:
+cdef Py_ssize_t head_size(Py_ssize_t b, Py_ssize_t t, Py_ssize_t width, tuple denom_shape, int n_heads,
+                          int n_kv_heads, int threads) except -1:
+    """Checks the shapes of a call; returns the head size."""
     require_threads(threads)
-    require(b > 0 and t > 0 and c3 > 0, "attention of an empty batch")
-    require(c3 % 3 == 0, f"qkv's last dimension ({c3}) must be 3 * dim")
-    require(n_heads > 0 and (c3 // 3) % n_heads == 0, f"dim {c3 // 3} is not divisible by n_heads={n_heads}")
+    require(b > 0 and t > 0 and width > 0, "attention of an empty batch")
+    require(n_heads > 0 and n_kv_heads > 0 and n_heads % n_kv_heads == 0,
+            f"n_kv_heads={n_kv_heads} must divide n_heads={n_heads}")
+    cdef Py_ssize_t heads = n_heads + 2 * n_kv_heads
+    require(width % heads == 0, f"qkv's last dimension ({width}) is not (n_heads + 2 n_kv_heads) = {heads} heads")
     require(denom_shape == (b, n_heads, t), f"denom must be {(b, n_heads, t)} (batch, heads, seq), got {denom_shape}")
-    return require_blas_sizes((t, c3, block_ld(t)), "attention")
+    require_blas_sizes((t, width, block_ld(t)), "attention")
+    return width // heads
 
 
 cdef inline int require_shape(tuple got, tuple want, str name) except -1:
@@ -158,12 +168,14 @@ cdef float* scratch(Py_ssize_t T) noexcept nogil:
 
 
 def attention_forward(const float[:, :, ::1] qkv, float[:, :, ::1] out, float[:, :, ::1] denom, int n_heads,
-                      *, int threads=1):
-    """out (B, T, C) = causal softmax(Q K^T / sqrt(hs)) V, head by head; denom (B, NH, T) = each query row's softmax
-    denominator (relative to the row's largest score), which is what the backward needs of the softmax."""
-    cdef Py_ssize_t B = qkv.shape[0], T = qkv.shape[1], C3 = qkv.shape[2]
-    check_shapes(B, T, C3, (denom.shape[0], denom.shape[1], denom.shape[2]), n_heads, threads)
-    cdef Py_ssize_t C = C3 // 3, NH = n_heads, hs = C // NH, bh, b, h
+                      *, n_kv_heads=None, int threads=1):
+    """out (B, T, NH hs) = causal softmax(Q K^T / sqrt(hs)) V, head by head; denom (B, NH, T) = each query row's
+    softmax denominator (relative to the row's largest score), which is what the backward needs of the softmax.
+    n_kv_heads (default n_heads) key/value heads follow the n_heads query heads in qkv."""
+    cdef int NKV = n_heads if n_kv_heads is None else n_kv_heads
+    cdef Py_ssize_t B = qkv.shape[0], T = qkv.shape[1], W = qkv.shape[2]
+    cdef Py_ssize_t hs = head_size(B, T, W, (denom.shape[0], denom.shape[1], denom.shape[2]), n_heads, NKV, threads)
+    cdef Py_ssize_t NH = n_heads, C = NH * hs, group = NH // NKV, bh, b, h, kv
     require_shape((out.shape[0], out.shape[1], out.shape[2]), (B, T, C), "out")
     cdef float scale = 1.0 / sqrtf(<float>hs)
     cdef float* scores = NULL  # assigned in the parallel block (NULL here keeps its firstprivate copy defined)
@@ -177,21 +189,25 @@ def attention_forward(const float[:, :, ::1] qkv, float[:, :, ::1] out, float[:,
             else:
                 b = bh // NH
                 h = bh % NH
-                head_forward(&qkv[b, 0, h * hs], &out[b, 0, h * hs], &denom[b, h, 0], scores, T, C, hs, scale)
+                kv = h // group
+                head_forward(&qkv[b, 0, h * hs], &qkv[b, 0, C + kv * hs], &qkv[b, 0, C + (NKV + kv) * hs], W,
+                             &out[b, 0, h * hs], C, &denom[b, h, 0], scores, T, hs, scale)
         free(scores)
     if failed[0]:
         raise MemoryError("attention_forward could not allocate its block of scores")
 
 
 def attention_backward(const float[:, :, ::1] dout, const float[:, :, ::1] qkv, const float[:, :, ::1] denom,
-                       float[:, :, ::1] dqkv, int n_heads, *, bint accumulate=True, int threads=1):
-    """dqkv += the gradient of out with respect to qkv, given dout (B, T, C) and the forward's denom (B, NH, T);
-    dqkv = it with accumulate=False."""
-    cdef Py_ssize_t B = qkv.shape[0], T = qkv.shape[1], C3 = qkv.shape[2]
-    check_shapes(B, T, C3, (denom.shape[0], denom.shape[1], denom.shape[2]), n_heads, threads)
-    cdef Py_ssize_t C = C3 // 3, NH = n_heads, hs = C // NH, bh, b, h
+                       float[:, :, ::1] dqkv, int n_heads, *, n_kv_heads=None, bint accumulate=True,
+                       int threads=1):
+    """dqkv += the gradient of out with respect to qkv, given dout (B, T, NH hs) and the forward's denom
+    (B, NH, T); dqkv = it with accumulate=False."""
+    cdef int NKV = n_heads if n_kv_heads is None else n_kv_heads
+    cdef Py_ssize_t B = qkv.shape[0], T = qkv.shape[1], W = qkv.shape[2]
+    cdef Py_ssize_t hs = head_size(B, T, W, (denom.shape[0], denom.shape[1], denom.shape[2]), n_heads, NKV, threads)
+    cdef Py_ssize_t NH = n_heads, C = NH * hs, group = NH // NKV, bg, b, g, h
     require_shape((dout.shape[0], dout.shape[1], dout.shape[2]), (B, T, C), "dout")
-    require_shape((dqkv.shape[0], dqkv.shape[1], dqkv.shape[2]), (B, T, C3), "dqkv")
+    require_shape((dqkv.shape[0], dqkv.shape[1], dqkv.shape[2]), (B, T, W), "dqkv")
     cdef float scale = 1.0 / sqrtf(<float>hs)
     cdef float* probs = NULL
     cdef float* dscores = NULL
@@ -200,14 +216,17 @@ def attention_backward(const float[:, :, ::1] dout, const float[:, :, ::1] qkv, 
     with nogil, parallel(num_threads=threads):
         probs = scratch(T)  # a block of probabilities and one of their gradients, private to this thread
         dscores = scratch(T)
-        for bh in prange(B * NH, schedule="dynamic"):
+        for bg in prange(B * NKV, schedule="dynamic"):
             if probs == NULL or dscores == NULL:
                 failed[0] = 1
             else:
-                b = bh // NH
-                h = bh % NH
-                head_backward(&dout[b, 0, h * hs], &qkv[b, 0, h * hs], &denom[b, h, 0], &dqkv[b, 0, h * hs], probs,
-                              dscores, T, C, hs, scale, accumulate)
+                b = bg // NKV
+                g = bg % NKV
+                for h in range(g * group, (g + 1) * group):  # in order: each adds into the group's dK and dV
+                    head_backward(&dout[b, 0, h * hs], C, &qkv[b, 0, h * hs], &qkv[b, 0, C + g * hs],
+                                  &qkv[b, 0, C + (NKV + g) * hs], W, &denom[b, h, 0], &dqkv[b, 0, h * hs],
+                                  &dqkv[b, 0, C + g * hs], &dqkv[b, 0, C + (NKV + g) * hs], probs, dscores, T, hs,
+                                  scale, accumulate, accumulate or h > g * group)
         free(probs)
         free(dscores)
     if failed[0]:
