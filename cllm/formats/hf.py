@@ -41,7 +41,7 @@ LAYER_NORM_EPS = 1e-5  # what cllm's LayerNorm kernels use
 SAME_ARITHMETIC = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
                    "reorder_and_upcast_attn": False, "add_cross_attention": False}
 IGNORED_TENSORS = (".attn.bias", ".attn.masked_bias")  # GPT-2's causal-mask buffers, not parameters
-READABLE_DTYPES = ("F32", "F16")
+READABLE_DTYPES = tuple(tensor_files.DTYPES)  # F32, and F16 (widened on reading)
 EMBEDDINGS = ("wte", "wpe")  # GPT-2 calls them wte.weight and wpe.weight; every other name is the same
 
 
@@ -52,10 +52,6 @@ def hf_name(name: str) -> str:
 
 class HFFolderError(ModelFileError):
     """A Hugging Face folder that cllm cannot read faithfully; the message names the file and the reason."""
-
-
-def is_hf_folder(path: str | os.PathLike) -> bool:
-    return Path(path).is_dir()
 
 
 # --------------------------------------------------------------------------------------------------------------
