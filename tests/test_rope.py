@@ -154,26 +154,17 @@ def test_table_angles_are_float64_at_large_positions(R):
 # ---------------------------------------------------------------------------------------------------------------
 # forward and backward against the float64 reference
 # ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("direction, sign", [("rope_forward", 1.0), ("rope_backward", -1.0)])
 @pytest.mark.parametrize("start_kind", ["zeros", "offsets"])
 @pytest.mark.parametrize("theta", THETAS)
 @pytest.mark.parametrize("B,T,nh,nkv,hs", SHAPES, ids=SHAPE_IDS)
-def test_forward_matches_float64_reference(R, rng, B, T, nh, nkv, hs, theta, start_kind):
+def test_rotation_matches_float64_reference(R, rng, B, T, nh, nkv, hs, theta, start_kind, direction, sign):
+    """The forward rotates by the position's angle; the backward (the transpose) by its negative."""
     qkv = randn(rng, B, T, (nh + 2 * nkv) * hs)
     start = start_for(start_kind, B, rng)
     table = R.rope_table(64, hs, theta)
-    got = run_threads(R.rope_forward, qkv, table, start, nh, nkv)
-    assert_rope_close("rope_forward", got, ref_rope(qkv, start, nh, nkv, theta), qkv, nh, nkv)
-
-
-@pytest.mark.parametrize("start_kind", ["zeros", "offsets"])
-@pytest.mark.parametrize("theta", THETAS)
-@pytest.mark.parametrize("B,T,nh,nkv,hs", SHAPES, ids=SHAPE_IDS)
-def test_backward_matches_float64_reference(R, rng, B, T, nh, nkv, hs, theta, start_kind):
-    dqkv = randn(rng, B, T, (nh + 2 * nkv) * hs)
-    start = start_for(start_kind, B, rng)
-    table = R.rope_table(64, hs, theta)
-    got = run_threads(R.rope_backward, dqkv, table, start, nh, nkv)
-    assert_rope_close("rope_backward", got, ref_rope(dqkv, start, nh, nkv, theta, sign=-1.0), dqkv, nh, nkv)
+    got = run_threads(getattr(R, direction), qkv, table, start, nh, nkv)
+    assert_rope_close(direction, got, ref_rope(qkv, start, nh, nkv, theta, sign=sign), qkv, nh, nkv)
 
 
 @pytest.mark.parametrize("B,T,nh,nkv,hs", SHAPES, ids=SHAPE_IDS)
