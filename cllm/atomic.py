@@ -74,7 +74,12 @@ def atomic_write_file(path: str | os.PathLike, write: Callable[[Path], object]) 
     on any error the temporary goes and path is untouched."""
     tmp = temporary_path(path)
     try:
+        # Some writers, safetensors among them, make their file readable by its owner alone: give it the
+        # permissions of any other file this process creates (those of an empty file made here first).
+        open(tmp, "wb").close()
+        mode = os.stat(tmp).st_mode & 0o777
         write(tmp)
+        os.chmod(tmp, mode)
         commit(open(tmp, "rb+"), tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -195,6 +195,23 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch
     assert os.listdir(tmp_path) == ["f.bin"]
 
 
+def test_streamed_files_get_ordinary_permissions_and_vanish_on_failure(tmp_path, model, tokenizer):
+    # safetensors' writer makes its files private; a model file written through atomic_write_file must be
+    # readable as any other file this process writes (the server may run as another user).
+    save_model(tmp_path / "m.cllm", model, tokenizer)
+    atomic_write_bytes(tmp_path / "plain.bin", b"x")
+    assert (tmp_path / "m.cllm").stat().st_mode & 0o777 == (tmp_path / "plain.bin").stat().st_mode & 0o777
+
+    def half_written(tmp):
+        tmp.write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic.atomic_write_file(tmp_path / "m.cllm", half_written)
+    assert sorted(os.listdir(tmp_path)) == ["m.cllm", "plain.bin"]
+    load_model(tmp_path / "m.cllm")
+
+
 def test_temporary_names_differ_even_within_one_process(tmp_path):
     # Processes on two machines sharing a folder can have the same pid: the pid alone would collide.
     first, second = atomic.temporary_path(tmp_path / "f.bin"), atomic.temporary_path(tmp_path / "f.bin")
