@@ -13,7 +13,7 @@ import time
 
 from ..checkpoint import load_model
 from ..generate import generate
-from ..threads import blas_limit
+from ..threads import available_cpus, blas_limit
 from ._cli import Parser, non_negative_float, positive_int, run
 
 
@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-p", type=probability, help="sample from the smallest set holding this probability")
     p.add_argument("--seed", type=int, help="for reproducible sampling")
     p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
-    p.add_argument("--threads", type=positive_int, default=1, help="threads for the kernels and BLAS")
+    p.add_argument("--threads", type=positive_int, default=available_cpus(),
+                   help="threads for BLAS, the whole budget (default: the CPUs this process may use)")
     p.add_argument("-v", "--verbose", action="store_true", help="report tokens/s on stderr")
     args = p.parse_args(argv)
 
