@@ -57,21 +57,13 @@ def commit(f: BinaryIO, tmp: Path, path: str | os.PathLike) -> None:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Replaces path with data. On any error, Ctrl-C included, the temporary file goes and path is untouched."""
-    tmp = temporary_path(path)
-    try:
-        f = open(tmp, "wb")
-        with f:
-            f.write(data)
-            commit(f, tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write_file(path, lambda tmp: tmp.write_bytes(data))
 
 
 def atomic_write_file(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
-    """Replaces path with the file that write(temporary path) creates, for writers that stream to a path of their
-    own (a model's tensors, written without first gathering them into one bytes object). As atomic_write_bytes:
-    on any error the temporary goes and path is untouched."""
+    """Replaces path with the file that write(temporary path) creates: bytes in hand, or writers that stream to a
+    path of their own (a model's tensors, written without first gathering them into one bytes object). On any
+    error, Ctrl-C included, the temporary file goes and path is untouched."""
     tmp = temporary_path(path)
     try:
         # Some writers, safetensors among them, make their file readable by its owner alone: give it the
@@ -80,7 +72,8 @@ def atomic_write_file(path: str | os.PathLike, write: Callable[[Path], object]) 
         mode = os.stat(tmp).st_mode & 0o777
         write(tmp)
         os.chmod(tmp, mode)
-        commit(open(tmp, "rb+"), tmp, path)
+        with open(tmp, "rb+") as f:
+            commit(f, tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
