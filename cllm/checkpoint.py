@@ -241,9 +241,9 @@ def _check_tensors(path, tensors: dict[str, np.ndarray], shapes: dict[str, tuple
 def _check_names_and_shapes(path, found: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]]) -> None:
     missing, unexpected = sorted(set(shapes) - set(found)), sorted(set(found) - set(shapes))
     if missing:
-        raise ModelFileError(f"{path}: missing tensors {_few(missing)}")
+        raise ModelFileError(f"{path}: missing tensors {few_names(missing)}")
     if unexpected:
-        raise ModelFileError(f"{path}: unexpected tensors {_few(unexpected)}")
+        raise ModelFileError(f"{path}: unexpected tensors {few_names(unexpected)}")
     for name, shape in shapes.items():
         if tuple(found[name]) != tuple(shape):
             raise ModelFileError(f"{path}: tensor {name!r} has shape {tuple(found[name])}, expected {tuple(shape)}")
@@ -254,7 +254,8 @@ def _check_finite(path, name: str, tensor: np.ndarray) -> None:
         raise ModelFileError(f"{path}: tensor {name!r} holds non-finite values (NaN or inf)")
 
 
-def _few(names: list[str], shown: int = 4) -> str:
+def few_names(names: list[str], shown: int = 4) -> str:
+    """The first few names, and how many more: for one-line errors about many tensors."""
     more = f" and {len(names) - shown} more" if len(names) > shown else ""
     return ", ".join(names[:shown]) + more
 

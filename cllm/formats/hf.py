@@ -27,7 +27,7 @@ from tokenizers import decoders, models, pre_tokenizers
 
 from .. import tensor_files
 from ..atomic import atomic_write_bytes, atomic_write_file
-from ..checkpoint import ModelFileError
+from ..checkpoint import ModelFileError, few_names
 from ..errors import UsageError
 from ..model import GPT, ModelConfig, parameter_shapes
 from ..tokenizer import ENDOFTEXT, SEPARATOR, Tokenizer
@@ -48,6 +48,12 @@ EMBEDDINGS = ("wte", "wpe")  # GPT-2 calls them wte.weight and wpe.weight; every
 def hf_name(name: str) -> str:
     """The Hugging Face name of a cllm parameter (without the transformer. prefix)."""
     return f"{name}.weight" if name in EMBEDDINGS else name
+
+
+def cllm_name(key: str) -> str:
+    """The cllm name of a Hugging Face tensor, with or without the transformer. prefix: hf_name's inverse."""
+    name = key.removeprefix("transformer.")
+    return name.removesuffix(".weight") if name.removesuffix(".weight") in EMBEDDINGS else name
 
 
 class HFFolderError(ModelFileError):
@@ -169,8 +175,7 @@ def _read_weights(folder: Path, model: GPT) -> None:
         try:
             with safe_open(path, framework="np") as f:  # validates the header; only it is read here
                 for key in f.keys():
-                    name = key.removeprefix("transformer.")
-                    name = name.removesuffix(".weight") if name.removesuffix(".weight") in EMBEDDINGS else name
+                    name = cllm_name(key)
                     if name.endswith(IGNORED_TENSORS):
                         continue
                     meta = f.get_slice(key)
@@ -197,8 +202,7 @@ def _read_weights(folder: Path, model: GPT) -> None:
             raise HFFolderError(f"{path}: cannot read it ({e.strerror or e})") from None
     missing = sorted(set(shapes) - seen)
     if missing:
-        raise HFFolderError(f"{folder}: missing tensors {', '.join(missing[:4])}"
-                            f"{f' and {len(missing) - 4} more' if len(missing) > 4 else ''}")
+        raise HFFolderError(f"{folder}: missing tensors {few_names(missing)}")
     for name, view in model.p.items():
         if not np.isfinite(view).all():
             raise HFFolderError(f"{folder}: tensor {hf_name(name)!r} holds non-finite values")
