@@ -142,7 +142,7 @@ def start_run(out: Path, given: dict, settings: TrainSettings, base: tuple[GPT, 
     report = prepared.report
     record = RunRecord(CorpusRecord.of(data, report.fingerprint),
                        val_data and CorpusRecord.of([val_data], report.val_fingerprint), tokenizer_settings, config,
-                       settings, prepared.recipe.hex(), base and str(Path(given["init_from"]).resolve()))
+                       settings, prepared.recipe.hex(), str(Path(given["init_from"]).resolve()) if base else None)
     if root and start(out, record):
         say(f"a new run replaces the one in {out}", flush=True)
     return prepared, record
