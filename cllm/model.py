@@ -16,14 +16,26 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._kernels import attention, crossentropy, embedding, gelu, layernorm, linear
+from ._kernels import attention, crossentropy, embedding, gelu, layernorm, linear, rmsnorm, rope, swiglu
 from .buffers import aligned_zeros, carve, carved_size
 from .errors import UsageError
 
 
-# The MLP's GELU: "gelu_tanh" is the tanh approximation (GPT-2; Hugging Face's gelu_new / gelu_pytorch_tanh),
-# "gelu_erf" the exact 0.5 x (1 + erf(x / sqrt 2)) (Hugging Face's gelu, nanoGPT's).
-ACTIVATIONS = ("gelu_tanh", "gelu_erf")
+# The two block designs, both pre-norm decoders with a tied or untied vocabulary head:
+# - "gpt2": learned positions, LayerNorm with biases, a GELU MLP, biases on every projection, a tied head.
+# - "llama": rotary positions (RoPE) on q and k, RMSNorm, grouped-query attention (n_kv_heads key/value heads shared
+#   by groups of query heads), a SwiGLU MLP (down(silu(gate(x)) * up(x))), no biases, a tied or untied head.
+ARCHITECTURES = ("gpt2", "llama")
+# The MLP's activation per architecture. gpt2: "gelu_tanh" is the tanh approximation (GPT-2; Hugging Face's
+# gelu_new / gelu_pytorch_tanh), "gelu_erf" the exact 0.5 x (1 + erf(x / sqrt 2)) (Hugging Face's gelu, nanoGPT's).
+# llama: "silu", gating SwiGLU's up projection.
+ACTIVATIONS = {"gpt2": ("gelu_tanh", "gelu_erf"), "llama": ("silu",)}
+
+
+def llama_intermediate_size(dim: int) -> int:
+    """SwiGLU's default width: 8/3 of dim, the width at which its three matrices hold as many weights as a 4x GELU
+    MLP's two, rounded up to a multiple of 32."""
+    return -(-8 * dim // 3 // 32) * 32
 
 
 @dataclass(frozen=True)
@@ -33,21 +45,58 @@ class ModelConfig:
     dim: int
     n_layers: int
     n_heads: int
-    mlp_ratio: int = 4
-    activation: str = "gelu_tanh"  # one of ACTIVATIONS; configs saved before it existed mean gelu_tanh
+    mlp_ratio: int = 4  # gpt2's MLP width, as a multiple of dim
+    # The fields below came later. Left at their defaults they describe GPT-2 exactly, and to_dict omits them for
+    # gpt2, so a gpt2 config reads as it did before they existed.
+    activation: str | None = None  # one of ACTIVATIONS[arch]; None: the architecture's first
+    arch: str = "gpt2"  # one of ARCHITECTURES
+    n_kv_heads: int | None = None  # key/value heads (llama: None means n_heads); gpt2 has n_heads, and None here
+    intermediate_size: int | None = None  # llama's MLP width (None: llama_intermediate_size); gpt2's mlp_ratio * dim
+    rope_theta: float = 10000.0  # RoPE's base (llama)
+    norm_eps: float = 1e-5
+    tied_head: bool = True  # the vocabulary head is the token embedding (always, for gpt2)
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            if field.name == "activation":
-                continue
-            value = getattr(self, field.name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise UsageError(f"ModelConfig.{field.name} must be a positive integer, got {value!r}")
-        if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS:
-            raise UsageError(f"ModelConfig.activation must be one of {', '.join(ACTIVATIONS)}, "
-                             f"got {self.activation!r}")
+        for name in ("vocab_size", "context_length", "dim", "n_layers", "n_heads", "mlp_ratio"):
+            _require_positive_int(name, getattr(self, name))
+        if self.arch not in ARCHITECTURES:
+            raise UsageError(f"ModelConfig.arch must be one of {', '.join(ARCHITECTURES)}, got {self.arch!r}")
+        llama = self.arch == "llama"
+        if self.activation is None:
+            object.__setattr__(self, "activation", ACTIVATIONS[self.arch][0])
+        if self.activation not in ACTIVATIONS[self.arch]:
+            raise UsageError(f"ModelConfig.activation must be one of {', '.join(ACTIVATIONS[self.arch])} for "
+                             f"{self.arch}, got {self.activation!r}")
+        for name in ("rope_theta", "norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise UsageError(f"ModelConfig.{name} must be a positive number, got {value!r}")
+        if not isinstance(self.tied_head, bool):
+            raise UsageError(f"ModelConfig.tied_head must be true or false, got {self.tied_head!r}")
         if self.dim % self.n_heads:
             raise UsageError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        if llama:  # its own widths, filled in when not given
+            if self.n_kv_heads is None:
+                object.__setattr__(self, "n_kv_heads", self.n_heads)
+            if self.intermediate_size is None:
+                object.__setattr__(self, "intermediate_size", llama_intermediate_size(self.dim))
+            for name in ("n_kv_heads", "intermediate_size"):
+                _require_positive_int(name, getattr(self, name))
+            if self.n_heads % self.n_kv_heads:
+                raise UsageError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
+            if self.head_dim % 2:
+                raise UsageError(f"the head size dim / n_heads = {self.head_dim} must be even: RoPE rotates pairs")
+        else:  # gpt2's follow from the other fields; they stay None, so that dataclasses.replace keeps them so
+            implied = {"n_kv_heads": self.n_heads, "intermediate_size": self.mlp_ratio * self.dim}
+            for name, value in implied.items():
+                if getattr(self, name) not in (None, value):
+                    raise UsageError(f"ModelConfig.{name} must be {value} for gpt2 (got {getattr(self, name)!r}): "
+                                     f"it is a llama setting")
+                object.__setattr__(self, name, None)
+            for name, value in {"rope_theta": 10000.0, "tied_head": True}.items():
+                if getattr(self, name) != value:
+                    raise UsageError(f"ModelConfig.{name} must be {value} for gpt2 (got {getattr(self, name)!r}): "
+                                     f"it is a llama setting")
 
     @property
     def exact_gelu(self) -> bool:
@@ -60,15 +109,37 @@ class ModelConfig:
 
     @property
     def hidden_dim(self) -> int:
-        return self.mlp_ratio * self.dim
+        """The MLP's inner width: what its activation outputs and its down projection reads."""
+        return self.intermediate_size or self.mlp_ratio * self.dim
+
+    @property
+    def kv_dim(self) -> int:
+        """Channels of one token's keys (and of its values)."""
+        return (self.n_kv_heads or self.n_heads) * self.head_dim
+
+    @property
+    def qkv_dim(self) -> int:
+        """Channels of one token's packed queries, keys and values: (n_heads + 2 n_kv_heads) head_dim."""
+        return self.dim + 2 * self.kv_dim
+
+    @property
+    def up_dim(self) -> int:
+        """Width of the MLP's first projection: the hidden width, or gate and up side by side for SwiGLU."""
+        return 2 * self.hidden_dim if self.arch == "llama" else self.hidden_dim
 
     def to_dict(self) -> dict:
-        """The fields, but activation only when it is not the default gelu_tanh: a tanh model's config then reads
-        exactly as before the field existed (run.json, model files), and cllm versions from before it, which
-        refuse unknown fields, still load it. from_dict restores the default."""
+        """Every field for llama. For gpt2 the original fields, and activation only when it is not gelu_tanh: a
+        GPT-2 config then reads exactly as before the later fields existed (run.json, model files), and cllm
+        versions from before them, which refuse unknown fields, still load it. from_dict restores the defaults."""
         d = dataclasses.asdict(self)
-        if d["activation"] == "gelu_tanh":
-            del d["activation"]
+        if self.arch == "gpt2":
+            for name in ("arch", "n_kv_heads", "intermediate_size", "rope_theta", "tied_head"):
+                del d[name]  # each has its one gpt2 value
+            for name, default in (("activation", "gelu_tanh"), ("norm_eps", 1e-5)):
+                if d[name] == default:
+                    del d[name]
+        else:
+            del d["mlp_ratio"]
         return d
 
     @classmethod
@@ -80,20 +151,37 @@ class ModelConfig:
         return cls(**d)
 
 
+def _require_positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise UsageError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+
+
 def parameter_shapes(cfg: ModelConfig) -> tuple[dict[str, tuple[int, ...]], int]:
-    """The flat layout: every matrix, then every vector. Returns (name -> shape, number of matrix elements)."""
-    C, H = cfg.dim, cfg.hidden_dim
-    matrices = {"wte": (cfg.vocab_size, C), "wpe": (cfg.context_length, C)}
+    """The flat layout: every matrix, then every vector. Returns (name -> shape, number of matrix elements).
+
+    Both architectures use GPT-2's names, which name a part by its place in the block: ln_1, ln_2 and ln_f are
+    the norms (RMSNorm for llama, with no bias), attn.c_attn the packed q, k, v projection (k and v n_kv_heads
+    wide), attn.c_proj the attention's output, mlp.c_fc the MLP's first projection (for llama, gate then up side by
+    side: (dim, 2 * intermediate)) and mlp.c_proj its down projection. Matrices are stored (in, out). llama has no
+    wpe and no biases; an untied head is lm_head, (vocab, dim) like wte."""
+    C, H, U = cfg.dim, cfg.hidden_dim, cfg.up_dim
+    gpt2 = cfg.arch == "gpt2"
+    matrices = {"wte": (cfg.vocab_size, C)}
+    matrices |= {"wpe": (cfg.context_length, C)} if gpt2 else {}
+    matrices |= {} if cfg.tied_head else {"lm_head": (cfg.vocab_size, C)}
     vectors = {}
     for i in range(cfg.n_layers):
         p = f"h.{i}."
-        matrices |= {p + "attn.c_attn.weight": (C, 3 * C), p + "attn.c_proj.weight": (C, C),
-                     p + "mlp.c_fc.weight": (C, H), p + "mlp.c_proj.weight": (H, C)}
-        vectors |= {p + "ln_1.weight": (C,), p + "ln_1.bias": (C,),
-                    p + "attn.c_attn.bias": (3 * C,), p + "attn.c_proj.bias": (C,),
-                    p + "ln_2.weight": (C,), p + "ln_2.bias": (C,),
-                    p + "mlp.c_fc.bias": (H,), p + "mlp.c_proj.bias": (C,)}
-    vectors |= {"ln_f.weight": (C,), "ln_f.bias": (C,)}
+        matrices |= {p + "attn.c_attn.weight": (C, cfg.qkv_dim), p + "attn.c_proj.weight": (C, C),
+                     p + "mlp.c_fc.weight": (C, U), p + "mlp.c_proj.weight": (H, C)}
+        if gpt2:
+            vectors |= {p + "ln_1.weight": (C,), p + "ln_1.bias": (C,),
+                        p + "attn.c_attn.bias": (cfg.qkv_dim,), p + "attn.c_proj.bias": (C,),
+                        p + "ln_2.weight": (C,), p + "ln_2.bias": (C,),
+                        p + "mlp.c_fc.bias": (U,), p + "mlp.c_proj.bias": (C,)}
+        else:
+            vectors |= {p + "ln_1.weight": (C,), p + "ln_2.weight": (C,)}
+    vectors |= {"ln_f.weight": (C,), "ln_f.bias": (C,)} if gpt2 else {"ln_f.weight": (C,)}
     return matrices | vectors, carved_size(matrices, pad=False)
 
 
@@ -125,9 +213,10 @@ class Workspace:
         self.a = carve(self.buffer, shapes, pad=True)
         if not training:  # every layer's name for an activation is the one shared view
             for i in range(cfg.n_layers):
-                self.a |= {f"{name}{i}": self.a[name] for name in self._SHARED_ACROSS_LAYERS}
+                self.a |= {f"{name}{i}": self.a[name] for name in self._SHARED_ACROSS_LAYERS if name in self.a}
             self.a[f"res{cfg.n_layers}"] = self.a["res"]
         self.tokens = np.zeros((batch, seq), np.int32)
+        self.start = np.zeros(batch, np.int32)  # each row's first position, for RoPE: a pass covers 0 .. seq - 1
         self.has_dlogits = False  # set by a forward pass with targets; logits then hold dlogits
 
     @classmethod
@@ -144,27 +233,32 @@ class Workspace:
             raise UsageError(f"sequence length {seq} must be in [1, context_length={cfg.context_length}]")
         if batch < 1:
             raise UsageError(f"batch size must be positive, got {batch}")
-        N, C, H, V, NH, L = batch * seq, cfg.dim, cfg.hidden_dim, cfg.vocab_size, cfg.n_heads, cfg.n_layers
+        N, C, H, U, V, NH, L = (batch * seq, cfg.dim, cfg.hidden_dim, cfg.up_dim, cfg.vocab_size, cfg.n_heads,
+                                cfg.n_layers)
+        # RMSNorm keeps no mean.
+        mean = (lambda name: {name: (N,)}) if cfg.arch == "gpt2" else (lambda name: {})
 
         def layer(i) -> dict[str, tuple[int, ...]]:
             # Attention keeps each query row's softmax denominator (att_denom), not the (seq, seq) probabilities,
             # which its backward recomputes: every buffer here grows linearly with seq.
-            return {f"res{i}": (N, C), f"ln1_{i}": (N, C), f"ln1_mean{i}": (N,), f"ln1_rstd{i}": (N,),
-                    f"att_denom{i}": (batch, NH, seq), f"atty{i}": (N, C), f"res_mid{i}": (N, C), f"ln2_{i}": (N, C),
-                    f"ln2_mean{i}": (N,), f"ln2_rstd{i}": (N,), f"fc{i}": (N, H)}
+            return ({f"res{i}": (N, C), f"ln1_{i}": (N, C)} | mean(f"ln1_mean{i}") | {f"ln1_rstd{i}": (N,),
+                    f"att_denom{i}": (batch, NH, seq), f"atty{i}": (N, C), f"res_mid{i}": (N, C), f"ln2_{i}": (N, C)}
+                    | mean(f"ln2_mean{i}") | {f"ln2_rstd{i}": (N,), f"fc{i}": (N, U)})
 
-        # GELU's output is one buffer for all layers: the backward recomputes it from fc{i} (cheap next to the
-        # GEMMs), which saves a quarter of the activations a layer keeps.
-        shapes = {f"qkv{i}": (batch, seq, 3 * C) for i in range(L)} | {"fc_gelu": (N, H)}
-        final = {"lnf": (N, C), "lnf_mean": (N,), "lnf_rstd": (N,), "logits": (N, V)}
+        # qkv holds q and k after RoPE (llama), as attention and its backward read them. The activation's output
+        # (fc_act) is one buffer for all layers: the backward recomputes it from fc{i} (cheap next to the GEMMs),
+        # which saves a quarter of the activations a layer keeps.
+        shapes = {f"qkv{i}": (batch, seq, cfg.qkv_dim) for i in range(L)} | {"fc_act": (N, H)}
+        final = {"lnf": (N, C)} | mean("lnf_mean") | {"lnf_rstd": (N,), "logits": (N, V)}
         if not training:
             return shapes | layer("") | final
         for i in range(L):
             shapes |= layer(i)
         return shapes | {f"res{L}": (N, C)} | final | {
             "losses": (N,),
-            # backward scratch, reused by every layer
-            "dres": (N, C), "dc": (N, C), "dqkv": (batch, seq, 3 * C), "dh": (N, H), "dh_gelu": (N, H)}
+            # backward scratch, reused by every layer: dh takes the MLP's first projection's gradient, and first
+            # the recomputed activation output (its first N * H floats), which the down projection's GEMM reads
+            "dres": (N, C), "dc": (N, C), "dqkv": (batch, seq, cfg.qkv_dim), "dh": (N, U), "dh_act": (N, H)}
 
 
 class ForwardWorkspaces:
@@ -202,8 +296,14 @@ class GPT:
         self.grads = aligned_zeros(self.params.size)
         self.p = carve(self.params, shapes, pad=False)
         self.g = carve(self.grads, shapes, pad=False)
-        # Gradients that backward only ever adds to (LayerNorm parameters, positions): the rest are written once.
-        self._summed_grads = [name for name in shapes if name == "wpe" or "ln_" in name]
+        # Gradients that backward only ever adds to (norm parameters, positions, an untied model's token
+        # embedding): the rest are written once.
+        self._summed_grads = [name for name in shapes
+                              if name == "wpe" or "ln_" in name or (name == "wte" and not config.tied_head)]
+        self._head = "wte" if config.tied_head else "lm_head"
+        # RoPE's (cos, sin) for every position, built once (llama).
+        self.rope = (rope.rope_table(config.context_length, config.head_dim, config.rope_theta)
+                     if config.arch == "llama" else None)
         self._workspace: Workspace | None = None  # the latest shape's only: the model keeps no cache by shape
         self._last: Workspace | None = None  # what backward() differentiates
         if init:
@@ -270,8 +370,8 @@ class GPT:
                    logits: bool = True) -> float | None:
         """Forward over ws. With targets, returns the SUM of token losses and leaves dlogits * grad_scale.
 
-        With logits=False it stops after the final LayerNorm: ws.a["lnf"] (B*T, C) holds the hidden states
-        (what embeddings pool), and the vocabulary projection is skipped.
+        With logits=False it stops after the final norm: ws.a["lnf"] (B*T, C) holds the hidden states (what
+        embeddings pool), and the vocabulary projection is skipped.
 
         heartbeat, if given, is called as heartbeat("forward", layer) before each layer: the coordinator's
         watchdog reads it, and it may raise to stop work that has been abandoned.
@@ -283,36 +383,35 @@ class GPT:
         np.copyto(ws.tokens, tokens)
         ws.has_dlogits = False
         x = a["res0"]
-        embedding.embedding_forward(ws.tokens, p["wte"], p["wpe"], x.reshape(B, T, -1), threads=th)
+        embedding.embedding_forward(ws.tokens, p["wte"], p.get("wpe"), x.reshape(B, T, -1), threads=th)
         for i in range(cfg.n_layers):
             if heartbeat is not None:
                 heartbeat("forward", i)
             h = f"h.{i}."
-            layernorm.layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"], a[f"ln1_{i}"],
-                                        a[f"ln1_mean{i}"], a[f"ln1_rstd{i}"], threads=th)
+            self._norm_forward(x, h + "ln_1", a[f"ln1_{i}"], a.get(f"ln1_mean{i}"), a[f"ln1_rstd{i}"], th)
             qkv = a[f"qkv{i}"]
-            linear.linear_forward(a[f"ln1_{i}"], p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"],
+            linear.linear_forward(a[f"ln1_{i}"], p[h + "attn.c_attn.weight"], p.get(h + "attn.c_attn.bias"),
                                   qkv.reshape(B * T, -1), threads=th)
+            if self.rope is not None:
+                rope.rope_forward(qkv, self.rope, ws.start, cfg.n_heads, cfg.n_kv_heads, threads=th)
             attention.attention_forward(qkv, a[f"atty{i}"].reshape(B, T, -1), a[f"att_denom{i}"], cfg.n_heads,
-                                        threads=th)
+                                        n_kv_heads=cfg.n_kv_heads, threads=th)
             mid = a[f"res_mid{i}"]
-            linear.linear_forward(a[f"atty{i}"], p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"], mid,
+            linear.linear_forward(a[f"atty{i}"], p[h + "attn.c_proj.weight"], p.get(h + "attn.c_proj.bias"), mid,
                                   threads=th)
             np.add(mid, x, out=mid)
-            layernorm.layernorm_forward(mid, p[h + "ln_2.weight"], p[h + "ln_2.bias"], a[f"ln2_{i}"],
-                                        a[f"ln2_mean{i}"], a[f"ln2_rstd{i}"], threads=th)
-            linear.linear_forward(a[f"ln2_{i}"], p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"], a[f"fc{i}"],
+            self._norm_forward(mid, h + "ln_2", a[f"ln2_{i}"], a.get(f"ln2_mean{i}"), a[f"ln2_rstd{i}"], th)
+            linear.linear_forward(a[f"ln2_{i}"], p[h + "mlp.c_fc.weight"], p.get(h + "mlp.c_fc.bias"), a[f"fc{i}"],
                                   threads=th)
-            gelu.gelu_forward(a[f"fc{i}"], a["fc_gelu"], exact=cfg.exact_gelu, threads=th)
+            self._activation_forward(a[f"fc{i}"], a["fc_act"], th)
             x = a[f"res{i + 1}"]
-            linear.linear_forward(a["fc_gelu"], p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"], x,
+            linear.linear_forward(a["fc_act"], p[h + "mlp.c_proj.weight"], p.get(h + "mlp.c_proj.bias"), x,
                                   threads=th)
             np.add(x, mid, out=x)
-        layernorm.layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"], a["lnf"], a["lnf_mean"], a["lnf_rstd"],
-                                    threads=th)
+        self._norm_forward(x, "ln_f", a["lnf"], a.get("lnf_mean"), a["lnf_rstd"], th)
         if not logits:
             return None
-        linear.linear_forward(a["lnf"], p["wte"], None, a["logits"], w_transposed=True, threads=th)
+        linear.linear_forward(a["lnf"], p[self._head], None, a["logits"], w_transposed=True, threads=th)
         if targets is None:
             return None
         if not ws.training:
@@ -332,7 +431,8 @@ class GPT:
         that forward_ws left in ws.
 
         Every scratch buffer is overwritten before it is read, so nothing here is zeroed but the few gradients
-        that only ever receive sums (LayerNorm parameters and positions) when they are overwritten.
+        that only ever receive sums (norm parameters, positions, an untied token embedding) when they are
+        overwritten.
         """
         if not ws.has_dlogits:
             raise RuntimeError("backward needs a preceding forward with targets on this workspace")
@@ -341,42 +441,76 @@ class GPT:
         if not accumulate:
             for name in self._summed_grads:
                 g[name].fill(0.0)
-        dres, dc, dqkv, dh, dh_gelu = a["dres"], a["dc"], a["dqkv"], a["dh"], a["dh_gelu"]
-        # The head writes g["wte"] first (the embedding's scatter-add comes last), so it alone may overwrite.
+        dres, dc, dqkv, dh, dh_act = a["dres"], a["dc"], a["dqkv"], a["dh"], a["dh_act"]
+        act = dh.reshape(-1)[:dh_act.size].reshape(dh_act.shape)  # the recomputed activation, in dh's memory
+        # The head writes g[head] first (the embedding's scatter-add comes last), so it alone may overwrite.
         overwrite_dx = {"accumulate": accumulate, "accumulate_dx": False, "threads": th}
-        linear.linear_backward(a["logits"], a["lnf"], p["wte"], dc, g["wte"], None, w_transposed=True,
+        linear.linear_backward(a["logits"], a["lnf"], p[self._head], dc, g[self._head], None, w_transposed=True,
                                **overwrite_dx)
         dres.fill(0.0)
-        layernorm.layernorm_backward(dc, a[f"res{L}"], p["ln_f.weight"], a["lnf_mean"], a["lnf_rstd"], dres,
-                                     g["ln_f.weight"], g["ln_f.bias"], threads=th)
+        self._norm_backward(dc, a[f"res{L}"], "ln_f", a.get("lnf_mean"), a["lnf_rstd"], dres, g, th)
         for i in reversed(range(L)):
             if heartbeat is not None:
                 heartbeat("backward", i)
             h = f"h.{i}."
             # dres is d(block output); it flows unchanged into res_mid (the residual) and into the MLP.
-            # GELU's output was not kept: recompute it (the same kernel on the same input, so the same bits) into
-            # dh, which gelu_backward overwrites once the GEMM has read it.
-            gelu.gelu_forward(a[f"fc{i}"], dh, exact=cfg.exact_gelu, threads=th)
-            linear.linear_backward(dres, dh, p[h + "mlp.c_proj.weight"], dh_gelu,
-                                   g[h + "mlp.c_proj.weight"], g[h + "mlp.c_proj.bias"], **overwrite_dx)
-            gelu.gelu_backward(dh_gelu, a[f"fc{i}"], dh, accumulate=False, exact=cfg.exact_gelu, threads=th)
+            # The activation's output was not kept: recompute it (the same kernel on the same input, so the same
+            # bits) into dh's memory, which the activation's backward overwrites once the GEMM has read it.
+            self._activation_forward(a[f"fc{i}"], act, th)
+            linear.linear_backward(dres, act, p[h + "mlp.c_proj.weight"], dh_act, g[h + "mlp.c_proj.weight"],
+                                   g.get(h + "mlp.c_proj.bias"), **overwrite_dx)
+            self._activation_backward(dh_act, a[f"fc{i}"], dh, th)
             linear.linear_backward(dh, a[f"ln2_{i}"], p[h + "mlp.c_fc.weight"], dc, g[h + "mlp.c_fc.weight"],
-                                   g[h + "mlp.c_fc.bias"], **overwrite_dx)
-            layernorm.layernorm_backward(dc, a[f"res_mid{i}"], p[h + "ln_2.weight"], a[f"ln2_mean{i}"],
-                                         a[f"ln2_rstd{i}"], dres, g[h + "ln_2.weight"], g[h + "ln_2.bias"],
-                                         threads=th)
+                                   g.get(h + "mlp.c_fc.bias"), **overwrite_dx)
+            self._norm_backward(dc, a[f"res_mid{i}"], h + "ln_2", a.get(f"ln2_mean{i}"), a[f"ln2_rstd{i}"], dres, g,
+                                th)
             # dres is now d(res_mid); it flows into the block input and into the attention branch.
             linear.linear_backward(dres, a[f"atty{i}"], p[h + "attn.c_proj.weight"], dc,
-                                   g[h + "attn.c_proj.weight"], g[h + "attn.c_proj.bias"], **overwrite_dx)
+                                   g[h + "attn.c_proj.weight"], g.get(h + "attn.c_proj.bias"), **overwrite_dx)
             attention.attention_backward(dc.reshape(B, T, -1), a[f"qkv{i}"], a[f"att_denom{i}"], dqkv, cfg.n_heads,
-                                         accumulate=False, threads=th)
+                                         n_kv_heads=cfg.n_kv_heads, accumulate=False, threads=th)
+            if self.rope is not None:  # d(rotated q, k) -> d(q, k) as the projection made them
+                rope.rope_backward(dqkv, self.rope, ws.start, cfg.n_heads, cfg.n_kv_heads, threads=th)
             linear.linear_backward(dqkv.reshape(B * T, -1), a[f"ln1_{i}"], p[h + "attn.c_attn.weight"], dc,
-                                   g[h + "attn.c_attn.weight"], g[h + "attn.c_attn.bias"], **overwrite_dx)
-            layernorm.layernorm_backward(dc, a[f"res{i}"], p[h + "ln_1.weight"], a[f"ln1_mean{i}"],
-                                         a[f"ln1_rstd{i}"], dres, g[h + "ln_1.weight"], g[h + "ln_1.bias"],
-                                         threads=th)
-        embedding.embedding_backward(dres.reshape(B, T, -1), ws.tokens, g["wte"], g["wpe"], threads=th)
+                                   g[h + "attn.c_attn.weight"], g.get(h + "attn.c_attn.bias"), **overwrite_dx)
+            self._norm_backward(dc, a[f"res{i}"], h + "ln_1", a.get(f"ln1_mean{i}"), a[f"ln1_rstd{i}"], dres, g, th)
+        embedding.embedding_backward(dres.reshape(B, T, -1), ws.tokens, g["wte"], g.get("wpe"), threads=th)
         ws.has_dlogits = False  # the logits buffer was consumed; a second backward would double-count
+
+    # ----------------------------------------------------------------------------------------------------------
+    # the pieces in which the architectures differ
+
+    def _norm_forward(self, x, name: str, out, mean, rstd, th: int) -> None:
+        """out = the norm `name` of x, saving what its backward needs: rstd, and the mean (gpt2's LayerNorm; None
+        for RMSNorm)."""
+        w = self.p[name + ".weight"]
+        if self.config.arch == "llama":
+            rmsnorm.rmsnorm_forward(x, w, out, rstd, eps=self.config.norm_eps, threads=th)
+        else:
+            layernorm.layernorm_forward(x, w, self.p[name + ".bias"], out, mean, rstd, eps=self.config.norm_eps,
+                                        threads=th)
+
+    def _norm_backward(self, dout, x, name: str, mean, rstd, dx, g: dict, th: int) -> None:
+        """dx and the norm's parameter gradients in g += the norm's backward of dout."""
+        w = self.p[name + ".weight"]
+        if self.config.arch == "llama":
+            rmsnorm.rmsnorm_backward(dout, x, w, rstd, dx, g[name + ".weight"], threads=th)
+        else:
+            layernorm.layernorm_backward(dout, x, w, mean, rstd, dx, g[name + ".weight"], g[name + ".bias"],
+                                         threads=th)
+
+    def _activation_forward(self, fc, out, th: int) -> None:
+        if self.config.arch == "llama":
+            swiglu.swiglu_forward(fc, out, threads=th)
+        else:
+            gelu.gelu_forward(fc, out, exact=self.config.exact_gelu, threads=th)
+
+    def _activation_backward(self, dout, fc, dfc, th: int) -> None:
+        """dfc = the activation's backward of dout (overwritten)."""
+        if self.config.arch == "llama":
+            swiglu.swiglu_backward(dout, fc, dfc, accumulate=False, threads=th)
+        else:
+            gelu.gelu_backward(dout, fc, dfc, accumulate=False, exact=self.config.exact_gelu, threads=th)
 
 
 def _as_ids(ids, what: str) -> np.ndarray:

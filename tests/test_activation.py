@@ -313,10 +313,10 @@ def test_decoder_step_of_an_erf_model_matches_the_full_forward_pass():
 
 
 def test_activation_is_validated():
-    assert ACTIVATIONS == ("gelu_tanh", "gelu_erf")
+    assert ACTIVATIONS["gpt2"] == ("gelu_tanh", "gelu_erf")
     shape = dict(vocab_size=11, context_length=8, dim=12, n_layers=2, n_heads=3)
-    assert ModelConfig(**shape).activation == "gelu_tanh"
-    for bad in ("relu", "gelu", "GELU_ERF", "", None, 1):
+    assert ModelConfig(**shape).activation == ModelConfig(**shape, activation=None).activation == "gelu_tanh"
+    for bad in ("relu", "gelu", "GELU_ERF", "", "silu", 1):
         with pytest.raises(UsageError, match="activation must be one of gelu_tanh, gelu_erf") as excinfo:
             ModelConfig(**shape, activation=bad)
         assert "\n" not in str(excinfo.value)
