@@ -27,7 +27,7 @@ from ..data import Prepared, TokenizerSettings, prepare, reopen
 from ..distributed import CollectiveTimeout, MPIGroup
 from ..errors import UsageError
 from ..generate import complete
-from ..model import GPT, ModelConfig
+from ..model import ARCHITECTURES, GPT, ModelConfig
 from ..plot import write_loss_plot
 from ..run_folder import DATA_DIR, CorpusRecord, RunRecord, hold, start
 from ..spheres import SphereFailedError, SphereStalledError, default_spheres
@@ -52,6 +52,27 @@ class ModelShape:
     n_layers: int = field(default=4, metadata={"flag": "--layers", "help": "transformer blocks"})
     n_heads: int = field(default=4, metadata={"flag": "--heads", "help": "attention heads"})
     context_length: int = field(default=128, metadata={"flag": "--context", "help": "context length in tokens"})
+    arch: str = field(default="gpt2", metadata={
+        "choices": ARCHITECTURES, "help": "the block: gpt2 (learned positions, LayerNorm, GELU, biases) or llama "
+                                          "(RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases)"})
+    # llama's own settings; ModelConfig fills what is not given
+    n_kv_heads: int | None = field(default=None, metadata={
+        "flag": "--kv-heads", "default_help": "--heads", "help": "llama: key/value heads, a divisor of --heads"})
+    intermediate_size: int | None = field(default=None, metadata={
+        "default_help": "8/3 of --dim, rounded up to a multiple of 32", "help": "llama: the SwiGLU MLP's width"})
+    rope_theta: float | None = field(default=None, metadata={
+        "default_help": 10000.0, "help": "llama: the base of the rotary position embedding's frequencies"})
+
+    LLAMA_ONLY = ("n_kv_heads", "intermediate_size", "rope_theta")
+
+    def config(self, vocab_size: int) -> ModelConfig:
+        """The model these flags describe. llama's settings, given with --arch gpt2, are refused by flag."""
+        given = {name: value for name, value in dataclasses.asdict(self).items() if value is not None}
+        if self.arch != "llama":
+            for setting in dataclasses.fields(self):
+                if setting.name in self.LLAMA_ONLY and setting.name in given:
+                    raise UsageError(f"{flag_of(setting)} is a setting of --arch llama")
+        return ModelConfig(vocab_size=vocab_size, **given)
 
 
 # What a run is made of, group by group (RunRecord has the same three). Each dataclass is the one place where its
@@ -137,8 +158,7 @@ def start_run(out: Path, given: dict, settings: TrainSettings, base: tuple[GPT, 
         tokenizer_settings = given_settings(TokenizerSettings, given)
         prepared = prepare(data[0] if "data" in given else data, out / DATA_DIR, tokenizer=tokenizer_settings.kind,
                            vocab_size=tokenizer_settings.vocab_size, val_data=val_data, exclude=out, log=say)
-        config = ModelConfig(vocab_size=prepared.tokenizer.vocab_size,
-                             **dataclasses.asdict(given_settings(ModelShape, given)))
+        config = given_settings(ModelShape, given).config(prepared.tokenizer.vocab_size)
     report = prepared.report
     record = RunRecord(CorpusRecord.of(data, report.fingerprint),
                        val_data and CorpusRecord.of([val_data], report.val_fingerprint), tokenizer_settings, config,
@@ -172,6 +192,8 @@ def train(given: dict, held: ExitStack) -> int:
     init_from = record.init_from if record else given.get("init_from")
     if init_from and not record:
         refuse_shape_flags(given)
+    elif not record:  # the shape's flags are checked before the corpus is read; only its vocabulary is unknown yet
+        given_settings(ModelShape, given).config(vocab_size=1)
     base = load_model(init_from) if init_from and not (record and (out / STATE_FILE).exists()) else None
     if settings.spheres is None:  # the default cut, fixed here so that the run record holds it
         shape = record.model if record else base[0].config if base else given_settings(ModelShape, given)
@@ -207,9 +229,11 @@ def train(given: dict, held: ExitStack) -> int:
         say(f"fine-tuning {init_from}", flush=True)
     else:
         model = GPT(record.model, seed=settings.seed, threads=settings.threads)
-    say(f"model: {model.num_params:,} parameters ({model.config.n_layers} layers, dim {model.config.dim}, "
-        f"{model.config.n_heads} heads, context {model.config.context_length}, vocab {model.config.vocab_size})",
-        flush=True)
+    cfg = model.config
+    heads = f"{cfg.n_heads} heads" + (f" over {cfg.n_kv_heads} kv heads" if cfg.n_kv_heads not in (None, cfg.n_heads)
+                                      else "")
+    say(f"model: {model.num_params:,} parameters ({cfg.arch}, {cfg.n_layers} layers, dim {cfg.dim}, {heads}, "
+        f"context {cfg.context_length}, vocab {cfg.vocab_size})", flush=True)
 
     trainer = Trainer(model, prepared.tokenizer, prepared.train, prepared.val, settings, out,
                       progress=not given.get("no_progress", False), group=group)
