@@ -5,7 +5,8 @@ Engines (--engines, a comma-separated subset):
     cllm              cllm.generate.Decoder (on the exported configs, the model comes from
                       cllm.checkpoint.load_model of the Hugging Face folder, as users load one)
     torch             the PyTorch peer's KV-cache path (tools/torch_gpt.py)
-    transformers      transformers' GPT2LMHeadModel from the Hugging Face folder, float32, its KV cache
+    transformers      transformers' GPT2LMHeadModel or LlamaForCausalLM from the Hugging Face folder, float32,
+                      its KV cache
     llama.cpp-f32     llama-cpp-python on the GGUF file, f32
     llama.cpp-q8_0    the same on a q8_0 GGUF file (quantized matrices: its tokens may part from cllm's early)
 
@@ -49,7 +50,10 @@ engine; every peer is optional (one that is not installed or not importable is s
 
 gpt2 is not in the default --configs: with its four engines and the default rounds and repeats it would add about
 six minutes on 2 cores (the command above takes about two). Its default engines are those four; baby's and mid's
-are cllm and torch.
+are cllm and torch. smollm2 is the llama architecture at SmolLM2-135M's shape (grouped-query attention, SwiGLU,
+RoPE), exported like gpt2 and run by the same four engines:
+
+    python tools/bench_generate.py --configs smollm2 --rounds 2 --repeats 2
 """
 from __future__ import annotations
 
@@ -96,6 +100,11 @@ class GenConfig:
     # Weights exported as a Hugging Face folder and GGUF files, which every engine loads; else built by cllm.
     exported: bool = False
     default_engines: tuple[str, ...] = ("cllm", "torch")
+    # The architecture, and llama's own settings (see cllm.model.ModelConfig)
+    arch: str = "gpt2"
+    n_kv_heads: int | None = None
+    intermediate_size: int | None = None
+    rope_theta: float = 10000.0
 
     def __post_init__(self):
         if not self.prompt_len:
@@ -107,7 +116,17 @@ class GenConfig:
 
     @property
     def shape(self) -> str:
-        return f"L{self.n_layers} H{self.n_heads} C{self.dim} T{self.context} V{self.vocab}"
+        kv = f"/{self.n_kv_heads}" if self.n_kv_heads else ""
+        return f"{self.arch} L{self.n_layers} H{self.n_heads}{kv} C{self.dim} T{self.context} V{self.vocab}"
+
+    def model_config(self):
+        """The cllm ModelConfig of these weights (imported here: the parent process imports no engine)."""
+        from cllm.model import ModelConfig
+
+        llama = dict(n_kv_heads=self.n_kv_heads, intermediate_size=self.intermediate_size,
+                     rope_theta=self.rope_theta) if self.arch == "llama" else {}
+        return ModelConfig(vocab_size=self.vocab, context_length=self.context, dim=self.dim, n_layers=self.n_layers,
+                           n_heads=self.n_heads, arch=self.arch, **llama)
 
 
 CONFIGS = {
@@ -116,6 +135,11 @@ CONFIGS = {
     "gpt2": GenConfig("gpt2", n_layers=12, n_heads=12, dim=768, context=1024, vocab=50257, prompt_len=128,
                       decode_steps=128, exported=True,
                       default_engines=("cllm", "transformers", "llama.cpp-f32", "llama.cpp-q8_0")),
+    # SmolLM2-135M's shape: 30 layers, 9 heads over 3 kv heads, SwiGLU 1536, a 49,152-token vocabulary, tied.
+    "smollm2": GenConfig("smollm2", n_layers=30, n_heads=9, dim=576, context=2048, vocab=49152, prompt_len=128,
+                         decode_steps=128, exported=True, arch="llama", n_kv_heads=3, intermediate_size=1536,
+                         rope_theta=100000.0,
+                         default_engines=("cllm", "transformers", "llama.cpp-f32", "llama.cpp-q8_0")),
 }
 
 
@@ -172,13 +196,12 @@ def export_weights(cfg: GenConfig, folder: str, gguf_types: list[str]) -> tuple[
     """
     from cllm.formats.gguf_file import save_gguf
     from cllm.formats.hf import save_hf
-    from cllm.model import GPT, ModelConfig
+    from cllm.model import GPT
     from cllm.tokenizer import Tokenizer
 
     started = time.perf_counter()
     tokenizer = Tokenizer.train(BPE, generated_texts(np.random.default_rng(SEED)), vocab_size=TOKENIZER_VOCAB)
-    model = GPT(ModelConfig(vocab_size=cfg.vocab, context_length=cfg.context, dim=cfg.dim, n_layers=cfg.n_layers,
-                            n_heads=cfg.n_heads), seed=SEED)
+    model = GPT(cfg.model_config(), seed=SEED)
     files = WeightFiles(hf_folder=os.path.join(folder, f"{cfg.name}-hf"))
     written = [f"Hugging Face folder {_mb(sum(p.stat().st_size for p in save_hf(files.hf_folder, model, tokenizer)))}"]
     for gguf_type in gguf_types:
@@ -209,20 +232,19 @@ class CllmSession:
 
         from cllm.checkpoint import load_model
         from cllm.generate import Decoder
-        from cllm.model import GPT, ModelConfig
+        from cllm.model import GPT
 
         stack.enter_context(threadpool_limits(threads, user_api="blas"))
         if files.hf_folder:
             self.model, _ = load_model(files.hf_folder, threads=threads)
         else:
-            self.model = GPT(ModelConfig(vocab_size=cfg.vocab, context_length=cfg.context, dim=cfg.dim,
-                                         n_layers=cfg.n_layers, n_heads=cfg.n_heads), seed=SEED, threads=threads)
+            self.model = GPT(cfg.model_config(), seed=SEED, threads=threads)
             if files.npz:  # for the peer, which must not import cllm
                 np.savez(files.npz, **self.model.p)
         self.decoder = Decoder(self.model, 1, threads=threads)
         self._token = np.zeros(1, np.int32)
-        # A step reads every parameter once, but of the position table only its position's row.
-        unread = (self.model.config.context_length - 1) * self.model.config.dim
+        # A step reads every parameter once, but of a position table (gpt2's) only its position's row.
+        unread = (self.model.config.context_length - 1) * self.model.config.dim if "wpe" in self.model.p else 0
         self.weight_bytes = (self.model.num_params - unread) * self.model.params.itemsize
         self.runtime = f"cllm, OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}"
 
@@ -287,7 +309,7 @@ class TorchSession:
 
 
 class TransformersSession:
-    """GPT2LMHeadModel as generate() drives it: a prefill with logits for the last position only, then one
+    """The folder's model (GPT2LMHeadModel, LlamaForCausalLM) as generate() drives it: a prefill with logits for the last position only, then one
     token per forward pass with the KV cache the model returned."""
 
     def __init__(self, cfg: GenConfig, threads: int, stack: contextlib.ExitStack, files: WeightFiles):
@@ -528,7 +550,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--configs", default="baby,mid", help=f"comma-separated subset of {','.join(CONFIGS)}")
     p.add_argument("--engines", default=None,
                    help=f"comma-separated subset of {','.join(ENGINES)} (default: per config, cllm,torch for baby "
-                        f"and mid, cllm,transformers,llama.cpp-f32,llama.cpp-q8_0 for gpt2)")
+                        f"and mid, cllm,transformers,llama.cpp-f32,llama.cpp-q8_0 for gpt2 and smollm2)")
     p.add_argument("--threads", type=int, default=2, help="threads for each engine (BLAS/OpenMP, default 2)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per engine, config and round (default 5)")
     p.add_argument("--rounds", type=int, default=3, help="alternate the engines this many times (default 3)")
@@ -554,7 +576,9 @@ def engines_to_run(args, cfg: GenConfig, told: set) -> list[str]:
         spec = ENGINES[engine]
         if engine == "torch" and args.no_torch:
             continue
-        if spec.needs_export and not cfg.exported:
+        if engine == "torch" and cfg.arch != "gpt2":
+            note = f"the torch peer (tools/torch_gpt.py) is GPT-2's architecture; skipping it on {cfg.name}"
+        elif spec.needs_export and not cfg.exported:
             exported = ", ".join(c.name for c in CONFIGS.values() if c.exported)
             note = f"{engine} runs on the exported configs only ({exported}); skipping it on {cfg.name}"
         elif importlib.util.find_spec(spec.module) is None:  # find, don't import
