@@ -68,7 +68,7 @@ def save_model(path: str | os.PathLike, model: GPT, tokenizer: Tokenizer, *,
 
 
 def load_model(path: str | os.PathLike, *, threads: int = 1) -> tuple[GPT, Tokenizer]:
-    """Reads a .cllm file written by save_model, or a Hugging Face GPT-2 folder (cllm.formats.hf). Raises
+    """Reads a .cllm file written by save_model, or a Hugging Face GPT-2 or Llama folder (cllm.formats.hf). Raises
     ModelFileError (or HFFolderError) if anything about it is wrong."""
     if Path(path).is_dir():
         from .formats.hf import load_hf  # the folder reader, only when a folder is given

@@ -26,8 +26,8 @@ def probability(text: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="inference",
-               description="Generate text with a model (.cllm, or a Hugging Face GPT-2 folder).")
-    p.add_argument("model", help="a .cllm model file or a Hugging Face GPT-2 folder")
+               description="Generate text with a model (.cllm, or a Hugging Face GPT-2 or Llama folder).")
+    p.add_argument("model", help="a .cllm model file or a Hugging Face GPT-2 or Llama folder")
     p.add_argument("-p", "--prompt", default="", help="text to continue (default: start a new document)")
     p.add_argument("-n", "--max-new", type=positive_int, default=200, help="tokens to generate at most")
     p.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 (or below 1e-5) is greedy")
