@@ -89,8 +89,8 @@ def build_parser() -> Parser:
     p.add_argument("--out", help=f"run folder (default: {DEFAULT_OUT})")
     p.add_argument("--val-data", help="validation text (default: the last 10%% of DATA)")
     p.add_argument("--init-from", metavar="MODEL",
-                   help="fine-tune this model (a .cllm file or a Hugging Face GPT-2 or Llama folder): its weights, shape and "
-                        "tokenizer, which tokenizes DATA; the model and tokenizer flags are then refused")
+                   help="fine-tune this model (a .cllm file or a Hugging Face GPT-2 or Llama folder): its weights, "
+                        "shape and tokenizer, which tokenizes DATA; the model and tokenizer flags are then refused")
     add_flags(p.add_argument_group("tokenizer"), TokenizerSettings)
     add_flags(p.add_argument_group("model"), ModelShape)
     add_flags(p.add_argument_group("training"), TrainSettings,
