@@ -102,12 +102,12 @@ def flops_per_step(cfg: BenchConfig, num_params: int) -> float:
     """Training FLOPs of one step, the same formula for both engines.
 
     FLOPs = 6 * N * B*T                  (matmuls against the weights: 2 fwd + 4 bwd per param per token)
-          + 6 * L * B * T * T * C        (attention: fwd QK^T and A@V cost 2*B*T*T*C per layer,
-                                          x3 for fwd+bwd; the causal mask is not discounted)
+          + 12 * L * B * T * T * C       (attention: fwd QK^T and A@V cost 2*B*T*T*C each per layer, and the
+                                          bwd's four products twice that; the causal mask is not discounted)
     N counts the tied embedding once and includes the position embedding.
     """
     B, T, C, L = cfg.batch, cfg.seq, cfg.dim, cfg.n_layers
-    return 6.0 * num_params * B * T + 6.0 * L * B * T * T * C
+    return 6.0 * num_params * B * T + 12.0 * L * B * T * T * C
 
 
 def make_batch(cfg: BenchConfig, seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:
