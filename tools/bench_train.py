@@ -1,4 +1,8 @@
-"""Training-step benchmark: cllm's default training step against a PyTorch peer (tools/torch_gpt.py) of the same model.
+"""Training-step benchmark: cllm's default training step against a PyTorch peer of the same model.
+
+Each config is one of cllm's two architectures, and its peer is that architecture written in torch: gpt2 configs
+(baby, mid, small) run against tools/torch_gpt.py, llama configs (llama-mid; smollm2, SmolLM2-135M's shape) against
+tools/torch_llama.py.
 
 A timed step is a full training step: forward, backward, global grad-norm clipping and AdamW. cllm's is the step
 `python -m cllm.tools.train_model` runs by default: a cllm.trainer.Trainer with TrainSettings' defaults (only
@@ -23,7 +27,8 @@ already-initialised runtime and settings. The parent imports neither engine. A p
 peak RSS that config's alone (interpreter and libraries included). torch is optional: without it only cllm's
 numbers are printed.
 
-    python tools/bench_train.py                               # baby, mid, small: both engines, 2 threads
+    python tools/bench_train.py                               # baby, mid, small, llama-mid: both engines
+    python tools/bench_train.py --configs smollm2 --steps 2   # SmolLM2-135M's shape, T=256, B=4
     python tools/bench_train.py --configs small --seq 1024 --batch 4 --steps 2   # memory at T=1024, B=4
     python tools/bench_train.py --configs baby --threads 1 --steps 50
     python tools/bench_train.py --configs mid --spheres 8     # another sharding than train_model's default
@@ -64,6 +69,11 @@ class BenchConfig:
     batch: int
     vocab: int
     default_steps: int
+    arch: str = "gpt2"  # cllm.model.ARCHITECTURES; the fields below are llama's (gpt2's MLP is 4 * dim wide)
+    n_kv_heads: int | None = None  # None: n_heads
+    intermediate: int | None = None  # the SwiGLU MLP's width, which a llama config gives
+    rope_theta: float = 10000.0
+    tied_head: bool = True
 
     @property
     def tokens(self) -> int:
@@ -71,13 +81,40 @@ class BenchConfig:
 
     @property
     def label(self) -> str:
+        if self.arch == "llama":
+            untied = "" if self.tied_head else " untied"
+            return (f"{self.name} (llama L{self.n_layers} H{self.n_heads} KV{self.kv_heads} C{self.dim} "
+                    f"I{self.hidden} T{self.seq} B{self.batch}{untied})")
         return f"{self.name} (L{self.n_layers} H{self.n_heads} C{self.dim} T{self.seq} B{self.batch})"
 
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def qkv_dim(self) -> int:
+        """Width of the packed q, k, v projection: k and v have kv_heads heads each (grouped-query attention)."""
+        return self.dim + 2 * self.kv_heads * (self.dim // self.n_heads)
+
+    @property
+    def hidden(self) -> int:
+        """The MLP's inner width."""
+        return self.intermediate if self.arch == "llama" else 4 * self.dim
+
+    @property
+    def up_dim(self) -> int:
+        """Width of the MLP's first projection: SwiGLU's gate and up side by side, or gpt2's hidden layer."""
+        return 2 * self.hidden if self.arch == "llama" else self.hidden
+
     def expected_params(self) -> int:
-        """Parameter count of the architecture (tied embedding counted once, position embedding included)."""
-        C, L = self.dim, self.n_layers
-        per_layer = 12 * C * C + 13 * C  # ln_1 2C, qkv 3C^2+3C, proj C^2+C, ln_2 2C, fc 4C^2+4C, fc_2 4C^2+C
-        return self.vocab * C + self.seq * C + L * per_layer + 2 * C
+        """Parameter count of the architecture (a tied embedding counted once, a position embedding included)."""
+        C, V = self.dim, self.vocab
+        matrices = C * self.qkv_dim + C * C + C * self.up_dim + self.hidden * C  # qkv, proj, up (+ gate), down
+        if self.arch == "llama":  # two RMSNorm weights a layer, no biases, a final RMSNorm weight
+            embeddings = V * C * (1 if self.tied_head else 2)
+            return embeddings + self.n_layers * (matrices + 2 * C) + C
+        biases = self.qkv_dim + C + self.up_dim + C
+        return V * C + self.seq * C + self.n_layers * (matrices + biases + 4 * C) + 2 * C  # LayerNorms: w and b
 
 
 CONFIGS = {
@@ -85,7 +122,16 @@ CONFIGS = {
     "mid": BenchConfig("mid", n_layers=6, n_heads=6, dim=384, seq=256, batch=8, vocab=65, default_steps=10),
     # GPT-2 small's blocks, with a BPE-sized vocabulary of 8192.
     "small": BenchConfig("small", n_layers=12, n_heads=12, dim=768, seq=256, batch=4, vocab=8192, default_steps=5),
+    # mid's size in the llama architecture: 2 key/value heads for 6 query heads, SwiGLU at 8/3 of dim.
+    "llama-mid": BenchConfig("llama-mid", n_layers=6, n_heads=6, dim=384, seq=256, batch=8, vocab=65,
+                             default_steps=10, arch="llama", n_kv_heads=2, intermediate=1024),
+    # SmolLM2-135M's shape (its vocabulary, a tied head), at T=256 and a batch of 4.
+    "smollm2": BenchConfig("smollm2", n_layers=30, n_heads=9, dim=576, seq=256, batch=4, vocab=49152,
+                           default_steps=3, arch="llama", n_kv_heads=3, intermediate=1536, rope_theta=100000.0),
 }
+# What a plain run benchmarks: every config but smollm2, whose steps (1.5x small's FLOPs, about 4 GB per engine) would
+# about double the run's time; llama-mid costs about what mid does.
+DEFAULT_CONFIGS = ("baby", "mid", "small", "llama-mid")
 
 # train_model's defaults (cllm.trainer.TrainSettings and cllm.optim.AdamW), which the torch peer runs too. The cllm
 # engine process checks them against cllm's own and warns if they have drifted apart.
@@ -104,10 +150,16 @@ def flops_per_step(cfg: BenchConfig, num_params: int) -> float:
     FLOPs = 6 * N * B*T                  (matmuls against the weights: 2 fwd + 4 bwd per param per token)
           + 12 * L * B * T * T * C       (attention: fwd QK^T and A@V cost 2*B*T*T*C each per layer, and the
                                           bwd's four products twice that; the causal mask is not discounted)
-    N counts the tied embedding once and includes the position embedding.
+    N is the model's parameters (a tied embedding once: it is the head's matmul), less an untied model's token
+    embedding, which is only looked up. N thus counts grouped-query attention's narrower k and v projections and
+    SwiGLU's three matrices as they are. The lookups and vectors left in N (gpt2's position embedding, biases,
+    norm weights) are under 2% of it in these configs at their own T. Attention costs the same in both
+    architectures: its products run over every query head, n_heads * head_dim = C channels, however few key/value
+    heads they share.
     """
     B, T, C, L = cfg.batch, cfg.seq, cfg.dim, cfg.n_layers
-    return 6.0 * num_params * B * T + 12.0 * L * B * T * T * C
+    matmul_params = num_params - (0 if cfg.tied_head else cfg.vocab * C)
+    return 6.0 * matmul_params * B * T + 12.0 * L * B * T * T * C
 
 
 def make_batch(cfg: BenchConfig, seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:
@@ -150,6 +202,31 @@ def time_steps(step: Callable[[int], float], warmup: int, steps: int) -> tuple[l
 # running `warmup` untimed and then `steps` timed training steps. spheres: cllm's override (None: its default).
 
 
+def cllm_config(cfg: BenchConfig):
+    """cllm's ModelConfig for a config (in a process that may import cllm)."""
+    from cllm.model import ModelConfig
+
+    llama = dict(n_kv_heads=cfg.kv_heads, intermediate_size=cfg.intermediate, rope_theta=cfg.rope_theta,
+                 tied_head=cfg.tied_head) if cfg.arch == "llama" else {}
+    return ModelConfig(vocab_size=cfg.vocab, context_length=cfg.seq, dim=cfg.dim, n_layers=cfg.n_layers,
+                       n_heads=cfg.n_heads, arch=cfg.arch, **llama)
+
+
+def torch_model(cfg: BenchConfig):
+    """The torch peer of a config's architecture, initialised with the benchmark's seed (in a process that may
+    import torch, with tools/ on sys.path)."""
+    if cfg.arch == "llama":
+        from torch_llama import Llama, LlamaConfig
+
+        return Llama(LlamaConfig(vocab_size=cfg.vocab, context_length=cfg.seq, dim=cfg.dim, n_layers=cfg.n_layers,
+                                 n_heads=cfg.n_heads, n_kv_heads=cfg.kv_heads, intermediate_size=cfg.intermediate,
+                                 rope_theta=cfg.rope_theta, tied_head=cfg.tied_head), seed=SEED)
+    from torch_gpt import GPT, GPTConfig
+
+    return GPT(GPTConfig(vocab_size=cfg.vocab, context_length=cfg.seq, dim=cfg.dim, n_layers=cfg.n_layers,
+                         n_heads=cfg.n_heads), seed=SEED)
+
+
 def cllm_train(cfg: BenchConfig, threads: int, warmup: int, steps: int,
                spheres: int | None) -> tuple[int, list[float], list[float], int]:
     """train_model's default training step: a Trainer with TrainSettings' defaults, its own per-step method."""
@@ -158,15 +235,14 @@ def cllm_train(cfg: BenchConfig, threads: int, warmup: int, steps: int,
 
     import anyio
 
-    from cllm.model import GPT, ModelConfig
+    from cllm.model import GPT
     from cllm.spheres import Spheres
     from cllm.trainer import StopSignals, Trainer, TrainSettings
 
     defaults = TrainSettings()
     drifted = {k: (v, getattr(defaults, k)) for k, v in TRAIN_DEFAULTS.items() if getattr(defaults, k) != v}
     settings = TrainSettings(steps=warmup + steps, batch_size=cfg.batch, seed=SEED, threads=threads, spheres=spheres)
-    model = GPT(ModelConfig(vocab_size=cfg.vocab, context_length=cfg.seq, dim=cfg.dim, n_layers=cfg.n_layers,
-                            n_heads=cfg.n_heads), seed=settings.seed, threads=settings.threads)
+    model = GPT(cllm_config(cfg), seed=settings.seed, threads=settings.threads)
     with tempfile.TemporaryDirectory(prefix="bench_train-") as run_dir:
         # No tokenizer: it is only written into checkpoints, and the benchmark writes none.
         trainer = Trainer(model, None, synthetic_tokens(cfg, 64 * cfg.batch, seed=1),
@@ -204,11 +280,9 @@ def torch_train(cfg: BenchConfig, threads: int, warmup: int, steps: int,
     torch.set_num_threads(threads)
     if TOOLS_DIR not in sys.path:
         sys.path.insert(0, TOOLS_DIR)
-    from torch_gpt import GPT, GPTConfig, configure_optimizer, train_step
+    from torch_gpt import configure_optimizer, train_step  # both peers' optimizer and step
 
-    gcfg = GPTConfig(vocab_size=cfg.vocab, context_length=cfg.seq, dim=cfg.dim, n_layers=cfg.n_layers,
-                     n_heads=cfg.n_heads)
-    model = GPT(gcfg, seed=SEED)
+    model = torch_model(cfg)
     model.train()
     opt = configure_optimizer(model, lr=TRAIN_DEFAULTS["lr"], betas=(BETA1, TRAIN_DEFAULTS["beta2"]), eps=EPS,
                               weight_decay=TRAIN_DEFAULTS["weight_decay"])
@@ -420,8 +494,8 @@ def higher_peak(a: float | None, b: float | None) -> float | None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--configs", default=",".join(CONFIGS),
-                   help=f"comma-separated subset of {','.join(CONFIGS)} (default: all)")
+    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                   help=f"comma-separated subset of {','.join(CONFIGS)} (default: {','.join(DEFAULT_CONFIGS)})")
     p.add_argument("--seq", type=int, help="context length T for every chosen config, instead of its own")
     p.add_argument("--batch", type=int, help="batch size B for every chosen config, instead of its own")
     p.add_argument("--threads", type=int, default=2, help="threads for each engine (BLAS/OpenMP)")
@@ -472,8 +546,9 @@ def profile(args) -> int:
     from anyio.from_thread import start_blocking_portal
 
     from cllm import spheres as spheres_module
-    from cllm._kernels import adamw, attention, crossentropy, embedding, gelu, layernorm, linear
-    from cllm.model import GPT, ModelConfig
+    from cllm._kernels import (adamw, attention, crossentropy, embedding, gelu, layernorm, linear, rmsnorm, rope,
+                               swiglu)
+    from cllm.model import GPT
     from cllm.optim import AdamW
     from cllm.spheres import Spheres
 
@@ -483,8 +558,8 @@ def profile(args) -> int:
         n_spheres = spheres_for(args, cfg)
 
         def gemm_name(w, direction):
-            name = {(C, 3 * C): "qkv GEMM", (C, C): "attn-out GEMM", (C, 4 * C): "MLP GEMMs",
-                    (4 * C, C): "MLP GEMMs", (cfg.vocab, C): "head GEMM"}.get(w.shape, "other GEMM")
+            name = {(C, cfg.qkv_dim): "qkv GEMM", (C, C): "attn-out GEMM", (C, cfg.up_dim): "MLP GEMMs",
+                    (cfg.hidden, C): "MLP GEMMs", (cfg.vocab, C): "head GEMM"}.get(w.shape, "other GEMM")
             return f"{name} {direction}"
 
         def timed(module, fn_name, label):
@@ -506,14 +581,15 @@ def profile(args) -> int:
             timed(linear, "linear_backward", lambda g, x, w, *r: gemm_name(w, "bwd")),
             timed(attention, "attention_forward", "attention"), timed(attention, "attention_backward", "attention"),
             timed(gelu, "gelu_forward", "GELU"), timed(gelu, "gelu_backward", "GELU"),
+            timed(rmsnorm, "rmsnorm_forward", "RMSNorm"), timed(rmsnorm, "rmsnorm_backward", "RMSNorm"),
+            timed(rope, "rope_forward", "RoPE"), timed(rope, "rope_backward", "RoPE"),
+            timed(swiglu, "swiglu_forward", "SwiGLU"), timed(swiglu, "swiglu_backward", "SwiGLU"),
             timed(crossentropy, "cross_entropy", "cross-entropy"),
             timed(adamw, "adamw_step", "AdamW + grad norm"), timed(adamw, "grad_sq_norm", "AdamW + grad norm"),
             timed(spheres_module._Buffers, "add_slots", "gradient reduction"),
         ]
         try:
-            mcfg = ModelConfig(vocab_size=cfg.vocab, context_length=cfg.seq, dim=cfg.dim, n_layers=cfg.n_layers,
-                               n_heads=cfg.n_heads)
-            model = GPT(mcfg, seed=SEED)
+            model = GPT(cllm_config(cfg), seed=SEED)
             opt = AdamW(model, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
             x, y = make_batch(cfg)
             with Spheres(model, spheres=n_spheres, threads=1) as sp, start_blocking_portal() as portal:
@@ -549,7 +625,7 @@ def gemm_shapes(cfg: BenchConfig) -> list[tuple[int, int, int]]:
     """(m, k, n) of every GEMM of a training step on the whole batch: the forward's y = x @ W, and for each its
     backward dx = dy @ W^T and dW = x^T @ dy."""
     N, C, V = cfg.tokens, cfg.dim, cfg.vocab
-    forward = [(N, C, 3 * C), (N, C, C), (N, C, 4 * C), (N, 4 * C, C)] * cfg.n_layers + [(N, C, V)]
+    forward = [(N, C, cfg.qkv_dim), (N, C, C), (N, C, cfg.up_dim), (N, cfg.hidden, C)] * cfg.n_layers + [(N, C, V)]
     return forward + [(m, n, k) for m, k, n in forward] + [(k, m, n) for m, k, n in forward]
 
 
@@ -605,7 +681,7 @@ def mpi_worker(args) -> int:
     from anyio.from_thread import start_blocking_portal
 
     from cllm.distributed import MPIGroup
-    from cllm.model import GPT, ModelConfig
+    from cllm.model import GPT
     from cllm.optim import AdamW
     from cllm.spheres import Spheres
 
@@ -613,9 +689,7 @@ def mpi_worker(args) -> int:
     for cfg in args.configs:
         x, y = make_batch(cfg)
         n_spheres = spheres_for(args, cfg)
-        mcfg = ModelConfig(vocab_size=cfg.vocab, context_length=cfg.seq, dim=cfg.dim, n_layers=cfg.n_layers,
-                           n_heads=cfg.n_heads)
-        model = GPT(mcfg, seed=SEED, threads=args.threads)
+        model = GPT(cllm_config(cfg), seed=SEED, threads=args.threads)
         opt = AdamW(model, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
         with Spheres(model, spheres=n_spheres, threads=args.threads,
                      owned=group.owned_spheres(n_spheres)) as spheres, start_blocking_portal() as portal:
