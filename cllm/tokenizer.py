@@ -8,7 +8,12 @@ Three kinds:
   Lossy by design: decode joins words with single spaces, so case, line breaks and runs of spaces are lost.
 
 Text is always encoded literally: "<|endoftext|>" typed in a document is text, never the separator. The
-separator only enters a token stream when data preparation appends `separator_id` after each document.
+separator only enters a token stream when data preparation appends `separator_id` after each document, and
+generation stops when the model draws it.
+
+A tokenizer read from a Hugging Face folder (cllm.formats.hf) is kind "bpe" and its tokenizer.json as it is:
+GPT-2's or SmolLM2's byte-level BPE, or Llama's BPE with byte fallback. Its separator is the model's end-of-text
+token, which may not be "<|endoftext|>" (Llama's is "</s>"); to_json then records it.
 """
 from __future__ import annotations
 
@@ -49,15 +54,17 @@ def check_settings(kind: str, vocab_size: int | None) -> None:
 class Tokenizer:
     """A trained tokenizer of one kind. Build it with train() or from_json(), not the constructor."""
 
-    def __init__(self, kind: str, hf: HFTokenizer):
+    def __init__(self, kind: str, hf: HFTokenizer, *, separator: str | None = None):
+        """separator: the token that ends a document, if not the kind's own (SEPARATOR)."""
         check_settings(kind, None)
         self.kind = kind
         self._hf = hf
         # Without this, HF would turn "<|endoftext|>" typed in a document into the separator token.
         self._hf.encode_special_tokens = True
-        separator_id = hf.token_to_id(SEPARATOR[kind])
+        self.separator: str = separator or SEPARATOR[kind]
+        separator_id = hf.token_to_id(self.separator)
         if separator_id is None:
-            raise UsageError(f"{kind} tokenizer has no separator token {SEPARATOR[kind]}")
+            raise UsageError(f"{kind} tokenizer has no separator token {self.separator}")
         self.separator_id: int = separator_id
 
     @classmethod
@@ -90,12 +97,18 @@ class Tokenizer:
             hf = HFTokenizer.from_str(json.dumps(doc.get("hf")))
         except Exception as e:  # HF raises a bare Exception for any parse or schema error
             raise UsageError(f"tokenizer JSON has an invalid HF tokenizer: {e}") from None
-        return cls(kind, hf)
+        separator = doc.get("separator")
+        if separator is not None and not isinstance(separator, str):
+            raise UsageError(f"tokenizer JSON has a separator that is not a string: {separator!r}")
+        return cls(kind, hf, separator=separator)
 
     def to_json(self) -> str:
+        """The separator is recorded only when it is not the kind's own, so a trained tokenizer's JSON is what it
+        was before separators could differ."""
         hf = json.loads(self._hf.to_str())
-        return json.dumps({"format": JSON_FORMAT, "version": JSON_VERSION, "kind": self.kind, "hf": hf},
-                          ensure_ascii=False)
+        separator = {} if self.separator == SEPARATOR[self.kind] else {"separator": self.separator}
+        return json.dumps({"format": JSON_FORMAT, "version": JSON_VERSION, "kind": self.kind, **separator,
+                           "hf": hf}, ensure_ascii=False)
 
     def hf_json(self) -> str:
         """The HF `tokenizers` JSON alone: a tokenizer.json that HF's libraries load."""
