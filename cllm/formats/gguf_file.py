@@ -1,38 +1,52 @@
 """GGUF export, for llama.cpp and the tools built on it (Ollama, LM Studio), written with the `gguf` package.
 
-The file is what llama.cpp's own converter makes of a Hugging Face GPT-2 (architecture "gpt2"): the tensors under
-GGUF's names (gguf.TensorNameMap), the four projection matrices transposed from cllm's (in, out) to GGML's
-(out, in), no output matrix (llama.cpp then ties it to the token embedding, as cllm does), and GPT-2's byte-level
-BPE tokenizer (model "gpt2", pre-tokenizer "gpt-2", its merges, <|endoftext|> as bos and eos).
+The file is what llama.cpp's own converter makes of the Hugging Face folder that cllm.formats.hf writes, for
+either architecture: the tensors under GGUF's names (gguf.TensorNameMap of the Hugging Face names), every matrix
+(out, in) as GGML lays it out, the hyper-parameters llama.cpp reads, and the tokenizer. A tied model has no output
+matrix: llama.cpp then uses the token embedding, as cllm does.
+
+- "gpt2": GPT-2's four Conv1D matrices are transposed from their (in, out) layout.
+- "llama": the Hugging Face (out, in) layout as it is, but for the rows of q and k. llama.cpp's RoPE rotates
+  adjacent pairs of a head's channels, (x[2j], x[2j+1]), where cllm's and Hugging Face's rotate its two halves,
+  (x[j], x[j + head_dim/2]); so each head's rows of q_proj and k_proj are interleaved, row j of its first half to
+  2j and row j of its second half to 2j + 1, as llama.cpp's converter does. Attention scores are the same.
 
 Types: f32 keeps every tensor; f16 and q8_0 convert the matrices (q8_0 rows must be a multiple of its block of 32,
 else that matrix stays f16), while vectors (norms, biases) and the position embedding stay f32, as llama.cpp's
-converter keeps them.
+converter keeps them. Tensors are converted and written one at a time, so exporting needs the model's memory and
+one tensor more.
 
-Only the byte-level BPE tokenizer has a faithful GGUF form: llama.cpp's "gpt2" tokenizer model is that one.
-A char or word tokenizer is refused rather than written as something that tokenizes differently.
+Tokenizers (_Vocabulary) are written in the form llama.cpp tokenizes the same way: a byte-level BPE (cllm's own,
+GPT-2's, SmolLM2's) as model "gpt2" with its merges, and the pre-tokenizer that matches its splitting; Llama's BPE
+with byte fallback (TinyLlama's) as model "llama", sentencepiece's, which merges by score: each token scores minus
+the rank of the merge that makes it. A tokenizer with no faithful form (char, word, another pre-tokenizer) is
+refused rather than written as something that tokenizes differently.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Iterator
 
 import gguf
 import numpy as np
 
 from ..atomic import atomic_write_file
 from ..errors import UsageError
-from ..model import GPT
+from ..model import GPT, ModelConfig
 from ..tokenizer import Tokenizer
-from .hf import LAYER_NORM_EPS, hf_name
+from .hf import LAYER_NORM_EPS, hf_tensors, leading_special_token
 
 TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
          "q8_0": gguf.GGMLQuantizationType.Q8_0}
 FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
               "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
-TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+ARCHITECTURES = {"gpt2": gguf.MODEL_ARCH.GPT2, "llama": gguf.MODEL_ARCH.LLAMA}
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # GPT-2's (in, out)
 
 
 def save_gguf(path: str | os.PathLike, model: GPT, tokenizer: Tokenizer, *, tensor_type: str = "f32",
@@ -40,80 +54,218 @@ def save_gguf(path: str | os.PathLike, model: GPT, tokenizer: Tokenizer, *, tens
     """Writes model and tokenizer as a GGUF file whose matrices are f32, f16 or q8_0, atomically."""
     if tensor_type not in TYPES:
         raise UsageError(f"unknown GGUF type {tensor_type!r}: choose one of {', '.join(TYPES)}")
-    if tokenizer.kind != "bpe":
-        raise UsageError(f"a {tokenizer.kind} tokenizer has no faithful GGUF form (llama.cpp's GPT-2 tokenizer is "
-                         f"byte-level BPE): train with --tokenizer bpe to export to GGUF")
-    if model.config.activation != "gelu_tanh":
+    if model.config.arch == "gpt2" and model.config.activation != "gelu_tanh":
         raise UsageError(f"llama.cpp's gpt2 architecture computes GELU's tanh form; this model uses "
                          f"{model.config.activation}, so a GGUF file would run a different model")
+    vocabulary = _Vocabulary.of(tokenizer, model.config.vocab_size)
     path = Path(path)
-    atomic_write_file(path, partial(_write, model=model, tokenizer=tokenizer, tensor_type=tensor_type,
+    atomic_write_file(path, partial(_write, model=model, vocabulary=vocabulary, tensor_type=tensor_type,
                                     name=name or path.stem))
     return path
 
 
-def _write(tmp: Path, *, model: GPT, tokenizer: Tokenizer, tensor_type: str, name: str) -> None:
+def _write(tmp: Path, *, model: GPT, vocabulary: _Vocabulary, tensor_type: str, name: str) -> None:
     cfg = model.config
-    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT2])
+    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[ARCHITECTURES[cfg.arch]])
     try:
         writer.add_name(name)
-        writer.add_block_count(cfg.n_layers)
-        writer.add_context_length(cfg.context_length)
-        writer.add_embedding_length(cfg.dim)
-        writer.add_feed_forward_length(cfg.hidden_dim)
-        writer.add_head_count(cfg.n_heads)
-        writer.add_layer_norm_eps(LAYER_NORM_EPS)
+        _add_hyperparameters(writer, cfg)
         writer.add_file_type(FILE_TYPES[tensor_type])
-        _add_tokenizer(writer, tokenizer, cfg.vocab_size)
-        names = gguf.TensorNameMap(gguf.MODEL_ARCH.GPT2, cfg.n_layers)
-        for cllm_name, tensor in model.p.items():
-            gguf_name = names.get_name(hf_name(cllm_name), try_suffixes=(".weight", ".bias"))
-            if gguf_name is None:
-                raise RuntimeError(f"no GGUF name for {cllm_name}")
-            if cllm_name.endswith(TRANSPOSED):
-                tensor = tensor.T
-            _add_tensor(writer, gguf_name, np.ascontiguousarray(tensor), tensor_type,
-                        is_position=cllm_name == "wpe")
+        vocabulary.add_to(writer)
+        # Two passes over the tensors: their descriptions go in the header, then their data, each tensor
+        # converted only as it is written.
+        for gguf_name, tensor in _ggml_tensors(model):
+            qtype = _tensor_type(gguf_name, tensor, tensor_type)
+            nbytes = int(np.prod(gguf.quants.quant_shape_to_byte_shape(tensor.shape, qtype)))
+            writer.add_tensor_info(gguf_name, tensor.shape, tensor.dtype, nbytes, raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        for gguf_name, tensor in _ggml_tensors(model):
+            writer.write_tensor_data(gguf.quants.quantize(np.ascontiguousarray(tensor),
+                                                          _tensor_type(gguf_name, tensor, tensor_type)))
     finally:
         writer.close()
 
 
-def _add_tensor(writer: gguf.GGUFWriter, name: str, tensor: np.ndarray, tensor_type: str, *,
-                is_position: bool) -> None:
+def _add_hyperparameters(writer: gguf.GGUFWriter, cfg: ModelConfig) -> None:
+    writer.add_block_count(cfg.n_layers)
+    writer.add_context_length(cfg.context_length)
+    writer.add_embedding_length(cfg.dim)
+    writer.add_feed_forward_length(cfg.hidden_dim)
+    writer.add_head_count(cfg.n_heads)
+    if cfg.arch == "gpt2":
+        writer.add_layer_norm_eps(LAYER_NORM_EPS)
+        return
+    writer.add_head_count_kv(cfg.n_kv_heads)
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_vocab_size(cfg.vocab_size)
+
+
+def _ggml_tensors(model: GPT) -> Iterator[tuple[str, np.ndarray]]:
+    """Every tensor under its GGUF name, as a view (or, for q and k, a copy) laid out as GGML reads it."""
+    cfg = model.config
+    names = gguf.TensorNameMap(ARCHITECTURES[cfg.arch], cfg.n_layers)
+    for hf_name, tensor in hf_tensors(model).items():
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise RuntimeError(f"no GGUF name for {hf_name}")
+        if cfg.arch == "gpt2" and hf_name.endswith(CONV1D):
+            tensor = tensor.T
+        elif hf_name.endswith("q_proj.weight"):
+            tensor = interleave_rotary_pairs(tensor, cfg.n_heads)
+        elif hf_name.endswith("k_proj.weight"):
+            tensor = interleave_rotary_pairs(tensor, cfg.n_kv_heads)
+        yield gguf_name, tensor
+
+
+def interleave_rotary_pairs(rows: np.ndarray, heads: int) -> np.ndarray:
+    """q_proj or k_proj (heads * head_dim, dim) with each head's rows reordered from the rotate-halves order to
+    llama.cpp's rotate-adjacent-pairs order: row j of a head's first half goes to 2j, row j of its second half to
+    2j + 1."""
+    halves = rows.reshape(heads, 2, rows.shape[0] // heads // 2, rows.shape[1])  # head, half, j, column
+    return halves.swapaxes(1, 2).reshape(rows.shape)
+
+
+def _tensor_type(gguf_name: str, tensor: np.ndarray, tensor_type: str) -> gguf.GGMLQuantizationType:
+    """The requested type for a matrix; f32 for vectors and the position embedding; f16 for a q8_0 matrix whose
+    rows are not whole q8_0 blocks."""
     qtype = TYPES[tensor_type]
-    if tensor.ndim == 1 or is_position:
-        qtype = gguf.GGMLQuantizationType.F32
-    elif qtype == gguf.GGMLQuantizationType.Q8_0 and tensor.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
-        qtype = gguf.GGMLQuantizationType.F16
-    if qtype == gguf.GGMLQuantizationType.F32:
-        writer.add_tensor(name, tensor)
-    elif qtype == gguf.GGMLQuantizationType.F16:
-        writer.add_tensor(name, tensor.astype(np.float16))
-    else:
-        writer.add_tensor(name, gguf.quants.quantize(tensor, qtype), raw_dtype=qtype)  # its shape is in bytes
+    if tensor.ndim == 1 or gguf_name.startswith("position_embd"):
+        return gguf.GGMLQuantizationType.F32
+    if qtype == TYPES["q8_0"] and tensor.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+        return gguf.GGMLQuantizationType.F16
+    return qtype
 
 
-def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Tokenizer, vocab_size: int) -> None:
-    hf = json.loads(tokenizer.hf_json())
-    vocab = tokenizer.vocab()
-    tokens = [None] * vocab_size
-    for token, token_id in vocab.items():
-        tokens[token_id] = token
-    special = {t["id"] for t in hf.get("added_tokens", []) if t.get("special")}
-    types = [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(vocab_size)]
-    for i in range(vocab_size):  # rows of the embedding beyond the tokenizer's vocabulary: never produced
-        if tokens[i] is None:
-            tokens[i], types[i] = f"[PAD{i}]", gguf.TokenType.UNUSED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in hf["model"].get("merges", [])]
-    separator = tokenizer.separator_id
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    writer.add_bos_token_id(separator)
-    writer.add_eos_token_id(separator)
-    writer.add_add_bos_token(False)  # GPT-2 starts a prompt with no special token
+# --------------------------------------------------------------------------------------------------------------
+# the tokenizer
+
+
+# Byte-level BPE pre-tokenizers, as Hugging Face's tokenizer.json writes them, and the llama.cpp pre-tokenizer
+# that splits text the same way: GPT-2's regex, alone or after splitting off every digit (SmolLM2's).
+_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+BYTE_LEVEL_PRE_TOKENIZERS = {
+    "gpt-2": [_BYTE_LEVEL],
+    "smollm": [{"type": "Digits", "individual_digits": True}, _BYTE_LEVEL],
+}
+# Llama's BPE with byte fallback (TinyLlama's tokenizer.json) marks every space, and the text's start, with "▁",
+# as llama.cpp's sentencepiece tokenizer does. (A Metaspace pre-tokenizer, as later conversions write, does not
+# mark the start of a text that begins with a space, which llama.cpp does: it is refused.)
+SPACE_MARK = "\u2581"
+SENTENCEPIECE_NORMALIZER = {"type": "Sequence", "normalizers": [
+    {"type": "Prepend", "prepend": SPACE_MARK}, {"type": "Replace", "pattern": {"String": " "}, "content": SPACE_MARK}]}
+BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
+
+
+@dataclass(frozen=True)
+class _Vocabulary:
+    """A tokenizer in its GGUF form: tokenizer.ggml.* of llama.cpp's "gpt2" or "llama" tokenizer model."""
+    model: str
+    pre: str
+    tokens: list[str]
+    types: list[int]
+    merges: list[str] | None  # "gpt2": merge rules, in rank order
+    scores: list[float] | None  # "llama": sentencepiece merges the adjacent pair whose token scores highest
+    bos_id: int
+    eos_id: int
+    add_bos: bool
+    unk_id: int | None
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer, vocab_size: int) -> "_Vocabulary":
+        """The GGUF form of tokenizer for a model of vocab_size rows; UsageError if it has none."""
+        if tokenizer.kind != "bpe":
+            raise UsageError(f"a {tokenizer.kind} tokenizer has no faithful GGUF form (llama.cpp's tokenizers are "
+                             f"BPE): train with --tokenizer bpe to export to GGUF")
+        hf = json.loads(tokenizer.hf_json())
+        tokens: list[str | None] = [None] * vocab_size
+        for token, token_id in tokenizer.vocab().items():
+            tokens[token_id] = token
+        added = {t["id"]: t for t in hf.get("added_tokens", [])}
+        types = [gguf.TokenType.NORMAL] * vocab_size
+        for i in range(vocab_size):
+            if i in added:
+                types[i] = gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED
+            elif tokens[i] is None:  # rows of the embedding beyond the tokenizer's vocabulary: never produced
+                tokens[i], types[i] = f"[PAD{i}]", gguf.TokenType.UNUSED
+        merges = [m.split(" ") if isinstance(m, str) else m for m in hf["model"].get("merges", [])]
+        separator = tokenizer.separator_id
+        pre = _byte_level_pre_tokenizer(hf)
+        if pre is not None:  # GPT-2 starts a prompt with no special token, and so do byte-level BPEs here
+            return cls("gpt2", pre, tokens, types, [" ".join(m) for m in merges], None, separator, separator, False,
+                       None)
+        if _is_sentencepiece_bpe(hf):
+            return cls._sentencepiece(hf, tokens, types, merges, separator)
+        raise UsageError("this tokenizer has no faithful GGUF form: cllm writes byte-level BPE whose "
+                         f"pre-tokenizer is one of llama.cpp's ({', '.join(BYTE_LEVEL_PRE_TOKENIZERS)}), or Llama's "
+                         "BPE with byte fallback as TinyLlama's tokenizer.json has it")
+
+    @classmethod
+    def _sentencepiece(cls, hf: dict, tokens: list[str], types: list[int], merges: list[list[str]],
+                       separator: int) -> "_Vocabulary":
+        """Llama's form: scores ranking tokens as the merges that make them are ranked, byte tokens marked, and
+        the beginning-of-text token that the tokenizer's post-processor puts before every text, if any."""
+        # A token that no merge makes (a single character, a byte, a special token) scores below every merge, as
+        # sentencepiece's own models rank them: llama.cpp then never prefers a pair that Hugging Face never merges.
+        scores = [-float(len(merges) + 1)] * len(tokens)
+        made = set()
+        ids = {token: i for i, token in enumerate(tokens)}
+        for rank, merge in enumerate(merges):
+            token = "".join(merge)
+            if token in ids and token not in made:  # the first merge that makes a token ranks it
+                scores[ids[token]] = -float(rank)
+                made.add(token)
+        for i, token in enumerate(tokens):
+            if types[i] == gguf.TokenType.NORMAL and BYTE_TOKEN.fullmatch(token):
+                types[i] = gguf.TokenType.BYTE
+        unk_id = ids.get(hf["model"].get("unk_token"))
+        if unk_id is not None:
+            types[unk_id] = gguf.TokenType.UNKNOWN
+        bos = leading_special_token(hf)
+        return cls("llama", "default", tokens, types, None, scores, ids.get(bos, separator), separator,
+                   bos is not None, unk_id)
+
+    def add_to(self, writer: gguf.GGUFWriter) -> None:
+        writer.add_tokenizer_model(self.model)
+        writer.add_tokenizer_pre(self.pre)
+        writer.add_token_list(self.tokens)
+        writer.add_token_types(self.types)
+        if self.merges is not None:
+            writer.add_token_merges(self.merges)
+        if self.scores is not None:
+            writer.add_token_scores(self.scores)
+        writer.add_bos_token_id(self.bos_id)
+        writer.add_eos_token_id(self.eos_id)
+        if self.unk_id is not None:
+            writer.add_unk_token_id(self.unk_id)
+        writer.add_add_bos_token(self.add_bos)
+
+
+def _byte_level_pre_tokenizer(hf: dict) -> str | None:
+    """The llama.cpp pre-tokenizer of a byte-level BPE that splits as this one does, or None."""
+    if hf["model"].get("type") != "BPE" or hf.get("normalizer") is not None or hf.get("pre_tokenizer") is None:
+        return None
+    pre = hf["pre_tokenizer"]
+    steps = pre["pretokenizers"] if pre.get("type") == "Sequence" else [pre]
+    return next((name for name, expected in BYTE_LEVEL_PRE_TOKENIZERS.items() if _matches(steps, expected)), None)
+
+
+def _is_sentencepiece_bpe(hf: dict) -> bool:
+    """Whether hf is Llama's BPE with byte fallback, which llama.cpp's sentencepiece tokenizer reproduces."""
+    model = hf["model"]
+    return model.get("type") == "BPE" and model.get("byte_fallback") is True and hf.get("pre_tokenizer") is None \
+        and _matches(hf.get("normalizer"), SENTENCEPIECE_NORMALIZER)
+
+
+def _matches(found, expected) -> bool:
+    """Whether found has every key of expected with the same value, recursively (extra keys are allowed)."""
+    if isinstance(expected, dict):
+        return isinstance(found, dict) and all(_matches(found.get(k), v) for k, v in expected.items())
+    if isinstance(expected, (list, tuple)):
+        return isinstance(found, (list, tuple)) and len(found) == len(expected) and all(
+            _matches(f, e) for f, e in zip(found, expected))
+    return found == expected
+

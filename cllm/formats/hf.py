@@ -1,13 +1,20 @@
-"""Hugging Face GPT-2 folders: read them as cllm models, and write cllm models as them.
+"""Hugging Face folders: read GPT-2 and Llama models as cllm models, and write cllm models as them.
 
-cllm's model is GPT-2's architecture with GPT-2's parameter names and GPT-2's (in, out) layout of the four
-projection matrices (HF's Conv1D), so a checkpoint maps onto it name for name, with no transposes. What this
-module adds is the folder: `config.json` (GPT2Config), `model.safetensors` (or shards listed in
+A folder is `config.json` (GPT2Config or LlamaConfig), `model.safetensors` (or shards listed in
 `model.safetensors.index.json`), and the tokenizer (`tokenizer.json`, or GPT-2's `vocab.json` + `merges.txt`).
+config.json's model_type is cllm's architecture ("gpt2" or "llama", cllm.model.ARCHITECTURES).
+
+Each architecture's tensors map onto cllm's parameters by `hf_tensors`, which gives every tensor of the Hugging
+Face checkpoint as a view into the model's parameter buffer, in Hugging Face's layout: loading reads each tensor
+straight into its view (cllm.tensor_files), and saving writes the views. GPT-2's map name for name, with no
+transposes: cllm keeps GPT-2's names and its (in, out) Conv1D layout. Llama's nn.Linear weights are (out, in), so
+each is a transposed view, and q, k, v (and gate, up) are column blocks of cllm's packed matrix. HF's RoPE rotates
+the two halves of each head, as cllm's does, so q_proj and k_proj need no reordering.
 
 Reading refuses, with one line naming it, any config setting that would change the arithmetic from what cllm
 computes, rather than run a different model silently. It never unpickles: a folder holding only
-`pytorch_model.bin` is refused with the command that converts it.
+`pytorch_model.bin` is refused with the command that converts it. Weights may be float32, float16 or bfloat16
+(widened exactly to cllm's float32).
 
 Writing gives a folder that `transformers.AutoModelForCausalLM.from_pretrained` and `AutoTokenizer` load
 offline, and that reads back into the same tensors bit for bit.
@@ -20,7 +27,6 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import safetensors.numpy
 from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
@@ -29,35 +35,79 @@ from .. import tensor_files
 from ..atomic import atomic_write_bytes, atomic_write_file
 from ..checkpoint import ModelFileError, few_names
 from ..errors import UsageError
-from ..model import GPT, ModelConfig, parameter_shapes
-from ..tokenizer import ENDOFTEXT, SEPARATOR, Tokenizer
+from ..model import GPT, ModelConfig
+from ..tokenizer import ENDOFTEXT, Tokenizer
 
-CONFIG, WEIGHTS, WEIGHTS_INDEX, TOKENIZER = "config.json", "model.safetensors", "model.safetensors.index.json", \
-    "tokenizer.json"
+CONFIG, WEIGHTS, WEIGHTS_INDEX, TOKENIZER, TOKENIZER_CONFIG = \
+    "config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json"
+READABLE_DTYPES = tuple(tensor_files.DTYPES)  # F32, and F16 and BF16 (widened on reading)
+# The prefix of the base model's tensors inside the causal-LM checkpoint (GPT2LMHeadModel's transformer.,
+# LlamaForCausalLM's model.); a checkpoint of the base model alone (GPT2Model, LlamaModel) has none.
+BASE_PREFIX = {"gpt2": "transformer.", "llama": "model."}
+# Buffers that some checkpoints hold beside the parameters: GPT-2's causal masks, Llama's RoPE frequencies (from
+# transformers before 4.31; cllm computes them from rope_theta, and any scaling of them is refused in config.json).
+IGNORED_TENSORS = {"gpt2": (".attn.bias", ".attn.masked_bias"), "llama": (".rotary_emb.inv_freq",)}
+TIED_HEAD = "lm_head.weight"  # a tied model's head is its token embedding, whether or not the file repeats it
+
+# GPT-2
 # HF's activation names -> cllm's (cllm.model.ACTIVATIONS): GELU's tanh form under its two names, and the exact one.
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_erf"}
 LAYER_NORM_EPS = 1e-5  # what cllm's LayerNorm kernels use
 # Settings that change GPT-2's arithmetic, with the value under which cllm computes the same thing.
 SAME_ARITHMETIC = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
                    "reorder_and_upcast_attn": False, "add_cross_attention": False}
-IGNORED_TENSORS = (".attn.bias", ".attn.masked_bias")  # GPT-2's causal-mask buffers, not parameters
-READABLE_DTYPES = tuple(tensor_files.DTYPES)  # F32, and F16 (widened on reading)
 EMBEDDINGS = ("wte", "wpe")  # GPT-2 calls them wte.weight and wpe.weight; every other name is the same
 
-
-def hf_name(name: str) -> str:
-    """The Hugging Face name of a cllm parameter (without the transformer. prefix)."""
-    return f"{name}.weight" if name in EMBEDDINGS else name
-
-
-def cllm_name(key: str) -> str:
-    """The cllm name of a Hugging Face tensor, with or without the transformer. prefix: hf_name's inverse."""
-    name = key.removeprefix("transformer.")
-    return name.removesuffix(".weight") if name.removesuffix(".weight") in EMBEDDINGS else name
+# Llama. LlamaConfig's defaults, for the keys a config.json may leave out.
+LLAMA_DEFAULTS = {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+                  "tie_word_embeddings": False, "hidden_act": "silu"}
+# Settings that change Llama's arithmetic, with the value under which cllm computes the same thing. rope_interleaved
+# (SmolLM2's configs name it) would rotate adjacent pairs rather than halves.
+LLAMA_SAME_ARITHMETIC = {"rope_scaling": None, "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1,
+                         "rope_interleaved": False}
 
 
 class HFFolderError(ModelFileError):
     """A Hugging Face folder that cllm cannot read faithfully; the message names the file and the reason."""
+
+
+def hf_tensors(model: GPT) -> dict[str, np.ndarray]:
+    """Every tensor of the model's Hugging Face checkpoint, by its full name, as a view into the model's
+    parameters laid out as Hugging Face lays it out: where loading reads each tensor, and what saving writes."""
+    return _TENSORS[model.config.arch](model)
+
+
+def _gpt2_tensors(model: GPT) -> dict[str, np.ndarray]:
+    """cllm's names, after transformer., with .weight after the two embeddings; the same layout."""
+    return {f"transformer.{name}.weight" if name in EMBEDDINGS else f"transformer.{name}": view
+            for name, view in model.p.items()}
+
+
+def _llama_tensors(model: GPT) -> dict[str, np.ndarray]:
+    """nn.Linear weights are (out, in), cllm's (in, out): each is a transposed view, and q, k, v and gate, up are
+    column blocks of cllm's packed c_attn and c_fc."""
+    cfg, p = model.config, model.p
+    C, KV, I = cfg.dim, cfg.kv_dim, cfg.hidden_dim
+    tensors = {"model.embed_tokens.weight": p["wte"]}
+    for i in range(cfg.n_layers):
+        ours, theirs = f"h.{i}.", f"model.layers.{i}."
+        qkv, gate_up = p[ours + "attn.c_attn.weight"], p[ours + "mlp.c_fc.weight"]
+        tensors |= {theirs + "input_layernorm.weight": p[ours + "ln_1.weight"],
+                    theirs + "self_attn.q_proj.weight": qkv[:, :C].T,
+                    theirs + "self_attn.k_proj.weight": qkv[:, C:C + KV].T,
+                    theirs + "self_attn.v_proj.weight": qkv[:, C + KV:].T,
+                    theirs + "self_attn.o_proj.weight": p[ours + "attn.c_proj.weight"].T,
+                    theirs + "post_attention_layernorm.weight": p[ours + "ln_2.weight"],
+                    theirs + "mlp.gate_proj.weight": gate_up[:, :I].T,
+                    theirs + "mlp.up_proj.weight": gate_up[:, I:].T,
+                    theirs + "mlp.down_proj.weight": p[ours + "mlp.c_proj.weight"].T}
+    tensors["model.norm.weight"] = p["ln_f.weight"]
+    if not cfg.tied_head:
+        tensors["lm_head.weight"] = p["lm_head"]
+    return tensors
+
+
+_TENSORS = {"gpt2": _gpt2_tensors, "llama": _llama_tensors}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -65,10 +115,11 @@ class HFFolderError(ModelFileError):
 
 
 def load_hf(folder: str | os.PathLike, *, threads: int = 1) -> tuple[GPT, Tokenizer]:
-    """A GPT-2-family folder as a cllm model and its tokenizer."""
+    """A GPT-2 or Llama folder as a cllm model and its tokenizer."""
     folder = Path(folder)
-    config = read_config(folder)
-    tokenizer = read_tokenizer(folder)
+    hf_config = read_config_json(folder)
+    config = read_config(folder / CONFIG, hf_config)
+    tokenizer = read_tokenizer(folder, hf_config.get("eos_token_id"))
     if tokenizer.vocab_size > config.vocab_size:
         raise HFFolderError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                             f"{config.vocab_size}")
@@ -77,24 +128,48 @@ def load_hf(folder: str | os.PathLike, *, threads: int = 1) -> tuple[GPT, Tokeni
     return model, tokenizer
 
 
-def read_config(folder: Path) -> ModelConfig:
+def read_config_json(folder: Path) -> dict:
     path = folder / CONFIG
     if not path.is_file():
         raise HFFolderError(f"{folder}: not a model folder (no {CONFIG})")
+    return _read_json(path)
+
+
+def read_config(path: Path, hf: dict) -> ModelConfig:
+    """config.json's settings (hf, read from path) as cllm's ModelConfig."""
+    model_type = hf.get("model_type")
+    if model_type not in _CONFIG_READERS:
+        raise HFFolderError(f"{path}: model_type {model_type!r} is not supported (cllm reads "
+                            f"{' and '.join(map(json.dumps, _CONFIG_READERS))} models)")
+    return _CONFIG_READERS[model_type](path, hf)
+
+
+def _read_json(path: Path) -> dict:
     try:
-        hf = json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise HFFolderError(f"{path}: unreadable ({e})") from None
-    if not isinstance(hf, dict):
+    if not isinstance(obj, dict):
         raise HFFolderError(f"{path}: not a JSON object")
-    model_type = hf.get("model_type")
-    if model_type != "gpt2":
-        raise HFFolderError(f"{path}: model_type {model_type!r} is not supported (cllm reads GPT-2-family "
-                            f"models, model_type \"gpt2\")")
-    for key, same in SAME_ARITHMETIC.items():
+    return obj
+
+
+def _refuse_other_arithmetic(path: Path, hf: dict, same_arithmetic: dict, arch: str) -> None:
+    for key, same in same_arithmetic.items():
         if hf.get(key, same) != same:
-            raise HFFolderError(f"{path}: {key}={hf[key]!r} changes GPT-2's arithmetic, which cllm does not "
-                                f"implement (it computes {key}={same})")
+            raise HFFolderError(f"{path}: {key}={json.dumps(hf[key])} changes {arch}'s arithmetic, which cllm does "
+                                f"not implement (it computes {key}={json.dumps(same)})")
+
+
+def _model_config(path: Path, **fields) -> ModelConfig:
+    try:
+        return ModelConfig(**fields)
+    except UsageError as e:
+        raise HFFolderError(f"{path}: {e}") from None
+
+
+def _gpt2_config(path: Path, hf: dict) -> ModelConfig:
+    _refuse_other_arithmetic(path, hf, SAME_ARITHMETIC, "GPT-2")
     activation = hf.get("activation_function", "gelu_new")
     if activation not in ACTIVATIONS:
         raise HFFolderError(f"{path}: activation_function {activation!r} is not supported "
@@ -108,38 +183,100 @@ def read_config(folder: Path) -> ModelConfig:
     if n_inner is not None and n_inner != 4 * n_embd:
         raise HFFolderError(f"{path}: n_inner={n_inner} is not supported (cllm's MLP is 4 * n_embd wide)")
     if hf.get("tie_word_embeddings", True) is not True:
-        raise HFFolderError(f"{path}: tie_word_embeddings=false is not supported (cllm's output layer is the "
-                            f"token embedding)")
-    try:
-        return ModelConfig(vocab_size=hf.get("vocab_size"), context_length=hf.get("n_positions"), dim=n_embd,
-                           n_layers=hf.get("n_layer"), n_heads=hf.get("n_head"),
-                           activation=ACTIVATIONS[activation])
-    except UsageError as e:
-        raise HFFolderError(f"{path}: {e}") from None
+        raise HFFolderError(f"{path}: tie_word_embeddings=false is not supported for GPT-2 (cllm's GPT-2 output "
+                            f"layer is the token embedding)")
+    return _model_config(path, vocab_size=hf.get("vocab_size"), context_length=hf.get("n_positions"), dim=n_embd,
+                         n_layers=hf.get("n_layer"), n_heads=hf.get("n_head"), activation=ACTIVATIONS[activation])
 
 
-def read_tokenizer(folder: Path) -> Tokenizer:
-    """tokenizer.json as it is, or GPT-2's byte-level BPE from vocab.json and merges.txt."""
+def _llama_config(path: Path, hf: dict) -> ModelConfig:
+    _refuse_other_arithmetic(path, hf, LLAMA_SAME_ARITHMETIC, "Llama")
+    hf = LLAMA_DEFAULTS | hf
+    if hf["hidden_act"] != "silu":
+        raise HFFolderError(f"{path}: hidden_act {hf['hidden_act']!r} is not supported (cllm's Llama MLP is "
+                            f"SwiGLU, hidden_act \"silu\")")
+    config = _model_config(
+        path, arch="llama", vocab_size=hf.get("vocab_size"), context_length=hf["max_position_embeddings"],
+        dim=hf.get("hidden_size"), n_layers=hf.get("num_hidden_layers"), n_heads=hf.get("num_attention_heads"),
+        n_kv_heads=hf.get("num_key_value_heads"), intermediate_size=hf.get("intermediate_size"),
+        rope_theta=_rope_theta(path, hf), norm_eps=hf["rms_norm_eps"], tied_head=hf["tie_word_embeddings"])
+    head_dim = hf.get("head_dim")
+    if head_dim not in (None, config.head_dim):
+        raise HFFolderError(f"{path}: head_dim={head_dim} is not supported (cllm's heads are hidden_size / "
+                            f"num_attention_heads = {config.head_dim} wide)")
+    return config
+
+
+def _rope_theta(path: Path, hf: dict):
+    """RoPE's base: transformers 5 writes rope_parameters ({"rope_type": "default", "rope_theta": ...}), earlier
+    versions rope_theta (and rope_scaling, refused unless null). Any other rope_type scales the rotations."""
+    rope = hf.get("rope_parameters")
+    if rope is None:
+        return hf["rope_theta"]
+    if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default" \
+            or set(rope) - {"rope_type", "rope_theta"}:
+        raise HFFolderError(f"{path}: rope_parameters={json.dumps(rope)} changes RoPE, which cllm does not implement "
+                            f"(it computes rope_type \"default\", given only rope_theta)")
+    return rope.get("rope_theta", hf["rope_theta"])
+
+
+_CONFIG_READERS = {"gpt2": _gpt2_config, "llama": _llama_config}
+
+
+def read_tokenizer(folder: Path, eos_token_id=None) -> Tokenizer:
+    """tokenizer.json as it is (or GPT-2's byte-level BPE from vocab.json and merges.txt), with the model's
+    end-of-text token as its separator (_separator). eos_token_id is config.json's."""
+    hf = _hf_tokenizer(folder)
+    separator = _separator(folder, hf, eos_token_id)
+    # An added special token stays whole when decoding; GPT-2's vocab.json only lists <|endoftext|>.
+    hf.add_special_tokens([separator])
+    return Tokenizer("bpe", hf, separator=separator)
+
+
+def _hf_tokenizer(folder: Path) -> HFTokenizer:
     path = folder / TOKENIZER
     try:
         if path.is_file():
-            hf = HFTokenizer.from_file(str(path))
-        elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            return HFTokenizer.from_file(str(path))
+        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
             hf = HFTokenizer(models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
             hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
             hf.decoder = decoders.ByteLevel()
-        else:
-            raise HFFolderError(f"{folder}: no tokenizer ({TOKENIZER}, or vocab.json with merges.txt)")
-    except HFFolderError:
-        raise
+            return hf
     except Exception as e:  # tokenizers raises a bare Exception for any parse error
         raise HFFolderError(f"{folder}: unreadable tokenizer ({' '.join(str(e).split())})") from None
+    raise HFFolderError(f"{folder}: no tokenizer ({TOKENIZER}, or vocab.json with merges.txt)")
+
+
+def _separator(folder: Path, hf: HFTokenizer, eos_id) -> str:
+    """The token that ends a document, as the folder names it: config.json's eos_token_id (eos_id; the first, if
+    it lists several), else tokenizer_config.json's eos_token, else GPT-2's <|endoftext|>."""
+    if isinstance(eos_id, list):
+        eos_id = eos_id[0] if eos_id else None
+    if eos_id is not None:
+        token = hf.id_to_token(eos_id) if isinstance(eos_id, int) and eos_id >= 0 else None
+        if token is None:
+            raise HFFolderError(f"{folder / CONFIG}: eos_token_id={eos_id} is not a token of the tokenizer")
+        return token
+    tokenizer_config = folder / TOKENIZER_CONFIG
+    eos = _read_json(tokenizer_config).get("eos_token") if tokenizer_config.is_file() else None
+    eos = eos.get("content") if isinstance(eos, dict) else eos  # an AddedToken, as some versions write it
+    if eos is not None:
+        if not isinstance(eos, str) or hf.token_to_id(eos) is None:
+            raise HFFolderError(f"{tokenizer_config}: eos_token={json.dumps(eos)} is not a token of the tokenizer")
+        return eos
     if hf.token_to_id(ENDOFTEXT) is None:
-        raise HFFolderError(f"{folder}: the tokenizer has no {ENDOFTEXT} token, which GPT-2 uses as the "
-                            f"document separator")
-    # An added special token keeps "<|endoftext|>" whole when decoding; GPT-2's vocab.json only lists it.
-    hf.add_special_tokens([ENDOFTEXT])
-    return Tokenizer("bpe", hf)
+        raise HFFolderError(f"{folder}: names no end-of-text token ({CONFIG}'s eos_token_id), and the tokenizer has "
+                            f"no {ENDOFTEXT}, GPT-2's")
+    return ENDOFTEXT
+
+
+def leading_special_token(hf_tokenizer: dict) -> str | None:
+    """The special token that a tokenizer.json's post-processor puts before every single text (Llama's <s>), or
+    None."""
+    post = hf_tokenizer.get("post_processor") or {}
+    template = post.get("single") if post.get("type") == "TemplateProcessing" else None
+    return (template[0].get("SpecialToken") or {}).get("id") if template else None
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -165,33 +302,34 @@ def _weight_files(folder: Path) -> list[Path]:
 
 
 def _read_weights(folder: Path, model: GPT) -> None:
-    """Reads every tensor of the folder's safetensors file(s) into the model's parameter buffer (never a second
-    copy of the model: cllm.tensor_files), checking names, dtypes, shapes and values."""
-    shapes, _ = parameter_shapes(model.config)
+    """Reads every tensor of the folder's safetensors file(s) into its view of the model's parameter buffer
+    (never a second copy of the model: cllm.tensor_files), checking names, dtypes, shapes and values."""
+    arch = model.config.arch
+    tensors = hf_tensors(model)
     seen: set[str] = set()
-    lm_head = None
+    tied_head = None  # (file key, its values) if the file repeats a tied head: read only to compare
     for path in _weight_files(folder):
         wanted: dict[str, np.ndarray] = {}  # file key -> where it goes
         try:
             with safe_open(path, framework="np") as f:  # validates the header; only it is read here
                 for key in f.keys():
-                    name = cllm_name(key)
-                    if name.endswith(IGNORED_TENSORS):
+                    name = key if key in tensors else BASE_PREFIX[arch] + key
+                    if name.endswith(IGNORED_TENSORS[arch]):
                         continue
                     meta = f.get_slice(key)
                     if meta.get_dtype() not in READABLE_DTYPES:
                         raise HFFolderError(f"{path}: tensor {key!r} is {meta.get_dtype()}; cllm reads "
-                                            f"{' and '.join(READABLE_DTYPES)}")
-                    if name == "lm_head.weight":  # tied or absent in cllm: read it only to compare
-                        lm_head = key, np.empty(meta.get_shape(), np.float32)
-                        wanted[key] = lm_head[1]
+                                            f"{', '.join(READABLE_DTYPES)}")
+                    if key == TIED_HEAD and key not in tensors:
+                        tied_head = key, np.empty(meta.get_shape(), np.float32)
+                        wanted[key] = tied_head[1]
                         continue
-                    if name not in shapes:
-                        raise HFFolderError(f"{path}: unexpected tensor {key!r} for a GPT-2 model")
-                    if tuple(meta.get_shape()) != shapes[name]:
+                    if name not in tensors:
+                        raise HFFolderError(f"{path}: unexpected tensor {key!r} for a {arch} model")
+                    if tuple(meta.get_shape()) != tensors[name].shape:
                         raise HFFolderError(f"{path}: tensor {key!r} has shape {tuple(meta.get_shape())}, expected "
-                                            f"{shapes[name]}")
-                    wanted[key] = model.p[name]
+                                            f"{tensors[name].shape}")
+                    wanted[key] = tensors[name]
                     seen.add(name)
             tensor_files.read_into(path, wanted.get)
         except SafetensorError as e:
@@ -200,16 +338,15 @@ def _read_weights(folder: Path, model: GPT) -> None:
             raise HFFolderError(f"{path}: {e}") from None
         except OSError as e:
             raise HFFolderError(f"{path}: cannot read it ({e.strerror or e})") from None
-    missing = sorted(set(shapes) - seen)
+    missing = [name for name in tensors if name not in seen]
     if missing:
         raise HFFolderError(f"{folder}: missing tensors {few_names(missing)}")
-    for name, view in model.p.items():
+    for name, view in tensors.items():
         if not np.isfinite(view).all():
-            raise HFFolderError(f"{folder}: tensor {hf_name(name)!r} holds non-finite values")
-    if lm_head is not None and (lm_head[1].shape != model.p["wte"].shape
-                                or not np.array_equal(lm_head[1], model.p["wte"])):
-        raise HFFolderError(f"{folder}: {lm_head[0]} differs from the token embedding; cllm's output layer is "
-                            f"the token embedding (tied), so an untied head is not supported")
+            raise HFFolderError(f"{folder}: tensor {name!r} holds non-finite values")
+    if tied_head is not None and not np.array_equal(tied_head[1], model.p["wte"]):
+        raise HFFolderError(f"{folder}: {tied_head[0]} differs from the token embedding, which {CONFIG} ties it to "
+                            f"(tie_word_embeddings)")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -217,39 +354,60 @@ def _read_weights(folder: Path, model: GPT) -> None:
 
 
 def save_hf(folder: str | os.PathLike, model: GPT, tokenizer: Tokenizer) -> list[Path]:
-    """Writes model and tokenizer as a Hugging Face GPT-2 folder (created if needed); returns the files written.
-    Each file is written atomically, so an interrupted export never leaves a truncated one."""
+    """Writes model and tokenizer as a Hugging Face folder of the model's architecture (created if needed);
+    returns the files written. Each file is written atomically, so an interrupted export never leaves a truncated
+    one."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    separator = SEPARATOR[tokenizer.kind]
-    hf_activation = {"gelu_tanh": "gelu_new", "gelu_erf": "gelu"}[cfg.activation]
-    config = {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-        "vocab_size": cfg.vocab_size, "n_positions": cfg.context_length, "n_embd": cfg.dim,
-        "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": None, "activation_function": hf_activation,
-        "layer_norm_epsilon": LAYER_NORM_EPS, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
-        "initializer_range": 0.02, "scale_attn_weights": True, "use_cache": True, "tie_word_embeddings": True,
-        "bos_token_id": tokenizer.separator_id, "eos_token_id": tokenizer.separator_id, "dtype": "float32"}
-    special = {"bos_token": separator, "eos_token": separator}
+    # A tokenizer that starts every text with a token of its own (Llama's <s>) names it as bos; else the separator
+    # both starts and ends a text, as GPT-2's <|endoftext|> does.
+    bos = leading_special_token(json.loads(tokenizer.hf_json())) or tokenizer.separator
+    special_ids = {"bos_token_id": tokenizer.vocab()[bos], "eos_token_id": tokenizer.separator_id}
+    config = _CONFIG_WRITERS[cfg.arch](cfg) | special_ids | {
+        "initializer_range": 0.02, "use_cache": True, "tie_word_embeddings": cfg.tied_head, "dtype": "float32"}
+    special = {"bos_token": bos, "eos_token": tokenizer.separator}
     if tokenizer.kind in ("char", "word"):
         special["unk_token"] = "<unk>"
     if tokenizer.kind == "word":
         special["pad_token"] = "<pad>"
     tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.context_length,
                         "clean_up_tokenization_spaces": False, **special}
-    generation_config = {"bos_token_id": tokenizer.separator_id, "eos_token_id": tokenizer.separator_id}
-    tensors = {f"transformer.{hf_name(name)}": view for name, view in model.p.items()}
-    atomic_write_file(folder / WEIGHTS, partial(safetensors.numpy.save_file, tensors, metadata={"format": "pt"}))
+    atomic_write_file(folder / WEIGHTS, partial(tensor_files.write, tensors=hf_tensors(model),
+                                                metadata={"format": "pt"}))
     files = {
         CONFIG: _json_bytes(config),
         TOKENIZER: tokenizer.hf_json().encode("utf-8"),
-        "tokenizer_config.json": _json_bytes(tokenizer_config),
-        "generation_config.json": _json_bytes(generation_config),
+        TOKENIZER_CONFIG: _json_bytes(tokenizer_config),
+        "generation_config.json": _json_bytes(special_ids),
     }
     for name, data in files.items():
         atomic_write_bytes(folder / name, data)
     return [folder / WEIGHTS] + [folder / name for name in files]
+
+
+def _gpt2_config_json(cfg: ModelConfig) -> dict:
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+            "vocab_size": cfg.vocab_size, "n_positions": cfg.context_length, "n_embd": cfg.dim,
+            "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": None,
+            "activation_function": {"gelu_tanh": "gelu_new", "gelu_erf": "gelu"}[cfg.activation],
+            "layer_norm_epsilon": LAYER_NORM_EPS, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+            "scale_attn_weights": True}
+
+
+def _llama_config_json(cfg: ModelConfig) -> dict:
+    """RoPE's base is written both ways: rope_parameters for transformers 5, rope_theta (with rope_scaling null)
+    for earlier versions and for the tools that read config.json themselves (llama.cpp's converter)."""
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.context_length, "hidden_size": cfg.dim,
+            "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.n_layers,
+            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+            "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "rope_scaling": None,
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+            "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1}
+
+
+_CONFIG_WRITERS = {"gpt2": _gpt2_config_json, "llama": _llama_config_json}
 
 
 def _json_bytes(obj) -> bytes:

@@ -1,6 +1,6 @@
-"""Convert a model between cllm's .cllm file, a Hugging Face GPT-2 folder and GGUF (for llama.cpp).
+"""Convert a model between cllm's .cllm file, a Hugging Face folder (GPT-2 or Llama) and GGUF (for llama.cpp).
 
-    python -m cllm.tools.convert gpt2-folder model.cllm                  # Hugging Face -> cllm
+    python -m cllm.tools.convert smollm2-folder model.cllm               # Hugging Face -> cllm
     python -m cllm.tools.convert model.cllm exported/                    # cllm -> Hugging Face folder
     python -m cllm.tools.convert model.cllm model.gguf --gguf-type q8_0  # cllm (or a folder) -> GGUF
 
@@ -21,15 +21,21 @@ from ._cli import Parser, run
 
 
 def describe(model, tokenizer) -> str:
+    """One line: the architecture and its shape (layers L, query heads H, key/value heads KV, width C), then what
+    the shape leaves open."""
     cfg = model.config
-    return (f"GPT-2 L{cfg.n_layers} H{cfg.n_heads} C{cfg.dim}, context {cfg.context_length}, vocabulary "
-            f"{cfg.vocab_size}, {cfg.activation}, {model.num_params / 1e6:.1f}M parameters; {tokenizer.kind} "
-            f"tokenizer of {tokenizer.vocab_size} tokens")
+    if cfg.arch == "llama":
+        shape = (f"Llama L{cfg.n_layers} H{cfg.n_heads} KV{cfg.n_kv_heads} C{cfg.dim}, MLP {cfg.intermediate_size}, "
+                 f"{'tied' if cfg.tied_head else 'untied'} head, RoPE base {cfg.rope_theta:g}")
+    else:
+        shape = f"GPT-2 L{cfg.n_layers} H{cfg.n_heads} C{cfg.dim}"
+    return (f"{shape}, context {cfg.context_length}, vocabulary {cfg.vocab_size}, {cfg.activation}, "
+            f"{model.num_params / 1e6:.1f}M parameters; {tokenizer.kind} tokenizer of {tokenizer.vocab_size} tokens")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="convert", description="Convert a model between .cllm, a Hugging Face folder and GGUF.")
-    p.add_argument("src", help="a .cllm file or a Hugging Face GPT-2 folder")
+    p.add_argument("src", help="a .cllm file or a Hugging Face folder (GPT-2 or Llama)")
     p.add_argument("dst", help="a .cllm file, a .gguf file, or a folder (Hugging Face)")
     p.add_argument("--gguf-type", choices=tuple(TYPES), help="tensor type of a .gguf DST (default: f32)")
     args = p.parse_args(argv)
