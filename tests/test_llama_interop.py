@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+import safetensors.numpy
 
 torch = pytest.importorskip("torch", reason="the interop tests need torch: pip install -e \".[interop]\"")
 transformers = pytest.importorskip("transformers",
@@ -213,6 +214,20 @@ def test_sharded_weights_load_as_the_whole(tmp_path, small):
     whole, _ = load_model(folder)
     sharded, _ = load_model(tmp_path / "sharded")
     assert np.array_equal(whole.params, sharded.params)
+
+
+@pytest.mark.parametrize("head, loads", [("the embedding", True), ("another", False)])
+def test_a_tied_model_whose_file_repeats_its_head_loads_only_if_it_is_the_embedding(tmp_path, head, loads):
+    hf_llama(tmp_path, config=small_config("smollm2") | {"tie_word_embeddings": True}, tokenizer="smollm2")
+    tensors = safetensors.numpy.load_file(tmp_path / "model.safetensors")
+    embedding = tensors["model.embed_tokens.weight"]
+    tensors["lm_head.weight"] = embedding if head == "the embedding" else embedding + 1
+    safetensors.numpy.save_file(tensors, tmp_path / "model.safetensors")
+    if loads:
+        assert np.array_equal(load_model(tmp_path)[0].p["wte"], embedding)
+    else:
+        with pytest.raises(HFFolderError, match="lm_head.weight differs from the token embedding"):
+            load_model(tmp_path)
 
 
 REFUSED = [("rope_scaling", {"rope_type": "linear", "factor": 2.0}),

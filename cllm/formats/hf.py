@@ -207,7 +207,7 @@ def _llama_config(path: Path, hf: dict) -> ModelConfig:
     return config
 
 
-def _rope_theta(path: Path, hf: dict):
+def _rope_theta(path: Path, hf: dict) -> float:
     """RoPE's base: transformers 5 writes rope_parameters ({"rope_type": "default", "rope_theta": ...}), earlier
     versions rope_theta (and rope_scaling, refused unless null). Any other rope_type scales the rotations."""
     rope = hf.get("rope_parameters")
