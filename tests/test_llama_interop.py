@@ -314,6 +314,25 @@ def test_greedy_generation_matches_transformers(request, which):
     assert generation.token_ids == hf_greedy(reference, ids[None], 16, tokenizer.vocab_size)
 
 
+def test_a_folder_fine_tunes_and_the_result_exports_back_to_transformers(small, tmp_path):
+    from cllm.tools import train_model
+
+    folder, _ = small
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("\n".join(TEXT * 10))
+    assert train_model.main([str(corpus), "--out", str(tmp_path / "run"), "--init-from", str(folder),
+                             "--batch-size", "4", "--steps", "3", "--eval-every", "1000", "--eval-batches", "1",
+                             "--threads", "2", "--no-progress"]) == 0
+    tuned, tokenizer = load_model(tmp_path / "run" / "model.cllm")
+    base, base_tokenizer = load_model(folder)
+    assert tuned.config == base.config and not np.array_equal(tuned.params, base.params)
+    assert tokenizer.to_json() == base_tokenizer.to_json()  # </s> still the separator
+    assert convert.main([str(tmp_path / "run" / "model.cllm"), str(tmp_path / "out")]) == 0
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = tokenizer.encode(TEXT[1])[None]
+    assert_logits_close(tuned.logits(ids), hf_logits(theirs, ids))
+
+
 def test_convert_names_the_architecture(smollm2, tmp_path, capsys):
     folder, _ = smollm2
     assert convert.main([str(folder), str(tmp_path / "m.cllm")]) == 0
