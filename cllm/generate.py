@@ -13,22 +13,25 @@ Decoding a token costs one pass of a single position through the model instead o
 the whole sequence so far; the cached keys and values are exactly what the full pass computes, so the logits
 agree with `GPT.logits` up to float32 rounding.
 
-Context overflow: a context shift, as llama.cpp's, adapted to learned absolute positions. The model has learned
-positions (GPT-2's wpe) for `context_length` tokens and no more. When a sequence's cache is full and another
-token is wanted, the window slides: the most recent `context_shift_length(context_length)` tokens (half the
-context, `context_length // 2`, at least 1) of prompt + generated so far, the token just drawn included, are
-kept and encoded again from position 0 by a fresh prefill of that row alone (Decoder.prefill_rows: the other
-rows of a batch are untouched), and decoding goes on from there. Nothing at the start is pinned (llama.cpp can
-keep its first n_keep tokens): the window is the most recent tokens.
+Context overflow: a context shift, as llama.cpp's, but by re-encoding. The model knows positions below
+`context_length` and no others (GPT-2 has learned embeddings, wpe, for that many; llama's RoPE table covers that
+many, the positions it was trained on). When a sequence's cache is full and another token is wanted, the window
+slides: the most recent `context_shift_length(context_length)` tokens (half the context, `context_length // 2`,
+at least 1) of prompt + generated so far, the token just drawn included, are kept and encoded again from
+position 0 by a fresh prefill of that row alone (Decoder.prefill_rows: the other rows of a batch are
+untouched), and decoding goes on from there. Nothing at the start is pinned (llama.cpp can keep its first n_keep
+tokens): the window is the most recent tokens.
 
-The cache cannot simply be shifted, as llama.cpp rotates its RoPE keys to new positions: each cached key and
-value was computed from its token's embedding plus the learned embedding of its absolute position (and, past
-the first layer, from the keys and values before it), and nothing turns that into another position's, so the
-only way to move tokens to new positions is to encode them again. What this means for quality: from a shift
-on, the model sees only the kept window (what came before is forgotten, the prompt too once it has slid out),
-and each shift costs a prefill of context_length // 2 tokens. Shifts come every T - T // 2 + 1 generated tokens
-for a context of T (the room the kept window leaves, plus the token that finds the cache full): 9 for T = 16.
-A generation thus goes on until it stops or reaches max_new_tokens, whatever the context length.
+Why the cache is not simply shifted. GPT-2's cached keys and values were each computed from a token's embedding
+plus the learned embedding of its absolute position, and nothing turns that into another position's. llama.cpp
+shifts a RoPE cache by rotating its keys to their new positions, which is exact for the first layer only: every
+later layer's keys and values were computed by attending to the tokens that are now dropped, so the rotated cache
+is not what the model computes on the window. Re-encoding is: after a shift, the row holds exactly what a full
+pass over the window computes, for both architectures. What this means for quality: from a shift on, the model
+sees only the kept window (what came before is forgotten, the prompt too once it has slid out), and each shift
+costs a prefill of context_length // 2 tokens. Shifts come every T - T // 2 + 1 generated tokens for a context of
+T (the room the kept window leaves, plus the token that finds the cache full): 9 for T = 16. A generation thus
+goes on until it stops or reaches max_new_tokens, whatever the context length.
 
 A prompt longer than the context raises UsageError (it is never truncated); a prompt of exactly
 context_length tokens is fine, its first new token comes with a shift. Generation ends with finish_reason
@@ -81,17 +84,23 @@ class Decoder:
             raise ValueError(f"batch must be positive, got {batch}")
         cfg = model.config
         self.model, self.batch, self.threads = model, batch, threads or model.threads
-        B, C, T = batch, cfg.dim, cfg.context_length
-        self.k_cache = aligned_zeros(cfg.n_layers * B * T * C).reshape(cfg.n_layers, B, T, C)
+        B, T, KV = batch, cfg.context_length, cfg.kv_dim
+        # Keys and values of the key/value heads only: with grouped-query attention, fewer than the query heads.
+        self.k_cache = aligned_zeros(cfg.n_layers * B * T * KV).reshape(cfg.n_layers, B, T, KV)
         self.v_cache = aligned_zeros(self.k_cache.size).reshape(self.k_cache.shape)
         self._logits = aligned_zeros(B * cfg.vocab_size).reshape(B, cfg.vocab_size)
-        self._scratch = aligned_zeros(decode.decode_step_scratch(B, C, cfg.hidden_dim, cfg.vocab_size, T))
-        # Where decode_step finds each parameter in the model's flat buffer.
+        self._scratch = aligned_zeros(decode.decode_step_scratch(
+            B, dim=cfg.dim, qkv_dim=cfg.qkv_dim, up_dim=cfg.up_dim, hidden=cfg.hidden_dim, vocab=cfg.vocab_size,
+            t_max=T))
+        # Where decode_step finds each parameter in the model's flat buffer; ABSENT for those the model lacks
+        # (llama's biases and wpe, a tied model's lm_head), which decode_step checks against the architecture.
         offset = {name: (view.ctypes.data - model.params.ctypes.data) // view.itemsize
                   for name, view in model.p.items()}
-        self._layer_offsets = np.array([[offset[f"h.{i}.{name}"] for name in decode.LAYER_PARAMETERS]
+        absent = decode.ABSENT
+        self._layer_offsets = np.array([[offset.get(f"h.{i}.{name}", absent) for name in decode.LAYER_PARAMETERS]
                                         for i in range(cfg.n_layers)], np.intp)
-        self._model_offsets = np.array([offset[name] for name in decode.MODEL_PARAMETERS], np.intp)
+        self._model_offsets = np.array([offset.get(name, absent) for name in decode.MODEL_PARAMETERS], np.intp)
+        self._head = model.p["wte" if cfg.tied_head else "lm_head"]
         self.lengths = np.zeros(B, np.int32)  # cached positions per sequence
         self._prefill_workspaces = ForwardWorkspaces(cfg)
         self._all_rows = np.arange(B)
@@ -140,19 +149,20 @@ class Decoder:
     def _prefill_equal_lengths(self, rows: list[int], tokens: np.ndarray) -> None:
         """One full forward pass over equally long prompts; their keys and values are copied into the cache."""
         cfg = self.model.config
-        n, T, C = len(rows), tokens.shape[1], cfg.dim
+        n, T, C, KV = len(rows), tokens.shape[1], cfg.dim, cfg.kv_dim
         # Workspaces of our own, not model.workspace(): a training step or another decoder may be using that.
+        # Their passes start at position 0 (ws.start), as a prefill does.
         ws = self._prefill_workspaces.get(n, T)
         self.model.forward_ws(ws, tokens, None, threads=self.threads, logits=False)
         for i in range(cfg.n_layers):
-            qkv = ws.a[f"qkv{i}"]  # (n, T, 3C): q | k | v
-            self.k_cache[i, rows, :T] = qkv[:, :, C:2 * C]
-            self.v_cache[i, rows, :T] = qkv[:, :, 2 * C:]
+            qkv = ws.a[f"qkv{i}"]  # (n, T, C + 2 KV): q | k | v, q and k rotated to their positions (llama)
+            self.k_cache[i, rows, :T] = qkv[:, :, C:C + KV]
+            self.v_cache[i, rows, :T] = qkv[:, :, C + KV:]
         # Only the last position's logits are wanted, so the head runs on those rows alone: with a real
         # vocabulary, the head over every position is a large part of the pass.
         last_hidden = np.ascontiguousarray(ws.a["lnf"].reshape(n, T, C)[:, -1])
         logits = np.empty((n, cfg.vocab_size), np.float32)
-        linear.linear_forward(last_hidden, self.model.p["wte"], None, logits, w_transposed=True, threads=self.threads)
+        linear.linear_forward(last_hidden, self._head, None, logits, w_transposed=True, threads=self.threads)
         self._logits[rows] = logits
         self.lengths[rows] = T
 
@@ -170,7 +180,8 @@ class Decoder:
         # each one cost more than it saved), its matrix products on BLAS's threads.
         decode.decode_step(self.model.params, self._layer_offsets, self._model_offsets, cfg.n_heads,
                            cfg.hidden_dim, tokens, rows, self.lengths[rows].astype(np.intp), self.k_cache,
-                           self.v_cache, self._scratch, self._logits, exact_gelu=cfg.exact_gelu)
+                           self.v_cache, self._scratch, self._logits, eps=cfg.norm_eps, exact_gelu=cfg.exact_gelu,
+                           arch=cfg.arch, n_kv_heads=cfg.n_kv_heads, rope=self.model.rope)
         self.lengths[rows] += 1
         return self._logits
 

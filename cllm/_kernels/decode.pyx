@@ -2,13 +2,18 @@
 #
 # decode_step runs the whole model for a step in a single nogil call: there is too little work per kernel for
 # Python to sit between the kernels (it took about half of a small model's step). Its pieces are the training
-# kernels' own inline row functions (layernorm.pxd, gelu.pxd, linear_rows in _common.pxd) and head_decode.
+# kernels' own inline row functions (layernorm.pxd, rmsnorm.pxd, gelu.pxd, swiglu.pxd, rope.pxd, linear_rows in
+# _common.pxd) and head_decode. Both architectures (cllm/model.py) take the same path; where they differ, the
+# step branches once per layer, never per element: the norm (LayerNorm or RMSNorm), the activation (GELU or
+# SwiGLU), the positions (wpe added to the embedding, or RoPE on q and k), and biases (llama has none: their
+# offsets are ABSENT and linear_rows gets NULL).
 #
 # attention_decode is the attention part alone, single-query causal attention over the cache, a kernel of its
 # own so that it is tested on its own:
 #   q (B, C): the new token's query per row; head h owns channels h*hs:(h+1)*hs.
-#   k_cache, v_cache (B, Tmax, C): keys and values of every position so far; the new token's are already
-#   written at position lengths[b] - 1.
+#   k_cache, v_cache (B, Tmax, KV): keys and values of every position so far, n_kv_heads heads of hs channels
+#   (KV = C for GPT-2; fewer for grouped-query attention, where query head h reads kv head h // (NH / NKV)); the
+#   new token's are already written at position lengths[b] - 1.
 #   lengths (B,): how many cached positions row b attends to; rows may differ (prompts of different lengths).
 #   out (B, C): head h's weighted sum of values in channels h*hs:(h+1)*hs.
 # Work is split over (batch, head) pairs, which touch disjoint slices of out, so there are no races and every
@@ -23,20 +28,37 @@ from libc.string cimport memcpy
 from ._common cimport axpy, dot, linear_rows, require, require_blas_sizes, require_threads, softmax_inplace
 from .gelu cimport gelu_erf_span, gelu_span
 from .layernorm cimport layernorm_row
+from .rmsnorm cimport rmsnorm_row
+from .rope cimport rotate_row
+from .swiglu cimport swiglu_span
 
 
 cdef void head_decode(const float* q, const float* k, const float* v, float* out, float* scores,
-                      Py_ssize_t length, Py_ssize_t C, Py_ssize_t hs, float scale) noexcept nogil:
-    """One (batch, head): q and out point at the head's channels; k and v at its channels of cache position 0
-    (consecutive positions are C floats apart); scores is scratch for `length` floats."""
+                      Py_ssize_t length, Py_ssize_t stride, Py_ssize_t hs, float scale) noexcept nogil:
+    """One (batch, query head): q and out point at the head's channels; k and v at its key/value head's channels
+    of cache position 0 (consecutive positions are `stride` floats apart); scores is scratch for `length` floats."""
     cdef Py_ssize_t s, i
     for s in range(length):
-        scores[s] = dot(q, k + s * C, hs)
+        scores[s] = dot(q, k + s * stride, hs)
     softmax_inplace(scores, length, scale)
     for i in range(hs):
         out[i] = 0.0
     for s in range(length):
-        axpy(scores[s], v + s * C, out, hs)
+        axpy(scores[s], v + s * stride, out, hs)
+
+
+cdef Py_ssize_t head_size(Py_ssize_t dim, Py_ssize_t kv_dim, int n_heads, int n_kv_heads) except -1:
+    """The head size, once queries (dim channels) are n_heads heads and keys and values (kv_dim) n_kv_heads heads
+    of it, n_kv_heads dividing n_heads (grouped-query attention). decode_step asks every step, so the messages are
+    formatted only for what fails (an f-string passed to require() would be formatted every time)."""
+    if not (n_heads > 0 and dim > 0 and dim % n_heads == 0):
+        raise ValueError(f"dim {dim} is not divisible by n_heads={n_heads}")
+    if not (n_kv_heads > 0 and n_heads % n_kv_heads == 0):
+        raise ValueError(f"n_kv_heads={n_kv_heads} must divide n_heads={n_heads}")
+    if kv_dim * n_heads != dim * n_kv_heads:
+        raise ValueError(f"keys and values have {kv_dim} channels, not n_kv_heads * head size = "
+                         f"{n_kv_heads * (dim // n_heads)}")
+    return dim // n_heads
 
 
 cdef int check_lengths(const int[::1] lengths, Py_ssize_t t_max) except -1:
@@ -49,19 +71,20 @@ cdef int check_lengths(const int[::1] lengths, Py_ssize_t t_max) except -1:
 
 
 def attention_decode(const float[:, ::1] q, const float[:, :, ::1] k_cache, const float[:, :, ::1] v_cache,
-                     const int[::1] lengths, float[:, ::1] out, int n_heads, *, int threads=1):
-    """out[b] = softmax(q[b] . k_cache[b, :lengths[b]] / sqrt(hs)) @ v_cache[b, :lengths[b]], per head."""
-    cdef Py_ssize_t B = q.shape[0], C = q.shape[1], T_max = k_cache.shape[1], bh, b, h
+                     const int[::1] lengths, float[:, ::1] out, int n_heads, *, n_kv_heads=None, int threads=1):
+    """out[b] = softmax(q[b] . k_cache[b, :lengths[b]] / sqrt(hs)) @ v_cache[b, :lengths[b]], per query head, each
+    reading key/value head h // (n_heads / n_kv_heads); n_kv_heads defaults to n_heads."""
+    cdef Py_ssize_t B = q.shape[0], C = q.shape[1], T_max = k_cache.shape[1], KV = k_cache.shape[2], bh, b, h
     require_threads(threads)
     require(B > 0 and C > 0 and T_max > 0, "attention_decode of an empty batch or cache")
-    require(n_heads > 0 and C % n_heads == 0, f"dim {C} is not divisible by n_heads={n_heads}")
-    require(k_cache.shape[0] == B and k_cache.shape[2] == C, f"k_cache must be ({B}, Tmax, {C})")
-    require(v_cache.shape[0] == B and v_cache.shape[1] == T_max and v_cache.shape[2] == C,
-            f"v_cache must be {(B, T_max, C)}, like k_cache")
+    cdef Py_ssize_t hs = head_size(C, KV, n_heads, n_heads if n_kv_heads is None else n_kv_heads)
+    require(k_cache.shape[0] == B, f"k_cache must be ({B}, Tmax, {KV})")
+    require(v_cache.shape[0] == B and v_cache.shape[1] == T_max and v_cache.shape[2] == KV,
+            f"v_cache must be {(B, T_max, KV)}, like k_cache")
     require(lengths.shape[0] == B, f"lengths must have {B} entries, one per batch row")
     require(out.shape[0] == B and out.shape[1] == C, f"out must be {(B, C)}")
     check_lengths(lengths, T_max)
-    cdef Py_ssize_t NH = n_heads, hs = C // NH
+    cdef Py_ssize_t NH = n_heads, group = NH * hs // KV
     cdef float scale = 1.0 / sqrtf(<float>hs)
     cdef float* scores
     cdef int failed[1]  # an array, so the flag is shared, not private to each thread
@@ -74,19 +97,23 @@ def attention_decode(const float[:, ::1] q, const float[:, :, ::1] k_cache, cons
             for bh in prange(B * NH, schedule="dynamic"):
                 b = bh // NH
                 h = bh % NH
-                head_decode(&q[b, h * hs], &k_cache[b, 0, h * hs], &v_cache[b, 0, h * hs], &out[b, h * hs],
-                            scores, lengths[b], C, hs, scale)
+                head_decode(&q[b, h * hs], &k_cache[b, 0, h // group * hs], &v_cache[b, 0, h // group * hs],
+                            &out[b, h * hs], scores, lengths[b], KV, hs, scale)
             free(scores)
     if failed[0]:
         raise MemoryError("attention_decode could not allocate its scratch row")
 
 
 # decode_step's parameter offsets: where each of a layer's parameters starts in the flat buffer (one row per
-# layer, in LAYER_PARAMETERS order), then the model's own (MODEL_PARAMETERS order).
+# layer, in LAYER_PARAMETERS order), then the model's own (MODEL_PARAMETERS order). A parameter the model does
+# not have is ABSENT: llama's biases, wpe and ln_f.bias, and lm_head when the head is tied to wte.
 LAYER_PARAMETERS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
                     "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
                     "mlp.c_proj.weight", "mlp.c_proj.bias")
-MODEL_PARAMETERS = ("wte", "wpe", "ln_f.weight", "ln_f.bias")
+MODEL_PARAMETERS = ("wte", "wpe", "ln_f.weight", "ln_f.bias", "lm_head")
+
+cpdef enum:
+    ABSENT = -1
 
 cdef enum:
     LN1_W
@@ -108,114 +135,264 @@ cdef enum:
     WPE
     LNF_W
     LNF_B
+    LM_HEAD
     N_MODEL_PARAMETERS
 
+cdef enum Presence:
+    REQUIRED  # in the buffer
+    OPTIONAL  # in the buffer or ABSENT (lm_head: ABSENT means the head is wte)
+    EXCLUDED  # ABSENT: the architecture has no such parameter, and a present one would be silently ignored
 
-def decode_step_scratch(Py_ssize_t rows, Py_ssize_t dim, Py_ssize_t hidden, Py_ssize_t vocab, Py_ssize_t t_max):
-    """Floats of scratch that decode_step needs for `rows` sequences at once."""
-    return rows * (7 * dim + 2 * hidden + 2 + vocab) + t_max
+cdef enum Activation:
+    GELU_TANH
+    GELU_ERF
+    SWIGLU
+
+# The model's widths and the step's choices, fixed for a call; checked before any loop runs.
+cdef struct Model:
+    Py_ssize_t dim, kv_dim, qkv_dim, hidden, up_dim, vocab, n_heads, n_kv_heads, head_size
+    float scale  # 1 / sqrt(head_size)
+    float eps
+    bint llama  # RMSNorm, no biases, RoPE (else LayerNorm, biases, wpe)
+    Activation activation
+    const float* rope  # the (cos, sin) table, (positions, head_size / 2, 2); NULL: positions come from wpe
+
+
+cdef inline Py_ssize_t scratch_floats(Py_ssize_t rows, Py_ssize_t dim, Py_ssize_t qkv_dim, Py_ssize_t up_dim,
+                                      Py_ssize_t hidden, Py_ssize_t vocab, Py_ssize_t t_max) noexcept nogil:
+    # x, mid, ln and atty (dim each), qkv, fc (up_dim), its activation (hidden), mean and rstd, logits; then one
+    # row of attention weights
+    return rows * (4 * dim + qkv_dim + up_dim + hidden + 2 + vocab) + t_max
+
+
+def decode_step_scratch(Py_ssize_t rows, *, Py_ssize_t dim, Py_ssize_t qkv_dim, Py_ssize_t up_dim,
+                        Py_ssize_t hidden, Py_ssize_t vocab, Py_ssize_t t_max):
+    """Floats of scratch that decode_step needs for `rows` sequences at once (the widths are ModelConfig's)."""
+    return scratch_floats(rows, dim, qkv_dim, up_dim, hidden, vocab, t_max)
 
 
 def decode_step(const float[::1] params, const Py_ssize_t[:, ::1] layer_offsets,
                 const Py_ssize_t[::1] model_offsets, int n_heads, Py_ssize_t hidden, const Py_ssize_t[::1] tokens,
                 const Py_ssize_t[::1] rows, const Py_ssize_t[::1] positions, float[:, :, :, ::1] k_cache,
                 float[:, :, :, ::1] v_cache, float[::1] scratch, float[:, ::1] logits, *, float eps=1e-5,
-                bint exact_gelu=False):
+                bint exact_gelu=False, str arch="gpt2", n_kv_heads=None, const float[:, :, ::1] rope=None):
     """Appends tokens[j] at position positions[j] of cache row rows[j], for each j, and writes the logits that
     predict each row's next token to logits[rows[j]].
 
-    k_cache, v_cache (L, B, Tmax, C) get each new token's keys and values; row rows[j] attends to its positions
-    0..positions[j]. Other rows of the cache and of logits are untouched. Matrix products use BLAS's threads,
-    everything else the calling thread. GELU is the tanh form, or with exact_gelu=True the erf form (the model's
-    ModelConfig.activation "gelu_erf").
+    k_cache, v_cache (L, B, Tmax, KV) get each new token's keys and values (KV = n_kv_heads * head size, n_kv_heads
+    defaulting to n_heads); row rows[j] attends to its positions 0..positions[j]. Other rows of the cache and of
+    logits are untouched. Matrix products use BLAS's threads, everything else the calling thread.
+
+    arch is ModelConfig's: "gpt2" (LayerNorm, learned positions wpe, GELU: the tanh form, or with exact_gelu=True
+    the erf form) or "llama" (RMSNorm, no biases, RoPE from rope = rope_table(Tmax or more, head size, theta),
+    SwiGLU over an MLP projection of width 2 * hidden, gate then up). The head is lm_head, or wte if ABSENT.
     """
-    cdef Py_ssize_t L = k_cache.shape[0], B = k_cache.shape[1], T = k_cache.shape[2], C = k_cache.shape[3]
-    cdef Py_ssize_t n = tokens.shape[0], V = logits.shape[1], H = hidden, NH = n_heads, j, i, l, h
-    require(L > 0 and B > 0 and T > 0 and C > 0, "decode_step of an empty cache")
-    require(v_cache.shape[0] == L and v_cache.shape[1] == B and v_cache.shape[2] == T and v_cache.shape[3] == C,
-            f"v_cache must be {(L, B, T, C)}, like k_cache")
-    require(n_heads > 0 and C % n_heads == 0, f"dim {C} is not divisible by n_heads={n_heads}")
-    require(H > 0 and V > 0 and logits.shape[0] == B, f"logits must be ({B}, vocab) and hidden positive")
-    require(1 <= n <= B and rows.shape[0] == n and positions.shape[0] == n,
-            f"tokens, rows and positions must have the same length, 1 to {B}")
-    require(scratch.shape[0] >= decode_step_scratch(n, C, H, V, T), "scratch is too small")
-    require(layer_offsets.shape[0] == L and layer_offsets.shape[1] == N_LAYER_PARAMETERS,
-            f"layer_offsets must be ({L}, {N_LAYER_PARAMETERS})")
-    require(model_offsets.shape[0] == N_MODEL_PARAMETERS, f"model_offsets must have {N_MODEL_PARAMETERS} entries")
-    # These run every step, so they test in C and build a message only for what fails (an f-string passed to
-    # require() would be formatted every time: about a tenth of a small model's step).
-    cdef Py_ssize_t[N_LAYER_PARAMETERS] layer_sizes = [C, C, C * 3 * C, 3 * C, C * C, C, C, C, C * H, H, H * C, C]
-    cdef Py_ssize_t[N_MODEL_PARAMETERS] model_sizes = [V * C, T * C, C, C]
-    for l in range(L):
-        for i in range(N_LAYER_PARAMETERS):
-            if not 0 <= layer_offsets[l, i] <= params.shape[0] - layer_sizes[i]:
-                span_error(layer_offsets[l, i], layer_sizes[i], params.shape[0], LAYER_PARAMETERS[i])
-    for i in range(N_MODEL_PARAMETERS):
-        if not 0 <= model_offsets[i] <= params.shape[0] - model_sizes[i]:
-            span_error(model_offsets[i], model_sizes[i], params.shape[0], MODEL_PARAMETERS[i])
-    if 3 * C > INT_MAX or H > INT_MAX or V > INT_MAX:  # the GEMMs' sizes (n <= B and C < 3C pass with these)
-        require_blas_sizes((3 * C, H, V, B), "decode_step")
+    cdef Py_ssize_t T = k_cache.shape[2], n = tokens.shape[0], head
+    check_cache(k_cache, v_cache, logits, tokens, rows, positions)
+    cdef Model m = check_model(arch, n_heads, n_kv_heads, hidden, k_cache.shape[3], logits.shape[1], eps,
+                               exact_gelu, rope, T)
+    if scratch.shape[0] < scratch_floats(n, m.dim, m.qkv_dim, m.up_dim, m.hidden, m.vocab, T):
+        raise ValueError("scratch is too small")
+    check_offsets(params.shape[0], layer_offsets, model_offsets, &m, k_cache.shape[0], T, arch)
+    head = model_offsets[WTE] if model_offsets[LM_HEAD] == ABSENT else model_offsets[LM_HEAD]
+    with nogil:
+        run_step(&params[0], layer_offsets, model_offsets, head, tokens, rows, positions, k_cache, v_cache,
+                 &scratch[0], logits, &m)
+
+
+cdef Model check_model(str arch, int n_heads, n_kv_heads, Py_ssize_t hidden, Py_ssize_t kv_dim, Py_ssize_t vocab,
+                       float eps, bint exact_gelu, const float[:, :, ::1] rope, Py_ssize_t t_max) except *:
+    """The widths and choices of a step, each checked against the others. These checks run every step, so they
+    test in C and format a message only for what fails (an f-string passed to require() would be formatted every
+    time: about a tenth of a small model's step)."""
+    cdef Model m
+    cdef bint llama = arch == "llama"
+    if not llama and arch != "gpt2":
+        raise ValueError(f"arch must be gpt2 or llama, got {arch!r}")
+    m.n_heads = n_heads
+    m.n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+    if m.n_kv_heads <= 0 or kv_dim % m.n_kv_heads:
+        raise ValueError(f"the cache's {kv_dim} channels are not divisible by n_kv_heads={m.n_kv_heads}")
+    m.kv_dim, m.dim = kv_dim, kv_dim // m.n_kv_heads * n_heads
+    m.head_size = head_size(m.dim, kv_dim, n_heads, m.n_kv_heads)
+    m.qkv_dim = m.dim + 2 * kv_dim
+    m.scale = 1 / sqrtf(<float>m.head_size)
+    if hidden <= 0:
+        raise ValueError(f"hidden must be positive, got {hidden}")
+    m.hidden, m.vocab, m.eps, m.llama = hidden, vocab, eps, llama
+    m.up_dim = 2 * hidden if llama else hidden
+    if llama and exact_gelu:
+        raise ValueError("exact_gelu is a gpt2 setting: llama's MLP is SwiGLU")
+    m.activation = SWIGLU if llama else GELU_ERF if exact_gelu else GELU_TANH
+    if (rope is not None) != llama:
+        raise ValueError("rope, the RoPE table, must be given for llama and only for llama (gpt2 learns positions)")
+    m.rope = NULL
+    if llama:
+        if rope.shape[0] < t_max or rope.shape[1] != m.head_size // 2 or rope.shape[2] != 2:
+            raise ValueError(f"rope must be ({t_max} or more positions, {m.head_size // 2}, 2) for head size "
+                             f"{m.head_size}, got {(rope.shape[0], rope.shape[1], rope.shape[2])}")
+        m.rope = &rope[0, 0, 0]
+    if m.qkv_dim > INT_MAX or m.up_dim > INT_MAX or vocab > INT_MAX:  # the GEMMs' widths (dim, hidden are less)
+        require_blas_sizes((m.qkv_dim, m.up_dim, vocab), "decode_step")
+    return m
+
+
+cdef int check_cache(float[:, :, :, ::1] k_cache, float[:, :, :, ::1] v_cache, float[:, ::1] logits,
+                     const Py_ssize_t[::1] tokens, const Py_ssize_t[::1] rows,
+                     const Py_ssize_t[::1] positions) except -1:
+    """The cache's and logits' shapes, then every token, row and position in range."""
+    cdef Py_ssize_t L = k_cache.shape[0], B = k_cache.shape[1], T = k_cache.shape[2], KV = k_cache.shape[3]
+    cdef Py_ssize_t V = logits.shape[1], n = tokens.shape[0], j
+    if not (L > 0 and B > 0 and T > 0 and KV > 0):
+        raise ValueError("decode_step of an empty cache")
+    if not (v_cache.shape[0] == L and v_cache.shape[1] == B and v_cache.shape[2] == T and v_cache.shape[3] == KV):
+        raise ValueError(f"v_cache must be {(L, B, T, KV)}, like k_cache")
+    if not (logits.shape[0] == B and V > 0):
+        raise ValueError(f"logits must be ({B}, vocab), one row per cache row")
+    if not (1 <= n <= B and rows.shape[0] == n and positions.shape[0] == n):
+        raise ValueError(f"tokens, rows and positions must have the same length, 1 to {B}")
     for j in range(n):
         if not 0 <= tokens[j] < V:
-            require(False, f"token id {tokens[j]} is outside [0, {V})")
+            raise ValueError(f"token id {tokens[j]} is outside [0, {V})")
         if not 0 <= rows[j] < B:
-            require(False, f"row {rows[j]} is outside [0, {B})")
+            raise ValueError(f"row {rows[j]} is outside [0, {B})")
         if not 0 <= positions[j] < T:
-            require(False, f"position {positions[j]} is outside [0, {T}) (the cache holds {T})")
+            raise ValueError(f"position {positions[j]} is outside [0, {T}) (the cache holds {T})")
+    return 0
 
-    cdef const float* P = &params[0]
+
+cdef int check_offsets(Py_ssize_t total, const Py_ssize_t[:, ::1] layer_offsets,
+                       const Py_ssize_t[::1] model_offsets, const Model* m, Py_ssize_t n_layers, Py_ssize_t t_max,
+                       str arch) except -1:
+    """Every parameter of n_layers layers inside the buffer, or ABSENT where the architecture allows it."""
+    cdef Py_ssize_t C = m.dim, H = m.hidden, l, i
+    if layer_offsets.shape[0] != n_layers or layer_offsets.shape[1] != N_LAYER_PARAMETERS:
+        raise ValueError(f"layer_offsets must be ({n_layers}, {N_LAYER_PARAMETERS}), a row per layer of the cache")
+    if model_offsets.shape[0] != N_MODEL_PARAMETERS:
+        raise ValueError(f"model_offsets must have {N_MODEL_PARAMETERS} entries")
+    cdef Presence bias = EXCLUDED if m.llama else REQUIRED  # llama has no biases, its norms' included
+    cdef Presence wpe = EXCLUDED if m.llama else REQUIRED  # RoPE places its tokens
+    cdef Presence[N_LAYER_PARAMETERS] layer_presence = [REQUIRED, bias, REQUIRED, bias, REQUIRED, bias, REQUIRED,
+                                                        bias, REQUIRED, bias, REQUIRED, bias]
+    cdef Py_ssize_t[N_LAYER_PARAMETERS] layer_sizes = [C, C, C * m.qkv_dim, m.qkv_dim, C * C, C, C, C,
+                                                       C * m.up_dim, m.up_dim, H * C, C]
+    cdef Presence[N_MODEL_PARAMETERS] model_presence = [REQUIRED, wpe, REQUIRED, bias, OPTIONAL]
+    cdef Py_ssize_t[N_MODEL_PARAMETERS] model_sizes = [m.vocab * C, t_max * C, C, C, m.vocab * C]
+    for l in range(n_layers):
+        for i in range(N_LAYER_PARAMETERS):
+            if misplaced(layer_offsets[l, i], layer_sizes[i], total, layer_presence[i]):
+                offset_error(layer_offsets[l, i], layer_sizes[i], total, layer_presence[i],
+                             f"h.{l}.{LAYER_PARAMETERS[i]}", arch)
+    for i in range(N_MODEL_PARAMETERS):
+        if misplaced(model_offsets[i], model_sizes[i], total, model_presence[i]):
+            offset_error(model_offsets[i], model_sizes[i], total, model_presence[i], MODEL_PARAMETERS[i], arch)
+    return 0
+
+
+cdef inline bint misplaced(Py_ssize_t offset, Py_ssize_t size, Py_ssize_t total, Presence presence) noexcept:
+    if offset == ABSENT:
+        return presence == REQUIRED
+    return presence == EXCLUDED or not 0 <= offset <= total - size
+
+
+cdef int offset_error(Py_ssize_t offset, Py_ssize_t size, Py_ssize_t total, Presence presence, str name,
+                      str arch) except -1:
+    if offset == ABSENT:
+        raise ValueError(f"parameter {name} is ABSENT, but {arch} needs it")
+    if presence == EXCLUDED:
+        raise ValueError(f"{arch} has no parameter {name}: its offset must be ABSENT ({ABSENT}), got {offset}")
+    raise ValueError(f"parameter {name} at offset {offset} ({size} floats) is outside the buffer of {total}")
+
+
+cdef inline const float* optional(const float* params, Py_ssize_t offset) noexcept nogil:
+    """The parameter at offset, or NULL if it is ABSENT (a bias linear_rows then skips)."""
+    if offset == ABSENT:
+        return NULL
+    return params + offset
+
+
+cdef void run_step(const float* P, const Py_ssize_t[:, ::1] layer_offsets, const Py_ssize_t[::1] model_offsets,
+                   Py_ssize_t head, const Py_ssize_t[::1] tokens, const Py_ssize_t[::1] rows,
+                   const Py_ssize_t[::1] positions, float[:, :, :, ::1] k_cache, float[:, :, :, ::1] v_cache,
+                   float* scratch, float[:, ::1] logits, const Model* m) noexcept nogil:
+    """decode_step's work, everything checked: the model over n new tokens, one per cache row rows[j]."""
+    cdef Py_ssize_t n = tokens.shape[0], C = m.dim, H = m.hidden, V = m.vocab, j, l
     cdef const Py_ssize_t* o
-    cdef Py_ssize_t hs = C // NH, C3 = 3 * C
-    cdef float scale = 1 / sqrtf(<float>hs)
-    cdef float* x = &scratch[0]
+    cdef float* x = scratch
     cdef float* mid = x + n * C
     cdef float* ln = mid + n * C
     cdef float* qkv = ln + n * C
-    cdef float* atty = qkv + n * C3
+    cdef float* atty = qkv + n * m.qkv_dim
     cdef float* fc = atty + n * C
-    cdef float* fc_gelu = fc + n * H
-    cdef float* mean = fc_gelu + n * H
+    cdef float* fc_act = fc + n * m.up_dim
+    cdef float* mean = fc_act + n * H
     cdef float* rstd = mean + n
     cdef float* step_logits = rstd + n
     cdef float* scores = step_logits + n * V
-    cdef float* keys
-    cdef float* values
-    with nogil:
-        for j in range(n):  # the token's embedding plus its position's
-            for i in range(C):
-                x[j * C + i] = (P[model_offsets[WTE] + tokens[j] * C + i]
-                                + P[model_offsets[WPE] + positions[j] * C + i])
-        for l in range(L):
-            o = &layer_offsets[l, 0]
-            for j in range(n):
-                layernorm_row(x + j * C, P + o[LN1_W], P + o[LN1_B], ln + j * C, mean + j, rstd + j, C, eps)
-            linear_rows(ln, n, C, P + o[ATTN_W], P + o[ATTN_B], qkv, C3, False)
-            for j in range(n):
-                keys = &k_cache[l, rows[j], 0, 0]
-                values = &v_cache[l, rows[j], 0, 0]
-                memcpy(keys + positions[j] * C, qkv + j * C3 + C, C * sizeof(float))
-                memcpy(values + positions[j] * C, qkv + j * C3 + 2 * C, C * sizeof(float))
-                for h in range(NH):
-                    head_decode(qkv + j * C3 + h * hs, keys + h * hs, values + h * hs, atty + j * C + h * hs,
-                                scores, positions[j] + 1, C, hs, scale)
-            linear_rows(atty, n, C, P + o[PROJ_W], P + o[PROJ_B], mid, C, False)
-            axpy(1, x, mid, n * C)  # the residual
-            for j in range(n):
-                layernorm_row(mid + j * C, P + o[LN2_W], P + o[LN2_B], ln + j * C, mean + j, rstd + j, C, eps)
-            linear_rows(ln, n, C, P + o[FC_W], P + o[FC_B], fc, H, False)
-            if exact_gelu:
-                gelu_erf_span(fc, fc_gelu, n * H)
-            else:
-                gelu_span(fc, fc_gelu, n * H)
-            linear_rows(fc_gelu, n, H, P + o[MLP_W], P + o[MLP_B], x, C, False)  # the block's input is spent
-            axpy(1, mid, x, n * C)
+    embed(P + model_offsets[WTE], optional(P, model_offsets[WPE]), tokens, positions, x, C)
+    for l in range(k_cache.shape[0]):
+        o = &layer_offsets[l, 0]
+        norm_rows(x, n, P + o[LN1_W], optional(P, o[LN1_B]), ln, mean, rstd, m)
+        linear_rows(ln, n, C, P + o[ATTN_W], optional(P, o[ATTN_B]), qkv, m.qkv_dim, False)
         for j in range(n):
-            layernorm_row(x + j * C, P + model_offsets[LNF_W], P + model_offsets[LNF_B], ln + j * C, mean + j,
-                          rstd + j, C, eps)
-        linear_rows(ln, n, C, P + model_offsets[WTE], NULL, step_logits, V, True)
-        for j in range(n):
-            memcpy(&logits[rows[j], 0], step_logits + j * V, V * sizeof(float))
+            attend(qkv + j * m.qkv_dim, &k_cache[l, rows[j], 0, 0], &v_cache[l, rows[j], 0, 0], positions[j],
+                   atty + j * C, scores, m)
+        linear_rows(atty, n, C, P + o[PROJ_W], optional(P, o[PROJ_B]), mid, C, False)
+        axpy(1, x, mid, n * C)  # the residual
+        norm_rows(mid, n, P + o[LN2_W], optional(P, o[LN2_B]), ln, mean, rstd, m)
+        linear_rows(ln, n, C, P + o[FC_W], optional(P, o[FC_B]), fc, m.up_dim, False)
+        activate(fc, fc_act, n, m)
+        linear_rows(fc_act, n, H, P + o[MLP_W], optional(P, o[MLP_B]), x, C, False)  # the block's input is spent
+        axpy(1, mid, x, n * C)
+    norm_rows(x, n, P + model_offsets[LNF_W], optional(P, model_offsets[LNF_B]), ln, mean, rstd, m)
+    linear_rows(ln, n, C, P + head, NULL, step_logits, V, True)
+    for j in range(n):
+        memcpy(&logits[rows[j], 0], step_logits + j * V, V * sizeof(float))
 
 
-cdef int span_error(Py_ssize_t offset, Py_ssize_t size, Py_ssize_t total, str name) except -1:
-    return require(False, f"parameter {name} at offset {offset} ({size} floats) is outside the buffer of {total}")
+cdef inline void embed(const float* wte, const float* wpe, const Py_ssize_t[::1] tokens,
+                       const Py_ssize_t[::1] positions, float* x, Py_ssize_t C) noexcept nogil:
+    """x (n, C) = each token's embedding, plus its position's when there is a wpe (else RoPE places it)."""
+    cdef Py_ssize_t j
+    for j in range(tokens.shape[0]):
+        memcpy(x + j * C, wte + tokens[j] * C, C * sizeof(float))
+        if wpe != NULL:
+            axpy(1, wpe + positions[j] * C, x + j * C, C)
+
+
+cdef inline void norm_rows(const float* x, Py_ssize_t n, const float* w, const float* b, float* out, float* mean,
+                           float* rstd, const Model* m) noexcept nogil:
+    """out (n, dim) = the block's norm of each row: RMSNorm, or LayerNorm with bias b. mean and rstd are scratch."""
+    cdef Py_ssize_t j, C = m.dim
+    for j in range(n):
+        if m.llama:
+            rmsnorm_row(x + j * C, w, out + j * C, rstd + j, C, m.eps)
+        else:
+            layernorm_row(x + j * C, w, b, out + j * C, mean + j, rstd + j, C, m.eps)
+
+
+cdef void attend(float* qkv, float* keys, float* values, Py_ssize_t position, float* out, float* scores,
+                 const Model* m) noexcept nogil:
+    """One new token's attention: its q and k rotated to its position (RoPE), its k and v written to the cache,
+    then each query head over the cache's positions 0..position. qkv is the token's packed q | k | v; keys and
+    values point at its cache row's position 0; out gets the token's (dim,) result."""
+    cdef Py_ssize_t hs = m.head_size, KV = m.kv_dim, group = m.n_heads // m.n_kv_heads, h
+    if m.rope != NULL:  # the very rotation rope_forward applies to row `position` of a full pass
+        rotate_row(qkv, m.rope + position * hs, m.n_heads + m.n_kv_heads, hs, 1.0)
+    memcpy(keys + position * KV, qkv + m.dim, KV * sizeof(float))
+    memcpy(values + position * KV, qkv + m.dim + KV, KV * sizeof(float))
+    for h in range(m.n_heads):
+        head_decode(qkv + h * hs, keys + h // group * hs, values + h // group * hs, out + h * hs, scores,
+                    position + 1, KV, hs, m.scale)
+
+
+cdef inline void activate(const float* fc, float* out, Py_ssize_t n, const Model* m) noexcept nogil:
+    """out (n, hidden) = the MLP's activation of fc: (n, hidden) for GELU, (n, 2 hidden) gate | up for SwiGLU."""
+    cdef Py_ssize_t H = m.hidden, j
+    if m.activation == SWIGLU:
+        for j in range(n):
+            swiglu_span(fc + j * 2 * H, fc + j * 2 * H + H, out + j * H, H)
+    elif m.activation == GELU_ERF:
+        gelu_erf_span(fc, out, n * H)
+    else:
+        gelu_span(fc, out, n * H)
