@@ -281,3 +281,16 @@ def test_gpt2_decoding_refuses_what_only_llama_has():
     set_offset("model_offsets", MODEL["wpe"], decode.ABSENT)(args)
     with pytest.raises(ValueError, match="parameter wpe is ABSENT, but gpt2 needs it"):
         decode.decode_step(**args)
+
+
+def test_gpt2_decoding_uses_the_models_norm_eps():
+    # The step is given ModelConfig.norm_eps for both architectures (a gpt2 model may set it too).
+    cfg = ModelConfig(vocab_size=11, context_length=8, dim=12, n_layers=2, n_heads=3, norm_eps=0.05)
+    model = GPT(cfg, seed=0)
+    model.params[:] = np.random.default_rng(11).normal(0.0, 0.3, model.params.size)
+    ids = random_ids(cfg, cfg.context_length, seed=12)
+    want = full_logits(model, ids)
+    decoder = Decoder(model)
+    decoder.prefill([ids[:1]])
+    for t in range(1, cfg.context_length):
+        assert rel_err(decoder.step([ids[t]])[0], want[t]) <= LOGITS_TOL, f"position {t}"
