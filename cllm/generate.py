@@ -100,7 +100,7 @@ class Decoder:
         self._layer_offsets = np.array([[offset.get(f"h.{i}.{name}", absent) for name in decode.LAYER_PARAMETERS]
                                         for i in range(cfg.n_layers)], np.intp)
         self._model_offsets = np.array([offset.get(name, absent) for name in decode.MODEL_PARAMETERS], np.intp)
-        self._head = model.p["wte" if cfg.tied_head else "lm_head"]
+        self._head = model.p[model.head]
         self.lengths = np.zeros(B, np.int32)  # cached positions per sequence
         self._prefill_workspaces = ForwardWorkspaces(cfg)
         self._all_rows = np.arange(B)

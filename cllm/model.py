@@ -300,7 +300,7 @@ class GPT:
         # embedding): the rest are written once.
         self._summed_grads = [name for name in shapes
                               if name == "wpe" or "ln_" in name or (name == "wte" and not config.tied_head)]
-        self._head = "wte" if config.tied_head else "lm_head"
+        self.head = "wte" if config.tied_head else "lm_head"  # the parameter that projects onto the vocabulary
         # RoPE's (cos, sin) for every position, built once (llama).
         self.rope = (rope.rope_table(config.context_length, config.head_dim, config.rope_theta)
                      if config.arch == "llama" else None)
@@ -411,7 +411,7 @@ class GPT:
         self._norm_forward(x, "ln_f", a["lnf"], a.get("lnf_mean"), a["lnf_rstd"], th)
         if not logits:
             return None
-        linear.linear_forward(a["lnf"], p[self._head], None, a["logits"], w_transposed=True, threads=th)
+        linear.linear_forward(a["lnf"], p[self.head], None, a["logits"], w_transposed=True, threads=th)
         if targets is None:
             return None
         if not ws.training:
@@ -443,9 +443,9 @@ class GPT:
                 g[name].fill(0.0)
         dres, dc, dqkv, dh, dh_act = a["dres"], a["dc"], a["dqkv"], a["dh"], a["dh_act"]
         act = dh.reshape(-1)[:dh_act.size].reshape(dh_act.shape)  # the recomputed activation, in dh's memory
-        # The head writes g[head] first (the embedding's scatter-add comes last), so it alone may overwrite.
+        # The head writes g[self.head] first (the embedding's scatter-add comes last), so it alone may overwrite.
         overwrite_dx = {"accumulate": accumulate, "accumulate_dx": False, "threads": th}
-        linear.linear_backward(a["logits"], a["lnf"], p[self._head], dc, g[self._head], None, w_transposed=True,
+        linear.linear_backward(a["logits"], a["lnf"], p[self.head], dc, g[self.head], None, w_transposed=True,
                                **overwrite_dx)
         dres.fill(0.0)
         self._norm_backward(dc, a[f"res{L}"], "ln_f", a.get("lnf_mean"), a["lnf_rstd"], dres, g, th)

@@ -118,7 +118,9 @@ class RunRecord:
             return cls(CorpusRecord.from_dict(doc["data"]),
                        None if doc["val_data"] is None else CorpusRecord.from_dict(doc["val_data"]),
                        TokenizerSettings(**_exact(TokenizerSettings, doc["tokenizer"])),
-                       ModelConfig.from_dict(doc["model"]), TrainSettings(**_exact(TrainSettings, doc["training"])),
+                       ModelConfig.from_dict(doc["model"]), TrainSettings(**_exact(TrainSettings, {
+                           # runs recorded before --seq-len existed trained at the context, as its None means
+                           "seq_len": None, **doc["training"]})),
                        str(doc["tokens"]), doc.get("init_from"))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise UsageError(f"{path} is not a run record this cllm can read ({e})") from None

@@ -51,6 +51,9 @@ class TrainSettings:
     batch_size), and run.json records them all."""
     steps: int = _setting(2000, "optimizer steps")
     batch_size: int = _setting(16, "sequences per step")
+    # None: the model's context. Shorter windows make fine-tuning a long-context model (SmolLM2's 8192) affordable.
+    seq_len: int | None = _setting(None, "tokens per training sequence, at most the model's context",
+                                   default_help="the model's context")
     lr: float = _setting(1e-3, "peak learning rate")
     min_lr: float = _setting(1e-4, "final learning rate (cosine decay)")
     # Small CPU batches give noisy second moments: average them longer than GPT-2's 0.95.
@@ -83,8 +86,8 @@ class TrainSettings:
     RESUME_OVERRIDES = ("steps", *EXECUTION)
 
     def validate(self) -> None:
-        positive = ["steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "checkpoint_every",
-                    "threads", "spheres"]
+        positive = ["steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
+                    "checkpoint_every", "threads", "spheres"]
         for name in positive:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UsageError(f"{flag(name)} must be a positive integer, got {getattr(self, name)}")
@@ -99,6 +102,12 @@ class TrainSettings:
             raise UsageError(f"--threads must be in [1, {MAX_THREADS}], got {self.threads}")
         if self.step_timeout is not None and not self.step_timeout > 0:
             raise UsageError(f"--step-timeout must be positive, got {self.step_timeout}")
+
+    def window(self, context_length: int) -> int:
+        """The length of a training sequence for a model of this context."""
+        if self.seq_len is not None and self.seq_len > context_length:
+            raise UsageError(f"--seq-len {self.seq_len} is longer than the model's context ({context_length})")
+        return self.seq_len or context_length
 
 
 def flag(name: str) -> str:
@@ -207,13 +216,14 @@ class Trainer:
     def __init__(self, model: GPT, tokenizer: Tokenizer, train_tokens: np.ndarray, val_tokens: np.ndarray,
                  settings: TrainSettings, run_dir: Path, *, progress: bool = True, group: MPIGroup | None = None):
         settings.validate()
+        seq = settings.window(model.config.context_length)
         if settings.spheres is None:
-            settings = replace(settings, spheres=default_spheres(settings.batch_size, model.config.context_length))
+            settings = replace(settings, spheres=default_spheres(settings.batch_size, seq))
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.progress = progress
-        seq = model.config.context_length
+        self.seq = seq
         self.batches = Batches(train_tokens, settings.batch_size, seq, settings.seed)
         self.val = list(eval_batches(val_tokens, settings.batch_size, seq, settings.eval_batches, settings.seed))
         self.optimizer = AdamW(model, lr=settings.lr, betas=(0.9, settings.beta2), weight_decay=settings.weight_decay)
@@ -348,7 +358,7 @@ class Trainer:
         self.step += 1
         seconds = time.perf_counter() - t0
         self.deadline.record(seconds)
-        tokens = s.batch_size * self.model.config.context_length * s.grad_accum
+        tokens = s.batch_size * self.seq * s.grad_accum
         record = {"step": self.step, "loss": loss / s.grad_accum, "lr": lr, "grad_norm": grad_norm,
                   "tokens_per_s": tokens / seconds}
         return record, stop

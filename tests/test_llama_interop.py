@@ -436,3 +436,43 @@ def test_gguf_refuses_a_pre_tokenizer_llama_cpp_does_not_have(tmp_path, smollm2)
     with pytest.raises(ValueError, match="no faithful GGUF form.*gpt-2, smollm"):
         save_gguf(tmp_path / "m.gguf", model, other)
     assert not (tmp_path / "m.gguf").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a SmolLM2-shaped folder through the tools users run
+
+
+def test_a_smollm2_folder_runs_through_inference_serve_and_fine_tuning(smollm2, tmp_path):
+    import httpx
+
+    from cllm.tools import train_model
+    from cllm.tools.serve import BackgroundServer
+
+    folder, _ = smollm2
+    model, tokenizer = load_model(folder)
+    prompt = TEXT[0]
+    expected = generate(model, tokenizer, prompt, max_new_tokens=8, temperature=0.0)
+    expected_text = "".join(expected)
+    # inference, as a user runs it
+    result = subprocess.run([sys.executable, "-m", "cllm.tools.inference", str(folder), "-p", prompt, "-n", "8",
+                             "--temperature", "0"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(prompt) and expected_text in result.stdout
+    # serve: a greedy completion is the library's, and an embedding is the model's mean-pooled hidden state
+    with BackgroundServer(folder, model_name="smollm2") as server, httpx.Client(base_url=server.url,
+                                                                                 timeout=60) as http:
+        done = http.post("/v1/completions", json={"model": "smollm2", "prompt": prompt, "max_tokens": 8,
+                                                  "temperature": 0}).json()
+        assert done["choices"][0]["text"] == expected_text
+        assert done["usage"]["prompt_tokens"] == len(expected.prompt_ids)
+        vector = http.post("/v1/embeddings", json={"model": "smollm2", "input": prompt}).json()["data"][0]
+        assert len(vector["embedding"]) == model.config.dim
+        assert abs(np.linalg.norm(vector["embedding"]) - 1.0) < 1e-4  # normalized by default
+    # train_model --init-from the folder, on windows shorter than its context of 2048
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("\n".join(TEXT))
+    assert train_model.main([str(corpus), "--out", str(tmp_path / "run"), "--init-from", str(folder),
+                             "--seq-len", "64", "--batch-size", "2", "--steps", "2", "--eval-every", "1000",
+                             "--eval-batches", "1", "--threads", "2", "--no-progress"]) == 0
+    tuned, _ = load_model(tmp_path / "run" / "model.cllm")
+    assert tuned.config == model.config and not np.array_equal(tuned.params, model.params)

@@ -65,7 +65,7 @@ def test_the_run_folder_records_what_the_run_was_started_with(corpus, stopped):
     assert record["model"] == {"vocab_size": record["model"]["vocab_size"], "context_length": 16, "dim": 16,
                                "n_layers": 1, "n_heads": 2, "mlp_ratio": 4}
     assert record["training"] == {
-        "steps": 8, "batch_size": 4, "lr": 3e-3, "min_lr": 1e-4, "beta2": 0.99, "warmup": 2, "weight_decay": 0.1,
+        "steps": 8, "batch_size": 4, "seq_len": None, "lr": 3e-3, "min_lr": 1e-4, "beta2": 0.99, "warmup": 2, "weight_decay": 0.1,
         "grad_clip": 1.0, "grad_accum": 1, "eval_every": 4, "eval_batches": 1, "checkpoint_every": 4, "seed": 1337,
         # The default cut, as it was chosen for 4 rows of 16 tokens: a later rule cannot change a resumed run.
         "threads": 2, "spheres": 1, "step_timeout": None, "stats": False}
@@ -75,6 +75,24 @@ def test_resume_alone_continues_bit_identically(straight, stopped):
     assert train("--out", stopped, "--resume") == 0
     assert_same_model(straight, stopped)
     assert losses(straight) == losses(stopped)
+
+
+def test_a_record_from_before_seq_len_resumes_at_the_context(straight, stopped):
+    record = json.loads((stopped / "run.json").read_text())
+    del record["training"]["seq_len"]
+    (stopped / "run.json").write_text(json.dumps(record))
+    assert train("--out", stopped, "--resume") == 0
+    assert_same_model(straight, stopped)
+
+
+def test_shorter_windows_than_the_context_are_recorded_and_refused_past_it(corpus, tmp_path, capsys):
+    assert train(corpus, "--out", tmp_path / "short", *ARGS, "--seq-len", 8) == 0
+    record = json.loads((tmp_path / "short" / "run.json").read_text())
+    assert record["training"]["seq_len"] == 8 and record["model"]["context_length"] == 16
+    assert json.loads((tmp_path / "short" / "metrics.jsonl").read_text().splitlines()[0])["loss"] > 0
+    with pytest.raises(UsageError, match="--seq-len 32 is longer than the model's context"):
+        train(corpus, "--out", tmp_path / "long", *ARGS, "--seq-len", 32)
+    assert not (tmp_path / "long").exists()  # refused before the corpus is read
 
 
 def test_resume_uses_the_runs_own_tokenizer_and_tokens_and_never_reads_the_corpus(corpus, straight, stopped,

@@ -195,10 +195,10 @@ def train(given: dict, held: ExitStack) -> int:
     elif not record:  # the shape's flags are checked before the corpus is read; only its vocabulary is unknown yet
         given_settings(ModelShape, given).config(vocab_size=1)
     base = load_model(init_from) if init_from and not (record and (out / STATE_FILE).exists()) else None
+    shape = record.model if record else base[0].config if base else given_settings(ModelShape, given)
+    seq = settings.window(shape.context_length)
     if settings.spheres is None:  # the default cut, fixed here so that the run record holds it
-        shape = record.model if record else base[0].config if base else given_settings(ModelShape, given)
-        context = shape.context_length
-        settings = dataclasses.replace(settings, spheres=default_spheres(settings.batch_size, context))
+        settings = dataclasses.replace(settings, spheres=default_spheres(settings.batch_size, seq))
     group = MPIGroup() if given.get("distributed") == "mpi" else None
     if group:
         group.owned_spheres(settings.spheres)  # a rank count that cannot work fails here, on every rank
