@@ -65,8 +65,8 @@ def test_the_run_folder_records_what_the_run_was_started_with(corpus, stopped):
     assert record["model"] == {"vocab_size": record["model"]["vocab_size"], "context_length": 16, "dim": 16,
                                "n_layers": 1, "n_heads": 2, "mlp_ratio": 4}
     assert record["training"] == {
-        "steps": 8, "batch_size": 4, "seq_len": None, "lr": 3e-3, "min_lr": 1e-4, "beta2": 0.99, "warmup": 2, "weight_decay": 0.1,
-        "grad_clip": 1.0, "grad_accum": 1, "eval_every": 4, "eval_batches": 1, "checkpoint_every": 4, "seed": 1337,
+        "steps": 8, "batch_size": 4, "seq_len": None, "lr": 3e-3, "min_lr": 1e-4, "beta2": 0.99, "warmup": 2,
+        "weight_decay": 0.1, "grad_clip": 1.0, "grad_accum": 1, "eval_every": 4, "eval_batches": 1, "checkpoint_every": 4, "seed": 1337,
         # The default cut, as it was chosen for 4 rows of 16 tokens: a later rule cannot change a resumed run.
         "threads": 2, "spheres": 1, "step_timeout": None, "stats": False}
 
