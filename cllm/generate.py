@@ -48,7 +48,7 @@ from numbers import Integral, Real
 import numpy as np
 
 from ._kernels import decode, linear
-from .buffers import aligned_zeros
+from .buffers import aligned_zeros, lazy_zeros
 from .errors import UsageError
 from .model import GPT, ForwardWorkspaces
 
@@ -86,8 +86,9 @@ class Decoder:
         self.model, self.batch, self.threads = model, batch, threads or model.threads
         B, T, KV = batch, cfg.context_length, cfg.kv_dim
         # Keys and values of the key/value heads only: with grouped-query attention, fewer than the query heads.
-        self.k_cache = aligned_zeros(cfg.n_layers * B * T * KV).reshape(cfg.n_layers, B, T, KV)
-        self.v_cache = aligned_zeros(self.k_cache.size).reshape(self.k_cache.shape)
+        # Memory for what is cached, not for the whole context: a page is committed when a position first fills it.
+        self.k_cache = lazy_zeros(cfg.n_layers * B * T * KV).reshape(cfg.n_layers, B, T, KV)
+        self.v_cache = lazy_zeros(self.k_cache.size).reshape(self.k_cache.shape)
         self._logits = aligned_zeros(B * cfg.vocab_size).reshape(B, cfg.vocab_size)
         self._scratch = aligned_zeros(decode.decode_step_scratch(
             B, dim=cfg.dim, qkv_dim=cfg.qkv_dim, up_dim=cfg.up_dim, hidden=cfg.hidden_dim, vocab=cfg.vocab_size,
