@@ -216,13 +216,18 @@ def gpt2_parameters(model: GPT) -> dict[str, tuple[nn.Parameter, bool]]:
     return names
 
 
-@torch.no_grad()
 def load_gpt2_weights(model: GPT, weights: Mapping[str, np.ndarray]) -> None:
-    """Copies every parameter from arrays named and laid out as GPT-2's (e.g. cllm's `GPT.p`, or an .npz of it).
+    """Copies every parameter from arrays named and laid out as GPT-2's (e.g. cllm's `GPT.p`, or an .npz of it)."""
+    load_weights(gpt2_parameters(model), weights)
+
+
+@torch.no_grad()
+def load_weights(parameters: Mapping[str, tuple[nn.Parameter, bool]], weights: Mapping[str, np.ndarray]) -> None:
+    """Copies weights[name] into each of the parameters (name -> (parameter, stored transposed)).
 
     One array is read at a time, so an np.load()ed .npz never holds more than one array beside the model.
     """
-    for name, (param, transposed) in gpt2_parameters(model).items():
+    for name, (param, transposed) in parameters.items():
         value = torch.from_numpy(np.asarray(weights[name], dtype=np.float32))
         if transposed:
             value = value.T

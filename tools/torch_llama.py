@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.torch_version import TorchVersion
+from torch_gpt import load_weights  # tools/ is on sys.path wherever a peer is imported
 
 # scaled_dot_product_attention takes fewer key/value heads than query heads from torch 2.5 (enable_gqa), inside its
 # kernel; before, k and v are repeated to every query head of their group (a copy, and more for the backward to sum).
@@ -195,16 +196,6 @@ def cllm_parameters(model: Llama) -> dict[str, tuple[nn.Parameter, bool]]:
     return names
 
 
-@torch.no_grad()
 def load_cllm_weights(model: Llama, weights: Mapping[str, np.ndarray]) -> None:
-    """Copies every parameter from arrays named and laid out as cllm's (its `GPT.p`, or an .npz of it).
-
-    One array is read at a time, so an np.load()ed .npz never holds more than one array beside the model.
-    """
-    for name, (param, transposed) in cllm_parameters(model).items():
-        value = torch.from_numpy(np.asarray(weights[name], dtype=np.float32))
-        if transposed:
-            value = value.T
-        if value.shape != param.shape:  # copy_ would broadcast some mismatches silently
-            raise ValueError(f"{name}: shape {tuple(weights[name].shape)} does not fit {tuple(param.shape)}")
-        param.copy_(value)
+    """Copies every parameter from arrays named and laid out as cllm's (its `GPT.p`, or an .npz of it)."""
+    load_weights(cllm_parameters(model), weights)
