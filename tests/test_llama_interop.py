@@ -29,13 +29,11 @@ from cllm.generate import generate  # noqa: E402
 from cllm.model import GPT, ModelConfig  # noqa: E402
 from cllm.tokenizer import Tokenizer  # noqa: E402
 from cllm.tools import convert  # noqa: E402
+from tests.test_interop import assert_logits_close, hf_logits  # noqa: E402  (GPT-2's, the same measure)
 
 TEXT = ["To be, or not to be, that is the question:", "Whether 'tis nobler in the mind to suffer",
         "The slings and arrows of outrageous fortune,", "Or to take arms against a sea of troubles",
         "Act 3, scene 1, lines 56 to 89 (1603)"] * 20
-# Logits are compared by their largest absolute difference, relative to their scale (at least 1): float32
-# engines that sum in different orders, over a few layers, agree to ~1e-6 of it on any CPU.
-LOGITS_TOLERANCE = 1e-4
 
 # SmolLM2-135M's config.json, as the Hub has it, but for its 30 layers and its context of 8192.
 SMOLLM2_CONFIG = {
@@ -140,16 +138,6 @@ def small(tmp_path_factory):
     """The small untied model with a TinyLlama-style tokenizer: (folder, the transformers model)."""
     folder = tmp_path_factory.mktemp("small")
     return folder, hf_llama(folder, config=small_config("tinyllama"), tokenizer="tinyllama")
-
-
-def hf_logits(model, ids: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.from_numpy(ids).long()).logits.numpy()
-
-
-def assert_logits_close(ours, theirs):
-    scale = max(1.0, np.abs(theirs).max())
-    np.testing.assert_allclose(ours, theirs, rtol=0, atol=LOGITS_TOLERANCE * scale)
 
 
 def hf_greedy(model, ids: np.ndarray, n: int, vocab_size: int) -> list[int]:
