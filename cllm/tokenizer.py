@@ -28,7 +28,9 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 from .errors import UsageError
 
 JSON_FORMAT = "cllm-tokenizer"
-JSON_VERSION = 1
+# Version 2 records a separator other than the kind's own. A tokenizer without one is written as version 1, which
+# earlier cllm versions read; they refuse version 2 rather than end documents at the wrong token.
+JSON_VERSION, JSON_VERSION_WITH_SEPARATOR = 1, 2
 
 ENDOFTEXT, UNK = "<|endoftext|>", "<unk>"
 WORD_SPECIALS = ["<pad>", UNK, "<bos>", "<eos>"]  # ids 0..3, as in the prototype
@@ -88,8 +90,9 @@ class Tokenizer:
             raise UsageError(f"tokenizer JSON is malformed: {e}") from None
         if not isinstance(doc, dict) or doc.get("format") != JSON_FORMAT:
             raise UsageError("not a cllm tokenizer (no \"format\": \"cllm-tokenizer\" field)")
-        if doc.get("version") != JSON_VERSION:
-            raise UsageError(f"unsupported cllm tokenizer version {doc.get('version')!r} (this is {JSON_VERSION})")
+        if doc.get("version") not in (JSON_VERSION, JSON_VERSION_WITH_SEPARATOR):
+            raise UsageError(f"unsupported cllm tokenizer version {doc.get('version')!r} (this cllm reads "
+                             f"{JSON_VERSION} and {JSON_VERSION_WITH_SEPARATOR})")
         kind = doc.get("kind")
         if kind not in KINDS:
             raise UsageError(f"unknown tokenizer kind {kind!r} in tokenizer JSON")
@@ -106,9 +109,9 @@ class Tokenizer:
         """The separator is recorded only when it is not the kind's own, so a trained tokenizer's JSON is what it
         was before separators could differ."""
         hf = json.loads(self._hf.to_str())
-        separator = {} if self.separator == SEPARATOR[self.kind] else {"separator": self.separator}
-        return json.dumps({"format": JSON_FORMAT, "version": JSON_VERSION, "kind": self.kind, **separator,
-                           "hf": hf}, ensure_ascii=False)
+        own = self.separator == SEPARATOR[self.kind]
+        head = {"version": JSON_VERSION} if own else {"version": JSON_VERSION_WITH_SEPARATOR, "separator": self.separator}
+        return json.dumps({"format": JSON_FORMAT, **head, "kind": self.kind, "hf": hf}, ensure_ascii=False)
 
     def hf_json(self) -> str:
         """The HF `tokenizers` JSON alone: a tokenizer.json that HF's libraries load."""

@@ -4,6 +4,8 @@ import json
 import numpy as np
 import pytest
 
+from tokenizers import Tokenizer as HFTokenizer
+
 from cllm.tokenizer import DEFAULT_VOCAB_SIZE, Tokenizer
 
 CORPUS = [
@@ -151,3 +153,15 @@ def test_encode_batch_matches_encode(bpe):
 def test_decode_rejects_ids_outside_the_vocabulary(bpe):
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 300\)"):
         bpe.decode([5, 300])
+
+
+def test_a_separator_of_its_own_is_recorded_as_version_2_and_none_as_version_1():
+    trained = Tokenizer.train("bpe", ["the cat sat on the mat. "] * 20, vocab_size=300)
+    hf = HFTokenizer.from_str(trained.hf_json())
+    hf.add_special_tokens(["</s>"])
+    llama_like = Tokenizer("bpe", hf, separator="</s>")
+    doc, plain = json.loads(llama_like.to_json()), json.loads(trained.to_json())
+    assert (doc["version"], doc["separator"]) == (2, "</s>")
+    assert plain["version"] == 1 and "separator" not in plain  # as every cllm before separators wrote it
+    back = Tokenizer.from_json(llama_like.to_json())
+    assert back.separator == "</s>" and back.separator_id == llama_like.separator_id == hf.token_to_id("</s>")
