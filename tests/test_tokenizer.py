@@ -3,7 +3,6 @@ import json
 
 import numpy as np
 import pytest
-
 from tokenizers import Tokenizer as HFTokenizer
 
 from cllm.tokenizer import DEFAULT_VOCAB_SIZE, Tokenizer
