@@ -1,8 +1,15 @@
-"""The command-line tools' error contract: a user's error is one line and status 2, a bug keeps its traceback."""
+"""The command-line tools' error contract: a user's error is one line and status 2, a bug keeps its traceback; and
+the console commands that run them."""
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
 import pytest
 
 from cllm.errors import UsageError
 from cllm.tools._cli import run
+from cllm.tools.commands import COMMANDS
 
 
 def exit_of(main, capsys):
@@ -60,3 +67,22 @@ def test_the_prepare_tool_takes_train_models_tokenizer_flags_and_skips_its_run_f
     tokenizer = Tokenizer.from_json((out / "data" / "tokenizer.json").read_text())
     assert tokenizer.kind == "char" and "Q" not in tokenizer.decode(range(tokenizer.vocab_size))
     assert len(TokenFile.open(out / "data" / "train.tokens")) > 0
+
+
+def run_command(target: str, command: str, *args: str) -> subprocess.CompletedProcess:
+    """What the console script `command` does: call its entry point with argv[0] its own name."""
+    module, function = target.split(":")
+    code = f"import sys; sys.argv[0] = {command!r}; from {module} import {function}; {function}()"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_console_commands_run_the_tools_under_their_own_names():
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) == set(COMMANDS) == {"cllm-train", "cllm-generate", "cllm-serve", "cllm-convert",
+                                             "cllm-prepare"}
+    for command, target in scripts.items():
+        helped = run_command(target, command, "--help")
+        assert helped.returncode == 0 and helped.stdout.startswith(f"usage: {command} "), helped.stderr
+        refused = run_command(target, command, "--no-such-flag")
+        assert refused.returncode == 2 and refused.stderr.startswith(f"{command}: error: "), refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1

@@ -30,6 +30,10 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _HelpWithDefaults)
+        # Run as a console command (cllm-train, cllm.tools.commands), usage and errors say its name, not the tool's.
+        command = os.path.basename(sys.argv[0])
+        if command.startswith("cllm-"):
+            kwargs["prog"] = command
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):
