@@ -1,4 +1,4 @@
-"""cllm: train and serve small GPT-style language models on the CPU."""
+"""cllm: train and serve small language models (GPT-2 and Llama architectures) on the CPU."""
 import os
 
 # Idle OpenMP threads that spin steal the cores BLAS is about to use, and the other way round: on a 2-core
@@ -9,6 +9,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 from .model import GPT, ModelConfig  # noqa: E402
 from .optim import AdamW, cosine_lr  # noqa: E402
 from .serving import AsyncModel, EngineStalled, Overloaded  # noqa: E402
+from .sync_model import Model  # noqa: E402
 
-__all__ = ["GPT", "ModelConfig", "AdamW", "cosine_lr", "AsyncModel", "EngineStalled", "Overloaded"]
+__all__ = ["GPT", "ModelConfig", "AdamW", "cosine_lr", "AsyncModel", "EngineStalled", "Overloaded", "Model"]
 __version__ = "0.1.0"

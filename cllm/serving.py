@@ -6,11 +6,10 @@
         async for piece in model.stream("def ", temperature=0.8, seed=1):
             print(piece, end="")
 
-Embeddings are the final hidden states (after the final LayerNorm) averaged over the text's own tokens
-(masked mean pooling: padding never counts), then scaled to unit L2 norm unless normalize=False, as TEI and
-llama.cpp do for a model without a pooling head of its own. The model is causal, so padding after a text does
-not change its hidden states: a text's embedding is the same alone or batched with others, up to float32
-rounding.
+Embeddings are the final hidden states (after the final norm) averaged over the text's own tokens (pooling
+"mean", masked: padding never counts) or the last token's (pooling "last"), then scaled to unit L2 norm unless
+normalize=False (cllm.pooling). The model is causal, so padding after a text does not change its hidden states:
+a text's embedding is the same alone or batched with others, up to float32 rounding.
 
 Text or token ids. Every call takes text, or token ids instead (`await model.tokenize(texts)` gives them): a
 server that counts a request's tokens against its limits tokenizes once and hands the ids on. Tokenizing runs
@@ -78,6 +77,7 @@ from ._kernels.fault import hang
 from .checkpoint import load_model
 from .errors import UsageError
 from .generate import Continuation, Decoder, check_generation, feed, token_ids
+from .pooling import check_pooling, embed_batch, fit_to_context
 from .model import GPT, ForwardWorkspaces, ModelConfig
 from .threads import blas_limit, current_blas_limit, run_sync_daemon
 from .tokenizer import Tokenizer
@@ -132,6 +132,7 @@ class _EmbeddingRequest:
     """One embed() call, as the batcher sees it."""
     texts: list[np.ndarray]  # token ids
     normalize: bool
+    pooling: str  # one of pooling.POOLINGS
     queued_at: float  # anyio.current_time()
     results: MemoryObjectSendStream[np.ndarray]  # receives `vectors` once every text is done
     vectors: np.ndarray  # (len(texts), dim), filled in batch by batch
@@ -410,18 +411,21 @@ class AsyncModel:
     # ----------------------------------------------------------------------------------------------------------
     # embeddings
 
-    async def embed(self, texts: str | Sequence[str | Sequence[int]], *, normalize: bool = True) -> np.ndarray:
-        """Embeddings (n, dim) float32 of the texts (strings, or token ids), or (dim,) for a single string; see
-        the module notes."""
+    async def embed(self, texts: str | Sequence[str | Sequence[int]], *, normalize: bool = True,
+                    pooling: str = "mean", truncate: bool = False) -> np.ndarray:
+        """Embeddings (n, dim) float32 of the texts (strings, or token ids), or (dim,) for a single string:
+        pooled "mean" or "last" (cllm.pooling), of unit length unless normalize=False. A text longer than the
+        context is an error, or with truncate=True cut to its first context_length tokens."""
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
         names = ["the text"] if single else [f"texts[{i}]" for i in range(len(texts))]
+        check_pooling(pooling)
         self._check_running()
-        ids = await self._token_ids(texts, names)
+        ids = await self._token_ids(texts, names, truncate=truncate)
         if not ids:
             return np.zeros((0, self.config.dim), np.float32)
         results, receive = anyio.create_memory_object_stream[np.ndarray](1)
-        request = _EmbeddingRequest(ids, bool(normalize), anyio.current_time(), results,
+        request = _EmbeddingRequest(ids, bool(normalize), pooling, anyio.current_time(), results,
                                     np.empty((len(ids), self.config.dim), np.float32))
         with receive:  # closing it on the way out (cancelled too) tells the batcher that this caller has gone
             await self._submit(self._embeddings, request)
@@ -433,22 +437,17 @@ class AsyncModel:
                 raise RuntimeError(CLOSED_WHILE_PENDING) from None
         return vectors[0] if single else vectors
 
-    async def _token_ids(self, texts: list, names: list[str]) -> list[np.ndarray]:
+    async def _token_ids(self, texts: list, names: list[str], *, truncate: bool = False) -> list[np.ndarray]:
         """Each text's token ids (strings are tokenized together, in one worker-thread call), checked: not empty,
-        and within the context."""
+        and within the context (or cut to it, if truncate)."""
         ids = [None if isinstance(text, str) else token_ids(text, self.tokenizer.vocab_size, name)
                for text, name in zip(texts, names)]
         strings = [i for i, text in enumerate(texts) if isinstance(text, str)]
         if strings:
             for i, encoded in zip(strings, await self.tokenize([texts[i] for i in strings])):
                 ids[i] = encoded
-        context = self.config.context_length
-        for name, text_ids in zip(names, ids):
-            if text_ids.size == 0:
-                raise UsageError(f"{name} is empty: there is nothing to embed")
-            if text_ids.size > context:
-                raise UsageError(f"{name} is {text_ids.size} tokens long but the model's context holds only {context}")
-        return ids
+        return [fit_to_context(text_ids, self.config.context_length, truncate=truncate, name=name)
+                for name, text_ids in zip(names, ids)]
 
     async def _batch_embeddings(self, queue: MemoryObjectReceiveStream[_EmbeddingRequest]) -> None:
         """The batcher task: gathers queued texts into forward passes until cancelled."""
@@ -470,8 +469,7 @@ class AsyncModel:
                 if not batch:
                     continue
                 try:
-                    vectors = await self._run_model("embed", "embedding batch", self._embed_batch, workspaces,
-                                                    [r.texts[i] for r, i in batch], [r.normalize for r, _ in batch])
+                    vectors = await self._run_model("embed", "embedding batch", self._embed_batch, workspaces, batch)
                 except Exception as error:  # this batch's requests fail; the next batch is served as usual
                     if isinstance(error, EngineStalled):
                         workspaces = ForwardWorkspaces(self.config)  # the abandoned thread may still write the old ones
@@ -516,20 +514,12 @@ class AsyncModel:
             longest = longer
         return batch
 
-    def _embed_batch(self, workspaces: ForwardWorkspaces, texts: list[np.ndarray], normalize: list[bool]) -> np.ndarray:
-        """In the worker thread: one forward pass over the texts right-padded to a common length; their
-        masked mean-pooled final hidden states, (n, dim) float32, normalised where asked."""
-        lengths = [ids.size for ids in texts]
-        ws = workspaces.get(len(texts), self._padded_length(max(lengths)))
-        tokens = np.zeros((ws.batch, ws.seq), np.int32)  # the padding's ids do not matter: nothing attends to it
-        for row, ids in enumerate(texts):
-            tokens[row, :ids.size] = ids
-        self.model.forward_ws(ws, tokens, None, threads=self._kernel_threads(), logits=False)
-        hidden = ws.a["lnf"].reshape(ws.batch, ws.seq, -1)
-        vectors = np.stack([hidden[row, :n].mean(axis=0, dtype=np.float64) for row, n in enumerate(lengths)])
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        unit = vectors / np.maximum(norms, np.finfo(np.float64).tiny)
-        return np.where(np.array(normalize)[:, None], unit, vectors).astype(np.float32)
+    def _embed_batch(self, workspaces: ForwardWorkspaces, batch: list[tuple[_EmbeddingRequest, int]]) -> np.ndarray:
+        """In the worker thread: one forward pass over the batch's texts, each pooled as its request asks."""
+        texts = [r.texts[i] for r, i in batch]
+        return embed_batch(self.model, workspaces, texts, seq=self._padded_length(max(t.size for t in texts)),
+                           normalize=[r.normalize for r, _ in batch], pooling=[r.pooling for r, _ in batch],
+                           threads=self._kernel_threads())
 
     # ----------------------------------------------------------------------------------------------------------
     # generation

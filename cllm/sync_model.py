@@ -1,0 +1,100 @@
+"""The synchronous model API, for offline jobs that have no event loop: embedding a corpus, generating text.
+
+    model = cllm.Model.open("model.cllm")                       # or a Hugging Face GPT-2 or Llama folder
+    vectors = model.encode(texts, batch_size=32, normalize_embeddings=True)   # (n, dim) float32
+    completion = model.generate("Once upon a time", max_new_tokens=50, temperature=0)   # .text, .finish_reason
+
+encode() takes sentence-transformers' arguments and returns what it returns: a float32 array, (n, dim) for a list
+and (dim,) for a single string. Texts are batched by length (sorted, then cut into batches of batch_size), so a
+batch pads its texts to nearly the same length, and the vectors come back in the order of the texts. Embeddings
+are cllm.pooling's, the same as AsyncModel.embed's up to float32 rounding.
+
+Threads: BLAS is held at `threads` while the model runs, as AsyncModel holds it (cllm.threads).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from .checkpoint import load_model
+from .errors import UsageError
+from .generate import generate
+from .model import GPT, ForwardWorkspaces
+from .pooling import check_pooling, embed_batch, fit_to_context
+from .serving import Completion
+from .threads import available_cpus, blas_limit
+from .tokenizer import Tokenizer
+
+
+class Model:
+    """A model and its tokenizer, called synchronously: the counterpart of AsyncModel."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, *, threads: int | None = None):
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise UsageError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                             f"{model.config.vocab_size}")
+        self.model, self.tokenizer = model, tokenizer
+        self.threads = available_cpus() if threads is None else threads
+        if not isinstance(self.threads, int) or self.threads < 1:
+            raise UsageError(f"threads must be a positive integer, got {threads!r}")
+        self._workspaces = ForwardWorkspaces(model.config)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, threads: int | None = None) -> "Model":
+        """Loads a .cllm model file or a Hugging Face GPT-2 or Llama folder (ModelFileError if it is bad)."""
+        model, tokenizer = load_model(path)
+        return cls(model, tokenizer, threads=threads)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def encode(self, texts: str | Sequence[str], batch_size: int = 32, normalize_embeddings: bool = True, *,
+               pooling: str = "mean", truncate: bool = False, show_progress_bar: bool = False) -> np.ndarray:
+        """Embeddings of the texts: (n, dim) float32, or (dim,) for one string. pooling is "mean" or "last"; a text
+        longer than the context is an error, or with truncate=True cut to its first context_length tokens."""
+        single = isinstance(texts, str)
+        texts = [texts] if single else list(texts)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}")
+        check_pooling(pooling)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise UsageError(f"texts[{i}] is {type(text).__name__}, not a string")
+        ids = [fit_to_context(encoded, self.config.context_length, truncate=truncate,
+                              name="the text" if single else f"texts[{i}]")
+               for i, encoded in enumerate(self.tokenizer.encode_batch(texts))]
+        vectors = np.empty((len(texts), self.config.dim), np.float32)
+        order = np.argsort([-t.size for t in ids], kind="stable")  # longest first: the largest workspace at once
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        with blas_limit(self.threads):
+            for batch in tqdm(batches, desc="encode", unit="batch", disable=not show_progress_bar):
+                texts_in_batch = [ids[i] for i in batch]
+                vectors[batch] = embed_batch(self.model, self._workspaces, texts_in_batch,
+                                             seq=max(t.size for t in texts_in_batch),
+                                             normalize=[normalize_embeddings] * len(batch),
+                                             pooling=[pooling] * len(batch), threads=1)
+        return vectors[0] if single else vectors
+
+    def generate(self, prompt: str, *, max_new_tokens: int = 256, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, stop: str | Sequence[str] = ()) -> Completion:
+        """The continuation of prompt, whole, as AsyncModel.generate gives it (settings as for
+        cllm.generate.generate)."""
+        generation = generate(self.model, self.tokenizer, prompt, max_new_tokens=max_new_tokens,
+                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop)
+        with blas_limit(self.threads):
+            for _ in generation:
+                pass
+        return Completion(generation.text, generation.finish_reason, len(generation.prompt_ids),
+                          len(generation.token_ids))
+
+    def stream(self, prompt: str, *, max_new_tokens: int = 256, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None, seed: int | None = None, stop: str | Sequence[str] = ()) -> Iterator[str]:
+        """The continuation of prompt as text pieces, as they are decoded."""
+        generation = generate(self.model, self.tokenizer, prompt, max_new_tokens=max_new_tokens,
+                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop)
+        with blas_limit(self.threads):
+            yield from generation
