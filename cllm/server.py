@@ -75,6 +75,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import UsageError
+from .pooling import POOLINGS
 from .serving import AsyncModel, Completion, CompletionStream, EngineStalled, Overloaded
 
 logger = logging.getLogger(__name__)
@@ -516,11 +517,13 @@ class OpenAIEndpoints:
                            param="model", code="model_not_found")
         return fields
 
-    async def input_ids(self, texts: Sequence[str], param: str) -> list[np.ndarray]:
-        """The texts' token ids, each within max_input_tokens: the one tokenization of the request, done in a
-        worker thread; the model gets these ids."""
+    async def input_ids(self, texts: Sequence[str], param: str, *, truncate: bool = False) -> list[np.ndarray]:
+        """The texts' token ids, each within max_input_tokens (or cut to it, if truncate): the one tokenization of
+        the request, done in a worker thread; the model gets these ids."""
         ids = await self.model.tokenize(texts)
         limit = self.limits.max_input_tokens
+        if truncate:
+            return [text_ids[:limit] for text_ids in ids]
         for i, text_ids in enumerate(ids):
             if len(text_ids) > limit:
                 where = f"{param}[{i}]" if len(texts) > 1 else param
@@ -531,7 +534,7 @@ class OpenAIEndpoints:
 
     async def embeddings(self, request: Request) -> Response:
         fields = await self.request_fields(
-            request, ("model", "input", "encoding_format", "dimensions", "user"))
+            request, ("model", "input", "encoding_format", "dimensions", "user", "pooling", "truncate"))
         texts = fields.texts("input", max_count=self.limits.max_embedding_inputs)
         encoding = fields.choice("encoding_format", ("float", "base64"), default="float")
         dim = self.model.config.dim
@@ -539,9 +542,13 @@ class OpenAIEndpoints:
             # OpenAI's newer models can shorten their embeddings; these were not trained to keep meaning when cut.
             raise invalid(f"'dimensions' must be {dim}, the size of this model's embeddings.", "dimensions")
         fields.string("user", default="")  # accepted for compatibility; nothing to do with it
-        ids = await self.input_ids(texts, "input")
+        # Extensions, as TEI names them: the pooling (default: the server's --pooling) and truncation of a text
+        # longer than max_input_tokens to its first max_input_tokens tokens (default: such a text is refused).
+        pooling = fields.choice("pooling", POOLINGS, default=self.model.pooling)
+        truncate = fields.boolean("truncate", default=False)
+        ids = await self.input_ids(texts, "input", truncate=truncate)
         with model_errors():
-            vectors = await self.model.embed(ids)
+            vectors = await self.model.embed(ids, pooling=pooling)
         encode = encode_base64 if encoding == "base64" else np.ndarray.tolist
         data = [{"object": "embedding", "index": i, "embedding": encode(vector)} for i, vector in enumerate(vectors)]
         tokens = sum(len(text_ids) for text_ids in ids)

@@ -269,7 +269,7 @@ class AsyncModel:
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, *, threads: int = 1, max_batch_tokens: int = 4096,
                  max_wait_ms: float = 5.0, max_queue: int = 256, queue_timeout: float = 0.0,
-                 max_streams: int = 8, batch_timeout: float = DEFAULT_BATCH_TIMEOUT,
+                 max_streams: int = 8, batch_timeout: float = DEFAULT_BATCH_TIMEOUT, pooling: str = "mean",
                  faults: Sequence[ServingFault] | None = None):
         for name, value in dict(threads=threads, max_batch_tokens=max_batch_tokens, max_queue=max_queue,
                                 max_streams=max_streams).items():
@@ -287,6 +287,7 @@ class AsyncModel:
         self.threads, self.max_batch_tokens, self.max_streams = int(threads), int(max_batch_tokens), int(max_streams)
         self.max_wait_ms, self.max_queue, self.queue_timeout = float(max_wait_ms), int(max_queue), float(queue_timeout)
         self.batch_timeout = float(batch_timeout)
+        self.pooling = check_pooling(pooling)  # embed()'s default
         self.faults = parse_serving_faults(os.environ.get("CLLM_FAULT", "")) if faults is None else list(faults)
         self._calls_made = {"embed": 0, "decode": 0}  # counted for the faults
         self._abandoned: list[_ModelCall] = []  # calls that missed their deadline
@@ -311,7 +312,7 @@ class AsyncModel:
                 "limits": {"threads": self.threads, "max_batch_tokens": self.max_batch_tokens,
                            "max_wait_ms": self.max_wait_ms, "max_queue": self.max_queue,
                            "queue_timeout": self.queue_timeout, "max_streams": self.max_streams,
-                           "batch_timeout": self.batch_timeout}}
+                           "batch_timeout": self.batch_timeout}, "pooling": self.pooling}
 
     def health(self) -> dict:
         """{"status": "ok"}; or "stalled" while a call that missed its deadline still runs in its abandoned
@@ -412,14 +413,15 @@ class AsyncModel:
     # embeddings
 
     async def embed(self, texts: str | Sequence[str | Sequence[int]], *, normalize: bool = True,
-                    pooling: str = "mean", truncate: bool = False) -> np.ndarray:
+                    pooling: str | None = None, truncate: bool = False) -> np.ndarray:
         """Embeddings (n, dim) float32 of the texts (strings, or token ids), or (dim,) for a single string:
-        pooled "mean" or "last" (cllm.pooling), of unit length unless normalize=False. A text longer than the
-        context is an error, or with truncate=True cut to its first context_length tokens."""
+        pooled "mean" or "last" (cllm.pooling; default: the model's `pooling`), of unit length unless
+        normalize=False. A text longer than the context is an error, or with truncate=True cut to its first
+        context_length tokens."""
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
         names = ["the text"] if single else [f"texts[{i}]" for i in range(len(texts))]
-        check_pooling(pooling)
+        pooling = self.pooling if pooling is None else check_pooling(pooling)
         self._check_running()
         ids = await self._token_ids(texts, names, truncate=truncate)
         if not ids:

@@ -116,7 +116,8 @@ def test_health_and_info(http, model, tokenizer):
         "config": model.config.to_dict(), "tokenizer": "char", "vocab_size": tokenizer.vocab_size,
         "embedding_dim": DIM, "context_length": CONTEXT,
         "limits": {"threads": 1, "max_batch_tokens": 4096, "max_wait_ms": 5.0, "max_queue": 256,
-                   "queue_timeout": 0.0, "max_streams": 8, "batch_timeout": DEFAULT_BATCH_TIMEOUT}}
+                   "queue_timeout": 0.0, "max_streams": 8, "batch_timeout": DEFAULT_BATCH_TIMEOUT},
+        "pooling": "mean"}
 
 
 def test_models_list_the_one_model(client):
@@ -153,6 +154,43 @@ def test_embeddings_float(http, model_path):
     assert not np.allclose(vectors[0], vectors[1])
     tokens = sum(len(t) for t in texts)  # a char tokenizer: one token per character
     assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
+
+
+def embed_directly_with(model_path, texts, **options) -> np.ndarray:
+    async def embed():
+        async with AsyncModel.open(model_path) as model:
+            return await model.embed(texts, **options)
+
+    return anyio.run(embed)
+
+
+def test_embeddings_pool_as_asked_and_truncate_when_asked(http, model_path):
+    texts = ["the quick brown fox", "lazy dog"]
+    last = http.post("/v1/embeddings", json={"model": NAME, "input": texts, "pooling": "last"})
+    assert last.status_code == 200, last.text
+    vectors = np.array([d["embedding"] for d in last.json()["data"]])
+    np.testing.assert_allclose(vectors, embed_directly_with(model_path, texts, pooling="last"), atol=1e-6)
+    assert not np.allclose(vectors, embed_directly(model_path, texts), atol=1e-3)  # not the default, mean
+    # A text past max_input_tokens (the context, 48) is refused, or with truncate cut to its first 48 tokens.
+    assert_error(http.post("/v1/embeddings", json={"model": NAME, "input": TOO_LONG}), 400, param="input")
+    cut = http.post("/v1/embeddings", json={"model": NAME, "input": TOO_LONG, "truncate": True})
+    assert cut.status_code == 200, cut.text
+    assert cut.json()["usage"]["prompt_tokens"] == CONTEXT
+    np.testing.assert_allclose(cut.json()["data"][0]["embedding"],
+                               embed_directly(model_path, [TOO_LONG[:CONTEXT]])[0], atol=1e-6)
+    assert_error(http.post("/v1/embeddings", json={"model": NAME, "input": "x", "pooling": "max"}), 400,
+                 param="pooling")
+    assert_error(http.post("/v1/embeddings", json={"model": NAME, "input": "x", "truncate": "yes"}), 400,
+                 param="truncate")
+
+
+def test_the_servers_default_pooling_is_its_own(model_path):
+    with BackgroundServer(model_path, model_name=NAME, pooling="last") as server, \
+            httpx.Client(base_url=server.url, timeout=30) as http:
+        body = http.post("/v1/embeddings", json={"model": NAME, "input": ["lazy dog"]}).json()
+        assert http.get("/info").json()["engine"]["pooling"] == "last"
+    np.testing.assert_allclose(body["data"][0]["embedding"],
+                               embed_directly_with(model_path, ["lazy dog"], pooling="last")[0], atol=1e-6)
 
 
 def test_embeddings_base64_is_the_float32_bytes(http):

@@ -35,6 +35,7 @@ import anyio
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from ..pooling import POOLINGS
 from ..server import KEEP_ALIVE_SECONDS, ServerLimits, create_app
 from ..serving import DEFAULT_BATCH_TIMEOUT, AsyncModel
 from ._cli import Parser, non_negative_float, positive_float, positive_int, run
@@ -62,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     engine.add_argument("--max-wait-ms", type=non_negative_float, default=5.0,
                         help="how long a request may wait for others to share its micro-batch")
     engine.add_argument("--max-streams", type=positive_int, default=8, help="generations decoded at once")
+    engine.add_argument("--pooling", choices=POOLINGS, default="mean",
+                        help="how an embedding pools a text's hidden states: their mean, or the last token's (the "
+                             "usual choice for causal models); a request's \"pooling\" overrides it")
     engine.add_argument("--max-queue", type=positive_int, default=256,
                         help="requests waiting for the model before new ones are refused (429)")
     engine.add_argument("--batch-timeout", type=positive_float, default=DEFAULT_BATCH_TIMEOUT,
@@ -94,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                                  max_concurrent_requests=args.max_concurrent_requests,
                                  header_timeout=args.header_timeout, body_timeout=args.body_timeout)
     model_options = dict(threads=args.threads, max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
-                         max_streams=args.max_streams, max_queue=args.max_queue, batch_timeout=args.batch_timeout)
+                         max_streams=args.max_streams, max_queue=args.max_queue, batch_timeout=args.batch_timeout,
+                         pooling=args.pooling)
     model_name = args.model_name or Path(args.model).stem
     if args.api_key is None and not is_loopback(args.host):
         print(f"serve: warning: listening on {args.host} without an API key: anyone who can reach this port can "
