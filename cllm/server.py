@@ -8,6 +8,21 @@
                            cannot serve (see AsyncModel.health)
     GET  /info             the model's name, config and engine settings, and the server's limits
 
+and, in the shapes of Hugging Face's text-embeddings-inference (TEI) and of llama.cpp's server:
+
+    POST /embed            TEI: {"inputs": str | [str], "normalize": true, "truncate": false,
+                           "truncation_direction": "Right" | "Left"} -> [[float, ...], ...]
+    POST /tokenize         TEI: {"inputs": str | [str], "add_special_tokens": true} -> one list per input of
+                           {"id", "text", "special", "start", "stop"}; or llama.cpp: {"content": str,
+                           "add_special": false, "with_pieces": false} -> {"tokens": [id, ...]} (with_pieces:
+                           [{"id", "piece"}, ...])
+    POST /decode           TEI: {"ids": [id, ...] | [[id, ...], ...], "skip_special_tokens": true} -> [str, ...]
+    POST /detokenize       llama.cpp: {"tokens": [id, ...]} -> {"content": str}
+
+The TEI routes answer errors in TEI's shape, {"error": message, "error_type": ...}, with TEI's statuses: 413
+Validation for more inputs than max_embedding_inputs, 422 Validation for any other input they cannot take, 429
+Overloaded, 503 Unhealthy (a stalled engine). llama.cpp's routes answer as the OpenAI routes do.
+
 Lifetime: the caller opens the AsyncModel before create_app and closes it after the server has stopped; the
 app only borrows it (and has no lifespan of its own), so one model can outlive several apps, as in the tests.
 
@@ -52,6 +67,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import hmac
 import json
 import logging
@@ -80,7 +96,8 @@ from .serving import AsyncModel, Completion, CompletionStream, EngineStalled, Ov
 
 logger = logging.getLogger(__name__)
 
-MODEL_ENDPOINTS = ("/v1/embeddings", "/v1/completions")  # the routes that use the model, and count as load
+# The routes that use the model or its tokenizer, and count as load
+MODEL_ENDPOINTS = ("/v1/embeddings", "/v1/completions", "/embed", "/tokenize", "/decode", "/detokenize")
 OPEN_ENDPOINTS = ("/health",)  # answered without an API key: a load balancer's probe has none
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_STOP_CHARS = 64  # each stop string is looked for at every token: long ones would cost time on every token
@@ -131,12 +148,17 @@ def create_app(model: AsyncModel, *, model_name: str, limits: ServerLimits = Ser
     With an api_key, every route but /health wants it as `Authorization: Bearer KEY`."""
     limits = limits.resolve(model.config.context_length)
     api = OpenAIEndpoints(model, model_name, limits, keep_alive_interval)
+    tei = TEIEndpoints(model, limits)
     routes = [
         Route("/v1/embeddings", api.embeddings, methods=["POST"]),
         Route("/v1/completions", api.completions, methods=["POST"]),
         Route("/v1/models", api.models, methods=["GET"]),
         Route("/health", api.health, methods=["GET"]),
         Route("/info", api.info, methods=["GET"]),
+        Route("/embed", tei.embed, methods=["POST"]),
+        Route("/tokenize", tei.tokenize, methods=["POST"]),
+        Route("/decode", tei.decode, methods=["POST"]),
+        Route("/detokenize", tei.detokenize, methods=["POST"]),
     ]
     middleware = [Middleware(BufferedBody, paths=MODEL_ENDPOINTS, max_bytes=limits.max_body_bytes,
                              timeout=limits.body_timeout),
@@ -637,6 +659,110 @@ COMPLETION_FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "t
                      "frequency_penalty", "logit_bias")
 UNSUPPORTED_COMPLETION_OPTIONS = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "suffix": None,
                                   "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# TEI's and llama.cpp's routes
+
+# APIError's status -> TEI's status and error_type
+TEI_ERRORS = {400: (422, "Validation"), 413: (413, "Validation"), 429: (429, "Overloaded"), 503: (503, "Unhealthy")}
+
+
+def tei_errors(handler):
+    """A TEI route: its errors in TEI's shape and with TEI's statuses (see the module notes)."""
+
+    @functools.wraps(handler)
+    async def route(self, request: Request, *args) -> Response:
+        try:
+            return await handler(self, request, *args)
+        except APIError as error:
+            status, kind = TEI_ERRORS.get(error.status, (error.status, "Backend"))
+            return JSONResponse({"error": error.message, "error_type": kind}, status_code=status,
+                                headers=error.headers)
+
+    return route
+
+
+class TEIEndpoints:
+    """/embed, /tokenize, /decode and /detokenize, over the same model as the OpenAI endpoints."""
+
+    def __init__(self, model: AsyncModel, limits: ServerLimits):
+        self.model, self.limits = model, limits
+
+    @tei_errors
+    async def embed(self, request: Request) -> Response:
+        fields = RequestFields(await read_json_object(request), ("inputs", "normalize", "truncate",
+                                                                 "truncation_direction", "prompt_name", "dimensions"))
+        texts = self.inputs(fields)
+        normalize = fields.boolean("normalize", default=True)
+        truncate = fields.boolean("truncate", default=False)
+        direction = fields.choice("truncation_direction", ("Right", "Left", "right", "left"), default="Right")
+        fields.unsupported("prompt_name", None)  # cllm models carry no sentence-transformers prompts
+        dim = self.model.config.dim
+        if fields.integer("dimensions", minimum=1, maximum=dim, default=dim) != dim:
+            raise invalid(f"'dimensions' must be {dim}, the size of this model's embeddings.", "dimensions")
+        ids = await self.model.tokenize(texts)
+        limit = self.limits.max_input_tokens
+        for i, text_ids in enumerate(ids):
+            if len(text_ids) > limit and not truncate:
+                raise invalid(f"inputs[{i}] is {len(text_ids)} tokens long; this server takes at most {limit} "
+                              f"(truncate: true cuts it)", "inputs")
+        ids = [text_ids[-limit:] if direction.lower() == "left" else text_ids[:limit] for text_ids in ids]
+        with model_errors():
+            vectors = await self.model.embed(ids, normalize=normalize)
+        return JSONResponse(vectors.tolist())
+
+    def inputs(self, fields: RequestFields) -> list[str]:
+        """TEI's inputs: a string or a list of them, at most max_embedding_inputs (else 413, as TEI answers)."""
+        given, most = fields.given("inputs"), self.limits.max_embedding_inputs
+        if isinstance(given, list) and len(given) > most:
+            raise APIError(413, f"batch size {len(given)} > maximum allowed batch size {most}", param="inputs")
+        return fields.texts("inputs", max_count=most)
+
+    async def tokenize(self, request: Request) -> Response:
+        document = await read_json_object(request)
+        if "content" in document:  # llama.cpp's body, answered as llama.cpp answers
+            return await self.tokenize_content(RequestFields(document, ("content", "add_special", "with_pieces")))
+        return await self.tokenize_inputs(request, document)
+
+    @tei_errors
+    async def tokenize_inputs(self, request: Request, document: dict) -> Response:
+        fields = RequestFields(document, ("inputs", "add_special_tokens", "prompt_name"))
+        texts = self.inputs(fields)
+        add_special = fields.boolean("add_special_tokens", default=True)
+        fields.unsupported("prompt_name", None)
+        tokenizer = self.model.tokenizer
+        pieces = await anyio.to_thread.run_sync(
+            lambda: [tokenizer.pieces(text, add_special_tokens=add_special) for text in texts])
+        return JSONResponse([[piece._asdict() for piece in text_pieces] for text_pieces in pieces])
+
+    async def tokenize_content(self, fields: RequestFields) -> Response:
+        text = fields.string("content")
+        add_special = fields.boolean("add_special", default=False)
+        with_pieces = fields.boolean("with_pieces", default=False)
+        tokenizer = self.model.tokenizer
+        pieces = await anyio.to_thread.run_sync(lambda: tokenizer.pieces(text, add_special_tokens=add_special))
+        tokens = [{"id": p.id, "piece": p.text} for p in pieces] if with_pieces else [p.id for p in pieces]
+        return JSONResponse({"tokens": tokens})
+
+    @tei_errors
+    async def decode(self, request: Request) -> Response:
+        fields = RequestFields(await read_json_object(request), ("ids", "skip_special_tokens"))
+        ids = fields.given("ids")
+        batches = ids if isinstance(ids, list) and ids and all(isinstance(i, list) for i in ids) else [ids]
+        skip = fields.boolean("skip_special_tokens", default=True)
+        return JSONResponse([self.decoded(one, "ids", skip_special_tokens=skip) for one in batches])
+
+    async def detokenize(self, request: Request) -> Response:
+        fields = RequestFields(await read_json_object(request), ("tokens",))
+        return JSONResponse({"content": self.decoded(fields.given("tokens"), "tokens")})
+
+    def decoded(self, ids, param: str, *, skip_special_tokens: bool = False) -> str:
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise invalid(f"'{param}' must be a list of token ids (or, for /decode, a list of such lists), got "
+                          f"{short_repr(ids)}.", param)
+        with model_errors():  # an id outside the vocabulary is the client's error
+            return self.model.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
 def encode_base64(vector: np.ndarray) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
@@ -51,6 +51,16 @@ def check_settings(kind: str, vocab_size: int | None) -> None:
     if vocab_size <= fixed:
         what = "256 bytes + 1 special token" if kind == "bpe" else f"{fixed} special tokens"
         raise UsageError(f"{kind} vocab_size must be more than {fixed} ({what}), got {vocab_size}")
+
+
+class Piece(NamedTuple):
+    """One token of a text (Tokenizer.pieces): its id, the text it stands for, whether it is a special token that
+    the tokenizer added, and the characters start:stop of the input it covers (None for an added token)."""
+    id: int
+    text: str
+    special: bool
+    start: int | None
+    stop: int | None
 
 
 class Tokenizer:
@@ -133,12 +143,22 @@ class Tokenizer:
         # The _fast variant skips computing character offsets, which nothing here uses.
         return [np.array(e.ids, dtype=np.int32) for e in self._hf.encode_batch_fast(list(texts))]
 
-    def decode(self, ids) -> str:
-        """Special tokens are rendered as their text (e.g. "<unk>"), so decoding never drops a token silently."""
+    def pieces(self, text: str, *, add_special_tokens: bool = True) -> list[Piece]:
+        """The tokens of text with what each stands for (what a /tokenize route shows): the span of text it
+        covers, or, for a special token the tokenizer adds (Llama's leading <s>), its own name and no span.
+        add_special_tokens=False leaves those out; encode() adds them."""
+        encoding = self._hf.encode(text, add_special_tokens=add_special_tokens)
+        return [Piece(i, token, True, None, None) if special else Piece(i, text[start:stop], False, start, stop)
+                for i, token, special, (start, stop)
+                in zip(encoding.ids, encoding.tokens, encoding.special_tokens_mask, encoding.offsets)]
+
+    def decode(self, ids, *, skip_special_tokens: bool = False) -> str:
+        """Special tokens are rendered as their text (e.g. "<unk>"), so decoding never drops a token silently,
+        unless skip_special_tokens."""
         ids = np.asarray(ids, dtype=np.int64).ravel()
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             raise UsageError(f"token ids must be in [0, {self.vocab_size}), got {ids.min()}..{ids.max()}")
-        return self._hf.decode(ids.tolist(), skip_special_tokens=False)
+        return self._hf.decode(ids.tolist(), skip_special_tokens=skip_special_tokens)
 
 
 def _train_bpe(texts: Iterator[str], vocab_size: int) -> HFTokenizer:
