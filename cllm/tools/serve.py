@@ -47,7 +47,8 @@ LISTEN_BACKLOG = 2048  # connections the kernel holds for us while all are busy 
 def main(argv: list[str] | None = None) -> int:
     defaults = ServerLimits()
     p = Parser(prog="serve", description="Serve a model (.cllm, or a Hugging Face GPT-2 or Llama folder) with an "
-                                         "OpenAI-compatible HTTP API (/v1/embeddings, /v1/completions).")
+                                         "OpenAI-compatible HTTP API (/v1/embeddings, /v1/completions), and TEI's and "
+                                         "llama.cpp's /embed, /tokenize, /decode and /detokenize.")
     p.add_argument("model", help="a .cllm model file or a Hugging Face GPT-2 or Llama folder")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes the server to "
                                                        "your network: give it an --api-key)")
