@@ -27,7 +27,7 @@ from .data import TokenizerSettings, scan
 from .errors import UsageError
 from .model import ModelConfig
 from .plot import METRICS_FILE, PLOT_FILE
-from .trainer import STATE_FILE, TrainSettings
+from .trainer import BEST_FILE, CHECKPOINTS_DIR, STATE_FILE, TrainSettings
 
 RECORD_FILE, LOCK_FILE, DATA_DIR = "run.json", "lock", "data"
 RECORD_FORMAT, RECORD_VERSION = "cllm-run", 1
@@ -119,8 +119,9 @@ class RunRecord:
                        None if doc["val_data"] is None else CorpusRecord.from_dict(doc["val_data"]),
                        TokenizerSettings(**_exact(TokenizerSettings, doc["tokenizer"])),
                        ModelConfig.from_dict(doc["model"]), TrainSettings(**_exact(TrainSettings, {
-                           # runs recorded before --seq-len existed trained at the context, as its None means
-                           "seq_len": None, **doc["training"]})),
+                           # settings that came later, at what runs recorded before them did: trained at the
+                           # context, as seq_len None means; kept no checkpoints but the latest
+                           "seq_len": None, "keep_checkpoints": 0, **doc["training"]})),
                        str(doc["tokens"]), doc.get("init_from"))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise UsageError(f"{path} is not a run record this cllm can read ({e})") from None
@@ -137,11 +138,12 @@ def _exact(settings: type, fields: dict) -> dict:
 def start(run_dir, record: RunRecord) -> bool:
     """Makes run_dir the record of a new run; returns whether it held an earlier run.
 
-    The earlier run's training state and metrics go first: resumed or appended to, they would mix two runs. Its
-    model stays until the new run's first checkpoint replaces it.
+    The earlier run's training state, metrics, best model and kept checkpoints go first: resumed, appended to or
+    compared with, they would mix two runs. Its model stays until the new run's first checkpoint replaces it.
     """
     run_dir = Path(run_dir)
-    earlier = [run_dir / name for name in (RECORD_FILE, STATE_FILE, METRICS_FILE, PLOT_FILE)]
+    earlier = [run_dir / name for name in (RECORD_FILE, STATE_FILE, METRICS_FILE, PLOT_FILE, BEST_FILE)]
+    earlier += sorted((run_dir / CHECKPOINTS_DIR).glob("step-*.cllm"))
     held_a_run = any(path.exists() for path in earlier)
     for path in earlier:
         path.unlink(missing_ok=True)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -25,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_write_bytes
-from .checkpoint import load_state, save_model, save_state
+from .checkpoint import ModelFileError, load_state, read_metadata, save_model, save_state
 from .data import Batches, eval_batches
 from .distributed import MPIGroup
 from .errors import UsageError
@@ -38,6 +40,8 @@ from .threads import MAX_THREADS, available_cpus
 from .tokenizer import Tokenizer
 
 MODEL_FILE = "model.cllm"
+BEST_FILE = "best.cllm"  # the model at the evaluation with the lowest validation loss so far
+CHECKPOINTS_DIR = "checkpoints"  # with --keep-checkpoints N, the last N checkpoints' models, step-NNNNNNN.cllm
 STATE_FILE = "train_state.safetensors"
 
 
@@ -77,10 +81,12 @@ class TrainSettings:
                                           default_help="300 s for the first steps, then 25x the median step, "
                                                        "at least 30 s")
     stats: bool = _setting(False, "per-sphere shards, busy time and tokens/s, live and in a summary at the end")
+    keep_checkpoints: int = _setting(0, "keep the models of the last N checkpoints too, in checkpoints/ (0: only "
+                                        "model.cllm, the latest)")
 
     # How this process runs the training, not what it computes: a resumed run takes these from its own command
     # line (or their defaults), not from the run it continues.
-    EXECUTION = ("threads", "step_timeout", "stats")
+    EXECUTION = ("threads", "step_timeout", "stats", "keep_checkpoints")
     # What may differ from the run's own settings when it is resumed: those, and steps (to train longer; the cosine
     # schedule then follows the new total).
     RESUME_OVERRIDES = ("steps", *EXECUTION)
@@ -95,7 +101,7 @@ class TrainSettings:
             raise UsageError(f"need 0 < lr < 10 and 0 <= min-lr <= lr, got lr={self.lr}, min-lr={self.min_lr}")
         if not 0 <= self.beta2 < 1:
             raise UsageError(f"--beta2 must be in [0, 1), got {self.beta2}")
-        for name in ("warmup", "weight_decay", "grad_clip", "seed"):
+        for name in ("warmup", "weight_decay", "grad_clip", "seed", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise UsageError(f"{flag(name)} must not be negative, got {getattr(self, name)}")
         if self.threads > MAX_THREADS:
@@ -306,6 +312,9 @@ class Trainer:
                 if self.step % s.eval_every == 0 or last:
                     progress.note("evaluating")
                     val_loss = record["val_loss"] = await self.evaluate(spheres)
+                    if root and val_loss < self._best_val_loss():
+                        save_model(self.run_dir / BEST_FILE, self.model, self.tokenizer,
+                                   metadata={"step": str(self.step), "val_loss": repr(val_loss)})
                 checkpoint = self.step % s.checkpoint_every == 0 or last or stop_signal
                 if root:
                     metrics.write(json.dumps(record) + "\n")
@@ -376,8 +385,30 @@ class Trainer:
         return float(np.mean(losses))
 
     def save_checkpoint(self) -> None:
-        """Model file first, then the state that points at the same step: both written atomically."""
+        """Model file first, then the state that points at the same step: both written atomically. With
+        keep_checkpoints, the model file is also linked into checkpoints/ and the oldest beyond the last N go."""
         save_model(self.model_path, self.model, self.tokenizer, metadata={"step": str(self.step)})
         save_state(self.run_dir / STATE_FILE, optimizer=self.optimizer, step=self.step,
                    params=self.model.params,
                    extra={"settings": asdict(self.settings), "data_cursor": self.step})
+        if self.settings.keep_checkpoints:
+            self._keep_checkpoint()
+
+    def _keep_checkpoint(self) -> None:
+        folder = self.run_dir / CHECKPOINTS_DIR
+        folder.mkdir(exist_ok=True)
+        kept = folder / f"step-{self.step:07d}.cllm"
+        kept.unlink(missing_ok=True)  # a resumed run passing the same step again
+        try:  # model.cllm was written as a new file, so a hard link shares it and costs nothing
+            os.link(self.model_path, kept)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(self.model_path, kept)
+        for old in sorted(folder.glob("step-*.cllm"))[:-self.settings.keep_checkpoints]:
+            old.unlink()
+
+    def _best_val_loss(self) -> float:
+        """The validation loss of best.cllm, or infinity if there is none yet."""
+        try:
+            return float(read_metadata(self.run_dir / BEST_FILE)["val_loss"])
+        except (FileNotFoundError, ModelFileError, KeyError, ValueError):  # none, or unreadable: replace it
+            return math.inf

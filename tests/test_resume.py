@@ -9,6 +9,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from cllm import data, run_folder
+from cllm.checkpoint import read_metadata
 from cllm.errors import UsageError
 from cllm.tokenizer import Tokenizer
 from cllm.tools.train_model import main
@@ -68,7 +69,7 @@ def test_the_run_folder_records_what_the_run_was_started_with(corpus, stopped):
         "steps": 8, "batch_size": 4, "seq_len": None, "lr": 3e-3, "min_lr": 1e-4, "beta2": 0.99, "warmup": 2,
         "weight_decay": 0.1, "grad_clip": 1.0, "grad_accum": 1, "eval_every": 4, "eval_batches": 1, "checkpoint_every": 4, "seed": 1337,
         # The default cut, as it was chosen for 4 rows of 16 tokens: a later rule cannot change a resumed run.
-        "threads": 2, "spheres": 1, "step_timeout": None, "stats": False}
+        "threads": 2, "spheres": 1, "step_timeout": None, "stats": False, "keep_checkpoints": 0}
 
 
 def test_resume_alone_continues_bit_identically(straight, stopped):
@@ -77,9 +78,9 @@ def test_resume_alone_continues_bit_identically(straight, stopped):
     assert losses(straight) == losses(stopped)
 
 
-def test_a_record_from_before_seq_len_resumes_at_the_context(straight, stopped):
+def test_a_record_from_before_seq_len_and_keep_checkpoints_resumes_as_it_ran(straight, stopped):
     record = json.loads((stopped / "run.json").read_text())
-    del record["training"]["seq_len"]
+    del record["training"]["seq_len"], record["training"]["keep_checkpoints"]
     (stopped / "run.json").write_text(json.dumps(record))
     assert train("--out", stopped, "--resume") == 0
     assert_same_model(straight, stopped)
@@ -185,3 +186,20 @@ def test_a_new_run_replaces_the_one_in_its_folder(corpus, straight, capsys):
     assert train(corpus, "--out", straight, *ARGS, "--stop-after", 2) == 0
     assert f"a new run replaces the one in {straight}" in capsys.readouterr().out
     assert [r["step"] for r in losses(straight)] == [1, 2]  # not appended to the earlier run's log
+
+
+def test_best_cllm_holds_the_lowest_validation_loss_and_checkpoints_keep_the_last_n(corpus, tmp_path):
+    run = tmp_path / "run"
+    assert train(corpus, "--out", run, *ARGS, "--eval-every", 2, "--checkpoint-every", 2, "--keep-checkpoints", 2) == 0
+    evaluated = [(m["step"], m["val_loss"]) for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                 if "val_loss" in m]
+    step, val_loss = min(evaluated, key=lambda sv: sv[1])
+    best = read_metadata(run / "best.cllm")
+    assert (int(best["step"]), float(best["val_loss"])) == (step, val_loss)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000006.cllm", "step-0000008.cllm"]
+    latest, kept = load_file(run / "model.cllm"), load_file(run / "checkpoints" / "step-0000008.cllm")
+    assert all(np.array_equal(latest[k], kept[k]) for k in latest)
+    # A new run in the folder drops the earlier run's best model and kept checkpoints: its best is its own.
+    assert train(corpus, "--out", run, *ARGS, "--steps", 1, "--eval-every", 1000) == 0
+    assert read_metadata(run / "best.cllm")["step"] == "1"
+    assert not list((run / "checkpoints").iterdir())
