@@ -256,3 +256,26 @@ def test_metrics_reading_drops_a_torn_last_line_only(tmp_path):
     path.write_text('{"step": 1, "loss": 3.0}\nnot json\n{"step": 3, "loss": 2.5}\n')
     with pytest.raises(UsageError, match="metrics.jsonl:2 is not JSON"):
         read_metrics(tmp_path)
+
+
+def test_inference_reads_its_prompt_from_a_file_or_stdin_and_draws_several_samples(corpus, tmp_path):
+    out = tmp_path / "run"
+    assert train_model_main(corpus, "--out", out, *TOOL_ARGS, "--steps", 2) == 0
+    model = out / "model.cllm"
+    (tmp_path / "prompt.txt").write_text("the cat", encoding="utf-8")
+    greedy = ["-n", 8, "--temperature", 0]
+    from_flag = cli("inference", model, "-p", "the cat", *greedy)
+    from_file = cli("inference", model, "-f", tmp_path / "prompt.txt", *greedy)
+    from_stdin = subprocess.run([sys.executable, "-m", "cllm.tools.inference", str(model), "-f", "-", "-n", "8",
+                                 "--temperature", "0"], input="the cat", capture_output=True, text=True, timeout=120)
+    assert from_flag.returncode == 0, from_flag.stderr
+    assert from_flag.stdout == from_file.stdout == from_stdin.stdout and from_flag.stdout.startswith("the cat")
+    sampled = cli("inference", model, "-p", "the", "-n", 12, "--num-samples", 3, "--seed", 1)
+    samples = sampled.stdout.split("--- sample ")[1:]
+    assert sampled.returncode == 0 and [s[:6] for s in samples] == ["1 of 3", "2 of 3", "3 of 3"]
+    assert len(set(samples[i].split("\n", 1)[1] for i in range(3))) > 1  # seeds 1, 2, 3 draw differently
+    again = cli("inference", model, "-p", "the", "-n", 12, "--num-samples", 3, "--seed", 1)
+    assert again.stdout == sampled.stdout  # and reproducibly
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    assert_usage_error(cli("inference", model, "-f", tmp_path / "latin1.txt"), "not UTF-8")
+    assert_usage_error(cli("inference", model, "-p", "x", "-f", tmp_path / "prompt.txt"), "not allowed with")
