@@ -305,14 +305,16 @@ class AsyncModel:
         return self.model.config
 
     def info(self) -> dict:
-        """What a client may want to know: the model's shape, the tokenizer, and the serving limits."""
+        """What a client may want to know: the model's shape, the tokenizer, the serving limits, and how many
+        embedding batches and decoding steps have run."""
         return {"config": self.config.to_dict(), "tokenizer": self.tokenizer.kind,
                 "vocab_size": self.tokenizer.vocab_size, "embedding_dim": self.config.dim,
                 "context_length": self.config.context_length,
                 "limits": {"threads": self.threads, "max_batch_tokens": self.max_batch_tokens,
                            "max_wait_ms": self.max_wait_ms, "max_queue": self.max_queue,
                            "queue_timeout": self.queue_timeout, "max_streams": self.max_streams,
-                           "batch_timeout": self.batch_timeout}, "pooling": self.pooling}
+                           "batch_timeout": self.batch_timeout}, "pooling": self.pooling,
+                "batches_run": dict(self._calls_made)}
 
     def health(self) -> dict:
         """{"status": "ok"}; or "stalled" while a call that missed its deadline still runs in its abandoned

@@ -117,7 +117,8 @@ def test_health_and_info(http, model, tokenizer):
         "embedding_dim": DIM, "context_length": CONTEXT,
         "limits": {"threads": 1, "max_batch_tokens": 4096, "max_wait_ms": 5.0, "max_queue": 256,
                    "queue_timeout": 0.0, "max_streams": 8, "batch_timeout": DEFAULT_BATCH_TIMEOUT},
-        "pooling": "mean"}
+        "pooling": "mean", "batches_run": info["engine"]["batches_run"]}
+    assert set(info["engine"]["batches_run"]) == {"embed", "decode"}
 
 
 def test_models_list_the_one_model(client):
