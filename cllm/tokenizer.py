@@ -120,7 +120,8 @@ class Tokenizer:
         was before separators could differ."""
         hf = json.loads(self._hf.to_str())
         own = self.separator == SEPARATOR[self.kind]
-        head = {"version": JSON_VERSION} if own else {"version": JSON_VERSION_WITH_SEPARATOR, "separator": self.separator}
+        head = ({"version": JSON_VERSION} if own
+                else {"version": JSON_VERSION_WITH_SEPARATOR, "separator": self.separator})
         return json.dumps({"format": JSON_FORMAT, **head, "kind": self.kind, "hf": hf}, ensure_ascii=False)
 
     def hf_json(self) -> str:
