@@ -4,9 +4,11 @@
     POST /v1/completions   {"model", "prompt": str | [str], "max_tokens": 16, "temperature": 1, "top_p": 1,
                             "top_k" (an extension), "seed", "stop": str | [str], "stream": false, "stream_options"}
     GET  /v1/models        the one model served, as OpenAI lists models
-    GET  /health           {"status": "ok"}; 503 with {"status": "stalled" or "stopped", "reason"} when the model
+    GET  /health           {"status": "ok", "queued": {"embed": n, "generate": n}}; 503 with {"status": "stalled" or "stopped", "reason"} when the model
                            cannot serve (see AsyncModel.health)
     GET  /info             the model's name, config and engine settings, and the server's limits
+    GET  /metrics          Prometheus metrics (cllm.metrics): requests, latency, queue depth, batch sizes, tokens,
+                           time to first token
 
 and, in the shapes of Hugging Face's text-embeddings-inference (TEI) and of llama.cpp's server:
 
@@ -91,6 +93,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import UsageError
+from .metrics import RequestMetrics, ServerMetrics
 from .pooling import POOLINGS
 from .serving import AsyncModel, Completion, CompletionStream, EngineStalled, Overloaded
 
@@ -98,6 +101,7 @@ logger = logging.getLogger(__name__)
 
 # The routes that use the model or its tokenizer, and count as load
 MODEL_ENDPOINTS = ("/v1/embeddings", "/v1/completions", "/embed", "/tokenize", "/decode", "/detokenize")
+ROUTES = (*MODEL_ENDPOINTS, "/v1/models", "/health", "/info", "/metrics")
 OPEN_ENDPOINTS = ("/health",)  # answered without an API key: a load balancer's probe has none
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_STOP_CHARS = 64  # each stop string is looked for at every token: long ones would cost time on every token
@@ -147,7 +151,8 @@ def create_app(model: AsyncModel, *, model_name: str, limits: ServerLimits = Ser
     """The API over an open AsyncModel, which the caller keeps open while the app serves (see the module notes).
     With an api_key, every route but /health wants it as `Authorization: Bearer KEY`."""
     limits = limits.resolve(model.config.context_length)
-    api = OpenAIEndpoints(model, model_name, limits, keep_alive_interval)
+    metrics = ServerMetrics(model, ROUTES)
+    api = OpenAIEndpoints(model, model_name, limits, keep_alive_interval, metrics)
     tei = TEIEndpoints(model, limits)
     routes = [
         Route("/v1/embeddings", api.embeddings, methods=["POST"]),
@@ -159,12 +164,14 @@ def create_app(model: AsyncModel, *, model_name: str, limits: ServerLimits = Ser
         Route("/tokenize", tei.tokenize, methods=["POST"]),
         Route("/decode", tei.decode, methods=["POST"]),
         Route("/detokenize", tei.detokenize, methods=["POST"]),
+        Route("/metrics", metrics.endpoint, methods=["GET"]),
     ]
     middleware = [Middleware(BufferedBody, paths=MODEL_ENDPOINTS, max_bytes=limits.max_body_bytes,
                              timeout=limits.body_timeout),
                   Middleware(ConcurrencyLimit, limit=limits.max_concurrent_requests, paths=MODEL_ENDPOINTS)]
     if api_key is not None:
         middleware.insert(0, Middleware(ApiKeyCheck, api_key=api_key, open_paths=OPEN_ENDPOINTS))
+    middleware.insert(0, Middleware(RequestMetrics, metrics=metrics))  # outermost: every answer counts
     handlers = {APIError: api_error_response, HTTPException: http_error_response, Exception: server_error_response}
     return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers)
 
@@ -515,9 +522,10 @@ def short_repr(value, limit: int = 40) -> str:
 class OpenAIEndpoints:
     """The endpoints, sharing one model, its name and the limits."""
 
-    def __init__(self, model: AsyncModel, model_name: str, limits: ServerLimits, keep_alive_interval: float):
+    def __init__(self, model: AsyncModel, model_name: str, limits: ServerLimits, keep_alive_interval: float,
+                 metrics: ServerMetrics):
         self.model, self.model_name, self.limits = model, model_name, limits
-        self.keep_alive_interval = keep_alive_interval
+        self.keep_alive_interval, self.metrics = keep_alive_interval, metrics
 
     async def health(self, request: Request) -> Response:
         health = self.model.health()
@@ -574,12 +582,14 @@ class OpenAIEndpoints:
         encode = encode_base64 if encoding == "base64" else np.ndarray.tolist
         data = [{"object": "embedding", "index": i, "embedding": encode(vector)} for i, vector in enumerate(vectors)]
         tokens = sum(len(text_ids) for text_ids in ids)
+        self.metrics.count_tokens(prompt=tokens)
         return JSONResponse({"object": "list", "data": data, "model": self.model_name,
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     # ---- completions
 
     async def completions(self, request: Request) -> Response:
+        started = time.perf_counter()
         fields = await self.request_fields(request, COMPLETION_FIELDS)
         prompt = self.completion_prompt(fields)
         settings = dict(
@@ -606,9 +616,10 @@ class OpenAIEndpoints:
         header = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                   "model": self.model_name}
         if stream:
-            return await self.stream_completion(prompt_ids, settings, header, include_usage)
+            return await self.stream_completion(prompt_ids, settings, header, include_usage, started)
         with model_errors():
             completion = await self.model.generate(prompt_ids, **settings)
+        self.metrics.count_tokens(prompt=completion.prompt_tokens, generated=completion.completion_tokens)
         choice = {"text": completion.text, "index": 0, "finish_reason": completion.finish_reason, "logprobs": None}
         return JSONResponse(header | {"choices": [choice], "usage": usage(completion)})
 
@@ -638,7 +649,7 @@ class OpenAIEndpoints:
         return tuple(stop)
 
     async def stream_completion(self, prompt_ids: np.ndarray, settings: dict, header: dict,
-                                include_usage: bool) -> Response:
+                                include_usage: bool, started: float) -> Response:
         # The request is queued before the response starts, so that a refusal (bad settings, a prompt too long, a
         # full queue) still gets its 400 or 429 status rather than an error event inside a 200.
         with model_errors():
@@ -649,7 +660,7 @@ class OpenAIEndpoints:
         except BaseException:
             await stream.aclose()
             raise
-        events = completion_events(stream, header, include_usage, self.keep_alive_interval)
+        events = completion_events(stream, header, include_usage, self.keep_alive_interval, self.metrics, started)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -783,7 +794,7 @@ KEEP_ALIVE_COMMENT = ": keep-alive\n\n"  # an SSE comment: clients skip it, idle
 
 
 async def completion_events(stream: CompletionStream, header: dict, include_usage: bool,
-                            keep_alive_interval: float) -> AsyncIterator[str]:
+                            keep_alive_interval: float, metrics: ServerMetrics, started: float) -> AsyncIterator[str]:
     """The SSE body of a streamed completion: a chunk per text piece, a last chunk with the finish reason, the
     usage if asked for, then [DONE]; a keep-alive comment whenever the stream has been quiet for
     keep_alive_interval seconds. Closing it early (the client went away) frees the model's decoder row."""
@@ -792,6 +803,7 @@ async def completion_events(stream: CompletionStream, header: dict, include_usag
         return server_sent_event(header | {"choices": [{"text": text, "index": 0, "finish_reason": finish_reason,
                                                         "logprobs": None}]})
 
+    first_piece = True
     async with aclosing(stream):
         try:
             while True:
@@ -801,6 +813,9 @@ async def completion_events(stream: CompletionStream, header: dict, include_usag
                 piece = await anext(stream, None)
                 if piece is None:
                     break
+                if first_piece:
+                    metrics.first_token.observe(time.perf_counter() - started)
+                    first_piece = False
                 yield chunk(piece)
         except EngineStalled as e:
             logger.error("%s", e)
@@ -813,6 +828,7 @@ async def completion_events(stream: CompletionStream, header: dict, include_usag
             yield server_sent_event(SERVER_ERROR.body())
             return
     completion = stream.completion
+    metrics.count_tokens(prompt=completion.prompt_tokens, generated=completion.completion_tokens)
     yield chunk("", completion.finish_reason)
     if include_usage:
         yield server_sent_event(header | {"choices": [], "usage": usage(completion)})

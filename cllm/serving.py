@@ -64,7 +64,7 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass
 from numbers import Integral, Real
@@ -291,6 +291,9 @@ class AsyncModel:
         self.faults = parse_serving_faults(os.environ.get("CLLM_FAULT", "")) if faults is None else list(faults)
         self._calls_made = {"embed": 0, "decode": 0}  # counted for the faults
         self._abandoned: list[_ModelCall] = []  # calls that missed their deadline
+        # Called as observer(work, size) after each batch that ran: ("embed", texts in it) or ("decode",
+        # sequences it stepped). What a metrics exporter watches.
+        self.observers: list[Callable[[str, int], None]] = []
         self._running: AsyncExitStack | None = None
 
     @classmethod
@@ -317,7 +320,7 @@ class AsyncModel:
                 "batches_run": dict(self._calls_made)}
 
     def health(self) -> dict:
-        """{"status": "ok"}; or "stalled" while a call that missed its deadline still runs in its abandoned
+        """{"status": "ok", "queued": requests waiting per queue}; or "stalled" while a call that missed its deadline still runs in its abandoned
         thread (a stuck kernel never ends: the process should be restarted), or "stopped" outside `async with`;
         with a "reason"."""
         if self._running is None:
@@ -329,7 +332,7 @@ class AsyncModel:
                     "reason": f"{len(stuck)} model call(s) missed the {self.batch_timeout:g} s batch deadline and "
                               f"still run in abandoned threads (the oldest, a {oldest.what}, started "
                               f"{time.monotonic() - oldest.started:.0f} s ago)"}
-        return {"status": "ok"}
+        return {"status": "ok", "queued": self.queued()}  # ready, and how many requests wait for it
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text))
@@ -367,6 +370,17 @@ class AsyncModel:
     async def __aexit__(self, *exc_info) -> bool | None:
         running, self._running = self._running, None
         return await running.__aexit__(*exc_info)
+
+    def queued(self) -> dict[str, int]:
+        """Requests waiting in each queue for the model to take them: "embed" and "generate"."""
+        if self._running is None:
+            return {"embed": 0, "generate": 0}
+        return {"embed": self._embeddings.statistics().current_buffer_used,
+                "generate": self._generations.statistics().current_buffer_used}
+
+    def _observe(self, work: str, size: int) -> None:
+        for observer in self.observers:
+            observer(work, size)
 
     def _check_running(self) -> None:
         if self._running is None:
@@ -481,6 +495,7 @@ class AsyncModel:
                         request.fail(error)
                     batch = []
                     continue
+                self._observe("embed", len(batch))
                 for (request, i), vector in zip(batch, vectors):
                     if request.gone():
                         request.results.close()
@@ -608,6 +623,7 @@ class AsyncModel:
                         request.fail(error)
                     rows.clear()
                     continue
+                self._observe("decode", len(continuations))
                 for row, piece in pieces.items():
                     request = rows[row]
                     if piece and not _abandoned(request.results):

@@ -104,7 +104,7 @@ def sse_events(response: httpx.Response) -> list[str]:
 
 def test_health_and_info(http, model, tokenizer):
     health = http.get("/health")
-    assert health.status_code == 200 and health.json() == {"status": "ok"}
+    assert health.status_code == 200 and health.json() == {"status": "ok", "queued": {"embed": 0, "generate": 0}}
     info = http.get("/info").json()
     assert info["model"] == NAME
     assert info["config"] == model.config.to_dict()
@@ -620,3 +620,39 @@ def test_serve_tool_serves_until_ctrl_c(model_path):
             process.wait()
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr and stderr.rstrip().endswith("serve: interrupted")
+
+
+def scrape(http) -> dict:
+    """The server's /metrics as {(sample name, frozen labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = http.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(response.text) for sample in family.samples}
+
+
+def test_metrics_count_requests_batches_tokens_and_the_first_token(http):
+    before = scrape(http)
+    texts = ["the quick brown fox", "lazy dog"]
+    assert http.post("/v1/embeddings", json={"model": NAME, "input": texts}).status_code == 200
+    assert http.post("/v1/embeddings", json={"model": NAME, "input": "x", "pooling": "max"}).status_code == 400
+    streamed = http.post("/v1/completions", json={"model": NAME, "prompt": "the ", "max_tokens": 5,
+                                                  "temperature": 0, "stream": True})
+    assert streamed.status_code == 200 and sse_events(streamed)[-1] == "[DONE]"
+    after = scrape(http)
+
+    def grew(name, **labels):
+        key = (name, frozenset(labels.items()))
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert grew("cllm_requests_total", route="/v1/embeddings", status="200") == 1
+    assert grew("cllm_requests_total", route="/v1/embeddings", status="400") == 1
+    assert grew("cllm_requests_total", route="/v1/completions", status="200") == 1
+    assert grew("cllm_request_duration_seconds_count", route="/v1/completions") == 1
+    assert grew("cllm_batch_size_count", work="embed") >= 1 and grew("cllm_batch_size_sum", work="embed") == 2
+    assert grew("cllm_batch_size_count", work="decode") >= 1
+    assert grew("cllm_tokens_total", kind="prompt") == sum(map(len, texts)) + len("the ")  # one char, one token
+    assert grew("cllm_tokens_total", kind="generated") == 5
+    assert grew("cllm_time_to_first_token_seconds_count") == 1
+    assert after[("cllm_queue_depth", frozenset({("queue", "embed")}))] == 0

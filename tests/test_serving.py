@@ -488,7 +488,7 @@ async def test_a_failing_batch_fails_only_its_own_requests(model, tokenizer, mon
             await m.generate("the fox", max_new_tokens=5, temperature=0)
         settings = dict(max_new_tokens=5, temperature=0)
         assert await m.generate("the fox", **settings) == expected(model, tokenizer, "the fox", **settings)
-        assert m.health() == {"status": "ok"}
+        assert m.health() == {"status": "ok", "queued": {"embed": 0, "generate": 0}}
 
 
 @pytest.mark.anyio
