@@ -4,8 +4,9 @@
     POST /v1/completions   {"model", "prompt": str | [str], "max_tokens": 16, "temperature": 1, "top_p": 1,
                             "top_k" (an extension), "seed", "stop": str | [str], "stream": false, "stream_options"}
     GET  /v1/models        the one model served, as OpenAI lists models
-    GET  /health           {"status": "ok", "queued": {"embed": n, "generate": n}}; 503 with {"status": "stalled" or "stopped", "reason"} when the model
-                           cannot serve (see AsyncModel.health)
+    GET  /health           {"status": "ok", "queued": {"embed": n, "generate": n}} (requests waiting); 503 with
+                           {"status": "stalled" or "stopped", "reason"} when the model cannot serve (see
+                           AsyncModel.health)
     GET  /info             the model's name, config and engine settings, and the server's limits
     GET  /metrics          Prometheus metrics (cllm.metrics): requests, latency, queue depth, batch sizes, tokens,
                            time to first token
@@ -56,6 +57,9 @@ Every error has OpenAI's shape, {"error": {"message", "type", "param", "code"}},
     500 server_error           a bug, the model's included: a generic message; the traceback goes to the log
     503 server_error           the model's batch missed its deadline (code "engine_stalled"; see /health)
 
+Every response carries an X-Request-Id header: the client's own, if it sent a plain one, else a new id. Log lines
+written while answering a request name it.
+
 A stream can only fail with one of these statuses until it is queued. Then its 200 is sent, and an error
 becomes one last event, `data: {"error": {...}}`, with no `[DONE]` after it (OpenAI's clients raise it). While
 a stream has nothing to send for KEEP_ALIVE_SECONDS (waiting in the queue for its first token, mostly), it sends
@@ -68,12 +72,14 @@ stream_options.include_usage asks for it (both from the model's CompletionStream
 from __future__ import annotations
 
 import base64
+import contextvars
 import dataclasses
 import functools
 import hmac
 import json
 import logging
 import math
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -171,7 +177,8 @@ def create_app(model: AsyncModel, *, model_name: str, limits: ServerLimits = Ser
                   Middleware(ConcurrencyLimit, limit=limits.max_concurrent_requests, paths=MODEL_ENDPOINTS)]
     if api_key is not None:
         middleware.insert(0, Middleware(ApiKeyCheck, api_key=api_key, open_paths=OPEN_ENDPOINTS))
-    middleware.insert(0, Middleware(RequestMetrics, metrics=metrics))  # outermost: every answer counts
+    middleware.insert(0, Middleware(RequestMetrics, metrics=metrics))  # every answer counts
+    middleware.insert(0, Middleware(RequestIds))  # outermost: every answer carries its id
     handlers = {APIError: api_error_response, HTTPException: http_error_response, Exception: server_error_response}
     return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers)
 
@@ -245,7 +252,7 @@ def model_errors() -> Iterator[None]:
     except Overloaded as e:
         raise too_busy(f"The model is overloaded ({e or 'its queue is full'}); retry shortly.") from None
     except EngineStalled as e:
-        logger.error("%s", e)
+        logger.error("request %s: %s", current_request_id.get(), e)
         raise stalled(e) from None
     except UsageError as e:  # input the model cannot take
         raise invalid(str(e)) from None
@@ -253,6 +260,38 @@ def model_errors() -> Iterator[None]:
 
 # --------------------------------------------------------------------------------------------------------------
 # what a request gets through before an endpoint sees it: the API key, its whole body, a slot
+
+
+# The id of the request being answered, for the log lines written while answering it.
+current_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("current_request_id", default="-")
+REQUEST_ID_HEADER = "x-request-id"
+CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # what a client's id may be, to be echoed and logged
+
+
+class RequestIds:
+    """ASGI middleware: every request gets an id, the client's own X-Request-Id if it sends a plain one (letters,
+    digits, . _ : -; at most 128), else a new one. The response carries it back as X-Request-Id, and log lines
+    written while answering the request name it."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = Headers(scope=scope).get(REQUEST_ID_HEADER, "")
+        request_id = given if CLIENT_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        token = current_request_id.set(request_id)
+
+        async def send_with_id(message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER.encode(), request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            current_request_id.reset(token)
 
 
 class ApiKeyCheck:
@@ -818,13 +857,13 @@ async def completion_events(stream: CompletionStream, header: dict, include_usag
                     first_piece = False
                 yield chunk(piece)
         except EngineStalled as e:
-            logger.error("%s", e)
+            logger.error("request %s: %s", current_request_id.get(), e)
             yield server_sent_event(stalled(e).body())
             return
         except Exception:
             # The 200 is already sent, and the model refuses requests (UsageError, Overloaded) only before they
             # are queued: whatever this is, it is the server's fault, and all that is left is to say so.
-            logger.exception("a streamed completion failed")
+            logger.exception("request %s: a streamed completion failed", current_request_id.get())
             yield server_sent_event(SERVER_ERROR.body())
             return
     completion = stream.completion

@@ -547,6 +547,21 @@ def test_an_error_mid_stream_is_an_error_event_without_done(model_path):
             list(client.completions.create(model=NAME, prompt="a", stream=True, temperature=0))
 
 
+def test_every_response_carries_a_request_id_which_the_log_names(model_path, caplog):
+    with BackgroundServer(model_path, model_name=NAME, faults=[ServingFault("raise", "decode", 1)]) as server, \
+            httpx.Client(base_url=server.url, timeout=30) as http:
+        ids = [http.get("/health").headers["x-request-id"] for _ in range(2)]
+        assert all(len(i) == 32 for i in ids) and ids[0] != ids[1]
+        assert http.get("/v1/models", headers={"X-Request-Id": "client-7.a"}).headers["x-request-id"] == "client-7.a"
+        odd = http.get("/v1/models", headers={"X-Request-Id": "no spaces, please"}).headers["x-request-id"]
+        assert len(odd) == 32  # replaced, never echoed into headers and logs
+        with caplog.at_level("ERROR", logger="cllm.server"):
+            failed = http.post("/v1/completions", json={"model": NAME, "prompt": "a", "stream": True},
+                               headers={"X-Request-Id": "stream-1"})
+            assert failed.headers["x-request-id"] == "stream-1" and "error" in sse_events(failed)[-1]
+        assert any("request stream-1: a streamed completion failed" in r.getMessage() for r in caplog.records)
+
+
 def test_a_client_that_leaves_mid_stream_closes_the_models_stream(server, http, monkeypatch):
     real_stream, closed = server.model.stream, threading.Event()
 
