@@ -286,3 +286,12 @@ def test_a_folder_fine_tunes_and_the_result_exports_back_to_transformers(tmp_pat
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     ids = bpe.encode(TEXT[1])[None, :16]
     assert_logits_close(tuned.logits(ids), hf_logits(theirs, ids))
+
+
+def test_exports_write_the_models_own_layer_norm_eps(tmp_path):
+    tokenizer = Tokenizer.train("bpe", ["hello world, hello there. " * 40], vocab_size=280)
+    model = GPT(ModelConfig(vocab_size=280, context_length=16, dim=32, n_layers=1, n_heads=2, norm_eps=1e-6), seed=0)
+    save_hf(tmp_path / "hf", model, tokenizer)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["layer_norm_epsilon"] == 1e-6
+    field = gguf.GGUFReader(save_gguf(tmp_path / "m.gguf", model, tokenizer)).fields["gpt2.attention.layer_norm_epsilon"]
+    assert float(field.parts[field.data[0]][0]) == pytest.approx(1e-6)

@@ -39,7 +39,7 @@ from ..atomic import atomic_write_file
 from ..errors import UsageError
 from ..model import GPT, ModelConfig
 from ..tokenizer import Tokenizer
-from .hf import LAYER_NORM_EPS, hf_tensors, leading_special_token
+from .hf import hf_tensors, leading_special_token
 
 TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
          "q8_0": gguf.GGMLQuantizationType.Q8_0}
@@ -95,7 +95,7 @@ def _add_hyperparameters(writer: gguf.GGUFWriter, cfg: ModelConfig) -> None:
     writer.add_feed_forward_length(cfg.hidden_dim)
     writer.add_head_count(cfg.n_heads)
     if cfg.arch == "gpt2":
-        writer.add_layer_norm_eps(LAYER_NORM_EPS)
+        writer.add_layer_norm_eps(cfg.norm_eps)
         return
     writer.add_head_count_kv(cfg.n_kv_heads)
     writer.add_layer_norm_rms_eps(cfg.norm_eps)

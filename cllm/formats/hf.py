@@ -52,7 +52,7 @@ TIED_HEAD = "lm_head.weight"  # a tied model's head is its token embedding, whet
 # GPT-2
 # HF's activation names -> cllm's (cllm.model.ACTIVATIONS): GELU's tanh form under its two names, and the exact one.
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_erf"}
-LAYER_NORM_EPS = 1e-5  # what cllm's LayerNorm kernels use
+LAYER_NORM_EPS = 1e-5  # GPT-2's; a folder with another is refused when read (a model's own is written)
 # Settings that change GPT-2's arithmetic, with the value under which cllm computes the same thing.
 SAME_ARITHMETIC = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
                    "reorder_and_upcast_attn": False, "add_cross_attention": False}
@@ -391,7 +391,7 @@ def _gpt2_config_json(cfg: ModelConfig) -> dict:
             "vocab_size": cfg.vocab_size, "n_positions": cfg.context_length, "n_embd": cfg.dim,
             "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": None,
             "activation_function": {"gelu_tanh": "gelu_new", "gelu_erf": "gelu"}[cfg.activation],
-            "layer_norm_epsilon": LAYER_NORM_EPS, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+            "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
             "scale_attn_weights": True}
 
 
