@@ -554,6 +554,29 @@ def short_repr(value, limit: int = 40) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+async def input_ids(model: AsyncModel, limits: ServerLimits, texts: Sequence[str], param: str, *,
+                    truncate: str | None = None) -> list[np.ndarray]:
+    """The texts' token ids, each within max_input_tokens: the one tokenization of the request, done in a worker
+    thread; the model gets these ids. A longer text is refused, or with truncate "right" ("left") cut to its first
+    (last) max_input_tokens tokens."""
+    ids = await model.tokenize(texts)
+    limit = limits.max_input_tokens
+    if truncate is not None:
+        return [text_ids[-limit:] if truncate == "left" else text_ids[:limit] for text_ids in ids]
+    for i, text_ids in enumerate(ids):
+        if len(text_ids) > limit:
+            where = f"{param}[{i}]" if len(texts) > 1 else param
+            raise invalid(f"'{where}' is {len(text_ids)} tokens long; this server takes at most {limit}.", param)
+    return ids
+
+
+def check_dimensions(fields: RequestFields, dim: int) -> None:
+    """An embedding request's "dimensions": absent, or the model's own."""
+    if fields.integer("dimensions", minimum=1, maximum=dim, default=dim) != dim:
+        # OpenAI's newer models can shorten their embeddings; these were not trained to keep meaning when cut.
+        raise invalid(f"'dimensions' must be {dim}, the size of this model's embeddings.", "dimensions")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # the endpoints
 
@@ -586,19 +609,6 @@ class OpenAIEndpoints:
                            param="model", code="model_not_found")
         return fields
 
-    async def input_ids(self, texts: Sequence[str], param: str, *, truncate: bool = False) -> list[np.ndarray]:
-        """The texts' token ids, each within max_input_tokens (or cut to it, if truncate): the one tokenization of
-        the request, done in a worker thread; the model gets these ids."""
-        ids = await self.model.tokenize(texts)
-        limit = self.limits.max_input_tokens
-        if truncate:
-            return [text_ids[:limit] for text_ids in ids]
-        for i, text_ids in enumerate(ids):
-            if len(text_ids) > limit:
-                where = f"{param}[{i}]" if len(texts) > 1 else param
-                raise invalid(f"'{where}' is {len(text_ids)} tokens long; this server takes at most {limit}.", param)
-        return ids
-
     # ---- embeddings
 
     async def embeddings(self, request: Request) -> Response:
@@ -606,16 +616,13 @@ class OpenAIEndpoints:
             request, ("model", "input", "encoding_format", "dimensions", "user", "pooling", "truncate"))
         texts = fields.texts("input", max_count=self.limits.max_embedding_inputs)
         encoding = fields.choice("encoding_format", ("float", "base64"), default="float")
-        dim = self.model.config.dim
-        if fields.integer("dimensions", minimum=1, maximum=dim, default=dim) != dim:
-            # OpenAI's newer models can shorten their embeddings; these were not trained to keep meaning when cut.
-            raise invalid(f"'dimensions' must be {dim}, the size of this model's embeddings.", "dimensions")
+        check_dimensions(fields, self.model.config.dim)
         fields.string("user", default="")  # accepted for compatibility; nothing to do with it
         # Extensions, as TEI names them: the pooling (default: the server's --pooling) and truncation of a text
         # longer than max_input_tokens to its first max_input_tokens tokens (default: such a text is refused).
         pooling = fields.choice("pooling", POOLINGS, default=self.model.pooling)
         truncate = fields.boolean("truncate", default=False)
-        ids = await self.input_ids(texts, "input", truncate=truncate)
+        ids = await input_ids(self.model, self.limits, texts, "input", truncate="right" if truncate else None)
         with model_errors():
             vectors = await self.model.embed(ids, pooling=pooling)
         encode = encode_base64 if encoding == "base64" else np.ndarray.tolist
@@ -651,7 +658,7 @@ class OpenAIEndpoints:
         fields.string("user", default="")
         if include_usage and not stream:
             raise invalid("'stream_options' is only allowed when 'stream' is true.", "stream_options")
-        [prompt_ids] = await self.input_ids([prompt], "prompt")
+        [prompt_ids] = await input_ids(self.model, self.limits, [prompt], "prompt")
         header = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                   "model": self.model_name}
         if stream:
@@ -748,16 +755,9 @@ class TEIEndpoints:
         truncate = fields.boolean("truncate", default=False)
         direction = fields.choice("truncation_direction", ("Right", "Left", "right", "left"), default="Right")
         fields.unsupported("prompt_name", None)  # cllm models carry no sentence-transformers prompts
-        dim = self.model.config.dim
-        if fields.integer("dimensions", minimum=1, maximum=dim, default=dim) != dim:
-            raise invalid(f"'dimensions' must be {dim}, the size of this model's embeddings.", "dimensions")
-        ids = await self.model.tokenize(texts)
-        limit = self.limits.max_input_tokens
-        for i, text_ids in enumerate(ids):
-            if len(text_ids) > limit and not truncate:
-                raise invalid(f"inputs[{i}] is {len(text_ids)} tokens long; this server takes at most {limit} "
-                              f"(truncate: true cuts it)", "inputs")
-        ids = [text_ids[-limit:] if direction.lower() == "left" else text_ids[:limit] for text_ids in ids]
+        check_dimensions(fields, self.model.config.dim)
+        ids = await input_ids(self.model, self.limits, texts, "inputs",
+                              truncate=direction.lower() if truncate else None)
         with model_errors():
             vectors = await self.model.embed(ids, normalize=normalize)
         return JSONResponse(vectors.tolist())
