@@ -43,7 +43,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from numbers import Integral, Real
+from typing import NamedTuple
 
 import numpy as np
 
@@ -229,34 +231,103 @@ def _check_ids(ids: np.ndarray, vocab_size: int) -> None:
 # sampling
 
 
-def sample_token(logits: np.ndarray, rng: np.random.Generator, *, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None) -> int:
-    """One token id drawn from logits (V,).
+@dataclass(frozen=True)
+class Sampling:
+    """How a continuation draws each token from the model's logits, checked on creation (UsageError).
 
-    temperature 0 is greedy (the first maximum), and so is any temperature below GREEDY_TEMPERATURE (1e-5).
-    Otherwise the draw is from softmax(logits / temperature), restricted first to the top_k most likely tokens
-    (ties with the k-th are kept), then to the smallest set of most likely tokens whose probability reaches
-    top_p. Either filter always keeps the most likely token, so top_k=1 or a tiny top_p is greedy.
+    In order: the penalties change the logits, then the draw is from softmax(logits / temperature), cut to the
+    top_k most likely tokens (ties with the k-th kept), then to the smallest set of most likely tokens whose
+    probability reaches top_p, then to the tokens at least min_p times as likely as the most likely one. Each cut
+    keeps the most likely token, so top_k=1, a tiny top_p or min_p=1 is greedy. temperature 0, or any below
+    GREEDY_TEMPERATURE (1e-5), is greedy: the first maximum of the penalized logits.
+
+    The penalties, as Hugging Face and OpenAI define them: repetition_penalty divides the positive logits (and
+    multiplies the negative ones) of every token in the prompt or generated so far, so that above 1 it discourages
+    them; frequency_penalty subtracts itself once per time a token was generated, and presence_penalty once for
+    any token generated at all (both from -2 to 2; negative values encourage repetition).
     """
-    if temperature < GREEDY_TEMPERATURE:
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+
+    def __post_init__(self):
+        def number(name, low, high, *, low_open=False):
+            value = getattr(self, name)
+            if not (isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+                    and (low < value if low_open else low <= value) and value <= high):
+                bound = f"in ({low}, {high}]" if low_open else f"in [{low}, {high}]"
+                raise UsageError(f"{name} must be a number {bound}, got {value!r}")
+
+        number("temperature", 0.0, math.inf)
+        if self.top_k is not None and (not isinstance(self.top_k, Integral) or isinstance(self.top_k, bool)
+                                       or self.top_k < 1):
+            raise UsageError(f"top_k must be a positive integer or None, got {self.top_k!r}")
+        if self.top_p is not None:
+            number("top_p", 0.0, 1.0, low_open=True)
+        if self.min_p is not None:
+            number("min_p", 0.0, 1.0)
+        number("repetition_penalty", 0.0, math.inf, low_open=True)
+        number("frequency_penalty", -2.0, 2.0)
+        number("presence_penalty", -2.0, 2.0)
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+
+def sample_token(logits: np.ndarray, rng: np.random.Generator, sampling: Sampling = Sampling()) -> int:
+    """One token id drawn from logits (V,) as `sampling` says, the penalties aside (Continuation applies those,
+    since they depend on what came before)."""
+    if sampling.temperature < GREEDY_TEMPERATURE:
         return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
+    z = logits.astype(np.float64) / sampling.temperature
     ids = None  # the ids that z holds, when top_k cut it (else all of them, in order)
+    top_k = sampling.top_k
     if top_k is not None and top_k < z.size:
         kth_largest = np.partition(z, z.size - top_k)[z.size - top_k]
         ids = np.flatnonzero(z >= kth_largest)
         z = z[ids]  # the rest of the vocabulary has probability 0: leave it out of everything below
     probs = np.exp(z - z.max())
     probs /= probs.sum()
-    if top_p is not None and top_p < 1.0:
-        kept = _nucleus(probs, top_p)
+    if sampling.top_p is not None and sampling.top_p < 1.0:
+        kept = _nucleus(probs, sampling.top_p)
         probs_kept = probs[kept]
         probs.fill(0.0)
         probs[kept] = probs_kept
+    if sampling.min_p:
+        probs[probs < sampling.min_p * probs.max()] = 0.0  # the most likely token always stays
     # Inverse-CDF draw; side="right" never lands on a token of probability 0.
     cdf = np.cumsum(probs)
     drawn = int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), z.size - 1))
     return drawn if ids is None else int(ids[drawn])
+
+
+class TokenLogprob(NamedTuple):
+    """A generated token's log-probability under the model (its raw distribution, before penalties and
+    temperature, as vLLM reports it by default), and the `top` most likely tokens with theirs, most likely first."""
+    id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+MAX_TOP_LOGPROBS = 20  # as OpenAI
+
+
+def token_logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
+    """token's log-probability under softmax(logits), with the top most likely tokens' (ties in id order)."""
+    z = logits.astype(np.float64)
+    log_probs = z - (z.max() + np.log(np.exp(z - z.max()).sum()))
+    best: tuple[tuple[int, float], ...] = ()
+    if top:
+        candidates = np.argpartition(-log_probs, top - 1)[:top] if top < z.size else np.arange(z.size)
+        ranked = candidates[np.lexsort((candidates, -log_probs[candidates]))]
+        best = tuple((int(i), float(log_probs[i])) for i in ranked)
+    return TokenLogprob(token, float(log_probs[token]), best)
 
 
 def _nucleus(probs: np.ndarray, top_p: float, first: int = 256) -> np.ndarray:
@@ -280,24 +351,16 @@ def _nucleus(probs: np.ndarray, top_p: float, first: int = 256) -> np.ndarray:
         count = min(n, count * 16)
 
 
-def check_sampling(*, temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """Raises UsageError for sampling settings that mean nothing."""
-    if not (isinstance(temperature, Real) and math.isfinite(temperature) and temperature >= 0):
-        raise UsageError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, Integral) or isinstance(top_k, bool) or top_k < 1):
-        raise UsageError(f"top_k must be a positive integer or None, got {top_k!r}")
-    if top_p is not None and not (isinstance(top_p, Real) and 0 < top_p <= 1):
-        raise UsageError(f"top_p must be in (0, 1] or None, got {top_p!r}")
-
-
-def check_generation(*, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
-                     seed: int | None, stop: str | Iterable[str]) -> tuple[str, ...]:
+def check_generation(*, max_new_tokens: int, seed: int | None, stop: str | Iterable[str],
+                     logprobs: int | None = None) -> tuple[str, ...]:
     """Raises UsageError for generation settings that mean nothing; returns the stop strings as a tuple."""
-    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     if not isinstance(max_new_tokens, Integral) or max_new_tokens < 0:
         raise UsageError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
     if seed is not None and (not isinstance(seed, Integral) or isinstance(seed, bool) or seed < 0):
         raise UsageError(f"seed must be a non-negative integer or None, got {seed!r}")
+    if logprobs is not None and (not isinstance(logprobs, Integral) or isinstance(logprobs, bool)
+                                 or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
+        raise UsageError(f"logprobs must be None or an integer from 0 to {MAX_TOP_LOGPROBS}, got {logprobs!r}")
     stop = (stop,) if isinstance(stop, str) else tuple(stop)
     if not all(isinstance(s, str) and s for s in stop):
         raise UsageError("stop strings must be non-empty strings")
@@ -386,13 +449,16 @@ class Continuation:
     `prompt_ids` are the tokens the model is given, `token_ids` the tokens generated (stop string included,
     separator not), `finish_reason` "stop" or "length" (max_new_tokens reached), None while it may go on, and
     `context_shifts` how many times its decoder row slid its window (see `shift_window` and the module notes).
+    With `logprobs` (0 to MAX_TOP_LOGPROBS), `logprobs` lists a TokenLogprob for each of token_ids, with that
+    many alternatives. The separator ends a continuation, and so does any of `end_ids` (a chat's end-of-turn
+    token); neither is part of token_ids or the text. `sampling` are Sampling's settings.
     """
 
     def __init__(self, tokenizer, prompt: str | Sequence[int], *, context_length: int, max_new_tokens: int = 256,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = None, stop: str | Iterable[str] = ()):
-        stop = check_generation(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                seed=seed, stop=stop)
+                 seed: int | None = None, stop: str | Iterable[str] = (), logprobs: int | None = None,
+                 end_ids: Iterable[int] = (), **sampling):
+        self.sampling = Sampling(**sampling)
+        stop = check_generation(max_new_tokens=max_new_tokens, seed=seed, stop=stop, logprobs=logprobs)
         # Token ids are taken as they are: a server that has tokenized the prompt to count it need not again.
         ids = tokenizer.encode(prompt) if isinstance(prompt, str) else token_ids(prompt, tokenizer.vocab_size,
                                                                                  "the prompt")
@@ -405,16 +471,20 @@ class Continuation:
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
         self.context_shifts = 0
+        self.logprobs: list[TokenLogprob] | None = None if logprobs is None else []
+        self._top_logprobs = logprobs
         self._context_length = context_length
         self._budget = max_new_tokens
         if self._budget == 0:
             self.finish_reason = "length"
-        self._separator_id = tokenizer.separator_id
+        self._end_ids = {tokenizer.separator_id, *map(int, end_ids)}
         # Ids past the tokenizer's vocabulary (a model vocabulary padded for speed) can never be decoded.
         self._vocab_size = tokenizer.vocab_size
         self._text = TextStream(tokenizer, stop)
         self._rng = np.random.default_rng(seed)
-        self._sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        # For the penalties: the tokens seen so far (prompt and generated), and how often each was generated.
+        self._seen = set(self.prompt_ids)
+        self._generated: dict[int, int] = {}
 
     @property
     def finished(self) -> bool:
@@ -428,17 +498,37 @@ class Continuation:
         """
         if self.finished:
             raise RuntimeError(f"the continuation has finished ({self.finish_reason})")
-        token = sample_token(logits[:self._vocab_size], self._rng, **self._sampling)
-        if token == self._separator_id:
+        logits = logits[:self._vocab_size]
+        token = sample_token(self._penalized(logits) if self.sampling.penalized else logits, self._rng,
+                             self.sampling)
+        if token in self._end_ids:
             self.finish_reason = "stop"
             return self._text.flush()
         self.token_ids.append(token)
+        self._seen.add(token)
+        self._generated[token] = self._generated.get(token, 0) + 1
+        if self.logprobs is not None:
+            self.logprobs.append(token_logprob(logits, token, self._top_logprobs))
         piece = self._text.push(token)
         if self._text.stopped:
             self.finish_reason = "stop"
         elif len(self.token_ids) == self._budget:
             self.finish_reason = "length"
         return piece + self._text.flush() if self.finished else piece
+
+    def _penalized(self, logits: np.ndarray) -> np.ndarray:
+        """A copy of logits with Sampling's penalties applied (see Sampling)."""
+        s = self.sampling
+        logits = logits.copy()
+        if s.repetition_penalty != 1.0:
+            seen = np.fromiter(self._seen, np.intp, len(self._seen))
+            scores = logits[seen]
+            logits[seen] = np.where(scores > 0, scores / s.repetition_penalty, scores * s.repetition_penalty)
+        if self._generated and (s.frequency_penalty or s.presence_penalty):
+            ids = np.fromiter(self._generated, np.intp, len(self._generated))
+            counts = np.fromiter(self._generated.values(), np.float32, len(self._generated))
+            logits[ids] -= s.frequency_penalty * counts + s.presence_penalty
+        return logits
 
     def shift_window(self) -> list[int]:
         """For a context shift, once the decoder row is full: the tokens to prefill the row with afresh, the
@@ -486,12 +576,12 @@ class Generation(Iterator[str]):
     iterated.
     """
 
-    def __init__(self, model: GPT, tokenizer, prompt: str, *, max_new_tokens: int = 256,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = None, stop: str | Iterable[str] = ()):
+    def __init__(self, model: GPT, tokenizer, prompt: str | Sequence[int], *, max_new_tokens: int = 256,
+                 seed: int | None = None, stop: str | Iterable[str] = (), logprobs: int | None = None,
+                 end_ids: Iterable[int] = (), **sampling):
         self._continuation = Continuation(tokenizer, prompt, context_length=model.config.context_length,
-                                          max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                          top_p=top_p, seed=seed, stop=stop)
+                                          max_new_tokens=max_new_tokens, seed=seed, stop=stop, logprobs=logprobs,
+                                          end_ids=end_ids, **sampling)
         self.text = ""
         self._pieces = self._run(model)
 
@@ -510,6 +600,10 @@ class Generation(Iterator[str]):
     @property
     def context_shifts(self) -> int:
         return self._continuation.context_shifts
+
+    @property
+    def logprobs(self) -> list[TokenLogprob] | None:
+        return self._continuation.logprobs
 
     def __next__(self) -> str:
         piece = next(self._pieces)
@@ -531,20 +625,19 @@ class Generation(Iterator[str]):
             feed(decoder, {0: continuation})
 
 
-def generate(model: GPT, tokenizer, prompt: str, *, max_new_tokens: int = 256, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             stop: str | Iterable[str] = ()) -> Generation:
-    """Streams the continuation of prompt as text pieces. See Generation, and the module notes on context."""
-    return Generation(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                      top_k=top_k, top_p=top_p, seed=seed, stop=stop)
+def generate(model: GPT, tokenizer, prompt: str | Sequence[int], *, max_new_tokens: int = 256,
+             seed: int | None = None, stop: str | Iterable[str] = (), **settings) -> Generation:
+    """Streams the continuation of prompt (text, or token ids) as text pieces. `settings` are Sampling's
+    (temperature, top_k, top_p, min_p and the penalties) and Continuation's logprobs and end_ids. See Generation,
+    and the module notes on context."""
+    return Generation(model, tokenizer, prompt, max_new_tokens=max_new_tokens, seed=seed, stop=stop, **settings)
 
 
-def complete(model: GPT, tokenizer, prompt: str, *, max_new_tokens: int = 256, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             stop: str | Iterable[str] = ()) -> tuple[str, str]:
+def complete(model: GPT, tokenizer, prompt: str | Sequence[int], *, max_new_tokens: int = 256,
+             seed: int | None = None, stop: str | Iterable[str] = (), **settings) -> tuple[str, str]:
     """The whole continuation at once: (text, finish_reason), finish_reason "stop" or "length"."""
-    generation = generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                          top_k=top_k, top_p=top_p, seed=seed, stop=stop)
+    generation = generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, seed=seed, stop=stop,
+                          **settings)
     for _ in generation:
         pass
     return generation.text, generation.finish_reason

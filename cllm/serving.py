@@ -76,7 +76,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from ._kernels.fault import hang
 from .checkpoint import load_model
 from .errors import UsageError
-from .generate import Continuation, Decoder, check_generation, feed, token_ids
+from .generate import Continuation, Decoder, Sampling, TokenLogprob, check_generation, feed, token_ids
 from .pooling import check_pooling, embed_batch, fit_to_context
 from .model import GPT, ForwardWorkspaces, ModelConfig
 from .threads import blas_limit, current_blas_limit, run_sync_daemon
@@ -125,6 +125,7 @@ class Completion:
     finish_reason: str  # "stop" (the end of a document, or a stop string) or "length"
     prompt_tokens: int
     completion_tokens: int  # stop string included
+    logprobs: list[TokenLogprob] | None = None  # one per completion token, when asked for
 
 
 @dataclass(eq=False)
@@ -152,7 +153,8 @@ class _EmbeddingRequest:
 class _GenerationRequest:
     """One generate() or stream() call, as the decoding loop sees it."""
     continuation: Continuation
-    results: MemoryObjectSendStream[str]  # text pieces; closed at the end
+    # Text pieces, each with how many tokens the continuation had generated when it was settled; closed at the end.
+    results: MemoryObjectSendStream[tuple[str, int]]
     completed: bool = False  # every piece was delivered (the stream was not closed by a shutdown)
     error: BaseException | None = None  # why a decoding step it was in failed
 
@@ -163,7 +165,9 @@ class _GenerationRequest:
 
 class CompletionStream(AsyncIterator[str]):
     """Text pieces as they are decoded; after the last one, `completion` has the finish reason and the token
-    counts (None until then).
+    counts (None until then). With logprobs asked for, `piece_logprobs` are those of the tokens generated since
+    the piece before (a piece may settle several tokens, or a token no text yet); the last tokens' come in
+    `completion.logprobs` only.
 
     The request is queued by `await start()`, or by the first iteration: a prompt the model cannot take
     (UsageError) or a full queue (Overloaded) is raised there. A caller cancelled while it waits for a piece is
@@ -174,9 +178,11 @@ class CompletionStream(AsyncIterator[str]):
     def __init__(self, model: AsyncModel, prompt: str | Sequence[int], settings: dict):
         self._model, self._prompt, self._settings = model, prompt, settings
         self._request: _GenerationRequest | None = None
-        self._pieces: MemoryObjectReceiveStream[str] | None = None
-        self._next: str | object | None = None  # a piece received by wait() and not yet taken, or _END
+        self._pieces: MemoryObjectReceiveStream[tuple[str, int]] | None = None
+        self._next: tuple[str, int] | object | None = None  # received by wait() and not yet taken, or _END
         self._text: list[str] = []
+        self._tokens = 0  # the tokens that the pieces so far cover
+        self.piece_logprobs: list[TokenLogprob] = []
         self._closed = False
         self.completion: Completion | None = None
 
@@ -215,8 +221,12 @@ class CompletionStream(AsyncIterator[str]):
         if self._next is _END:
             self._finish()
             raise StopAsyncIteration
-        piece, self._next = self._next, None
+        (piece, tokens), self._next = self._next, None
         self._text.append(piece)
+        logprobs = self._request.continuation.logprobs
+        if logprobs is not None:  # appended by the decoding thread before it sent the piece
+            self.piece_logprobs = logprobs[self._tokens:tokens]
+        self._tokens = tokens
         return piece
 
     def _finish(self) -> None:
@@ -226,7 +236,8 @@ class CompletionStream(AsyncIterator[str]):
         if not request.completed:
             raise RuntimeError(CLOSED_WHILE_PENDING)
         c = request.continuation
-        self.completion = Completion("".join(self._text), c.finish_reason, len(c.prompt_ids), len(c.token_ids))
+        self.completion = Completion("".join(self._text), c.finish_reason, len(c.prompt_ids), len(c.token_ids),
+                                     c.logprobs)
 
     async def aclose(self) -> None:
         self._close()
@@ -543,21 +554,20 @@ class AsyncModel:
     # ----------------------------------------------------------------------------------------------------------
     # generation
 
-    async def generate(self, prompt: str | Sequence[int], *, max_new_tokens: int = 128, temperature: float = 1.0,
-                       top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                       stop: str | Sequence[str] = ()) -> Completion:
+    async def generate(self, prompt: str | Sequence[int], *, max_new_tokens: int = 128, seed: int | None = None,
+                       stop: str | Sequence[str] = (), **settings) -> Completion:
         """The continuation of prompt (text, or token ids), whole. Settings as for cllm.generate.generate
-        (temperature 0 is greedy; seed makes sampling reproducible); max_new_tokens must be at least 1."""
-        stream = self.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                             top_p=top_p, seed=seed, stop=stop)
+        (Sampling's, such as temperature, 0 for greedy; logprobs; end_ids; seed makes sampling reproducible);
+        max_new_tokens must be at least 1."""
+        stream = self.stream(prompt, max_new_tokens=max_new_tokens, seed=seed, stop=stop, **settings)
         async with aclosing(stream):
             async for _ in stream:
                 pass
         return stream.completion
 
-    def stream(self, prompt: str | Sequence[int], *, max_new_tokens: int = 128, temperature: float = 1.0,
-               top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-               stop: str | Sequence[str] = ()) -> CompletionStream:
+    def stream(self, prompt: str | Sequence[int], *, max_new_tokens: int = 128, seed: int | None = None,
+               stop: str | Sequence[str] = (), logprobs: int | None = None, end_ids: Sequence[int] = (),
+               **sampling) -> CompletionStream:
         """The continuation of prompt (text, or token ids) as text pieces, as they are decoded; settings as for
         generate().
 
@@ -569,9 +579,10 @@ class AsyncModel:
         """
         if not isinstance(max_new_tokens, Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise UsageError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                        stop=stop)
-        check_generation(**settings)
+        Sampling(**sampling)  # checked here, before anything is queued
+        check_generation(max_new_tokens=max_new_tokens, seed=seed, stop=stop, logprobs=logprobs)
+        settings = dict(max_new_tokens=max_new_tokens, seed=seed, stop=stop, logprobs=logprobs,
+                        end_ids=tuple(end_ids), **sampling)
         if not isinstance(prompt, str):
             prompt = token_ids(prompt, self.tokenizer.vocab_size, "the prompt")
         self._check_running()
@@ -627,7 +638,8 @@ class AsyncModel:
                 for row, piece in pieces.items():
                     request = rows[row]
                     if piece and not _abandoned(request.results):
-                        request.results.send_nowait(piece)  # never blocks: the stream is unbounded
+                        # Never blocks: the stream is unbounded.
+                        request.results.send_nowait((piece, len(request.continuation.token_ids)))
                     if request.continuation.finished:
                         request.completed = True
                         request.results.close()
@@ -650,10 +662,11 @@ class AsyncModel:
         return pieces
 
 
-def _generation_request(continuation: Continuation) -> tuple[_GenerationRequest, MemoryObjectReceiveStream[str]]:
+def _generation_request(continuation: Continuation
+                        ) -> tuple[_GenerationRequest, MemoryObjectReceiveStream[tuple[str, int]]]:
     # Unbounded, so that the decoding loop never waits for a slow reader; a continuation is at most
     # max_new_tokens pieces.
-    results, pieces = anyio.create_memory_object_stream[str](math.inf)
+    results, pieces = anyio.create_memory_object_stream[tuple[str, int]](math.inf)
     return _GenerationRequest(continuation, results), pieces
 
 

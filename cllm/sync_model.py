@@ -3,6 +3,7 @@
     model = cllm.Model.open("model.cllm")                       # or a Hugging Face GPT-2 or Llama folder
     vectors = model.encode(texts, batch_size=32, normalize_embeddings=True)   # (n, dim) float32
     completion = model.generate("Once upon a time", max_new_tokens=50, temperature=0)   # .text, .finish_reason
+    reply = model.chat([{"role": "user", "content": "Hello!"}], max_new_tokens=50)   # with the model's template
 
 encode() takes sentence-transformers' arguments and returns what it returns: a float32 array, (n, dim) for a list
 and (dim,) for a single string. Texts are batched by length (sorted, then cut into batches of batch_size), so a
@@ -79,22 +80,28 @@ class Model:
                                              pooling=[pooling] * len(batch), threads=1)
         return vectors[0] if single else vectors
 
-    def generate(self, prompt: str, *, max_new_tokens: int = 256, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None, stop: str | Sequence[str] = ()) -> Completion:
-        """The continuation of prompt, whole, as AsyncModel.generate gives it (settings as for
-        cllm.generate.generate)."""
-        generation = generate(self.model, self.tokenizer, prompt, max_new_tokens=max_new_tokens,
-                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop)
+    def generate(self, prompt: str | Sequence[int], *, max_new_tokens: int = 256, seed: int | None = None,
+                 stop: str | Sequence[str] = (), **settings) -> Completion:
+        """The continuation of prompt (text, or token ids), whole, as AsyncModel.generate gives it (settings as
+        for cllm.generate.generate)."""
+        generation = generate(self.model, self.tokenizer, prompt, max_new_tokens=max_new_tokens, seed=seed,
+                              stop=stop, **settings)
         with blas_limit(self.threads):
             for _ in generation:
                 pass
         return Completion(generation.text, generation.finish_reason, len(generation.prompt_ids),
-                          len(generation.token_ids))
+                          len(generation.token_ids), generation.logprobs)
 
-    def stream(self, prompt: str, *, max_new_tokens: int = 256, temperature: float = 1.0, top_k: int | None = None,
-               top_p: float | None = None, seed: int | None = None, stop: str | Sequence[str] = ()) -> Iterator[str]:
+    def chat(self, messages: Sequence[dict], *, max_new_tokens: int = 256, **settings) -> Completion:
+        """The assistant's reply to messages ({"role", "content"} each), rendered with the model's chat template;
+        it ends at the template's end-of-turn token. UsageError for a model without a template."""
+        ids = self.tokenizer.encode_chat(messages)
+        return self.generate(ids, max_new_tokens=max_new_tokens, end_ids=self.tokenizer.end_of_turn_ids, **settings)
+
+    def stream(self, prompt: str | Sequence[int], *, max_new_tokens: int = 256, seed: int | None = None,
+               stop: str | Sequence[str] = (), **settings) -> Iterator[str]:
         """The continuation of prompt as text pieces, as they are decoded."""
-        generation = generate(self.model, self.tokenizer, prompt, max_new_tokens=max_new_tokens,
-                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop)
+        generation = generate(self.model, self.tokenizer, prompt, max_new_tokens=max_new_tokens, seed=seed,
+                              stop=stop, **settings)
         with blas_limit(self.threads):
             yield from generation

@@ -13,7 +13,8 @@ generation stops when the model draws it.
 
 A tokenizer read from a Hugging Face folder (cllm.formats.hf) is kind "bpe" and its tokenizer.json as it is:
 GPT-2's or SmolLM2's byte-level BPE, or Llama's BPE with byte fallback. Its separator is the model's end-of-text
-token, which may not be "<|endoftext|>" (Llama's is "</s>"); to_json then records it.
+token, which may not be "<|endoftext|>" (Llama's is "</s>"); to_json then records it. Its chat template, if it
+has one (cllm.chat), comes along, and to_json records that too (earlier cllm versions ignore it).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
+from .chat import ChatTemplate
 from .errors import UsageError
 
 JSON_FORMAT = "cllm-tokenizer"
@@ -66,13 +68,17 @@ class Piece(NamedTuple):
 class Tokenizer:
     """A trained tokenizer of one kind. Build it with train() or from_json(), not the constructor."""
 
-    def __init__(self, kind: str, hf: HFTokenizer, *, separator: str | None = None):
-        """separator: the token that ends a document, if not the kind's own (SEPARATOR)."""
+    def __init__(self, kind: str, hf: HFTokenizer, *, separator: str | None = None,
+                 chat_template: ChatTemplate | None = None):
+        """separator: the token that ends a document, if not the kind's own (SEPARATOR). chat_template: how a chat
+        model's messages become its prompt (cllm.chat)."""
         check_settings(kind, None)
         self.kind = kind
         self._hf = hf
         # Without this, HF would turn "<|endoftext|>" typed in a document into the separator token.
         self._hf.encode_special_tokens = True
+        self._hf_markup: HFTokenizer | None = None  # a copy that parses special tokens (encode_rendered)
+        self.chat_template = chat_template
         self.separator: str = separator or SEPARATOR[kind]
         separator_id = hf.token_to_id(self.separator)
         if separator_id is None:
@@ -113,7 +119,8 @@ class Tokenizer:
         separator = doc.get("separator")
         if separator is not None and not isinstance(separator, str):
             raise UsageError(f"tokenizer JSON has a separator that is not a string: {separator!r}")
-        return cls(kind, hf, separator=separator)
+        chat = doc.get("chat_template")
+        return cls(kind, hf, separator=separator, chat_template=None if chat is None else ChatTemplate.from_dict(chat))
 
     def to_json(self) -> str:
         """The separator is recorded only when it is not the kind's own, so a trained tokenizer's JSON is what it
@@ -122,7 +129,8 @@ class Tokenizer:
         own = self.separator == SEPARATOR[self.kind]
         head = ({"version": JSON_VERSION} if own
                 else {"version": JSON_VERSION_WITH_SEPARATOR, "separator": self.separator})
-        return json.dumps({"format": JSON_FORMAT, **head, "kind": self.kind, "hf": hf}, ensure_ascii=False)
+        chat = {} if self.chat_template is None else {"chat_template": self.chat_template.to_dict()}
+        return json.dumps({"format": JSON_FORMAT, **head, "kind": self.kind, "hf": hf, **chat}, ensure_ascii=False)
 
     def hf_json(self) -> str:
         """The HF `tokenizers` JSON alone: a tokenizer.json that HF's libraries load."""
@@ -138,6 +146,33 @@ class Tokenizer:
 
     def encode(self, text: str) -> np.ndarray:
         return np.array(self._hf.encode(text).ids, dtype=np.int32)
+
+    def encode_rendered(self, text: str) -> np.ndarray:
+        """The ids of text rendered from a chat template: its special tokens ("<|im_start|>") are parsed as the
+        tokens they name, and none are added (the template wrote those it wants), as transformers tokenizes a
+        chat. encode() takes every text literally instead."""
+        if self._hf_markup is None:
+            self._hf_markup = HFTokenizer.from_str(self._hf.to_str())
+            self._hf_markup.encode_special_tokens = False
+        return np.array(self._hf_markup.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+    def encode_chat(self, messages, *, add_generation_prompt: bool = True) -> np.ndarray:
+        """The prompt ids of a chat (a list of {"role", "content"} messages), rendered with the chat template
+        (cllm.chat); with add_generation_prompt, it ends where the assistant's reply begins. UsageError if this
+        tokenizer has no template."""
+        if self.chat_template is None:
+            raise UsageError("this model has no chat template, so it cannot take chat messages: give it a prompt "
+                             "to continue instead, or attach a template (cllm-convert MODEL OUT --chat-template "
+                             "FILE)")
+        return self.encode_rendered(self.chat_template.render(messages, add_generation_prompt=add_generation_prompt))
+
+    @property
+    def end_of_turn_ids(self) -> tuple[int, ...]:
+        """The tokens that end an assistant's turn in a chat (the template's eos_token), besides the separator."""
+        if self.chat_template is None:
+            return ()
+        token_id = self._hf.token_to_id(self.chat_template.eos_token) if self.chat_template.eos_token else None
+        return () if token_id is None or token_id == self.separator_id else (token_id,)
 
     def encode_batch(self, texts: Iterable[str]) -> list[np.ndarray]:
         """Encodes many texts at once, in parallel on HF's Rust threads."""

@@ -17,7 +17,7 @@ import pytest
 from cllm._kernels import attention, decode
 from cllm.checkpoint import save_model
 from cllm.errors import UsageError
-from cllm.generate import Decoder, TextStream, _nucleus, complete, generate, sample_token
+from cllm.generate import Decoder, Sampling, TextStream, _nucleus, complete, generate, sample_token
 from cllm.model import GPT, ModelConfig
 from cllm.threads import current_blas_limit
 from cllm.tokenizer import Tokenizer
@@ -223,21 +223,21 @@ def logits():
 def test_greedy_and_its_equivalents_pick_the_argmax(logits):
     best = int(np.argmax(logits))
     rng = np.random.default_rng(0)
-    assert sample_token(logits, rng, temperature=0) == best
+    assert sample_token(logits, rng, Sampling(temperature=0)) == best
     for _ in range(20):
-        assert sample_token(logits, rng, temperature=1.5, top_k=1) == best
-        assert sample_token(logits, rng, temperature=1.5, top_p=1e-9) == best
+        assert sample_token(logits, rng, Sampling(temperature=1.5, top_k=1)) == best
+        assert sample_token(logits, rng, Sampling(temperature=1.5, top_p=1e-9)) == best
 
 
 def test_top_k_and_top_p_restrict_the_candidates(logits):
     rng = np.random.default_rng(0)
     top3 = set(np.argsort(-logits)[:3].tolist())
-    assert {sample_token(logits, rng, top_k=3) for _ in range(300)} <= top3
+    assert {sample_token(logits, rng, Sampling(top_k=3)) for _ in range(300)} <= top3
     probs = np.exp(logits - logits.max())
     probs /= probs.sum()
     order = np.argsort(-probs)
     nucleus = set(order[:np.searchsorted(np.cumsum(probs[order]), 0.6) + 1].tolist())
-    drawn = {sample_token(logits, rng, top_p=0.6) for _ in range(300)}
+    drawn = {sample_token(logits, rng, Sampling(top_p=0.6)) for _ in range(300)}
     assert drawn <= nucleus and len(drawn) > 1
 
 
@@ -246,8 +246,9 @@ def test_temperatures_too_small_to_divide_by_are_greedy(temperature):
     # 1e-310 used to overflow the logits to inf, the softmax to NaN, and always drew the last token id.
     logits = np.array([0.5, 3.0, -1.0, 2.9, 0.0], f32)
     rng = np.random.default_rng(0)
-    assert {sample_token(logits, rng, temperature=temperature) for _ in range(20)} == {1}
-    assert {sample_token(logits, rng, temperature=temperature, top_k=3, top_p=0.9) for _ in range(20)} == {1}
+    assert {sample_token(logits, rng, Sampling(temperature=temperature)) for _ in range(20)} == {1}
+    cut = Sampling(temperature=temperature, top_k=3, top_p=0.9)
+    assert {sample_token(logits, rng, cut) for _ in range(20)} == {1}
 
 
 def test_a_tiny_temperature_generates_the_greedy_text(model, tokenizer):
@@ -260,7 +261,7 @@ def test_sampling_follows_the_softmax_and_is_seeded():
     rng = np.random.default_rng(7)
     draws = np.array([sample_token(logits, rng) for _ in range(4000)])
     assert np.allclose(np.bincount(draws, minlength=4) / draws.size, [0.5, 0.3, 0.2, 0.0], atol=0.03)
-    again = [sample_token(logits, np.random.default_rng(11), temperature=0.7) for _ in range(3)]
+    again = [sample_token(logits, np.random.default_rng(11), Sampling(temperature=0.7)) for _ in range(3)]
     assert len(set(again)) == 1
 
 
@@ -442,6 +443,12 @@ def test_a_context_of_one_token_shifts_at_every_token(tokenizer):
     (dict(top_p=1.5), "top_p"),
     (dict(max_new_tokens=-1), "max_new_tokens"),
     (dict(stop=("",)), "stop"),
+    (dict(min_p=1.5), "min_p"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(frequency_penalty=2.5), "frequency_penalty"),
+    (dict(presence_penalty=-3), "presence_penalty"),
+    (dict(presence_penalty=True), "presence_penalty"),
+    (dict(logprobs=21), "logprobs"),
 ])
 def test_bad_settings_raise_before_generating(model, tokenizer, settings, message):
     with pytest.raises(UsageError, match=message):

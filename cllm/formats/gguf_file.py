@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -173,6 +174,7 @@ class _Vocabulary:
     eos_id: int
     add_bos: bool
     unk_id: int | None
+    chat_template: str | None = None
 
     @classmethod
     def of(cls, tokenizer: Tokenizer, vocab_size: int) -> "_Vocabulary":
@@ -180,6 +182,12 @@ class _Vocabulary:
         if tokenizer.kind != "bpe":
             raise UsageError(f"a {tokenizer.kind} tokenizer has no faithful GGUF form (llama.cpp's tokenizers are "
                              f"BPE): train with --tokenizer bpe to export to GGUF")
+        vocabulary = cls._of(tokenizer, vocab_size)
+        chat = tokenizer.chat_template
+        return vocabulary if chat is None else dataclasses.replace(vocabulary, chat_template=chat.source)
+
+    @classmethod
+    def _of(cls, tokenizer: Tokenizer, vocab_size: int) -> "_Vocabulary":
         hf = json.loads(tokenizer.hf_json())
         tokens: list[str | None] = [None] * vocab_size
         for token, token_id in tokenizer.vocab().items():
@@ -242,6 +250,8 @@ class _Vocabulary:
         if self.unk_id is not None:
             writer.add_unk_token_id(self.unk_id)
         writer.add_add_bos_token(self.add_bos)
+        if self.chat_template is not None:
+            writer.add_chat_template(self.chat_template)
 
 
 def _byte_level_pre_tokenizer(hf: dict) -> str | None:

@@ -18,6 +18,10 @@ computes, rather than run a different model silently. It never unpickles: a fold
 
 Writing gives a folder that `transformers.AutoModelForCausalLM.from_pretrained` and `AutoTokenizer` load
 offline, and that reads back into the same tensors bit for bit.
+
+A chat model's template (tokenizer_config.json's chat_template, or the chat_template.jinja file that newer
+transformers versions write) comes along with its bos_token and eos_token (cllm.chat), and is written back to
+tokenizer_config.json.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from tokenizers import decoders, models, pre_tokenizers
 
 from .. import tensor_files
 from ..atomic import atomic_write_bytes, atomic_write_file
+from ..chat import ChatTemplate
 from ..checkpoint import ModelFileError, few_names
 from ..errors import UsageError
 from ..model import GPT, ModelConfig
@@ -40,6 +45,7 @@ from ..tokenizer import ENDOFTEXT, Tokenizer
 
 CONFIG, WEIGHTS, WEIGHTS_INDEX, TOKENIZER, TOKENIZER_CONFIG = \
     "config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json"
+CHAT_TEMPLATE = "chat_template.jinja"
 READABLE_DTYPES = tuple(tensor_files.DTYPES)  # F32, and F16 and BF16 (widened on reading)
 # The prefix of the base model's tensors inside the causal-LM checkpoint (GPT2LMHeadModel's transformer.,
 # LlamaForCausalLM's model.); a checkpoint of the base model alone (GPT2Model, LlamaModel) has none.
@@ -230,7 +236,35 @@ def read_tokenizer(folder: Path, eos_token_id=None) -> Tokenizer:
     separator = _separator(folder, hf, eos_token_id)
     # An added special token stays whole when decoding; GPT-2's vocab.json only lists <|endoftext|>.
     hf.add_special_tokens([separator])
-    return Tokenizer("bpe", hf, separator=separator)
+    return Tokenizer("bpe", hf, separator=separator, chat_template=_chat_template(folder, separator))
+
+
+def _chat_template(folder: Path, separator: str) -> ChatTemplate | None:
+    """The folder's chat template: chat_template.jinja, else tokenizer_config.json's chat_template (a string, or
+    named templates of which "default" is the one transformers uses), with the special tokens it names."""
+    path = folder / TOKENIZER_CONFIG
+    tokenizer_config = _read_json(path) if path.is_file() else {}
+    source = tokenizer_config.get("chat_template")
+    if (folder / CHAT_TEMPLATE).is_file():
+        path = folder / CHAT_TEMPLATE
+        try:
+            source = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise HFFolderError(f"{path}: unreadable ({e})") from None
+    if isinstance(source, list):
+        named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
+        source = named.get("default")
+    if source is None:
+        return None
+    if not isinstance(source, str):
+        raise HFFolderError(f"{path}: chat_template is not a string (or named templates with a default)")
+
+    def token(name: str, default: str) -> str:
+        value = tokenizer_config.get(name)
+        value = value.get("content") if isinstance(value, dict) else value  # an AddedToken, as some versions write
+        return value if isinstance(value, str) else default
+
+    return ChatTemplate(source, bos_token=token("bos_token", ""), eos_token=token("eos_token", separator))
 
 
 def _hf_tokenizer(folder: Path) -> HFTokenizer:
@@ -373,6 +407,10 @@ def save_hf(folder: str | os.PathLike, model: GPT, tokenizer: Tokenizer) -> list
         special["pad_token"] = "<pad>"
     tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.context_length,
                         "clean_up_tokenization_spaces": False, **special}
+    if tokenizer.chat_template is not None:
+        chat = tokenizer.chat_template
+        tokenizer_config |= {"chat_template": chat.source, "bos_token": chat.bos_token or bos,
+                             "eos_token": chat.eos_token}
     atomic_write_file(folder / WEIGHTS, partial(tensor_files.write, tensors=hf_tensors(model),
                                                 metadata={"format": "pt"}))
     files = {

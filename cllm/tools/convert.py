@@ -3,16 +3,21 @@
     python -m cllm.tools.convert smollm2-folder model.cllm               # Hugging Face -> cllm
     python -m cllm.tools.convert model.cllm exported/                    # cllm -> Hugging Face folder
     python -m cllm.tools.convert model.cllm model.gguf --gguf-type q8_0  # cllm (or a folder) -> GGUF
+    python -m cllm.tools.convert model.cllm chat.cllm --chat-template chatml.jinja --end-of-turn "<|im_end|>"
 
 SRC is a .cllm file or a Hugging Face folder. DST's kind comes from its name: a .cllm file, a .gguf file, or else
 a folder for Hugging Face (created if needed). Files are written atomically: an interrupted conversion leaves
 any file that already existed as it was.
+
+--chat-template gives the model a chat template (a Jinja file, as Hugging Face's chat_template; see cllm.chat),
+replacing any it has; --end-of-turn names the token that ends an assistant's turn (default: the separator).
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+from ..chat import ChatTemplate
 from ..checkpoint import load_model, save_model
 from ..errors import UsageError
 from ..formats.gguf_file import TYPES, save_gguf
@@ -38,8 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("src", help="a .cllm file or a Hugging Face folder (GPT-2 or Llama)")
     p.add_argument("dst", help="a .cllm file, a .gguf file, or a folder (Hugging Face)")
     p.add_argument("--gguf-type", choices=tuple(TYPES), help="tensor type of a .gguf DST (default: f32)")
+    p.add_argument("--chat-template", metavar="FILE", help="give the model this chat template (a Jinja file)")
+    p.add_argument("--end-of-turn", metavar="TOKEN",
+                   help="with --chat-template: the token that ends an assistant's turn (default: the separator)")
     args = p.parse_args(argv)
     dst = Path(args.dst)
+    if args.end_of_turn is not None and args.chat_template is None:
+        raise UsageError("--end-of-turn applies only with --chat-template")
+    template = read_template(args.chat_template) if args.chat_template else None
     if args.gguf_type and dst.suffix != ".gguf":
         raise UsageError("--gguf-type applies only to a .gguf destination")
     if dst.suffix not in (".cllm", ".gguf") and dst.exists() and not dst.is_dir():
@@ -47,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
 
     model, tokenizer = load_model(args.src)
     print(f"read {args.src}: {describe(model, tokenizer)}")
+    if template is not None:
+        tokenizer.chat_template = chat_template(template, tokenizer, args.end_of_turn)
     if dst.suffix == ".cllm":
         save_model(dst, model, tokenizer)
         written = [dst]
@@ -57,6 +70,27 @@ def main(argv: list[str] | None = None) -> int:
     for path in written:
         print(f"wrote {path} ({path.stat().st_size / 1e6:,.1f} MB)")
     return 0
+
+
+def read_template(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read the chat template {path}: {e}") from None
+
+
+def chat_template(source: str, tokenizer, end_of_turn: str | None) -> ChatTemplate:
+    """The template with the tokens it may name: the end of a turn, and the token the tokenizer starts every text
+    with (Llama's <s>), if any. Checked by compiling it."""
+    vocab = tokenizer.vocab()
+    eos = tokenizer.separator if end_of_turn is None else end_of_turn
+    if eos not in vocab:
+        raise UsageError(f"--end-of-turn {eos!r} is not a token of the model's tokenizer")
+    leading = [p.text for p in tokenizer.pieces("") if p.special]
+    template = ChatTemplate(source, bos_token=leading[0] if leading else "", eos_token=eos)
+    template.template  # noqa: B018 (compiles it: UsageError for a template that is not valid Jinja)
+    return template
 
 
 if __name__ == "__main__":
