@@ -5,6 +5,7 @@ A run folder holds everything about one run (see run_folder.py for run.json and 
     train_state.safetensors  what resume needs beyond that: AdamW moments, step, seed, data cursor
     metrics.jsonl            one JSON object per optimizer step
     loss.png                 the loss curve, at the end (needs the optional matplotlib)
+    tensorboard/             with train_model --tensorboard: the same metrics as TensorBoard scalars (tensorboard.py)
 
 Batches are a pure function of (seed, step) and every step is bit-reproducible for any thread count, so a run
 resumed from a checkpoint continues exactly as if it had never stopped.
@@ -36,6 +37,7 @@ from .optim import AdamW, cosine_lr
 from .plot import METRICS_FILE, read_metrics
 from .progress import Progress, sphere_summary
 from .spheres import MIN_SPHERE_TOKENS, Spheres, default_spheres
+from .tensorboard import TensorBoardLog
 from .threads import MAX_THREADS, available_cpus
 from .tokenizer import Tokenizer
 
@@ -220,7 +222,10 @@ class TrainResult:
 
 class Trainer:
     def __init__(self, model: GPT, tokenizer: Tokenizer, train_tokens: np.ndarray, val_tokens: np.ndarray,
-                 settings: TrainSettings, run_dir: Path, *, progress: bool = True, group: MPIGroup | None = None):
+                 settings: TrainSettings, run_dir: Path, *, progress: bool = True, group: MPIGroup | None = None,
+                 tensorboard: Path | None = None):
+        """tensorboard: a directory to log each step's metrics to as TensorBoard scalars too (rank 0 alone), or
+        None. Like progress, it says how this process runs, not what the run computes: run.json does not hold it."""
         settings.validate()
         seq = settings.window(model.config.context_length)
         if settings.spheres is None:
@@ -229,6 +234,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.progress = progress
+        self.tensorboard = None if tensorboard is None else Path(tensorboard)
         self.seq = seq
         self.batches = Batches(train_tokens, settings.batch_size, seq, settings.seed)
         self.val = list(eval_batches(val_tokens, settings.batch_size, seq, settings.eval_batches, settings.seed))
@@ -301,7 +307,8 @@ class Trainer:
         with Spheres(self.model, spheres=s.spheres, threads=s.threads, owned=owned) as spheres, \
                 Progress(s.steps, self.step, spheres if s.stats else None, enabled=self.progress and root) \
                 as progress, open(self.run_dir / METRICS_FILE, "a") if root else nullcontext() as metrics, \
-                StopSignals() as signals:
+                TensorBoardLog(self.tensorboard, resumed_at=self.step) if root and self.tensorboard \
+                else nullcontext() as board, StopSignals() as signals:
             if group:  # every rank runs the same computation, from rank 0's state
                 await group.check_agreement(self._what_ranks_share(), self.deadline.collective)
                 await group.share_training_state(self.optimizer, self.deadline.collective)
@@ -319,9 +326,13 @@ class Trainer:
                 if root:
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
+                    if board:
+                        board.write(record)  # flushed at an evaluation
                     if checkpoint:
                         progress.note("checkpoint")
                         self.save_checkpoint()
+                        if board:
+                            board.flush()
                 if group and checkpoint:  # no rank runs ahead (and could abort the job) while rank 0 writes
                     await group.wait_for_all("the checkpoint", self.deadline.collective)
                 progress.update(record, val_loss)

@@ -7,7 +7,7 @@
 
 The run folder gets run.json (what the run was started with), the tokenizer and token files (data/), model.cllm,
 train_state.safetensors (for --resume), metrics.jsonl and loss.png, and a lock file that keeps out a second run
-while this one holds the folder.
+while this one holds the folder. With --tensorboard, also TensorBoard's event files, in tensorboard/.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from ..model import ARCHITECTURES, GPT, ModelConfig
 from ..plot import write_loss_plot
 from ..run_folder import DATA_DIR, CorpusRecord, RunRecord, hold, start
 from ..spheres import SphereFailedError, SphereStalledError, default_spheres
+from ..tensorboard import TENSORBOARD_DIR, check_dir, require
 from ..tokenizer import Tokenizer
 from ..trainer import STATE_FILE, Trainer, TrainingDiverged, TrainingInterrupted, TrainSettings, flag
 from ._cli import Parser, add_flags, flag_of, given_settings, positive_int, run
@@ -78,7 +79,8 @@ class ModelShape:
 # What a run is made of, group by group (RunRecord has the same three). Each dataclass is the one place where its
 # flags' defaults and help are written.
 SETTINGS = {"tokenizer": TokenizerSettings, "model": ModelShape, "training": TrainSettings}
-MAY_CHANGE_ON_RESUME = ", ".join(map(flag, TrainSettings.RESUME_OVERRIDES)) + ", --stop-after and --no-progress"
+MAY_CHANGE_ON_RESUME = ", ".join(map(flag, TrainSettings.RESUME_OVERRIDES)) + \
+    ", --stop-after, --no-progress and --tensorboard"
 
 
 def build_parser() -> Parser:
@@ -104,6 +106,11 @@ def build_parser() -> Parser:
                    help=f"continue the run in --out from its last checkpoint, as its run.json records it; flags "
                         f"that would change the run are refused, except {MAY_CHANGE_ON_RESUME}")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--tensorboard", nargs="?", const="", metavar="DIR",
+                   help=f"log the metrics as TensorBoard scalars too, in DIR (default: the run folder's "
+                        f"{TENSORBOARD_DIR}/; give DIR as --tensorboard=DIR or after DATA); needs pip install "
+                        f"\"cllm[tensorboard]\". Not recorded in run.json: pass it again with --resume, and the log "
+                        f"goes on in the same DIR, where TensorBoard shows a step trained again with its later values")
     return p
 
 
@@ -188,6 +195,7 @@ def train(given: dict, held: ExitStack) -> int:
     else:
         settings = given_settings(TrainSettings, given, TrainSettings(steps=DEMO_STEPS) if demo else None)
     settings.validate()
+    tensorboard = tensorboard_dir(given, out)
     # The model to fine-tune; on a resume, only while the run has no checkpoint yet (which holds the weights).
     init_from = record.init_from if record else given.get("init_from")
     if init_from and not record:
@@ -236,7 +244,7 @@ def train(given: dict, held: ExitStack) -> int:
         f"context {cfg.context_length}, vocab {cfg.vocab_size})", flush=True)
 
     trainer = Trainer(model, prepared.tokenizer, prepared.train, prepared.val, settings, out,
-                      progress=not given.get("no_progress", False), group=group)
+                      progress=not given.get("no_progress", False), group=group, tensorboard=tensorboard)
     stop_after = given.get("stop_after")
     if given.get("resume"):
         trainer.resume()
@@ -264,6 +272,8 @@ def train(given: dict, held: ExitStack) -> int:
     plot = write_loss_plot(out)
     if plot:
         print(f"loss curve: {plot}")
+    if tensorboard:
+        print(f"tensorboard log: {tensorboard} (view it with: tensorboard --logdir {tensorboard})")
     prompt = "def " if demo else ""
     text, _ = complete(model, prepared.tokenizer, prompt, max_new_tokens=120, temperature=0.8, top_k=40,
                        seed=settings.seed)
@@ -271,6 +281,17 @@ def train(given: dict, held: ExitStack) -> int:
     print(f"model: {result.model_path}")
     print(f"generate more: python -m cllm.tools.inference {result.model_path} -p \"...\"")
     return 0
+
+
+def tensorboard_dir(given: dict, out: Path) -> Path | None:
+    """Where --tensorboard logs, or None without it. Checked before the corpus is read: a missing tensorboardX
+    or a DIR that is a file fails at once."""
+    if "tensorboard" not in given:
+        return None
+    require()
+    logdir = Path(given["tensorboard"]) if given["tensorboard"] else out / TENSORBOARD_DIR
+    check_dir(logdir)
+    return logdir
 
 
 def nothing_to_train(out: Path, step: int, steps: int, stop_after: int | None) -> str:
