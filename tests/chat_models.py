@@ -1,0 +1,55 @@
+"""A small chat model for tests, built offline: a byte-level BPE with ChatML's special tokens, SmolLM2-Instruct's
+chat template, and a random Llama-style model."""
+from __future__ import annotations
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from cllm.chat import ChatTemplate
+from cllm.model import GPT, ModelConfig
+from cllm.tokenizer import Tokenizer
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# SmolLM2-Instruct's template (ChatML, with a default system message)
+CHATML = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+# TinyLlama-Chat's (Zephyr's): one statement per line, so trim_blocks and lstrip_blocks shape the output.
+ZEPHYR = """{% for message in messages %}
+{% if message['role'] == 'user' %}
+{{ '<|user|>\n' + message['content'] + eos_token }}
+{% elif message['role'] == 'system' %}
+{{ '<|system|>\n' + message['content'] + eos_token }}
+{% elif message['role'] == 'assistant' %}
+{{ '<|assistant|>\n'  + message['content'] + eos_token }}
+{% endif %}
+{% if loop.last and add_generation_prompt %}
+{{ '<|assistant|>' }}
+{% endif %}
+{% endfor %}"""
+TEXT = ["To be, or not to be, that is the question:", "Whether 'tis nobler in the mind to suffer",
+        "The slings and arrows of outrageous fortune,", "Or to take arms against a sea of troubles",
+        "You are a helpful AI assistant named SmolLM, trained by Hugging Face", "system user assistant"] * 20
+
+
+def chatml_hf_tokenizer() -> HFTokenizer:
+    tokenizer = HFTokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(TEXT, trainer)
+    return tokenizer
+
+
+def chat_tokenizer() -> Tokenizer:
+    return Tokenizer("bpe", chatml_hf_tokenizer(), separator="<|endoftext|>",
+                     chat_template=ChatTemplate(CHATML, bos_token="<|im_start|>", eos_token="<|im_end|>"))
+
+
+def chat_model(tokenizer: Tokenizer, *, seed: int = 0) -> GPT:
+    config = ModelConfig(arch="llama", vocab_size=tokenizer.vocab_size, context_length=128, dim=32, n_layers=2,
+                         n_heads=4, n_kv_heads=2)
+    return GPT(config, seed=seed)

@@ -1,0 +1,253 @@
+"""Chat templates (cllm.chat) render and tokenize as transformers does, travel with the model through every
+format, and end a reply at the end-of-turn token; the sampling controls (penalties, min_p) and logprobs do what
+their definitions say, checked against float64 references."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from cllm.chat import ChatTemplate
+from cllm.checkpoint import load_model, save_model
+from cllm.errors import UsageError
+from cllm.generate import Continuation, Sampling, generate, sample_token, token_logprob
+from cllm.sync_model import Model
+from cllm.tokenizer import Tokenizer
+from cllm.tools import convert
+from tests.chat_models import CHATML, ZEPHYR, chat_model, chat_tokenizer, chatml_hf_tokenizer
+
+CONVERSATION = [{"role": "user", "content": "To be, or not to be?"},
+                {"role": "assistant", "content": "That is the question."},
+                {"role": "user", "content": "Whether 'tis nobler — in the mind?"}]
+WITH_SYSTEM = [{"role": "system", "content": "You speak in verse."}] + CONVERSATION
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return chat_tokenizer()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rendering and tokenizing, against transformers
+
+
+def hf_fast_tokenizer(tmp_path, template: str, eos_token: str):
+    transformers = pytest.importorskip("transformers", reason="needs transformers: pip install -e \".[interop]\"")
+    chatml_hf_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": eos_token,
+        "chat_template": template}))
+    return transformers.AutoTokenizer.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("template", [CHATML, ZEPHYR], ids=["chatml", "zephyr"])
+@pytest.mark.parametrize("messages", [CONVERSATION, WITH_SYSTEM], ids=["no-system", "system"])
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_templates_render_and_tokenize_as_transformers_does(tmp_path, template, messages, add_generation_prompt):
+    hf = hf_fast_tokenizer(tmp_path, template, "<|im_end|>")
+    ours = Tokenizer("bpe", chatml_hf_tokenizer(), chat_template=ChatTemplate(template, "<|im_start|>", "<|im_end|>"))
+    text = ours.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
+    assert text == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    expected = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
+                                      return_dict=False)
+    ids = ours.encode_chat(messages, add_generation_prompt=add_generation_prompt).tolist()
+    assert ids == list(expected)
+    # the markers are single special tokens, while the same text typed by a user stays literal
+    im_end = ours.vocab()["<|im_end|>"]  # both templates write it
+    assert im_end in ids and im_end not in ours.encode("<|im_end|>").tolist()
+
+
+def test_a_hugging_face_folder_brings_its_template_and_exports_keep_it(tmp_path, tokenizer):
+    pytest.importorskip("transformers", reason="needs transformers: pip install -e \".[interop]\"")
+    model = chat_model(tokenizer)
+    save_model(tmp_path / "chat.cllm", model, tokenizer)
+    _, read = load_model(tmp_path / "chat.cllm")
+    assert read.chat_template == tokenizer.chat_template and read.end_of_turn_ids == (tokenizer.vocab()["<|im_end|>"],)
+    # to a Hugging Face folder, which transformers renders alike, and back
+    assert convert.main([str(tmp_path / "chat.cllm"), str(tmp_path / "hf")]) == 0
+    import transformers
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True) == \
+        tokenizer.chat_template.render(CONVERSATION)
+    _, again = load_model(tmp_path / "hf")
+    assert again.chat_template.source == CHATML and again.end_of_turn_ids == read.end_of_turn_ids
+    # chat_template.jinja, as transformers 5 writes it, wins over tokenizer_config.json
+    (tmp_path / "hf" / "chat_template.jinja").write_text(ZEPHYR, encoding="utf-8")
+    assert load_model(tmp_path / "hf")[1].chat_template.source == ZEPHYR
+
+
+def test_gguf_carries_the_template(tmp_path, tokenizer):
+    gguf = pytest.importorskip("gguf")
+    model = chat_model(tokenizer)
+    save_model(tmp_path / "chat.cllm", model, tokenizer)
+    assert convert.main([str(tmp_path / "chat.cllm"), str(tmp_path / "chat.gguf")]) == 0
+    field = gguf.GGUFReader(tmp_path / "chat.gguf").fields["tokenizer.chat_template"]
+    assert field.contents() == CHATML
+
+
+def test_convert_attaches_a_template(tmp_path, tokenizer, capsys):
+    plain = Tokenizer("bpe", chatml_hf_tokenizer())
+    save_model(tmp_path / "plain.cllm", chat_model(plain), plain)
+    (tmp_path / "t.jinja").write_text(CHATML, encoding="utf-8")
+    assert convert.main([str(tmp_path / "plain.cllm"), str(tmp_path / "chat.cllm"), "--chat-template",
+                         str(tmp_path / "t.jinja"), "--end-of-turn", "<|im_end|>"]) == 0
+    _, read = load_model(tmp_path / "chat.cllm")
+    assert read.chat_template.source == CHATML and read.end_of_turn_ids == (plain.vocab()["<|im_end|>"],)
+    with pytest.raises(UsageError, match="not a token"):
+        convert.main([str(tmp_path / "plain.cllm"), str(tmp_path / "x.cllm"), "--chat-template",
+                      str(tmp_path / "t.jinja"), "--end-of-turn", "<|nope|>"])
+    (tmp_path / "bad.jinja").write_text("{% for %}", encoding="utf-8")
+    with pytest.raises(UsageError, match="not valid Jinja"):
+        convert.main([str(tmp_path / "plain.cllm"), str(tmp_path / "x.cllm"), "--chat-template",
+                      str(tmp_path / "bad.jinja")])
+
+
+def test_refusals_are_clear(tokenizer):
+    with pytest.raises(UsageError, match="no chat template"):
+        Tokenizer("bpe", chatml_hf_tokenizer()).encode_chat(CONVERSATION)
+    alternating = ChatTemplate("{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversation roles "
+                               "must start with user') }}{% endif %}x")
+    with pytest.raises(UsageError, match="refused the messages: Conversation roles must start with user"):
+        alternating.render([{"role": "assistant", "content": "hi"}])
+    with pytest.raises(UsageError, match="role must be one of"):
+        tokenizer.encode_chat([{"role": "wizard", "content": "hi"}])
+    with pytest.raises(UsageError, match="only text parts"):
+        tokenizer.encode_chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+    with pytest.raises(UsageError, match="at least one message"):
+        tokenizer.encode_chat([])
+    # OpenAI's text parts are joined with newlines
+    parts = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    assert tokenizer.encode_chat(parts).tolist() == tokenizer.encode_chat(
+        [{"role": "user", "content": "a\nb"}]).tolist()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ending at the end of a turn
+
+
+class FixedLogits:
+    """Logits that make `token` the greedy choice at every step."""
+
+    def __init__(self, vocab: int):
+        self.vocab = vocab
+
+    def favouring(self, token: int, margin: float = 1.0) -> np.ndarray:
+        logits = np.zeros(self.vocab, np.float32)
+        logits[token] = margin
+        return logits
+
+
+def test_the_end_of_turn_token_ends_a_chat_reply_and_is_not_part_of_it(tokenizer):
+    end = tokenizer.end_of_turn_ids[0]
+    word = tokenizer.encode(" question")[0]
+    logits = FixedLogits(tokenizer.vocab_size)
+    continuation = Continuation(tokenizer, tokenizer.encode_chat(CONVERSATION), context_length=128, temperature=0,
+                                end_ids=tokenizer.end_of_turn_ids)
+    assert continuation.advance(logits.favouring(word)) == " question"
+    assert continuation.advance(logits.favouring(end)) == "" and continuation.finish_reason == "stop"
+    assert continuation.token_ids == [word]
+    # without end_ids, the same token is text like any other
+    plain = Continuation(tokenizer, "a", context_length=128, temperature=0)
+    assert plain.advance(logits.favouring(end)) == "<|im_end|>" and not plain.finished
+
+
+def test_model_chat_renders_the_template_and_stops_at_the_end_of_turn(tokenizer):
+    model = Model(chat_model(tokenizer), tokenizer, threads=1)
+    reply = model.chat(CONVERSATION, max_new_tokens=12, temperature=0)
+    expected = generate(model.model, tokenizer, tokenizer.encode_chat(CONVERSATION), max_new_tokens=12,
+                        temperature=0, end_ids=tokenizer.end_of_turn_ids)
+    assert reply.text == "".join(expected) and reply.prompt_tokens == len(tokenizer.encode_chat(CONVERSATION))
+    with pytest.raises(UsageError, match="no chat template"):
+        plain = Tokenizer("bpe", chatml_hf_tokenizer())
+        Model(chat_model(plain), plain).chat(CONVERSATION)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sampling controls, against their definitions
+
+
+def reference_penalized(logits, prompt, generated, *, repetition=1.0, frequency=0.0, presence=0.0):
+    """Hugging Face's repetition penalty over prompt and generated tokens, OpenAI's frequency and presence
+    penalties over generated ones, in float64."""
+    z = logits.astype(np.float64)
+    for token in set(prompt) | set(generated):
+        z[token] = z[token] / repetition if z[token] > 0 else z[token] * repetition
+    for token in set(generated):
+        z[token] -= frequency * generated.count(token) + presence
+    return z
+
+
+@pytest.mark.parametrize("penalties", [dict(repetition_penalty=1.3), dict(frequency_penalty=0.7),
+                                       dict(presence_penalty=-0.5),
+                                       dict(repetition_penalty=0.8, frequency_penalty=1.5, presence_penalty=0.4)])
+def test_penalties_change_the_logits_as_defined(tokenizer, penalties):
+    rng = np.random.default_rng(3)
+    vocab = tokenizer.vocab_size
+    prompt = [5, 9, 9, 40]
+    continuation = Continuation(tokenizer, prompt, context_length=128, temperature=0, **penalties)
+    for _ in range(6):
+        logits = rng.normal(size=vocab).astype(np.float32) * 3
+        expected = reference_penalized(logits, prompt, continuation.token_ids,
+                                       repetition=penalties.get("repetition_penalty", 1.0),
+                                       frequency=penalties.get("frequency_penalty", 0.0),
+                                       presence=penalties.get("presence_penalty", 0.0))
+        np.testing.assert_allclose(continuation._penalized(logits), expected, rtol=1e-6, atol=1e-5)
+        if not continuation.finished:
+            continuation.advance(logits)  # greedy on the penalized logits
+            assert continuation.token_ids[-1] == int(np.argmax(expected)) or continuation.finished
+
+
+def test_a_presence_penalty_turns_a_greedy_repeat_away(tokenizer):
+    logits = np.zeros(tokenizer.vocab_size, np.float32)
+    a, b = tokenizer.encode("a")[0], tokenizer.encode("b")[0]
+    logits[a], logits[b] = 2.0, 1.5
+    plain = Continuation(tokenizer, "x", context_length=128, temperature=0)
+    penalized = Continuation(tokenizer, "x", context_length=128, temperature=0, presence_penalty=1.0)
+    for _ in range(2):
+        plain.advance(logits)
+        penalized.advance(logits)
+    assert plain.token_ids == [a, a] and penalized.token_ids == [a, b]
+
+
+def test_min_p_keeps_only_tokens_near_the_most_likely():
+    logits = np.log(np.array([0.5, 0.3, 0.12, 0.08], np.float32))
+    rng = np.random.default_rng(0)
+    draws = {sample_token(logits, rng, Sampling(min_p=0.5)) for _ in range(400)}
+    assert draws == {0, 1}  # 0.12 and 0.08 are below half of 0.5
+    assert {sample_token(logits, rng, Sampling(min_p=1.0)) for _ in range(50)} == {0}
+    assert {sample_token(logits, rng, Sampling(min_p=0.0)) for _ in range(400)} == {0, 1, 2, 3}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# logprobs
+
+
+def test_token_logprob_is_the_float64_log_softmax():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=500).astype(np.float32) * 4
+    z = logits.astype(np.float64)
+    reference = z - math.log(np.exp(z - z.max()).sum()) - z.max()
+    result = token_logprob(logits, 17, top=5)
+    assert result.id == 17 and result.logprob == pytest.approx(reference[17], abs=1e-9)
+    order = np.argsort(-reference, kind="stable")[:5]
+    assert [i for i, _ in result.top] == order.tolist()
+    np.testing.assert_allclose([lp for _, lp in result.top], reference[order], atol=1e-9)
+    assert token_logprob(logits, 3, top=0).top == ()
+
+
+def test_generated_logprobs_are_the_models_own(tokenizer):
+    model = chat_model(tokenizer)
+    generation = generate(model, tokenizer, "To be, or not", max_new_tokens=6, temperature=0.9, seed=4, logprobs=3)
+    text = "".join(generation)
+    assert len(generation.logprobs) == len(generation.token_ids) and text
+    ids = generation.prompt_ids + generation.token_ids
+    full = model.logits(np.array([ids], np.int32))[0]  # a full pass: each position's logits predict the next token
+    for k, entry in enumerate(generation.logprobs):
+        position = len(generation.prompt_ids) - 1 + k
+        z = full[position, :tokenizer.vocab_size].astype(np.float64)
+        reference = z - z.max() - math.log(np.exp(z - z.max()).sum())
+        assert entry.id == generation.token_ids[k]
+        assert entry.logprob == pytest.approx(reference[entry.id], abs=1e-4)
+        assert [i for i, _ in entry.top] == np.argsort(-reference, kind="stable")[:3].tolist()
