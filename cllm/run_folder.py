@@ -27,6 +27,7 @@ from .data import TokenizerSettings, scan
 from .errors import UsageError
 from .model import ModelConfig
 from .plot import METRICS_FILE, PLOT_FILE
+from .tensorboard import TENSORBOARD_DIR
 from .trainer import BEST_FILE, CHECKPOINTS_DIR, STATE_FILE, TrainSettings
 
 RECORD_FILE, LOCK_FILE, DATA_DIR = "run.json", "lock", "data"
@@ -138,12 +139,13 @@ def _exact(settings: type, fields: dict) -> dict:
 def start(run_dir, record: RunRecord) -> bool:
     """Makes run_dir the record of a new run; returns whether it held an earlier run.
 
-    The earlier run's training state, metrics, best model and kept checkpoints go first: resumed, appended to or
-    compared with, they would mix two runs. Its model stays until the new run's first checkpoint replaces it.
+    The earlier run's training state, metrics, best model, kept checkpoints and TensorBoard events (in the folder's
+    own tensorboard/) go first: resumed, appended to or compared with, they would mix two runs. Its model stays until the new run's first checkpoint replaces it.
     """
     run_dir = Path(run_dir)
     earlier = [run_dir / name for name in (RECORD_FILE, STATE_FILE, METRICS_FILE, PLOT_FILE, BEST_FILE)]
     earlier += sorted((run_dir / CHECKPOINTS_DIR).glob("step-*.cllm"))
+    earlier += sorted((run_dir / TENSORBOARD_DIR).glob("events.out.tfevents.*"))
     held_a_run = any(path.exists() for path in earlier)
     for path in earlier:
         path.unlink(missing_ok=True)

@@ -157,3 +157,11 @@ def test_a_log_directory_that_is_a_file_is_refused_before_the_corpus_is_read(cor
         train("--out", tmp_path / "run", *ARGS, "--tensorboard", corpus)  # DATA taken for DIR: no demo run
     assert not (tmp_path / "run").exists()
 
+
+
+def test_a_new_run_in_the_folder_drops_the_earlier_runs_events(corpus, tmp_path):
+    out = tmp_path / "run"
+    assert train(corpus, "--out", out, *ARGS, "--steps", 4, "--tensorboard") == 0
+    assert train(corpus, "--out", out, *ARGS, "--steps", 2, "--tensorboard") == 0
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert_log_matches(out / "tensorboard", metrics(out))
