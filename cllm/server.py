@@ -35,10 +35,12 @@ a size and a time limit) and ConcurrencyLimit (a slot, taken only once the body 
 sends its body slowly or never holds none). Token counts come from one tokenization per text, in a worker
 thread, whose ids then go to the model.
 
-Requests are checked field by field before the model sees them (RequestFields below): a field of the wrong
-type or out of range, an unknown field, or an OpenAI option that cllm does not implement (n > 1, logprobs,
-echo, penalties, ...) is refused rather than ignored, so a client never silently gets something other than what
-it asked for. null is the same as leaving a field out, as in OpenAI's API.
+Request bodies are checked before the model sees them, each against its pydantic model in cllm.schemas (with
+the server's limits as validation context; see parse and request_error below): a field of the wrong type or out
+of range, an unknown field, or an OpenAI option that cllm does not implement (n > 1, logprobs, echo, penalties,
+...) is refused rather than ignored, so a client never silently gets something other than what it asked for.
+null is the same as leaving a field out, as in OpenAI's API. A refusal names the field in `param` and says what
+it must be and what it got.
 
 Every error has OpenAI's shape, {"error": {"message", "type", "param", "code"}}, and one status per cause:
 
@@ -76,6 +78,7 @@ import contextvars
 import dataclasses
 import functools
 import hmac
+import itertools
 import json
 import logging
 import math
@@ -85,10 +88,11 @@ import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeVar
 
 import anyio
 import numpy as np
+from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -100,7 +104,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import UsageError
 from .metrics import RequestMetrics, ServerMetrics
-from .pooling import POOLINGS
+from .schemas import (PYDANTIC_ERRORS, CompletionRequest, DetokenizeRequest, EmbeddingsRequest, Limits,
+                      LlamaTokenizeRequest, RequestModel, TEIDecodeRequest, TEIEmbedRequest, TEITokenizeRequest,
+                      short_repr)
 from .serving import AsyncModel, Completion, CompletionStream, EngineStalled, Overloaded
 
 logger = logging.getLogger(__name__)
@@ -109,12 +115,7 @@ logger = logging.getLogger(__name__)
 MODEL_ENDPOINTS = ("/v1/embeddings", "/v1/completions", "/embed", "/tokenize", "/decode", "/detokenize")
 ROUTES = (*MODEL_ENDPOINTS, "/v1/models", "/health", "/info", "/metrics")
 OPEN_ENDPOINTS = ("/health",)  # answered without an API key: a load balancer's probe has none
-MAX_STOP_STRINGS = 4  # as OpenAI
-MAX_STOP_CHARS = 64  # each stop string is looked for at every token: long ones would cost time on every token
 KEEP_ALIVE_SECONDS = 15.0  # a quiet stream sends an SSE comment this often
-MAX_TEMPERATURE = 2.0  # as OpenAI
-MAX_TOP_K = 2**31 - 1
-MAX_SEED = 2**63 - 1  # OpenAI's seeds are int64; numpy's generators take any non-negative integer
 
 
 @dataclass(frozen=True)
@@ -435,123 +436,60 @@ def reject_json_constant(name: str):
     raise ValueError(f"{name} is not JSON")  # Python's json accepts NaN and Infinity; no other JSON parser does
 
 
-MISSING: Any = object()
+Body = TypeVar("Body", bound=RequestModel)
 
 
-class RequestFields:
-    """The fields of one JSON object in a request, each read once with its type and range checked.
-
-    Fields outside `accepted` are refused when the object is made; null is the same as absent. Every failure is
-    a 400 naming the field (OpenAI's `param`; parent.field inside a nested object).
-    """
-
-    def __init__(self, document: dict, accepted: Sequence[str], *, parent: str | None = None):
-        self.document, self.parent = document, parent
-        unknown = sorted(set(document) - set(accepted))
-        if unknown:
-            raise invalid(f"Unrecognized request argument supplied: {unknown[0]}", self.param(unknown[0]))
-
-    def param(self, name: str) -> str:
-        return name if self.parent is None else f"{self.parent}.{name}"
-
-    def given(self, name: str):
-        """The field's value, or None if it is absent or null."""
-        return self.document.get(name)
-
-    def absent(self, name: str, default):
-        """What an absent field stands for: its default, or a 400 if it has none."""
-        if default is MISSING:
-            raise invalid(f"Missing required parameter: '{self.param(name)}'.", self.param(name))
-        return default
-
-    def wrong_type(self, name: str, expected: str, value) -> APIError:
-        return invalid(f"'{self.param(name)}' must be {expected}, got {short_repr(value)}.", self.param(name))
-
-    def string(self, name: str, *, default=MISSING) -> str:
-        value = self.given(name)
-        if value is None:
-            return self.absent(name, default)
-        if not isinstance(value, str):
-            raise self.wrong_type(name, "a string", value)
-        return value
-
-    def integer(self, name: str, *, minimum: int, maximum: int, default=MISSING) -> int:
-        value = self.given(name)
-        if value is None:
-            return self.absent(name, default)
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)  # 16.0 is an integer in JSON's eyes, if not in Python's
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise self.wrong_type(name, "an integer", value)
-        if not minimum <= value <= maximum:
-            raise invalid(f"'{self.param(name)}' must be from {minimum} to {maximum}, got {value}.",
-                          self.param(name))
-        return value
-
-    def number(self, name: str, *, minimum: float, maximum: float, default=MISSING,
-               exclusive_minimum: bool = False) -> float:
-        value = self.given(name)
-        if value is None:
-            return self.absent(name, default)
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise self.wrong_type(name, "a number", value)
-        if not (minimum < value if exclusive_minimum else minimum <= value) or value > maximum:
-            low = "above" if exclusive_minimum else "from"
-            raise invalid(f"'{self.param(name)}' must be {low} {minimum} to {maximum}, got {value}.",
-                          self.param(name))
-        return float(value)
-
-    def boolean(self, name: str, *, default: bool) -> bool:
-        value = self.given(name)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise self.wrong_type(name, "a boolean", value)
-        return value
-
-    def choice(self, name: str, options: Sequence[str], *, default: str) -> str:
-        value = self.string(name, default=default)
-        if value not in options:
-            raise invalid(f"'{self.param(name)}' must be one of {', '.join(map(repr, options))}, got "
-                          f"{short_repr(value)}.", self.param(name))
-        return value
-
-    def texts(self, name: str, *, max_count: int, default=MISSING) -> list[str]:
-        """A string or a list of strings, as a list of 1 to max_count non-empty strings."""
-        value = self.given(name)
-        if value is None:
-            return self.absent(name, default)
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise self.wrong_type(name, "a string or a list of strings (token-id arrays are not supported)", value)
-        if not 1 <= len(value) <= max_count:
-            raise invalid(f"'{self.param(name)}' must hold 1 to {max_count} items, got {len(value)}.",
-                          self.param(name))
-        if not all(value):
-            raise invalid(f"'{self.param(name)}' cannot contain an empty string.", self.param(name))
-        return value
-
-    def nested(self, name: str, accepted: Sequence[str]) -> RequestFields:
-        """A nested object (e.g. stream_options), read by the same rules; an empty one if absent."""
-        value = self.given(name)
-        if value is not None and not isinstance(value, dict):
-            raise self.wrong_type(name, "an object", value)
-        return RequestFields(value or {}, accepted, parent=self.param(name))
-
-    def unsupported(self, name: str, neutral) -> None:
-        """An OpenAI option that cllm does not implement: accepted only at the value that changes nothing."""
-        value = self.given(name)
-        same = value == neutral and isinstance(value, bool) == isinstance(neutral, bool)
-        if value is not None and not same:
-            raise invalid(f"'{self.param(name)}' is not supported by this server (only {json.dumps(neutral)}).",
-                          self.param(name))
+def parse(schema: type[Body], document: dict, limits: Limits) -> Body:
+    """The request body as one of cllm.schemas' models, checked against the server's limits; else a 400."""
+    try:
+        return schema.model_validate(document, context=limits)
+    except ValidationError as error:
+        raise request_error(error) from None
 
 
-def short_repr(value, limit: int = 40) -> str:
-    """JSON for value, cut short: an error message must not echo a megabyte back."""
-    text = json.dumps(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+# What pydantic's error types say about a field, after its name
+EXPECTED_TYPES = {"string_type": "a string", "int_type": "an integer", "float_type": "a number",
+                  "bool_type": "a boolean", "model_type": "an object", "dict_type": "an object", "list_type": "a list"}
+BOUNDS = {"greater_than_equal": ("at least", "ge"), "greater_than": ("above", "gt"),
+          "less_than_equal": ("at most", "le"), "less_than": ("below", "lt")}
+
+
+def request_error(error: ValidationError) -> APIError:
+    """A request body's refusal by cllm.schemas as a 400 (TEI's /embed and /tokenize: 413 for too many inputs)
+    about its first error, or its first unknown field: OpenAI refuses those before anything else.
+
+    `param` is the field's place in the body ("stream_options.include_usage"; for an item of a list, the list);
+    the message names the field (an item as "stop[1]"), says what it must be and shows what it got."""
+    details = error.errors(include_url=False)
+    detail = next((d for d in details if d["type"] == "extra_forbidden"), details[0])
+    kind, loc, given, ctx = detail["type"], detail["loc"], detail["input"], detail.get("ctx", {})
+    names = list(itertools.takewhile(lambda part: isinstance(part, str), loc))
+    param = ".".join(names) or None
+    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).removeprefix(".")
+    if kind == "extra_forbidden":
+        message = f"Unrecognized request argument supplied: {where}"
+    elif kind == "missing":
+        message = f"Missing required parameter: '{where}'."
+    elif kind in EXPECTED_TYPES:
+        message = f"'{where}' must be {EXPECTED_TYPES[kind]}, got {short_repr(given)}."
+    elif kind in BOUNDS:
+        word, key = BOUNDS[kind]
+        message = f"'{where}' must be {word} {ctx[key]}, got {short_repr(given)}."
+    elif kind == "literal_error":
+        message = f"'{where}' must be {ctx['expected']}, got {short_repr(given)}."
+    elif kind in ("too_short", "too_long"):
+        bound = f"at least {ctx['min_length']}" if kind == "too_short" else f"at most {ctx['max_length']}"
+        message = f"'{where}' must hold {bound} items, got {ctx['actual_length']}."
+    elif kind == "string_too_short" and ctx["min_length"] == 1:
+        message = f"'{where}' cannot be an empty string."
+    elif kind in ("string_too_short", "string_too_long"):
+        bound = f"at least {ctx['min_length']}" if kind == "string_too_short" else f"at most {ctx['max_length']}"
+        message = f"'{where}' must have {bound} characters, got {len(given)}."
+    elif kind in PYDANTIC_ERRORS:  # one that cllm.schemas does not raise yet
+        message = f"'{where}' is not valid ({detail['msg']}), got {short_repr(given)}."
+    else:  # cllm.schemas' own, worded to follow the field's name
+        message = f"'{where}' {detail['msg']}." if where else f"{detail['msg']}."
+    return APIError(413 if kind == "batch_too_large" else 400, message, param=param)
 
 
 async def input_ids(model: AsyncModel, limits: ServerLimits, texts: Sequence[str], param: str, *,
@@ -570,13 +508,6 @@ async def input_ids(model: AsyncModel, limits: ServerLimits, texts: Sequence[str
     return ids
 
 
-def check_dimensions(fields: RequestFields, dim: int) -> None:
-    """An embedding request's "dimensions": absent, or the model's own."""
-    if fields.integer("dimensions", minimum=1, maximum=dim, default=dim) != dim:
-        # OpenAI's newer models can shorten their embeddings; these were not trained to keep meaning when cut.
-        raise invalid(f"'dimensions' must be {dim}, the size of this model's embeddings.", "dimensions")
-
-
 # --------------------------------------------------------------------------------------------------------------
 # the endpoints
 
@@ -588,6 +519,7 @@ class OpenAIEndpoints:
                  metrics: ServerMetrics):
         self.model, self.model_name, self.limits = model, model_name, limits
         self.keep_alive_interval, self.metrics = keep_alive_interval, metrics
+        self.request_limits = request_limits(model, limits)
 
     async def health(self, request: Request) -> Response:
         health = self.model.health()
@@ -601,31 +533,23 @@ class OpenAIEndpoints:
         card = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "cllm"}
         return JSONResponse({"object": "list", "data": [card]})
 
-    async def request_fields(self, request: Request, accepted: Sequence[str]) -> RequestFields:
-        fields = RequestFields(await read_json_object(request), accepted)
-        name = fields.string("model")
-        if name != self.model_name:
-            raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.model_name}'.",
+    async def read_request(self, request: Request, schema: type[Body]) -> Body:
+        """The body as `schema`, for the model served (else 404)."""
+        body = parse(schema, await read_json_object(request), self.request_limits)
+        if body.model != self.model_name:
+            raise APIError(404, f"The model '{body.model}' does not exist; this server serves '{self.model_name}'.",
                            param="model", code="model_not_found")
-        return fields
+        return body
 
     # ---- embeddings
 
     async def embeddings(self, request: Request) -> Response:
-        fields = await self.request_fields(
-            request, ("model", "input", "encoding_format", "dimensions", "user", "pooling", "truncate"))
-        texts = fields.texts("input", max_count=self.limits.max_embedding_inputs)
-        encoding = fields.choice("encoding_format", ("float", "base64"), default="float")
-        check_dimensions(fields, self.model.config.dim)
-        fields.string("user", default="")  # accepted for compatibility; nothing to do with it
-        # Extensions, as TEI names them: the pooling (default: the server's --pooling) and truncation of a text
-        # longer than max_input_tokens to its first max_input_tokens tokens (default: such a text is refused).
-        pooling = fields.choice("pooling", POOLINGS, default=self.model.pooling)
-        truncate = fields.boolean("truncate", default=False)
-        ids = await input_ids(self.model, self.limits, texts, "input", truncate="right" if truncate else None)
+        body = await self.read_request(request, EmbeddingsRequest)
+        ids = await input_ids(self.model, self.limits, body.input, "input",
+                              truncate="right" if body.truncate else None)
         with model_errors():
-            vectors = await self.model.embed(ids, pooling=pooling)
-        encode = encode_base64 if encoding == "base64" else np.ndarray.tolist
+            vectors = await self.model.embed(ids, pooling=body.pooling or self.model.pooling)
+        encode = encode_base64 if body.encoding_format == "base64" else np.ndarray.tolist
         data = [{"object": "embedding", "index": i, "embedding": encode(vector)} for i, vector in enumerate(vectors)]
         tokens = sum(len(text_ids) for text_ids in ids)
         self.metrics.count_tokens(prompt=tokens)
@@ -636,63 +560,20 @@ class OpenAIEndpoints:
 
     async def completions(self, request: Request) -> Response:
         started = time.perf_counter()
-        fields = await self.request_fields(request, COMPLETION_FIELDS)
-        prompt = self.completion_prompt(fields)
-        settings = dict(
-            max_new_tokens=fields.integer("max_tokens", minimum=1, maximum=self.limits.max_completion_tokens,
-                                          default=16),  # OpenAI's default
-            # Below cllm.generate.GREEDY_TEMPERATURE (1e-5), sampling is greedy, as at 0.
-            temperature=fields.number("temperature", minimum=0.0, maximum=MAX_TEMPERATURE, default=1.0),
-            top_p=fields.number("top_p", minimum=0.0, exclusive_minimum=True, maximum=1.0, default=1.0),
-            top_k=fields.integer("top_k", minimum=1, maximum=MAX_TOP_K, default=None),  # past the vocabulary: all
-            seed=fields.integer("seed", minimum=0, maximum=MAX_SEED, default=None),
-            stop=self.stop_strings(fields),
-        )
-        stream = fields.boolean("stream", default=False)
-        # include_obfuscation pads chunks against length side channels on OpenAI's side; here it changes nothing.
-        stream_options = fields.nested("stream_options", ("include_usage", "include_obfuscation"))
-        include_usage = stream_options.boolean("include_usage", default=False)
-        stream_options.boolean("include_obfuscation", default=False)
-        for name, neutral in UNSUPPORTED_COMPLETION_OPTIONS.items():
-            fields.unsupported(name, neutral)
-        fields.string("user", default="")
-        if include_usage and not stream:
-            raise invalid("'stream_options' is only allowed when 'stream' is true.", "stream_options")
-        [prompt_ids] = await input_ids(self.model, self.limits, [prompt], "prompt")
+        body = await self.read_request(request, CompletionRequest)
+        settings = dict(max_new_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
+                        top_k=body.top_k, seed=body.seed, stop=tuple(body.stop))
+        [prompt_ids] = await input_ids(self.model, self.limits, [body.prompt], "prompt")
         header = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                   "model": self.model_name}
-        if stream:
-            return await self.stream_completion(prompt_ids, settings, header, include_usage, started)
+        if body.stream:
+            return await self.stream_completion(prompt_ids, settings, header, body.stream_options.include_usage,
+                                                started)
         with model_errors():
             completion = await self.model.generate(prompt_ids, **settings)
         self.metrics.count_tokens(prompt=completion.prompt_tokens, generated=completion.completion_tokens)
         choice = {"text": completion.text, "index": 0, "finish_reason": completion.finish_reason, "logprobs": None}
         return JSONResponse(header | {"choices": [choice], "usage": usage(completion)})
-
-    def completion_prompt(self, fields: RequestFields) -> str:
-        """One prompt: a string, or a list of one string (what OpenAI's clients send for a batch of one). An empty
-        prompt starts a new document."""
-        prompt = fields.given("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if prompt is None:
-            prompt = ""
-        if not isinstance(prompt, str):
-            raise invalid("'prompt' must be a string or a list of one string (batches and token-id arrays are "
-                          f"not supported), got {short_repr(prompt)}.", "prompt")
-        return prompt
-
-    @staticmethod
-    def stop_strings(fields: RequestFields) -> tuple[str, ...]:
-        """At most MAX_STOP_STRINGS stop strings of at most MAX_STOP_CHARS characters each: every one is looked for
-        after every token."""
-        stop = fields.texts("stop", max_count=MAX_STOP_STRINGS, default=[])
-        for i, text in enumerate(stop):
-            if len(text) > MAX_STOP_CHARS:
-                where = f"stop[{i}]" if len(stop) > 1 else "stop"
-                raise invalid(f"'{where}' is {len(text)} characters long; a stop string may have at most "
-                              f"{MAX_STOP_CHARS}.", "stop")
-        return tuple(stop)
 
     async def stream_completion(self, prompt_ids: np.ndarray, settings: dict, header: dict,
                                 include_usage: bool, started: float) -> Response:
@@ -709,13 +590,6 @@ class OpenAIEndpoints:
         events = completion_events(stream, header, include_usage, self.keep_alive_interval, self.metrics, started)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-COMPLETION_FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream",
-                     "stream_options", "user", "n", "best_of", "echo", "logprobs", "suffix", "presence_penalty",
-                     "frequency_penalty", "logit_bias")
-UNSUPPORTED_COMPLETION_OPTIONS = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "suffix": None,
-                                  "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -745,74 +619,56 @@ class TEIEndpoints:
 
     def __init__(self, model: AsyncModel, limits: ServerLimits):
         self.model, self.limits = model, limits
+        self.request_limits = request_limits(model, limits)
 
     @tei_errors
     async def embed(self, request: Request) -> Response:
-        fields = RequestFields(await read_json_object(request), ("inputs", "normalize", "truncate",
-                                                                 "truncation_direction", "prompt_name", "dimensions"))
-        texts = self.inputs(fields)
-        normalize = fields.boolean("normalize", default=True)
-        truncate = fields.boolean("truncate", default=False)
-        direction = fields.choice("truncation_direction", ("Right", "Left", "right", "left"), default="Right")
-        fields.unsupported("prompt_name", None)  # cllm models carry no sentence-transformers prompts
-        check_dimensions(fields, self.model.config.dim)
-        ids = await input_ids(self.model, self.limits, texts, "inputs",
-                              truncate=direction.lower() if truncate else None)
+        body = parse(TEIEmbedRequest, await read_json_object(request), self.request_limits)
+        ids = await input_ids(self.model, self.limits, body.inputs, "inputs",
+                              truncate=body.truncation_direction.lower() if body.truncate else None)
         with model_errors():
-            vectors = await self.model.embed(ids, normalize=normalize)
+            vectors = await self.model.embed(ids, normalize=body.normalize)
         return JSONResponse(vectors.tolist())
-
-    def inputs(self, fields: RequestFields) -> list[str]:
-        """TEI's inputs: a string or a list of them, at most max_embedding_inputs (else 413, as TEI answers)."""
-        given, most = fields.given("inputs"), self.limits.max_embedding_inputs
-        if isinstance(given, list) and len(given) > most:
-            raise APIError(413, f"batch size {len(given)} > maximum allowed batch size {most}", param="inputs")
-        return fields.texts("inputs", max_count=most)
 
     async def tokenize(self, request: Request) -> Response:
         document = await read_json_object(request)
         if "content" in document:  # llama.cpp's body, answered as llama.cpp answers
-            return await self.tokenize_content(RequestFields(document, ("content", "add_special", "with_pieces")))
+            return await self.tokenize_content(parse(LlamaTokenizeRequest, document, self.request_limits))
         return await self.tokenize_inputs(request, document)
 
     @tei_errors
     async def tokenize_inputs(self, request: Request, document: dict) -> Response:
-        fields = RequestFields(document, ("inputs", "add_special_tokens", "prompt_name"))
-        texts = self.inputs(fields)
-        add_special = fields.boolean("add_special_tokens", default=True)
-        fields.unsupported("prompt_name", None)
+        body = parse(TEITokenizeRequest, document, self.request_limits)
         tokenizer = self.model.tokenizer
         pieces = await anyio.to_thread.run_sync(
-            lambda: [tokenizer.pieces(text, add_special_tokens=add_special) for text in texts])
+            lambda: [tokenizer.pieces(text, add_special_tokens=body.add_special_tokens) for text in body.inputs])
         return JSONResponse([[piece._asdict() for piece in text_pieces] for text_pieces in pieces])
 
-    async def tokenize_content(self, fields: RequestFields) -> Response:
-        text = fields.string("content")
-        add_special = fields.boolean("add_special", default=False)
-        with_pieces = fields.boolean("with_pieces", default=False)
+    async def tokenize_content(self, body: LlamaTokenizeRequest) -> Response:
         tokenizer = self.model.tokenizer
-        pieces = await anyio.to_thread.run_sync(lambda: tokenizer.pieces(text, add_special_tokens=add_special))
-        tokens = [{"id": p.id, "piece": p.text} for p in pieces] if with_pieces else [p.id for p in pieces]
+        pieces = await anyio.to_thread.run_sync(
+            lambda: tokenizer.pieces(body.content, add_special_tokens=body.add_special))
+        tokens = [{"id": p.id, "piece": p.text} for p in pieces] if body.with_pieces else [p.id for p in pieces]
         return JSONResponse({"tokens": tokens})
 
     @tei_errors
     async def decode(self, request: Request) -> Response:
-        fields = RequestFields(await read_json_object(request), ("ids", "skip_special_tokens"))
-        ids = fields.given("ids")
-        batches = ids if isinstance(ids, list) and ids and all(isinstance(i, list) for i in ids) else [ids]
-        skip = fields.boolean("skip_special_tokens", default=True)
-        return JSONResponse([self.decoded(one, "ids", skip_special_tokens=skip) for one in batches])
+        body = parse(TEIDecodeRequest, await read_json_object(request), self.request_limits)
+        return JSONResponse([self.decoded(ids, skip_special_tokens=body.skip_special_tokens) for ids in body.ids])
 
     async def detokenize(self, request: Request) -> Response:
-        fields = RequestFields(await read_json_object(request), ("tokens",))
-        return JSONResponse({"content": self.decoded(fields.given("tokens"), "tokens")})
+        body = parse(DetokenizeRequest, await read_json_object(request), self.request_limits)
+        return JSONResponse({"content": self.decoded(body.tokens)})
 
-    def decoded(self, ids, param: str, *, skip_special_tokens: bool = False) -> str:
-        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-            raise invalid(f"'{param}' must be a list of token ids (or, for /decode, a list of such lists), got "
-                          f"{short_repr(ids)}.", param)
+    def decoded(self, ids: list[int], *, skip_special_tokens: bool = False) -> str:
         with model_errors():  # an id outside the vocabulary is the client's error
             return self.model.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def request_limits(model: AsyncModel, limits: ServerLimits) -> Limits:
+    """What cllm.schemas checks of a request that depends on the server: its (resolved) limits and the model."""
+    return Limits(max_embedding_inputs=limits.max_embedding_inputs,
+                  max_completion_tokens=limits.max_completion_tokens, dim=model.config.dim)
 
 
 def encode_base64(vector: np.ndarray) -> str:

@@ -1,0 +1,305 @@
+"""The bodies of the server's requests (cllm.server) as pydantic models: the fields each route accepts, their
+types, ranges and defaults.
+
+The rules, the same for every model here (they all derive from RequestModel):
+
+- an unknown field is refused (extra="forbid"), in a nested object too;
+- types are strict: a string where a number is wanted is refused, and a boolean is not an integer; but a float
+  with an integer value (16.0) is an integer (Integer), since JSON has only numbers;
+- null is the same as leaving a field out, as in OpenAI's API: the field takes its default, or is missing;
+- an OpenAI option that cllm does not implement is accepted only at the value that changes nothing (`only`).
+  Implementing one means giving its field a real type and range instead.
+
+Limits that depend on the server (the most inputs in one request, the largest max_tokens, the model's embedding
+size) come as validation context: `EmbeddingsRequest.model_validate(document, context=Limits(...))`. A limit
+that the context leaves out (or no context) is not checked.
+
+Errors are pydantic's. The checks defined here raise PydanticCustomError with a message that is the rest of a
+sentence starting with the field's name ("must be ..., got ..."): cllm.server.request_error words pydantic's own
+error types the same way, and turns the first error into the server's 400.
+"""
+import json
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
+                      ValidationInfo, WrapValidator, field_validator, model_validator)
+from pydantic_core import PydanticCustomError, PydanticKnownError
+from pydantic_core.core_schema import ErrorType, ValidatorFunctionWrapHandler
+
+from .pooling import POOLINGS
+
+MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_STOP_CHARS = 64  # each stop string is looked for at every token: long ones would cost time on every token
+MAX_TEMPERATURE = 2.0  # as OpenAI
+MAX_TOP_K = 2**31 - 1
+MAX_SEED = 2**63 - 1  # OpenAI's seeds are int64; numpy's generators take any non-negative integer
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The server's limits on a request, passed as validation context. None: not checked."""
+
+    max_embedding_inputs: int | None = None  # texts in one embeddings (or TEI tokenize) request
+    max_completion_tokens: int | None = None  # the largest max_tokens
+    dim: int | None = None  # the model's embedding size, the only `dimensions` it can give
+
+
+def limit(info: ValidationInfo, name: str) -> int | None:
+    return getattr(info.context, name, None)
+
+
+def short_repr(value, limit: int = 40) -> str:
+    """JSON for value, cut short: an error message must not echo a megabyte back."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------------------------------------------
+# field types
+
+
+def integral_float(value):
+    """16.0 -> 16: JSON has numbers, not integers and floats, and some clients write every number with a point."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Integer = Annotated[int, BeforeValidator(integral_float)]
+
+
+def only(neutral) -> AfterValidator:
+    """An OpenAI option that cllm does not implement, accepted only at the value that changes nothing:
+    `n: Annotated[Any, only(1)] = 1`."""
+
+    def check(value):
+        if value == neutral and isinstance(value, bool) == isinstance(neutral, bool):
+            return value
+        raise PydanticCustomError("unsupported", "is not supported by this server (only {neutral})",
+                                  {"neutral": json.dumps(neutral)})
+
+    return AfterValidator(check)
+
+
+PYDANTIC_ERRORS = frozenset(get_args(ErrorType))
+
+
+def as_list_of_one(value, handler: ValidatorFunctionWrapHandler):
+    """handler([value]), with errors located at the field itself rather than at item 0 of a list the client
+    never sent."""
+    try:
+        return handler([value])
+    except ValidationError as error:
+        details = []
+        for detail in error.errors(include_url=False):
+            kind = detail["type"]
+            moved = {"type": kind if kind in PYDANTIC_ERRORS else PydanticCustomError(kind, detail["msg"]),
+                     "loc": detail["loc"][1:], "input": detail["input"]}
+            if "ctx" in detail and kind in PYDANTIC_ERRORS:
+                moved["ctx"] = detail["ctx"]
+            details.append(moved)
+        raise ValidationError.from_exception_data(error.title, details) from None
+
+
+def one_or_many_texts(value, handler: ValidatorFunctionWrapHandler):
+    """A string, or a list of strings: a string is a list of one."""
+    if isinstance(value, str):
+        return as_list_of_one(value, handler)
+    if isinstance(value, list) and all(isinstance(text, str) for text in value):
+        return handler(value)
+    raise PydanticCustomError("texts_type", "must be a string or a list of strings (token-id arrays are not "
+                              "supported), got {given}", {"given": short_repr(value)})
+
+
+def check_stop_string(text: str) -> str:
+    if len(text) > MAX_STOP_CHARS:
+        raise PydanticCustomError("stop_too_long", "is {length} characters long; a stop string may have at most "
+                                  "{most}", {"length": len(text), "most": MAX_STOP_CHARS})
+    return text
+
+
+Text = Annotated[str, Field(min_length=1)]
+Texts = Annotated[list[Text], Field(min_length=1), WrapValidator(one_or_many_texts)]
+StopStrings = Annotated[list[Annotated[Text, AfterValidator(check_stop_string)]],
+                        Field(min_length=1, max_length=MAX_STOP_STRINGS), WrapValidator(one_or_many_texts)]
+
+
+def within_max_inputs(texts: list[str], info: ValidationInfo) -> list[str]:
+    most = limit(info, "max_embedding_inputs")
+    if most is not None and len(texts) > most:
+        raise PydanticKnownError("too_long", {"field_type": "List", "max_length": most,
+                                              "actual_length": len(texts)})
+    return texts
+
+
+def within_batch_size(texts: list[str], info: ValidationInfo) -> list[str]:
+    """TEI's inputs: too many is its own error type, which the server answers with 413, as TEI does."""
+    most = limit(info, "max_embedding_inputs")
+    if most is not None and len(texts) > most:
+        raise PydanticCustomError("batch_too_large", "must hold at most {most} items, got {count}",
+                                  {"most": most, "count": len(texts)})
+    return texts
+
+
+def within_max_completion_tokens(value: int, info: ValidationInfo) -> int:
+    most = limit(info, "max_completion_tokens")
+    if most is not None and value > most:
+        raise PydanticKnownError("less_than_equal", {"le": most})
+    return value
+
+
+def model_dimensions(value: int, info: ValidationInfo) -> int:
+    # OpenAI's newer models can shorten their embeddings; cllm's were not trained to keep meaning when cut.
+    dim = limit(info, "dim")
+    if dim is not None and value != dim:
+        raise PydanticCustomError("dimensions", "must be {dim}, the size of this model's embeddings, got {given}",
+                                  {"dim": dim, "given": short_repr(value)})
+    return value
+
+
+Dimensions = Annotated[Integer, AfterValidator(model_dimensions)]
+
+
+def one_prompt(value):
+    """A prompt: a string, or a list of one string (what OpenAI's clients send for a batch of one)."""
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
+        return value[0]
+    if isinstance(value, str):
+        return value
+    raise PydanticCustomError("prompt_type", "must be a string or a list of one string (batches and token-id "
+                              "arrays are not supported), got {given}", {"given": short_repr(value)})
+
+
+Prompt = Annotated[str, BeforeValidator(one_prompt)]
+
+TokenId = Annotated[Integer, Field(ge=0)]
+
+
+def token_id_list(value, handler: ValidatorFunctionWrapHandler):
+    if not isinstance(value, list):
+        raise PydanticCustomError("token_ids_type", "must be a list of token ids, got {given}",
+                                  {"given": short_repr(value)})
+    return handler(value)
+
+
+def one_or_many_token_lists(value, handler: ValidatorFunctionWrapHandler):
+    """A list of token ids, or a list of such lists: one list is a list of one."""
+    if isinstance(value, list) and value and all(isinstance(ids, list) for ids in value):
+        return handler(value)
+    if isinstance(value, list):
+        return as_list_of_one(value, handler)
+    raise PydanticCustomError("token_ids_type", "must be a list of token ids or a list of such lists, got "
+                              "{given}", {"given": short_repr(value)})
+
+
+TokenIds = Annotated[list[TokenId], WrapValidator(token_id_list)]
+TokenIdLists = Annotated[list[list[TokenId]], WrapValidator(one_or_many_token_lists)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the requests
+
+
+class RequestModel(BaseModel):
+    """A JSON object in a request: unknown fields refused, types strict, null the same as absent."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def null_is_absent(cls, data):
+        if isinstance(data, dict):  # anything else is refused by the model itself
+            return {name: value for name, value in data.items() if value is not None or name not in cls.model_fields}
+        return data
+
+
+class EmbeddingsRequest(RequestModel):
+    """POST /v1/embeddings"""
+
+    model: str
+    input: Annotated[Texts, AfterValidator(within_max_inputs)]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Dimensions | None = None  # None: the model's own
+    user: str = ""  # accepted for compatibility; nothing to do with it
+    # Extensions, as TEI names them: the pooling (None: the server's --pooling), and truncation of a text longer
+    # than max_input_tokens to its first max_input_tokens tokens (else such a text is refused).
+    pooling: Literal[POOLINGS] | None = None
+    truncate: bool = False
+
+
+class StreamOptions(RequestModel):
+    include_usage: bool = False
+    # Pads chunks against length side channels on OpenAI's side; here it changes nothing.
+    include_obfuscation: bool = False
+
+
+class CompletionRequest(RequestModel):
+    """POST /v1/completions"""
+
+    model: str
+    prompt: Prompt = ""  # an empty prompt starts a new document
+    max_tokens: Annotated[Integer, Field(ge=1), AfterValidator(within_max_completion_tokens)] = 16  # as OpenAI
+    # Below cllm.generate.GREEDY_TEMPERATURE (1e-5), sampling is greedy, as at 0.
+    temperature: Annotated[float, Field(ge=0.0, le=MAX_TEMPERATURE)] = 1.0
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    top_k: Annotated[Integer, Field(ge=1, le=MAX_TOP_K)] | None = None  # an extension; past the vocabulary: all
+    seed: Annotated[Integer, Field(ge=0, le=MAX_SEED)] | None = None
+    stop: StopStrings = Field(default_factory=list)
+    stream: bool = False
+    stream_options: StreamOptions = Field(default_factory=StreamOptions)
+    user: str = ""  # accepted for compatibility; nothing to do with it
+    # OpenAI's options that cllm does not implement, accepted at the values that change nothing
+    n: Annotated[Any, only(1)] = 1
+    best_of: Annotated[Any, only(1)] = 1
+    echo: Annotated[Any, only(False)] = False
+    logprobs: Annotated[Any, only(None)] = None
+    suffix: Annotated[Any, only(None)] = None
+    presence_penalty: Annotated[Any, only(0)] = 0
+    frequency_penalty: Annotated[Any, only(0)] = 0
+    logit_bias: Annotated[Any, only({})] = Field(default_factory=dict)
+
+    @field_validator("stream_options")
+    @classmethod
+    def usage_only_when_streaming(cls, options: StreamOptions, info: ValidationInfo) -> StreamOptions:
+        if options.include_usage and not info.data.get("stream", False):
+            raise PydanticCustomError("stream_options_without_stream", "is only allowed when 'stream' is true")
+        return options
+
+
+class TEIEmbedRequest(RequestModel):
+    """POST /embed, as TEI"""
+
+    inputs: Annotated[Texts, AfterValidator(within_batch_size)]
+    normalize: bool = True
+    truncate: bool = False
+    truncation_direction: Literal["Right", "Left", "right", "left"] = "Right"
+    prompt_name: Annotated[Any, only(None)] = None  # cllm models carry no sentence-transformers prompts
+    dimensions: Dimensions | None = None
+
+
+class TEITokenizeRequest(RequestModel):
+    """POST /tokenize, as TEI"""
+
+    inputs: Annotated[Texts, AfterValidator(within_batch_size)]
+    add_special_tokens: bool = True
+    prompt_name: Annotated[Any, only(None)] = None
+
+
+class LlamaTokenizeRequest(RequestModel):
+    """POST /tokenize, as llama.cpp (a body with "content")"""
+
+    content: str
+    add_special: bool = False
+    with_pieces: bool = False
+
+
+class TEIDecodeRequest(RequestModel):
+    """POST /decode, as TEI"""
+
+    ids: TokenIdLists
+    skip_special_tokens: bool = True
+
+
+class DetokenizeRequest(RequestModel):
+    """POST /detokenize, as llama.cpp"""
+
+    tokens: TokenIds
