@@ -478,8 +478,9 @@ def request_error(error: ValidationError) -> APIError:
     elif kind == "literal_error":
         message = f"'{where}' must be {ctx['expected']}, got {short_repr(given)}."
     elif kind in ("too_short", "too_long"):
-        bound = f"at least {ctx['min_length']}" if kind == "too_short" else f"at most {ctx['max_length']}"
-        message = f"'{where}' must hold {bound} items, got {ctx['actual_length']}."
+        most = ctx["min_length"] if kind == "too_short" else ctx["max_length"]
+        bound = f"{'at least' if kind == 'too_short' else 'at most'} {most} item{'s' if most != 1 else ''}"
+        message = f"'{where}' must hold {bound}, got {ctx['actual_length']}."
     elif kind == "string_too_short" and ctx["min_length"] == 1:
         message = f"'{where}' cannot be an empty string."
     elif kind in ("string_too_short", "string_too_long"):
