@@ -69,22 +69,29 @@ class ChatTemplate:
 
 
 def normalized_message(message: Mapping, index: int) -> dict:
-    """A message as templates expect it: a role and a string content. OpenAI's content parts of type text are
-    joined with newlines (as vLLM joins them); any other part (an image, audio) is refused."""
+    """A message as templates expect it: a role and a string content (message_text)."""
     if not isinstance(message, Mapping):
         raise UsageError(f"messages[{index}] must be an object with a role and a content")
-    role, content = message.get("role"), message.get("content")
+    role = message.get("role")
     if role not in ROLES:
         raise UsageError(f"messages[{index}].role must be one of {', '.join(ROLES)}, got {role!r}")
-    if isinstance(content, list):
-        kinds = {part.get("type") if isinstance(part, Mapping) else None for part in content}
-        if kinds - {"text"}:
-            raise UsageError(f"messages[{index}].content: only text parts are supported, got "
-                             f"{sorted(map(str, kinds - {'text'}))}")
-        content = "\n".join(str(part.get("text", "")) for part in content)
-    if not isinstance(content, str):
-        raise UsageError(f"messages[{index}].content must be a string or a list of text parts")
+    try:
+        content = message_text(message.get("content"))
+    except UsageError as e:
+        raise UsageError(f"messages[{index}].content {e}") from None
     return {**message, "role": role, "content": content}
+
+
+def message_text(content) -> str:
+    """A message's content as one string: a string, or OpenAI's content parts of type text, joined with newlines
+    (as vLLM joins them). Any other part (an image, audio) is refused."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(part, Mapping) and part.get("type") == "text"
+                                         and isinstance(part.get("text"), str) for part in content):
+        return "\n".join(part["text"] for part in content)
+    raise UsageError("must be a string or a list of text parts ({\"type\": \"text\", \"text\": ...}); only "
+                     "text parts are supported")
 
 
 class _GenerationBlocks(jinja2.ext.Extension):

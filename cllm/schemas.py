@@ -27,6 +27,9 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 from pydantic_core import PydanticCustomError, PydanticKnownError
 from pydantic_core.core_schema import ErrorType, ValidatorFunctionWrapHandler
 
+from .chat import ROLES, message_text
+from .errors import UsageError
+from .generate import MAX_TOP_LOGPROBS
 from .pooling import POOLINGS
 
 MAX_STOP_STRINGS = 4  # as OpenAI
@@ -34,6 +37,9 @@ MAX_STOP_CHARS = 64  # each stop string is looked for at every token: long ones 
 MAX_TEMPERATURE = 2.0  # as OpenAI
 MAX_TOP_K = 2**31 - 1
 MAX_SEED = 2**63 - 1  # OpenAI's seeds are int64; numpy's generators take any non-negative integer
+MAX_REPETITION_PENALTY = 10.0  # far past any useful value (1.1 to 1.3 are usual)
+MAX_PROMPTS = 16  # prompts in one completions request
+MAX_CHOICES = 16  # n times the prompts: each choice takes a decoder row
 
 
 @dataclass(frozen=True)
@@ -232,29 +238,26 @@ class StreamOptions(RequestModel):
     include_obfuscation: bool = False
 
 
-class CompletionRequest(RequestModel):
-    """POST /v1/completions"""
+class GenerationRequest(RequestModel):
+    """What completions and chat completions share: the model, the length, sampling, stopping and streaming."""
 
     model: str
-    prompt: Prompt = ""  # an empty prompt starts a new document
     max_tokens: Annotated[Integer, Field(ge=1), AfterValidator(within_max_completion_tokens)] = 16  # as OpenAI
     # Below cllm.generate.GREEDY_TEMPERATURE (1e-5), sampling is greedy, as at 0.
     temperature: Annotated[float, Field(ge=0.0, le=MAX_TEMPERATURE)] = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     top_k: Annotated[Integer, Field(ge=1, le=MAX_TOP_K)] | None = None  # an extension; past the vocabulary: all
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0  # an extension, as vLLM's and llama.cpp's
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=MAX_REPETITION_PENALTY)] = 1.0  # an extension, as vLLM's
     seed: Annotated[Integer, Field(ge=0, le=MAX_SEED)] | None = None
+    n: Annotated[Integer, Field(ge=1, le=MAX_CHOICES)] = 1
     stop: StopStrings = Field(default_factory=list)
     stream: bool = False
     stream_options: StreamOptions = Field(default_factory=StreamOptions)
     user: str = ""  # accepted for compatibility; nothing to do with it
     # OpenAI's options that cllm does not implement, accepted at the values that change nothing
-    n: Annotated[Any, only(1)] = 1
-    best_of: Annotated[Any, only(1)] = 1
-    echo: Annotated[Any, only(False)] = False
-    logprobs: Annotated[Any, only(None)] = None
-    suffix: Annotated[Any, only(None)] = None
-    presence_penalty: Annotated[Any, only(0)] = 0
-    frequency_penalty: Annotated[Any, only(0)] = 0
     logit_bias: Annotated[Any, only({})] = Field(default_factory=dict)
 
     @field_validator("stream_options")
@@ -263,6 +266,89 @@ class CompletionRequest(RequestModel):
         if options.include_usage and not info.data.get("stream", False):
             raise PydanticCustomError("stream_options_without_stream", "is only allowed when 'stream' is true")
         return options
+
+    def sampling(self) -> dict:
+        """The settings for AsyncModel.stream_choices, but for logprobs (each route words them its own way)."""
+        return dict(n=self.n, max_new_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                    top_k=self.top_k, min_p=self.min_p or None, presence_penalty=self.presence_penalty,
+                    frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
+                    seed=self.seed, stop=tuple(self.stop))
+
+
+def one_or_many_prompts(value, handler: ValidatorFunctionWrapHandler):
+    """A prompt, or a list of prompts: a string is a list of one."""
+    if isinstance(value, str):
+        return as_list_of_one(value, handler)
+    if isinstance(value, list) and value and all(isinstance(text, str) for text in value):
+        return handler(value)
+    raise PydanticCustomError("prompt_type", "must be a string or a list of strings (token-id arrays are not "
+                              "supported), got {given}", {"given": short_repr(value)})
+
+
+# An empty prompt starts a new document.
+Prompts = Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS), WrapValidator(one_or_many_prompts)]
+
+
+class CompletionRequest(GenerationRequest):
+    """POST /v1/completions: n choices for each prompt (choice i * n + j continues prompt i)"""
+
+    prompt: Prompts = Field(default_factory=lambda: [""])
+    logprobs: Annotated[Integer, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None  # alternatives per token
+    best_of: Integer | None = None  # accepted equal to n: cllm returns every choice it draws
+    # OpenAI's options that cllm does not implement, accepted at the values that change nothing
+    echo: Annotated[Any, only(False)] = False
+    suffix: Annotated[Any, only(None)] = None
+
+    @model_validator(mode="after")
+    def choices_within_limits(self):
+        if self.best_of is not None and self.best_of != self.n:
+            raise PydanticCustomError("best_of", "'best_of' is not supported by this server (only equal to 'n')")
+        if len(self.prompt) * self.n > MAX_CHOICES:
+            raise PydanticCustomError("too_many_choices", "{prompts} prompts with n={n} make {count} choices; this "
+                                      "server makes at most {most} in one request",
+                                      {"prompts": len(self.prompt), "n": self.n, "count": len(self.prompt) * self.n,
+                                       "most": MAX_CHOICES})
+        return self
+
+
+def message_content(value):
+    """A message's content as one string: OpenAI's text parts joined (cllm.chat.message_text)."""
+    try:
+        return message_text(value)
+    except UsageError as e:
+        raise PydanticCustomError("content_type", "{reason}, got {given}",
+                                  {"reason": str(e), "given": short_repr(value)}) from None
+
+
+class ChatMessage(RequestModel):
+    role: Literal[ROLES]
+    content: Annotated[Any, AfterValidator(message_content)]
+    name: str | None = None  # passed to the template, which may show it
+
+
+class ChatCompletionRequest(GenerationRequest):
+    """POST /v1/chat/completions"""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[Integer, Field(ge=1),
+                                     AfterValidator(within_max_completion_tokens)] | None = None  # max_tokens' new name
+    logprobs: bool = False
+    top_logprobs: Annotated[Integer, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    # OpenAI's options that cllm does not implement, accepted at the values that change nothing
+    response_format: Annotated[Any, only({"type": "text"})] = Field(default_factory=lambda: {"type": "text"})
+    tools: Annotated[Any, only([])] = Field(default_factory=list)
+    tool_choice: Annotated[Any, only("none")] = "none"
+
+    @model_validator(mode="after")
+    def settled(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise PydanticCustomError("top_logprobs", "'top_logprobs' needs 'logprobs' to be true")
+        if self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+        return self
+
+    def sampling(self) -> dict:
+        return super().sampling() | {"logprobs": (self.top_logprobs or 0) if self.logprobs else None}
 
 
 class TEIEmbedRequest(RequestModel):

@@ -104,15 +104,17 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import UsageError
 from .metrics import RequestMetrics, ServerMetrics
-from .schemas import (PYDANTIC_ERRORS, CompletionRequest, DetokenizeRequest, EmbeddingsRequest, Limits,
-                      LlamaTokenizeRequest, RequestModel, TEIDecodeRequest, TEIEmbedRequest, TEITokenizeRequest,
-                      short_repr)
+from .openai_format import ChatCompletionForm, ResponseForm, TextCompletionForm, usage
+from .schemas import (PYDANTIC_ERRORS, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                      EmbeddingsRequest, GenerationRequest, Limits, LlamaTokenizeRequest, RequestModel,
+                      TEIDecodeRequest, TEIEmbedRequest, TEITokenizeRequest, short_repr)
 from .serving import AsyncModel, Completion, CompletionStream, EngineStalled, Overloaded
 
 logger = logging.getLogger(__name__)
 
 # The routes that use the model or its tokenizer, and count as load
-MODEL_ENDPOINTS = ("/v1/embeddings", "/v1/completions", "/embed", "/tokenize", "/decode", "/detokenize")
+MODEL_ENDPOINTS = ("/v1/embeddings", "/v1/completions", "/v1/chat/completions", "/embed", "/tokenize", "/decode",
+                   "/detokenize")
 ROUTES = (*MODEL_ENDPOINTS, "/v1/models", "/health", "/info", "/metrics")
 OPEN_ENDPOINTS = ("/health",)  # answered without an API key: a load balancer's probe has none
 KEEP_ALIVE_SECONDS = 15.0  # a quiet stream sends an SSE comment this often
@@ -164,6 +166,7 @@ def create_app(model: AsyncModel, *, model_name: str, limits: ServerLimits = Ser
     routes = [
         Route("/v1/embeddings", api.embeddings, methods=["POST"]),
         Route("/v1/completions", api.completions, methods=["POST"]),
+        Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
         Route("/v1/models", api.models, methods=["GET"]),
         Route("/health", api.health, methods=["GET"]),
         Route("/info", api.info, methods=["GET"]),
@@ -502,11 +505,17 @@ async def input_ids(model: AsyncModel, limits: ServerLimits, texts: Sequence[str
     limit = limits.max_input_tokens
     if truncate is not None:
         return [text_ids[-limit:] if truncate == "left" else text_ids[:limit] for text_ids in ids]
+    check_lengths(limits, ids, param)
+    return ids
+
+
+def check_lengths(limits: ServerLimits, ids: Sequence[np.ndarray], param: str) -> None:
+    """A 400 naming the first input longer than max_input_tokens."""
+    limit = limits.max_input_tokens
     for i, text_ids in enumerate(ids):
         if len(text_ids) > limit:
-            where = f"{param}[{i}]" if len(texts) > 1 else param
+            where = f"{param}[{i}]" if len(ids) > 1 else param
             raise invalid(f"'{where}' is {len(text_ids)} tokens long; this server takes at most {limit}.", param)
-    return ids
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -562,35 +571,51 @@ class OpenAIEndpoints:
     async def completions(self, request: Request) -> Response:
         started = time.perf_counter()
         body = await self.read_request(request, CompletionRequest)
-        settings = dict(max_new_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
-                        top_k=body.top_k, seed=body.seed, stop=tuple(body.stop))
-        [prompt_ids] = await input_ids(self.model, self.limits, [body.prompt], "prompt")
-        header = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                  "model": self.model_name}
-        if body.stream:
-            return await self.stream_completion(prompt_ids, settings, header, body.stream_options.include_usage,
-                                                started)
-        with model_errors():
-            completion = await self.model.generate(prompt_ids, **settings)
-        self.metrics.count_tokens(prompt=completion.prompt_tokens, generated=completion.completion_tokens)
-        choice = {"text": completion.text, "index": 0, "finish_reason": completion.finish_reason, "logprobs": None}
-        return JSONResponse(header | {"choices": [choice], "usage": usage(completion)})
+        prompts = await input_ids(self.model, self.limits, body.prompt, "prompt")
+        form = TextCompletionForm(self.model.tokenizer, self.model_name)
+        return await self.generate(prompts, body.sampling() | {"logprobs": body.logprobs}, body, form, started)
 
-    async def stream_completion(self, prompt_ids: np.ndarray, settings: dict, header: dict,
-                                include_usage: bool, started: float) -> Response:
-        # The request is queued before the response starts, so that a refusal (bad settings, a prompt too long, a
-        # full queue) still gets its 400 or 429 status rather than an error event inside a 200.
+    # ---- chat completions
+
+    async def chat_completions(self, request: Request) -> Response:
+        started = time.perf_counter()
+        body = await self.read_request(request, ChatCompletionRequest)
+        tokenizer = self.model.tokenizer
+        messages = [message.model_dump(exclude_none=True) for message in body.messages]
+        with model_errors():  # no template, or one that refuses these messages
+            prompt = await anyio.to_thread.run_sync(tokenizer.encode_chat, messages)
+        check_lengths(self.limits, [prompt], "messages")
+        settings = body.sampling() | {"end_ids": tokenizer.end_of_turn_ids}
+        if "max_tokens" not in body.model_fields_set and body.max_completion_tokens is None:
+            settings["max_new_tokens"] = self.limits.max_completion_tokens  # a reply runs to its end, as OpenAI's
+        form = ChatCompletionForm(tokenizer, self.model_name)
+        return await self.generate([prompt], settings, body, form, started)
+
+    async def generate(self, prompts: list[np.ndarray], settings: dict, body: GenerationRequest, form: ResponseForm,
+                       started: float) -> Response:
+        """The choices for prompts (n each), whole or streamed as the body asks, in the route's form."""
+        # The request is queued before a stream's response starts, so that a refusal (bad settings, a prompt too
+        # long, a full queue) still gets its 400 or 429 status rather than an error event inside a 200.
         with model_errors():
-            stream = self.model.stream(prompt_ids, **settings)
+            stream = self.model.stream_choices(prompts, **settings)
         try:
             with model_errors():
                 await stream.start()
         except BaseException:
             await stream.aclose()
             raise
-        events = completion_events(stream, header, include_usage, self.keep_alive_interval, self.metrics, started)
-        return StreamingResponse(events, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        if body.stream:
+            events = generation_events(stream, form, body.n, settings.get("logprobs") is not None,
+                                       body.stream_options.include_usage, self.keep_alive_interval, self.metrics,
+                                       started)
+            return StreamingResponse(events, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        async with aclosing(stream):
+            with model_errors():
+                while await stream.next_delta() is not None:
+                    pass
+        count_tokens(self.metrics, stream.completions, body.n)
+        return JSONResponse(form.response(stream.completions, body.n))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -677,9 +702,9 @@ def encode_base64(vector: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(vector, dtype="<f4").tobytes()).decode("ascii")
 
 
-def usage(completion: Completion) -> dict:
-    return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
-            "total_tokens": completion.prompt_tokens + completion.completion_tokens}
+def count_tokens(metrics: ServerMetrics, completions: Sequence[Completion], n: int) -> None:
+    counts = usage(completions, n)
+    metrics.count_tokens(prompt=counts["prompt_tokens"], generated=counts["completion_tokens"])
 
 
 def server_sent_event(data: dict | str) -> str:
@@ -689,30 +714,34 @@ def server_sent_event(data: dict | str) -> str:
 KEEP_ALIVE_COMMENT = ": keep-alive\n\n"  # an SSE comment: clients skip it, idle timeouts see traffic
 
 
-async def completion_events(stream: CompletionStream, header: dict, include_usage: bool,
-                            keep_alive_interval: float, metrics: ServerMetrics, started: float) -> AsyncIterator[str]:
-    """The SSE body of a streamed completion: a chunk per text piece, a last chunk with the finish reason, the
-    usage if asked for, then [DONE]; a keep-alive comment whenever the stream has been quiet for
-    keep_alive_interval seconds. Closing it early (the client went away) frees the model's decoder row."""
-
-    def chunk(text: str, finish_reason: str | None = None) -> str:
-        return server_sent_event(header | {"choices": [{"text": text, "index": 0, "finish_reason": finish_reason,
-                                                        "logprobs": None}]})
-
+async def generation_events(stream: CompletionStream, form: ResponseForm, n: int, logprobs: bool,
+                            include_usage: bool, keep_alive_interval: float, metrics: ServerMetrics,
+                            started: float) -> AsyncIterator[str]:
+    """The SSE body of a streamed generation, in the route's form: per choice, its opening chunk (if the form has
+    one), a chunk per settled piece, and a chunk with its finish reason; then the usage if asked for, then [DONE];
+    a keep-alive comment whenever the stream has been quiet for keep_alive_interval seconds. Closing it early (the
+    client went away) frees the model's decoder rows."""
     first_piece = True
     async with aclosing(stream):
         try:
+            for index in range(len(stream.completions)):
+                if (opening := form.opening(index)) is not None:
+                    yield server_sent_event(form.chunk(opening))
             while True:
                 if not await stream.wait(keep_alive_interval):
                     yield KEEP_ALIVE_COMMENT
                     continue
-                piece = await anext(stream, None)
-                if piece is None:
+                delta = await stream.next_delta()
+                if delta is None:
                     break
-                if first_piece:
-                    metrics.first_token.observe(time.perf_counter() - started)
-                    first_piece = False
-                yield chunk(piece)
+                if delta.text or delta.logprobs:
+                    if first_piece and delta.text:
+                        metrics.first_token.observe(time.perf_counter() - started)
+                        first_piece = False
+                    yield server_sent_event(form.chunk(form.delta(delta.index, delta.text,
+                                                                  delta.logprobs if logprobs else None)))
+                if delta.finish_reason is not None:
+                    yield server_sent_event(form.chunk(form.finish(delta.index, delta.finish_reason)))
         except EngineStalled as e:
             logger.error("request %s: %s", current_request_id.get(), e)
             yield server_sent_event(stalled(e).body())
@@ -723,9 +752,7 @@ async def completion_events(stream: CompletionStream, header: dict, include_usag
             logger.exception("request %s: a streamed completion failed", current_request_id.get())
             yield server_sent_event(SERVER_ERROR.body())
             return
-    completion = stream.completion
-    metrics.count_tokens(prompt=completion.prompt_tokens, generated=completion.completion_tokens)
-    yield chunk("", completion.finish_reason)
+    count_tokens(metrics, stream.completions, n)
     if include_usage:
-        yield server_sent_event(header | {"choices": [], "usage": usage(completion)})
+        yield server_sent_event(form.usage_chunk(stream.completions, n))
     yield server_sent_event("[DONE]")

@@ -67,6 +67,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass
+from typing import NamedTuple
 from numbers import Integral, Real
 
 import anyio
@@ -151,10 +152,12 @@ class _EmbeddingRequest:
 
 @dataclass(eq=False)
 class _GenerationRequest:
-    """One generate() or stream() call, as the decoding loop sees it."""
+    """One choice of a generate() or stream() call, as the decoding loop sees it."""
     continuation: Continuation
-    # Text pieces, each with how many tokens the continuation had generated when it was settled; closed at the end.
-    results: MemoryObjectSendStream[tuple[str, int]]
+    # (index, text, tokens generated so far, finish reason or None) per settled piece, and one last time when the
+    # continuation ends; the stream may be shared by the call's choices, each closing its own clone.
+    results: MemoryObjectSendStream[tuple[int, str, int, str | None]]
+    index: int = 0  # which of the call's choices
     completed: bool = False  # every piece was delivered (the stream was not closed by a shutdown)
     error: BaseException | None = None  # why a decoding step it was in failed
 
@@ -162,90 +165,131 @@ class _GenerationRequest:
         self.error = error
         self.results.close()
 
+    def deliver(self, piece: str) -> None:
+        """Sends what the continuation's last advance settled, and closes the results once it has ended."""
+        continuation = self.continuation
+        if (piece or continuation.finished) and not _abandoned(self.results):
+            # Never blocks: the stream is unbounded.
+            self.results.send_nowait((self.index, piece, len(continuation.token_ids), continuation.finish_reason))
+        if continuation.finished:
+            self.completed = True
+            self.results.close()
+
+
+class Delta(NamedTuple):
+    """What one choice of a CompletionStream settled: text (maybe ""), the logprobs of the tokens generated since
+    its previous delta (empty unless asked for), and on its last delta, its finish reason."""
+    index: int
+    text: str
+    logprobs: list[TokenLogprob]
+    finish_reason: str | None
+
 
 class CompletionStream(AsyncIterator[str]):
-    """Text pieces as they are decoded; after the last one, `completion` has the finish reason and the token
-    counts (None until then). With logprobs asked for, `piece_logprobs` are those of the tokens generated since
-    the piece before (a piece may settle several tokens, or a token no text yet); the last tokens' come in
-    `completion.logprobs` only.
+    """The continuations of one call as they are decoded: one choice (stream()), or several (stream_choices()).
+
+    Iterate a single-choice stream for its text pieces, or any stream with next_delta() for Deltas, which say
+    which choice they belong to and carry logprobs and finish reasons. A choice's Completion is in `completions`
+    once its last delta has come, and `completion` is the first choice's once the stream has ended (None until
+    then).
 
     The request is queued by `await start()`, or by the first iteration: a prompt the model cannot take
-    (UsageError) or a full queue (Overloaded) is raised there. A caller cancelled while it waits for a piece is
-    gone, and its decoder row is freed; `wait(seconds)` waits for the next piece without that, for a server
-    that has something to do meanwhile (a keep-alive). aclose() frees the row too.
+    (UsageError) or a full queue (Overloaded) is raised there, and then none of its choices is queued. A caller
+    cancelled while it waits is gone, and its decoder rows are freed; `wait(seconds)` waits for the next delta
+    without that, for a server that has something to do meanwhile (a keep-alive). aclose() frees the rows too.
     """
 
-    def __init__(self, model: AsyncModel, prompt: str | Sequence[int], settings: dict):
-        self._model, self._prompt, self._settings = model, prompt, settings
-        self._request: _GenerationRequest | None = None
-        self._pieces: MemoryObjectReceiveStream[tuple[str, int]] | None = None
-        self._next: tuple[str, int] | object | None = None  # received by wait() and not yet taken, or _END
-        self._text: list[str] = []
-        self._tokens = 0  # the tokens that the pieces so far cover
-        self.piece_logprobs: list[TokenLogprob] = []
-        self._closed = False
-        self.completion: Completion | None = None
+    def __init__(self, model: AsyncModel, prompts: Sequence[str | Sequence[int]], settings: Sequence[dict]):
+        self._model, self._prompts, self._settings = model, prompts, settings
+        self._requests: list[_GenerationRequest] = []
+        self._deltas: MemoryObjectReceiveStream[tuple[int, str, int, str | None]] | None = None
+        self._next: tuple | object | None = None  # received by wait() and not yet taken, or _END
+        self._texts: list[list[str]] = [[] for _ in settings]
+        self._tokens = [0] * len(settings)  # per choice, the tokens its deltas so far cover
+        self._closed = self._ended = False
+        self.completions: list[Completion | None] = [None] * len(settings)
+
+    @property
+    def completion(self) -> Completion | None:
+        return self.completions[0] if self._ended else None
 
     async def start(self) -> None:
-        """Queues the request, once."""
-        if self._request is not None or self._closed:
+        """Queues every choice, once."""
+        if self._requests or self._closed:
             return
-        continuation = await self._model._continuation(self._prompt, self._settings)
-        request, pieces = _generation_request(continuation)
+        continuations = [await self._model._continuation(prompt, settings)
+                         for prompt, settings in zip(self._prompts, self._settings)]
+        # Unbounded, so that the decoding loop never waits for a slow reader; a choice sends at most
+        # max_new_tokens + 1 items.
+        results, deltas = anyio.create_memory_object_stream[tuple[int, str, int, str | None]](math.inf)
+        requests = [_GenerationRequest(c, results.clone(), index) for index, c in enumerate(continuations)]
+        results.close()  # the choices' clones keep it open until each has ended
+        queued = 0
         try:
-            await self._model._submit(self._model._generations, request)
+            for request in requests:
+                await self._model._submit(self._model._generations, request)
+                queued += 1
         except BaseException:
-            pieces.close()
+            deltas.close()  # the choices already queued see that nobody listens, and are dropped
+            for request in requests[queued:]:
+                request.results.close()
             raise
-        self._request, self._pieces = request, pieces
+        self._requests, self._deltas = requests, deltas
 
     async def wait(self, seconds: float) -> bool:
-        """Whether the next piece (or the end) has come, waiting for it at most `seconds`; starts the request."""
+        """Whether the next delta (or the end) has come, waiting for it at most `seconds`; starts the request."""
         await self.start()
         if self._next is None and not self._closed:
             with anyio.move_on_after(seconds):
                 try:
-                    self._next = await self._pieces.receive()  # cancelled, it loses nothing
+                    self._next = await self._deltas.receive()  # cancelled, it loses nothing
                 except anyio.EndOfStream:
                     self._next = _END
         return self._next is not None or self._closed
 
-    async def __anext__(self) -> str:
+    async def next_delta(self) -> Delta | None:
+        """The next Delta of any choice, or None once every choice has ended."""
         try:
             await self.wait(math.inf)
         except anyio.get_cancelled_exc_class():
-            self._close()  # the caller has gone: its row is freed before the next step
+            self._close()  # the caller has gone: its rows are freed before the next step
             raise
         if self._closed:
-            raise StopAsyncIteration
+            return None
         if self._next is _END:
             self._finish()
-            raise StopAsyncIteration
-        (piece, tokens), self._next = self._next, None
-        self._text.append(piece)
-        logprobs = self._request.continuation.logprobs
-        if logprobs is not None:  # appended by the decoding thread before it sent the piece
-            self.piece_logprobs = logprobs[self._tokens:tokens]
-        self._tokens = tokens
-        return piece
+            return None
+        (index, piece, tokens, finish_reason), self._next = self._next, None
+        c = self._requests[index].continuation
+        logprobs = [] if c.logprobs is None else c.logprobs[self._tokens[index]:tokens]  # in before it was sent
+        self._tokens[index] = tokens
+        self._texts[index].append(piece)
+        if finish_reason is not None:
+            self.completions[index] = Completion("".join(self._texts[index]), finish_reason, len(c.prompt_ids),
+                                                 len(c.token_ids), c.logprobs)
+        return Delta(index, piece, logprobs, finish_reason)
+
+    async def __anext__(self) -> str:
+        while (delta := await self.next_delta()) is not None:
+            if delta.text:
+                return delta.text
+        raise StopAsyncIteration
 
     def _finish(self) -> None:
-        request = self._request
-        if request.error is not None:
-            raise request.error
-        if not request.completed:
+        for request in self._requests:
+            if request.error is not None:
+                raise request.error
+        if not all(request.completed for request in self._requests):
             raise RuntimeError(CLOSED_WHILE_PENDING)
-        c = request.continuation
-        self.completion = Completion("".join(self._text), c.finish_reason, len(c.prompt_ids), len(c.token_ids),
-                                     c.logprobs)
+        self._ended = True
 
     async def aclose(self) -> None:
         self._close()
 
     def _close(self) -> None:
         self._closed = True
-        if self._pieces is not None:
-            self._pieces.close()  # the decoding loop sees that nobody listens, and frees the row
+        if self._deltas is not None:
+            self._deltas.close()  # the decoding loop sees that nobody listens, and frees the rows
 
 
 _END = object()  # the end of a CompletionStream's pieces
@@ -554,39 +598,53 @@ class AsyncModel:
     # ----------------------------------------------------------------------------------------------------------
     # generation
 
-    async def generate(self, prompt: str | Sequence[int], *, max_new_tokens: int = 128, seed: int | None = None,
-                       stop: str | Sequence[str] = (), **settings) -> Completion:
-        """The continuation of prompt (text, or token ids), whole. Settings as for cllm.generate.generate
-        (Sampling's, such as temperature, 0 for greedy; logprobs; end_ids; seed makes sampling reproducible);
-        max_new_tokens must be at least 1."""
-        stream = self.stream(prompt, max_new_tokens=max_new_tokens, seed=seed, stop=stop, **settings)
+    async def generate(self, prompt: str | Sequence[int], **settings) -> Completion:
+        """The continuation of prompt (text, or token ids), whole. Settings as for stream()."""
+        stream = self.stream(prompt, **settings)
         async with aclosing(stream):
             async for _ in stream:
                 pass
         return stream.completion
 
-    def stream(self, prompt: str | Sequence[int], *, max_new_tokens: int = 128, seed: int | None = None,
-               stop: str | Sequence[str] = (), logprobs: int | None = None, end_ids: Sequence[int] = (),
-               **sampling) -> CompletionStream:
+    def stream(self, prompt: str | Sequence[int], **settings) -> CompletionStream:
         """The continuation of prompt (text, or token ids) as text pieces, as they are decoded; settings as for
-        generate().
+        stream_choices().
 
         Settings are checked now (UsageError); the prompt is tokenized and the request queued when iteration
         starts, or at `await stream.start()` (UsageError for a prompt longer than the context, Overloaded then).
-        Once the iteration ends, the stream's `completion` holds what generate() would return. Leaving the
-        iteration early frees the request's decoder row once the stream is closed: use `contextlib.aclosing`
-        to have that happen at once.
+        Once the iteration ends, the stream's `completion` holds what generate() returns. Leaving the iteration
+        early frees the request's decoder row once the stream is closed: use `contextlib.aclosing` to have that
+        happen at once.
+        """
+        return self.stream_choices([prompt], **settings)
+
+    def stream_choices(self, prompts: Sequence[str | Sequence[int]], *, n: int = 1, max_new_tokens: int = 128,
+                       seed: int | None = None, stop: str | Sequence[str] = (), logprobs: int | None = None,
+                       end_ids: Sequence[int] = (), **sampling) -> CompletionStream:
+        """n continuations of each prompt, decoded together: choice i * n + j continues prompts[i], with seed
+        seed + i * n + j if a seed is given (so choices differ, and each is reproducible). Read them with the
+        stream's next_delta().
+
+        Settings: max_new_tokens (at least 1), seed, stop strings, logprobs (None, or 0 to 20 alternatives per
+        token) and end_ids (tokens that end a continuation besides the separator, a chat's end of turn), and
+        cllm.generate.Sampling's: temperature (0 is greedy), top_k, top_p, min_p, repetition_penalty,
+        frequency_penalty and presence_penalty.
         """
         if not isinstance(max_new_tokens, Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise UsageError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if not isinstance(n, Integral) or isinstance(n, bool) or n < 1:
+            raise UsageError(f"n must be a positive integer, got {n!r}")
+        if not prompts:
+            raise UsageError("stream_choices needs at least one prompt")
         Sampling(**sampling)  # checked here, before anything is queued
         check_generation(max_new_tokens=max_new_tokens, seed=seed, stop=stop, logprobs=logprobs)
-        settings = dict(max_new_tokens=max_new_tokens, seed=seed, stop=stop, logprobs=logprobs,
-                        end_ids=tuple(end_ids), **sampling)
-        if not isinstance(prompt, str):
-            prompt = token_ids(prompt, self.tokenizer.vocab_size, "the prompt")
+        prompts = [prompt if isinstance(prompt, str) else token_ids(prompt, self.tokenizer.vocab_size, "the prompt")
+                   for prompt in prompts]
         self._check_running()
-        return CompletionStream(self, prompt, settings)
+        settings = [dict(max_new_tokens=max_new_tokens, seed=None if seed is None else seed + index, stop=stop,
+                         logprobs=logprobs, end_ids=tuple(end_ids), **sampling)
+                    for index in range(len(prompts) * n)]
+        return CompletionStream(self, [prompt for prompt in prompts for _ in range(n)], settings)
 
     async def _continuation(self, prompt: str | np.ndarray, settings: dict) -> Continuation:
         if isinstance(prompt, str):
@@ -616,8 +674,7 @@ class AsyncModel:
                     if _abandoned(request.results):
                         request.results.close()
                     elif request.continuation.finished:  # max_new_tokens=0: nothing to decode
-                        request.completed = True
-                        request.results.close()
+                        request.deliver("")
                     else:
                         row = min(set(range(self.max_streams)) - rows.keys())
                         rows[row] = request
@@ -636,13 +693,8 @@ class AsyncModel:
                     continue
                 self._observe("decode", len(continuations))
                 for row, piece in pieces.items():
-                    request = rows[row]
-                    if piece and not _abandoned(request.results):
-                        # Never blocks: the stream is unbounded.
-                        request.results.send_nowait((piece, len(request.continuation.token_ids)))
-                    if request.continuation.finished:
-                        request.completed = True
-                        request.results.close()
+                    rows[row].deliver(piece)
+                    if rows[row].completed:
                         del rows[row]
         finally:
             for request in rows.values():
@@ -660,14 +712,6 @@ class AsyncModel:
         pieces = {row: continuation.advance(decoder.logits[row]) for row, continuation in continuations.items()}
         feed(decoder, continuations)
         return pieces
-
-
-def _generation_request(continuation: Continuation
-                        ) -> tuple[_GenerationRequest, MemoryObjectReceiveStream[tuple[str, int]]]:
-    # Unbounded, so that the decoding loop never waits for a slow reader; a continuation is at most
-    # max_new_tokens pieces.
-    results, pieces = anyio.create_memory_object_stream[tuple[str, int]](math.inf)
-    return _GenerationRequest(continuation, results), pieces
 
 
 def _abandoned(results: MemoryObjectSendStream) -> bool:

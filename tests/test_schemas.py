@@ -31,9 +31,10 @@ def completion_refusal(**fields):
 def test_defaults():
     body = completion()
     assert (body.prompt, body.max_tokens, body.temperature, body.top_p, body.top_k, body.seed) == \
-        ("", 16, 1.0, 1.0, None, None)
+        ([""], 16, 1.0, 1.0, None, None)
     assert body.stop == [] and body.stream is False and body.stream_options == StreamOptions()
-    assert body.n == 1 and body.logit_bias == {}
+    assert body.n == 1 and body.logit_bias == {} and body.logprobs is None and body.best_of is None
+    assert (body.min_p, body.presence_penalty, body.frequency_penalty, body.repetition_penalty) == (0, 0, 0, 1)
     embeddings = EmbeddingsRequest.model_validate({"model": "m", "input": "a"}, context=LIMITS)
     assert embeddings.input == ["a"] and embeddings.encoding_format == "float"
     assert embeddings.pooling is None and embeddings.dimensions is None and embeddings.truncate is False
@@ -88,8 +89,17 @@ def test_unknown_fields_are_refused_first_at_any_depth():
     ({"stop": ["a", "z" * 65]}, "stop", "'stop[1]' is 65 characters long; a stop string may have at most 64."),
     ({"stop": 5}, "stop", "'stop' must be a string or a list of strings (token-id arrays are not supported), "
                           "got 5."),
-    ({"prompt": ["a", "b"]}, "prompt", "'prompt' must be a string or a list of one string (batches and token-id "
-                                       "arrays are not supported), got [\"a\", \"b\"]."),
+    ({"prompt": [1, 2]}, "prompt", "'prompt' must be a string or a list of strings (token-id arrays are not "
+                                   "supported), got [1, 2]."),
+    ({"prompt": ["a"] * 17}, "prompt", "'prompt' must hold at most 16 items, got 17."),
+    ({"n": 17}, "n", "'n' must be at most 16, got 17."),
+    ({"prompt": ["a", "b"], "n": 9}, None, "2 prompts with n=9 make 18 choices; this server makes at most 16 in one "
+                                           "request."),
+    ({"best_of": 2}, None, "'best_of' is not supported by this server (only equal to 'n')."),
+    ({"logprobs": 21}, "logprobs", "'logprobs' must be at most 20, got 21."),
+    ({"min_p": -0.1}, "min_p", "'min_p' must be at least 0.0, got -0.1."),
+    ({"repetition_penalty": 0}, "repetition_penalty", "'repetition_penalty' must be above 0.0, got 0."),
+    ({"presence_penalty": "x"}, "presence_penalty", "'presence_penalty' must be a number, got \"x\"."),
     ({"stream_options": {"include_usage": True}}, "stream_options",
      "'stream_options' is only allowed when 'stream' is true."),
     ({"stream": True, "stream_options": 5}, "stream_options", "'stream_options' must be an object, got 5."),
@@ -105,12 +115,13 @@ def test_completion_refusals_name_the_field_and_say_what_it_must_be(fields, para
 def test_ranges_accept_their_bounds():
     body = completion(max_tokens=40, temperature=2, top_p=1, top_k=1, seed=0, stop=["y" * MAX_STOP_CHARS] * 4)
     assert body.max_tokens == 40 and body.stop == ["y" * MAX_STOP_CHARS] * 4
-    assert completion(prompt=["a"], stop="x").prompt == "a" and completion(stop="x").stop == ["x"]
+    assert completion(prompt=["a"], stop="x").prompt == ["a"] and completion(stop="x").stop == ["x"]
+    assert completion(prompt="a").prompt == ["a"] and completion().prompt == [""]
+    assert completion(prompt=["a", "b"], n=8, best_of=8, logprobs=20, min_p=1, presence_penalty=-2,
+                      frequency_penalty=2, repetition_penalty=10).sampling()["n"] == 8
 
 
-@pytest.mark.parametrize("name, neutral", [("n", 1), ("best_of", 1), ("echo", False), ("logprobs", None),
-                                           ("suffix", None), ("presence_penalty", 0), ("frequency_penalty", 0),
-                                           ("logit_bias", {})])
+@pytest.mark.parametrize("name, neutral", [("echo", False), ("suffix", None), ("logit_bias", {})])
 def test_unsupported_openai_options_only_at_their_neutral_value(name, neutral):
     completion(**{name: neutral})
     for other in [2, True, "x", {"1": 5}]:
@@ -186,7 +197,7 @@ def test_token_ids_one_list_or_a_list_of_lists():
 def test_parse_raises_the_servers_error():
     from cllm.server import APIError
     with pytest.raises(APIError) as info:
-        parse(CompletionRequest, {"model": "m", "n": 3}, LIMITS)
-    assert info.value.body() == {"error": {"message": "'n' is not supported by this server (only 1).",
-                                           "type": "invalid_request_error", "param": "n", "code": None}}
+        parse(CompletionRequest, {"model": "m", "echo": True}, LIMITS)
+    assert info.value.body() == {"error": {"message": "'echo' is not supported by this server (only false).",
+                                           "type": "invalid_request_error", "param": "echo", "code": None}}
     assert parse(CompletionRequest, {"model": "m", "max_tokens": 40}, LIMITS).max_tokens == 40

@@ -401,11 +401,23 @@ def test_stream_with_the_openai_client(client):
     ("/v1/completions", {"prompt": "a", "stop": 5}, "stop"),
     ("/v1/completions", {"prompt": "a", "stop": "z" * 65}, "stop"),
     ("/v1/completions", {"prompt": 5}, "prompt"),
-    ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
+    ("/v1/completions", {"prompt": ["a"] * 17}, "prompt"),
+    ("/v1/completions", {"prompt": []}, "prompt"),
+    ("/v1/completions", {"prompt": ["a", 5]}, "prompt"),
     ("/v1/completions", {"prompt": TOO_LONG}, "prompt"),
     ("/v1/completions", {"prompt": TOO_LONG, "stream": True}, "prompt"),
-    ("/v1/completions", {"prompt": "a", "n": 2}, "n"),
-    ("/v1/completions", {"prompt": "a", "logprobs": 3}, "logprobs"),
+    ("/v1/completions", {"prompt": "a", "n": 17}, "n"),
+    ("/v1/completions", {"prompt": "a", "n": 0}, "n"),
+    ("/v1/completions", {"prompt": ["a", "b"], "n": 9}, None),
+    ("/v1/completions", {"prompt": "a", "n": 2, "best_of": 3}, None),
+    ("/v1/completions", {"prompt": "a", "logprobs": 21}, "logprobs"),
+    ("/v1/completions", {"prompt": "a", "logprobs": True}, "logprobs"),
+    ("/v1/completions", {"prompt": "a", "min_p": 1.5}, "min_p"),
+    ("/v1/completions", {"prompt": "a", "presence_penalty": 2.5}, "presence_penalty"),
+    ("/v1/completions", {"prompt": "a", "frequency_penalty": -3}, "frequency_penalty"),
+    ("/v1/completions", {"prompt": "a", "repetition_penalty": 0}, "repetition_penalty"),
+    ("/v1/completions", {"prompt": "a", "echo": True}, "echo"),
+    ("/v1/completions", {"prompt": "a", "logit_bias": {"5": 1}}, "logit_bias"),
     ("/v1/completions", {"prompt": "a", "stream_options": {"include_usage": True}}, "stream_options"),
     ("/v1/completions", {"prompt": "a", "stream": True, "stream_options": {"what": 1}}, "stream_options.what"),
     ("/v1/completions", {"prompt": "a", "max_token": 5}, "max_token"),
@@ -418,7 +430,7 @@ def test_invalid_fields_are_400_naming_the_field(http, path, body, param):
 def test_neutral_values_of_unsupported_options_are_accepted(http, stream):
     body = {"model": NAME, "prompt": "a", "max_tokens": 2, "n": 1, "best_of": 1, "echo": False, "logprobs": None,
             "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "user": "me", "stream": stream,
-            "top_k": None, "seed": None, "stop": None}
+            "top_k": None, "seed": None, "stop": None, "suffix": None, "min_p": None, "repetition_penalty": None}
     assert http.post("/v1/completions", json=body).status_code == 200
 
 
@@ -447,8 +459,8 @@ def test_body_too_large_is_413_by_header_or_by_count(http):
 
 
 def test_unknown_route_and_wrong_method(http):
-    error = assert_error(http.post("/v1/chat/completions", json={}), 404)
-    assert "/v1/chat/completions" in error["message"]
+    error = assert_error(http.post("/v1/responses", json={}), 404)
+    assert "/v1/responses" in error["message"]
     assert_error(http.get("/v1/completions"), 405)
 
 
@@ -503,15 +515,14 @@ def test_a_full_model_queue_is_429(server, http, monkeypatch):
     async def overloaded(*args, **kwargs):
         raise Overloaded("the queue holds 1 requests")
 
-    class OverloadedStream:  # as AsyncModel.stream's, whose start() queues the request
+    class OverloadedStream:  # as AsyncModel.stream_choices', whose start() queues the request
         start = overloaded
 
         async def aclose(self):
             pass
 
-    monkeypatch.setattr(server.model, "generate", overloaded)
     monkeypatch.setattr(server.model, "embed", overloaded)
-    monkeypatch.setattr(server.model, "stream", lambda *args, **kwargs: OverloadedStream())
+    monkeypatch.setattr(server.model, "stream_choices", lambda *args, **kwargs: OverloadedStream())
     for path, body in [("/v1/completions", {"prompt": "a"}), ("/v1/completions", {"prompt": "a", "stream": True}),
                        ("/v1/embeddings", {"input": "a"})]:
         response = http.post(path, json={"model": NAME} | body)
@@ -566,26 +577,26 @@ def test_every_response_carries_a_request_id_which_the_log_names(model_path, cap
 
 
 def test_a_client_that_leaves_mid_stream_closes_the_models_stream(server, http, monkeypatch):
-    real_stream, closed = server.model.stream, threading.Event()
+    real_stream, closed = server.model.stream_choices, threading.Event()
 
     class SlowStream:  # the real stream, slowed down so that the client leaves in the middle
         def __init__(self, *args, **kwargs):
-            self.pieces = real_stream(*args, **kwargs)
-            self.start, self.wait = self.pieces.start, self.pieces.wait
+            self.deltas = real_stream(*args, **kwargs)
+            self.start, self.wait = self.deltas.start, self.deltas.wait
 
-        async def __anext__(self):
+        async def next_delta(self):
             await anyio.sleep(0.5)
-            return await self.pieces.__anext__()
+            return await self.deltas.next_delta()
 
         @property
-        def completion(self):
-            return self.pieces.completion
+        def completions(self):
+            return self.deltas.completions
 
         async def aclose(self):
-            await self.pieces.aclose()
+            await self.deltas.aclose()
             closed.set()
 
-    monkeypatch.setattr(server.model, "stream", SlowStream)
+    monkeypatch.setattr(server.model, "stream_choices", SlowStream)
     # Greedy: a sampled continuation could draw the separator at once and end before the client leaves.
     body = {"model": NAME, "prompt": "the", "max_tokens": 40, "stream": True, "temperature": 0}
     with http.stream("POST", "/v1/completions", json=body) as response:

@@ -1,0 +1,136 @@
+"""What generated text looks like in OpenAI's API: the choices of a completion and of a chat completion, their
+streamed chunks, logprobs and usage. cllm.server sends these; the model's CompletionStream makes what goes in.
+
+Both forms share one shape of work: a response holds one choice per continuation (n per prompt; choice
+i * n + j continues prompt i), and a stream sends, per choice, an opening chunk (chat only: the assistant's
+role), a chunk per settled piece of text (with the logprobs of the tokens it settles), and a closing chunk with
+the finish reason; then, if asked, a chunk with the usage and no choices.
+
+Logprobs are the model's own log-probabilities (before penalties and temperature: cllm.generate.TokenLogprob),
+with each token written as its text. A token that ends in the middle of a multi-byte character has no text of
+its own: it is written with U+FFFD, and chat's `bytes` are that text's UTF-8, not the token's raw bytes.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+
+from .generate import TokenLogprob
+from .serving import Completion
+
+
+def usage(completions: Sequence[Completion], n: int) -> dict:
+    """Every choice's generated tokens, and each prompt's tokens once (not once per choice)."""
+    prompt = sum(c.prompt_tokens for c in completions[::n])
+    generated = sum(c.completion_tokens for c in completions)
+    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
+
+
+class ResponseForm:
+    """One route's way of writing choices; `header` opens every response and chunk."""
+
+    object = chunk_object = id_prefix = ""
+
+    def __init__(self, tokenizer, model_name: str):
+        self.tokenizer = tokenizer
+        self.header = {"id": f"{self.id_prefix}{uuid.uuid4().hex}", "object": self.object,
+                       "created": int(time.time()), "model": model_name}
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def response(self, completions: Sequence[Completion], n: int) -> dict:
+        return self.header | {"choices": [self.choice(i, c) for i, c in enumerate(completions)],
+                              "usage": usage(completions, n)}
+
+    def chunk(self, choice: dict) -> dict:
+        return self.header | {"object": self.chunk_object, "choices": [choice]}
+
+    def usage_chunk(self, completions: Sequence[Completion], n: int) -> dict:
+        return self.header | {"object": self.chunk_object, "choices": [], "usage": usage(completions, n)}
+
+    def choice(self, index: int, completion: Completion) -> dict:
+        raise NotImplementedError
+
+    def opening(self, index: int) -> dict | None:
+        """The chunk that opens a choice's stream, if the form has one."""
+        return None
+
+    def delta(self, index: int, text: str, logprobs: list[TokenLogprob] | None) -> dict:
+        raise NotImplementedError
+
+    def finish(self, index: int, finish_reason: str) -> dict:
+        raise NotImplementedError
+
+
+class TextCompletionForm(ResponseForm):
+    """/v1/completions: choices of text, with logprobs in the legacy form (token strings, their log-probabilities,
+    a {token: log-probability} dict of the alternatives, and each token's offset in the choice's text)."""
+
+    object = chunk_object = "text_completion"
+    id_prefix = "cmpl-"
+
+    def __init__(self, tokenizer, model_name: str):
+        super().__init__(tokenizer, model_name)
+        self._offsets: dict[int, int] = {}  # per streamed choice, the text its tokens so far cover
+
+    def choice(self, index: int, completion: Completion) -> dict:
+        return {"text": completion.text, "index": index, "finish_reason": completion.finish_reason,
+                "logprobs": self.logprobs(completion.logprobs, 0)}
+
+    def delta(self, index: int, text: str, logprobs: list[TokenLogprob] | None) -> dict:
+        offset = self._offsets.get(index, 0)
+        written = self.logprobs(logprobs, offset)
+        if written is not None:
+            self._offsets[index] = offset + sum(map(len, written["tokens"]))
+        return {"text": text, "index": index, "finish_reason": None, "logprobs": written}
+
+    def finish(self, index: int, finish_reason: str) -> dict:
+        return {"text": "", "index": index, "finish_reason": finish_reason, "logprobs": None}
+
+    def logprobs(self, entries: list[TokenLogprob] | None, offset: int) -> dict | None:
+        if entries is None:
+            return None
+        tokens = [self.token_text(e.id) for e in entries]
+        offsets = []
+        for token in tokens:
+            offsets.append(offset)
+            offset += len(token)
+        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{self.token_text(i): lp for i, lp in e.top} for e in entries],
+                "text_offset": offsets}
+
+
+class ChatCompletionForm(ResponseForm):
+    """/v1/chat/completions: the assistant's message per choice, with logprobs as {"content": [{"token",
+    "logprob", "bytes", "top_logprobs"}]}."""
+
+    object, chunk_object = "chat.completion", "chat.completion.chunk"
+    id_prefix = "chatcmpl-"
+
+    def choice(self, index: int, completion: Completion) -> dict:
+        return {"index": index, "message": {"role": "assistant", "content": completion.text},
+                "logprobs": self.logprobs(completion.logprobs), "finish_reason": completion.finish_reason}
+
+    def opening(self, index: int) -> dict:
+        return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                "finish_reason": None}
+
+    def delta(self, index: int, text: str, logprobs: list[TokenLogprob] | None) -> dict:
+        return {"index": index, "delta": {"content": text}, "logprobs": self.logprobs(logprobs),
+                "finish_reason": None}
+
+    def finish(self, index: int, finish_reason: str) -> dict:
+        return {"index": index, "delta": {}, "logprobs": None, "finish_reason": finish_reason}
+
+    def logprobs(self, entries: list[TokenLogprob] | None) -> dict | None:
+        if entries is None:
+            return None
+
+        def token(token_id: int, logprob: float) -> dict:
+            text = self.token_text(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        return {"content": [token(e.id, e.logprob) | {"top_logprobs": [token(i, lp) for i, lp in e.top]}
+                            for e in entries]}
