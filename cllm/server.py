@@ -1,10 +1,18 @@
 """An OpenAI-compatible HTTP API over an AsyncModel (Starlette): what `python -m cllm.tools.serve` runs.
 
     POST /v1/embeddings    {"model", "input": str | [str], "encoding_format": "float" | "base64", "dimensions"}
-    POST /v1/completions   {"model", "prompt": str | [str], "max_tokens": 16, "temperature": 1, "top_p": 1,
-                            "top_k" (an extension), "seed", "stop": str | [str], "stream": false, "stream_options"}
+    POST /v1/completions   {"model", "prompt": str | [str] (up to 16), "n": 1, "max_tokens": 16, "temperature": 1,
+                            "top_p": 1, "top_k", "min_p", "repetition_penalty" (the last three extensions, as
+                            vLLM's), "presence_penalty", "frequency_penalty", "seed", "stop": str | [str],
+                            "logprobs": null | 0..20, "stream": false, "stream_options"}: choice i * n + j
+                            continues prompt i (with seed + i * n + j)
+    POST /v1/chat/completions  {"model", "messages": [{"role", "content": str | [text parts]}], "max_tokens" or
+                            "max_completion_tokens" (default: the server's limit), "logprobs": false,
+                            "top_logprobs", and the sampling fields above}: the messages rendered with the
+                            model's chat template (cllm.chat); a model without one answers 400
     GET  /v1/models        the one model served, as OpenAI lists models
-    GET  /health           {"status": "ok", "queued": {"embed": n, "generate": n}} (requests waiting); 503 with
+    GET  /health           {"status": "ok", "queued": {"embed": n, "generate": n}, "slots_idle": n,
+                           "slots_processing": n} (requests waiting, decoder rows free and in use); 503 with
                            {"status": "stalled" or "stopped", "reason"} when the model cannot serve (see
                            AsyncModel.health)
     GET  /info             the model's name, config and engine settings, and the server's limits
@@ -37,8 +45,8 @@ thread, whose ids then go to the model.
 
 Request bodies are checked before the model sees them, each against its pydantic model in cllm.schemas (with
 the server's limits as validation context; see parse and request_error below): a field of the wrong type or out
-of range, an unknown field, or an OpenAI option that cllm does not implement (n > 1, logprobs, echo, penalties,
-...) is refused rather than ignored, so a client never silently gets something other than what it asked for.
+of range, an unknown field, or an OpenAI option that cllm does not implement (echo, suffix, logit_bias, tools,
+a response_format other than text, ...) is refused rather than ignored, so a client never silently gets something other than what it asked for.
 null is the same as leaving a field out, as in OpenAI's API. A refusal names the field in `param` and says what
 it must be and what it got.
 
@@ -68,8 +76,8 @@ a stream has nothing to send for KEEP_ALIVE_SECONDS (waiting in the queue for it
 an SSE comment, `: keep-alive`, which clients ignore but which keeps proxies and client timeouts from giving up
 on a quiet connection.
 
-A stream's last chunk carries its finish reason, and its usage comes in one more chunk if
-stream_options.include_usage asks for it (both from the model's CompletionStream, as generate() reports them).
+Each choice of a stream ends with a chunk that carries its finish reason, and the usage comes in one more chunk if
+stream_options.include_usage asks for it (cllm.openai_format writes the chunks).
 """
 from __future__ import annotations
 
