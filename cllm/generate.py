@@ -260,8 +260,11 @@ class Sampling:
             value = getattr(self, name)
             if not (isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
                     and (low < value if low_open else low <= value) and value <= high):
-                bound = f"in ({low}, {high}]" if low_open else f"in [{low}, {high}]"
-                raise UsageError(f"{name} must be a number {bound}, got {value!r}")
+                if high == math.inf:
+                    bound = f"a finite number {'>' if low_open else '>='} {low}"
+                else:
+                    bound = f"a number in {'(' if low_open else '['}{low}, {high}]"
+                raise UsageError(f"{name} must be {bound}, got {value!r}")
 
         number("temperature", 0.0, math.inf)
         if self.top_k is not None and (not isinstance(self.top_k, Integral) or isinstance(self.top_k, bool)

@@ -34,13 +34,6 @@ from ._cli import Parser, non_negative_float, positive_int, run
 RESET = "/reset"
 
 
-def probability(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value <= 1.0:
-        raise ValueError(f"must be in (0, 1], got {text}")
-    return value
-
-
 def sampling_setting(name: str):
     """An argparse type for one of Sampling's settings, checked by Sampling itself (its ranges are written once)."""
     def parse(text: str) -> float:
@@ -65,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-n", "--max-new", type=positive_int, default=200, help="tokens to generate at most")
     p.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 (or below 1e-5) is greedy")
     p.add_argument("--top-k", type=positive_int, help="sample from the k most likely tokens")
-    p.add_argument("--top-p", type=probability, help="sample from the smallest set holding this probability")
+    p.add_argument("--top-p", type=sampling_setting("top_p"), help="sample from the smallest set holding this probability")
     p.add_argument("--min-p", type=sampling_setting("min_p"),
                    help="sample only from tokens at least this many times as likely as the most likely one, in [0, 1]")
     p.add_argument("--repetition-penalty", type=sampling_setting("repetition_penalty"), default=1.0,
