@@ -169,6 +169,16 @@ class Decoder:
         self._logits[rows] = logits
         self.lengths[rows] = T
 
+    def truncate(self, row: int, length: int) -> None:
+        """Forgets row's positions from `length` on, keeping the first `length` (a conversation whose history
+        changed after them goes on from there: cllm.session). Its logits are stale until its next step; a row cut
+        to 0 needs a prefill."""
+        if not 0 <= row < self.batch:
+            raise ValueError(f"row must be in [0, {self.batch}), got {row}")
+        if not 0 <= length <= self.lengths[row]:
+            raise ValueError(f"row {row} holds {self.lengths[row]} positions; cannot keep {length}")
+        self.lengths[row] = length  # a step writes over the positions past it, and attends to none of them
+
     def step(self, tokens: Sequence[int] | np.ndarray, active: Sequence[bool] | np.ndarray | None = None
              ) -> np.ndarray:
         """Appends one token to every active sequence and returns the logits (B, V) (a view, see `logits`):

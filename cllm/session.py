@@ -211,11 +211,22 @@ class Session:
             cached = []  # an interrupted write: what the row holds is not known, so it is refilled
         room = min(self.max_new_tokens, context_shift_length(context))
         if offset < len(target) and len(target) - offset + room <= context:
-            if cached and len(target) > offset + len(cached) and target[offset:offset + len(cached)] == cached:
-                for token in target[offset + len(cached):]:
-                    self._step(token)
-            elif not (cached and target[offset:] == cached):  # (else the cache holds it all already)
-                self._prefill(target[offset:], offset)
+            tail = target[offset:]
+            same = next((i for i, (a, b) in enumerate(zip(cached, tail)) if a != b), min(len(cached), len(tail)))
+            if same == len(tail) == len(cached):
+                return False  # the cache holds it all already
+            if same == 0:
+                self._prefill(tail, offset)
+                return False
+            # Keep the positions the history still shares, and compute the rest: at least the last token, whose
+            # logits predict the reply.
+            keep = min(same, len(tail) - 1)
+            self._dirty = True
+            self.decoder.truncate(0, keep)
+            del self._cached[keep:]
+            self._dirty = False
+            for token in tail[keep:]:
+                self._step(token)
             return False
         keep = self.window
         self._prefill(target[-keep:], len(target) - min(keep, len(target)))

@@ -435,6 +435,22 @@ def test_a_context_of_one_token_shifts_at_every_token(tokenizer):
         previous = token
 
 
+def test_a_truncated_row_steps_on_as_a_fresh_prefill_of_what_it_keeps(model):
+    rng = np.random.default_rng(5)
+    first, second = rng.integers(0, model.config.vocab_size, 12), rng.integers(0, model.config.vocab_size, 4)
+    decoder = Decoder(model)
+    decoder.prefill([first])
+    decoder.truncate(0, 7)  # forget the last 5: the history changed after position 7
+    for token in second:
+        decoder.step([token])
+    fresh = Decoder(model)
+    fresh.prefill([np.concatenate([first[:7], second])])
+    np.testing.assert_allclose(decoder.logits, fresh.logits, rtol=1e-4, atol=1e-5)
+    assert decoder.lengths[0] == fresh.lengths[0] == 11
+    with pytest.raises(ValueError, match="cannot keep 12"):
+        decoder.truncate(0, 12)
+
+
 @pytest.mark.parametrize("settings, message", [
     (dict(temperature=-1.0), "temperature"),
     (dict(temperature=float("nan")), "temperature"),

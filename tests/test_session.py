@@ -250,8 +250,9 @@ def test_a_reply_closed_early_or_left_unfinished_is_kept(char_chat):
     assert session.tokens == cached_after(session.conversation_ids(session.messages[:-1]), reply)
 
 
-def test_a_cache_that_the_conversation_does_not_give_back_is_prefilled_afresh(char_chat):
-    """A stop string ends the reply: its tokens are in the cache but not in the assistant's message."""
+def test_a_cache_that_the_conversation_gives_back_in_part_keeps_what_it_shares(char_chat):
+    """A stop string ends the reply: its tokens are in the cache but not in the assistant's message. The next turn
+    keeps the positions the conversation still shares, and computes the rest (no second prefill)."""
     model, tokenizer = char_chat
     free = Session(model, tokenizer, max_new_tokens=10, temperature=0)
     text = "".join(free.send("the fox"))
@@ -265,7 +266,7 @@ def test_a_cache_that_the_conversation_does_not_give_back_is_prefilled_afresh(ch
                         end_ids=tokenizer.end_of_turn_ids, stop=stop)
     reply = session.send("why")
     assert ("".join(reply), reply.finish_reason) == expected
-    assert counted.prefills == 2
+    assert counted.prefills == 1
     stop_string = stop in tokenizer.decode(reply.token_ids)
     assert session.tokens == cached_after(tokenizer.encode_chat(messages), reply, stop_string=stop_string)
     assert_cache_is_a_fresh_prefill(session)
