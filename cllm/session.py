@@ -16,8 +16,8 @@ Each turn the whole history is rendered and encoded again (chat: with the templa
 plain: Tokenizer.encode); when the cache holds a prefix of those ids, as it does when the re-encoded history
 gives back the very tokens that were cached, only the ids past it are computed, one Decoder.step each, and the
 reply goes on from there. When it does not (the model generated a tokenization of its reply that encoding the
-text does not give back, a stop string ended the reply, a template trims what it is given), the row is
-prefilled afresh with the re-encoded ids: Decoder has no way to drop the end of a row.
+text does not give back, a stop string ended the reply, a template trims what it is given), the row keeps the
+positions the two share (Decoder.truncate) and computes the rest; with nothing shared, it is prefilled afresh.
 
 Context. A reply that fills the context shifts it as generate() does (its most recent half is kept and encoded
 again, cllm.generate). A turn whose conversation would leave less room for the reply than max_new_tokens (at most
@@ -204,7 +204,7 @@ class Session:
 
     def _load(self, target: list[int]) -> bool:
         """Makes the cache hold the conversation `target` from self._offset on, computing only the ids it lacks
-        when it holds a prefix of them, else prefilling the row afresh; or, when the conversation would leave too
+        when it holds a prefix of them, else keeping what they share; or, when the conversation would leave too
         little room for the reply, its most recent window. Returns whether it was cut to that window."""
         context, cached, offset = self._context, self._cached, self._offset
         if self._dirty or int(self.decoder.lengths[0]) != len(cached):
