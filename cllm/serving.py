@@ -350,6 +350,8 @@ class AsyncModel:
         # sequences it stepped). What a metrics exporter watches.
         self.observers: list[Callable[[str, int], None]] = []
         self._running: AsyncExitStack | None = None
+        self._tokenize_jobs: list[_TokenizeJob] = []  # tokenize() calls waiting for the next round
+        self._tokenize_round: anyio.Event | None = None  # set when the round in flight ends
 
     @classmethod
     def open(cls, path: str | os.PathLike, **kwargs) -> "AsyncModel":
@@ -393,8 +395,37 @@ class AsyncModel:
         return len(self.tokenizer.encode(text))
 
     async def tokenize(self, texts: Sequence[str]) -> list[np.ndarray]:
-        """The token ids of each text, computed in a worker thread."""
-        return await anyio.to_thread.run_sync(lambda: [self.tokenizer.encode(text) for text in texts])
+        """The token ids of each text, computed in a worker thread. Concurrent calls share worker-thread calls
+        (rounds): a call that comes while a round runs has its texts encoded in the next one, together with those
+        of every call that came meanwhile. One thread hop per request cost the event loop more than the encoding
+        itself, and under load kept dozens of threads fighting over the GIL."""
+        job = _TokenizeJob(list(texts))
+        if not job.texts:
+            return []
+        self._tokenize_jobs.append(job)
+        while not job.finished:
+            if self._tokenize_round is None:
+                await self._tokenize_next_round()
+            else:
+                await self._tokenize_round.wait()  # then ours is in the next round, if not in this one
+        if job.error is not None:
+            raise job.error
+        return job.ids
+
+    async def _tokenize_next_round(self) -> None:
+        """Encodes the texts of every call waiting, in one worker-thread call."""
+        jobs, self._tokenize_jobs = self._tokenize_jobs, []
+        self._tokenize_round = done = anyio.Event()
+        try:
+            # Shielded: the other callers' texts ride on this call, and it never takes long.
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(_encode_jobs, self.tokenizer, jobs)
+        finally:
+            for job in jobs:
+                if not job.finished:  # the thread never ran
+                    job.error = RuntimeError("tokenization did not run")
+            self._tokenize_round = None
+            done.set()
 
     # ----------------------------------------------------------------------------------------------------------
     # running
@@ -465,7 +496,14 @@ class AsyncModel:
     async def _run_model(self, work: str, what: str, fn, *args):
         """fn(*args) on a daemon worker thread, one call at a time, under the batch deadline. A call that misses
         it is abandoned (nothing can interrupt a thread in native code) and raises EngineStalled."""
-        async with self._limiter:  # waiting for the other loop's call is not part of the deadline
+        # A free model is taken at once (acquire_nowait): `async with` would go round the event loop first, behind
+        # every response that the last batch woke, while the model idles. Waiting for the other loop's call is not
+        # part of the deadline.
+        try:
+            self._limiter.acquire_nowait()
+        except anyio.WouldBlock:
+            await self._limiter.acquire()
+        try:
             self._calls_made[work] += 1
             fault = next((f.kind for f in self.faults if f.work == work and f.n == self._calls_made[work]), None)
             call = _ModelCall(what, fault)
@@ -474,6 +512,8 @@ class AsyncModel:
             self._abandoned.append(call)
             raise EngineStalled(f"the model's {what} did not finish within its {self.batch_timeout:g} s deadline; "
                                 f"its worker thread was abandoned")
+        finally:
+            self._limiter.release()
 
     def _kernel_threads(self) -> int:
         """In the worker: threads for the kernels' OpenMP loops, our budget only while BLAS is on one thread
@@ -530,7 +570,7 @@ class AsyncModel:
         try:
             while True:
                 if not waiting:
-                    _enqueue_texts(waiting, await queue.receive())
+                    _enqueue_texts(waiting, await _receive(queue))
                 deadline = waiting[0][0].queued_at + self.max_wait_ms / 1000
                 while self._padded_tokens(waiting) < self.max_batch_tokens:
                     request = await _receive_before(queue, deadline)
@@ -719,6 +759,37 @@ def _abandoned(results: MemoryObjectSendStream) -> bool:
     return results.statistics().open_receive_streams == 0
 
 
+async def _receive(queue: MemoryObjectReceiveStream):
+    """The next item in queue: at once if one is there (receive() goes round the event loop first, and the
+    batcher would then start the next batch only after every response that the last one woke), else when it
+    comes."""
+    try:
+        return queue.receive_nowait()
+    except anyio.WouldBlock:
+        return await queue.receive()
+
+
+@dataclass(eq=False)
+class _TokenizeJob:
+    """One tokenize() call, as a tokenization round sees it."""
+    texts: list[str]
+    ids: list[np.ndarray] | None = None
+    error: BaseException | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.ids is not None or self.error is not None
+
+
+def _encode_jobs(tokenizer: Tokenizer, jobs: list[_TokenizeJob]) -> None:
+    """In a worker thread: each job's token ids, or the error that encoding one of its texts raised."""
+    for job in jobs:
+        try:
+            job.ids = [tokenizer.encode(text) for text in job.texts]
+        except Exception as error:
+            job.error = error
+
+
 def _enqueue_texts(waiting: deque, request: _EmbeddingRequest) -> None:
     waiting.extend((request, i) for i in range(len(request.texts)))
 
@@ -740,6 +811,8 @@ async def _receive_before(queue: MemoryObjectReceiveStream, deadline: float):
         return queue.receive_nowait()  # what is queued already counts, even past the deadline
     except anyio.WouldBlock:
         pass
+    if anyio.current_time() >= deadline:
+        return None  # at once: a scope past its deadline would still go round the event loop
     with anyio.CancelScope(deadline=deadline):
         return await queue.receive()
     return None
