@@ -67,8 +67,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass
-from typing import NamedTuple
 from numbers import Integral, Real
+from typing import NamedTuple
 
 import anyio
 import numpy as np
@@ -345,6 +345,7 @@ class AsyncModel:
         self.pooling = check_pooling(pooling)  # embed()'s default
         self.faults = parse_serving_faults(os.environ.get("CLLM_FAULT", "")) if faults is None else list(faults)
         self._calls_made = {"embed": 0, "decode": 0}  # counted for the faults
+        self._decoding: dict = {}  # the decoding loop's rows in use
         self._abandoned: list[_ModelCall] = []  # calls that missed their deadline
         # Called as observer(work, size) after each batch that ran: ("embed", texts in it) or ("decode",
         # sequences it stepped). What a metrics exporter watches.
@@ -377,9 +378,10 @@ class AsyncModel:
                 "batches_run": dict(self._calls_made)}
 
     def health(self) -> dict:
-        """{"status": "ok", "queued": requests waiting per queue}; or "stalled" while a call that missed its deadline still runs in its abandoned
-        thread (a stuck kernel never ends: the process should be restarted), or "stopped" outside `async with`;
-        with a "reason"."""
+        """{"status": "ok", "queued": requests waiting per queue, "slots_idle", "slots_processing": decoder rows
+        free and in use, as llama.cpp's server counts its slots}; or "stalled" while a call that missed its
+        deadline still runs in its abandoned thread (a stuck kernel never ends: the process should be restarted),
+        or "stopped" outside `async with`; with a "reason"."""
         if self._running is None:
             return {"status": "stopped", "reason": "the model is not running"}
         stuck = [call for call in self._abandoned if call.running]
@@ -389,7 +391,10 @@ class AsyncModel:
                     "reason": f"{len(stuck)} model call(s) missed the {self.batch_timeout:g} s batch deadline and "
                               f"still run in abandoned threads (the oldest, a {oldest.what}, started "
                               f"{time.monotonic() - oldest.started:.0f} s ago)"}
-        return {"status": "ok", "queued": self.queued()}  # ready, and how many requests wait for it
+        # Ready, and how busy: the requests waiting, and the decoder rows in use.
+        busy = len(self._decoding)
+        return {"status": "ok", "queued": self.queued(), "slots_idle": self.max_streams - busy,
+                "slots_processing": busy}
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text))
@@ -696,6 +701,7 @@ class AsyncModel:
         until cancelled."""
         decoder = Decoder(self.model, batch=self.max_streams)
         rows: dict[int, _GenerationRequest] = {}
+        self._decoding = rows  # read by health()
         try:
             while True:
                 for row, request in list(rows.items()):
@@ -737,6 +743,7 @@ class AsyncModel:
                     if rows[row].completed:
                         del rows[row]
         finally:
+            self._decoding = {}
             for request in rows.values():
                 request.results.close()
             _refuse_queued(queue)

@@ -104,7 +104,8 @@ def sse_events(response: httpx.Response) -> list[str]:
 
 def test_health_and_info(http, model, tokenizer):
     health = http.get("/health")
-    assert health.status_code == 200 and health.json() == {"status": "ok", "queued": {"embed": 0, "generate": 0}}
+    assert health.status_code == 200 and health.json() == {"status": "ok", "queued": {"embed": 0, "generate": 0},
+                                                           "slots_idle": 8, "slots_processing": 0}
     info = http.get("/info").json()
     assert info["model"] == NAME
     assert info["config"] == model.config.to_dict()

@@ -10,6 +10,8 @@ blocked before its request is queued.
 """
 from __future__ import annotations
 
+import functools
+
 import json
 import threading
 import time
@@ -359,6 +361,20 @@ async def test_a_cancelled_generation_frees_its_row_and_spares_its_batch(model, 
     assert served_steps[:2] == [2, 2], "lazy should join at the step right after the cancellation"
 
 
+@pytest.mark.anyio
+async def test_health_counts_the_decoder_rows_in_use_as_slots(model, tokenizer, monkeypatch):
+    steps = decoding_steps(monkeypatch, held=True)
+    async with AsyncModel(model, tokenizer, max_streams=3) as m:
+        async with anyio.create_task_group() as tg:
+            for prompt in ("a", "the fox"):
+                tg.start_soon(functools.partial(m.generate, tokenizer.encode(prompt), max_new_tokens=3, temperature=0))
+            await steps.wait_entered()  # both are prefilled and their first step is held
+            during = m.health()
+            steps.open()
+        assert (during["slots_processing"], during["slots_idle"]) == (2, 1)
+        assert (m.health()["slots_processing"], m.health()["slots_idle"]) == (0, 3)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # lifecycle, errors, files
 
@@ -488,7 +504,8 @@ async def test_a_failing_batch_fails_only_its_own_requests(model, tokenizer, mon
             await m.generate("the fox", max_new_tokens=5, temperature=0)
         settings = dict(max_new_tokens=5, temperature=0)
         assert await m.generate("the fox", **settings) == expected(model, tokenizer, "the fox", **settings)
-        assert m.health() == {"status": "ok", "queued": {"embed": 0, "generate": 0}}
+        assert m.health() == {"status": "ok", "queued": {"embed": 0, "generate": 0}, "slots_idle": 8,
+                              "slots_processing": 0}
 
 
 @pytest.mark.anyio
