@@ -101,6 +101,11 @@ from typing import TypeVar
 import anyio
 import numpy as np
 from pydantic import ValidationError
+
+try:  # optional (the serve extra has it): json_bytes is ~15x faster with it
+    import orjson
+except ImportError:  # pragma: no cover - depends on the environment
+    orjson = None
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -567,12 +572,12 @@ class OpenAIEndpoints:
                               truncate="right" if body.truncate else None)
         with model_errors():
             vectors = await self.model.embed(ids, pooling=body.pooling or self.model.pooling)
-        encode = encode_base64 if body.encoding_format == "base64" else np.ndarray.tolist
+        encode = encode_base64 if body.encoding_format == "base64" else np.asarray  # json_bytes writes arrays
         data = [{"object": "embedding", "index": i, "embedding": encode(vector)} for i, vector in enumerate(vectors)]
         tokens = sum(len(text_ids) for text_ids in ids)
         self.metrics.count_tokens(prompt=tokens)
-        return JSONResponse({"object": "list", "data": data, "model": self.model_name,
-                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+        return EmbeddingsResponse({"object": "list", "data": data, "model": self.model_name,
+                                   "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     # ---- completions
 
@@ -662,7 +667,7 @@ class TEIEndpoints:
                               truncate=body.truncation_direction.lower() if body.truncate else None)
         with model_errors():
             vectors = await self.model.embed(ids, normalize=body.normalize)
-        return JSONResponse(vectors.tolist())
+        return EmbeddingsResponse(vectors)
 
     async def tokenize(self, request: Request) -> Response:
         document = await read_json_object(request)
@@ -703,6 +708,41 @@ def request_limits(model: AsyncModel, limits: ServerLimits) -> Limits:
     """What cllm.schemas checks of a request that depends on the server: its (resolved) limits and the model."""
     return Limits(max_embedding_inputs=limits.max_embedding_inputs,
                   max_completion_tokens=limits.max_completion_tokens, dim=model.config.dim)
+
+
+class EmbeddingsResponse(JSONResponse):
+    """A JSONResponse whose content may hold numpy vectors, written by json_bytes."""
+
+    def render(self, content) -> bytes:
+        return json_bytes(content)
+
+
+def json_bytes(document) -> bytes:
+    """A JSON document as UTF-8 bytes, compact, where vectors may be numpy arrays: what a server answers with
+    embeddings. The numbers are those of json.dumps(vector.tolist()), bit for bit once parsed (a float32 is
+    written as the shortest text of its float64 value), and a NaN or infinity in an array raises ValueError, as
+    json.dumps(allow_nan=False) does.
+
+    With orjson installed, it writes the document: Python's float repr, which json uses, takes ~0.6 us per float32
+    value (17 significant digits), so that encoding a 128-float embedding cost the event loop more than the rest
+    of its request. orjson writes the same digits (a tiny value as 1e-5 where json writes 1e-05)."""
+    if orjson is not None:
+        # Not orjson's OPT_SERIALIZE_NUMPY: it writes float32 arrays with float32's shorter digits (other values
+        # once parsed) and NaN as null.
+        try:
+            return orjson.dumps(document, default=_array_list)
+        except orjson.JSONEncodeError:
+            pass  # json says what is wrong, with json's exception (orjson makes every error a TypeError)
+    return json.dumps(document, default=_array_list, ensure_ascii=False, allow_nan=False,
+                      separators=(",", ":")).encode("utf-8")
+
+
+def _array_list(value) -> list:
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise ValueError("Out of range float values are not JSON compliant")
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def encode_base64(vector: np.ndarray) -> str:
