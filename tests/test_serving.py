@@ -38,14 +38,6 @@ TEXTS = ["the fox", "a lazy dog jumps", "pack my box", "q", "five dozen liquor j
          "the quick brown fox jumps over", "dog", "jugs", "my box with", "lazy", "a", "quick fox", "the the", "x y"]
 
 
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request):
-    if request.param == "trio":
-        # anyio 4's trio backend calls trio APIs (e.g. to_thread's abandon_on_cancel) that older trios lack.
-        pytest.importorskip("trio", minversion="0.32")
-    return request.param
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return Tokenizer.train("char", [CORPUS])

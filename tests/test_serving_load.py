@@ -87,13 +87,6 @@ def test_json_bytes_refuses_what_json_refuses(encoder, bad):
 # tokenize: rounds shared by concurrent calls
 
 
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request):
-    if request.param == "trio":
-        pytest.importorskip("trio", minversion="0.32")
-    return request.param
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return Tokenizer.train("char", [CORPUS])
