@@ -190,7 +190,8 @@ class Decoder:
         cfg = self.model.config
         tokens, rows = self._check_step(tokens, active)
         # One nogil call for the whole model: its small kernels run on this thread (waking OpenMP threads for
-        # each one cost more than it saved), its matrix products on BLAS's threads.
+        # each one cost more than it saved), its matrix products on BLAS's threads for one row, and for 2 to 8
+        # rows in _common.gemm's own kernel, which reads each weight once for all of them.
         decode.decode_step(self.model.params, self._layer_offsets, self._model_offsets, cfg.n_heads,
                            cfg.hidden_dim, tokens, rows, self.lengths[rows].astype(np.intp), self.k_cache,
                            self.v_cache, self._scratch, self._logits, eps=cfg.norm_eps, exact_gelu=cfg.exact_gelu,

@@ -18,9 +18,10 @@ cdef extern from "fastmath.h" nogil:
 cdef enum:
     COLUMN_BLOCK = 64
     CHUNK = 8192
-    # Up to this many rows, gemm() multiplies row by row with sgemv (measured on OpenBLAS: a 2-row decoding step
-    # of a SmolLM2-shaped model cost 3.6x a 1-row one as one GEMM; 3 products cost less than one GEMM).
-    GEMV_ROWS = 3
+    # Up to this many rows, gemm() reads B once for all of them itself (few_rows_product), in column blocks of
+    # FEW_ROWS_COLUMNS.
+    FEW_ROWS = 8
+    FEW_ROWS_COLUMNS = 256
 
 
 cdef inline int require(bint ok, str message) except -1:
@@ -98,7 +99,8 @@ cdef inline void softmax_inplace(float* row, Py_ssize_t n, float scale) noexcept
 
 cdef inline void gemm(bint trans_a, bint trans_b, int m, int n, int k, const float* a, int lda, const float* b,
                       int ldb, float beta, float* c, int ldc) noexcept nogil:
-    """Row-major C[m,n] = op(A)[m,k] @ op(B)[k,n] + beta*C. Callers check their sizes with require_blas_sizes.
+    """Row-major C[m,n] = op(A)[m,k] @ op(B)[k,n] + beta*C, beta 0 (overwrite) or 1 (accumulate). Callers check
+    their sizes with require_blas_sizes.
 
     BLAS is column-major, and a row-major matrix is its transpose in column-major, so C^T = op(B)^T op(A)^T:
     call sgemm with the operands swapped.
@@ -106,18 +108,96 @@ cdef inline void gemm(bint trans_a, bint trans_b, int m, int n, int k, const flo
     cdef char ta = b'T' if trans_a else b'N'
     cdef char tb = b'T' if trans_b else b'N'
     cdef float one = 1.0
-    cdef int inc = 1, row
-    if m <= GEMV_ROWS and not trans_a:
-        # A few rows (KV-cache decoding of a small batch): a matrix-vector product per row. BLAS does one ~10x
-        # faster than a 1-row GEMM, and a GEMM of 2 to 4 rows costs about what one of 8 does, ~4x one product.
+    cdef int inc = 1
+    if m == 1 and not trans_a:
+        # One row (KV-cache decoding): a matrix-vector product, which BLAS does ~10x faster than a 1-row GEMM.
         # c^T = op(B)^T a^T, with op(B)^T being B read column-major.
-        for row in range(m):
-            if trans_b:
-                sgemv(&tb, &k, &n, &one, <float*>b, &ldb, <float*>a + row * lda, &inc, &beta, c + row * ldc, &inc)
-            else:
-                sgemv(&tb, &n, &k, &one, <float*>b, &ldb, <float*>a + row * lda, &inc, &beta, c + row * ldc, &inc)
+        if trans_b:
+            sgemv(&tb, &k, &n, &one, <float*>b, &ldb, <float*>a, &inc, &beta, c, &inc)
+        else:
+            sgemv(&tb, &n, &k, &one, <float*>b, &ldb, <float*>a, &inc, &beta, c, &inc)
+        return
+    if m <= FEW_ROWS and not trans_a:
+        few_rows_product(trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc)
         return
     sgemm(&tb, &ta, &n, &m, &k, &one, <float*>b, &ldb, <float*>a, &lda, &beta, c, &ldc)
+
+
+cdef inline void few_rows_product(bint trans_b, int m, int n, int k, const float* a, int lda, const float* b,
+                                  int ldb, float beta, float* c, int ldc) noexcept nogil:
+    """gemm() for 2 to FEW_ROWS rows of A (a small batch of KV-cache decoding): B, the weights, read from memory
+    once for all the rows. OpenBLAS's GEMM packs all of B for so few rows, and costs about 4x one matrix-vector
+    product whether A has 2 rows or 8: a decoding step of 8 rows at SmolLM2's width took 56 ms through it, against
+    22 ms here (12 ms for 1 row). One thread, in a fixed order."""
+    cdef Py_ssize_t i, j, p, j0, j1, block
+    cdef float acc
+    if trans_b:
+        # B is (n, k): C[i, j] = A[i] . B[j], for four rows of B at a time (they stay in L1 across the m rows of
+        # A, and each load of A serves four products).
+        j = 0
+        while j < n:
+            if j + 4 <= n:
+                for i in range(m):
+                    dot4(a + i * lda, b + j * ldb, ldb, k, c + i * ldc + j, beta != 0.0)
+                j += 4
+            else:
+                for i in range(m):
+                    acc = dot(a + i * lda, b + j * ldb, k)
+                    c[i * ldc + j] = acc + c[i * ldc + j] if beta != 0.0 else acc
+                j += 1
+        return
+    # B is (k, n): C[i, j0:j1] += A[i, p] B[p, j0:j1], a block of columns at a time, so that the block's m rows of
+    # C stay in L1 while B's rows stream past once.
+    for block in range((n + FEW_ROWS_COLUMNS - 1) // FEW_ROWS_COLUMNS):
+        j0 = block * FEW_ROWS_COLUMNS
+        j1 = min(j0 + FEW_ROWS_COLUMNS, n)
+        if beta == 0.0:
+            for i in range(m):
+                for j in range(j0, j1):
+                    c[i * ldc + j] = 0.0
+        p = 0
+        while p + 4 <= k:  # four rows of B at a time: one load and store of C's block per four products
+            for i in range(m):
+                axpy4(a + i * lda + p, b + p * ldb + j0, ldb, c + i * ldc + j0, j1 - j0)
+            p += 4
+        while p < k:
+            for i in range(m):
+                axpy(a[i * lda + p], b + p * ldb + j0, c + i * ldc + j0, j1 - j0)
+            p += 1
+
+
+cdef inline void dot4(const float* x, const float* y, Py_ssize_t ldy, Py_ssize_t n, float* out,
+                      bint accumulate) noexcept nogil:
+    """out[r] (+)= x . y[r] for the four rows y[r] = y + r * ldy."""
+    cdef Py_ssize_t p
+    cdef float s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0, xp
+    cdef const float* y1 = y + ldy
+    cdef const float* y2 = y + 2 * ldy
+    cdef const float* y3 = y + 3 * ldy
+    for p in range(n):
+        xp = x[p]
+        s0 = s0 + xp * y[p]
+        s1 = s1 + xp * y1[p]
+        s2 = s2 + xp * y2[p]
+        s3 = s3 + xp * y3[p]
+    if accumulate:
+        out[0] += s0
+        out[1] += s1
+        out[2] += s2
+        out[3] += s3
+    else:
+        out[0], out[1], out[2], out[3] = s0, s1, s2, s3
+
+
+cdef inline void axpy4(const float* alpha, const float* x, Py_ssize_t ldx, float* y, Py_ssize_t n) noexcept nogil:
+    """y += alpha[0] x[0] + alpha[1] x[1] + alpha[2] x[2] + alpha[3] x[3], x[r] the row x + r * ldx."""
+    cdef Py_ssize_t j
+    cdef float a0 = alpha[0], a1 = alpha[1], a2 = alpha[2], a3 = alpha[3]
+    cdef const float* x1 = x + ldx
+    cdef const float* x2 = x + 2 * ldx
+    cdef const float* x3 = x + 3 * ldx
+    for j in range(n):
+        y[j] += a0 * x[j] + a1 * x1[j] + a2 * x2[j] + a3 * x3[j]
 
 
 cdef inline void linear_rows(const float* x, Py_ssize_t n, Py_ssize_t c, const float* w, const float* b,

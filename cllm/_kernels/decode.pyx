@@ -181,7 +181,8 @@ def decode_step(const float[::1] params, const Py_ssize_t[:, ::1] layer_offsets,
 
     k_cache, v_cache (L, B, Tmax, KV) get each new token's keys and values (KV = n_kv_heads * head size, n_kv_heads
     defaulting to n_heads); row rows[j] attends to its positions 0..positions[j]. Other rows of the cache and of
-    logits are untouched. Matrix products use BLAS's threads, everything else the calling thread.
+    logits are untouched. Matrix products of one row use BLAS's threads; those of 2 to 8 rows, and everything else,
+    the calling thread (_common.gemm).
 
     arch is ModelConfig's: "gpt2" (LayerNorm, learned positions wpe, GELU: the tanh form, or with exact_gelu=True
     the erf form) or "llama" (RMSNorm, no biases, RoPE from rope = rope_table(Tmax or more, head size, theta),
