@@ -53,6 +53,7 @@ from ._kernels import decode, linear
 from .buffers import aligned_zeros, lazy_zeros
 from .errors import UsageError
 from .model import GPT, ForwardWorkspaces
+from .threads import available_cpus, current_blas_limit
 
 # A byte-level BPE token can end inside a multi-byte UTF-8 character; until the next token completes it, that
 # character decodes to U+FFFD.
@@ -107,6 +108,7 @@ class Decoder:
         self.lengths = np.zeros(B, np.int32)  # cached positions per sequence
         self._prefill_workspaces = ForwardWorkspaces(cfg)
         self._all_rows = np.arange(B)
+        self._cpus = available_cpus()  # BLAS's thread count when no limit is held
 
     @property
     def logits(self) -> np.ndarray:
@@ -191,11 +193,13 @@ class Decoder:
         tokens, rows = self._check_step(tokens, active)
         # One nogil call for the whole model: its small kernels run on this thread (waking OpenMP threads for
         # each one cost more than it saved), its matrix products on BLAS's threads for one row, and for 2 to 8
-        # rows in _common.gemm's own kernel, which reads each weight once for all of them.
+        # rows in a kernel of cllm's own that reads each weight once for all of them, on as many threads as BLAS
+        # may use (it takes BLAS's place: no BLAS runs in such a step).
         decode.decode_step(self.model.params, self._layer_offsets, self._model_offsets, cfg.n_heads,
                            cfg.hidden_dim, tokens, rows, self.lengths[rows].astype(np.intp), self.k_cache,
                            self.v_cache, self._scratch, self._logits, eps=cfg.norm_eps, exact_gelu=cfg.exact_gelu,
-                           arch=cfg.arch, n_kv_heads=cfg.n_kv_heads, rope=self.model.rope)
+                           arch=cfg.arch, n_kv_heads=cfg.n_kv_heads, rope=self.model.rope,
+                           threads=current_blas_limit() or self._cpus)
         self.lengths[rows] += 1
         return self._logits
 

@@ -19,7 +19,7 @@ from cllm.checkpoint import save_model
 from cllm.errors import UsageError
 from cllm.generate import Decoder, Sampling, TextStream, _nucleus, complete, generate, sample_token
 from cllm.model import GPT, ModelConfig
-from cllm.threads import current_blas_limit
+from cllm.threads import blas_limit, current_blas_limit
 from cllm.tokenizer import Tokenizer
 from cllm.tools import inference
 from tests.reference import rel_err
@@ -433,6 +433,23 @@ def test_a_context_of_one_token_shifts_at_every_token(tokenizer):
     for token in generation.token_ids:  # each token predicted from the one before it alone
         assert token == int(np.argmax(full_forward_next_logits(model, [previous])))
         previous = token
+
+
+def test_a_small_batchs_step_is_the_same_on_any_number_of_threads(model):
+    """2 to 8 rows take cllm's own matrix products, on as many threads as BLAS may use: the same bits for any."""
+    rng = np.random.default_rng(9)
+    prompts = [rng.integers(0, model.config.vocab_size, n) for n in (3, 7, 5)]
+    tokens = rng.integers(0, model.config.vocab_size, 3)
+    results = []
+    for threads in (1, 2, 3):
+        decoder = Decoder(model, batch=3)
+        decoder.prefill(prompts)
+        with blas_limit(threads):
+            results.append(decoder.step(tokens).copy())
+    assert all(np.array_equal(results[0], other) for other in results[1:])
+    alone = Decoder(model)  # and each row as it steps alone, up to float32 rounding
+    alone.prefill([prompts[1]])
+    np.testing.assert_allclose(alone.step(tokens[1:2])[0], results[0][1], rtol=1e-4, atol=1e-5)
 
 
 def test_a_truncated_row_steps_on_as_a_fresh_prefill_of_what_it_keeps(model):

@@ -118,25 +118,40 @@ cdef inline void gemm(bint trans_a, bint trans_b, int m, int n, int k, const flo
             sgemv(&tb, &n, &k, &one, <float*>b, &ldb, <float*>a, &inc, &beta, c, &inc)
         return
     if m <= FEW_ROWS and not trans_a:
-        few_rows_product(trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc)
+        few_rows_product(trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc, 1)
         return
     sgemm(&tb, &ta, &n, &m, &k, &one, <float*>b, &ldb, <float*>a, &lda, &beta, c, &ldc)
 
 
 cdef inline void few_rows_product(bint trans_b, int m, int n, int k, const float* a, int lda, const float* b,
-                                  int ldb, float beta, float* c, int ldc) noexcept nogil:
+                                  int ldb, float beta, float* c, int ldc, int threads) noexcept nogil:
     """gemm() for 2 to FEW_ROWS rows of A (a small batch of KV-cache decoding): B, the weights, read from memory
     once for all the rows. OpenBLAS's GEMM packs all of B for so few rows, and costs about 4x one matrix-vector
     product whether A has 2 rows or 8: a decoding step of 8 rows at SmolLM2's width took 56 ms through it, against
-    22 ms here (12 ms for 1 row). One thread, in a fixed order."""
-    cdef Py_ssize_t i, j, p, j0, j1, block
+    22 ms here (12 ms for 1 row), on one thread. Blocks of FEW_ROWS_COLUMNS columns are shared out over `threads`;
+    each element of C is computed by one thread, in a fixed order."""
+    cdef Py_ssize_t nblocks = (n + FEW_ROWS_COLUMNS - 1) // FEW_ROWS_COLUMNS, block
+    if threads == 1:  # no OpenMP region to enter
+        for block in range(nblocks):
+            few_rows_block(trans_b, m, block * FEW_ROWS_COLUMNS, min((block + 1) * FEW_ROWS_COLUMNS, n), k, a, lda,
+                           b, ldb, beta, c, ldc)
+        return
+    for block in prange(nblocks, num_threads=threads, schedule="static"):
+        few_rows_block(trans_b, m, block * FEW_ROWS_COLUMNS, min((block + 1) * FEW_ROWS_COLUMNS, n), k, a, lda, b,
+                       ldb, beta, c, ldc)
+
+
+cdef inline void few_rows_block(bint trans_b, int m, Py_ssize_t j0, Py_ssize_t j1, int k, const float* a, int lda,
+                                const float* b, int ldb, float beta, float* c, int ldc) noexcept nogil:
+    """Columns j0:j1 of few_rows_product's C."""
+    cdef Py_ssize_t i, j, p
     cdef float acc
     if trans_b:
         # B is (n, k): C[i, j] = A[i] . B[j], for four rows of B at a time (they stay in L1 across the m rows of
         # A, and each load of A serves four products).
-        j = 0
-        while j < n:
-            if j + 4 <= n:
+        j = j0
+        while j < j1:
+            if j + 4 <= j1:
                 for i in range(m):
                     dot4(a + i * lda, b + j * ldb, ldb, k, c + i * ldc + j, beta != 0.0)
                 j += 4
@@ -146,24 +161,21 @@ cdef inline void few_rows_product(bint trans_b, int m, int n, int k, const float
                     c[i * ldc + j] = acc + c[i * ldc + j] if beta != 0.0 else acc
                 j += 1
         return
-    # B is (k, n): C[i, j0:j1] += A[i, p] B[p, j0:j1], a block of columns at a time, so that the block's m rows of
-    # C stay in L1 while B's rows stream past once.
-    for block in range((n + FEW_ROWS_COLUMNS - 1) // FEW_ROWS_COLUMNS):
-        j0 = block * FEW_ROWS_COLUMNS
-        j1 = min(j0 + FEW_ROWS_COLUMNS, n)
-        if beta == 0.0:
-            for i in range(m):
-                for j in range(j0, j1):
-                    c[i * ldc + j] = 0.0
-        p = 0
-        while p + 4 <= k:  # four rows of B at a time: one load and store of C's block per four products
-            for i in range(m):
-                axpy4(a + i * lda + p, b + p * ldb + j0, ldb, c + i * ldc + j0, j1 - j0)
-            p += 4
-        while p < k:
-            for i in range(m):
-                axpy(a[i * lda + p], b + p * ldb + j0, c + i * ldc + j0, j1 - j0)
-            p += 1
+    # B is (k, n): C[i, j0:j1] += A[i, p] B[p, j0:j1]; the block's m rows of C stay in L1 while B's rows stream
+    # past once, four at a time (one load and store of C's block per four products).
+    if beta == 0.0:
+        for i in range(m):
+            for j in range(j0, j1):
+                c[i * ldc + j] = 0.0
+    p = 0
+    while p + 4 <= k:
+        for i in range(m):
+            axpy4(a + i * lda + p, b + p * ldb + j0, ldb, c + i * ldc + j0, j1 - j0)
+        p += 4
+    while p < k:
+        for i in range(m):
+            axpy(a[i * lda + p], b + p * ldb + j0, c + i * ldc + j0, j1 - j0)
+        p += 1
 
 
 cdef inline void dot4(const float* x, const float* y, Py_ssize_t ldy, Py_ssize_t n, float* out,
@@ -201,9 +213,10 @@ cdef inline void axpy4(const float* alpha, const float* x, Py_ssize_t ldx, float
 
 
 cdef inline void linear_rows(const float* x, Py_ssize_t n, Py_ssize_t c, const float* w, const float* b,
-                             float* out, Py_ssize_t oc, bint w_transposed) noexcept nogil:
+                             float* out, Py_ssize_t oc, bint w_transposed, int threads) noexcept nogil:
     """out (n, oc) = x (n, c) @ W + b, W being (c, oc), or (oc, c) if w_transposed; b may be NULL.
-    n, c and oc must fit BLAS's 32-bit sizes (require_blas_sizes); their products need not."""
+    n, c and oc must fit BLAS's 32-bit sizes (require_blas_sizes); their products need not. `threads` is for 2 to
+    FEW_ROWS rows, which few_rows_product computes itself (BLAS has its own thread count)."""
     cdef Py_ssize_t r
     cdef float beta = 0.0
     if b != NULL:
@@ -211,7 +224,10 @@ cdef inline void linear_rows(const float* x, Py_ssize_t n, Py_ssize_t c, const f
         for r in range(n):
             memcpy(out + r * oc, b, oc * sizeof(float))
         beta = 1.0
-    if w_transposed:
+    if 2 <= n <= FEW_ROWS:
+        few_rows_product(w_transposed, <int>n, <int>oc, <int>c, x, <int>c, w, <int>(c if w_transposed else oc),
+                         beta, out, <int>oc, threads)
+    elif w_transposed:
         gemm(False, True, <int>n, <int>oc, <int>c, x, <int>c, w, <int>c, beta, out, <int>oc)
     else:
         gemm(False, False, <int>n, <int>oc, <int>c, x, <int>c, w, <int>oc, beta, out, <int>oc)

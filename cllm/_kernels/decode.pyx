@@ -156,6 +156,7 @@ cdef struct Model:
     bint llama  # RMSNorm, no biases, RoPE (else LayerNorm, biases, wpe)
     Activation activation
     const float* rope  # the (cos, sin) table, (positions, head_size / 2, 2); NULL: positions come from wpe
+    int threads  # for the matrix products of 2 to 8 rows (_common.few_rows_product)
 
 
 cdef inline Py_ssize_t scratch_floats(Py_ssize_t rows, Py_ssize_t dim, Py_ssize_t qkv_dim, Py_ssize_t up_dim,
@@ -175,14 +176,15 @@ def decode_step(const float[::1] params, const Py_ssize_t[:, ::1] layer_offsets,
                 const Py_ssize_t[::1] model_offsets, int n_heads, Py_ssize_t hidden, const Py_ssize_t[::1] tokens,
                 const Py_ssize_t[::1] rows, const Py_ssize_t[::1] positions, float[:, :, :, ::1] k_cache,
                 float[:, :, :, ::1] v_cache, float[::1] scratch, float[:, ::1] logits, *, float eps=1e-5,
-                bint exact_gelu=False, str arch="gpt2", n_kv_heads=None, const float[:, :, ::1] rope=None):
+                bint exact_gelu=False, str arch="gpt2", n_kv_heads=None, const float[:, :, ::1] rope=None,
+                int threads=1):
     """Appends tokens[j] at position positions[j] of cache row rows[j], for each j, and writes the logits that
     predict each row's next token to logits[rows[j]].
 
     k_cache, v_cache (L, B, Tmax, KV) get each new token's keys and values (KV = n_kv_heads * head size, n_kv_heads
     defaulting to n_heads); row rows[j] attends to its positions 0..positions[j]. Other rows of the cache and of
-    logits are untouched. Matrix products of one row use BLAS's threads; those of 2 to 8 rows, and everything else,
-    the calling thread (_common.gemm).
+    logits are untouched. Matrix products of one row use BLAS's threads; those of 2 to 8 rows `threads` threads
+    (_common.few_rows_product, the same results for any number); everything else runs on the calling thread.
 
     arch is ModelConfig's: "gpt2" (LayerNorm, learned positions wpe, GELU: the tanh form, or with exact_gelu=True
     the erf form) or "llama" (RMSNorm, no biases, RoPE from rope = rope_table(Tmax or more, head size, theta),
@@ -192,6 +194,8 @@ def decode_step(const float[::1] params, const Py_ssize_t[:, ::1] layer_offsets,
     check_cache(k_cache, v_cache, logits, tokens, rows, positions)
     cdef Model m = check_model(arch, n_heads, n_kv_heads, hidden, k_cache.shape[3], logits.shape[1], eps,
                                exact_gelu, rope, T)
+    require_threads(threads)
+    m.threads = threads
     if scratch.shape[0] < scratch_floats(n, m.dim, m.qkv_dim, m.up_dim, m.hidden, m.vocab, T):
         raise ValueError("scratch is too small")
     check_offsets(params.shape[0], layer_offsets, model_offsets, &m, k_cache.shape[0], T, arch)
@@ -334,19 +338,20 @@ cdef void run_step(const float* P, const Py_ssize_t[:, ::1] layer_offsets, const
     for l in range(k_cache.shape[0]):
         o = &layer_offsets[l, 0]
         norm_rows(x, n, P + o[LN1_W], optional(P, o[LN1_B]), ln, mean, rstd, m)
-        linear_rows(ln, n, C, P + o[ATTN_W], optional(P, o[ATTN_B]), qkv, m.qkv_dim, False)
+        linear_rows(ln, n, C, P + o[ATTN_W], optional(P, o[ATTN_B]), qkv, m.qkv_dim, False, m.threads)
         for j in range(n):
             attend(qkv + j * m.qkv_dim, &k_cache[l, rows[j], 0, 0], &v_cache[l, rows[j], 0, 0], positions[j],
                    atty + j * C, scores, m)
-        linear_rows(atty, n, C, P + o[PROJ_W], optional(P, o[PROJ_B]), mid, C, False)
+        linear_rows(atty, n, C, P + o[PROJ_W], optional(P, o[PROJ_B]), mid, C, False, m.threads)
         axpy(1, x, mid, n * C)  # the residual
         norm_rows(mid, n, P + o[LN2_W], optional(P, o[LN2_B]), ln, mean, rstd, m)
-        linear_rows(ln, n, C, P + o[FC_W], optional(P, o[FC_B]), fc, m.up_dim, False)
+        linear_rows(ln, n, C, P + o[FC_W], optional(P, o[FC_B]), fc, m.up_dim, False, m.threads)
         activate(fc, fc_act, n, m)
-        linear_rows(fc_act, n, H, P + o[MLP_W], optional(P, o[MLP_B]), x, C, False)  # the block's input is spent
+        # (x, the block's input, is spent)
+        linear_rows(fc_act, n, H, P + o[MLP_W], optional(P, o[MLP_B]), x, C, False, m.threads)
         axpy(1, mid, x, n * C)
     norm_rows(x, n, P + model_offsets[LNF_W], optional(P, model_offsets[LNF_B]), ln, mean, rstd, m)
-    linear_rows(ln, n, C, P + head, NULL, step_logits, V, True)
+    linear_rows(ln, n, C, P + head, NULL, step_logits, V, True, m.threads)
     for j in range(n):
         memcpy(&logits[rows[j], 0], step_logits + j * V, V * sizeof(float))
 

@@ -21,7 +21,7 @@ def linear_forward(const float[:, ::1] x, const float[:, ::1] w, const float[::1
     require_blas_sizes((n, c, oc), "linear_forward")
     cdef const float* bias = NULL if b is None else &b[0]
     with nogil:
-        linear_rows(&x[0, 0], n, c, &w[0, 0], bias, &out[0, 0], oc, w_transposed)
+        linear_rows(&x[0, 0], n, c, &w[0, 0], bias, &out[0, 0], oc, w_transposed, threads)
 
 
 def linear_backward(const float[:, ::1] dout, const float[:, ::1] x, const float[:, ::1] w, float[:, ::1] dx,
