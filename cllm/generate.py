@@ -192,7 +192,7 @@ class Decoder:
         cfg = self.model.config
         tokens, rows = self._check_step(tokens, active)
         # One nogil call for the whole model: its small kernels run on this thread (waking OpenMP threads for
-        # each one cost more than it saved), its matrix products on BLAS's threads for one row, and for 2 to 8
+        # each one cost more than it saved), its matrix products on BLAS's threads for one row, and for 2 to 16
         # rows in a kernel of cllm's own that reads each weight once for all of them, on as many threads as BLAS
         # may use (it takes BLAS's place: no BLAS runs in such a step).
         decode.decode_step(self.model.params, self._layer_offsets, self._model_offsets, cfg.n_heads,

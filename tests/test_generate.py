@@ -436,7 +436,7 @@ def test_a_context_of_one_token_shifts_at_every_token(tokenizer):
 
 
 def test_a_small_batchs_step_is_the_same_on_any_number_of_threads(model):
-    """2 to 8 rows take cllm's own matrix products, on as many threads as BLAS may use: the same bits for any."""
+    """2 to 16 rows take cllm's own matrix products, on as many threads as BLAS may use: the same bits for any."""
     rng = np.random.default_rng(9)
     prompts = [rng.integers(0, model.config.vocab_size, n) for n in (3, 7, 5)]
     tokens = rng.integers(0, model.config.vocab_size, 3)

@@ -92,7 +92,7 @@ def thread_invariant(run):
 # ================================================================================================================
 # linear
 # ================================================================================================================
-# (N, C, OC). Up to 8 rows take gemm's few-rows path: its blocks of 4 and of 256 columns, and their remainders.
+# (N, C, OC). Up to 16 rows take gemm's few-rows path: its blocks of 4 and of 256 columns, and their remainders.
 LINEAR_SHAPES = [(8, 32, 48), (5, 13, 7), (1, 3, 1), (67, 96, 130), (2, 301, 517), (3, 7, 2), (9, 5, 6)]
 
 

@@ -156,7 +156,7 @@ cdef struct Model:
     bint llama  # RMSNorm, no biases, RoPE (else LayerNorm, biases, wpe)
     Activation activation
     const float* rope  # the (cos, sin) table, (positions, head_size / 2, 2); NULL: positions come from wpe
-    int threads  # for the matrix products of 2 to 8 rows (_common.few_rows_product)
+    int threads  # for the matrix products of 2 to 16 rows (_common.few_rows_product)
 
 
 cdef inline Py_ssize_t scratch_floats(Py_ssize_t rows, Py_ssize_t dim, Py_ssize_t qkv_dim, Py_ssize_t up_dim,
@@ -183,8 +183,9 @@ def decode_step(const float[::1] params, const Py_ssize_t[:, ::1] layer_offsets,
 
     k_cache, v_cache (L, B, Tmax, KV) get each new token's keys and values (KV = n_kv_heads * head size, n_kv_heads
     defaulting to n_heads); row rows[j] attends to its positions 0..positions[j]. Other rows of the cache and of
-    logits are untouched. Matrix products of one row use BLAS's threads; those of 2 to 8 rows `threads` threads
-    (_common.few_rows_product, the same results for any number); everything else runs on the calling thread.
+    logits are untouched. Matrix products of one row use BLAS's threads; those of 2 to 16 rows `threads`
+    threads (_common.few_rows_product, the same results for any number); everything else runs on the calling
+    thread.
 
     arch is ModelConfig's: "gpt2" (LayerNorm, learned positions wpe, GELU: the tanh form, or with exact_gelu=True
     the erf form) or "llama" (RMSNorm, no biases, RoPE from rope = rope_table(Tmax or more, head size, theta),
