@@ -99,9 +99,10 @@ cdef inline void softmax_inplace(float* row, Py_ssize_t n, float scale) noexcept
 
 
 cdef inline void gemm(bint trans_a, bint trans_b, int m, int n, int k, const float* a, int lda, const float* b,
-                      int ldb, float beta, float* c, int ldc) noexcept nogil:
+                      int ldb, float beta, float* c, int ldc, int threads=1) noexcept nogil:
     """Row-major C[m,n] = op(A)[m,k] @ op(B)[k,n] + beta*C, beta 0 (overwrite) or 1 (accumulate). Callers check
-    their sizes with require_blas_sizes.
+    their sizes with require_blas_sizes. `threads` is for 2 to FEW_ROWS rows, which few_rows_product computes
+    itself; BLAS has its own thread count.
 
     BLAS is column-major, and a row-major matrix is its transpose in column-major, so C^T = op(B)^T op(A)^T:
     call sgemm with the operands swapped.
@@ -119,7 +120,7 @@ cdef inline void gemm(bint trans_a, bint trans_b, int m, int n, int k, const flo
             sgemv(&tb, &n, &k, &one, <float*>b, &ldb, <float*>a, &inc, &beta, c, &inc)
         return
     if m <= FEW_ROWS and not trans_a:
-        few_rows_product(trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc, 1)
+        few_rows_product(trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc, threads)
         return
     sgemm(&tb, &ta, &n, &m, &k, &one, <float*>b, &ldb, <float*>a, &lda, &beta, c, &ldc)
 
@@ -216,8 +217,7 @@ cdef inline void axpy4(const float* alpha, const float* x, Py_ssize_t ldx, float
 cdef inline void linear_rows(const float* x, Py_ssize_t n, Py_ssize_t c, const float* w, const float* b,
                              float* out, Py_ssize_t oc, bint w_transposed, int threads) noexcept nogil:
     """out (n, oc) = x (n, c) @ W + b, W being (c, oc), or (oc, c) if w_transposed; b may be NULL.
-    n, c and oc must fit BLAS's 32-bit sizes (require_blas_sizes); their products need not. `threads` is for 2 to
-    FEW_ROWS rows, which few_rows_product computes itself (BLAS has its own thread count)."""
+    n, c and oc must fit BLAS's 32-bit sizes (require_blas_sizes); their products need not. `threads` as gemm's."""
     cdef Py_ssize_t r
     cdef float beta = 0.0
     if b != NULL:
@@ -225,10 +225,7 @@ cdef inline void linear_rows(const float* x, Py_ssize_t n, Py_ssize_t c, const f
         for r in range(n):
             memcpy(out + r * oc, b, oc * sizeof(float))
         beta = 1.0
-    if 2 <= n <= FEW_ROWS:
-        few_rows_product(w_transposed, <int>n, <int>oc, <int>c, x, <int>c, w, <int>(c if w_transposed else oc),
-                         beta, out, <int>oc, threads)
-    elif w_transposed:
-        gemm(False, True, <int>n, <int>oc, <int>c, x, <int>c, w, <int>c, beta, out, <int>oc)
+    if w_transposed:
+        gemm(False, True, <int>n, <int>oc, <int>c, x, <int>c, w, <int>c, beta, out, <int>oc, threads)
     else:
-        gemm(False, False, <int>n, <int>oc, <int>c, x, <int>c, w, <int>oc, beta, out, <int>oc)
+        gemm(False, False, <int>n, <int>oc, <int>c, x, <int>c, w, <int>oc, beta, out, <int>oc, threads)
