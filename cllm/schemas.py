@@ -268,7 +268,7 @@ class GenerationRequest(RequestModel):
         return options
 
     def sampling(self) -> dict:
-        """The settings for AsyncModel.stream_choices, but for logprobs (each route words them its own way)."""
+        """The settings for AsyncModel.stream_choices; each route adds its logprobs, which it words its own way."""
         return dict(n=self.n, max_new_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
                     top_k=self.top_k, min_p=self.min_p or None, presence_penalty=self.presence_penalty,
                     frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
@@ -298,6 +298,9 @@ class CompletionRequest(GenerationRequest):
     # OpenAI's options that cllm does not implement, accepted at the values that change nothing
     echo: Annotated[Any, only(False)] = False
     suffix: Annotated[Any, only(None)] = None
+
+    def sampling(self) -> dict:
+        return super().sampling() | {"logprobs": self.logprobs}
 
     @model_validator(mode="after")
     def choices_within_limits(self):

@@ -586,7 +586,7 @@ class OpenAIEndpoints:
         body = await self.read_request(request, CompletionRequest)
         prompts = await input_ids(self.model, self.limits, body.prompt, "prompt")
         form = TextCompletionForm(self.model.tokenizer, self.model_name)
-        return await self.generate(prompts, body.sampling() | {"logprobs": body.logprobs}, body, form, started)
+        return await self.generate(prompts, body.sampling(), body, form, started)
 
     # ---- chat completions
 
@@ -618,7 +618,7 @@ class OpenAIEndpoints:
             await stream.aclose()
             raise
         if body.stream:
-            events = generation_events(stream, form, body.n, settings.get("logprobs") is not None,
+            events = generation_events(stream, form, body.n, settings["logprobs"] is not None,
                                        body.stream_options.include_usage, self.keep_alive_interval, self.metrics,
                                        started)
             return StreamingResponse(events, media_type="text/event-stream",
