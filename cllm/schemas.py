@@ -15,7 +15,7 @@ size) come as validation context: `EmbeddingsRequest.model_validate(document, co
 that the context leaves out (or no context) is not checked.
 
 Errors are pydantic's. The checks defined here raise PydanticCustomError with a message that is the rest of a
-sentence starting with the field's name ("must be ..., got ..."): cllm.server.request_error words pydantic's own
+sentence starting with the field's name ("must be ..., got ..."): cllm.server.bodies.request_error words pydantic's own
 error types the same way, and turns the first error into the server's 400.
 """
 import json

@@ -1,4 +1,4 @@
-"""The request models (cllm.schemas) and how the server words their refusals (cllm.server.request_error), without
+"""The request models (cllm.schemas) and how the server words their refusals (cllm.server.bodies.request_error), without
 a server: strict types, null as absent, unknown fields, ranges, the server's limits as validation context, and
 the param and message of each kind of error."""
 import json
@@ -8,7 +8,7 @@ import pytest
 
 from cllm.schemas import (MAX_STOP_CHARS, CompletionRequest, DetokenizeRequest, EmbeddingsRequest, Limits,
                           LlamaTokenizeRequest, StreamOptions, TEIDecodeRequest, TEIEmbedRequest, TEITokenizeRequest)
-from cllm.server import parse, request_error
+from cllm.server.bodies import parse, request_error
 
 LIMITS = Limits(max_embedding_inputs=3, max_completion_tokens=40, dim=32)
 
@@ -195,7 +195,7 @@ def test_token_ids_one_list_or_a_list_of_lists():
 
 
 def test_parse_raises_the_servers_error():
-    from cllm.server import APIError
+    from cllm.server.errors import APIError
     with pytest.raises(APIError) as info:
         parse(CompletionRequest, {"model": "m", "echo": True}, LIMITS)
     assert info.value.body() == {"error": {"message": "'echo' is not supported by this server (only false).",

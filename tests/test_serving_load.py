@@ -1,5 +1,5 @@
 """What keeps an embeddings server cheap per request under load, checked for behaviour, never for speed:
-cllm.server.json_bytes writes the same numbers as json.dumps(vector.tolist()) (with orjson and without), and
+cllm.server.responses.json_bytes writes the numbers of json.dumps(vector.tolist()) (with orjson and without), and
 AsyncModel.tokenize shares worker-thread rounds between concurrent calls and gives each the ids that
 Tokenizer.encode gives, its own error included."""
 from __future__ import annotations
@@ -12,9 +12,10 @@ import anyio
 import numpy as np
 import pytest
 
-from cllm import AsyncModel, server, serving
+from cllm import AsyncModel, serving
+from cllm.server import responses
 from cllm.model import GPT, ModelConfig
-from cllm.server import json_bytes
+from cllm.server.responses import json_bytes
 from cllm.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.timeout(60)
@@ -37,8 +38,8 @@ def float32_samples() -> np.ndarray:
 @pytest.fixture(params=["orjson", "json"])
 def encoder(request, monkeypatch):
     if request.param == "json":
-        monkeypatch.setattr(server, "orjson", None)
-    elif server.orjson is None:
+        monkeypatch.setattr(responses, "orjson", None)
+    elif responses.orjson is None:
         pytest.skip("orjson is not installed")
     return request.param
 
@@ -65,7 +66,7 @@ def test_json_bytes_writes_the_numbers_that_tolist_and_json_write(encoder):
 
 def test_json_bytes_without_orjson_is_what_starlette_writes(monkeypatch):
     starlette = pytest.importorskip("starlette.responses")
-    monkeypatch.setattr(server, "orjson", None)
+    monkeypatch.setattr(responses, "orjson", None)
     vectors = float32_samples()[:300].reshape(3, 100)
     document = {"data": [{"embedding": vector.tolist(), "index": i} for i, vector in enumerate(vectors)],
                 "model": "modèle"}

@@ -1,0 +1,107 @@
+"""An OpenAI-compatible HTTP API over an AsyncModel (Starlette): what `python -m cllm.tools.serve` runs.
+
+    POST /v1/embeddings    {"model", "input": str | [str], "encoding_format": "float" | "base64", "dimensions"}
+    POST /v1/completions   {"model", "prompt": str | [str] (up to 16), "n": 1, "max_tokens": 16, "temperature": 1,
+                            "top_p": 1, "top_k", "min_p", "repetition_penalty" (the last three extensions, as
+                            vLLM's), "presence_penalty", "frequency_penalty", "seed", "stop": str | [str],
+                            "logprobs": null | 0..20, "stream": false, "stream_options"}: choice i * n + j
+                            continues prompt i (with seed + i * n + j)
+    POST /v1/chat/completions  {"model", "messages": [{"role", "content": str | [text parts]}], "max_tokens" or
+                            "max_completion_tokens" (default: the server's limit), "logprobs": false,
+                            "top_logprobs", and the sampling fields above}: the messages rendered with the
+                            model's chat template (cllm.chat); a model without one answers 400
+    GET  /v1/models        the one model served, as OpenAI lists models
+    GET  /health           {"status": "ok", "queued": {"embed": n, "generate": n}, "slots_idle": n,
+                           "slots_processing": n} (requests waiting, decoder rows free and in use); 503 with
+                           {"status": "stalled" or "stopped", "reason"} when the model cannot serve (see
+                           AsyncModel.health)
+    GET  /info             the model's name, config and engine settings, and the server's limits
+    GET  /metrics          Prometheus metrics (cllm.metrics): requests, latency, queue depth, batch sizes, tokens,
+                           time to first token
+
+and, in the shapes of Hugging Face's text-embeddings-inference (TEI) and of llama.cpp's server:
+
+    POST /embed            TEI: {"inputs": str | [str], "normalize": true, "truncate": false,
+                           "truncation_direction": "Right" | "Left"} -> [[float, ...], ...]
+    POST /tokenize         TEI: {"inputs": str | [str], "add_special_tokens": true} -> one list per input of
+                           {"id", "text", "special", "start", "stop"}; or llama.cpp: {"content": str,
+                           "add_special": false, "with_pieces": false} -> {"tokens": [id, ...]} (with_pieces:
+                           [{"id", "piece"}, ...])
+    POST /decode           TEI: {"ids": [id, ...] | [[id, ...], ...], "skip_special_tokens": true} -> [str, ...]
+    POST /detokenize       llama.cpp: {"tokens": [id, ...]} -> {"content": str}
+
+Lifetime: the caller opens the AsyncModel before create_app and closes it after the server has stopped; the
+app only borrows it (and has no lifespan of its own), so one model can outlive several apps, as in the tests.
+
+The server is built in layers, a module each:
+
+    request_ids    every request's id, on its answer and in the log lines written for it
+    middleware     what a request gets through before an endpoint sees it: the API key, its whole body, a slot
+    bodies         a request body as one of cllm.schemas' models, and its refusal worded for the client
+    errors         the statuses the server answers with, in OpenAI's error shape
+    openai_routes  /v1/embeddings, /v1/completions, /v1/chat/completions, /v1/models, /health, /info
+    tei_routes     /embed, /tokenize, /decode, /detokenize in TEI's and llama.cpp's shapes
+    sse            a streamed generation as server-sent events
+    responses      JSON bodies that hold numpy vectors
+"""
+from __future__ import annotations
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.routing import Route
+
+from ..metrics import RequestMetrics, ServerMetrics
+from ..serving import AsyncModel
+from .errors import (
+    APIError,
+    api_error_response,
+    http_error_response,
+    server_error_response,
+)
+from .limits import ServerLimits
+from .middleware import ApiKeyCheck, BufferedBody, ConcurrencyLimit
+from .openai_routes import OpenAIEndpoints
+from .request_ids import RequestIds
+from .sse import KEEP_ALIVE_SECONDS
+from .tei_routes import TEIEndpoints
+
+__all__ = ["KEEP_ALIVE_SECONDS", "ServerLimits", "create_app"]
+
+# The routes that use the model or its tokenizer, and count as load
+MODEL_ENDPOINTS = ("/v1/embeddings", "/v1/completions", "/v1/chat/completions", "/embed", "/tokenize", "/decode",
+                   "/detokenize")
+ROUTES = (*MODEL_ENDPOINTS, "/v1/models", "/health", "/info", "/metrics")
+OPEN_ENDPOINTS = ("/health",)  # answered without an API key: a load balancer's probe has none
+
+
+def create_app(model: AsyncModel, *, model_name: str, limits: ServerLimits = ServerLimits(),
+               api_key: str | None = None, keep_alive_interval: float = KEEP_ALIVE_SECONDS) -> Starlette:
+    """The API over an open AsyncModel, which the caller keeps open while the app serves (see the module notes).
+    With an api_key, every route but /health wants it as `Authorization: Bearer KEY`."""
+    limits = limits.resolve(model.config.context_length)
+    metrics = ServerMetrics(model, ROUTES)
+    api = OpenAIEndpoints(model, model_name, limits, keep_alive_interval, metrics)
+    tei = TEIEndpoints(model, limits)
+    routes = [
+        Route("/v1/embeddings", api.embeddings, methods=["POST"]),
+        Route("/v1/completions", api.completions, methods=["POST"]),
+        Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
+        Route("/v1/models", api.models, methods=["GET"]),
+        Route("/health", api.health, methods=["GET"]),
+        Route("/info", api.info, methods=["GET"]),
+        Route("/embed", tei.embed, methods=["POST"]),
+        Route("/tokenize", tei.tokenize, methods=["POST"]),
+        Route("/decode", tei.decode, methods=["POST"]),
+        Route("/detokenize", tei.detokenize, methods=["POST"]),
+        Route("/metrics", metrics.endpoint, methods=["GET"]),
+    ]
+    middleware = [Middleware(BufferedBody, paths=MODEL_ENDPOINTS, max_bytes=limits.max_body_bytes,
+                             timeout=limits.body_timeout),
+                  Middleware(ConcurrencyLimit, limit=limits.max_concurrent_requests, paths=MODEL_ENDPOINTS)]
+    if api_key is not None:
+        middleware.insert(0, Middleware(ApiKeyCheck, api_key=api_key, open_paths=OPEN_ENDPOINTS))
+    middleware.insert(0, Middleware(RequestMetrics, metrics=metrics))  # every answer counts
+    middleware.insert(0, Middleware(RequestIds))  # outermost: every answer carries its id
+    handlers = {APIError: api_error_response, HTTPException: http_error_response, Exception: server_error_response}
+    return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers)
