@@ -8,8 +8,24 @@ os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 from .model import GPT, ModelConfig  # noqa: E402
 from .optim import AdamW, cosine_lr  # noqa: E402
-from .serving import AsyncModel, EngineStalled, Overloaded  # noqa: E402
 from .sync_model import Model  # noqa: E402
+
+# The async serving engine loads when one of its names is first used (PEP 562): training and offline use, which
+# import cllm too, never need it.
+_SERVING_NAMES = ("AsyncModel", "EngineStalled", "Overloaded")
+
+
+def __getattr__(name: str):
+    if name in _SERVING_NAMES:
+        from . import serving
+
+        return getattr(serving, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_SERVING_NAMES))
+
 
 __all__ = ["GPT", "ModelConfig", "AdamW", "cosine_lr", "AsyncModel", "EngineStalled", "Overloaded", "Model"]
 __version__ = "0.1.0"

@@ -41,16 +41,16 @@ start of a new document.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from numbers import Integral, Real
+from numbers import Real
 from typing import NamedTuple
 
 import numpy as np
 
 from ._kernels import decode, linear
 from .buffers import aligned_zeros, lazy_zeros
+from .checks import require_int
 from .errors import UsageError
 from .model import GPT, ForwardWorkspaces
 from .threads import available_cpus, current_blas_limit
@@ -63,6 +63,13 @@ REPLACEMENT_CHARACTER = "\ufffd"
 # smaller one overflows: 1e-310 turned every logit into inf and the softmax into NaN, which always drew the last
 # token id. Down here the softmax is the argmax anyway, unless two logits are within about 1e-3 of each other.
 GREEDY_TEMPERATURE = 1e-5
+# Sampling's upper bounds, which the server's request schema (cllm.schemas) takes from here, so that a setting one
+# refuses the other never takes. OpenAI's temperature and penalty ranges, and a repetition_penalty far past any
+# useful value (1.1 to 1.3 are usual).
+MAX_TEMPERATURE = 2.0
+MAX_PENALTY = 2.0  # frequency_penalty and presence_penalty, from -MAX_PENALTY
+MAX_REPETITION_PENALTY = 10.0
+MAX_TOP_K = 2**31 - 1
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -254,12 +261,14 @@ class Sampling:
     top_k most likely tokens (ties with the k-th kept), then to the smallest set of most likely tokens whose
     probability reaches top_p, then to the tokens at least min_p times as likely as the most likely one. Each cut
     keeps the most likely token, so top_k=1, a tiny top_p or min_p=1 is greedy. temperature 0, or any below
-    GREEDY_TEMPERATURE (1e-5), is greedy: the first maximum of the penalized logits.
+    GREEDY_TEMPERATURE (1e-5), is greedy: the first maximum of the penalized logits. temperature goes up to
+    MAX_TEMPERATURE (2, as OpenAI's).
 
     The penalties, as Hugging Face and OpenAI define them: repetition_penalty divides the positive logits (and
     multiplies the negative ones) of every token in the prompt or generated so far, so that above 1 it discourages
-    them; frequency_penalty subtracts itself once per time a token was generated, and presence_penalty once for
-    any token generated at all (both from -2 to 2; negative values encourage repetition).
+    them (up to MAX_REPETITION_PENALTY, 10); frequency_penalty subtracts itself once per time a token was
+    generated, and presence_penalty once for any token generated at all (both from -2 to 2; negative values
+    encourage repetition).
     """
 
     temperature: float = 1.0
@@ -272,26 +281,20 @@ class Sampling:
 
     def __post_init__(self):
         def number(name, low, high, *, low_open=False):
-            value = getattr(self, name)
-            if not (isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+            value = getattr(self, name)  # every bound is finite, so NaN and the infinities fail the comparisons
+            if not (isinstance(value, Real) and not isinstance(value, bool)
                     and (low < value if low_open else low <= value) and value <= high):
-                if high == math.inf:
-                    bound = f"a finite number {'>' if low_open else '>='} {low}"
-                else:
-                    bound = f"a number in {'(' if low_open else '['}{low}, {high}]"
-                raise UsageError(f"{name} must be {bound}, got {value!r}")
+                raise UsageError(f"{name} must be a number in {'(' if low_open else '['}{low}, {high}], got {value!r}")
 
-        number("temperature", 0.0, math.inf)
-        if self.top_k is not None and (not isinstance(self.top_k, Integral) or isinstance(self.top_k, bool)
-                                       or self.top_k < 1):
-            raise UsageError(f"top_k must be a positive integer or None, got {self.top_k!r}")
+        number("temperature", 0.0, MAX_TEMPERATURE)
+        require_int("top_k", self.top_k, maximum=MAX_TOP_K, optional=True)
         if self.top_p is not None:
             number("top_p", 0.0, 1.0, low_open=True)
         if self.min_p is not None:
             number("min_p", 0.0, 1.0)
-        number("repetition_penalty", 0.0, math.inf, low_open=True)
-        number("frequency_penalty", -2.0, 2.0)
-        number("presence_penalty", -2.0, 2.0)
+        number("repetition_penalty", 0.0, MAX_REPETITION_PENALTY, low_open=True)
+        number("frequency_penalty", -MAX_PENALTY, MAX_PENALTY)
+        number("presence_penalty", -MAX_PENALTY, MAX_PENALTY)
 
     @property
     def penalized(self) -> bool:
@@ -372,13 +375,9 @@ def _nucleus(probs: np.ndarray, top_p: float, first: int = 256) -> np.ndarray:
 def check_generation(*, max_new_tokens: int, seed: int | None, stop: str | Iterable[str],
                      logprobs: int | None = None) -> tuple[str, ...]:
     """Raises UsageError for generation settings that mean nothing; returns the stop strings as a tuple."""
-    if not isinstance(max_new_tokens, Integral) or max_new_tokens < 0:
-        raise UsageError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-    if seed is not None and (not isinstance(seed, Integral) or isinstance(seed, bool) or seed < 0):
-        raise UsageError(f"seed must be a non-negative integer or None, got {seed!r}")
-    if logprobs is not None and (not isinstance(logprobs, Integral) or isinstance(logprobs, bool)
-                                 or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
-        raise UsageError(f"logprobs must be None or an integer from 0 to {MAX_TOP_LOGPROBS}, got {logprobs!r}")
+    require_int("max_new_tokens", max_new_tokens, minimum=0)
+    require_int("seed", seed, minimum=0, optional=True)
+    require_int("logprobs", logprobs, minimum=0, maximum=MAX_TOP_LOGPROBS, optional=True)
     stop = (stop,) if isinstance(stop, str) else tuple(stop)
     if not all(isinstance(s, str) and s for s in stop):
         raise UsageError("stop strings must be non-empty strings")
@@ -454,6 +453,17 @@ def _stop_prefix_length(text: str, stops: tuple[str, ...]) -> int:
 
 # --------------------------------------------------------------------------------------------------------------
 # the generation API
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A continuation once it has ended, as a value: what Model.generate and AsyncModel.generate return, and what
+    each choice of a stream ends as. Here, beside what it holds, so that using one loads no serving engine."""
+    text: str
+    finish_reason: str  # "stop" (the separator, an end of turn or a stop string) or "length"
+    prompt_tokens: int
+    completion_tokens: int  # stop string included
+    logprobs: list[TokenLogprob] | None = None  # one per completion token, when asked for
 
 
 class Continuation:

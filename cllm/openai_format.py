@@ -16,8 +16,7 @@ import time
 import uuid
 from collections.abc import Sequence
 
-from .generate import TokenLogprob
-from .serving import Completion
+from .generate import Completion, TokenLogprob
 
 
 def usage(completions: Sequence[Completion], n: int) -> dict:

@@ -10,6 +10,9 @@ The rules, the same for every model here (they all derive from RequestModel):
 - an OpenAI option that cllm does not implement is accepted only at the value that changes nothing (`only`).
   Implementing one means giving its field a real type and range instead.
 
+Sampling's ranges are cllm.generate.Sampling's own bounds (MAX_TEMPERATURE and the others), so that a request this
+schema accepts never fails in the engine, and the other way round.
+
 Limits that depend on the server (the most inputs in one request, the largest max_tokens, the model's embedding
 size) come as validation context: `EmbeddingsRequest.model_validate(document, context=Limits(...))`. A limit
 that the context leaves out (or no context) is not checked.
@@ -29,15 +32,12 @@ from pydantic_core.core_schema import ErrorType, ValidatorFunctionWrapHandler
 
 from .chat import ROLES, message_text
 from .errors import UsageError
-from .generate import MAX_TOP_LOGPROBS
+from .generate import MAX_PENALTY, MAX_REPETITION_PENALTY, MAX_TEMPERATURE, MAX_TOP_K, MAX_TOP_LOGPROBS
 from .pooling import POOLINGS
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_STOP_CHARS = 64  # each stop string is looked for at every token: long ones would cost time on every token
-MAX_TEMPERATURE = 2.0  # as OpenAI
-MAX_TOP_K = 2**31 - 1
 MAX_SEED = 2**63 - 1  # OpenAI's seeds are int64; numpy's generators take any non-negative integer
-MAX_REPETITION_PENALTY = 10.0  # far past any useful value (1.1 to 1.3 are usual)
 MAX_PROMPTS = 16  # prompts in one completions request
 MAX_CHOICES = 16  # n times the prompts: each choice takes a decoder row
 
@@ -248,8 +248,8 @@ class GenerationRequest(RequestModel):
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     top_k: Annotated[Integer, Field(ge=1, le=MAX_TOP_K)] | None = None  # an extension; past the vocabulary: all
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0  # an extension, as vLLM's and llama.cpp's
-    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
-    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    presence_penalty: Annotated[float, Field(ge=-MAX_PENALTY, le=MAX_PENALTY)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-MAX_PENALTY, le=MAX_PENALTY)] = 0.0
     repetition_penalty: Annotated[float, Field(gt=0.0, le=MAX_REPETITION_PENALTY)] = 1.0  # an extension, as vLLM's
     seed: Annotated[Integer, Field(ge=0, le=MAX_SEED)] | None = None
     n: Annotated[Integer, Field(ge=1, le=MAX_CHOICES)] = 1

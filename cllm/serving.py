@@ -67,7 +67,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass
-from numbers import Integral, Real
+from numbers import Real
 from typing import NamedTuple
 
 import anyio
@@ -76,8 +76,9 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ._kernels.fault import hang
 from .checkpoint import load_model
+from .checks import require_int
 from .errors import UsageError
-from .generate import Continuation, Decoder, Sampling, TokenLogprob, check_generation, feed, token_ids
+from .generate import Completion, Continuation, Decoder, Sampling, TokenLogprob, check_generation, feed, token_ids
 from .pooling import check_pooling, embed_batch, fit_to_context
 from .model import GPT, ForwardWorkspaces, ModelConfig
 from .threads import blas_limit, current_blas_limit, run_sync_daemon
@@ -118,15 +119,6 @@ def parse_serving_faults(spec: str) -> list[ServingFault]:
                 raise UsageError(f"bad fault {item!r}: expected KIND:WORK:N, e.g. hang:embed:1")
             faults.append(ServingFault(parts[0], parts[1], int(parts[2])))
     return faults
-
-
-@dataclass(frozen=True)
-class Completion:
-    text: str
-    finish_reason: str  # "stop" (the end of a document, or a stop string) or "length"
-    prompt_tokens: int
-    completion_tokens: int  # stop string included
-    logprobs: list[TokenLogprob] | None = None  # one per completion token, when asked for
 
 
 @dataclass(eq=False)
@@ -328,8 +320,7 @@ class AsyncModel:
                  faults: Sequence[ServingFault] | None = None):
         for name, value in dict(threads=threads, max_batch_tokens=max_batch_tokens, max_queue=max_queue,
                                 max_streams=max_streams).items():
-            if not isinstance(value, Integral) or isinstance(value, bool) or value < 1:
-                raise UsageError(f"{name} must be a positive integer, got {value!r}")
+            require_int(name, value)
         for name, value in dict(max_wait_ms=max_wait_ms, queue_timeout=queue_timeout).items():
             if not isinstance(value, Real) or not math.isfinite(value) or value < 0:
                 raise UsageError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -675,10 +666,8 @@ class AsyncModel:
         cllm.generate.Sampling's: temperature (0 is greedy), top_k, top_p, min_p, repetition_penalty,
         frequency_penalty and presence_penalty.
         """
-        if not isinstance(max_new_tokens, Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-            raise UsageError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        if not isinstance(n, Integral) or isinstance(n, bool) or n < 1:
-            raise UsageError(f"n must be a positive integer, got {n!r}")
+        require_int("max_new_tokens", max_new_tokens)
+        require_int("n", n)
         if not prompts:
             raise UsageError("stream_choices needs at least one prompt")
         Sampling(**sampling)  # checked here, before anything is queued

@@ -21,11 +21,11 @@ import numpy as np
 from tqdm import tqdm
 
 from .checkpoint import load_model
+from .checks import require_int
 from .errors import UsageError
-from .generate import generate
+from .generate import Completion, generate
 from .model import GPT, ForwardWorkspaces
 from .pooling import check_pooling, embed_batch, fit_to_context
-from .serving import Completion
 from .threads import available_cpus, blas_limit
 from .tokenizer import Tokenizer
 
@@ -38,9 +38,7 @@ class Model:
             raise UsageError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                              f"{model.config.vocab_size}")
         self.model, self.tokenizer = model, tokenizer
-        self.threads = available_cpus() if threads is None else threads
-        if not isinstance(self.threads, int) or self.threads < 1:
-            raise UsageError(f"threads must be a positive integer, got {threads!r}")
+        self.threads = require_int("threads", available_cpus() if threads is None else threads)
         self._workspaces = ForwardWorkspaces(model.config)
 
     @classmethod
@@ -59,8 +57,7 @@ class Model:
         longer than the context is an error, or with truncate=True cut to its first context_length tokens."""
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}")
+        require_int("batch_size", batch_size)
         check_pooling(pooling)
         for i, text in enumerate(texts):
             if not isinstance(text, str):

@@ -395,7 +395,7 @@ def test_the_penalty_flags_reach_the_generation(plain, plain_path, capsys):
 @pytest.mark.parametrize("flags, message", [
     (["--min-p", "1.5"], "argument --min-p: must be a number in [0.0, 1.0], got 1.5"),
     (["--min-p", "x"], "argument --min-p: invalid number value: 'x'"),
-    (["--repetition-penalty", "0"], "argument --repetition-penalty: must be a finite number > 0.0, got 0.0"),
+    (["--repetition-penalty", "0"], "argument --repetition-penalty: must be a number in (0.0, 10.0], got 0.0"),
     (["--frequency-penalty", "2.5"], "argument --frequency-penalty: must be a number in [-2.0, 2.0], got 2.5"),
     (["--presence-penalty", "nan"], "argument --presence-penalty: must be a number in [-2.0, 2.0], got nan"),
     (["-i", "-f", "-"], "-i reads its turns from standard input"),
