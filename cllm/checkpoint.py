@@ -27,18 +27,15 @@ from safetensors import SafetensorError, safe_open
 
 from . import tensor_files
 from .atomic import atomic_write_file
-from .errors import UsageError
+from .formats.hf import load_hf
 from .model import GPT, ModelConfig, parameter_shapes
+from .model_file_errors import ModelFileError, few_names, one_line
 from .optim import AdamW
 from .tokenizer import Tokenizer
 
 MODEL_FORMAT, STATE_FORMAT, FORMAT_VERSION = "cllm", "cllm-state", "1"
 MODEL_KEYS = ("format", "format_version", "config", "tokenizer")  # metadata that save_model owns
 STATE_TENSORS = ("adamw.m", "adamw.v")
-
-
-class ModelFileError(UsageError):
-    """A model or training-state file is missing, corrupt, or not one this version of cllm can read."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -71,12 +68,14 @@ def load_model(path: str | os.PathLike, *, threads: int = 1) -> tuple[GPT, Token
     """Reads a .cllm file written by save_model, or a Hugging Face GPT-2 or Llama folder (cllm.formats.hf). Raises
     ModelFileError (or HFFolderError) if anything about it is wrong."""
     if Path(path).is_dir():
-        from .formats.hf import load_hf  # the folder reader, only when a folder is given
-
         return load_hf(path, threads=threads)
     metadata, layout = _read_container(path, MODEL_FORMAT, "model", with_tensors=False)
     config = _model_config(path, metadata)
     tokenizer = _tokenizer(path, metadata, config)
+    # Every layer has tensors of its own: the layers are bounded so before parameter_shapes lists each one's.
+    if config.n_layers > len(layout):
+        raise ModelFileError(f"{path}: the config describes {config.n_layers:,} layers, but the file holds only "
+                             f"{len(layout):,} tensors")
     shapes, _ = parameter_shapes(config)
     _check_names_and_shapes(path, layout, shapes)
     model = GPT(config, threads=threads, init=False)
@@ -103,14 +102,14 @@ def _model_config(path, metadata: dict[str, str]) -> ModelConfig:
             raise ValueError("not a JSON object")
         return ModelConfig.from_dict(fields)
     except (ValueError, TypeError) as e:  # bad JSON, unknown or missing fields, invalid values
-        raise ModelFileError(f"{path}: bad model config: {_one_line(e)}") from None
+        raise ModelFileError(f"{path}: bad model config: {one_line(e)}") from None
 
 
 def _tokenizer(path, metadata: dict[str, str], config: ModelConfig) -> Tokenizer:
     try:
         tokenizer = Tokenizer.from_json(metadata.get("tokenizer", ""))
     except ValueError as e:
-        raise ModelFileError(f"{path}: bad tokenizer: {_one_line(e)}") from None
+        raise ModelFileError(f"{path}: bad tokenizer: {one_line(e)}") from None
     if tokenizer.vocab_size > config.vocab_size:
         raise ModelFileError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                              f"{config.vocab_size}")
@@ -214,7 +213,7 @@ def _read_container(path, expected_format: str, what: str, *, with_tensors: bool
                 return metadata, {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except SafetensorError as e:
-        raise ModelFileError(f"{path}: not a readable safetensors file ({_one_line(e)})") from None
+        raise ModelFileError(f"{path}: not a readable safetensors file ({one_line(e)})") from None
     except OSError as e:
         raise ModelFileError(f"{path}: cannot read the {what} file ({e.strerror or e})") from None
     return metadata, tensors
@@ -252,13 +251,3 @@ def _check_names_and_shapes(path, found: dict[str, tuple[int, ...]], shapes: dic
 def _check_finite(path, name: str, tensor: np.ndarray) -> None:
     if not np.isfinite(tensor).all():
         raise ModelFileError(f"{path}: tensor {name!r} holds non-finite values (NaN or inf)")
-
-
-def few_names(names: list[str], shown: int = 4) -> str:
-    """The first few names, and how many more: for one-line errors about many tensors."""
-    more = f" and {len(names) - shown} more" if len(names) > shown else ""
-    return ", ".join(names[:shown]) + more
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__

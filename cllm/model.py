@@ -18,6 +18,7 @@ import numpy as np
 
 from ._kernels import attention, crossentropy, embedding, gelu, layernorm, linear, rmsnorm, rope, swiglu
 from .buffers import aligned_zeros, carve, carved_size
+from .checks import require_int
 from .errors import UsageError
 
 
@@ -30,6 +31,11 @@ ARCHITECTURES = ("gpt2", "llama")
 # gelu_new / gelu_pytorch_tanh), "gelu_erf" the exact 0.5 x (1 + erf(x / sqrt 2)) (Hugging Face's gelu, nanoGPT's).
 # llama: "silu", gating SwiGLU's up projection.
 ACTIVATIONS = {"gpt2": ("gelu_tanh", "gelu_erf"), "llama": ("silu",)}
+# The most positions a model may have. Nothing else bounds a llama's context_length: no tensor holds it, yet the
+# RoPE table (context_length x head_dim floats, 512 MiB at this cap for heads of 128), the KV cache and the decoding
+# scratch are all sized by it, so a config asking for 10^12 would allocate before anything could refuse it. 2^20
+# (1,048,576) takes every context of today's open models, 128K Llamas and Qwen2.5-1M's 1,010,000 among them.
+MAX_CONTEXT_LENGTH = 1 << 20
 
 
 def llama_intermediate_size(dim: int) -> int:
@@ -58,7 +64,8 @@ class ModelConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "dim", "n_layers", "n_heads", "mlp_ratio"):
-            _require_positive_int(name, getattr(self, name))
+            maximum = MAX_CONTEXT_LENGTH if name == "context_length" else None
+            object.__setattr__(self, name, require_int(f"ModelConfig.{name}", getattr(self, name), maximum=maximum))
         if self.arch not in ARCHITECTURES:
             raise UsageError(f"ModelConfig.arch must be one of {', '.join(ARCHITECTURES)}, got {self.arch!r}")
         llama = self.arch == "llama"
@@ -81,7 +88,7 @@ class ModelConfig:
             if self.intermediate_size is None:
                 object.__setattr__(self, "intermediate_size", llama_intermediate_size(self.dim))
             for name in ("n_kv_heads", "intermediate_size"):
-                _require_positive_int(name, getattr(self, name))
+                object.__setattr__(self, name, require_int(f"ModelConfig.{name}", getattr(self, name)))
             if self.n_heads % self.n_kv_heads:
                 raise UsageError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
             if self.head_dim % 2:
@@ -149,11 +156,6 @@ class ModelConfig:
         if unknown:
             raise UsageError(f"unknown ModelConfig fields: {sorted(unknown)}")
         return cls(**d)
-
-
-def _require_positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise UsageError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
 
 
 def parameter_shapes(cfg: ModelConfig) -> tuple[dict[str, tuple[int, ...]], int]:

@@ -16,17 +16,25 @@ computes, rather than run a different model silently. It never unpickles: a fold
 `pytorch_model.bin` is refused with the command that converts it. Weights may be float32, float16 or bfloat16
 (widened exactly to cllm's float32).
 
+Nothing is allocated on config.json's word alone. Its sizes all become the model's buffer before a tensor is
+read, so the weight files' headers must first hold as many parameters as the config describes; and the context
+length (n_positions, max_position_embeddings), which sizes the RoPE table and the KV cache while no tensor holds
+it for Llama, may be at most cllm.model.MAX_CONTEXT_LENGTH (2^20) positions.
+
 Writing gives a folder that `transformers.AutoModelForCausalLM.from_pretrained` and `AutoTokenizer` load
 offline, and that reads back into the same tensors bit for bit.
 
 A chat model's template (tokenizer_config.json's chat_template, or the chat_template.jinja file that newer
 transformers versions write) comes along with its bos_token and eos_token (cllm.chat), and is written back to
-tokenizer_config.json.
+tokenizer_config.json. Its end-of-turn token is written into config.json's and generation_config.json's
+eos_token_id too, after the separator, so that transformers' generate() ends a reply where cllm does.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -38,9 +46,10 @@ from tokenizers import decoders, models, pre_tokenizers
 from .. import tensor_files
 from ..atomic import atomic_write_bytes, atomic_write_file
 from ..chat import ChatTemplate
-from ..checkpoint import ModelFileError, few_names
+from ..checks import require_int
 from ..errors import UsageError
-from ..model import GPT, ModelConfig
+from ..model import GPT, MAX_CONTEXT_LENGTH, ModelConfig, parameter_shapes
+from ..model_file_errors import ModelFileError, few_names, one_line
 from ..tokenizer import ENDOFTEXT, Tokenizer
 
 CONFIG, WEIGHTS, WEIGHTS_INDEX, TOKENIZER, TOKENIZER_CONFIG = \
@@ -129,8 +138,10 @@ def load_hf(folder: str | os.PathLike, *, threads: int = 1) -> tuple[GPT, Tokeni
     if tokenizer.vocab_size > config.vocab_size:
         raise HFFolderError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                             f"{config.vocab_size}")
+    weight_files = _weight_files(folder)
+    _check_weights_hold(folder, weight_files, config)
     model = GPT(config, threads=threads, init=False)
-    _read_weights(folder, model)
+    _read_weights(folder, weight_files, model)
     return model, tokenizer
 
 
@@ -191,8 +202,9 @@ def _gpt2_config(path: Path, hf: dict) -> ModelConfig:
     if hf.get("tie_word_embeddings", True) is not True:
         raise HFFolderError(f"{path}: tie_word_embeddings=false is not supported for GPT-2 (cllm's GPT-2 output "
                             f"layer is the token embedding)")
-    return _model_config(path, vocab_size=hf.get("vocab_size"), context_length=hf.get("n_positions"), dim=n_embd,
-                         n_layers=hf.get("n_layer"), n_heads=hf.get("n_head"), activation=ACTIVATIONS[activation])
+    return _model_config(path, vocab_size=hf.get("vocab_size"), context_length=_context_length(path, hf, "n_positions"),
+                         dim=n_embd, n_layers=hf.get("n_layer"), n_heads=hf.get("n_head"),
+                         activation=ACTIVATIONS[activation])
 
 
 def _llama_config(path: Path, hf: dict) -> ModelConfig:
@@ -202,7 +214,8 @@ def _llama_config(path: Path, hf: dict) -> ModelConfig:
         raise HFFolderError(f"{path}: hidden_act {hf['hidden_act']!r} is not supported (cllm's Llama MLP is "
                             f"SwiGLU, hidden_act \"silu\")")
     config = _model_config(
-        path, arch="llama", vocab_size=hf.get("vocab_size"), context_length=hf["max_position_embeddings"],
+        path, arch="llama", vocab_size=hf.get("vocab_size"),
+        context_length=_context_length(path, hf, "max_position_embeddings"),
         dim=hf.get("hidden_size"), n_layers=hf.get("num_hidden_layers"), n_heads=hf.get("num_attention_heads"),
         n_kv_heads=hf.get("num_key_value_heads"), intermediate_size=hf.get("intermediate_size"),
         rope_theta=_rope_theta(path, hf), norm_eps=hf["rms_norm_eps"], tied_head=hf["tie_word_embeddings"])
@@ -211,6 +224,15 @@ def _llama_config(path: Path, hf: dict) -> ModelConfig:
         raise HFFolderError(f"{path}: head_dim={head_dim} is not supported (cllm's heads are hidden_size / "
                             f"num_attention_heads = {config.head_dim} wide)")
     return config
+
+
+def _context_length(path: Path, hf: dict, key: str) -> int:
+    """config.json's context length, under the key the architecture gives it, within MAX_CONTEXT_LENGTH: checked
+    here, where the refusal can name the key as the folder writes it, before anything is sized by it."""
+    try:
+        return require_int(key, hf.get(key), maximum=MAX_CONTEXT_LENGTH)
+    except UsageError as e:
+        raise HFFolderError(f"{path}: {e}") from None
 
 
 def _rope_theta(path: Path, hf: dict) -> float:
@@ -278,7 +300,7 @@ def _hf_tokenizer(folder: Path) -> HFTokenizer:
             hf.decoder = decoders.ByteLevel()
             return hf
     except Exception as e:  # tokenizers raises a bare Exception for any parse error
-        raise HFFolderError(f"{folder}: unreadable tokenizer ({' '.join(str(e).split())})") from None
+        raise HFFolderError(f"{folder}: unreadable tokenizer ({one_line(e)})") from None
     raise HFFolderError(f"{folder}: no tokenizer ({TOKENIZER}, or vocab.json with merges.txt)")
 
 
@@ -335,16 +357,50 @@ def _weight_files(folder: Path) -> list[Path]:
     raise HFFolderError(f"{folder}: no weights ({WEIGHTS} or {WEIGHTS_INDEX})")
 
 
-def _read_weights(folder: Path, model: GPT) -> None:
-    """Reads every tensor of the folder's safetensors file(s) into its view of the model's parameter buffer
-    (never a second copy of the model: cllm.tensor_files), checking names, dtypes, shapes and values."""
+@contextmanager
+def _weight_file_errors(path: Path):
+    """Whatever reading the weight file at path raises, as an HFFolderError naming it once."""
+    try:
+        yield
+    except HFFolderError:  # a refusal of ours, which names the file already
+        raise
+    except SafetensorError as e:
+        raise HFFolderError(f"{path}: not a readable safetensors file ({one_line(e)})") from None
+    except ValueError as e:  # tensor_files' refusals
+        raise HFFolderError(f"{path}: {e}") from None
+    except OSError as e:
+        raise HFFolderError(f"{path}: cannot read it ({e.strerror or e})") from None
+
+
+def _check_weights_hold(folder: Path, weight_files: list[Path], config: ModelConfig) -> None:
+    """Refuses a config that describes more parameters than the weight files hold, before the model's buffer is
+    sized by it: each tensor's shape is checked as it is read into that buffer, too late for a config that says
+    10^12 tokens. Only the files' headers are read, and safetensors checks them against each file's size."""
+    held: dict[str, int] = {}  # each tensor's number of values
+    for path in weight_files:
+        with _weight_file_errors(path), safe_open(path, framework="np") as f:
+            held |= {key: math.prod(f.get_slice(key).get_shape()) for key in f.keys()
+                     if not key.endswith(IGNORED_TENSORS[config.arch])}
+    # Every layer has tensors of its own: the layers are bounded so before parameter_shapes lists each one's.
+    if config.n_layers > len(held):
+        raise HFFolderError(f"{folder / CONFIG}: describes {config.n_layers:,} layers, but its weights hold only "
+                            f"{len(held):,} tensors")
+    needed = sum(math.prod(shape) for shape in parameter_shapes(config)[0].values())
+    if needed > sum(held.values()):
+        raise HFFolderError(f"{folder / CONFIG}: describes a model of {needed:,} parameters, but its weights hold "
+                            f"only {sum(held.values()):,}")
+
+
+def _read_weights(folder: Path, weight_files: list[Path], model: GPT) -> None:
+    """Reads every tensor of the folder's safetensors files into its view of the model's parameter buffer (never
+    a second copy of the model: cllm.tensor_files), checking names, dtypes, shapes and values."""
     arch = model.config.arch
     tensors = hf_tensors(model)
     seen: set[str] = set()
     tied_head = None  # (file key, its values) if the file repeats a tied head: read only to compare
-    for path in _weight_files(folder):
+    for path in weight_files:
         wanted: dict[str, np.ndarray] = {}  # file key -> where it goes
-        try:
+        with _weight_file_errors(path):
             with safe_open(path, framework="np") as f:  # validates the header; only it is read here
                 for key in f.keys():
                     name = key if key in tensors else BASE_PREFIX[arch] + key
@@ -366,12 +422,6 @@ def _read_weights(folder: Path, model: GPT) -> None:
                     wanted[key] = tensors[name]
                     seen.add(name)
             tensor_files.read_into(path, wanted.get)
-        except SafetensorError as e:
-            raise HFFolderError(f"{path}: not a readable safetensors file ({' '.join(str(e).split())})") from None
-        except ValueError as e:
-            raise HFFolderError(f"{path}: {e}") from None
-        except OSError as e:
-            raise HFFolderError(f"{path}: cannot read it ({e.strerror or e})") from None
     missing = [name for name in tensors if name not in seen]
     if missing:
         raise HFFolderError(f"{folder}: missing tensors {few_names(missing)}")
@@ -397,7 +447,10 @@ def save_hf(folder: str | os.PathLike, model: GPT, tokenizer: Tokenizer) -> list
     # A tokenizer that starts every text with a token of its own (Llama's <s>) names it as bos; else the separator
     # both starts and ends a text, as GPT-2's <|endoftext|> does.
     bos = leading_special_token(json.loads(tokenizer.hf_json())) or tokenizer.separator
-    special_ids = {"bos_token_id": tokenizer.vocab()[bos], "eos_token_id": tokenizer.separator_id}
+    # transformers' generate() stops at any id of eos_token_id: a chat model's end of turn ends its reply, as the
+    # separator ends a document. The separator comes first, which is the one reading takes (_separator).
+    eos_ids = [tokenizer.separator_id, *tokenizer.end_of_turn_ids]
+    special_ids = {"bos_token_id": tokenizer.vocab()[bos], "eos_token_id": eos_ids if len(eos_ids) > 1 else eos_ids[0]}
     config = _CONFIG_WRITERS[cfg.arch](cfg) | special_ids | {
         "initializer_range": 0.02, "use_cache": True, "tie_word_embeddings": cfg.tied_head, "dtype": "float32"}
     special = {"bos_token": bos, "eos_token": tokenizer.separator}
