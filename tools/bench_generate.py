@@ -60,7 +60,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-import multiprocessing
 import os
 import platform
 import statistics
@@ -68,13 +67,12 @@ import sys
 import tempfile
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from bench_train import (REPO_ROOT, TOOLS_DIR, busy_note, choose_configs, finish_report, fmt,  # noqa: E402
-                         foreign_load, higher_peak, machine_snapshot, peak_rss_mb)
+from bench_common import (busy_note, choose_configs, finish_report, fmt, foreign_load, higher_peak, in_fresh_process,
+                          machine_snapshot, peak_rss_mb, use_this_checkout)
 
 SEED = 1337
 COMPARED_TOKENS = 10  # greedy tokens that must agree; later ones may differ on near-ties
@@ -275,9 +273,7 @@ class TorchSession:
     def __init__(self, cfg: GenConfig, threads: int, stack: contextlib.ExitStack, files: WeightFiles):
         import torch
 
-        if TOOLS_DIR not in sys.path:
-            sys.path.insert(0, TOOLS_DIR)
-        from torch_gpt import GPT, GPTConfig, load_gpt2_weights
+        from torch_gpt import GPT, GPTConfig, load_gpt2_weights  # tools/ is on sys.path
 
         torch.set_num_threads(threads)
         self.model = GPT(GPTConfig(vocab_size=cfg.vocab, context_length=cfg.context, dim=cfg.dim,
@@ -487,12 +483,6 @@ def bench_engine(engine: str, cfg: GenConfig, threads: int, repeats: int, prompt
                   warmup.prefill_logits, cache_error, peak, runtime, weight_bytes), None
 
 
-def in_fresh_process(fn, *args):
-    spawn = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
-        return pool.submit(fn, *args).result()
-
-
 # ------------------------------------------------------------------------------------------------- checks
 
 
@@ -594,9 +584,7 @@ def engines_to_run(args, cfg: GenConfig, told: set) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    # As in bench_train: make an uninstalled checkout importable; spawned processes inherit sys.path.
-    if REPO_ROOT not in sys.path:
-        sys.path.append(REPO_ROOT)
+    use_this_checkout()
     print(f"threads {args.threads}, repeats {args.repeats}, python {platform.python_version()}, "
           f"numpy {np.__version__}, {os.cpu_count()} logical CPUs")
     told: set[str] = set()

@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import multiprocessing
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-TOOLS_DIR = Path(__file__).resolve().parent
+from bench_common import in_fresh_process, use_this_checkout
+
 BABY = dict(n_layers=4, n_heads=4, dim=128, context_length=64)
 BATCH, LR, MIN_LR, BETA2, WARMUP, WEIGHT_DECAY, CLIP, SEED, EVAL_BATCHES = 12, 1e-3, 1e-4, 0.99, 100, 0.1, 1.0, 1337, 50
 
@@ -63,8 +62,7 @@ def run_torch(workdir: Path, steps: int, threads: int, vocab: int) -> tuple[floa
 
     import torch
 
-    sys.path.insert(0, str(TOOLS_DIR))
-    from torch_gpt import GPT, GPTConfig, configure_optimizer
+    from torch_gpt import GPT, GPTConfig, configure_optimizer  # tools/ is on sys.path
 
     torch.set_num_threads(threads)
     train = np.load(workdir / "train_batches.npy", mmap_mode="r")
@@ -102,6 +100,7 @@ def main(argv=None) -> int:
     p.add_argument("--archs", default="gpt2,llama", help="cllm architectures to train, comma-separated")
     p.add_argument("--no-torch", action="store_true")
     args = p.parse_args(argv)
+    use_this_checkout()
     rows = []  # (engine, architecture, parameters, val loss, seconds)
     with tempfile.TemporaryDirectory(prefix="cllm-quality-") as tmp:
         workdir = Path(tmp)
@@ -110,9 +109,7 @@ def main(argv=None) -> int:
             rows.append(("cllm", arch, params, val, seconds))
         have_torch = not args.no_torch and importlib.util.find_spec("torch") is not None
         if have_torch:  # on the batches the last cllm run wrote, which are every run's: same data, same seed
-            spawn = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
-                t_val, t_seconds, t_params = pool.submit(run_torch, workdir, args.steps, args.threads, vocab).result()
+            t_val, t_seconds, t_params = in_fresh_process(run_torch, workdir, args.steps, args.threads, vocab)
             rows.append(("torch", "gpt2", t_params, t_val, t_seconds))
     print(f"\n{args.data.name}, char tokenizer (vocab {vocab}), baby config, {args.steps} steps, "
           f"{args.threads} threads\n")

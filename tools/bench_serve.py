@@ -49,11 +49,9 @@ import anyio
 import httpx
 import numpy as np
 
-# Running as `python tools/bench_serve.py` puts tools/ first on sys.path, not the repo: as in bench_train, make
-# an uninstalled checkout importable.
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.append(REPO_ROOT)
+from bench_common import cpu_description, use_this_checkout
+
+use_this_checkout()  # `python tools/bench_serve.py` puts tools/ on sys.path, not the repo
 
 from cllm.chat import ChatTemplate  # noqa: E402
 from cllm.checkpoint import save_model  # noqa: E402
@@ -385,17 +383,6 @@ def print_table(rows: list[Row]) -> None:
           "request are user + system time over the phase, the server's of all its threads.")
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
-
-
 @contextlib.contextmanager
 def served(model_path: str, threads: int, cpus: set[int] | None = None):
     """`python -m cllm.tools.serve` on a free loopback port (on the given CPUs), stopped (Ctrl-C) when the block
@@ -453,7 +440,7 @@ def main() -> None:
     print(f"model: {args.model or 'fresh baby model'} (L{config['n_layers']} H{config['n_heads']} C{config['dim']} "
           f"T{config['context_length']}, vocab {config['vocab_size']}), threads {args.threads}, "
           f"{max_tokens} tokens per generation")
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores ({len(cpus)} usable)"
+    print(f"CPU: {cpu_description()}, {os.cpu_count()} cores ({len(cpus)} usable)"
           + (f"; load generator pinned to core {pin}, server to {cpus[:-1]}" if pin is not None else "") + "\n")
     print_table(rows + generation + (chat or []))
     alone, together = generation[-2].rate, generation[-1].rate

@@ -42,21 +42,19 @@ import argparse
 import dataclasses
 import importlib.util
 import math
-import multiprocessing
 import os
 import platform
 import statistics
 import sys
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOOLS_DIR = os.path.dirname(os.path.abspath(__file__))
+from bench_common import (busy_note, choose_configs, cpu_description, finish_report, fmt, foreign_load, higher_peak,
+                          in_fresh_process, machine_snapshot, peak_rss_mb, use_this_checkout)
 
 
 @dataclass(frozen=True)
@@ -278,9 +276,7 @@ def torch_train(cfg: BenchConfig, threads: int, warmup: int, steps: int,
     import torch
 
     torch.set_num_threads(threads)
-    if TOOLS_DIR not in sys.path:
-        sys.path.insert(0, TOOLS_DIR)
-    from torch_gpt import configure_optimizer, train_step  # both peers' optimizer and step
+    from torch_gpt import configure_optimizer, train_step  # both peers' optimizer and step (tools/ is on sys.path)
 
     model = torch_model(cfg)
     model.train()
@@ -334,27 +330,6 @@ class Result:
                 f"  peak RSS {fmt(self.peak_rss_mb, '.0f')} MB")
 
 
-def peak_rss_mb() -> float | None:
-    """This process's peak resident set size so far, in MiB (None where it cannot be read).
-
-    Linux's VmHWM first: getrusage's ru_maxrss survives fork and exec, so a spawned engine process would report
-    its parent's peak whenever that was higher.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**10  # kB
-    except OSError:
-        pass
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
-
-
 def bench_engine(engine: str, cfg: BenchConfig, threads: int, warmup: int, steps: int | None,
                  spheres: int | None, describe: bool) -> tuple[Result | None, str | None]:
     """Benchmarks one engine on one config; runs in a fresh process of its own. describe: also print the engine's
@@ -385,77 +360,6 @@ def bench_engine(engine: str, cfg: BenchConfig, threads: int, warmup: int, steps
     return result, None
 
 
-def in_fresh_process(fn: Callable, *args):
-    spawn = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
-        return pool.submit(fn, *args).result()
-
-
-# ------------------------------------------------------------------------- is anything else using the CPUs?
-# Timings with N threads on an N-core machine collapse when another process holds a core (threads that
-# spin-wait for each other get descheduled), so the benchmark measures and reports foreign CPU use.
-# Linux only (/proc/stat); elsewhere these return None and nothing is printed.
-
-
-def machine_snapshot() -> tuple[float, float, float] | None:
-    """(wall time, busy CPU-seconds of the whole machine, CPU-seconds of this process and its reaped children)."""
-    try:
-        with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    # user nice system idle iowait irq softirq steal [guest guest_nice, already counted in user/nice]
-    busy = sum(ticks[:8]) - ticks[3] - ticks[4]
-    own = os.times()
-    return (time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"),
-            own.user + own.system + own.children_user + own.children_system)
-
-
-def foreign_load(since=None, probe_s: float = 0.0) -> float | None:
-    """Average number of CPUs kept busy by other processes since the snapshot `since` (or over probe_s)."""
-    if since is None:
-        since = machine_snapshot()
-        time.sleep(probe_s)
-    now = machine_snapshot()
-    if since is None or now is None or now[0] <= since[0]:
-        return None
-    return max(0.0, (now[1] - since[1]) - (now[2] - since[2])) / (now[0] - since[0])
-
-
-def busy_note(cpus: float) -> str:
-    return "  <- WARNING: the machine is not idle, timings are unreliable" if cpus > 0.2 else ""
-
-
-# ------------------------------------------------------------------------------------------------- main
-
-
-def fmt(value: float | None, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
-def cpu_description() -> str:
-    """The CPU's model name and its AVX2/AVX-512 flags, from /proc/cpuinfo (Linux; elsewhere what platform knows)."""
-    model, flags = None, None
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name" and model is None:
-                    model = value.strip()
-                elif key == "flags" and flags is None:
-                    flags = value.split()
-                if model is not None and flags is not None:
-                    break
-    except OSError:
-        pass
-    model = model or platform.processor() or platform.machine()
-    if flags is None:
-        return f"{model} (SIMD flags unknown)"
-    simd = [f for f in flags if f == "avx2" or f.startswith("avx512")]
-    return f"{model}; {' '.join(simd) if simd else 'neither AVX2 nor AVX-512'}"
-
-
 def markdown_table(configs: list[BenchConfig], results: dict[tuple[str, BenchConfig], Result],
                    sgemm_gflops: dict[BenchConfig, float], large_gflops: float | None) -> str:
     lines = [
@@ -476,20 +380,6 @@ def markdown_table(configs: list[BenchConfig], results: dict[tuple[str, BenchCon
             f"| {fmt(c and c.peak_rss_mb, '.0f')} | {fmt(t and t.peak_rss_mb, '.0f')} |"
         )
     return "\n".join(lines)
-
-
-def choose_configs(p: argparse.ArgumentParser, names: str, configs: dict) -> list:
-    """The configs named in a comma-separated list, in its order; anything else is a usage error."""
-    chosen = [n.strip() for n in names.split(",") if n.strip()]
-    unknown = [n for n in chosen if n not in configs]
-    if unknown or not chosen:
-        p.error(f"unknown config(s) {unknown}; choose from {list(configs)}")
-    return [configs[n] for n in chosen]
-
-
-def higher_peak(a: float | None, b: float | None) -> float | None:
-    """The higher of two peak RSS readings, either of which may be missing."""
-    return max(a or 0.0, b or 0.0) or None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -756,11 +646,7 @@ def bench_ranks(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    # Running as `python tools/bench_train.py` puts tools/ first on sys.path, not the repo: make an
-    # uninstalled checkout importable too (appended, so an installed cllm still wins). Spawned engine
-    # processes inherit this sys.path.
-    if REPO_ROOT not in sys.path:
-        sys.path.append(REPO_ROOT)
+    use_this_checkout()  # `python tools/bench_train.py` puts tools/ on sys.path, not the repo
     if args.mpi_worker:
         return mpi_worker(args)
     if args.ranks:
@@ -825,19 +711,6 @@ def main(argv=None) -> int:
              f"ratio = cllm/torch tok/s; cllm/that = cllm's GFLOP/s over the sgemm limit before it")
     gflops = {cfg: flops / statistics.median(times) / 1e9 for cfg, (times, flops) in limits.items()}
     return finish_report(start, results, title, lambda: markdown_table(args.configs, results, gflops, large_gflops))
-
-
-def finish_report(start, results: dict, title: str, table: Callable[[], str]) -> int:
-    """The end of a side-by-side run: how busy the machine was meanwhile, then the title and the table."""
-    during = foreign_load(since=start)
-    if during is not None:
-        print(f"other processes busy on {during:.2f} CPUs on average during the run{busy_note(during)}")
-    if not results:
-        print("nothing was benchmarked")
-        return 1
-    print(f"\n{title}\n")
-    print(table())
-    return 0
 
 
 if __name__ == "__main__":
