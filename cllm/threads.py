@@ -25,6 +25,8 @@ import anyio
 import anyio.lowlevel
 from threadpoolctl import ThreadpoolController
 
+from .checks import require_int
+
 MAX_THREADS = 64
 
 T = TypeVar("T")
@@ -77,8 +79,7 @@ class _BlasLimits:
 
     @contextmanager
     def hold(self, limit: int) -> Iterator[None]:
-        if not isinstance(limit, int) or limit < 1:
-            raise ValueError(f"a BLAS limit must be a positive integer, got {limit!r}")
+        require_int("a BLAS limit", limit)
         with self._lock:
             if not self._held:
                 self._libraries = ThreadpoolController().select(user_api="blas").lib_controllers

@@ -29,6 +29,7 @@ import numpy as np
 
 from .atomic import atomic_write_bytes
 from .checkpoint import ModelFileError, load_state, read_metadata, save_model, save_state
+from .checks import require_int
 from .data import Batches, eval_batches
 from .distributed import MPIGroup
 from .errors import UsageError
@@ -97,8 +98,7 @@ class TrainSettings:
         positive = ["steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
                     "checkpoint_every", "threads", "spheres"]
         for name in positive:
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise UsageError(f"{flag(name)} must be a positive integer, got {getattr(self, name)}")
+            require_int(flag(name), getattr(self, name), optional=True)
         if not 0 < self.lr < 10 or not 0 <= self.min_lr <= self.lr:
             raise UsageError(f"need 0 < lr < 10 and 0 <= min-lr <= lr, got lr={self.lr}, min-lr={self.min_lr}")
         if not 0 <= self.beta2 < 1:

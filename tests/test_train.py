@@ -217,6 +217,7 @@ def test_cli_usage_errors(tmp_path):
     assert_usage_error(cli("inference", bad_model, "-p", "x"), "bad.cllm")
     assert_usage_error(cli("inference", tmp_path / "none.cllm"), "none.cllm")
     assert_usage_error(cli("inference", bad_model, "--top-p", "2"), "top-p")
+    assert_usage_error(cli("inference", bad_model, "--temperature", "3"), "--temperature: must be a number in [0.0, 2.0]")
     assert_usage_error(cli("plot", tmp_path), "metrics")
 
 

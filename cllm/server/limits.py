@@ -5,6 +5,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from ..checks import require_int
 from ..errors import UsageError
 
 
@@ -16,7 +17,9 @@ class ServerLimits:
     max_input_tokens: int | None = None  # tokens in one embeddings input or one completion prompt
     max_completion_tokens: int | None = None  # the largest max_tokens a completion may ask for
     max_body_bytes: int = 1 << 20  # request body, JSON included
-    max_concurrent_requests: int = 64  # embeddings and completions in flight, streams until their last byte
+    # Embeddings and completions in flight, streams until their last byte. As TEI's default: more than a busy
+    # service's connections, so that its requests queue for the model rather than being refused.
+    max_concurrent_requests: int = 512
     # Seconds a client may take to send a request's headers (the serve tool's uvicorn protocol enforces it: the
     # app only sees a request once its headers are in), and then its body (BufferedBody, 408).
     header_timeout: float = 10.0
@@ -34,8 +37,8 @@ class ServerLimits:
             if isinstance(field.default, float):
                 if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
                     raise UsageError(f"ServerLimits.{field.name} must be a positive number, got {value!r}")
-            elif not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise UsageError(f"ServerLimits.{field.name} must be a positive integer, got {value!r}")
+            else:
+                require_int(f"ServerLimits.{field.name}", value)
         if resolved.max_input_tokens > context_length:
             # The model could never take such an input: saying so here beats a confusing 400 later.
             raise UsageError(f"ServerLimits.max_input_tokens ({resolved.max_input_tokens}) cannot exceed the "

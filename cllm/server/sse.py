@@ -17,9 +17,10 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 
+from ..generate import Completion
 from ..metrics import ServerMetrics
 from ..openai_format import ResponseForm, usage
-from ..serving import Completion, CompletionStream, EngineStalled
+from ..serving import CompletionStream, EngineStalled
 from .errors import SERVER_ERROR, stalled
 from .request_ids import current_request_id
 

@@ -29,7 +29,7 @@ from ..errors import UsageError
 from ..generate import Sampling, generate
 from ..session import Session
 from ..threads import available_cpus, blas_limit
-from ._cli import Parser, non_negative_float, positive_int, run
+from ._cli import Parser, positive_int, run
 
 RESET = "/reset"
 
@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("-f", "--file", metavar="FILE",
                         help="read the prompt from FILE (UTF-8), or from standard input if FILE is -")
     p.add_argument("-n", "--max-new", type=positive_int, default=200, help="tokens to generate at most")
-    p.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 (or below 1e-5) is greedy")
+    p.add_argument("--temperature", type=sampling_setting("temperature"), default=0.8,
+                   help="0 (or below 1e-5) is greedy")
     p.add_argument("--top-k", type=positive_int, help="sample from the k most likely tokens")
     p.add_argument("--top-p", type=sampling_setting("top_p"), help="sample from the smallest set holding this probability")
     p.add_argument("--min-p", type=sampling_setting("min_p"),
