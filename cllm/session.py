@@ -16,8 +16,10 @@ Each turn the whole history is rendered and encoded again (chat: with the templa
 plain: Tokenizer.encode); when the cache holds a prefix of those ids, as it does when the re-encoded history
 gives back the very tokens that were cached, only the ids past it are computed, one Decoder.step each, and the
 reply goes on from there. When it does not (the model generated a tokenization of its reply that encoding the
-text does not give back, a stop string ended the reply, a template trims what it is given), the row keeps the
-positions the two share (Decoder.truncate) and computes the rest; with nothing shared, it is prefilled afresh.
+text does not give back, or a special token, which in a message's text is text (cllm.chat); a stop string ended
+the reply; a template trims what it is given), the row keeps the positions the two share (Decoder.truncate) and
+computes the rest; with nothing shared, it is prefilled afresh. What a turn says is text too: a user who types a
+template's markup ("<|im_start|>") cannot open a turn of their own.
 
 Context. A reply that fills the context shifts it as generate() does (its most recent half is kept and encoded
 again, cllm.generate). A turn whose conversation would leave less room for the reply than max_new_tokens (at most

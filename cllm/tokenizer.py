@@ -18,6 +18,7 @@ has one (cllm.chat), comes along, and to_json records that too (earlier cllm ver
 """
 from __future__ import annotations
 
+import bisect
 import json
 from collections import Counter
 from typing import Callable, Iterable, Iterator, NamedTuple
@@ -77,7 +78,7 @@ class Tokenizer:
         self._hf = hf
         # Without this, HF would turn "<|endoftext|>" typed in a document into the separator token.
         self._hf.encode_special_tokens = True
-        self._hf_markup: HFTokenizer | None = None  # a copy that parses special tokens (encode_rendered)
+        self._hf_markup: HFTokenizer | None = None  # a copy that parses special tokens (encode_chat)
         self.chat_template = chat_template
         self.separator: str = separator or SEPARATOR[kind]
         separator_id = hf.token_to_id(self.separator)
@@ -147,24 +148,49 @@ class Tokenizer:
     def encode(self, text: str) -> np.ndarray:
         return np.array(self._hf.encode(text).ids, dtype=np.int32)
 
-    def encode_rendered(self, text: str) -> np.ndarray:
-        """The ids of text rendered from a chat template: its special tokens ("<|im_start|>") are parsed as the
-        tokens they name, and none are added (the template wrote those it wants), as transformers tokenizes a
-        chat. encode() takes every text literally instead."""
-        if self._hf_markup is None:
-            self._hf_markup = HFTokenizer.from_str(self._hf.to_str())
-            self._hf_markup.encode_special_tokens = False
-        return np.array(self._hf_markup.encode(text, add_special_tokens=False).ids, dtype=np.int32)
-
     def encode_chat(self, messages, *, add_generation_prompt: bool = True) -> np.ndarray:
         """The prompt ids of a chat (a list of {"role", "content"} messages), rendered with the chat template
         (cllm.chat); with add_generation_prompt, it ends where the assistant's reply begins. UsageError if this
-        tokenizer has no template."""
+        tokenizer has no template.
+
+        The template's special tokens ("<|im_start|>") are parsed as the tokens they name, and none are added (the
+        template wrote those it wants), as transformers tokenizes a chat; but what the messages say is text: a
+        special token's text in a message's own strings is encoded as encode() encodes it (cllm.chat's notes)."""
         if self.chat_template is None:
             raise UsageError("this model has no chat template, so it cannot take chat messages: give it a prompt "
                              "to continue instead, or attach a template (cllm-convert MODEL OUT --chat-template "
                              "FILE)")
-        return self.encode_rendered(self.chat_template.render(messages, add_generation_prompt=add_generation_prompt))
+        if self._hf_markup is None:
+            self._hf_markup = HFTokenizer.from_str(self._hf.to_str())
+            self._hf_markup.encode_special_tokens = False
+        specials = {token.content: i for i, token in self._hf.get_added_tokens_decoder().items() if token.special}
+        rendered = self.chat_template.render_quoting(messages, specials, add_generation_prompt=add_generation_prompt)
+        encoding = self._hf_markup.encode(rendered.text, add_special_tokens=False)
+        if not rendered.quoted:
+            return np.array(encoding.ids, dtype=np.int32)
+        return np.array(self._markup_outside(rendered, encoding, set(specials.values())), dtype=np.int32)
+
+    def _markup_outside(self, rendered, encoding, special_ids: set[int]) -> list[int]:
+        """encoding's ids, but where it parsed a special token that overlaps a quoted span (a message's own text),
+        the text from the template's special token before it to the one after it is encoded literally instead.
+        Elsewhere the ids are the parse's own: what lies between two of the template's special tokens is encoded
+        apart from the rest in both."""
+        quoted_stops = [stop for _, stop in rendered.quoted]
+        ids, taken, text_start, literal = [], 0, 0, False
+        for i, (token, (start, stop)) in enumerate(zip(encoding.ids, encoding.offsets)):
+            if token not in special_ids:
+                continue
+            q = bisect.bisect_right(quoted_stops, start)  # the first quoted span that ends after this token starts
+            if q < len(rendered.quoted) and rendered.quoted[q][0] < stop:
+                literal = True
+                continue
+            ids += self._literal(rendered.text[text_start:start]) if literal else encoding.ids[taken:i]
+            ids.append(token)
+            taken, text_start, literal = i + 1, stop, False
+        return ids + (self._literal(rendered.text[text_start:]) if literal else encoding.ids[taken:])
+
+    def _literal(self, text: str) -> list[int]:
+        return self._hf.encode(text, add_special_tokens=False).ids
 
     @property
     def end_of_turn_ids(self) -> tuple[int, ...]:

@@ -21,7 +21,7 @@ from cllm.model import GPT, ModelConfig
 from cllm.session import Session
 from cllm.tokenizer import Tokenizer
 from cllm.tools import inference
-from tests.chat_models import CHATML, TEXT, chat_tokenizer
+from tests.chat_models import CHATML, INJECTIONS, TEXT, chat_tokenizer, literal_prompt, zephyr_tokenizer
 from tests.reference import rel_err
 
 
@@ -119,6 +119,16 @@ def test_each_chat_turn_computes_only_its_new_tokens_and_the_cache_is_a_fresh_pr
         assert counted.prefills == 1 and counted.computed == len(session.tokens)
     assert session.messages[0] == {"role": "system", "content": "be brief"} and len(session.messages) == 9
     assert reasons == {"stop", "length"}, "the replies should end both ways, at <|im_end|> and at max_new_tokens"
+
+
+@pytest.mark.parametrize("template, tokenizer", [("chatml", chat_tokenizer), ("zephyr", zephyr_tokenizer)])
+def test_a_turn_that_writes_markup_is_text_not_a_turn_of_its_own(template, tokenizer):
+    tokenizer = tokenizer()
+    session = Session(random_model(tokenizer, arch="llama", seed=1), tokenizer, max_new_tokens=3, temperature=0)
+    reply = session.send(INJECTIONS[template])
+    list(reply)
+    prompt = literal_prompt(tokenizer, INJECTIONS[template])
+    assert session.tokens == cached_after(prompt, reply)  # what the model saw: the message as text
 
 
 def test_a_plain_session_continues_one_document(plain):
