@@ -267,6 +267,16 @@ class GenerationRequest(RequestModel):
             raise PydanticCustomError("stream_options_without_stream", "is only allowed when 'stream' is true")
         return options
 
+    @model_validator(mode="after")
+    def default_length_within_limit(self, info: ValidationInfo):
+        # Pydantic does not validate defaults: a server whose limit is 4 would give a body without max_tokens 16,
+        # yet refuse an explicit 16. The default is cut to the limit instead, as a default should never be refused;
+        # it stays out of model_fields_set, still a default.
+        most = limit(info, "max_completion_tokens")
+        if most is not None and "max_tokens" not in self.model_fields_set:
+            self.__dict__["max_tokens"] = min(self.max_tokens, most)
+        return self
+
     def sampling(self) -> dict:
         """The settings for AsyncModel.stream_choices; each route adds its logprobs, which it words its own way."""
         return dict(n=self.n, max_new_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,

@@ -87,6 +87,7 @@ from .tokenizer import Tokenizer
 NOT_RUNNING = "the model is not running: use it inside `async with AsyncModel(...) as model:`"
 CLOSED_WHILE_PENDING = "the model was closed before this request finished"
 DEFAULT_BATCH_TIMEOUT = 60.0  # seconds; a batch takes milliseconds, so only a stuck one comes near
+DEFAULT_MAX_QUEUE = 512  # requests waiting in each queue: as many as the server lets in (ServerLimits)
 
 
 class Overloaded(Exception):
@@ -315,7 +316,7 @@ class AsyncModel:
     """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, *, threads: int = 1, max_batch_tokens: int = 4096,
-                 max_wait_ms: float = 5.0, max_queue: int = 256, queue_timeout: float = 0.0,
+                 max_wait_ms: float = 5.0, max_queue: int = DEFAULT_MAX_QUEUE, queue_timeout: float = 0.0,
                  max_streams: int = 8, batch_timeout: float = DEFAULT_BATCH_TIMEOUT, pooling: str = "mean",
                  faults: Sequence[ServingFault] | None = None):
         for name, value in dict(threads=threads, max_batch_tokens=max_batch_tokens, max_queue=max_queue,

@@ -110,16 +110,24 @@ def test_health_and_info(http, model, tokenizer):
     assert info["model"] == NAME
     assert info["config"] == model.config.to_dict()
     assert info["limits"] == {"max_embedding_inputs": 8, "max_input_tokens": CONTEXT, "max_completion_tokens": 40,
-                              "max_body_bytes": 16 * 1024, "max_concurrent_requests": 64,
+                              "max_body_bytes": 16 * 1024, "max_concurrent_requests": 512,
                               "header_timeout": LIMITS.header_timeout, "body_timeout": LIMITS.body_timeout}
     # The engine's own account: the same model, and AsyncModel's defaults, which BackgroundServer kept.
-    assert info["engine"] == {
+    engine = info["engine"]
+    batches_run = engine.pop("batches_run")
+    assert engine == {
         "config": model.config.to_dict(), "tokenizer": "char", "vocab_size": tokenizer.vocab_size,
         "embedding_dim": DIM, "context_length": CONTEXT,
-        "limits": {"threads": 1, "max_batch_tokens": 4096, "max_wait_ms": 5.0, "max_queue": 256,
+        "limits": {"threads": 1, "max_batch_tokens": 4096, "max_wait_ms": 5.0, "max_queue": 512,
                    "queue_timeout": 0.0, "max_streams": 8, "batch_timeout": DEFAULT_BATCH_TIMEOUT},
-        "pooling": "mean", "batches_run": info["engine"]["batches_run"]}
-    assert set(info["engine"]["batches_run"]) == {"embed", "decode"}
+        "pooling": "mean"}
+    # One embedding batch for one text, and a decoding step per token of a greedy completion (which never ends
+    # early on this model).
+    assert http.post("/v1/embeddings", json={"model": NAME, "input": "the fox"}).status_code == 200
+    assert http.post("/v1/completions", json={"model": NAME, "prompt": "the", "max_tokens": 3,
+                                              "temperature": 0}).status_code == 200
+    assert http.get("/info").json()["engine"]["batches_run"] == {"embed": batches_run["embed"] + 1,
+                                                                 "decode": batches_run["decode"] + 3}
 
 
 def test_models_list_the_one_model(client):
@@ -241,6 +249,14 @@ def test_greedy_completion_is_the_engines_and_deterministic(http, model, tokeniz
 
 def test_default_max_tokens_is_16_as_in_openai(http):
     assert completion(http, prompt="the", temperature=0)["usage"]["completion_tokens"] == 16
+
+
+def test_the_default_max_tokens_never_passes_the_servers_limit(model_path):
+    with BackgroundServer(model_path, model_name=NAME, limits=ServerLimits(max_completion_tokens=4)) as server, \
+            httpx.Client(base_url=server.url, timeout=30) as http:
+        assert completion(http, prompt="the", temperature=0)["usage"]["completion_tokens"] == 4
+        assert_error(http.post("/v1/completions", json={"model": NAME, "prompt": "the", "max_tokens": 16}), 400,
+                     param="max_tokens")
 
 
 def test_seeded_sampling_is_reproducible(http):
@@ -577,32 +593,39 @@ def test_every_response_carries_a_request_id_which_the_log_names(model_path, cap
         assert any("request stream-1: a streamed completion failed" in r.getMessage() for r in caplog.records)
 
 
-def test_a_client_that_leaves_mid_stream_closes_the_models_stream(server, http, monkeypatch):
-    real_stream, closed = server.model.stream_choices, threading.Event()
+def slow_decoding(model: AsyncModel, monkeypatch, seconds: float) -> None:
+    """Every decoding step of the model takes `seconds` longer (in its worker thread, as a large model's would), so
+    that a generation is still running when a test needs it to be."""
+    decode_step = model._decode_step
 
-    class SlowStream:  # the real stream, slowed down so that the client leaves in the middle
-        def __init__(self, *args, **kwargs):
-            self.deltas = real_stream(*args, **kwargs)
-            self.start, self.wait = self.deltas.start, self.deltas.wait
+    def slow_step(*args):
+        time.sleep(seconds)
+        return decode_step(*args)
 
-        async def next_delta(self):
-            await anyio.sleep(0.5)
-            return await self.deltas.next_delta()
+    monkeypatch.setattr(model, "_decode_step", slow_step)
 
-        @property
-        def completions(self):
-            return self.deltas.completions
 
-        async def aclose(self):
-            await self.deltas.aclose()
-            closed.set()
+def eventually(condition, seconds: float) -> bool:
+    """Whether condition() comes true within `seconds`, asked every 20 ms."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
-    monkeypatch.setattr(server.model, "stream_choices", SlowStream)
+
+IDLE = {"status": "ok", "queued": {"embed": 0, "generate": 0}, "slots_idle": 8, "slots_processing": 0}
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_decoder_row(server, http, monkeypatch):
+    slow_decoding(server.model, monkeypatch, 0.2)  # 40 tokens: 8 s
     # Greedy: a sampled continuation could draw the separator at once and end before the client leaves.
     body = {"model": NAME, "prompt": "the", "max_tokens": 40, "stream": True, "temperature": 0}
     with http.stream("POST", "/v1/completions", json=body) as response:
         assert next(response.iter_lines()).startswith("data: {")
-    assert closed.wait(5)  # long before the 40 pieces' 20 s
+        assert http.get("/health").json()["slots_processing"] == 1
+    assert eventually(lambda: http.get("/health").json() == IDLE, 3), "the row was still decoding for nobody"
 
 
 # --------------------------------------------------------------------------------------------------------------

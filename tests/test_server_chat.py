@@ -160,13 +160,16 @@ def test_chat_refusals_are_400_naming_the_field(http, body, param, words):
 
 def test_a_model_without_a_template_refuses_chat_clearly(tmp_path):
     plain = Tokenizer("bpe", chatml_hf_tokenizer())
-    save_model(tmp_path / "plain.cllm", chat_model(plain), plain)
+    model = chat_model(plain)
+    save_model(tmp_path / "plain.cllm", model, plain)
     with BackgroundServer(tmp_path / "plain.cllm", model_name=NAME) as server:
         with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0) as client:
             with pytest.raises(openai.BadRequestError, match="no chat template"):
                 client.chat.completions.create(model=NAME, messages=MESSAGES)
             # completions still serve it
-            assert client.completions.create(model=NAME, prompt="To be", max_tokens=2).choices[0].text is not None
+            response = client.completions.create(model=NAME, prompt="To be", max_tokens=4, temperature=0)
+            text, finish = complete(model, plain, "To be", max_new_tokens=4, temperature=0)
+            assert (response.choices[0].text, response.choices[0].finish_reason) == (text, finish)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -223,12 +226,21 @@ def test_completion_logprobs_in_the_legacy_form(client, model, tokenizer):
     assert tokens == logprobs.tokens and offsets == logprobs.text_offset
 
 
-@pytest.mark.parametrize("settings", [dict(presence_penalty=1.5), dict(frequency_penalty=-1.0),
-                                      dict(repetition_penalty=1.4), dict(min_p=0.3, temperature=1.0, seed=3)])
-def test_penalties_and_min_p_reach_the_sampler(http, model, tokenizer, settings):
-    settings = {"temperature": 0} | settings
-    body = {"model": NAME, "prompt": "the the the", "max_tokens": 12} | settings
-    response = http.post("/v1/completions", json=body)
-    assert response.status_code == 200, response.text
-    text, _ = complete(model, tokenizer, "the the the", max_new_tokens=12, **settings)
-    assert response.json()["choices"][0]["text"] == text
+GREEDY = {"temperature": 0}
+SAMPLED = {"temperature": 1.0, "seed": 3}  # min_p only changes what sampling can draw
+
+
+@pytest.mark.parametrize("baseline, control", [(GREEDY, dict(presence_penalty=1.5)),
+                                               (GREEDY, dict(frequency_penalty=-1.0)),
+                                               (GREEDY, dict(repetition_penalty=1.4)),
+                                               (SAMPLED, dict(min_p=0.3))])
+def test_penalties_and_min_p_reach_the_sampler(http, model, tokenizer, baseline, control):
+    texts = []
+    for settings in (baseline, baseline | control):
+        body = {"model": NAME, "prompt": "the the the", "max_tokens": 12} | settings
+        response = http.post("/v1/completions", json=body)
+        assert response.status_code == 200, response.text
+        text, _ = complete(model, tokenizer, "the the the", max_new_tokens=12, **settings)
+        assert response.json()["choices"][0]["text"] == text
+        texts.append(text)
+    assert texts[1] != texts[0], f"{control} changed nothing"

@@ -1,5 +1,5 @@
-"""The HTTP server when things go wrong: failing and stalled model batches, slow clients, API keys, quiet streams,
-and the serve tool's warnings and Ctrl-C with a stuck model thread.
+"""The HTTP server when things go wrong: failing and stalled model batches, slow clients, clients that leave,
+overload, API keys, quiet streams, and the serve tool's warnings and Ctrl-C with a stuck model thread.
 
 Faults are injected through AsyncModel's `faults` (or CLLM_FAULT for the serve tool's process), slow clients are
 raw sockets on loopback, and nothing waits on a timing it cannot bound: each wait for the server's reaction
@@ -8,6 +8,7 @@ is a socket or client timeout far beyond the configured deadline.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -23,8 +24,9 @@ import pytest
 from cllm.generate import Decoder
 from cllm.server import ServerLimits
 from cllm.serving import ServingFault
-from cllm.tools.serve import BackgroundServer
-from tests.test_server import NAME, assert_error, model, model_path, sse_events, tokenizer  # noqa: F401
+from cllm.tools.serve import REFUSALS_UNLOGGED, BackgroundServer
+from tests.test_server import (IDLE, NAME, Gate, assert_error, eventually, model, model_path,  # noqa: F401
+                               slow_decoding, sse_events, tokenizer)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -141,6 +143,104 @@ def test_slow_headers_are_cut_off(model_path):
             assert read_until_closed(sock) == b""
         with client(server) as http:
             assert http.get("/health").status_code == 200
+
+
+def post(port: int, path: str, body: dict) -> socket.socket:
+    """A connection with one whole request on it."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(data), data))
+    return sock
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One answer from a connection: its status, headers (lower-case names) and body (by its Content-Length)."""
+    received = b""
+    while b"\r\n\r\n" not in received:
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection closed after {received!r}"
+        received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    while len(body) < int(headers["content-length"]):
+        chunk = sock.recv(65536)
+        assert chunk, "the connection closed in the middle of the body"
+        body += chunk
+    return int(status_line.split()[1]), headers, body
+
+
+def test_a_client_that_leaves_before_its_whole_completion_frees_every_row(model_path, monkeypatch):
+    with BackgroundServer(model_path, model_name=NAME) as server, client(server) as http:
+        slow_decoding(server.model, monkeypatch, 0.2)  # 40 tokens: 8 s for the first 8 choices, 8 more for the rest
+        body = {"model": NAME, "prompt": "the", "max_tokens": 40, "n": 16, "temperature": 0}
+        with post(server.port, "/v1/completions", body):  # not streamed: nothing comes back until the end
+            assert eventually(lambda: http.get("/health").json()["slots_processing"] == 8, 10)
+            assert http.get("/health").json()["queued"]["generate"] == 8  # the other 8 choices wait for rows
+        # The client has gone: its choices stop, in the rows and in the queue, long before their 16 s.
+        assert eventually(lambda: http.get("/health").json() == IDLE, 3), http.get("/health").json()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# overload
+
+
+def test_with_the_defaults_256_concurrent_requests_are_queued_and_answered(model_path, monkeypatch):
+    with BackgroundServer(model_path, model_name=NAME) as server, client(server) as http:
+        held, release = [], threading.Event()
+        embed_batch = server.model._embed_batch
+
+        def hold_the_first_batch(workspaces, batch):  # in the model's worker thread
+            if not held:
+                held.append(len(batch))
+                release.wait(30)
+            return embed_batch(workspaces, batch)
+
+        monkeypatch.setattr(server.model, "_embed_batch", hold_the_first_batch)
+        connections = [post(server.port, "/v1/embeddings", EMBEDDING) for _ in range(256)]
+        try:
+            # Every request waits for the model at once: in the batch it holds, or in its queue.
+            assert eventually(lambda: held and held[0] + http.get("/health").json()["queued"]["embed"] == 256, 15)
+        finally:
+            release.set()
+        statuses = [read_response(sock)[0] for sock in connections]
+        for sock in connections:
+            sock.close()
+        assert statuses == [200] * 256
+
+
+def test_a_refusal_comes_at_once_with_retry_after_before_the_body_is_read(model_path, monkeypatch, caplog):
+    limits = ServerLimits(max_concurrent_requests=1, body_timeout=60)
+    with BackgroundServer(model_path, model_name=NAME, limits=limits) as server, client(server) as http:
+        gate = Gate(server.model.embed)
+        monkeypatch.setattr(server.model, "embed", gate)
+        with post(server.port, "/v1/embeddings", EMBEDDING) as in_flight:
+            try:
+                assert gate.entered.wait(10)  # the one slot is taken
+                answers = []
+                for _ in range(3):
+                    with slow_request(server.port) as refused:  # its body never comes: a refusal must not wait
+                        refused.settimeout(5)
+                        answers.append(read_response(refused))
+            finally:
+                gate.opened.set()
+            assert read_response(in_flight)[0] == 200
+        for status, headers, body in answers:
+            assert status == 429 and headers["retry-after"] == "1"
+            assert json.loads(body)["error"]["type"] == "rate_limit_error"
+        assert http.post("/v1/embeddings", json=EMBEDDING).status_code == 200  # the slot is free again
+    warnings = [r.getMessage() for r in caplog.records if r.name == "cllm.server.middleware"]
+    assert len(warnings) == 1 and warnings[0].startswith("too many requests: 1 refused"), warnings
+
+
+def test_refusals_stay_out_of_the_access_log():
+    def access_record(status: int) -> logging.LogRecord:  # as uvicorn writes it
+        return logging.LogRecord("uvicorn.access", logging.INFO, __file__, 0, '%s - "%s %s HTTP/%s" %d',
+                                 ("127.0.0.1:5000", "POST", "/v1/embeddings", "1.1", status), None)
+
+    assert [REFUSALS_UNLOGGED.filter(access_record(status)) for status in (200, 400, 429, 503)] == \
+        [True, True, False, True]
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -384,13 +384,13 @@ def print_table(rows: list[Row]) -> None:
 
 
 @contextlib.contextmanager
-def served(model_path: str, threads: int, cpus: set[int] | None = None):
-    """`python -m cllm.tools.serve` on a free loopback port (on the given CPUs), stopped (Ctrl-C) when the block
-    ends; yields its URL and process id."""
+def served(model_path: str, options: list[str], cpus: set[int] | None = None):
+    """`python -m cllm.tools.serve` with these options on a free loopback port (on the given CPUs), stopped
+    (Ctrl-C) when the block ends; yields its URL and process id."""
     command = [sys.executable, "-m", "cllm.tools.serve", model_path, "--port", "0", "--model-name", MODEL_NAME,
-               "--threads", str(threads), "--max-streams", str(STREAMS), "--max-concurrent-requests", "256",
-               "--no-access-log", "--log-level", "warning"]
-    server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
+               *options]
+    # stdout holds uvicorn's access log, when it is on: written, as a terminal or a file would take it, and dropped.
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                               preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus))
     try:
         line = server.stderr.readline()  # the tool announces its address on stderr
@@ -425,7 +425,9 @@ def main() -> None:
         path = args.model or baby_model(folder)
         # The server runs as its own process, as in production: clients in the same interpreter would share its
         # GIL, and at 64 clients the benchmark would measure that contention rather than the server.
-        with served(path, args.threads, None if pin is None else set(cpus[:-1])) as (url, pid):
+        options = ["--threads", str(args.threads), "--max-streams", str(STREAMS), "--no-access-log",
+                   "--log-level", "warning"]
+        with served(path, options, None if pin is None else set(cpus[:-1])) as (url, pid):
             info = httpx.get(f"{url}/info").json()
             max_tokens = min(args.max_tokens, info["limits"]["max_completion_tokens"])
             rows = [embeddings_phase(url, clients, args.requests, args.seconds, server_pid=pid, pin=pin)

@@ -36,7 +36,8 @@ app only borrows it (and has no lifespan of its own), so one model can outlive s
 The server is built in layers, a module each:
 
     request_ids    every request's id, on its answer and in the log lines written for it
-    middleware     what a request gets through before an endpoint sees it: the API key, its whole body, a slot
+    middleware     what a request gets through before an endpoint sees it: the API key, a free slot, its whole
+                   body, then the slot
     bodies         a request body as one of cllm.schemas' models, and its refusal worded for the client
     errors         the statuses the server answers with, in OpenAI's error shape
     openai_routes  /v1/embeddings, /v1/completions, /v1/chat/completions, /v1/models, /health, /info
@@ -60,7 +61,7 @@ from .errors import (
     server_error_response,
 )
 from .limits import ServerLimits
-from .middleware import ApiKeyCheck, BufferedBody, ConcurrencyLimit
+from .middleware import ApiKeyCheck, BufferedBody, ConcurrencyLimit, RefuseWhenFull, RequestSlots
 from .openai_routes import OpenAIEndpoints
 from .request_ids import RequestIds
 from .sse import KEEP_ALIVE_SECONDS
@@ -96,9 +97,11 @@ def create_app(model: AsyncModel, *, model_name: str, limits: ServerLimits = Ser
         Route("/detokenize", tei.detokenize, methods=["POST"]),
         Route("/metrics", metrics.endpoint, methods=["GET"]),
     ]
-    middleware = [Middleware(BufferedBody, paths=MODEL_ENDPOINTS, max_bytes=limits.max_body_bytes,
+    slots = RequestSlots(limits.max_concurrent_requests, MODEL_ENDPOINTS)
+    middleware = [Middleware(RefuseWhenFull, slots=slots),
+                  Middleware(BufferedBody, paths=MODEL_ENDPOINTS, max_bytes=limits.max_body_bytes,
                              timeout=limits.body_timeout),
-                  Middleware(ConcurrencyLimit, limit=limits.max_concurrent_requests, paths=MODEL_ENDPOINTS)]
+                  Middleware(ConcurrencyLimit, slots=slots)]
     if api_key is not None:
         middleware.insert(0, Middleware(ApiKeyCheck, api_key=api_key, open_paths=OPEN_ENDPOINTS))
     middleware.insert(0, Middleware(RequestMetrics, metrics=metrics))  # every answer counts

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
 
 from ..errors import UsageError
 from ..serving import EngineStalled, Overloaded
@@ -56,6 +57,20 @@ def invalid(message: str, param: str | None = None) -> APIError:
 
 def too_busy(message: str) -> APIError:
     return APIError(429, message, type="rate_limit_error", headers={"Retry-After": "1"})
+
+
+class PrebuiltError:
+    """An error rendered once and then sent as it is, an ASGI app: what an overloaded server sends to most of its
+    clients must cost it two sends, not a response built and encoded each time."""
+
+    def __init__(self, error: APIError):
+        response = error.response()
+        self.status, self.headers, self.body = response.status_code, response.raw_headers, response.body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Fresh messages each time: the middleware they pass through on the way out adds headers to them.
+        await send({"type": "http.response.start", "status": self.status, "headers": list(self.headers)})
+        await send({"type": "http.response.body", "body": self.body})
 
 
 def stalled(error: EngineStalled) -> APIError:

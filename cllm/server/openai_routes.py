@@ -9,6 +9,7 @@ import anyio
 import numpy as np
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive
 
 from ..metrics import ServerMetrics
 from ..openai_format import ChatCompletionForm, ResponseForm, TextCompletionForm
@@ -18,7 +19,7 @@ from ..schemas import (
     EmbeddingsRequest,
     GenerationRequest,
 )
-from ..serving import AsyncModel
+from ..serving import AsyncModel, CompletionStream
 from .bodies import (
     Body,
     check_lengths,
@@ -31,6 +32,8 @@ from .errors import APIError, model_errors
 from .limits import ServerLimits
 from .responses import EmbeddingsResponse, encode_base64
 from .sse import count_tokens, generation_events
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client left before its answer
 
 
 class OpenAIEndpoints:
@@ -84,7 +87,7 @@ class OpenAIEndpoints:
         body = await self.read_request(request, CompletionRequest)
         prompts = await input_ids(self.model, self.limits, body.prompt, "prompt")
         form = TextCompletionForm(self.model.tokenizer, self.model_name)
-        return await self.generate(prompts, body.sampling(), body, form, started)
+        return await self.generate(request, prompts, body.sampling(), body, form, started)
 
     # ---- chat completions
 
@@ -100,10 +103,10 @@ class OpenAIEndpoints:
         if "max_tokens" not in body.model_fields_set and body.max_completion_tokens is None:
             settings["max_new_tokens"] = self.limits.max_completion_tokens  # a reply runs to its end, as OpenAI's
         form = ChatCompletionForm(tokenizer, self.model_name)
-        return await self.generate([prompt], settings, body, form, started)
+        return await self.generate(request, [prompt], settings, body, form, started)
 
-    async def generate(self, prompts: list[np.ndarray], settings: dict, body: GenerationRequest, form: ResponseForm,
-                       started: float) -> Response:
+    async def generate(self, request: Request, prompts: list[np.ndarray], settings: dict, body: GenerationRequest,
+                       form: ResponseForm, started: float) -> Response:
         """The choices for prompts (n each), whole or streamed as the body asks, in the route's form."""
         # The request is queued before a stream's response starts, so that a refusal (bad settings, a prompt too
         # long, a full queue) still gets its 400 or 429 status rather than an error event inside a 200.
@@ -123,7 +126,34 @@ class OpenAIEndpoints:
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         async with aclosing(stream):
             with model_errors():
-                while await stream.next_delta() is not None:
-                    pass
+                ended = await read_unless_disconnected(stream, request.receive)
+        if not ended:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)  # sent to nobody; counted in /metrics
         count_tokens(self.metrics, stream.completions, body.n)
         return JSONResponse(form.response(stream.completions, body.n))
+
+
+async def read_unless_disconnected(stream: CompletionStream, receive: Receive) -> bool:
+    """Reads a whole (not streamed) generation to its end, and says so, unless its client disconnects first:
+    nobody would read the reply, so the decoding stops there, and closing the stream frees its decoder rows, as
+    a streamed reply's are. Without this, clients that asked for n=16 long choices and left at once held every
+    row, with no connection left. The body has been read, so the next message on `receive` is the disconnect."""
+    ended, failure = False, None
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(cancel_on_disconnect, receive, tasks.cancel_scope)
+        try:
+            while await stream.next_delta() is not None:
+                pass
+            ended = True
+        except Exception as error:  # raised below: out of the task group it would come wrapped in an ExceptionGroup
+            failure = error
+        tasks.cancel_scope.cancel()  # the generation has ended: stop waiting for a disconnect
+    if failure is not None:
+        raise failure
+    return ended
+
+
+async def cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
