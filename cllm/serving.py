@@ -15,6 +15,13 @@ Text or token ids. Every call takes text, or token ids instead (`await model.tok
 server that counts a request's tokens against its limits tokenizes once and hands the ids on. Tokenizing runs
 in a worker thread, never on the event loop.
 
+Chat. encode_chat(messages) renders them with the model's chat template on daemon threads of its own (at most
+RENDER_THREADS at once), never on the worker threads that tokenization shares: a template comes with the model, and
+a slow one must not hold up every route that tokenizes. A render ends itself at cllm.chat.RENDER_SECONDS; one that
+is still running at RENDER_TIMEOUT (stuck in a single long call) fails its request with TemplateLimitExceeded, its
+thread is abandoned, and health() reports the engine as degraded until it ends. The rendered text's ids come from
+the tokenization rounds, with the other requests' texts.
+
 Batching. Concurrent embed() calls are queued, and one batcher task gathers their texts, oldest first, into one
 forward pass of at most max_batch_tokens padded tokens (texts x the longest, rounded up to a power of two so
 that few activation shapes exist), waiting for more at most max_wait_ms after the oldest was queued. A single
@@ -60,6 +67,7 @@ decoding step raise. CLLM_FAULT is a comma-separated list of KIND:WORK:N; its en
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -75,18 +83,30 @@ import numpy as np
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._kernels.fault import hang
+from .chat import RENDER_SECONDS, RenderedChat, TemplateLimitExceeded
 from .checkpoint import load_model
 from .checks import require_int
 from .errors import UsageError
-from .generate import Completion, Continuation, Decoder, Sampling, TokenLogprob, check_generation, feed, token_ids
-from .pooling import check_pooling, embed_batch, fit_to_context
+from .generate import (
+    Completion,
+    Continuation,
+    Decoder,
+    Sampling,
+    TokenLogprob,
+    check_generation,
+    feed,
+    token_ids,
+)
 from .model import GPT, ForwardWorkspaces, ModelConfig
+from .pooling import check_pooling, embed_batch, fit_to_context
 from .threads import blas_limit, current_blas_limit, run_sync_daemon
 from .tokenizer import Tokenizer
 
 NOT_RUNNING = "the model is not running: use it inside `async with AsyncModel(...) as model:`"
 CLOSED_WHILE_PENDING = "the model was closed before this request finished"
 DEFAULT_BATCH_TIMEOUT = 60.0  # seconds; a batch takes milliseconds, so only a stuck one comes near
+RENDER_THREADS = 4  # chat renders at once: a render takes a millisecond or two
+RENDER_TIMEOUT = 2 * RENDER_SECONDS  # a render past this is stuck in one call that its own deadline cannot stop
 DEFAULT_MAX_QUEUE = 512  # requests waiting in each queue: as many as the server lets in (ServerLimits)
 
 
@@ -339,6 +359,7 @@ class AsyncModel:
         self._calls_made = {"embed": 0, "decode": 0}  # counted for the faults
         self._decoding: dict = {}  # the decoding loop's rows in use
         self._abandoned: list[_ModelCall] = []  # calls that missed their deadline
+        self._abandoned_renders: list[_ModelCall] = []  # chat renders that missed RENDER_TIMEOUT
         # Called as observer(work, size) after each batch that ran: ("embed", texts in it) or ("decode",
         # sequences it stepped). What a metrics exporter watches.
         self.observers: list[Callable[[str, int], None]] = []
@@ -373,7 +394,8 @@ class AsyncModel:
         """{"status": "ok", "queued": requests waiting per queue, "slots_idle", "slots_processing": decoder rows
         free and in use, as llama.cpp's server counts its slots}; or "stalled" while a call that missed its
         deadline still runs in its abandoned thread (a stuck kernel never ends: the process should be restarted),
-        or "stopped" outside `async with`; with a "reason"."""
+        or "stopped" outside `async with`; with a "reason". "degraded" (with the counts of "ok", and a "reason")
+        while a chat render that missed RENDER_TIMEOUT still runs: everything is served, chats included."""
         if self._running is None:
             return {"status": "stopped", "reason": "the model is not running"}
         stuck = [call for call in self._abandoned if call.running]
@@ -385,8 +407,14 @@ class AsyncModel:
                               f"{time.monotonic() - oldest.started:.0f} s ago)"}
         # Ready, and how busy: the requests waiting, and the decoder rows in use.
         busy = len(self._decoding)
-        return {"status": "ok", "queued": self.queued(), "slots_idle": self.max_streams - busy,
-                "slots_processing": busy}
+        health = {"status": "ok", "queued": self.queued(), "slots_idle": self.max_streams - busy,
+                  "slots_processing": busy}
+        self._abandoned_renders = [render for render in self._abandoned_renders if render.running]
+        if self._abandoned_renders:  # the model serves, but the template holds threads it cannot give back
+            health |= {"status": "degraded",
+                       "reason": f"{len(self._abandoned_renders)} chat template render(s) missed the "
+                                 f"{RENDER_TIMEOUT:g} s deadline and still run in abandoned threads"}
+        return health
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text))
@@ -396,6 +424,10 @@ class AsyncModel:
         (rounds): a call that comes while a round runs has its texts encoded in the next one, together with those
         of every call that came meanwhile. One thread hop per request cost the event loop more than the encoding
         itself, and under load kept dozens of threads fighting over the GIL."""
+        return await self._encode_in_rounds(texts)
+
+    async def _encode_in_rounds(self, texts: Sequence[str | RenderedChat]) -> list[np.ndarray]:
+        """tokenize(), for texts and rendered chats alike."""
         job = _TokenizeJob(list(texts))
         if not job.texts:
             return []
@@ -408,6 +440,25 @@ class AsyncModel:
         if job.error is not None:
             raise job.error
         return job.ids
+
+    async def encode_chat(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> np.ndarray:
+        """The prompt ids of a chat, as Tokenizer.encode_chat gives them: rendered on the render threads, encoded in
+        a tokenization round (module notes). UsageError for a model without a template or messages it refuses,
+        TemplateLimitExceeded for a render past its limits."""
+        self._check_running()
+        render = None
+        with anyio.move_on_after(RENDER_TIMEOUT) as deadline:  # waiting for a render thread counts too
+            async with self._render_limiter:
+                render = _ModelCall("chat template render", None)
+                rendered = await run_sync_daemon(render.run, functools.partial(
+                    self.tokenizer.render_chat, messages, add_generation_prompt=add_generation_prompt))
+        if deadline.cancelled_caught:
+            if render is not None and render.running:
+                self._abandoned_renders.append(render)
+            raise TemplateLimitExceeded(f"the model's chat template did not render within {RENDER_TIMEOUT:g} s "
+                                        "(limit: cllm.serving.RENDER_TIMEOUT)")
+        [ids] = await self._encode_in_rounds([rendered])
+        return ids
 
     async def _tokenize_next_round(self) -> None:
         """Encodes the texts of every call waiting, in one worker-thread call."""
@@ -436,6 +487,7 @@ class AsyncModel:
             # oversubscribes the machine, which made small forward passes 10-100x slower.
             stack.enter_context(blas_limit(self.threads))
             self._limiter = anyio.CapacityLimiter(1)
+            self._render_limiter = anyio.CapacityLimiter(RENDER_THREADS)
             self._embeddings, embedding_queue = anyio.create_memory_object_stream[_EmbeddingRequest](self.max_queue)
             self._generations, generation_queue = anyio.create_memory_object_stream[_GenerationRequest](
                 self.max_queue)
@@ -769,7 +821,7 @@ async def _receive(queue: MemoryObjectReceiveStream):
 @dataclass(eq=False)
 class _TokenizeJob:
     """One tokenize() call, as a tokenization round sees it."""
-    texts: list[str]
+    texts: list[str | RenderedChat]
     ids: list[np.ndarray] | None = None
     error: BaseException | None = None
 
@@ -782,7 +834,8 @@ def _encode_jobs(tokenizer: Tokenizer, jobs: list[_TokenizeJob]) -> None:
     """In a worker thread: each job's token ids, or the error that encoding one of its texts raised."""
     for job in jobs:
         try:
-            job.ids = [tokenizer.encode(text) for text in job.texts]
+            job.ids = [tokenizer.encode(text) if isinstance(text, str) else tokenizer.encode_rendered_chat(text)
+                       for text in job.texts]
         except Exception as error:
             job.error = error
 

@@ -21,13 +21,14 @@ from __future__ import annotations
 import bisect
 import json
 from collections import Counter
+from functools import cached_property
 from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
-from .chat import ChatTemplate
+from .chat import ChatTemplate, RenderedChat
 from .errors import UsageError
 
 JSON_FORMAT = "cllm-tokenizer"
@@ -151,24 +152,35 @@ class Tokenizer:
     def encode_chat(self, messages, *, add_generation_prompt: bool = True) -> np.ndarray:
         """The prompt ids of a chat (a list of {"role", "content"} messages), rendered with the chat template
         (cllm.chat); with add_generation_prompt, it ends where the assistant's reply begins. UsageError if this
-        tokenizer has no template.
+        tokenizer has no template. render_chat, then encode_rendered_chat: a server runs the two apart."""
+        return self.encode_rendered_chat(self.render_chat(messages, add_generation_prompt=add_generation_prompt))
 
-        The template's special tokens ("<|im_start|>") are parsed as the tokens they name, and none are added (the
-        template wrote those it wants), as transformers tokenizes a chat; but what the messages say is text: a
-        special token's text in a message's own strings is encoded as encode() encodes it (cllm.chat's notes)."""
+    def render_chat(self, messages, *, add_generation_prompt: bool = True) -> RenderedChat:
+        """The chat's prompt text, with the spans of it that the messages' own strings hold markup in."""
         if self.chat_template is None:
             raise UsageError("this model has no chat template, so it cannot take chat messages: give it a prompt "
                              "to continue instead, or attach a template (cllm-convert MODEL OUT --chat-template "
                              "FILE)")
+        return self.chat_template.render_quoting(messages, self._special_ids,
+                                                 add_generation_prompt=add_generation_prompt)
+
+    def encode_rendered_chat(self, rendered: RenderedChat) -> np.ndarray:
+        """The ids of a rendered chat. The template's special tokens ("<|im_start|>") are parsed as the tokens they
+        name, and none are added (the template wrote those it wants), as transformers tokenizes a chat; but what
+        the messages say is text: a special token's text in a message's own strings is encoded as encode() encodes
+        it (cllm.chat's notes)."""
         if self._hf_markup is None:
             self._hf_markup = HFTokenizer.from_str(self._hf.to_str())
             self._hf_markup.encode_special_tokens = False
-        specials = {token.content: i for i, token in self._hf.get_added_tokens_decoder().items() if token.special}
-        rendered = self.chat_template.render_quoting(messages, specials, add_generation_prompt=add_generation_prompt)
         encoding = self._hf_markup.encode(rendered.text, add_special_tokens=False)
         if not rendered.quoted:
             return np.array(encoding.ids, dtype=np.int32)
-        return np.array(self._markup_outside(rendered, encoding, set(specials.values())), dtype=np.int32)
+        return np.array(self._markup_outside(rendered, encoding, set(self._special_ids.values())), dtype=np.int32)
+
+    @cached_property
+    def _special_ids(self) -> dict[str, int]:
+        """The special tokens' texts and ids: what a chat's markup is made of."""
+        return {token.content: i for i, token in self._hf.get_added_tokens_decoder().items() if token.special}
 
     def _markup_outside(self, rendered, encoding, special_ids: set[int]) -> list[int]:
         """encoding's ids, but where it parsed a special token that overlaps a quoted span (a message's own text),

@@ -12,7 +12,9 @@
                             model's chat template (cllm.chat); a model without one answers 400
     GET  /v1/models        the one model served, as OpenAI lists models
     GET  /health           {"status": "ok", "queued": {"embed": n, "generate": n}, "slots_idle": n,
-                           "slots_processing": n} (requests waiting, decoder rows free and in use); 503 with
+                           "slots_processing": n} (requests waiting, decoder rows free and in use); 200 with
+                           "status": "degraded" and a "reason" while a chat template render that missed its
+                           deadline still runs (AsyncModel.encode_chat); 503 with
                            {"status": "stalled" or "stopped", "reason"} when the model cannot serve (see
                            AsyncModel.health)
     GET  /info             the model's name, config and engine settings, and the server's limits

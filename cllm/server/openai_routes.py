@@ -47,7 +47,7 @@ class OpenAIEndpoints:
 
     async def health(self, request: Request) -> Response:
         health = self.model.health()
-        return JSONResponse(health, status_code=200 if health["status"] == "ok" else 503)
+        return JSONResponse(health, status_code=200 if health["status"] in ("ok", "degraded") else 503)
 
     async def info(self, request: Request) -> Response:
         return JSONResponse({"model": self.model_name, "config": self.model.config.to_dict(),
@@ -96,8 +96,8 @@ class OpenAIEndpoints:
         body = await self.read_request(request, ChatCompletionRequest)
         tokenizer = self.model.tokenizer
         messages = [message.model_dump(exclude_none=True) for message in body.messages]
-        with model_errors():  # no template, or one that refuses these messages
-            prompt = await anyio.to_thread.run_sync(tokenizer.encode_chat, messages)
+        with model_errors():  # no template, one that refuses these messages, or one past its limits
+            prompt = await self.model.encode_chat(messages)
         check_lengths(self.limits, [prompt], "messages")
         settings = body.sampling() | {"end_ids": tokenizer.end_of_turn_ids}
         if "max_tokens" not in body.model_fields_set and body.max_completion_tokens is None:
