@@ -17,7 +17,7 @@ in a worker thread, never on the event loop.
 
 Chat. encode_chat(messages) renders them with the model's chat template on daemon threads of its own (at most
 RENDER_THREADS at once), never on the worker threads that tokenization shares: a template comes with the model, and
-a slow one must not hold up every route that tokenizes. A render ends itself at cllm.chat.RENDER_SECONDS; one that
+a slow one must not hold up every route that tokenizes. A render ends itself at template_sandbox.RENDER_SECONDS; one that
 is still running at RENDER_TIMEOUT (stuck in a single long call) fails its request with TemplateLimitExceeded, its
 thread is abandoned, and health() reports the engine as degraded until it ends. The rendered text's ids come from
 the tokenization rounds, with the other requests' texts.
@@ -83,7 +83,7 @@ import numpy as np
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._kernels.fault import hang
-from .chat import RENDER_SECONDS, RenderedChat, TemplateLimitExceeded
+from .chat import RenderedChat
 from .checkpoint import load_model
 from .checks import require_int
 from .errors import UsageError
@@ -99,6 +99,7 @@ from .generate import (
 )
 from .model import GPT, ForwardWorkspaces, ModelConfig
 from .pooling import check_pooling, embed_batch, fit_to_context
+from .template_sandbox import RENDER_SECONDS, TemplateLimitExceeded
 from .threads import blas_limit, current_blas_limit, run_sync_daemon
 from .tokenizer import Tokenizer
 

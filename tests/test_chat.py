@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from cllm import chat
+from cllm import template_sandbox
 from cllm.chat import MAX_TEMPLATE_CHARS, ChatTemplate, TemplateLimitExceeded
 from cllm.checkpoint import load_model, save_model
 from cllm.errors import UsageError
@@ -219,13 +219,13 @@ def test_a_runaway_template_is_refused_promptly_naming_its_limit(limit, source):
     start = time.monotonic()
     with pytest.raises(TemplateLimitExceeded, match=limit):
         template.render(CONVERSATION)
-    assert time.monotonic() - start < chat.RENDER_SECONDS
+    assert time.monotonic() - start < template_sandbox.RENDER_SECONDS
 
 
 def test_a_render_stops_itself_at_its_deadline(monkeypatch):
     template = ChatTemplate("{% for i in range(100000) %}{{ i }}{% endfor %}")
-    assert len(template.render(CONVERSATION)) < chat.MAX_RENDERED_CHARS  # within every other limit
-    monkeypatch.setattr(chat, "RENDER_SECONDS", 0.01)
+    assert len(template.render(CONVERSATION)) < template_sandbox.MAX_RENDERED_CHARS  # within every other limit
+    monkeypatch.setattr(template_sandbox, "RENDER_SECONDS", 0.01)
     start = time.monotonic()
     with pytest.raises(TemplateLimitExceeded, match="RENDER_SECONDS"):
         template.render(CONVERSATION)
