@@ -1,0 +1,315 @@
+"""The tokenizer that a GGUF file's metadata describes (tokenizer.ggml.*), read as a cllm Tokenizer that gives
+llama.cpp's token ids: an HF `tokenizers` object built to split and merge as llama.cpp's src/llama-vocab.cpp does.
+
+Two of llama.cpp's tokenizer models (tokenizer.ggml.model) are read:
+
+- "gpt2", byte-level BPE. tokenizer.ggml.tokens are spelled in GPT-2's bytes-to-unicode alphabet, and
+  tokenizer.ggml.merges are the merge rules ("a b") in rank order. llama.cpp first splits the text with the
+  regular expressions of the pre-tokenizer that tokenizer.ggml.pre names (PRE_TOKENIZERS: each expression splits
+  the pieces the one before it left, and what it does not match stays a piece of its own, as HF's "isolated"
+  Split does), then merges within each piece. Some pre-tokenizers (Llama 3's) also take a piece that is a token
+  whole before merging it (llama.cpp's ignore_merges). A file without tokenizer.ggml.pre is read as "default",
+  as llama.cpp reads it; a name llama.cpp has and this module does not is refused rather than split otherwise.
+- "llama", sentencepiece's BPE. It has no merges: of all adjacent pairs of pieces whose concatenation is a token,
+  llama.cpp merges the one whose token has the highest tokenizer.ggml.scores, and a piece that is no token falls
+  back to the <0xNN> tokens of its bytes. As an HF BPE, the merges are every split of every normal token into two
+  normal tokens, ranked by that token's score, with byte fallback. Every space becomes "▁", and so does the start
+  of the text and of each run of text after a special token, unless tokenizer.ggml.add_space_prefix says not to.
+
+Token types (tokenizer.ggml.token_type). Control and unknown tokens become special tokens: parsed in a chat's
+markup, never in what encode() is given, since cllm keeps user text literal. User-defined tokens become added
+tokens that are not special: llama.cpp matches them in any text, parsed or not, and so does HF. Byte and unused
+tokens stay plain entries of the vocabulary, which only byte fallback (byte tokens) or nothing (unused) reaches.
+Token i keeps id i, so the tokenizer has a token for every row of the model's embedding.
+
+Special tokens: the separator (the token that ends a document, and generation) is the eos token. A token is
+put before every text when tokenizer.ggml.add_bos_token says so (by default for "llama" and for Llama 3's
+pre-tokenizer, as llama.cpp does), and after it for add_eos_token. The chat template (tokenizer.chat_template)
+is rendered with the bos and eos tokens' texts, as llama.cpp renders it; its end of turn (ChatTemplate.eos_token,
+where cllm ends a chat reply besides the separator) is the file's eot token (tokenizer.ggml.eot_token_id, or
+else the token llama.cpp recognizes as one by its text, when the template writes it), unless the template
+writes eos_token itself: then it must render as the eos token, and the reply ends there.
+
+Anything this cannot read as llama.cpp reads it (another tokenizer model or pre-tokenizer, arrays of different
+lengths, a duplicate token, an id outside the vocabulary, merges of tokens the vocabulary lacks) raises
+ModelFileError naming the file and the key.
+"""
+from __future__ import annotations
+
+import os
+
+import gguf
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer as HFTokenizer
+
+from ..chat import ChatTemplate
+from ..errors import UsageError
+from ..model_file_errors import ModelFileError, one_line
+from ..tokenizer import Tokenizer
+
+KEY = gguf.Keys.Tokenizer
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = (
+    gguf.TokenType.NORMAL, gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED,
+    gguf.TokenType.UNUSED, gguf.TokenType.BYTE)
+SPACE_MARK = "\u2581"  # sentencepiece's visible space
+
+# llama.cpp's pre-tokenizer regexes (llm_tokenizer_bpe in src/llama-vocab.cpp), applied in turn. Llama 3's and
+# Qwen2's contractions are spelled case by case, as llama.cpp spells them, not with (?i:), which would also match
+# letters that only fold to s, t, ... ("ſ").
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+_LLAMA3 = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_QWEN2 = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+PRE_TOKENIZERS: dict[str, tuple[str, ...]] = {
+    "default": (r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"),
+    "gpt-2": (_GPT2,),
+    "smollm": (r"\p{N}", _GPT2),  # every digit a piece of its own, then GPT-2's
+    "llama-bpe": (_LLAMA3,),
+    "qwen2": (_QWEN2,),
+}
+# Pre-tokenizers under which llama.cpp takes a piece that is a token as that token, and adds bos by default.
+WHOLE_PIECES = ADDS_BOS = frozenset({"llama-bpe"})
+# The texts by which llama.cpp recognizes a vocabulary's end-of-turn token when the file names none (its
+# special_eot_id), in its order.
+END_OF_TURN_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>",
+                     "<EOT>", "_<EOT>", "[EOT]", "<｜end▁of▁sentence｜>", "<end_of_utterance>")
+# llama.cpp's default ids for a sentencepiece vocabulary that does not name them (old Llama files).
+SENTENCEPIECE_DEFAULT_IDS = {KEY.BOS_ID: 1, KEY.EOS_ID: 2, KEY.UNK_ID: 0}
+
+_INTEGERS = {gguf.GGUFValueType.UINT8, gguf.GGUFValueType.INT8, gguf.GGUFValueType.UINT16, gguf.GGUFValueType.INT16,
+             gguf.GGUFValueType.UINT32, gguf.GGUFValueType.INT32, gguf.GGUFValueType.UINT64,
+             gguf.GGUFValueType.INT64}
+_MISSING = object()
+
+
+def read_gguf_tokenizer(reader: gguf.GGUFReader, path: str | os.PathLike) -> Tokenizer:
+    """The file's tokenizer as a cllm Tokenizer (kind "bpe", an HF `tokenizers` object inside, built from the
+    file's metadata), with its separator (the eos token), and its chat template (tokenizer.chat_template, with
+    bos/eos texts, as cllm.chat.ChatTemplate) if the file has one. Raises ModelFileError naming the path and the
+    key for anything it cannot read faithfully."""
+    metadata = _Metadata(reader, path)
+    tokenizer_model = metadata.string(KEY.MODEL)
+    if tokenizer_model not in _MODELS:
+        raise metadata.error(KEY.MODEL, f"{tokenizer_model!r} is not a tokenizer cllm reads (it reads "
+                                        f"{' and '.join(map(repr, _MODELS))})")
+    tokens = _tokens(metadata)
+    types = _token_types(metadata, len(tokens))
+    ids = _special_ids(metadata, tokenizer_model, len(tokens))
+    hf = _MODELS[tokenizer_model](metadata, tokens, types, ids)
+    _add_special_tokens(hf, tokens, types)
+    if KEY.EOS_ID not in ids:
+        raise metadata.error(KEY.EOS_ID, "is missing: the file names no token that ends a text")
+    separator = tokens[ids[KEY.EOS_ID]]
+    try:
+        return Tokenizer("bpe", hf, separator=separator, chat_template=_chat_template(metadata, tokens, ids))
+    except UsageError as e:  # the chat template is not valid Jinja, or past cllm's limits
+        raise metadata.error(KEY.CHAT_TEMPLATE, one_line(e)) from None
+
+
+class _Metadata:
+    """The file's key-value metadata, read with its types checked: ModelFileError naming the path and the key."""
+
+    def __init__(self, reader: gguf.GGUFReader, path):
+        self.fields = reader.fields
+        self.path = path
+
+    def error(self, key: str, reason: str) -> ModelFileError:
+        return ModelFileError(f"{self.path}: {key} {reason}")
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.fields
+
+    def _field(self, key: str, kinds: set, array: bool, default):
+        field = self.fields.get(key)
+        if field is None:
+            if default is _MISSING:
+                raise self.error(key, "is missing")
+            return None
+        is_array = field.types[0] == gguf.GGUFValueType.ARRAY
+        kind = field.types[-1] if field.types else None
+        if is_array != array or kind not in kinds:
+            want = f"an array of {'/'.join(k.name for k in kinds)}" if array else '/'.join(k.name for k in kinds)
+            raise self.error(key, f"is {'an array of ' if is_array else ''}{kind.name if kind else 'nothing'}, "
+                                  f"not {want}")
+        try:
+            return field.contents()
+        except UnicodeDecodeError as e:
+            raise self.error(key, f"is not UTF-8 ({e})") from None
+
+    def string(self, key: str, default=_MISSING) -> str | None:
+        return self._field(key, {gguf.GGUFValueType.STRING}, False, default)
+
+    def strings(self, key: str, default=_MISSING) -> list[str] | None:
+        return self._field(key, {gguf.GGUFValueType.STRING}, True, default)
+
+    def integer(self, key: str, default=_MISSING) -> int | None:
+        return self._field(key, _INTEGERS, False, default)
+
+    def integers(self, key: str, default=_MISSING) -> list[int] | None:
+        return self._field(key, {gguf.GGUFValueType.INT32}, True, default)  # llama.cpp reads token types as int32
+
+    def numbers(self, key: str, default=_MISSING) -> list[float] | None:
+        return self._field(key, {gguf.GGUFValueType.FLOAT32, gguf.GGUFValueType.INT32}, True, default)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._field(key, {gguf.GGUFValueType.BOOL}, False, None)
+        return default if value is None else bool(value)
+
+
+def _tokens(metadata: _Metadata) -> list[str]:
+    tokens = metadata.strings(KEY.LIST)
+    seen: dict[str, int] = {}
+    for i, token in enumerate(tokens):
+        if not token:  # llama.cpp names an empty token so, rather than refuse the file
+            tokens[i] = token = f"[EMPTY_{i}]"
+        if token in seen:
+            raise metadata.error(KEY.LIST, f"holds {token!r} twice (ids {seen[token]} and {i})")
+        seen[token] = i
+    return tokens
+
+
+def _token_types(metadata: _Metadata, n_tokens: int) -> list[int]:
+    types = metadata.integers(KEY.TOKEN_TYPE, None)
+    if types is None:  # llama.cpp takes every token as normal then
+        return [NORMAL] * n_tokens
+    if len(types) != n_tokens:
+        raise metadata.error(KEY.TOKEN_TYPE, f"has {len(types)} entries for {n_tokens} tokens")
+    known = {int(t) for t in gguf.TokenType}
+    unknown = next((i for i, t in enumerate(types) if t not in known), None)
+    if unknown is not None:
+        raise metadata.error(KEY.TOKEN_TYPE, f"gives token {unknown} the type {types[unknown]}, which is none of "
+                                             f"llama.cpp's ({', '.join(f'{t.value} {t.name}' for t in gguf.TokenType)})")
+    return types
+
+
+def _special_ids(metadata: _Metadata, tokenizer_model: str, n_tokens: int) -> dict[str, int]:
+    """The ids of bos, eos, unk, pad and eot that the file names (a sentencepiece vocabulary's bos, eos and unk
+    default to llama.cpp's), each checked to be a token."""
+    defaults = SENTENCEPIECE_DEFAULT_IDS if tokenizer_model == "llama" else {}
+    ids = {}
+    for key in (KEY.BOS_ID, KEY.EOS_ID, KEY.UNK_ID, KEY.PAD_ID, KEY.EOT_ID):
+        token_id = metadata.integer(key, defaults.get(key))
+        if token_id is None:
+            continue
+        if not 0 <= token_id < n_tokens:
+            raise metadata.error(key, f"is {token_id}, not a token of the {n_tokens} in {KEY.LIST}")
+        ids[key] = token_id
+    return ids
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the two tokenizer models
+
+
+def _byte_level_bpe(metadata: _Metadata, tokens: list[str], types: list[int], ids: dict[str, int]) -> HFTokenizer:
+    pre = metadata.string(KEY.PRE, "default")
+    if pre not in PRE_TOKENIZERS:
+        raise metadata.error(KEY.PRE, f"{pre!r} is a pre-tokenizer cllm does not split as llama.cpp does (it "
+                                      f"reads {', '.join(PRE_TOKENIZERS)})")
+    merges = []
+    for rule in metadata.strings(KEY.MERGES):
+        cut = rule.find(" ", 1)  # where llama.cpp cuts it: a merge's first part may be a space
+        if cut < 0:
+            raise metadata.error(KEY.MERGES, f"holds {rule!r}, which is not two tokens apart by a space")
+        merges.append((rule[:cut], rule[cut + 1:]))
+    vocab = {token: i for i, token in enumerate(tokens)}
+    hf = _hf_tokenizer(metadata, KEY.MERGES, lambda: models.BPE(vocab, merges, ignore_merges=pre in WHOLE_PIECES))
+    hf.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(pattern), behavior="isolated") for pattern in PRE_TOKENIZERS[pre]]
+        # the pieces' bytes spelled in the byte-level alphabet; the splitting is done above
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hf.decoder = decoders.ByteLevel()
+    _add_bos_eos(metadata, hf, tokens, ids, add_bos_default=pre in ADDS_BOS)
+    return hf
+
+
+def _sentencepiece_bpe(metadata: _Metadata, tokens: list[str], types: list[int], ids: dict[str, int]) -> HFTokenizer:
+    scores = metadata.numbers(KEY.SCORES)
+    if len(scores) != len(tokens):
+        raise metadata.error(KEY.SCORES, f"has {len(scores)} entries for {len(tokens)} tokens")
+    vocab = {token: i for i, token in enumerate(tokens)}
+    merges = _merges_by_score(tokens, types, scores)
+    unk = tokens[ids[KEY.UNK_ID]] if KEY.UNK_ID in ids else None
+    hf = _hf_tokenizer(metadata, KEY.SCORES, lambda: models.BPE(vocab, merges, unk_token=unk, fuse_unk=True,
+                                                                 byte_fallback=True))
+    space_prefix = metadata.boolean(KEY.ADD_PREFIX, True)
+    spaces = normalizers.Replace(" ", SPACE_MARK)
+    # HF normalizes each run of text between added tokens apart, so the mark goes where llama.cpp puts it: at the
+    # start of the text and after each special token.
+    hf.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE_MARK), spaces]) if space_prefix else spaces
+    hf.decoder = decoders.Sequence([decoders.Replace(SPACE_MARK, " "), decoders.ByteFallback(), decoders.Fuse()]
+                                   + ([decoders.Strip(" ", 1, 0)] if space_prefix else []))
+    _add_bos_eos(metadata, hf, tokens, ids, add_bos_default=True)
+    return hf
+
+
+def _merges_by_score(tokens: list[str], types: list[int], scores: list[float]) -> list[tuple[str, str]]:
+    """sentencepiece's merging as BPE merges: each way of cutting a normal token into two normal tokens, the
+    higher the token's score the earlier. (Where two cuts of one token compete, llama.cpp takes the leftmost and
+    BPE the one ranked first, here the one with the longer left part: it only differs for overlapping pairs
+    that make the same token, as "ab"+"a" and "a"+"ba" in "ab a ba".)"""
+    normal = {token for token, kind in zip(tokens, types) if kind == NORMAL}
+    ranked = []
+    for i, token in enumerate(tokens):
+        if types[i] != NORMAL:
+            continue
+        for cut in range(len(token) - 1, 0, -1):
+            left, right = token[:cut], token[cut:]
+            if left in normal and right in normal:
+                ranked.append((-scores[i], i, len(token) - cut, left, right))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
+
+
+def _hf_tokenizer(metadata: _Metadata, key: str, build) -> HFTokenizer:
+    try:
+        return HFTokenizer(build())
+    except Exception as e:  # tokenizers raises a bare Exception, e.g. for a merge of tokens it does not have
+        raise metadata.error(key, f"does not make a tokenizer: {one_line(e)}") from None
+
+
+def _add_bos_eos(metadata: _Metadata, hf: HFTokenizer, tokens: list[str], ids: dict[str, int], *,
+                 add_bos_default: bool) -> None:
+    """The tokens put around every text, as tokenizer.ggml.add_bos_token and add_eos_token say."""
+    around = []
+    for add_key, id_key, default in ((KEY.ADD_BOS, KEY.BOS_ID, add_bos_default), (KEY.ADD_EOS, KEY.EOS_ID, False)):
+        if metadata.boolean(add_key, default):
+            if id_key not in ids:
+                raise metadata.error(add_key, f"is true, but {id_key} is not set")
+            around.append(id_key)
+    if not around:
+        return
+    single = ([tokens[ids[KEY.BOS_ID]]] if KEY.BOS_ID in around else []) + ["$A"] + (
+        [tokens[ids[KEY.EOS_ID]]] if KEY.EOS_ID in around else [])
+    hf.post_processor = processors.TemplateProcessing(
+        single=single, special_tokens=list({tokens[ids[key]]: ids[key] for key in around}.items()))
+
+
+def _add_special_tokens(hf: HFTokenizer, tokens: list[str], types: list[int]) -> None:
+    """Control and unknown tokens as special tokens, user-defined ones as added tokens that are not (module
+    notes); each keeps its id, since the model's vocabulary already holds it."""
+    hf.add_special_tokens([AddedToken(token, special=True, normalized=False)
+                           for token, kind in zip(tokens, types) if kind in (CONTROL, UNKNOWN)])
+    hf.add_tokens([AddedToken(token, special=False, normalized=False)
+                   for token, kind in zip(tokens, types) if kind == USER_DEFINED])
+
+
+_MODELS = {"gpt2": _byte_level_bpe, "llama": _sentencepiece_bpe}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the chat template
+
+
+def _chat_template(metadata: _Metadata, tokens: list[str], ids: dict[str, int]) -> ChatTemplate | None:
+    source = metadata.string(KEY.CHAT_TEMPLATE, None)
+    if source is None:
+        return None
+    eos = tokens[ids[KEY.EOS_ID]]
+    bos = tokens[ids[KEY.BOS_ID]] if KEY.BOS_ID in ids else ""
+    if KEY.EOT_ID in ids:
+        end_of_turn = tokens[ids[KEY.EOT_ID]]
+    else:
+        end_of_turn = next((text for text in END_OF_TURN_TEXTS if text in source and text in tokens), eos)
+    # A template that writes eos_token renders the eos token's text in llama.cpp; cllm renders the end of turn.
+    return ChatTemplate(source, bos_token=bos, eos_token=eos if "eos_token" in source else end_of_turn)
