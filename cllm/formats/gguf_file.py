@@ -175,6 +175,7 @@ class _Vocabulary:
     add_bos: bool
     unk_id: int | None
     chat_template: str | None = None
+    eot_id: int | None = None  # a chat template's end of turn, where it is not the eos token
 
     @classmethod
     def of(cls, tokenizer: Tokenizer, vocab_size: int) -> "_Vocabulary":
@@ -184,7 +185,14 @@ class _Vocabulary:
                              f"BPE): train with --tokenizer bpe to export to GGUF")
         vocabulary = cls._of(tokenizer, vocab_size)
         chat = tokenizer.chat_template
-        return vocabulary if chat is None else dataclasses.replace(vocabulary, chat_template=chat.source)
+        if chat is None:
+            return vocabulary
+        # llama.cpp renders the template with the bos token's text, and ends a reply at the eot token: they are the
+        # template's own, where the bos token is not one that every text starts with.
+        bos_id = vocabulary.bos_id if vocabulary.add_bos else tokenizer.vocab().get(chat.bos_token, vocabulary.bos_id)
+        end_of_turn = tokenizer.end_of_turn_ids
+        return dataclasses.replace(vocabulary, chat_template=chat.source, bos_id=bos_id,
+                                   eot_id=end_of_turn[0] if end_of_turn else None)
 
     @classmethod
     def _of(cls, tokenizer: Tokenizer, vocab_size: int) -> "_Vocabulary":
@@ -252,6 +260,8 @@ class _Vocabulary:
         writer.add_add_bos_token(self.add_bos)
         if self.chat_template is not None:
             writer.add_chat_template(self.chat_template)
+        if self.eot_id is not None:
+            writer.add_eot_token_id(self.eot_id)
 
 
 def _byte_level_pre_tokenizer(hf: dict) -> str | None:

@@ -22,13 +22,14 @@ tokens that are not special: llama.cpp matches them in any text, parsed or not, 
 tokens stay plain entries of the vocabulary, which only byte fallback (byte tokens) or nothing (unused) reaches.
 Token i keeps id i, so the tokenizer has a token for every row of the model's embedding.
 
-Special tokens: the separator (the token that ends a document, and generation) is the eos token. A token is
-put before every text when tokenizer.ggml.add_bos_token says so (by default for "llama" and for Llama 3's
-pre-tokenizer, as llama.cpp does), and after it for add_eos_token. The chat template (tokenizer.chat_template)
-is rendered with the bos and eos tokens' texts, as llama.cpp renders it; its end of turn (ChatTemplate.eos_token,
-where cllm ends a chat reply besides the separator) is the file's eot token (tokenizer.ggml.eot_token_id, or
-else the token llama.cpp recognizes as one by its text, when the template writes it), unless the template
-writes eos_token itself: then it must render as the eos token, and the reply ends there.
+Special tokens: the separator (the token that ends a document, and generation) is the eos token. The bos token
+is put before every text when tokenizer.ggml.add_bos_token says so (by default for "llama" and for Llama 3's
+pre-tokenizer, as in llama.cpp), and the eos token after it for add_eos_token. The chat template
+(tokenizer.chat_template) comes with the bos token's text and its end of turn, ChatTemplate.eos_token, where cllm
+ends a chat reply besides the separator, as llama.cpp ends one at its eot token: tokenizer.ggml.eot_token_id, or
+else the token llama.cpp recognizes as the eot by its text (END_OF_TURN_TEXTS) if the template writes it, or else
+the eos token. (cllm renders a template's eos_token as that end of turn, where llama.cpp renders the eos token's
+text: the two differ only for a template that writes eos_token in a file whose eot is not its eos.)
 
 Anything this cannot read as llama.cpp reads it (another tokenizer model or pre-tokenizer, arrays of different
 lengths, a duplicate token, an id outside the vocabulary, merges of tokens the vocabulary lacks) raises
@@ -53,19 +54,33 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = (
     gguf.TokenType.UNUSED, gguf.TokenType.BYTE)
 SPACE_MARK = "\u2581"  # sentencepiece's visible space
 
-# llama.cpp's pre-tokenizer regexes (llm_tokenizer_bpe in src/llama-vocab.cpp), applied in turn. Llama 3's and
-# Qwen2's contractions are spelled case by case, as llama.cpp spells them, not with (?i:), which would also match
-# letters that only fold to s, t, ... ("ſ").
+# llama.cpp's pre-tokenizers (llm_tokenizer_bpe in src/llama-vocab.cpp) as HF's: its regexes applied in turn, then
+# the pieces' bytes spelled in the byte-level alphabet. GPT-2's regex is ByteLevel's own, whose extra "|\s+" only
+# takes what llama.cpp's leaves unmatched (a lone whitespace before a non-space), a piece of its own there too; and
+# Digits splits off each character that \p{N} matches. "gpt-2" and "smollm" take these forms because they are the
+# ones cllm's exporter writes as those names, so a file that is read writes back. Llama 3's and Qwen2's
+# contractions are spelled case by case, as llama.cpp spells them: (?i:) would also match "ſ", which folds to "s".
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 _CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
 _LLAMA3 = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _QWEN2 = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-PRE_TOKENIZERS: dict[str, tuple[str, ...]] = {
-    "default": (r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"),
-    "gpt-2": (_GPT2,),
-    "smollm": (r"\p{N}", _GPT2),  # every digit a piece of its own, then GPT-2's
-    "llama-bpe": (_LLAMA3,),
-    "qwen2": (_QWEN2,),
+
+
+def _regexes(*patterns: str) -> list:
+    return [pre_tokenizers.Split(Regex(pattern), behavior="isolated") for pattern in patterns] + [
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+
+
+def _gpt2(*before) -> list:
+    return [*before, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+
+
+PRE_TOKENIZERS = {
+    "default": lambda: _regexes(r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"),
+    "gpt-2": lambda: _gpt2(),
+    "smollm": lambda: _gpt2(pre_tokenizers.Digits(individual_digits=True)),  # llama.cpp's \p{N}, then GPT-2's
+    "llama-bpe": lambda: _regexes(_LLAMA3),
+    "qwen2": lambda: _regexes(_QWEN2),
 }
 # Pre-tokenizers under which llama.cpp takes a piece that is a token as that token, and adds bos by default.
 WHOLE_PIECES = ADDS_BOS = frozenset({"llama-bpe"})
@@ -177,8 +192,9 @@ def _token_types(metadata: _Metadata, n_tokens: int) -> list[int]:
     known = {int(t) for t in gguf.TokenType}
     unknown = next((i for i, t in enumerate(types) if t not in known), None)
     if unknown is not None:
+        names = ", ".join(f"{t.value} {t.name}" for t in gguf.TokenType)
         raise metadata.error(KEY.TOKEN_TYPE, f"gives token {unknown} the type {types[unknown]}, which is none of "
-                                             f"llama.cpp's ({', '.join(f'{t.value} {t.name}' for t in gguf.TokenType)})")
+                                             f"llama.cpp's ({names})")
     return types
 
 
@@ -214,10 +230,8 @@ def _byte_level_bpe(metadata: _Metadata, tokens: list[str], types: list[int], id
         merges.append((rule[:cut], rule[cut + 1:]))
     vocab = {token: i for i, token in enumerate(tokens)}
     hf = _hf_tokenizer(metadata, KEY.MERGES, lambda: models.BPE(vocab, merges, ignore_merges=pre in WHOLE_PIECES))
-    hf.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(pattern), behavior="isolated") for pattern in PRE_TOKENIZERS[pre]]
-        # the pieces' bytes spelled in the byte-level alphabet; the splitting is done above
-        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    steps = PRE_TOKENIZERS[pre]()
+    hf.pre_tokenizer = steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
     hf.decoder = decoders.ByteLevel()
     _add_bos_eos(metadata, hf, tokens, ids, add_bos_default=pre in ADDS_BOS)
     return hf
@@ -305,11 +319,11 @@ def _chat_template(metadata: _Metadata, tokens: list[str], ids: dict[str, int]) 
     source = metadata.string(KEY.CHAT_TEMPLATE, None)
     if source is None:
         return None
-    eos = tokens[ids[KEY.EOS_ID]]
     bos = tokens[ids[KEY.BOS_ID]] if KEY.BOS_ID in ids else ""
     if KEY.EOT_ID in ids:
         end_of_turn = tokens[ids[KEY.EOT_ID]]
     else:
-        end_of_turn = next((text for text in END_OF_TURN_TEXTS if text in source and text in tokens), eos)
-    # A template that writes eos_token renders the eos token's text in llama.cpp; cllm renders the end of turn.
-    return ChatTemplate(source, bos_token=bos, eos_token=eos if "eos_token" in source else end_of_turn)
+        named = set(tokens)
+        end_of_turn = next((text for text in END_OF_TURN_TEXTS if text in source and text in named),
+                           tokens[ids[KEY.EOS_ID]])
+    return ChatTemplate(source, bos_token=bos, eos_token=end_of_turn)
