@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 
 from . import tensor_files
 from .atomic import atomic_write_file
+from .formats.gguf_in import is_gguf, load_gguf
 from .formats.hf import load_hf
 from .model import GPT, ModelConfig, parameter_shapes
 from .model_file_errors import ModelFileError, few_names, one_line
@@ -65,10 +66,13 @@ def save_model(path: str | os.PathLike, model: GPT, tokenizer: Tokenizer, *,
 
 
 def load_model(path: str | os.PathLike, *, threads: int = 1) -> tuple[GPT, Tokenizer]:
-    """Reads a .cllm file written by save_model, or a Hugging Face GPT-2 or Llama folder (cllm.formats.hf). Raises
-    ModelFileError (or HFFolderError) if anything about it is wrong."""
+    """Reads a .cllm file written by save_model, a Hugging Face GPT-2 or Llama folder (cllm.formats.hf), or a GGUF
+    file (cllm.formats.gguf_in: named .gguf, or starting with GGUF's magic). Raises ModelFileError (or
+    HFFolderError) if anything about it is wrong."""
     if Path(path).is_dir():
         return load_hf(path, threads=threads)
+    if is_gguf(path):
+        return load_gguf(path, threads=threads)
     metadata, layout = _read_container(path, MODEL_FORMAT, "model", with_tensors=False)
     config = _model_config(path, metadata)
     tokenizer = _tokenizer(path, metadata, config)

@@ -13,6 +13,7 @@ from ..errors import UsageError
 from ..trainer import flag
 
 USAGE_ERROR = 2
+MODEL_HELP = "a .cllm model file, a GGUF file (gpt2 or llama, any common type) or a Hugging Face GPT-2 or Llama folder"
 
 
 class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):

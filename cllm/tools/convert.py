@@ -1,13 +1,14 @@
-"""Convert a model between cllm's .cllm file, a Hugging Face folder (GPT-2 or Llama) and GGUF (for llama.cpp).
+"""Convert a model between cllm's .cllm file, a Hugging Face folder (GPT-2 or Llama) and GGUF (llama.cpp's).
 
     python -m cllm.tools.convert smollm2-folder model.cllm               # Hugging Face -> cllm
     python -m cllm.tools.convert model.cllm exported/                    # cllm -> Hugging Face folder
     python -m cllm.tools.convert model.cllm model.gguf --gguf-type q8_0  # cllm (or a folder) -> GGUF
+    python -m cllm.tools.convert SmolLM2-135M-Q4_K_M.gguf smollm2/       # GGUF -> Hugging Face (float32)
     python -m cllm.tools.convert model.cllm chat.cllm --chat-template chatml.jinja --end-of-turn "<|im_end|>"
 
-SRC is a .cllm file or a Hugging Face folder. DST's kind comes from its name: a .cllm file, a .gguf file, or else
-a folder for Hugging Face (created if needed). Files are written atomically: an interrupted conversion leaves
-any file that already existed as it was.
+SRC is a .cllm file, a GGUF file (gpt2 or llama; its weights dequantized to float32) or a Hugging Face folder.
+DST's kind comes from its name: a .cllm file, a .gguf file, or else a folder for Hugging Face (created if needed).
+Files are written atomically: an interrupted conversion leaves any file that already existed as it was.
 
 --chat-template gives the model a chat template (a Jinja file, as Hugging Face's chat_template; see cllm.chat),
 replacing any it has; --end-of-turn names the token that ends an assistant's turn (default: the separator).
@@ -22,7 +23,7 @@ from ..checkpoint import load_model, save_model
 from ..errors import UsageError
 from ..formats.gguf_file import TYPES, save_gguf
 from ..formats.hf import save_hf
-from ._cli import Parser, run
+from ._cli import MODEL_HELP, Parser, run
 
 
 def describe(model, tokenizer) -> str:
@@ -40,7 +41,7 @@ def describe(model, tokenizer) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="convert", description="Convert a model between .cllm, a Hugging Face folder and GGUF.")
-    p.add_argument("src", help="a .cllm file or a Hugging Face folder (GPT-2 or Llama)")
+    p.add_argument("src", help=MODEL_HELP)
     p.add_argument("dst", help="a .cllm file, a .gguf file, or a folder (Hugging Face)")
     p.add_argument("--gguf-type", choices=tuple(TYPES), help="tensor type of a .gguf DST (default: f32)")
     p.add_argument("--chat-template", metavar="FILE", help="give the model this chat template (a Jinja file)")

@@ -2,6 +2,7 @@
 
     python -m cllm.tools.evaluate runs/default/model.cllm held_out.txt
     python -m cllm.tools.evaluate path/to/SmolLM2-135M texts/ --seq-len 512
+    python -m cllm.tools.evaluate SmolLM2-135M-Instruct-Q4_K_M.gguf held_out.txt
 
 DATA is read as train_model reads it (a file or a folder; the same decoding, a separator after each file) and
 cut into consecutive windows of --seq-len tokens (default: the model's context), each predicting the token after
@@ -23,12 +24,12 @@ from ..data import encode_documents, scan
 from ..errors import UsageError
 from ..model import ForwardWorkspaces
 from ..threads import available_cpus, blas_limit
-from ._cli import Parser, positive_int, run
+from ._cli import MODEL_HELP, Parser, positive_int, run
 
 
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="evaluate", description="Report a model's loss, perplexity and bits per byte on a text.")
-    p.add_argument("model", help="a .cllm model file or a Hugging Face GPT-2 or Llama folder")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("data", help="a text file or a folder of them")
     p.add_argument("--seq-len", type=positive_int, help="tokens per window (default: the model's context)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass")

@@ -29,7 +29,7 @@ from ..errors import UsageError
 from ..generate import Sampling, generate
 from ..session import Session
 from ..threads import available_cpus, blas_limit
-from ._cli import Parser, positive_int, run
+from ._cli import MODEL_HELP, Parser, positive_int, run
 
 RESET = "/reset"
 
@@ -49,8 +49,8 @@ def sampling_setting(name: str):
 
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="inference",
-               description="Generate text with a model (.cllm, or a Hugging Face GPT-2 or Llama folder).")
-    p.add_argument("model", help="a .cllm model file or a Hugging Face GPT-2 or Llama folder")
+               description="Generate text with a model (.cllm, GGUF, or a Hugging Face GPT-2 or Llama folder).")
+    p.add_argument("model", help=MODEL_HELP)
     source = p.add_mutually_exclusive_group()
     source.add_argument("-p", "--prompt", default="", help="text to continue (default: start a new document)")
     source.add_argument("-f", "--file", metavar="FILE",

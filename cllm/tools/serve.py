@@ -1,4 +1,4 @@
-"""Serve a model (.cllm, or a Hugging Face GPT-2 or Llama folder) over HTTP with an OpenAI-compatible API
+"""Serve a model (.cllm, GGUF, or a Hugging Face GPT-2 or Llama folder) over HTTP with an OpenAI-compatible API
 (cllm.server), on uvicorn.
 
     python -m cllm.tools.serve runs/default/model.cllm --port 8000
@@ -39,7 +39,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from ..pooling import POOLINGS
 from ..server import KEEP_ALIVE_SECONDS, ServerLimits, create_app
 from ..serving import DEFAULT_BATCH_TIMEOUT, DEFAULT_MAX_QUEUE, AsyncModel
-from ._cli import Parser, non_negative_float, positive_float, positive_int, run
+from ._cli import MODEL_HELP, Parser, non_negative_float, positive_float, positive_int, run
 
 GRACE_SECONDS = 10  # for requests in flight once a shutdown begins; streams are cut after it
 LISTEN_BACKLOG = 2048  # connections the kernel holds for us while all are busy (uvicorn's default)
@@ -47,10 +47,10 @@ LISTEN_BACKLOG = 2048  # connections the kernel holds for us while all are busy 
 
 def main(argv: list[str] | None = None) -> int:
     defaults = ServerLimits()
-    p = Parser(prog="serve", description="Serve a model (.cllm, or a Hugging Face GPT-2 or Llama folder) with an "
+    p = Parser(prog="serve", description="Serve a model (.cllm, GGUF, or a Hugging Face GPT-2 or Llama folder) with an "
                                          "OpenAI-compatible HTTP API (/v1/embeddings, /v1/completions), and TEI's and "
                                          "llama.cpp's /embed, /tokenize, /decode and /detokenize.")
-    p.add_argument("model", help="a .cllm model file or a Hugging Face GPT-2 or Llama folder")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes the server to "
                                                        "your network: give it an --api-key)")
     p.add_argument("--port", type=port_number, default=8000, help="port to listen on (0: any free port)")

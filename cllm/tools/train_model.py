@@ -1,7 +1,7 @@
 """Train a model on a text file or a folder of text files.
 
     python -m cllm.tools.train_model DATA --out runs/mine
-    python -m cllm.tools.train_model DATA --init-from gpt2/     # fine-tune a model (.cllm, or a Hugging Face folder)
+    python -m cllm.tools.train_model DATA --init-from gpt2/     # fine-tune a model (.cllm, GGUF, a Hugging Face folder)
     python -m cllm.tools.train_model --out runs/mine --resume   # continue that run, as its run.json records it
     python -m cllm.tools.train_model                            # a short demo on Python's own standard library
 
@@ -26,6 +26,7 @@ from ..checkpoint import load_model
 from ..data import Prepared, TokenizerSettings, prepare, reopen
 from ..distributed import CollectiveTimeout, MPIGroup
 from ..errors import UsageError
+from ..formats.gguf_in import is_gguf, quantized_types
 from ..generate import complete
 from ..model import ARCHITECTURES, GPT, ModelConfig
 from ..plot import write_loss_plot
@@ -34,7 +35,7 @@ from ..spheres import SphereFailedError, SphereStalledError, default_spheres
 from ..tensorboard import TENSORBOARD_DIR, check_dir, require
 from ..tokenizer import Tokenizer
 from ..trainer import STATE_FILE, Trainer, TrainingDiverged, TrainingInterrupted, TrainSettings, flag
-from ._cli import Parser, add_flags, flag_of, given_settings, positive_int, run
+from ._cli import MODEL_HELP, Parser, add_flags, flag_of, given_settings, positive_int, run
 
 # With no DATA: the standard library's top-level modules (about 5 MB of Python on any machine) and a
 # schedule that takes about two minutes on two cores.
@@ -91,8 +92,9 @@ def build_parser() -> Parser:
     p.add_argument("--out", help=f"run folder (default: {DEFAULT_OUT})")
     p.add_argument("--val-data", help="validation text (default: the last 10%% of DATA)")
     p.add_argument("--init-from", metavar="MODEL",
-                   help="fine-tune this model (a .cllm file or a Hugging Face GPT-2 or Llama folder): its weights, "
-                        "shape and tokenizer, which tokenizes DATA; the model and tokenizer flags are then refused")
+                   help=f"fine-tune this model ({MODEL_HELP}; a quantized GGUF's weights are dequantized, and "
+                        f"training is in float32): its weights, shape and tokenizer, which tokenizes DATA; the model "
+                        f"and tokenizer flags are then refused")
     add_flags(p.add_argument_group("tokenizer"), TokenizerSettings)
     add_flags(p.add_argument_group("model"), ModelShape)
     add_flags(p.add_argument_group("training"), TrainSettings,
@@ -235,6 +237,10 @@ def train(given: dict, held: ExitStack) -> int:
         model = base[0]
         model.threads = settings.threads
         say(f"fine-tuning {init_from}", flush=True)
+        quantized = quantized_types(init_from) if is_gguf(init_from) else []
+        if quantized:
+            say(f"train_model: {init_from} holds {', '.join(quantized)} weights: training starts from them "
+                f"dequantized, and trains in float32", file=sys.stderr, flush=True)
     else:
         model = GPT(record.model, seed=settings.seed, threads=settings.threads)
     cfg = model.config
