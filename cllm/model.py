@@ -23,7 +23,8 @@ from .errors import UsageError
 
 
 # The two block designs, both pre-norm decoders with a tied or untied vocabulary head:
-# - "gpt2": learned positions, LayerNorm with biases, a GELU MLP, biases on every projection, a tied head.
+# - "gpt2": learned positions, LayerNorm with biases, a GELU MLP, biases on every projection, a tied head (an
+#   untied one only for imported files: llama.cpp's K-quant mixes give GPT-2's repeated head a type of its own).
 # - "llama": rotary positions (RoPE) on q and k, RMSNorm, grouped-query attention (n_kv_heads key/value heads shared
 #   by groups of query heads), a SwiGLU MLP (down(silu(gate(x)) * up(x))), no biases, a tied or untied head.
 ARCHITECTURES = ("gpt2", "llama")
@@ -60,7 +61,7 @@ class ModelConfig:
     intermediate_size: int | None = None  # llama's MLP width (None: llama_intermediate_size); gpt2's mlp_ratio * dim
     rope_theta: float = 10000.0  # RoPE's base (llama)
     norm_eps: float = 1e-5
-    tied_head: bool = True  # the vocabulary head is the token embedding (always, for gpt2)
+    tied_head: bool = True  # the vocabulary head is the token embedding (GPT-2's always is, but for imports)
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "dim", "n_layers", "n_heads", "mlp_ratio"):
@@ -100,10 +101,9 @@ class ModelConfig:
                     raise UsageError(f"ModelConfig.{name} must be {value} for gpt2 (got {getattr(self, name)!r}): "
                                      f"it is a llama setting")
                 object.__setattr__(self, name, None)
-            for name, value in {"rope_theta": 10000.0, "tied_head": True}.items():
-                if getattr(self, name) != value:
-                    raise UsageError(f"ModelConfig.{name} must be {value} for gpt2 (got {getattr(self, name)!r}): "
-                                     f"it is a llama setting")
+            if self.rope_theta != 10000.0:
+                raise UsageError(f"ModelConfig.rope_theta must be 10000.0 for gpt2 (got {self.rope_theta!r}): it is "
+                                 f"a llama setting")
 
     @property
     def exact_gelu(self) -> bool:
@@ -140,9 +140,9 @@ class ModelConfig:
         versions from before them, which refuse unknown fields, still load it. from_dict restores the defaults."""
         d = dataclasses.asdict(self)
         if self.arch == "gpt2":
-            for name in ("arch", "n_kv_heads", "intermediate_size", "rope_theta", "tied_head"):
+            for name in ("arch", "n_kv_heads", "intermediate_size", "rope_theta"):
                 del d[name]  # each has its one gpt2 value
-            for name, default in (("activation", "gelu_tanh"), ("norm_eps", 1e-5)):
+            for name, default in (("activation", "gelu_tanh"), ("norm_eps", 1e-5), ("tied_head", True)):
                 if d[name] == default:
                     del d[name]
         else:

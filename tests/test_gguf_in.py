@@ -321,16 +321,29 @@ def test_transformers_reads_a_file_of_mixed_types_to_the_same_logits(mixed, bpe)
     np.testing.assert_allclose(model.logits(ids), want, rtol=0, atol=1e-4 * max(1.0, np.abs(want).max()))
 
 
-def test_a_gpt2_file_from_llama_cpp_repeats_its_head_which_must_be_the_embedding(exported, tmp_path):
+def test_a_gpt2_files_repeated_head_is_tied_and_one_of_its_own_type_is_a_head_of_its_own(exported, bpe, tmp_path):
     original, path = exported["gpt2", "q8_0"]
     embedding = next(t for t in gguf.GGUFReader(path).tensors if t.name == "token_embd.weight")
     rewrite(path, tmp_path / "repeated.gguf", tensors={"output.weight": (np.array(embedding.data), Q.Q8_0)})
     model, _ = load_gguf(tmp_path / "repeated.gguf")
     assert model.config.tied_head and np.array_equal(model.p["wte"], load_gguf(path)[0].p["wte"])
-    other = gguf.quants.quantize(original.p["wte"], Q.Q4_0)  # as a Q4_K_M file's output would differ
+    # llama.cpp's Q4_K_M gives GPT-2's repeated head a type of its own: a head of its own, as transformers reads it.
+    other = gguf.quants.quantize(original.p["wte"], Q.Q4_0)
     rewrite(path, tmp_path / "own.gguf", tensors={"output.weight": (other, Q.Q4_0)})
-    with pytest.raises(ModelFileError, match=r"output.weight \(Q4_0\) differs from token_embd.weight"):
-        load_gguf(tmp_path / "own.gguf")
+    model, tokenizer = load_gguf(tmp_path / "own.gguf")
+    assert not model.config.tied_head
+    assert np.array_equal(model.p["lm_head"], gguf.quants.dequantize(other, Q.Q4_0))
+    ids = bpe.encode(TEXT[3])[None, :16]
+    assert np.abs(model.logits(ids) - load_gguf(path)[0].logits(ids)).max() > 1e-3  # the head is not wte
+    convert.main([str(tmp_path / "own.gguf"), str(tmp_path / "hf")])
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        want = theirs(torch.from_numpy(ids).long()).logits.float().numpy()
+    np.testing.assert_allclose(model.logits(ids), want, rtol=0, atol=1e-4 * max(1.0, np.abs(want).max()))
+    again, _ = load_hf(tmp_path / "hf")
+    assert not again.config.tied_head and np.array_equal(again.p["lm_head"], model.p["lm_head"])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -133,7 +133,7 @@ def test_char_and_word_tokenizers_export_for_transformers(tmp_path, kind):
 
 @pytest.mark.parametrize("setting, value", [("scale_attn_by_inverse_layer_idx", True),
                                             ("reorder_and_upcast_attn", True), ("activation_function", "relu"),
-                                            ("layer_norm_epsilon", 1e-6), ("n_inner", 48)])
+                                            ("n_inner", 48)])
 def test_settings_that_change_the_arithmetic_are_refused_by_name(tmp_path, bpe, setting, value):
     hf_gpt2(tmp_path, bpe)
     config = json.loads((tmp_path / "config.json").read_text())
@@ -149,13 +149,17 @@ def test_a_pickle_is_refused_and_never_loaded(tmp_path, bpe):
         load_model(tmp_path)
 
 
-def test_an_untied_head_is_refused(tmp_path, bpe):
-    reference = hf_gpt2(tmp_path, bpe, tie_word_embeddings=False)
+def test_an_untied_head_and_another_epsilon_load_and_compute_their_logits(tmp_path, bpe):
+    reference = hf_gpt2(tmp_path, bpe, tie_word_embeddings=False, layer_norm_epsilon=1e-3)
     with torch.no_grad():
         reference.lm_head.weight.add_(1.0)
     reference.save_pretrained(tmp_path, safe_serialization=True)
-    with pytest.raises(HFFolderError, match="tie_word_embeddings|untied"):
-        load_model(tmp_path)
+    model, _ = load_model(tmp_path)
+    assert not model.config.tied_head and model.config.norm_eps == 1e-3
+    ids = bpe.encode(TEXT[0])[None, :16]
+    assert_logits_close(model.logits(ids), hf_logits(reference, ids))
+    save_hf(tmp_path / "again", model, bpe)
+    assert_logits_close(load_model(tmp_path / "again")[0].logits(ids), model.logits(ids))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ it, each step undone:
   buffer (`hf_tensors`): each GGUF tensor is written straight into its view of `model.p`, in GGML's (out, in)
   layout. GPT-2's four Conv1D matrices are transposed views. Llama's q and k rows were interleaved for llama.cpp's
   adjacent-pair RoPE; reading puts each row back where `interleave_rotary_pairs` took it from, a reorder of rows.
-  A tied model has no `output.weight`; a GPT-2 file from llama.cpp repeats the embedding there, which is taken only
-  if it equals the embedding after dequantization.
+  A tied model has no `output.weight`, or one of the same blocks as the embedding (llama.cpp's GPT-2 files repeat
+  it there); any other is an untied head, which K-quant mixes give GPT-2 files (the repeat gets a type of its own).
 - Types: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K (READ_TYPES). Until cllm has quantized
   kernels, each tensor is dequantized to float32 at load by `gguf.quants.dequantize`, the reference, a chunk of
   rows at a time (a row is whole blocks), from the memory-mapped file into the model's buffer: loading holds the
@@ -106,8 +106,6 @@ def load_gguf(path: str | os.PathLike, *, threads: int = 1) -> tuple[GPT, Tokeni
         for name, destination in _ggml_layout(model).items():
             read_tensor_into(tensors[name], destination.view, row_order=destination.row_order,
                              mapping=reader.mapping)
-        if config.arch == "gpt2" and TIED_OUTPUT in tensors:
-            _check_repeats_the_embedding(path, tensors[TIED_OUTPUT], model.p["wte"], reader.mapping)
     except ValueError as e:  # read_tensor_into's refusal of a non-finite value
         raise ModelFileError(f"{path}: {e}") from None
     return model, tokenizer
@@ -204,13 +202,14 @@ def read_config(reader: gguf.GGUFReader, path: Path, tensors: dict) -> ModelConf
         if hidden % dim:
             raise ModelFileError(f"{path}: gpt2.feed_forward_length ({hidden}) is not a multiple of "
                                  f"gpt2.embedding_length ({dim}), as cllm's GPT-2 MLP width is")
-        fields = dict(mlp_ratio=hidden // dim, activation="gelu_tanh",  # llama.cpp's gpt2 GELU is the tanh form
+        fields = dict(mlp_ratio=hidden // dim, activation="gelu_tanh", tied_head=_tied_head(tensors),
+                      # llama.cpp's gpt2 GELU is the tanh form
                       norm_eps=_positive(path, "gpt2.attention.layer_norm_epsilon",
                                          setting["attention.layer_norm_epsilon"]))
     else:
         kv_heads = setting["attention.head_count_kv"]
         theta = setting["rope.freq_base"]
-        fields = dict(arch="llama", intermediate_size=hidden, tied_head=TIED_OUTPUT not in tensors,
+        fields = dict(arch="llama", intermediate_size=hidden, tied_head=_tied_head(tensors),
                       n_kv_heads=None if kv_heads is None else _int(path, "llama.attention.head_count_kv", kv_heads),
                       norm_eps=_positive(path, "llama.attention.layer_norm_rms_epsilon",
                                          setting["attention.layer_norm_rms_epsilon"]),
@@ -222,6 +221,15 @@ def read_config(reader: gguf.GGUFReader, path: Path, tensors: dict) -> ModelConf
         raise ModelFileError(f"{path}: {e}") from None
     _check_other_settings(reader, path, config)
     return config
+
+
+def _tied_head(tensors: dict[str, gguf.ReaderTensor]) -> bool:
+    """Whether the head is the token embedding: the file has no output.weight, or one of the same blocks (llama.cpp's
+    GPT-2 converter repeats the embedding there; its K-quant mixes then give the repeat a type of its own, and
+    the file a head of its own)."""
+    output, embedding = tensors.get(TIED_OUTPUT), tensors[TOKEN_EMBEDDING]
+    return output is None or (output.tensor_type == embedding.tensor_type and np.array_equal(output.data,
+                                                                                            embedding.data))
 
 
 def _restated(config: ModelConfig) -> dict[str, tuple[int, str]]:
@@ -330,7 +338,7 @@ def _check_tensors(path: Path, tensors: dict, layout: dict[str, _Destination], c
     """Exactly the tensors of the config's model (and a GPT-2's repeated head), each of a type cllm reads and of the
     shape the config gives it."""
     expected = dict(layout)
-    if config.arch == "gpt2":
+    if config.tied_head:  # a repeat of the embedding, if the file has one (_tied_head)
         expected[TIED_OUTPUT] = layout[TOKEN_EMBEDDING]
     unexpected = [name for name in tensors if name not in expected]
     if unexpected:
@@ -377,13 +385,3 @@ def read_tensor_into(tensor: gguf.ReaderTensor, destination: np.ndarray, *, row_
             raise ValueError(f"tensor {tensor.name!r} holds non-finite values (NaN or inf)")
         where = slice(start, start + len(values)) if row_order is None else row_order[start:start + len(values)]
         rows[where] = values
-
-
-def _check_repeats_the_embedding(path: Path, output: gguf.ReaderTensor, embedding: np.ndarray,
-                                 mapping: mmap.mmap) -> None:
-    """cllm's GPT-2 head is its token embedding: a separate output.weight is taken only if it is the same."""
-    for start, values in dequantized_chunks(output, mapping=mapping):
-        if not np.array_equal(values, embedding[start:start + len(values)]):
-            raise ModelFileError(
-                f"{path}: {TIED_OUTPUT} ({output.tensor_type.name}) differs from {TOKEN_EMBEDDING}: a GPT-2 head of "
-                f"its own, which cllm's GPT-2 (whose head is its token embedding) does not have")

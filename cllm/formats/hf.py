@@ -62,12 +62,12 @@ BASE_PREFIX = {"gpt2": "transformer.", "llama": "model."}
 # Buffers that some checkpoints hold beside the parameters: GPT-2's causal masks, Llama's RoPE frequencies (from
 # transformers before 4.31; cllm computes them from rope_theta, and any scaling of them is refused in config.json).
 IGNORED_TENSORS = {"gpt2": (".attn.bias", ".attn.masked_bias"), "llama": (".rotary_emb.inv_freq",)}
-TIED_HEAD = "lm_head.weight"  # a tied model's head is its token embedding, whether or not the file repeats it
+LM_HEAD = "lm_head.weight"  # an untied head; a tied model's is its token embedding, whether or not the file repeats it
 
 # GPT-2
 # HF's activation names -> cllm's (cllm.model.ACTIVATIONS): GELU's tanh form under its two names, and the exact one.
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_erf"}
-LAYER_NORM_EPS = 1e-5  # GPT-2's; a folder with another is refused when read (a model's own is written)
+LAYER_NORM_EPS = 1e-5  # GPT-2's, where config.json does not say
 # Settings that change GPT-2's arithmetic, with the value under which cllm computes the same thing.
 SAME_ARITHMETIC = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
                    "reorder_and_upcast_attn": False, "add_cross_attention": False}
@@ -93,9 +93,10 @@ def hf_tensors(model: GPT) -> dict[str, np.ndarray]:
 
 
 def _gpt2_tensors(model: GPT) -> dict[str, np.ndarray]:
-    """cllm's names, after transformer., with .weight after the two embeddings; the same layout."""
-    return {f"transformer.{name}.weight" if name in EMBEDDINGS else f"transformer.{name}": view
-            for name, view in model.p.items()}
+    """cllm's names, after transformer., with .weight after the two embeddings; the same layout. An untied head
+    (an imported file's) is GPT2LMHeadModel's lm_head.weight."""
+    return {LM_HEAD if name == "lm_head" else f"transformer.{name}.weight" if name in EMBEDDINGS
+            else f"transformer.{name}": view for name, view in model.p.items()}
 
 
 def _llama_tensors(model: GPT) -> dict[str, np.ndarray]:
@@ -118,7 +119,7 @@ def _llama_tensors(model: GPT) -> dict[str, np.ndarray]:
                     theirs + "mlp.down_proj.weight": p[ours + "mlp.c_proj.weight"].T}
     tensors["model.norm.weight"] = p["ln_f.weight"]
     if not cfg.tied_head:
-        tensors["lm_head.weight"] = p["lm_head"]
+        tensors[LM_HEAD] = p["lm_head"]
     return tensors
 
 
@@ -191,20 +192,14 @@ def _gpt2_config(path: Path, hf: dict) -> ModelConfig:
     if activation not in ACTIVATIONS:
         raise HFFolderError(f"{path}: activation_function {activation!r} is not supported "
                             f"(cllm has {', '.join(ACTIVATIONS)})")
-    eps = hf.get("layer_norm_epsilon", LAYER_NORM_EPS)
-    if eps != LAYER_NORM_EPS:
-        raise HFFolderError(f"{path}: layer_norm_epsilon={eps} is not supported (cllm's LayerNorm uses "
-                            f"{LAYER_NORM_EPS})")
     n_embd = hf.get("n_embd")
     n_inner = hf.get("n_inner")
     if n_inner is not None and n_inner != 4 * n_embd:
         raise HFFolderError(f"{path}: n_inner={n_inner} is not supported (cllm's MLP is 4 * n_embd wide)")
-    if hf.get("tie_word_embeddings", True) is not True:
-        raise HFFolderError(f"{path}: tie_word_embeddings=false is not supported for GPT-2 (cllm's GPT-2 output "
-                            f"layer is the token embedding)")
     return _model_config(path, vocab_size=hf.get("vocab_size"), context_length=_context_length(path, hf, "n_positions"),
                          dim=n_embd, n_layers=hf.get("n_layer"), n_heads=hf.get("n_head"),
-                         activation=ACTIVATIONS[activation])
+                         activation=ACTIVATIONS[activation], tied_head=hf.get("tie_word_embeddings", True),
+                         norm_eps=hf.get("layer_norm_epsilon", LAYER_NORM_EPS))
 
 
 def _llama_config(path: Path, hf: dict) -> ModelConfig:
@@ -410,7 +405,7 @@ def _read_weights(folder: Path, weight_files: list[Path], model: GPT) -> None:
                     if meta.get_dtype() not in READABLE_DTYPES:
                         raise HFFolderError(f"{path}: tensor {key!r} is {meta.get_dtype()}; cllm reads "
                                             f"{', '.join(READABLE_DTYPES)}")
-                    if key == TIED_HEAD and key not in tensors:
+                    if key == LM_HEAD and key not in tensors:
                         tied_head = key, np.empty(meta.get_shape(), np.float32)
                         wanted[key] = tied_head[1]
                         continue
