@@ -1,6 +1,6 @@
 """The synchronous model API, for offline jobs that have no event loop: embedding a corpus, generating text.
 
-    model = cllm.Model.open("model.cllm")                       # or a Hugging Face GPT-2 or Llama folder
+    model = cllm.Model.open("model.cllm")                       # or a GGUF file, or a Hugging Face folder
     vectors = model.encode(texts, batch_size=32, normalize_embeddings=True)   # (n, dim) float32
     completion = model.generate("Once upon a time", max_new_tokens=50, temperature=0)   # .text, .finish_reason
     reply = model.chat([{"role": "user", "content": "Hello!"}], max_new_tokens=50)   # with the model's template
@@ -43,7 +43,8 @@ class Model:
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, threads: int | None = None) -> "Model":
-        """Loads a .cllm model file or a Hugging Face GPT-2 or Llama folder (ModelFileError if it is bad)."""
+        """Loads a .cllm model file, a GGUF file or a Hugging Face GPT-2 or Llama folder (ModelFileError if it is
+        bad)."""
         model, tokenizer = load_model(path)
         return cls(model, tokenizer, threads=threads)
 
