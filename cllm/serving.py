@@ -17,10 +17,10 @@ in a worker thread, never on the event loop.
 
 Chat. encode_chat(messages) renders them with the model's chat template on daemon threads of its own (at most
 RENDER_THREADS at once), never on the worker threads that tokenization shares: a template comes with the model, and
-a slow one must not hold up every route that tokenizes. A render ends itself at template_sandbox.RENDER_SECONDS; one that
-is still running at RENDER_TIMEOUT (stuck in a single long call) fails its request with TemplateLimitExceeded, its
-thread is abandoned, and health() reports the engine as degraded until it ends. The rendered text's ids come from
-the tokenization rounds, with the other requests' texts.
+a slow one must not hold up every route that tokenizes. A render ends itself at cllm.template_sandbox's
+RENDER_SECONDS; one still running at RENDER_TIMEOUT (stuck in a single long call) fails its request with
+TemplateLimitExceeded, its thread is abandoned, and health() reports the engine as degraded until it ends. The
+rendered text's ids come from the tokenization rounds, with the other requests' texts.
 
 Batching. Concurrent embed() calls are queued, and one batcher task gathers their texts, oldest first, into one
 forward pass of at most max_batch_tokens padded tokens (texts x the longest, rounded up to a power of two so
