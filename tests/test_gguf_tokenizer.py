@@ -309,6 +309,36 @@ def test_each_pre_tokenizer_splits_as_llama_cpps_regexes(tmp_path, pre):
     assert pieces(ours, text) == expected
 
 
+def test_llama_cpps_other_names_for_a_pre_tokenizer_read_as_it(tmp_path):
+    hf = split_bpe(LLAMA3_HF_REGEX)
+    canonical = read(byte_level_file(tmp_path / "a.gguf", hf, "llama-bpe"))
+    other = read(byte_level_file(tmp_path / "b.gguf", hf, "llama3"))
+    assert [other.encode(text).tolist() for text in CORPUS] == [canonical.encode(text).tolist() for text in CORPUS]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sentencepiece's settings
+
+
+def test_a_sentencepiece_file_without_ids_takes_llama_cpps_defaults(tmp_path, tinyllama_fields):
+    fields = {key: value for key, value in tinyllama_fields.items()
+              if key not in (KEY.BOS_ID, KEY.EOS_ID, KEY.UNK_ID, KEY.ADD_BOS)}
+    write_metadata(tmp_path / "m.gguf", fields)
+    ours = read(tmp_path / "m.gguf")
+    assert ours.encode("hi").tolist()[0] == 1 and (ours.separator, ours.separator_id) == ("</s>", 2)
+
+
+def test_add_eos_token_ends_every_text_and_add_space_prefix_false_marks_no_start(tmp_path, exported,
+                                                                                 tinyllama_fields):
+    write_metadata(tmp_path / "a.gguf", tinyllama_fields | {KEY.ADD_EOS: True})
+    assert read(tmp_path / "a.gguf").encode("To be").tolist()[-1] == 2
+    write_metadata(tmp_path / "b.gguf", tinyllama_fields | {KEY.ADD_PREFIX: False})
+    unmarked, marked = read(tmp_path / "b.gguf"), read(exported["tinyllama"][1])
+    for text in filter(None, CORPUS):  # (an empty text has no start to mark)
+        assert unmarked.encode(" " + text).tolist() == marked.encode(text).tolist()
+        assert unmarked.decode(unmarked.encode(text)[1:]) == text
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # end of turn
 
@@ -364,6 +394,12 @@ def test_byte_level_files_are_refused_by_name(tmp_path, key, value, reason):
     with pytest.raises(ModelFileError, match=f"{key} {reason}") as e:
         read(path)
     assert "\n" not in str(e.value)
+
+
+def test_a_chat_template_that_is_not_jinja_is_refused_naming_it(tmp_path, tinyllama_fields):
+    write_metadata(tmp_path / "m.gguf", tinyllama_fields | {KEY.CHAT_TEMPLATE: "{% for %}"})
+    with pytest.raises(ModelFileError, match=f"{KEY.CHAT_TEMPLATE} the model's chat template is not valid Jinja"):
+        read(tmp_path / "m.gguf")
 
 
 def test_a_missing_key_or_one_of_another_type_is_named(tmp_path, tinyllama_fields):

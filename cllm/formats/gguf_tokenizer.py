@@ -82,6 +82,9 @@ PRE_TOKENIZERS = {
     "llama-bpe": lambda: _regexes(_LLAMA3),
     "qwen2": lambda: _regexes(_QWEN2),
 }
+# Other names llama.cpp gives the same splitting, merging and bos (its load(): one branch for each).
+PRE_TOKENIZER_NAMES = {"llama3": "llama-bpe", "llama-v3": "llama-bpe", "falcon3": "llama-bpe",
+                       "deepseek-r1-qwen": "qwen2"}
 # Pre-tokenizers under which llama.cpp takes a piece that is a token as that token, and adds bos by default.
 WHOLE_PIECES = ADDS_BOS = frozenset({"llama-bpe"})
 # The texts by which llama.cpp recognizes a vocabulary's end-of-turn token when the file names none (its
@@ -110,15 +113,12 @@ def read_gguf_tokenizer(reader: gguf.GGUFReader, path: str | os.PathLike) -> Tok
     tokens = _tokens(metadata)
     types = _token_types(metadata, len(tokens))
     ids = _special_ids(metadata, tokenizer_model, len(tokens))
-    hf = _MODELS[tokenizer_model](metadata, tokens, types, ids)
-    _add_special_tokens(hf, tokens, types)
     if KEY.EOS_ID not in ids:
         raise metadata.error(KEY.EOS_ID, "is missing: the file names no token that ends a text")
-    separator = tokens[ids[KEY.EOS_ID]]
-    try:
-        return Tokenizer("bpe", hf, separator=separator, chat_template=_chat_template(metadata, tokens, ids))
-    except UsageError as e:  # the chat template is not valid Jinja, or past cllm's limits
-        raise metadata.error(KEY.CHAT_TEMPLATE, one_line(e)) from None
+    hf = _MODELS[tokenizer_model](metadata, tokens, types, ids)
+    _add_special_tokens(hf, tokens, types)
+    return Tokenizer("bpe", hf, separator=tokens[ids[KEY.EOS_ID]],
+                     chat_template=_chat_template(metadata, tokens, ids))
 
 
 class _Metadata:
@@ -131,21 +131,17 @@ class _Metadata:
     def error(self, key: str, reason: str) -> ModelFileError:
         return ModelFileError(f"{self.path}: {key} {reason}")
 
-    def __contains__(self, key: str) -> bool:
-        return key in self.fields
-
     def _field(self, key: str, kinds: set, array: bool, default):
         field = self.fields.get(key)
         if field is None:
             if default is _MISSING:
                 raise self.error(key, "is missing")
-            return None
-        is_array = field.types[0] == gguf.GGUFValueType.ARRAY
-        kind = field.types[-1] if field.types else None
+            return default
+        is_array, kind = field.types[0] == gguf.GGUFValueType.ARRAY, field.types[-1]
         if is_array != array or kind not in kinds:
-            want = f"an array of {'/'.join(k.name for k in kinds)}" if array else '/'.join(k.name for k in kinds)
-            raise self.error(key, f"is {'an array of ' if is_array else ''}{kind.name if kind else 'nothing'}, "
-                                  f"not {want}")
+            found = f"an array of {kind.name}" if is_array else kind.name
+            wanted = ("an array of " if array else "") + "/".join(sorted(k.name for k in kinds))
+            raise self.error(key, f"is {found}, not {wanted}")
         try:
             return field.contents()
         except UnicodeDecodeError as e:
@@ -160,15 +156,14 @@ class _Metadata:
     def integer(self, key: str, default=_MISSING) -> int | None:
         return self._field(key, _INTEGERS, False, default)
 
-    def integers(self, key: str, default=_MISSING) -> list[int] | None:
-        return self._field(key, {gguf.GGUFValueType.INT32}, True, default)  # llama.cpp reads token types as int32
+    def int32s(self, key: str, default=_MISSING) -> list[int] | None:
+        return self._field(key, {gguf.GGUFValueType.INT32}, True, default)
 
     def numbers(self, key: str, default=_MISSING) -> list[float] | None:
         return self._field(key, {gguf.GGUFValueType.FLOAT32, gguf.GGUFValueType.INT32}, True, default)
 
     def boolean(self, key: str, default: bool) -> bool:
-        value = self._field(key, {gguf.GGUFValueType.BOOL}, False, None)
-        return default if value is None else bool(value)
+        return bool(self._field(key, {gguf.GGUFValueType.BOOL}, False, default))
 
 
 def _tokens(metadata: _Metadata) -> list[str]:
@@ -184,7 +179,7 @@ def _tokens(metadata: _Metadata) -> list[str]:
 
 
 def _token_types(metadata: _Metadata, n_tokens: int) -> list[int]:
-    types = metadata.integers(KEY.TOKEN_TYPE, None)
+    types = metadata.int32s(KEY.TOKEN_TYPE, None)
     if types is None:  # llama.cpp takes every token as normal then
         return [NORMAL] * n_tokens
     if len(types) != n_tokens:
@@ -218,18 +213,18 @@ def _special_ids(metadata: _Metadata, tokenizer_model: str, n_tokens: int) -> di
 
 
 def _byte_level_bpe(metadata: _Metadata, tokens: list[str], types: list[int], ids: dict[str, int]) -> HFTokenizer:
-    pre = metadata.string(KEY.PRE, "default")
+    name = metadata.string(KEY.PRE, "default")
+    pre = PRE_TOKENIZER_NAMES.get(name, name)
     if pre not in PRE_TOKENIZERS:
-        raise metadata.error(KEY.PRE, f"{pre!r} is a pre-tokenizer cllm does not split as llama.cpp does (it "
-                                      f"reads {', '.join(PRE_TOKENIZERS)})")
+        raise metadata.error(KEY.PRE, f"{name!r} is a pre-tokenizer cllm does not split as llama.cpp does (it "
+                                      f"reads {', '.join([*PRE_TOKENIZERS, *PRE_TOKENIZER_NAMES])})")
     merges = []
     for rule in metadata.strings(KEY.MERGES):
         cut = rule.find(" ", 1)  # where llama.cpp cuts it: a merge's first part may be a space
         if cut < 0:
             raise metadata.error(KEY.MERGES, f"holds {rule!r}, which is not two tokens apart by a space")
         merges.append((rule[:cut], rule[cut + 1:]))
-    vocab = {token: i for i, token in enumerate(tokens)}
-    hf = _hf_tokenizer(metadata, KEY.MERGES, lambda: models.BPE(vocab, merges, ignore_merges=pre in WHOLE_PIECES))
+    hf = _bpe(metadata, KEY.MERGES, tokens, merges, ignore_merges=pre in WHOLE_PIECES)
     steps = PRE_TOKENIZERS[pre]()
     hf.pre_tokenizer = steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
     hf.decoder = decoders.ByteLevel()
@@ -241,11 +236,9 @@ def _sentencepiece_bpe(metadata: _Metadata, tokens: list[str], types: list[int],
     scores = metadata.numbers(KEY.SCORES)
     if len(scores) != len(tokens):
         raise metadata.error(KEY.SCORES, f"has {len(scores)} entries for {len(tokens)} tokens")
-    vocab = {token: i for i, token in enumerate(tokens)}
-    merges = _merges_by_score(tokens, types, scores)
     unk = tokens[ids[KEY.UNK_ID]] if KEY.UNK_ID in ids else None
-    hf = _hf_tokenizer(metadata, KEY.SCORES, lambda: models.BPE(vocab, merges, unk_token=unk, fuse_unk=True,
-                                                                 byte_fallback=True))
+    hf = _bpe(metadata, KEY.SCORES, tokens, _merges_by_score(tokens, types, scores), unk_token=unk, fuse_unk=True,
+              byte_fallback=True)
     space_prefix = metadata.boolean(KEY.ADD_PREFIX, True)
     spaces = normalizers.Replace(" ", SPACE_MARK)
     # HF normalizes each run of text between added tokens apart, so the mark goes where llama.cpp puts it: at the
@@ -275,9 +268,10 @@ def _merges_by_score(tokens: list[str], types: list[int], scores: list[float]) -
     return [(left, right) for *_, left, right in ranked]
 
 
-def _hf_tokenizer(metadata: _Metadata, key: str, build) -> HFTokenizer:
+def _bpe(metadata: _Metadata, key: str, tokens: list[str], merges: list[tuple[str, str]], **options) -> HFTokenizer:
+    """An HF BPE of the file's tokens, each with its id, and merges read from key."""
     try:
-        return HFTokenizer(build())
+        return HFTokenizer(models.BPE({token: i for i, token in enumerate(tokens)}, merges, **options))
     except Exception as e:  # tokenizers raises a bare Exception, e.g. for a merge of tokens it does not have
         raise metadata.error(key, f"does not make a tokenizer: {one_line(e)}") from None
 
@@ -285,18 +279,14 @@ def _hf_tokenizer(metadata: _Metadata, key: str, build) -> HFTokenizer:
 def _add_bos_eos(metadata: _Metadata, hf: HFTokenizer, tokens: list[str], ids: dict[str, int], *,
                  add_bos_default: bool) -> None:
     """The tokens put around every text, as tokenizer.ggml.add_bos_token and add_eos_token say."""
-    around = []
-    for add_key, id_key, default in ((KEY.ADD_BOS, KEY.BOS_ID, add_bos_default), (KEY.ADD_EOS, KEY.EOS_ID, False)):
-        if metadata.boolean(add_key, default):
-            if id_key not in ids:
-                raise metadata.error(add_key, f"is true, but {id_key} is not set")
-            around.append(id_key)
-    if not around:
-        return
-    single = ([tokens[ids[KEY.BOS_ID]]] if KEY.BOS_ID in around else []) + ["$A"] + (
-        [tokens[ids[KEY.EOS_ID]]] if KEY.EOS_ID in around else [])
-    hf.post_processor = processors.TemplateProcessing(
-        single=single, special_tokens=list({tokens[ids[key]]: ids[key] for key in around}.items()))
+    add_bos, add_eos = metadata.boolean(KEY.ADD_BOS, add_bos_default), metadata.boolean(KEY.ADD_EOS, False)
+    if add_bos and KEY.BOS_ID not in ids:
+        raise metadata.error(KEY.ADD_BOS, f"is true, but {KEY.BOS_ID} is not set")
+    around = sorted({ids[key] for key, add in ((KEY.BOS_ID, add_bos), (KEY.EOS_ID, add_eos)) if add})
+    if around:
+        hf.post_processor = processors.TemplateProcessing(
+            single=[tokens[ids[KEY.BOS_ID]]] * add_bos + ["$A"] + [tokens[ids[KEY.EOS_ID]]] * add_eos,
+            special_tokens=[(tokens[i], i) for i in around])
 
 
 def _add_special_tokens(hf: HFTokenizer, tokens: list[str], types: list[int]) -> None:
@@ -326,4 +316,7 @@ def _chat_template(metadata: _Metadata, tokens: list[str], ids: dict[str, int]) 
         named = set(tokens)
         end_of_turn = next((text for text in END_OF_TURN_TEXTS if text in source and text in named),
                            tokens[ids[KEY.EOS_ID]])
-    return ChatTemplate(source, bos_token=bos, eos_token=end_of_turn)
+    try:
+        return ChatTemplate(source, bos_token=bos, eos_token=end_of_turn)
+    except UsageError as e:  # not valid Jinja, or past cllm's limits
+        raise metadata.error(KEY.CHAT_TEMPLATE, one_line(e)) from None
