@@ -9,7 +9,9 @@ Two of llama.cpp's tokenizer models (tokenizer.ggml.model) are read:
   the pieces the one before it left, and what it does not match stays a piece of its own, as HF's "isolated"
   Split does), then merges within each piece. Some pre-tokenizers (Llama 3's) also take a piece that is a token
   whole before merging it (llama.cpp's ignore_merges). A file without tokenizer.ggml.pre is read as "default",
-  as llama.cpp reads it; a name llama.cpp has and this module does not is refused rather than split otherwise.
+  as llama.cpp reads it, and some of llama.cpp's other names for the same splitting are read as that
+  (PRE_TOKENIZER_NAMES); any other name is refused rather than split otherwise. The regexes run on HF's engine
+  (Oniguruma's Unicode tables, where llama.cpp has its own): tools/check_gguf.py compares the ids with llama.cpp's.
 - "llama", sentencepiece's BPE. It has no merges: of all adjacent pairs of pieces whose concatenation is a token,
   llama.cpp merges the one whose token has the highest tokenizer.ggml.scores, and a piece that is no token falls
   back to the <0xNN> tokens of its bytes. As an HF BPE, the merges are every split of every normal token into two
@@ -19,8 +21,9 @@ Two of llama.cpp's tokenizer models (tokenizer.ggml.model) are read:
 Token types (tokenizer.ggml.token_type). Control and unknown tokens become special tokens: parsed in a chat's
 markup, never in what encode() is given, since cllm keeps user text literal. User-defined tokens become added
 tokens that are not special: llama.cpp matches them in any text, parsed or not, and so does HF. Byte and unused
-tokens stay plain entries of the vocabulary, which only byte fallback (byte tokens) or nothing (unused) reaches.
-Token i keeps id i, so the tokenizer has a token for every row of the model's embedding.
+tokens stay plain entries of the vocabulary, which only byte fallback (byte tokens) or nothing (unused) reaches
+(an unused token decodes to its text, where llama.cpp renders nothing). Token i keeps id i, so the tokenizer has a
+token for every row of the model's embedding.
 
 Special tokens: the separator (the token that ends a document, and generation) is the eos token. The bos token
 is put before every text when tokenizer.ggml.add_bos_token says so (by default for "llama" and for Llama 3's
