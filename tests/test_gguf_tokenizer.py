@@ -18,12 +18,13 @@ transformers = pytest.importorskip("transformers",
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers  # noqa: E402
 from tokenizers import Tokenizer as HFTokenizer  # noqa: E402
 
+from cllm.chat import ChatTemplate  # noqa: E402
 from cllm.formats.gguf_file import save_gguf  # noqa: E402
 from cllm.formats.gguf_tokenizer import PRE_TOKENIZERS, read_gguf_tokenizer  # noqa: E402
 from cllm.model import GPT, ModelConfig  # noqa: E402
 from cllm.model_file_errors import ModelFileError  # noqa: E402
 from cllm.tokenizer import Tokenizer  # noqa: E402
-from tests.chat_models import INJECTIONS, TEXT, chat_tokenizer, zephyr_tokenizer  # noqa: E402
+from tests.chat_models import INJECTIONS, TEXT, ZEPHYR, chat_tokenizer, zephyr_tokenizer  # noqa: E402
 from tests.test_llama_interop import gguf_fields, smollm2_tokenizer  # noqa: E402
 
 KEY = gguf.Keys.Tokenizer
@@ -64,7 +65,7 @@ def smollm2_chat() -> Tokenizer:
     return Tokenizer("bpe", smollm2_tokenizer(), separator=chat.separator, chat_template=chat.chat_template)
 
 
-def tinyllama() -> Tokenizer:
+def tinyllama(chat_template: ChatTemplate | None = None) -> Tokenizer:
     """A BPE built as TinyLlama's is (tests.test_llama_interop.tinyllama_tokenizer): <unk>, <s>, </s>, the 256 byte
     tokens, then pieces learned with "▁" for spaces and before the text; <s> before every text. Learned here from
     the varied TRAINING (but for the special tokens' text, which sentencepiece never learns as pieces), and large
@@ -84,14 +85,20 @@ def tinyllama() -> Tokenizer:
     hf.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
                                     decoders.Strip(" ", 1, 0)])
-    return Tokenizer("bpe", hf, separator="</s>")
+    return Tokenizer("bpe", hf, separator="</s>", chat_template=chat_template)
+
+
+def tinyllama_chat() -> Tokenizer:
+    """TinyLlama-Chat's kind: its markers are text, and only </s> (which its Zephyr template writes) is special."""
+    return tinyllama(ChatTemplate(ZEPHYR, bos_token="<s>", eos_token="</s>"))
 
 
 # What cllm's exporter writes for each: llama.cpp's tokenizer model and pre-tokenizer.
 EXPORTS = {"trained": (trained, "gpt2", ("gpt2", "gpt-2")), "chatml": (chat_tokenizer, "gpt2", ("gpt2", "gpt-2")),
            "zephyr": (zephyr_tokenizer, "llama", ("gpt2", "gpt-2")),
            "smollm2": (smollm2_chat, "llama", ("gpt2", "smollm")),
-           "tinyllama": (tinyllama, "llama", ("llama", "default"))}
+           "tinyllama": (tinyllama, "llama", ("llama", "default")),
+           "tinyllama-chat": (tinyllama_chat, "llama", ("llama", "default"))}
 
 
 @pytest.fixture(scope="module")
@@ -172,15 +179,15 @@ def test_sentencepiece_text_round_trips_after_its_leading_token(exported):
         assert ours.decode(ids[1:]) == text
 
 
-@pytest.mark.parametrize("name", ["chatml", "zephyr", "smollm2"])
+@pytest.mark.parametrize("name", ["chatml", "zephyr", "smollm2", "tinyllama-chat"])
 def test_a_chat_tokenizes_as_the_original_markup_parsed_and_messages_literal(exported, name):
     original, path = exported[name]
     ours = read(path)
     for add_generation_prompt in (True, False):
         np.testing.assert_array_equal(ours.encode_chat(MESSAGES, add_generation_prompt=add_generation_prompt),
                                       original.encode_chat(MESSAGES, add_generation_prompt=add_generation_prompt))
-    special = {ours.vocab()[t] for t in ("<|im_start|>", "<|im_end|>")} if name != "zephyr" else {
-        ours.vocab()["</s>"]}
+    markup = ["<|im_start|>", "<|im_end|>"] if name in ("chatml", "smollm2") else ["</s>"]
+    special = {ours.vocab()[token] for token in markup}
     assert special & set(ours.encode_chat(MESSAGES).tolist())
     assert not special & set(ours.encode(INJECTIONS["chatml"] + INJECTIONS["zephyr"]).tolist())
 
@@ -221,7 +228,7 @@ def transformers_ids(path, texts) -> list[list[int]]:
 def test_transformers_gives_the_same_ids(exported, name):
     _, path = exported[name]
     texts = CORPUS
-    if name == "tinyllama":
+    if EXPORTS[name][2][0] == "llama":
         # transformers marks a sentencepiece text's start with Metaspace, which adds no "▁" before a text that
         # starts with a space; llama.cpp (and sentencepiece) always add one, and so does cllm.
         texts = [text for text in CORPUS if not text[:1].isspace()]
