@@ -310,6 +310,17 @@ def test_llama3s_pre_tokenizer_adds_bos_unless_the_file_says_not_to(tmp_path):
         "hi").tolist()[0] != 0
 
 
+def test_llama3s_pre_tokenizer_takes_a_piece_that_is_a_token_whole(tmp_path):
+    # "abc" is a token, but merging by rank makes "a" + "bc" of it, which no merge joins (llama.cpp's ignore_merges)
+    tokens = sorted(pre_tokenizers.ByteLevel.alphabet()) + ["bc", "ab", "abc", "<|end_of_text|>"]
+    fields = {KEY.MODEL: "gpt2", KEY.LIST: tokens, KEY.MERGES: ["b c", "a b", "ab c"], KEY.EOS_ID: len(tokens) - 1,
+              KEY.ADD_BOS: False}
+    write_metadata(tmp_path / "a.gguf", fields | {KEY.PRE: "llama-bpe"})
+    write_metadata(tmp_path / "b.gguf", fields | {KEY.PRE: "gpt-2"})
+    assert read(tmp_path / "a.gguf").encode("abc").tolist() == [tokens.index("abc")]
+    assert read(tmp_path / "b.gguf").encode("abc").tolist() == [tokens.index("a"), tokens.index("bc")]
+
+
 def pieces(tokenizer: Tokenizer, text: str) -> list[str]:
     """How the tokenizer splits text before merging, each piece in plain text."""
     hf = HFTokenizer.from_str(tokenizer.hf_json())
