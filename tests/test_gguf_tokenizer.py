@@ -15,7 +15,7 @@ gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers",
                                    reason="the peer checks need transformers: pip install -e \".[interop]\"")
 
-from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers  # noqa: E402
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from tokenizers import Tokenizer as HFTokenizer  # noqa: E402
 
 from cllm.chat import ChatTemplate  # noqa: E402
@@ -25,7 +25,7 @@ from cllm.model import GPT, ModelConfig  # noqa: E402
 from cllm.model_file_errors import ModelFileError  # noqa: E402
 from cllm.tokenizer import Tokenizer  # noqa: E402
 from tests.chat_models import INJECTIONS, TEXT, ZEPHYR, chat_tokenizer, zephyr_tokenizer  # noqa: E402
-from tests.test_llama_interop import gguf_fields, smollm2_tokenizer  # noqa: E402
+from tests.test_llama_interop import gguf_fields, smollm2_tokenizer, tinyllama_tokenizer  # noqa: E402
 
 KEY = gguf.Keys.Tokenizer
 CORPUS = [
@@ -70,21 +70,7 @@ def tinyllama(chat_template: ChatTemplate | None = None) -> Tokenizer:
     tokens, then pieces learned with "▁" for spaces and before the text; <s> before every text. Learned here from
     the varied TRAINING (but for the special tokens' text, which sentencepiece never learns as pieces), and large
     enough that many tokens can be cut into two others in more ways than the merge that made them."""
-    learner = HFTokenizer(models.BPE())
-    learner.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
-    learner.train_from_iterator([text for text in TRAINING if "<" not in text],
-                                trainers.BpeTrainer(vocab_size=1500, show_progress=False))
-    learned = json.loads(learner.to_str())["model"]
-    specials = ["<unk>", "<s>", "</s>"]
-    pieces = specials + [f"<0x{b:02X}>" for b in range(256)] + sorted(learned["vocab"], key=learned["vocab"].get)
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
-    hf = HFTokenizer(models.BPE({piece: i for i, piece in enumerate(pieces)}, merges, unk_token="<unk>",
-                                fuse_unk=True, byte_fallback=True))
-    hf.add_special_tokens(specials)
-    hf.normalizer = learner.normalizer
-    hf.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                    decoders.Strip(" ", 1, 0)])
+    hf = tinyllama_tokenizer([text for text in TRAINING if "<" not in text], vocab_size=1500)
     return Tokenizer("bpe", hf, separator="</s>", chat_template=chat_template)
 
 

@@ -70,12 +70,12 @@ def smollm2_tokenizer() -> HFTokenizer:
     return tokenizer
 
 
-def tinyllama_tokenizer() -> HFTokenizer:
+def tinyllama_tokenizer(texts=TEXT, vocab_size: int = 200) -> HFTokenizer:
     """A BPE built as Llama's (TinyLlama's) is: <unk>, <s>, </s>, then the 256 byte tokens <0x00>..<0xFF> for
-    byte fallback, then the merged pieces; "▁" for spaces and before the text; <s> before every text."""
+    byte fallback, then the pieces merged from texts; "▁" for spaces and before the text; <s> before every text."""
     trained = HFTokenizer(models.BPE())
     trained.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
-    trained.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=200, show_progress=False))
+    trained.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False))
     learned = json.loads(trained.to_str())["model"]
     specials = ["<unk>", "<s>", "</s>"]
     pieces = specials + [f"<0x{b:02X}>" for b in range(256)] + sorted(learned["vocab"], key=learned["vocab"].get)
