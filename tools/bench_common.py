@@ -1,5 +1,6 @@
-"""What the benchmarks (tools/bench_*.py) share: running an engine in a fresh process, describing the machine,
-watching whether anything else is using its CPUs, and the end of a side-by-side report.
+"""What the benchmarks (tools/bench_*.py, tools/check_gguf.py) share: running an engine in a fresh process,
+describing the machine, watching whether anything else is using its CPUs, the end of a side-by-side report, and
+llama.cpp's command-line tools (found, or built from PyPI's source package).
 
 The scripts run as `python tools/bench_x.py`, which puts tools/ first on sys.path: that is how they import this
 module, and the spawned engine processes inherit that sys.path (so they import the peers in tools/ as well).
@@ -147,3 +148,133 @@ def finish_report(start, results: dict, title: str, table: Callable[[], str]) ->
     print(f"\n{title}\n")
     print(table())
     return 0
+
+
+# ------------------------------------------------------------------------------------ llama.cpp's command-line tools
+# llama-cpp-python's package holds llama.cpp's library, not its tools (llama-quantize, llama-perplexity, ...). They
+# are built here from the source package of the same name on PyPI (its vendor/llama.cpp), outside the repository,
+# once per version, with the CPU's SIMD flags named rather than -march=native, and AMX off: ggml's AMX path crashed
+# on q8_0 on the machine these benchmarks were written on.
+
+LLAMA_CPP_PYTHON_DEFAULT = "0.3.36"  # the source package built when no llama-cpp-python is installed
+LLAMA_CPP_HOME = os.environ.get("CLLM_PEERS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "cllm-peers")
+
+
+def llama_cpp_python_version() -> str | None:
+    """The installed llama-cpp-python's version (found, not imported), or None."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("llama-cpp-python")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def llama_cpp_cmake_flags() -> list[str]:
+    """ggml's CPU options for this machine: the SIMD extensions /proc/cpuinfo lists (where it cannot be read, ggml's
+    own -march=native), never AMX."""
+    flags = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((set(line.partition(":")[2].split()) for line in f if line.startswith("flags")), None)
+    except OSError:
+        pass
+    options = ["-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
+    if flags is None:
+        return ["-DGGML_NATIVE=ON"] + options
+    # The set that the Python binding was built with here (its CMAKE_ARGS), so that tools and binding run the same
+    # kernels; ggml's defaults for the rest.
+    wanted = {"GGML_AVX": "avx", "GGML_AVX2": "avx2", "GGML_FMA": "fma", "GGML_F16C": "f16c", "GGML_AVX512": "avx512f"}
+    return ["-DGGML_NATIVE=OFF"] + [f"-D{option}={'ON' if flag in flags else 'OFF'}"
+                                    for option, flag in wanted.items()] + options
+
+
+def llama_cpp_tools(names: list[str], *, bin_dir: str | None = None, build: bool = True,
+                    threads: int = 2) -> dict[str, str]:
+    """The paths of llama.cpp's tools `names` (e.g. ["llama-quantize", "llama-perplexity"]), looked for in bin_dir,
+    $LLAMA_CPP_BIN, then PATH, then this module's build folder of the installed llama-cpp-python's version
+    (LLAMA_CPP_HOME/llama.cpp-<version>/build/bin); if some are missing there and build is true, they are built
+    there from that version's source package on PyPI (pip download, CMake; a few minutes on 2 cores).
+    RuntimeError says what is missing and why."""
+    import shutil
+
+    version = llama_cpp_python_version() or LLAMA_CPP_PYTHON_DEFAULT
+    home = os.path.join(LLAMA_CPP_HOME, f"llama.cpp-{version}")
+    built = os.path.join(home, "build", "bin")
+
+    def find(folder: str | None) -> dict[str, str]:
+        found = {}
+        for name in names:
+            path = os.path.join(folder, name) if folder else shutil.which(name)
+            if path and os.access(path, os.X_OK):
+                found[name] = path
+        return found
+
+    named = bin_dir or os.environ.get("LLAMA_CPP_BIN")
+    if named:  # a folder named is the only place looked in
+        found = find(named)
+        if len(found) < len(names):
+            raise RuntimeError(f"{named} holds no executable {', '.join(sorted(set(names) - set(found)))}")
+        return found
+    for folder in (None, built):  # PATH, then the build folder
+        found = find(folder)
+        if len(found) == len(names):
+            return found
+    if not build:
+        raise RuntimeError(f"llama.cpp's {', '.join(names)} not found (give --llama-cpp-bin, or let them be built)")
+    _build_llama_cpp_tools(names, version, home, threads)
+    found = find(built)
+    if len(found) != len(names):
+        raise RuntimeError(f"building llama.cpp in {home} did not make {sorted(set(names) - set(found))}")
+    return found
+
+
+def llama_cpp_source(version: str | None = None) -> str:
+    """The folder of llama.cpp's source as llama-cpp-python's source package on PyPI vendors it (the installed
+    version's, by default), downloaded and unpacked into LLAMA_CPP_HOME/llama.cpp-<version>/src the first time."""
+    import glob
+    import subprocess
+    import tarfile
+
+    version = version or llama_cpp_python_version() or LLAMA_CPP_PYTHON_DEFAULT
+    home = os.path.join(LLAMA_CPP_HOME, f"llama.cpp-{version}")
+    source = os.path.join(home, "src")
+    if os.path.isdir(os.path.join(source, "ggml")):
+        return source
+    os.makedirs(home, exist_ok=True)
+    print(f"downloading llama-cpp-python {version}'s source package from PyPI into {home}", flush=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
+                    f"llama-cpp-python=={version}", "-d", home], check=True)
+    archive = glob.glob(os.path.join(home, f"llama_cpp_python-{version}.tar.gz"))
+    if not archive:
+        raise RuntimeError(f"pip download left no llama_cpp_python-{version}.tar.gz in {home}")
+    prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
+    with tarfile.open(archive[0]) as tar:
+        members = [m for m in tar.getmembers() if m.name.startswith(prefix) and m.isreg()]
+        for m in members:
+            m.name = m.name[len(prefix):]
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tar.extractall(source, members=members, **safe)
+    return source
+
+
+def _build_llama_cpp_tools(names: list[str], version: str, home: str, threads: int) -> None:
+    import shutil
+    import subprocess
+
+    if shutil.which("cmake") is None:
+        raise RuntimeError("building llama.cpp's tools needs CMake (pip install cmake, or the system's package)")
+    source = llama_cpp_source(version)
+    build = os.path.join(home, "build")
+    configure = ["cmake", "-S", source, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF",
+                 "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+                 "-DLLAMA_BUILD_EXAMPLES=OFF"] + llama_cpp_cmake_flags()
+    compile_ = ["cmake", "--build", build, "--config", "Release", "-j", str(threads), "--target", *names]
+    log = os.path.join(home, "build.log")
+    print(f"building llama.cpp's {', '.join(names)} in {build} (a few minutes; output in {log})", flush=True)
+    with open(log, "w") as out:
+        for command in (configure, compile_):
+            out.write(" ".join(command) + "\n")
+            out.flush()
+            if subprocess.run(command, stdout=out, stderr=subprocess.STDOUT).returncode:
+                raise RuntimeError(f"{' '.join(command[:2])} failed; see {log}")
