@@ -13,7 +13,10 @@ from pathlib import Path
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-KERNELS = sorted(path.stem for path in (Path(__file__).parent / "cllm" / "_kernels").glob("*.pyx"))  # all of them
+KERNEL_DIR = Path(__file__).parent / "cllm" / "_kernels"
+KERNELS = sorted(path.stem for path in KERNEL_DIR.glob("*.pyx"))  # all of them
+# Every kernel is rebuilt when a C header changes (the build cannot see which ones include it).
+HEADERS = sorted(f"cllm/_kernels/{path.name}" for path in KERNEL_DIR.glob("*.h"))
 
 compile_args = [
     "-O3",
@@ -31,6 +34,7 @@ extensions = [
     Extension(
         f"cllm._kernels.{name}",
         [f"cllm/_kernels/{name}.pyx"],
+        depends=HEADERS,
         extra_compile_args=compile_args,
         extra_link_args=["-fopenmp"],
     )

@@ -48,7 +48,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._kernels import decode, linear
+from ._kernels import decode, quantized
 from .buffers import aligned_zeros, lazy_zeros
 from .checks import require_int
 from .errors import UsageError
@@ -111,7 +111,10 @@ class Decoder:
         self._layer_offsets = np.array([[offset.get(f"h.{i}.{name}", absent) for name in decode.LAYER_PARAMETERS]
                                         for i in range(cfg.n_layers)], np.intp)
         self._model_offsets = np.array([offset.get(name, absent) for name in decode.MODEL_PARAMETERS], np.intp)
-        self._head = model.p[model.head]
+        # The matrices held in blocks, in decode_step's order; None for those it reads from params.
+        self._quantized = None if not model.q else quantized.MatrixTable(
+            [model.q.get(f"h.{i}.{name}") for i in range(cfg.n_layers) for name in decode.QUANTIZED_LAYER_MATRICES]
+            + [model.q.get(model.head), model.q.get("wte")])
         self.lengths = np.zeros(B, np.int32)  # cached positions per sequence
         self._prefill_workspaces = ForwardWorkspaces(cfg)
         self._all_rows = np.arange(B)
@@ -174,7 +177,7 @@ class Decoder:
         # vocabulary, the head over every position is a large part of the pass.
         last_hidden = np.ascontiguousarray(ws.a["lnf"].reshape(n, T, C)[:, -1])
         logits = np.empty((n, cfg.vocab_size), np.float32)
-        linear.linear_forward(last_hidden, self._head, None, logits, w_transposed=True, threads=self.threads)
+        self.model.head_logits(last_hidden, logits, self.threads)
         self._logits[rows] = logits
         self.lengths[rows] = T
 
@@ -206,7 +209,7 @@ class Decoder:
                            cfg.hidden_dim, tokens, rows, self.lengths[rows].astype(np.intp), self.k_cache,
                            self.v_cache, self._scratch, self._logits, eps=cfg.norm_eps, exact_gelu=cfg.exact_gelu,
                            arch=cfg.arch, n_kv_heads=cfg.n_kv_heads, rope=self.model.rope,
-                           threads=current_blas_limit() or self._cpus)
+                           quantized=self._quantized, threads=current_blas_limit() or self._cpus)
         self.lengths[rows] += 1
         return self._logits
 

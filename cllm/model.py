@@ -16,10 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._kernels import attention, crossentropy, embedding, gelu, layernorm, linear, rmsnorm, rope, swiglu
+from ._kernels import attention, crossentropy, embedding, gelu, layernorm, linear, quantized, rmsnorm, rope, swiglu
 from .buffers import aligned_zeros, carve, carved_size
 from .checks import require_int
 from .errors import UsageError
+from .quantized import QuantizedMatrix
 
 
 # The two block designs, both pre-norm decoders with a tied or untied vocabulary head:
@@ -37,6 +38,7 @@ ACTIVATIONS = {"gpt2": ("gelu_tanh", "gelu_erf"), "llama": ("silu",)}
 # scratch are all sized by it, so a config asking for 10^12 would allocate before anything could refuse it. 2^20
 # (1,048,576) takes every context of today's open models, 128K Llamas and Qwen2.5-1M's 1,010,000 among them.
 MAX_CONTEXT_LENGTH = 1 << 20
+VOCABULARY_TABLES = ("wte", "lm_head")  # (vocab, dim): the embedding, and the head that multiplies by it transposed
 
 
 def llama_intermediate_size(dim: int) -> int:
@@ -313,6 +315,8 @@ class GPT:
         self._summed_grads = [name for name in shapes
                               if name == "wpe" or "ln_" in name or (name == "wte" and not config.tied_head)]
         self.head = "wte" if config.tied_head else "lm_head"  # the parameter that projects onto the vocabulary
+        # Matrices held block-quantized (cllm.quantized), by name: their float32 views in p stay zero and unused.
+        self.q: dict[str, QuantizedMatrix] = {}
         # RoPE's (cos, sin) for every position, built once (llama).
         self.rope = (rope.rope_table(config.context_length, config.head_dim, config.rope_theta)
                      if config.arch == "llama" else None)
@@ -338,6 +342,18 @@ class GPT:
                 view[...] = 1.0
             else:
                 view[...] = 0.0
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.q)
+
+    def dequantize(self) -> None:
+        """Widens every quantized matrix into its float32 view and drops the blocks: a model to train or to
+        export as floats."""
+        for name, matrix in self.q.items():
+            # GGML's (out, in) rows; cllm stores the vocabulary tables (vocab, dim) so too, the blocks' matrices (in, out)
+            self.p[name][...] = matrix.dequantize() if name in VOCABULARY_TABLES else matrix.dequantize().T
+        self.q = {}
 
     def zero_grad(self) -> None:
         self.grads.fill(0.0)
@@ -395,35 +411,31 @@ class GPT:
         np.copyto(ws.tokens, tokens)
         ws.has_dlogits = False
         x = a["res0"]
-        embedding.embedding_forward(ws.tokens, p["wte"], p.get("wpe"), x.reshape(B, T, -1), threads=th)
+        self._embed(ws.tokens, x, th)
         for i in range(cfg.n_layers):
             if heartbeat is not None:
                 heartbeat("forward", i)
             h = f"h.{i}."
             self._norm_forward(x, h + "ln_1", a[f"ln1_{i}"], a.get(f"ln1_mean{i}"), a[f"ln1_rstd{i}"], th)
             qkv = a[f"qkv{i}"]
-            linear.linear_forward(a[f"ln1_{i}"], p[h + "attn.c_attn.weight"], p.get(h + "attn.c_attn.bias"),
-                                  qkv.reshape(B * T, -1), threads=th)
+            self._linear(a[f"ln1_{i}"], h + "attn.c_attn", qkv.reshape(B * T, -1), th)
             if self.rope is not None:
                 rope.rope_forward(qkv, self.rope, ws.start, cfg.n_heads, cfg.n_kv_heads, threads=th)
             attention.attention_forward(qkv, a[f"atty{i}"].reshape(B, T, -1), a[f"att_denom{i}"], cfg.n_heads,
                                         n_kv_heads=cfg.n_kv_heads, threads=th)
             mid = a[f"res_mid{i}"]
-            linear.linear_forward(a[f"atty{i}"], p[h + "attn.c_proj.weight"], p.get(h + "attn.c_proj.bias"), mid,
-                                  threads=th)
+            self._linear(a[f"atty{i}"], h + "attn.c_proj", mid, th)
             np.add(mid, x, out=mid)
             self._norm_forward(mid, h + "ln_2", a[f"ln2_{i}"], a.get(f"ln2_mean{i}"), a[f"ln2_rstd{i}"], th)
-            linear.linear_forward(a[f"ln2_{i}"], p[h + "mlp.c_fc.weight"], p.get(h + "mlp.c_fc.bias"), a[f"fc{i}"],
-                                  threads=th)
+            self._linear(a[f"ln2_{i}"], h + "mlp.c_fc", a[f"fc{i}"], th)
             self._activation_forward(a[f"fc{i}"], a["fc_act"], th)
             x = a[f"res{i + 1}"]
-            linear.linear_forward(a["fc_act"], p[h + "mlp.c_proj.weight"], p.get(h + "mlp.c_proj.bias"), x,
-                                  threads=th)
+            self._linear(a["fc_act"], h + "mlp.c_proj", x, th)
             np.add(x, mid, out=x)
         self._norm_forward(x, "ln_f", a["lnf"], a.get("lnf_mean"), a["lnf_rstd"], th)
         if not logits:
             return None
-        linear.linear_forward(a["lnf"], p[self.head], None, a["logits"], w_transposed=True, threads=th)
+        self.head_logits(a["lnf"], a["logits"], th)
         if targets is None:
             return None
         if not ws.training:
@@ -448,6 +460,9 @@ class GPT:
         """
         if not ws.has_dlogits:
             raise RuntimeError("backward needs a preceding forward with targets on this workspace")
+        if self.q:
+            raise RuntimeError("a model with quantized weights is for inference: train one loaded with "
+                               "dequantize=True")
         cfg, p, a, th = self.config, self.p, ws.a, threads or self.threads
         B, T, L = ws.batch, ws.seq, cfg.n_layers
         if not accumulate:
@@ -488,6 +503,34 @@ class GPT:
             self._norm_backward(dc, a[f"res{i}"], h + "ln_1", a.get(f"ln1_mean{i}"), a[f"ln1_rstd{i}"], dres, g, th)
         embedding.embedding_backward(dres.reshape(B, T, -1), ws.tokens, g["wte"], g.get("wpe"), threads=th)
         ws.has_dlogits = False  # the logits buffer was consumed; a second backward would double-count
+
+    # ----------------------------------------------------------------------------------------------------------
+    # the products, on float32 or quantized weights
+
+    def head_logits(self, hidden: np.ndarray, out: np.ndarray, threads: int | None = None) -> None:
+        """out (N, vocab) = hidden (N, dim) @ the head^T."""
+        self._linear(hidden, self.head, out, threads or self.threads, bias=False)
+
+    def _linear(self, x, name: str, out, th: int, *, bias: bool = True) -> None:
+        """out = x @ the matrix `name` (+ its bias `name`.bias, if the model has one). A vocabulary table is
+        (vocab, dim) and multiplies transposed; the others are named without .weight."""
+        table = name in VOCABULARY_TABLES
+        weight = name if table else name + ".weight"
+        b = self.p.get(name + ".bias") if bias else None
+        if weight in self.q:
+            quantized.matmul(x, self.q[weight], out, b, threads=th)
+        else:
+            linear.linear_forward(x, self.p[weight], b, out, w_transposed=table, threads=th)
+
+    def _embed(self, tokens: np.ndarray, x: np.ndarray, th: int) -> None:
+        """x (B*T, dim) = each token's embedding, plus its position's (gpt2)."""
+        B, T = tokens.shape
+        if "wte" in self.q:
+            quantized.dequantize_rows(self.q["wte"], tokens.reshape(-1), x)
+            if "wpe" in self.p:
+                x.reshape(B, T, -1)[...] += self.p["wpe"][:T]
+        else:
+            embedding.embedding_forward(tokens, self.p["wte"], self.p.get("wpe"), x.reshape(B, T, -1), threads=th)
 
     # ----------------------------------------------------------------------------------------------------------
     # the pieces in which the architectures differ

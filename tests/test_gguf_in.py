@@ -235,7 +235,7 @@ def test_a_non_finite_value_is_refused_naming_its_tensor(tmp_path):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_an_exported_model_reads_back_with_its_config_weights_and_logits(exported, bpe, name, tensor_type):
     original, path = exported[name, tensor_type]
-    model, tokenizer = load_gguf(path)
+    model, tokenizer = load_gguf(path, dequantize=True)
     assert model.config == original.config
     assert tokenizer.encode(TEXT[0]).tolist() == bpe.encode(TEXT[0]).tolist()
     file_types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
@@ -261,7 +261,7 @@ def test_transformers_reads_the_same_file_to_the_same_logits(exported, bpe, name
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     _, path = exported[name, tensor_type]
-    model, _ = load_gguf(path)
+    model, _ = load_gguf(path, dequantize=True)
     # transformers' GGUF reader takes gpt2.context_length as n_ctx and leaves n_positions at 1024: say it.
     extra = {"n_positions": model.config.context_length} if model.config.arch == "gpt2" else {}
     theirs = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **extra).eval()
@@ -300,7 +300,7 @@ def mixed(bpe, tmp_path_factory):
 
 
 def test_a_file_of_mixed_types_reads_each_tensor_as_gguf_dequantizes_it(mixed):
-    model, _ = load_gguf(mixed)
+    model, _ = load_gguf(mixed, dequantize=True)
     assert model.config == MIXED_CONFIG
     ours = ggml_tensors(model)
     file_tensors = gguf.GGUFReader(mixed).tensors
@@ -313,7 +313,7 @@ def test_a_file_of_mixed_types_reads_each_tensor_as_gguf_dequantizes_it(mixed):
 def test_transformers_reads_a_file_of_mixed_types_to_the_same_logits(mixed, bpe):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    model, _ = load_gguf(mixed)
+    model, _ = load_gguf(mixed, dequantize=True)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(mixed.parent, gguf_file=mixed.name).eval()
     ids = bpe.encode(TEXT[3])[None, :16]
     with torch.no_grad():
@@ -325,16 +325,17 @@ def test_a_gpt2_files_repeated_head_is_tied_and_one_of_its_own_type_is_a_head_of
     original, path = exported["gpt2", "q8_0"]
     embedding = next(t for t in gguf.GGUFReader(path).tensors if t.name == "token_embd.weight")
     rewrite(path, tmp_path / "repeated.gguf", tensors={"output.weight": (np.array(embedding.data), Q.Q8_0)})
-    model, _ = load_gguf(tmp_path / "repeated.gguf")
-    assert model.config.tied_head and np.array_equal(model.p["wte"], load_gguf(path)[0].p["wte"])
+    model, _ = load_gguf(tmp_path / "repeated.gguf", dequantize=True)
+    assert model.config.tied_head and np.array_equal(model.p["wte"], load_gguf(path, dequantize=True)[0].p["wte"])
     # llama.cpp's Q4_K_M gives GPT-2's repeated head a type of its own: a head of its own, as transformers reads it.
     other = gguf.quants.quantize(original.p["wte"], Q.Q4_0)
     rewrite(path, tmp_path / "own.gguf", tensors={"output.weight": (other, Q.Q4_0)})
-    model, tokenizer = load_gguf(tmp_path / "own.gguf")
+    model, tokenizer = load_gguf(tmp_path / "own.gguf", dequantize=True)
     assert not model.config.tied_head
     assert np.array_equal(model.p["lm_head"], gguf.quants.dequantize(other, Q.Q4_0))
     ids = bpe.encode(TEXT[3])[None, :16]
-    assert np.abs(model.logits(ids) - load_gguf(path)[0].logits(ids)).max() > 1e-3  # the head is not wte
+    tied, _ = load_gguf(path, dequantize=True)
+    assert np.abs(model.logits(ids) - tied.logits(ids)).max() > 1e-3  # the head is not wte
     convert.main([str(tmp_path / "own.gguf"), str(tmp_path / "hf")])
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")

@@ -26,6 +26,7 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
 from ._common cimport axpy, dot, linear_rows, require, require_blas_sizes, require_threads, softmax_inplace
+from .quantized cimport MatrixTable, qdequantize_row, qmatmul, qmatrix
 from .gelu cimport gelu_erf_span, gelu_span
 from .layernorm cimport layernorm_row
 from .rmsnorm cimport rmsnorm_row
@@ -138,6 +139,17 @@ cdef enum:
     LM_HEAD
     N_MODEL_PARAMETERS
 
+# decode_step's MatrixTable: QUANTIZED_PER_LAYER entries a layer, then the head and wte
+cpdef enum:
+    QUANTIZED_PER_LAYER = 4
+QUANTIZED_LAYER_MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+cdef enum:
+    Q_ATTN
+    Q_PROJ
+    Q_FC
+    Q_MLP
+
+
 cdef enum Presence:
     REQUIRED  # in the buffer
     OPTIONAL  # in the buffer or ABSENT (lm_head: ABSENT means the head is wte)
@@ -156,7 +168,8 @@ cdef struct Model:
     bint llama  # RMSNorm, no biases, RoPE (else LayerNorm, biases, wpe)
     Activation activation
     const float* rope  # the (cos, sin) table, (positions, head_size / 2, 2); NULL: positions come from wpe
-    int threads  # for the matrix products of 2 to 16 rows (_common.few_rows_product)
+    int threads  # for the matrix products of 2 to 16 rows (_common.few_rows_product), and the quantized ones
+    const qmatrix* quantized  # QUANTIZED_PER_LAYER entries a layer, then the head's and wte's; NULL: none
 
 
 cdef inline Py_ssize_t scratch_floats(Py_ssize_t rows, Py_ssize_t dim, Py_ssize_t qkv_dim, Py_ssize_t up_dim,
@@ -177,7 +190,7 @@ def decode_step(const float[::1] params, const Py_ssize_t[:, ::1] layer_offsets,
                 const Py_ssize_t[::1] rows, const Py_ssize_t[::1] positions, float[:, :, :, ::1] k_cache,
                 float[:, :, :, ::1] v_cache, float[::1] scratch, float[:, ::1] logits, *, float eps=1e-5,
                 bint exact_gelu=False, str arch="gpt2", n_kv_heads=None, const float[:, :, ::1] rope=None,
-                int threads=1):
+                MatrixTable quantized=None, int threads=1):
     """Appends tokens[j] at position positions[j] of cache row rows[j], for each j, and writes the logits that
     predict each row's next token to logits[rows[j]].
 
@@ -190,6 +203,11 @@ def decode_step(const float[::1] params, const Py_ssize_t[:, ::1] layer_offsets,
     arch is ModelConfig's: "gpt2" (LayerNorm, learned positions wpe, GELU: the tanh form, or with exact_gelu=True
     the erf form) or "llama" (RMSNorm, no biases, RoPE from rope = rope_table(Tmax or more, head size, theta),
     SwiGLU over an MLP projection of width 2 * hidden, gate then up). The head is lm_head, or wte if ABSENT.
+
+    quantized, if given, is a MatrixTable (cllm._kernels.quantized) of QUANTIZED_PER_LAYER entries a layer (c_attn,
+    c_proj, c_fc, the MLP's c_proj), then the head's and wte's: a matrix it holds is multiplied in its blocks
+    (GGML's (out, in) rows) and its float32 one in params is not read; an entry of None takes the float32 one.
+    Quantized products run on `threads` threads.
     """
     cdef Py_ssize_t T = k_cache.shape[2], n = tokens.shape[0], head
     check_cache(k_cache, v_cache, logits, tokens, rows, positions)
@@ -200,6 +218,10 @@ def decode_step(const float[::1] params, const Py_ssize_t[:, ::1] layer_offsets,
     if scratch.shape[0] < scratch_floats(n, m.dim, m.qkv_dim, m.up_dim, m.hidden, m.vocab, T):
         raise ValueError("scratch is too small")
     check_offsets(params.shape[0], layer_offsets, model_offsets, &m, k_cache.shape[0], T, arch)
+    m.quantized = NULL
+    if quantized is not None:
+        check_quantized(quantized, &m, k_cache.shape[0])
+        m.quantized = quantized.entries
     head = model_offsets[WTE] if model_offsets[LM_HEAD] == ABSENT else model_offsets[LM_HEAD]
     with nogil:
         run_step(&params[0], layer_offsets, model_offsets, head, tokens, rows, positions, k_cache, v_cache,
@@ -295,6 +317,22 @@ cdef int check_offsets(Py_ssize_t total, const Py_ssize_t[:, ::1] layer_offsets,
     return 0
 
 
+cdef int check_quantized(MatrixTable table, const Model* m, Py_ssize_t n_layers) except -1:
+    """The table's length, and every quantized matrix's shape (out, in)."""
+    if len(table) != n_layers * QUANTIZED_PER_LAYER + 2:
+        raise ValueError(f"quantized must have {QUANTIZED_PER_LAYER} entries a layer and two more, "
+                         f"{n_layers * QUANTIZED_PER_LAYER + 2}, got {len(table)}")
+    cdef Py_ssize_t C = m.dim
+    shapes = [(m.qkv_dim, C), (C, C), (m.up_dim, C), (C, m.hidden)] * n_layers + [(m.vocab, C), (m.vocab, C)]
+    names = [f"h.{l}.{name}" for l in range(n_layers) for name in QUANTIZED_LAYER_MATRICES] + ["head", "wte"]
+    cdef Py_ssize_t i
+    for i in range(table.n):
+        if table.entries[i].nparts and (table.entries[i].rows, table.entries[i].cols) != shapes[i]:
+            raise ValueError(f"quantized {names[i]} is {(table.entries[i].rows, table.entries[i].cols)}, not "
+                             f"{shapes[i]} (out, in)")
+    return 0
+
+
 cdef inline bint misplaced(Py_ssize_t offset, Py_ssize_t size, Py_ssize_t total, Presence presence) noexcept:
     if offset == ABSENT:
         return presence == REQUIRED
@@ -335,34 +373,60 @@ cdef void run_step(const float* P, const Py_ssize_t[:, ::1] layer_offsets, const
     cdef float* rstd = mean + n
     cdef float* step_logits = rstd + n
     cdef float* scores = step_logits + n * V
-    embed(P + model_offsets[WTE], optional(P, model_offsets[WPE]), tokens, positions, x, C)
+    cdef const qmatrix* q = m.quantized  # this layer's entries, if any
+    embed(P + model_offsets[WTE], optional(P, model_offsets[WPE]), tokens, positions, x, C,
+          NULL if q == NULL else q + k_cache.shape[0] * QUANTIZED_PER_LAYER + 1)
     for l in range(k_cache.shape[0]):
         o = &layer_offsets[l, 0]
+        q = NULL if m.quantized == NULL else m.quantized + l * QUANTIZED_PER_LAYER
         norm_rows(x, n, P + o[LN1_W], optional(P, o[LN1_B]), ln, mean, rstd, m)
-        linear_rows(ln, n, C, P + o[ATTN_W], optional(P, o[ATTN_B]), qkv, m.qkv_dim, False, m.threads)
+        product(ln, n, C, P + o[ATTN_W], entry(q, Q_ATTN), optional(P, o[ATTN_B]), qkv, m.qkv_dim, False, m)
         for j in range(n):
             attend(qkv + j * m.qkv_dim, &k_cache[l, rows[j], 0, 0], &v_cache[l, rows[j], 0, 0], positions[j],
                    atty + j * C, scores, m)
-        linear_rows(atty, n, C, P + o[PROJ_W], optional(P, o[PROJ_B]), mid, C, False, m.threads)
+        product(atty, n, C, P + o[PROJ_W], entry(q, Q_PROJ), optional(P, o[PROJ_B]), mid, C, False, m)
         axpy(1, x, mid, n * C)  # the residual
         norm_rows(mid, n, P + o[LN2_W], optional(P, o[LN2_B]), ln, mean, rstd, m)
-        linear_rows(ln, n, C, P + o[FC_W], optional(P, o[FC_B]), fc, m.up_dim, False, m.threads)
+        product(ln, n, C, P + o[FC_W], entry(q, Q_FC), optional(P, o[FC_B]), fc, m.up_dim, False, m)
         activate(fc, fc_act, n, m)
         # (x, the block's input, is spent)
-        linear_rows(fc_act, n, H, P + o[MLP_W], optional(P, o[MLP_B]), x, C, False, m.threads)
+        product(fc_act, n, H, P + o[MLP_W], entry(q, Q_MLP), optional(P, o[MLP_B]), x, C, False, m)
         axpy(1, mid, x, n * C)
     norm_rows(x, n, P + model_offsets[LNF_W], optional(P, model_offsets[LNF_B]), ln, mean, rstd, m)
-    linear_rows(ln, n, C, P + head, NULL, step_logits, V, True, m.threads)
+    q = NULL if m.quantized == NULL else m.quantized + k_cache.shape[0] * QUANTIZED_PER_LAYER
+    product(ln, n, C, P + head, entry(q, 0), NULL, step_logits, V, True, m)
     for j in range(n):
         memcpy(&logits[rows[j], 0], step_logits + j * V, V * sizeof(float))
 
 
+cdef inline const qmatrix* entry(const qmatrix* entries, int i) noexcept nogil:
+    """Entry i of a table's slice, or NULL if it is not quantized (nparts 0) or there is no table."""
+    if entries == NULL or entries[i].nparts == 0:
+        return NULL
+    return entries + i
+
+
+cdef inline void product(const float* x, Py_ssize_t n, Py_ssize_t c, const float* w, const qmatrix* qw,
+                         const float* b, float* out, Py_ssize_t oc, bint w_transposed, const Model* m) noexcept nogil:
+    """out (n, oc) = x (n, c) @ W + b: in W's blocks if qw is not NULL, else linear_rows on the float32 W. (The
+    quantized product's scratch is a few rows of activations; run_step has no way to report its failing to
+    allocate them, which the malloc of a few kilobytes does not do in practice: it then leaves out as it was.)"""
+    if qw != NULL:
+        qmatmul(qw, x, n, out, oc, b, m.threads)
+    else:
+        linear_rows(x, n, c, w, b, out, oc, w_transposed, m.threads)
+
+
 cdef inline void embed(const float* wte, const float* wpe, const Py_ssize_t[::1] tokens,
-                       const Py_ssize_t[::1] positions, float* x, Py_ssize_t C) noexcept nogil:
-    """x (n, C) = each token's embedding, plus its position's when there is a wpe (else RoPE places it)."""
+                       const Py_ssize_t[::1] positions, float* x, Py_ssize_t C, const qmatrix* qwte) noexcept nogil:
+    """x (n, C) = each token's embedding (a row of wte, or of its blocks if qwte holds them), plus its position's
+    when there is a wpe (else RoPE places it)."""
     cdef Py_ssize_t j
     for j in range(tokens.shape[0]):
-        memcpy(x + j * C, wte + tokens[j] * C, C * sizeof(float))
+        if qwte != NULL and qwte.nparts:
+            qdequantize_row(qwte, tokens[j], x + j * C)
+        else:
+            memcpy(x + j * C, wte + tokens[j] * C, C * sizeof(float))
         if wpe != NULL:
             axpy(1, wpe + positions[j] * C, x + j * C, C)
 

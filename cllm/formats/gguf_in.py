@@ -15,10 +15,13 @@ it, each step undone:
   adjacent-pair RoPE; reading puts each row back where `interleave_rotary_pairs` took it from, a reorder of rows.
   A tied model has no `output.weight`, or one of the same blocks as the embedding (llama.cpp's GPT-2 files repeat
   it there); any other is an untied head, which K-quant mixes give GPT-2 files (the repeat gets a type of its own).
-- Types: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K (READ_TYPES). Until cllm has quantized
-  kernels, each tensor is dequantized to float32 at load by `gguf.quants.dequantize`, the reference, a chunk of
-  rows at a time (a row is whole blocks), from the memory-mapped file into the model's buffer: loading holds the
-  model and one chunk. A value that is not finite after dequantization is refused, as in a .cllm file.
+- Types: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K (READ_TYPES). A matrix whose parts are
+  all of a type cllm's quantized kernels take (Q8_0, Q4_0, Q5_0, Q4_K, Q6_K) stays in its blocks (`model.q`), a view
+  of the memory-mapped file: loading reads none of it, and a decoding step reads it as llama.cpp does. Any other
+  tensor, or every one with dequantize=True (training), is dequantized to float32 at load by
+  `gguf.quants.dequantize`, the reference, a chunk of rows at a time (a row is whole blocks), from the memory-mapped
+  file into the model's buffer: loading holds the model and one chunk. A value that is not finite after
+  dequantization is refused, as in a .cllm file.
 
 Nothing is allocated on the metadata's word alone: every tensor's name, type and shape is checked against the
 config (and the file's size, by the reader) before the model's buffer exists. Refusals are one line, a
@@ -43,6 +46,7 @@ from ..checks import require_int
 from ..errors import UsageError
 from ..model import GPT, MAX_CONTEXT_LENGTH, ModelConfig, parameter_shapes
 from ..model_file_errors import ModelFileError, few_names, one_line
+from ..quantized import KERNEL_TYPES, QuantizedMatrix, QuantizedRows
 from ..tokenizer import Tokenizer
 from .gguf_file import ARCHITECTURES, CONV1D, interleave_rotary_pairs
 from .gguf_tokenizer import read_gguf_tokenizer
@@ -85,9 +89,13 @@ def is_gguf(path: str | os.PathLike) -> bool:
         return False
 
 
-def load_gguf(path: str | os.PathLike, *, threads: int = 1) -> tuple[GPT, Tokenizer]:
-    """A gpt2 or llama GGUF file as a cllm model (float32, dequantized) and its tokenizer; ModelFileError, naming
-    the file and the key or tensor, for anything cllm would not compute as llama.cpp does."""
+def load_gguf(path: str | os.PathLike, *, threads: int = 1, dequantize: bool = False) -> tuple[GPT, Tokenizer]:
+    """A gpt2 or llama GGUF file as a cllm model and its tokenizer; ModelFileError, naming the file and the key or
+    tensor, for anything cllm would not compute as llama.cpp does.
+
+    Matrices of the types cllm's kernels compute on (cllm.quantized.KERNEL_TYPES) stay in their blocks, in
+    `model.q`, as views of the memory-mapped file (q and k of a llama are copies, their rows put back in cllm's
+    order); with dequantize=True, or of another type, they are widened to float32."""
     path = Path(path)
     reader = open_gguf(path)
     tensors = {t.name: t for t in reader.tensors}
@@ -97,18 +105,63 @@ def load_gguf(path: str | os.PathLike, *, threads: int = 1) -> tuple[GPT, Tokeni
     tokenizer = read_gguf_tokenizer(reader, path)
     if tokenizer.vocab_size > config.vocab_size:
         raise ModelFileError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but {TOKEN_EMBEDDING} only "
-                             f"{config.vocab_size} rows")
+                             f"{config.vocab_size}")
     # The metadata is read. The reader keeps three numpy objects a token of the vocabulary (~100 MB for SmolLM2's):
     # dropped before the model's buffer exists, they stay out of the peak.
     reader.fields.clear()
     model = GPT(config, threads=threads, init=False)
+    kept = {} if dequantize else _kept_quantized(model, tensors, layout)
+    model.q = {name: matrix for name, (matrix, _) in kept.items()}
+    in_blocks = {gguf_name for _, gguf_names in kept.values() for gguf_name in gguf_names}
     try:
         for name, destination in _ggml_layout(model).items():
-            read_tensor_into(tensors[name], destination.view, row_order=destination.row_order,
-                             mapping=reader.mapping)
+            if name not in in_blocks:
+                read_tensor_into(tensors[name], destination.view, row_order=destination.row_order,
+                                 mapping=reader.mapping)
     except ValueError as e:  # read_tensor_into's refusal of a non-finite value
         raise ModelFileError(f"{path}: {e}") from None
     return model, tokenizer
+
+
+def _matrix_parts(config: ModelConfig) -> dict[str, tuple[str, ...]]:
+    """Every matrix that may stay quantized, by cllm's name, and the GGUF tensors that are its row parts, in order."""
+    arch = ARCHITECTURES[config.arch]
+    T = gguf.MODEL_TENSOR
+
+    def name(tensor, layer=None):
+        return gguf.TENSOR_NAMES[tensor].format(bid=layer) + ".weight"
+
+    parts = {"wte": (name(T.TOKEN_EMBD),)} | ({} if config.tied_head else {"lm_head": (name(T.OUTPUT),)})
+    for i in range(config.n_layers):
+        qkv = (T.ATTN_QKV,) if arch == gguf.MODEL_ARCH.GPT2 else (T.ATTN_Q, T.ATTN_K, T.ATTN_V)
+        up = (T.FFN_UP,) if arch == gguf.MODEL_ARCH.GPT2 else (T.FFN_GATE, T.FFN_UP)
+        parts |= {f"h.{i}.attn.c_attn.weight": tuple(name(t, i) for t in qkv),
+                  f"h.{i}.attn.c_proj.weight": (name(T.ATTN_OUT, i),),
+                  f"h.{i}.mlp.c_fc.weight": tuple(name(t, i) for t in up),
+                  f"h.{i}.mlp.c_proj.weight": (name(T.FFN_DOWN, i),)}
+    return parts
+
+
+def _kept_quantized(model: GPT, tensors: dict, layout: dict[str, _Destination]
+                    ) -> dict[str, tuple[QuantizedMatrix, tuple[str, ...]]]:
+    """The matrices whose every part is of a type the kernels take, as QuantizedMatrix (with their parts' GGUF
+    names): views of the file's blocks, or for q and k, whose rows the file interleaves, copies in cllm's order."""
+    kept = {}
+    for name, gguf_names in _matrix_parts(model.config).items():
+        if not all(tensors[part].tensor_type in KERNEL_TYPES for part in gguf_names):
+            continue
+        rows = []
+        for part in gguf_names:
+            tensor = tensors[part]
+            blocks = tensor.data.reshape(-1, tensor.data.shape[-1])
+            order = layout[part].row_order
+            if order is not None:  # file row r is row order[r]
+                reordered = np.empty_like(blocks)
+                reordered[order] = blocks
+                blocks = reordered
+            rows.append(QuantizedRows(tensor.tensor_type, blocks, int(tensor.shape[0])))
+        kept[name] = (QuantizedMatrix(tuple(rows)), gguf_names)
+    return kept
 
 
 def quantized_types(path: str | os.PathLike) -> list[str]:

@@ -204,7 +204,8 @@ def train(given: dict, held: ExitStack) -> int:
         refuse_shape_flags(given)
     elif not record:  # the shape's flags are checked before the corpus is read; only its vocabulary is unknown yet
         given_settings(ModelShape, given).config(vocab_size=1)
-    base = load_model(init_from) if init_from and not (record and (out / STATE_FILE).exists()) else None
+    base = (load_model(init_from, dequantize=True) if init_from and not (record and (out / STATE_FILE).exists())
+            else None)
     shape = record.model if record else base[0].config if base else given_settings(ModelShape, given)
     seq = settings.window(shape.context_length)
     if settings.spheres is None:  # the default cut, fixed here so that the run record holds it

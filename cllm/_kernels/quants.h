@@ -1,0 +1,323 @@
+/* Products of float activations with GGML's block-quantized weights (cllm/quantized.py has the block layouts).
+
+   The activations are quantized on the fly, a row at a time, to int8 in blocks of 32 (d = max|x| / 127,
+   q = x / d rounded to nearest), with the integer sum of every 16 of them. A weight block then meets an activation
+   block as integers: its codes are read as unsigned bytes (Q8_0's signed ones with 128 added, by flipping their
+   top bit), one u8 x s8 dot product gives sum(code * q), and the code's offset comes back out through the
+   activation sums:
+       sum_k w_k x_k  ~=  d_a * sum over the weight's scale groups g of  scale_g * (sum_k code_k q_k - offset_g * sum_k q_k)
+   so every type shares one inner product (vpdpbusd with AVX-512 VNNI or AVX-VNNI; maddubs and madd with AVX2;
+   plain C), and differs only in how it unpacks its codes and scales.
+
+   Each type has a scalar reference row function, the portable path (quant_ref_*), and SIMD forms compiled for
+   their targets from quants_simd.h; the path is chosen at run time from the CPU's features (cllm_quant_isa).
+   Every product sums in one fixed order, so a result does not depend on the number of threads.
+
+   Nothing here checks its arguments: cllm/_kernels/quantized.pyx does, at the boundary. */
+#ifndef CLLM_QUANTS_H
+#define CLLM_QUANTS_H
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define CLLM_X86 1
+#include <immintrin.h>
+#endif
+
+enum { QA_BLOCK = 32, QA_GROUP = 16, QK = 256 };
+
+/* The GGML types with kernels, in cllm's own numbering (quantized.pyx maps GGML's ids onto these). */
+enum quant_type { QT_Q8_0, QT_Q4_0, QT_Q5_0, QT_Q4_K, QT_Q6_K, QT_COUNT };
+/* Values per block and bytes per block, per type. */
+static const int QT_BLOCK[QT_COUNT] = {32, 32, 32, 256, 256};
+static const int QT_BYTES[QT_COUNT] = {34, 18, 22, 144, 210};
+
+/* The instruction-set paths, portable first. */
+enum quant_isa { ISA_SCALAR, ISA_AVX2, ISA_AVXVNNI, ISA_AVX512VNNI, ISA_COUNT };
+
+/* One activation row, quantized: q[cols] codes, d[cols / 32] scales, s16[cols / 16] sums of 16 codes. */
+typedef struct {
+    const int8_t *q;
+    const float *d;
+    const int32_t *s16;
+} qact;
+
+static inline float fp16_to_float(uint16_t h) {
+    /* IEEE half to single, exactly (subnormals and inf/NaN included). */
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, mant = h & 0x3FF, bits;
+    if (exp == 0x1F) {
+        bits = sign | 0x7F800000u | (mant << 13);
+    } else if (exp == 0) {
+        float f = (float)mant * (1.0f / 16777216.0f); /* mant * 2^-24 */
+        return sign ? -f : f;
+    } else {
+        bits = sign | ((exp + 112) << 23) | (mant << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t read_u16(const uint8_t *p) {
+    uint16_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* Q4_K's 6-bit (scale, min) pair of sub-block j, from its 12 packed bytes. */
+static inline void q4k_scale_min(const uint8_t *s, int j, int *scale, int *min) {
+    if (j < 4) {
+        *scale = s[j] & 63;
+        *min = s[j + 4] & 63;
+    } else {
+        *scale = (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
+        *min = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------------------
+   Activations */
+
+static void quantize_activation_row(const float *x, int64_t cols, int8_t *q, float *d, int32_t *s16) {
+    for (int64_t b = 0; b < cols / QA_BLOCK; b++) {
+        const float *xb = x + b * QA_BLOCK;
+        float amax = 0.0f;
+        for (int k = 0; k < QA_BLOCK; k++) {
+            float a = fabsf(xb[k]);
+            amax = a > amax || a != a ? a : amax; /* a NaN stays: the block's scale is NaN, and so is the product */
+        }
+        float scale = amax / 127.0f, inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
+        d[b] = scale;
+        for (int g = 0; g < 2; g++) {
+            int32_t sum = 0;
+            for (int k = g * QA_GROUP; k < (g + 1) * QA_GROUP; k++) {
+                float v = nearbyintf(xb[k] * inverse); /* |v| <= 127, but for NaN or inf, which become 0 */
+                int c = v >= -127.0f && v <= 127.0f ? (int)v : 0;
+                q[b * QA_BLOCK + k] = (int8_t)c;
+                sum += c;
+            }
+            s16[2 * b + g] = sum;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------------------
+   Reference row functions: dequantization (the embedding lookup) and the dot product with a quantized
+   activation row. */
+
+static void dequant_ref(int type, const uint8_t *w, int64_t cols, float *out) {
+    for (int64_t b = 0; b < cols / QT_BLOCK[type]; b++, w += QT_BYTES[type]) {
+        float *y = out + b * QT_BLOCK[type];
+        if (type == QT_Q8_0) {
+            float d = fp16_to_float(read_u16(w));
+            for (int k = 0; k < 32; k++) y[k] = d * (float)(int8_t)w[2 + k];
+        } else if (type == QT_Q4_0) {
+            float d = fp16_to_float(read_u16(w));
+            for (int k = 0; k < 16; k++) {
+                y[k] = d * (float)((w[2 + k] & 0x0F) - 8);
+                y[k + 16] = d * (float)((w[2 + k] >> 4) - 8);
+            }
+        } else if (type == QT_Q5_0) {
+            float d = fp16_to_float(read_u16(w));
+            uint32_t high;
+            memcpy(&high, w + 2, 4);
+            for (int k = 0; k < 16; k++) {
+                y[k] = d * (float)((int)((w[6 + k] & 0x0F) | ((high >> k) & 1) << 4) - 16);
+                y[k + 16] = d * (float)((int)((w[6 + k] >> 4) | ((high >> (k + 16)) & 1) << 4) - 16);
+            }
+        } else if (type == QT_Q4_K) {
+            float d = fp16_to_float(read_u16(w)), dmin = fp16_to_float(read_u16(w + 2));
+            const uint8_t *qs = w + 16;
+            for (int j = 0; j < 8; j++) {
+                int sc, m;
+                q4k_scale_min(w + 4, j, &sc, &m);
+                float scale = d * (float)sc, offset = dmin * (float)m;
+                const uint8_t *bytes = qs + (j / 2) * 32;
+                for (int k = 0; k < 32; k++) {
+                    int code = j % 2 ? bytes[k] >> 4 : bytes[k] & 0x0F;
+                    y[j * 32 + k] = scale * (float)code - offset;
+                }
+            }
+        } else { /* QT_Q6_K */
+            const uint8_t *ql = w, *qh = w + 128;
+            const int8_t *sc = (const int8_t *)(w + 192);
+            float d = fp16_to_float(read_u16(w + 208));
+            for (int half = 0; half < 2; half++, ql += 64, qh += 32, sc += 8, y += 128) {
+                for (int l = 0; l < 32; l++) {
+                    int is = l / 16;
+                    y[l] = d * (float)sc[is] * (float)(((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) - 32);
+                    y[l + 32] = d * (float)sc[is + 2] * (float)(((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) - 32);
+                    y[l + 64] = d * (float)sc[is + 4] * (float)(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
+                    y[l + 96] = d * (float)sc[is + 6] * (float)(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+                }
+            }
+        }
+    }
+}
+
+/* The unsigned codes of one block of a type, in value order, and per group of 16 values its scale and offset
+   (value = scale * (code - offset), an offset in codes); Q4_K's min is carried as scale * offset = dmin * min,
+   so its offset is fractional: min_scale holds dmin * min per group instead, and offset is 0. */
+typedef struct {
+    uint8_t code[QK];
+    float scale[QK / QA_GROUP];
+    float offset[QK / QA_GROUP];    /* in codes */
+    float min_value[QK / QA_GROUP]; /* subtracted as a value (Q4_K) */
+} unpacked_block;
+
+static void unpack_ref(int type, const uint8_t *w, unpacked_block *u) {
+    int n = QT_BLOCK[type];
+    for (int g = 0; g < n / QA_GROUP; g++) u->min_value[g] = 0.0f;
+    if (type == QT_Q8_0 || type == QT_Q4_0 || type == QT_Q5_0) {
+        float d = fp16_to_float(read_u16(w));
+        float offset = type == QT_Q8_0 ? 128.0f : type == QT_Q4_0 ? 8.0f : 16.0f;
+        for (int g = 0; g < 2; g++) u->scale[g] = d, u->offset[g] = offset;
+        if (type == QT_Q8_0) {
+            for (int k = 0; k < 32; k++) u->code[k] = w[2 + k] ^ 0x80;
+        } else if (type == QT_Q4_0) {
+            for (int k = 0; k < 16; k++) u->code[k] = w[2 + k] & 0x0F, u->code[k + 16] = w[2 + k] >> 4;
+        } else {
+            uint32_t high;
+            memcpy(&high, w + 2, 4);
+            for (int k = 0; k < 16; k++) {
+                u->code[k] = (w[6 + k] & 0x0F) | (((high >> k) & 1) << 4);
+                u->code[k + 16] = (w[6 + k] >> 4) | (((high >> (k + 16)) & 1) << 4);
+            }
+        }
+    } else if (type == QT_Q4_K) {
+        float d = fp16_to_float(read_u16(w)), dmin = fp16_to_float(read_u16(w + 2));
+        for (int j = 0; j < 8; j++) {
+            int sc, m;
+            q4k_scale_min(w + 4, j, &sc, &m);
+            for (int g = 2 * j; g < 2 * j + 2; g++) {
+                u->scale[g] = d * (float)sc, u->offset[g] = 0.0f, u->min_value[g] = dmin * (float)m;
+            }
+            const uint8_t *bytes = w + 16 + (j / 2) * 32;
+            for (int k = 0; k < 32; k++) u->code[j * 32 + k] = j % 2 ? bytes[k] >> 4 : bytes[k] & 0x0F;
+        }
+    } else { /* QT_Q6_K */
+        const uint8_t *ql = w, *qh = w + 128;
+        const int8_t *sc = (const int8_t *)(w + 192);
+        float d = fp16_to_float(read_u16(w + 208));
+        for (int half = 0; half < 2; half++) {
+            const uint8_t *l8 = ql + 64 * half, *h8 = qh + 32 * half;
+            uint8_t *c = u->code + 128 * half;
+            for (int l = 0; l < 32; l++) {
+                c[l] = (l8[l] & 0x0F) | ((h8[l] & 3) << 4);
+                c[l + 32] = (l8[l + 32] & 0x0F) | (((h8[l] >> 2) & 3) << 4);
+                c[l + 64] = (l8[l] >> 4) | (((h8[l] >> 4) & 3) << 4);
+                c[l + 96] = (l8[l + 32] >> 4) | (((h8[l] >> 6) & 3) << 4);
+            }
+            for (int g = 0; g < 8; g++) {
+                /* groups of 16 in value order: l 0-15 and 16-31 take sc[0], sc[1]; +32: sc[2], sc[3]; ... */
+                u->scale[8 * half + g] = d * (float)sc[8 * half + g], u->offset[8 * half + g] = 32.0f;
+            }
+        }
+    }
+}
+
+static float dot_ref(int type, const uint8_t *w, qact a, int64_t cols) {
+    unpacked_block u;
+    float total = 0.0f;
+    int n = QT_BLOCK[type];
+    for (int64_t b = 0; b < cols / n; b++, w += QT_BYTES[type]) {
+        unpack_ref(type, w, &u);
+        int64_t first = b * n;
+        for (int g = 0; g < n / QA_GROUP; g++) {
+            int64_t at = first + g * QA_GROUP;
+            int32_t isum = 0;
+            for (int k = 0; k < QA_GROUP; k++) isum += (int32_t)u.code[g * QA_GROUP + k] * a.q[at + k];
+            int32_t qsum = a.s16[at / QA_GROUP];
+            float da = a.d[at / QA_BLOCK];
+            total += da * (u.scale[g] * ((float)isum - u.offset[g] * (float)qsum) - u.min_value[g] * (float)qsum);
+        }
+    }
+    return total;
+}
+
+/* ------------------------------------------------------------------------------------------------------------
+   SIMD forms: quants_simd.h, once per target. Each defines dot_<type>_<isa>, 256 bits wide; the three differ in
+   the u8 x s8 dot product of 4-byte groups into 32-bit lanes. */
+
+#ifdef CLLM_X86
+#define QS_ISA avx2
+#define QS_TARGET "avx2,fma,f16c"
+#define QS_DPBUSD(acc, u, s) _mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_maddubs_epi16((u), (s)), _mm256_set1_epi16(1)))
+#include "quants_simd.h"
+
+#define QS_ISA avxvnni
+#define QS_TARGET "avx2,fma,f16c,avxvnni"
+#define QS_DPBUSD(acc, u, s) _mm256_dpbusd_avx_epi32((acc), (u), (s))
+#include "quants_simd.h"
+
+#define QS_ISA avx512vnni
+#define QS_TARGET "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni"
+#define QS_DPBUSD(acc, u, s) _mm256_dpbusd_epi32((acc), (u), (s))
+#include "quants_simd.h"
+#endif
+
+typedef float (*dot_fn)(const uint8_t *w, qact a, int64_t cols);
+
+#define QS_REF_DOT(T) \
+    static float dot_##T##_scalar(const uint8_t *w, qact a, int64_t cols) { return dot_ref(QT_##T, w, a, cols); }
+QS_REF_DOT(Q8_0)
+QS_REF_DOT(Q4_0)
+QS_REF_DOT(Q5_0)
+QS_REF_DOT(Q4_K)
+QS_REF_DOT(Q6_K)
+
+#ifdef CLLM_X86
+#define QS_ROW(isa) {dot_Q8_0_##isa, dot_Q4_0_##isa, dot_Q5_0_##isa, dot_Q4_K_##isa, dot_Q6_K_##isa}
+static const dot_fn DOTS[ISA_COUNT][QT_COUNT] = {QS_ROW(scalar), QS_ROW(avx2), QS_ROW(avxvnni), QS_ROW(avx512vnni)};
+#else
+static const dot_fn DOTS[ISA_COUNT][QT_COUNT] = {{dot_Q8_0_scalar, dot_Q4_0_scalar, dot_Q5_0_scalar, dot_Q4_K_scalar,
+                                                  dot_Q6_K_scalar}};
+#endif
+
+/* The best path this CPU runs. */
+static int quant_best_isa(void) {
+#ifdef CLLM_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma"))
+        return ISA_AVX512VNNI;
+    if (__builtin_cpu_supports("avxvnni") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
+        __builtin_cpu_supports("fma"))
+        return ISA_AVXVNNI;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma"))
+        return ISA_AVX2;
+#endif
+    return ISA_SCALAR;
+}
+
+/* ------------------------------------------------------------------------------------------------------------
+   The product: out[i, r] = x[i] . W[r] + bias[r], for the rows of one part of a matrix. */
+
+typedef struct {
+    int type;
+    int64_t rows, row_bytes;
+    const uint8_t *data;
+} quant_part;
+
+enum { ROW_CHUNK = 16 }; /* weight rows a thread takes at a time: they stay in L1 while every activation row passes */
+
+static void quant_matmul_part(int isa, const quant_part *w, int64_t cols, const qact *acts, int64_t n, float *out,
+                              int64_t ldo, const float *bias, int threads) {
+    dot_fn dot = DOTS[isa][w->type];
+    int64_t chunks = (w->rows + ROW_CHUNK - 1) / ROW_CHUNK;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && chunks > 1)
+    for (int64_t c = 0; c < chunks; c++) {
+        int64_t r1 = (c + 1) * ROW_CHUNK < w->rows ? (c + 1) * ROW_CHUNK : w->rows;
+        for (int64_t i = 0; i < n; i++) {
+            for (int64_t r = c * ROW_CHUNK; r < r1; r++) {
+                float v = dot(w->data + r * w->row_bytes, acts[i], cols);
+                out[i * ldo + r] = bias ? v + bias[r] : v;
+            }
+        }
+    }
+}
+
+#endif
