@@ -11,10 +11,16 @@ matrix: llama.cpp then uses the token embedding, as cllm does.
   (x[j], x[j + head_dim/2]); so each head's rows of q_proj and k_proj are interleaved, row j of its first half to
   2j and row j of its second half to 2j + 1, as llama.cpp's converter does. Attention scores are the same.
 
-Types: f32 keeps every tensor; f16 and q8_0 convert the matrices (q8_0 rows must be a multiple of its block of 32,
-else that matrix stays f16), while vectors (norms, biases) and the position embedding stay f32, as llama.cpp's
-converter keeps them. Tensors are converted and written one at a time, so exporting needs the model's memory and
-one tensor more.
+Types: f32 keeps every tensor; f16 converts the matrices; q8_0, q4_0 and q4_k_m are llama.cpp's file types of
+those names, each matrix typed as llama-quantize types it (cllm.formats.quantize.tensor_type: Q4_K_M's Q6_K head,
+attn_v and ffn_down layers, the Q5_0 and Q8_0 fallbacks for rows that are not whole 256s, F16 for rows that are
+not whole 32s) and quantized by cllm's own quantizer, which writes llama.cpp's blocks. Vectors (norms, biases)
+and the position embedding stay f32, as llama.cpp keeps them. A model held quantized (`model.q`) writes its
+blocks as they are where a tensor's type is its part's, and otherwise widens them and quantizes again. Tensors are
+converted and written one at a time, so exporting needs the model's memory and one tensor more.
+
+`matrix_parts` names the GGUF tensors that make up each of cllm's matrices (a Llama's q | k | v, gate | up), and
+`quantize_model` quantizes a model in memory by the same rule: what a .cllm file of quantized blocks holds.
 
 Tokenizers (_Vocabulary) are written in the form llama.cpp tokenizes the same way: a byte-level BPE (cllm's own,
 GPT-2's, SmolLM2's) as model "gpt2" with its merges, and the pre-tokenizer that matches its splitting; Llama's BPE
@@ -31,6 +37,7 @@ import dataclasses
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator
 
 import gguf
@@ -38,21 +45,24 @@ import numpy as np
 
 from ..atomic import atomic_write_file
 from ..errors import UsageError
-from ..model import GPT, ModelConfig
+from ..model import GPT, VOCABULARY_TABLES, ModelConfig, parameter_shapes
+from ..quantized import KERNEL_TYPES, QuantizedMatrix, QuantizedRows, quantize_rows
 from ..tokenizer import Tokenizer
+from . import quantize
 from .hf import hf_tensors, leading_special_token
 
-TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-         "q8_0": gguf.GGMLQuantizationType.Q8_0}
+TYPES = quantize.FLOAT_FILE_TYPES | quantize.FILE_TYPES  # each file type's default tensor type
 FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+              "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M}
 ARCHITECTURES = {"gpt2": gguf.MODEL_ARCH.GPT2, "llama": gguf.MODEL_ARCH.LLAMA}
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # GPT-2's (in, out)
 
 
 def save_gguf(path: str | os.PathLike, model: GPT, tokenizer: Tokenizer, *, tensor_type: str = "f32",
               name: str | None = None) -> Path:
-    """Writes model and tokenizer as a GGUF file whose matrices are f32, f16 or q8_0, atomically."""
+    """Writes model and tokenizer as a GGUF file of tensor_type (TYPES: f32, f16, or a llama.cpp file type),
+    atomically."""
     if tensor_type not in TYPES:
         raise UsageError(f"unknown GGUF type {tensor_type!r}: choose one of {', '.join(TYPES)}")
     if model.config.arch == "gpt2" and model.config.activation != "gelu_tanh":
@@ -72,21 +82,38 @@ def _write(tmp: Path, *, model: GPT, vocabulary: _Vocabulary, tensor_type: str, 
         writer.add_name(name)
         _add_hyperparameters(writer, cfg)
         writer.add_file_type(FILE_TYPES[tensor_type])
+        if tensor_type in quantize.FILE_TYPES:
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         vocabulary.add_to(writer)
+        type_of = partial(_tensor_type, file_type=tensor_type, config=cfg)
         # Two passes over the tensors: their descriptions go in the header, then their data, each tensor
         # converted only as it is written.
-        for gguf_name, tensor in _ggml_tensors(model):
-            qtype = _tensor_type(gguf_name, tensor, tensor_type)
-            nbytes = int(np.prod(gguf.quants.quant_shape_to_byte_shape(tensor.shape, qtype)))
-            writer.add_tensor_info(gguf_name, tensor.shape, tensor.dtype, nbytes, raw_dtype=qtype)
+        for gguf_name, source in _ggml_sources(model):
+            shape = _shape(source)
+            nbytes = int(np.prod(gguf.quants.quant_shape_to_byte_shape(shape, type_of(gguf_name, shape))))
+            writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32), nbytes, raw_dtype=type_of(gguf_name, shape))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for gguf_name, tensor in _ggml_tensors(model):
-            writer.write_tensor_data(gguf.quants.quantize(np.ascontiguousarray(tensor),
-                                                          _tensor_type(gguf_name, tensor, tensor_type)))
+        for gguf_name, source in _ggml_sources(model):
+            writer.write_tensor_data(_encode(source, type_of(gguf_name, _shape(source))))
     finally:
         writer.close()
+
+
+def _shape(source: np.ndarray | QuantizedRows) -> tuple[int, ...]:
+    return (source.rows, source.cols) if isinstance(source, QuantizedRows) else source.shape
+
+
+def _encode(source: np.ndarray | QuantizedRows, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    """A tensor's data as qtype: quantized blocks of that type as they are, anything else quantized from floats."""
+    if isinstance(source, QuantizedRows):
+        if source.ggml_type == qtype:
+            return source.data
+        source = source.dequantize()
+    if source.ndim == 1:
+        return source
+    return quantize.quantize(source, qtype)
 
 
 def _add_hyperparameters(writer: gguf.GGUFWriter, cfg: ModelConfig) -> None:
@@ -106,20 +133,82 @@ def _add_hyperparameters(writer: gguf.GGUFWriter, cfg: ModelConfig) -> None:
 
 
 def _ggml_tensors(model: GPT) -> Iterator[tuple[str, np.ndarray]]:
-    """Every tensor under its GGUF name, as a view (or, for q and k, a copy) laid out as GGML reads it."""
+    """Every tensor under its GGUF name, as a view (or, for q and k, a copy; for a quantized part, its values)
+    laid out as GGML reads it."""
+    for gguf_name, source in _ggml_sources(model):
+        yield gguf_name, source.dequantize() if isinstance(source, QuantizedRows) else source
+
+
+def _ggml_sources(model: GPT) -> Iterator[tuple[str, np.ndarray | QuantizedRows]]:
+    """Every tensor under its GGUF name laid out as GGML reads it: a float32 view (or, for q and k, a copy), or
+    the quantized part of model.q that holds it (q and k's rows reordered likewise)."""
     cfg = model.config
-    names = gguf.TensorNameMap(ARCHITECTURES[cfg.arch], cfg.n_layers)
+    names = _tensor_names(cfg)
+    parts = {gguf_name: (name, i) for name, matrix in matrix_parts(cfg).items()
+             for i, (gguf_name, _) in enumerate(matrix)}
     for hf_name, tensor in hf_tensors(model).items():
-        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if gguf_name is None:
-            raise RuntimeError(f"no GGUF name for {hf_name}")
-        if cfg.arch == "gpt2" and hf_name.endswith(CONV1D):
+        gguf_name = names(hf_name)
+        name, i = parts.get(gguf_name, (None, 0))
+        if name in model.q:
+            tensor = model.q[name].parts[i]
+        elif cfg.arch == "gpt2" and hf_name.endswith(CONV1D):
             tensor = tensor.T
-        elif hf_name.endswith("q_proj.weight"):
-            tensor = interleave_rotary_pairs(tensor, cfg.n_heads)
-        elif hf_name.endswith("k_proj.weight"):
-            tensor = interleave_rotary_pairs(tensor, cfg.n_kv_heads)
+        heads = cfg.n_heads if hf_name.endswith("q_proj.weight") else \
+            cfg.n_kv_heads if hf_name.endswith("k_proj.weight") else None
+        if heads is not None and isinstance(tensor, QuantizedRows):  # whole rows of blocks move as rows of values
+            tensor = QuantizedRows(tensor.ggml_type, interleave_rotary_pairs(tensor.data, heads), tensor.cols)
+        elif heads is not None:
+            tensor = interleave_rotary_pairs(tensor, heads)
         yield gguf_name, tensor
+
+
+def _tensor_names(cfg: ModelConfig):
+    """hf_name -> its GGUF name, as gguf.TensorNameMap names it."""
+    names = gguf.TensorNameMap(ARCHITECTURES[cfg.arch], cfg.n_layers)
+
+    def gguf_name(hf_name: str) -> str:
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise RuntimeError(f"no GGUF name for {hf_name}")
+        return name
+    return gguf_name
+
+
+def matrix_parts(config: ModelConfig) -> dict[str, list[tuple[str, int]]]:
+    """Every matrix that cllm may hold quantized (GPT.q's names: the vocabulary tables and the blocks' matrices) and
+    the GGUF tensors that are its row parts in order, each with its rows: a Llama's c_attn is attn_q, attn_k,
+    attn_v. Found by which of the model's parameters each Hugging Face tensor views (hf_tensors), on a stand-in
+    model whose every parameter is a zero-stride view of a float of its own."""
+    shapes, _ = parameter_shapes(config)
+    cells = {name: np.zeros((), np.float32) for name, shape in shapes.items() if len(shape) == 2 and name != "wpe"}
+    stand_in = SimpleNamespace(config=config, p={name: np.broadcast_to(cells.get(name, np.float32(0)), shape)
+                                                 for name, shape in shapes.items()})
+    names = _tensor_names(config)
+    parts = {name: [] for name in cells}
+    for hf_name, view in hf_tensors(stand_in).items():
+        owner = next((name for name, cell in cells.items() if np.shares_memory(view, cell)), None)
+        if owner is not None:  # (out, in) in GGUF: a Conv1D's is its transpose, the rest are so already
+            rows = view.shape[1] if config.arch == "gpt2" and hf_name.endswith(CONV1D) else view.shape[0]
+            parts[owner].append((names(hf_name), rows))
+    return parts
+
+
+def quantize_model(model: GPT, file_type: str) -> None:
+    """Holds the model's matrices quantized (model.q) as a GGUF file of file_type (one of
+    cllm.formats.quantize.FILE_TYPES) types them: each part by tensor_type, a matrix whose parts are not all of a
+    type cllm's kernels compute (F16, for rows that are not whole 32s) staying float32. Their float32 views are
+    zeroed."""
+    cfg = model.config
+    for name, parts in matrix_parts(cfg).items():
+        view = model.p[name]
+        matrix = view if name in VOCABULARY_TABLES else view.T  # GGML's (out, in)
+        types = [_tensor_type(gguf_name, (rows, matrix.shape[1]), file_type, cfg) for gguf_name, rows in parts]
+        if not all(qtype in KERNEL_TYPES for qtype in types):
+            continue
+        starts = np.cumsum([0] + [rows for _, rows in parts])
+        model.q[name] = QuantizedMatrix(tuple(quantize_rows(matrix[start:end], qtype)
+                                              for start, end, qtype in zip(starts, starts[1:], types)))
+        view[...] = 0.0
 
 
 def interleave_rotary_pairs(rows: np.ndarray, heads: int) -> np.ndarray:
@@ -130,15 +219,11 @@ def interleave_rotary_pairs(rows: np.ndarray, heads: int) -> np.ndarray:
     return halves.swapaxes(1, 2).reshape(rows.shape)
 
 
-def _tensor_type(gguf_name: str, tensor: np.ndarray, tensor_type: str) -> gguf.GGMLQuantizationType:
-    """The requested type for a matrix; f32 for vectors and the position embedding; f16 for a q8_0 matrix whose
-    rows are not whole q8_0 blocks."""
-    qtype = TYPES[tensor_type]
-    if tensor.ndim == 1 or gguf_name.startswith("position_embd"):
-        return gguf.GGMLQuantizationType.F32
-    if qtype == TYPES["q8_0"] and tensor.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
-        return gguf.GGMLQuantizationType.F16
-    return qtype
+def _tensor_type(gguf_name: str, shape: tuple[int, ...], file_type: str,
+                 config: ModelConfig) -> gguf.GGMLQuantizationType:
+    """The type llama.cpp's quantizer gives the tensor in a file of file_type; a cllm export of a tied model has no
+    output tensor."""
+    return quantize.tensor_type(gguf_name, shape, file_type, n_layers=config.n_layers, tied=config.tied_head)
 
 
 # --------------------------------------------------------------------------------------------------------------

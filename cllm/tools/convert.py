@@ -4,11 +4,18 @@
     python -m cllm.tools.convert model.cllm exported/                    # cllm -> Hugging Face folder
     python -m cllm.tools.convert model.cllm model.gguf --gguf-type q8_0  # cllm (or a folder) -> GGUF
     python -m cllm.tools.convert SmolLM2-135M-Q4_K_M.gguf smollm2/       # GGUF -> Hugging Face (float32)
+    python -m cllm.tools.convert smollm2-folder q4.cllm --quantize q4_k_m # quantized blocks, for cllm
     python -m cllm.tools.convert model.cllm chat.cllm --chat-template chatml.jinja --end-of-turn "<|im_end|>"
 
-SRC is a .cllm file, a GGUF file (gpt2 or llama; its weights dequantized to float32) or a Hugging Face folder.
-DST's kind comes from its name: a .cllm file, a .gguf file, or else a folder for Hugging Face (created if needed).
-Files are written atomically: an interrupted conversion leaves any file that already existed as it was.
+SRC is a .cllm file (float32 or quantized), a GGUF file (gpt2 or llama) or a Hugging Face folder; its weights are
+read as float32 (quantized ones widened). DST's kind comes from its name: a .cllm file, a .gguf file, or else a
+folder for Hugging Face (created if needed). Files are written atomically: an interrupted conversion leaves any
+file that already existed as it was.
+
+--quantize q8_0|q4_0|q4_k_m quantizes the matrices as llama.cpp's llama-quantize does for that file type, with
+cllm's own quantizer (cllm.formats.quantize: each tensor's type by llama.cpp's rule, its blocks llama.cpp's): a
+.cllm DST then holds the blocks, which cllm computes on as they are (memory-mapped at load); for a .gguf DST it is
+--gguf-type's synonym. A folder holds float32 weights only.
 
 --chat-template gives the model a chat template (a Jinja file, as Hugging Face's chat_template; see cllm.chat),
 replacing any it has; --end-of-turn names the token that ends an assistant's turn (default: the separator).
@@ -16,13 +23,15 @@ replacing any it has; --end-of-turn names the token that ends an assistant's tur
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from pathlib import Path
 
 from ..chat import ChatTemplate
 from ..checkpoint import load_model, save_model
 from ..errors import UsageError
-from ..formats.gguf_file import TYPES, save_gguf
+from ..formats.gguf_file import TYPES, quantize_model, save_gguf
 from ..formats.hf import save_hf
+from ..formats.quantize import FILE_TYPES
 from ._cli import MODEL_HELP, Parser, run
 
 
@@ -44,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("src", help=MODEL_HELP)
     p.add_argument("dst", help="a .cllm file, a .gguf file, or a folder (Hugging Face)")
     p.add_argument("--gguf-type", choices=tuple(TYPES), help="tensor type of a .gguf DST (default: f32)")
+    p.add_argument("--quantize", choices=tuple(FILE_TYPES),
+                   help="quantize the matrices as llama.cpp's file type of that name (a .cllm or .gguf DST)")
     p.add_argument("--chat-template", metavar="FILE", help="give the model this chat template (a Jinja file)")
     p.add_argument("--end-of-turn", metavar="TOKEN",
                    help="with --chat-template: the token that ends an assistant's turn (default: the separator)")
@@ -54,23 +65,41 @@ def main(argv: list[str] | None = None) -> int:
     template = read_template(args.chat_template) if args.chat_template else None
     if args.gguf_type and dst.suffix != ".gguf":
         raise UsageError("--gguf-type applies only to a .gguf destination")
+    if args.quantize and dst.suffix not in (".cllm", ".gguf"):
+        raise UsageError("--quantize applies only to a .cllm or .gguf destination (a folder holds float32 weights)")
+    if args.quantize and args.gguf_type and args.quantize != args.gguf_type:
+        raise UsageError(f"--quantize {args.quantize} and --gguf-type {args.gguf_type} disagree; give one of them")
     if dst.suffix not in (".cllm", ".gguf") and dst.exists() and not dst.is_dir():
         raise UsageError(f"{dst} exists and is not a folder; name a .cllm or .gguf file, or a folder")
 
-    model, tokenizer = load_model(args.src)
+    model, tokenizer = load_model(args.src, dequantize=True)
     print(f"read {args.src}: {describe(model, tokenizer)}")
     if template is not None:
         tokenizer.chat_template = chat_template(template, tokenizer, args.end_of_turn)
     if dst.suffix == ".cllm":
+        if args.quantize:
+            quantize_model(model, args.quantize)
+            print(f"quantized {args.quantize}: {quantized_types(model)}")
         save_model(dst, model, tokenizer)
         written = [dst]
     elif dst.suffix == ".gguf":
-        written = [save_gguf(dst, model, tokenizer, tensor_type=args.gguf_type or "f32")]
+        written = [save_gguf(dst, model, tokenizer, tensor_type=args.quantize or args.gguf_type or "f32")]
     else:
         written = save_hf(dst, model, tokenizer)
     for path in written:
         print(f"wrote {path} ({path.stat().st_size / 1e6:,.1f} MB)")
     return 0
+
+
+def quantized_types(model) -> str:
+    """What the model holds quantized: how many matrix parts of each type, their size, and the matrices left
+    float32."""
+    parts = [part for matrix in model.q.values() for part in matrix.parts]
+    counts = Counter(part.ggml_type.name for part in parts)
+    floats = len(model.p) - len(model.q)
+    return (", ".join(f"{n} {name}" for name, n in sorted(counts.items())) +
+            f" tensors ({sum(part.data.nbytes for part in parts) / 1e6:,.1f} MB of blocks); "
+            f"{floats} tensors float32")
 
 
 def read_template(path: str) -> str:
