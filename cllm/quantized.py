@@ -24,6 +24,7 @@ The types the kernels compute on (cllm._kernels.quantized):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import gguf
 import numpy as np
@@ -56,6 +57,14 @@ class QuantizedRows:
     @property
     def rows(self) -> int:
         return self.data.shape[0]
+
+    @cached_property
+    def packed(self) -> np.ndarray | None:
+        """The rows in cllm's packed layout (8 rows interleaved, cllm/_kernels/quants.h), which the SIMD kernels
+        multiply: made on first use, a copy the size of the blocks; None for a type or a part too small to pack."""
+        from ._kernels.quantized import pack  # the kernels import this module's types
+
+        return pack(self.ggml_type.name, self.data, self.cols)
 
     def dequantize(self) -> np.ndarray:
         """The float32 (rows, cols) values: gguf.quants.dequantize, the reference."""

@@ -6,6 +6,7 @@ cdef extern from "quants.h" nogil:
         int type
         int64_t rows, row_bytes
         const uint8_t* data
+        const uint8_t* packed
 
 cdef enum:
     MAX_PARTS = 4  # a matrix's row parts: q | k | v and gate | up have the most

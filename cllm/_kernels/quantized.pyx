@@ -34,6 +34,10 @@ cdef extern from "quants.h" nogil:
     void quant_matmul_part(int isa, const quant_part* w, int64_t cols, const qact* acts, int64_t n, float* out,
                            int64_t ldo, const float* bias, int threads)
     void dequant_ref(int type, const uint8_t* w, int64_t cols, float* out)
+    enum:
+        PACK_ROWS
+    int64_t packed_block_bytes(int type)
+    void pack_group(int type, const uint8_t* src, int64_t stride, int64_t cols, uint8_t* dst)
     const int* QT_BLOCK
     const int* QT_BYTES
 
@@ -85,6 +89,25 @@ cdef class MatrixTable:
         return self.n
 
 
+def pack(str type_name, const uint8_t[:, ::1] data, Py_ssize_t cols):
+    """The rows' whole groups of PACK_ROWS in cllm's packed layout (quants.h), as uint8; None for fewer rows than a
+    group."""
+    require(type_name in TYPES, f"no quantized kernel for {type_name}")
+    cdef int t = TYPES[type_name]
+    cdef Py_ssize_t groups = data.shape[0] // PACK_ROWS, g
+    require(cols % QT_BLOCK[t] == 0 and data.shape[1] == cols // QT_BLOCK[t] * QT_BYTES[t],
+            f"{type_name} rows of {cols} values are {cols // QT_BLOCK[t] * QT_BYTES[t]} bytes, got {data.shape[1]}")
+    if groups == 0:
+        return None
+    cdef Py_ssize_t group_bytes = cols // QT_BLOCK[t] * packed_block_bytes(t)
+    packed = np.empty(groups * group_bytes, np.uint8)
+    cdef uint8_t[::1] out = packed
+    with nogil:
+        for g in range(groups):
+            pack_group(t, &data[g * PACK_ROWS, 0], data.shape[1], cols, &out[g * group_bytes])
+    return packed
+
+
 cdef int fill_qmatrix(object matrix, qmatrix* m) except -1:
     """m = the kernels' view of a QuantizedMatrix (or of None: nparts 0). The matrix must outlive m."""
     m.nparts, m.rows, m.cols = 0, 0, 0
@@ -93,6 +116,7 @@ cdef int fill_qmatrix(object matrix, qmatrix* m) except -1:
     parts = matrix.parts
     require(len(parts) <= MAX_PARTS, f"a quantized matrix has at most {MAX_PARTS} row parts, got {len(parts)}")
     cdef const uint8_t[:, ::1] data
+    cdef const uint8_t[::1] packed
     cdef int t
     for part in parts:
         name = part.ggml_type.name
@@ -106,6 +130,12 @@ cdef int fill_qmatrix(object matrix, qmatrix* m) except -1:
         m.parts[m.nparts].rows = data.shape[0]
         m.parts[m.nparts].row_bytes = data.shape[1]
         m.parts[m.nparts].data = &data[0, 0] if data.shape[0] else NULL
+        m.parts[m.nparts].packed = NULL
+        if part.packed is not None:
+            packed = part.packed
+            require(packed.shape[0] == data.shape[0] // PACK_ROWS * (part.cols // QT_BLOCK[t]) * packed_block_bytes(t),
+                    f"a packed {name} part has {packed.shape[0]} bytes, not its rows' whole groups")
+            m.parts[m.nparts].packed = &packed[0]
         m.rows += data.shape[0]
         m.nparts += 1
     m.cols = parts[0].cols

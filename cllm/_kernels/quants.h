@@ -239,21 +239,104 @@ static float dot_ref(int type, const uint8_t *w, qact a, int64_t cols) {
 }
 
 /* ------------------------------------------------------------------------------------------------------------
+   cllm's packed layout: the rows of a matrix in groups of PACK_ROWS, interleaved 4 bytes at a time, so that one
+   256-bit register holds the same 4 codes of 8 rows, a u8 x s8 dot product against 4 activations broadcast to
+   every lane advances 8 rows at once, and a row's sum never needs gathering across lanes: an output tile is a
+   register. (llama.cpp's runtime repacking for AVX2 interleaves rows so too.) A group holds each block of its 8
+   rows in turn; the bytes are GGML's own, moved, so a packed matrix is the size of its blocks:
+
+     Q8_0 (272 bytes a block): float16 d[8], then for k = 0..7: rows' codes 4k..4k+3 (signed)
+     Q4_0 (144): float16 d[8], then for k = 0..3: rows' bytes qs[4k..4k+3] (low nibbles values 4k.., high 16+4k..)
+     Q5_0 (176): float16 d[8], rows' fifth bits (4 bytes: bit k of byte j is value 4k + j's, bit 4 + k value
+          16 + 4k + j's, so that one shift puts run k's in place), then Q4_0's runs of low nibbles
+     Q4_K (1184 a super-block): float16 d[8], dmin[8], uint8 scale[sub-block][8], min[sub-block][8], then for each
+          64 values j = 0..3 and k = 0..7: rows' qs[32j + 4k ..] (low nibbles values 64j + 4k.., high 64j + 32 + 4k..)
+     Q6_K (1680): float16 d[8], int8 scale[16][8], then for half h = 0..1 and k = 0..7 three runs of 32: rows'
+          ql[64h + 4k ..], ql[64h + 32 + 4k ..], qh[32h + 4k ..]
+   Rows past the last whole group are multiplied from GGML's blocks. */
+
+enum { PACK_ROWS = 8 };
+
+static int64_t packed_block_bytes(int type) { return (int64_t)QT_BYTES[type] * PACK_ROWS + (type == QT_Q4_K ? 32 : 0); }
+
+/* 4 bytes of each of the 8 rows, from offset `at` of their blocks at `src` (rows `stride` bytes apart) */
+static inline uint8_t *pack_run(uint8_t *dst, const uint8_t *src, int64_t stride, int64_t at) {
+    for (int r = 0; r < PACK_ROWS; r++) memcpy(dst + 4 * r, src + r * stride + at, 4);
+    return dst + 4 * PACK_ROWS;
+}
+
+/* One group: 8 rows of GGML blocks (rows `stride` bytes apart) into dst, cllm's layout. */
+static void pack_group(int type, const uint8_t *src, int64_t stride, int64_t cols, uint8_t *dst) {
+    int64_t size = QT_BYTES[type];
+    for (int64_t b = 0; b < cols / QT_BLOCK[type]; b++) {
+        const uint8_t *blk = src + b * size;
+        int d_at = type == QT_Q6_K ? 208 : 0;
+        for (int r = 0; r < PACK_ROWS; r++) memcpy(dst + 2 * r, blk + r * stride + d_at, 2);
+        dst += 16;
+        if (type == QT_Q8_0) {
+            for (int k = 0; k < 8; k++) dst = pack_run(dst, blk, stride, 2 + 4 * k);
+        } else if (type == QT_Q4_0) {
+            for (int k = 0; k < 4; k++) dst = pack_run(dst, blk, stride, 2 + 4 * k);
+        } else if (type == QT_Q5_0) {
+            for (int r = 0; r < PACK_ROWS; r++) {
+                uint32_t high;
+                memcpy(&high, blk + r * stride + 2, 4);
+                for (int j = 0; j < 4; j++) {
+                    uint8_t bits = 0;
+                    for (int k = 0; k < 4; k++)
+                        bits |= (uint8_t)(((high >> (4 * k + j)) & 1) << k | ((high >> (16 + 4 * k + j)) & 1) << (4 + k));
+                    dst[4 * r + j] = bits;
+                }
+            }
+            dst += 32;
+            for (int k = 0; k < 4; k++) dst = pack_run(dst, blk, stride, 6 + 4 * k);
+        } else if (type == QT_Q4_K) {
+            for (int r = 0; r < PACK_ROWS; r++) memcpy(dst + 2 * r, blk + r * stride + 2, 2);
+            dst += 16;
+            for (int j = 0; j < 8; j++) {
+                for (int r = 0; r < PACK_ROWS; r++) {
+                    int sc, m;
+                    q4k_scale_min(blk + r * stride + 4, j, &sc, &m);
+                    dst[8 * j + r] = (uint8_t)sc;
+                    dst[64 + 8 * j + r] = (uint8_t)m;
+                }
+            }
+            dst += 128;
+            for (int k = 0; k < 32; k++) dst = pack_run(dst, blk, stride, 16 + 4 * k);
+        } else { /* QT_Q6_K */
+            for (int g = 0; g < 16; g++)
+                for (int r = 0; r < PACK_ROWS; r++) dst[8 * g + r] = blk[r * stride + 192 + g];
+            dst += 128;
+            for (int h = 0; h < 2; h++) {
+                for (int k = 0; k < 8; k++) {
+                    dst = pack_run(dst, blk, stride, 64 * h + 4 * k);
+                    dst = pack_run(dst, blk, stride, 64 * h + 32 + 4 * k);
+                    dst = pack_run(dst, blk, stride, 128 + 32 * h + 4 * k);
+                }
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------------------
    SIMD forms: quants_simd.h, once per target. Each defines dot_<type>_<isa>, 256 bits wide; the three differ in
    the u8 x s8 dot product of 4-byte groups into 32-bit lanes. */
 
 #ifdef CLLM_X86
 #define QS_ISA avx2
+#define QS_VNNI 0
 #define QS_TARGET "avx2,fma,f16c"
 #define QS_DPBUSD(acc, u, s) _mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_maddubs_epi16((u), (s)), _mm256_set1_epi16(1)))
 #include "quants_simd.h"
 
 #define QS_ISA avxvnni
+#define QS_VNNI 1
 #define QS_TARGET "avx2,fma,f16c,avxvnni"
 #define QS_DPBUSD(acc, u, s) _mm256_dpbusd_avx_epi32((acc), (u), (s))
 #include "quants_simd.h"
 
 #define QS_ISA avx512vnni
+#define QS_VNNI 1
 #define QS_TARGET "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni"
 #define QS_DPBUSD(acc, u, s) _mm256_dpbusd_epi32((acc), (u), (s))
 #include "quants_simd.h"
@@ -275,6 +358,16 @@ static const dot_fn DOTS[ISA_COUNT][QT_COUNT] = {QS_ROW(scalar), QS_ROW(avx2), Q
 #else
 static const dot_fn DOTS[ISA_COUNT][QT_COUNT] = {{dot_Q8_0_scalar, dot_Q4_0_scalar, dot_Q5_0_scalar, dot_Q4_K_scalar,
                                                   dot_Q6_K_scalar}};
+#endif
+
+/* out[i, 0..7] = acts[i] . the group's 8 rows (+ bias), for i < n: a packed group's product */
+typedef void (*gemm8_fn)(const uint8_t *group, int64_t cols, const qact *acts, int64_t n, float *out, int64_t ldo,
+                         const float *bias);
+#ifdef CLLM_X86
+#define QS_GEMM8(isa) {gemm8_Q8_0_##isa, gemm8_Q4_0_##isa, gemm8_Q5_0_##isa, gemm8_Q4_K_##isa, gemm8_Q6_K_##isa}
+static const gemm8_fn GEMM8S[ISA_COUNT][QT_COUNT] = {{NULL}, QS_GEMM8(avx2), QS_GEMM8(avxvnni), QS_GEMM8(avx512vnni)};
+#else
+static const gemm8_fn GEMM8S[ISA_COUNT][QT_COUNT] = {{NULL}};
 #endif
 
 /* The best path this CPU runs. */
@@ -300,6 +393,7 @@ typedef struct {
     int type;
     int64_t rows, row_bytes;
     const uint8_t *data;
+    const uint8_t *packed; /* the first rows / PACK_ROWS groups in cllm's layout, or NULL */
 } quant_part;
 
 enum { ROW_CHUNK = 16 }; /* weight rows a thread takes at a time: they stay in L1 while every activation row passes */
@@ -307,12 +401,20 @@ enum { ROW_CHUNK = 16 }; /* weight rows a thread takes at a time: they stay in L
 static void quant_matmul_part(int isa, const quant_part *w, int64_t cols, const qact *acts, int64_t n, float *out,
                               int64_t ldo, const float *bias, int threads) {
     dot_fn dot = DOTS[isa][w->type];
-    int64_t chunks = (w->rows + ROW_CHUNK - 1) / ROW_CHUNK;
+    gemm8_fn gemm8 = w->packed ? GEMM8S[isa][w->type] : NULL;
+    int64_t groups = gemm8 ? w->rows / PACK_ROWS : 0, first_row = groups * PACK_ROWS;
+    int64_t group_bytes = cols / QT_BLOCK[w->type] * packed_block_bytes(w->type);
+    int64_t tail_chunks = (w->rows - first_row + ROW_CHUNK - 1) / ROW_CHUNK, chunks = groups + tail_chunks;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && chunks > 1)
     for (int64_t c = 0; c < chunks; c++) {
-        int64_t r1 = (c + 1) * ROW_CHUNK < w->rows ? (c + 1) * ROW_CHUNK : w->rows;
+        if (c < groups) { /* 8 packed rows, every activation row */
+            gemm8(w->packed + c * group_bytes, cols, acts, n, out + c * PACK_ROWS, ldo,
+                  bias ? bias + c * PACK_ROWS : NULL);
+            continue;
+        }
+        int64_t r0 = first_row + (c - groups) * ROW_CHUNK, r1 = r0 + ROW_CHUNK < w->rows ? r0 + ROW_CHUNK : w->rows;
         for (int64_t i = 0; i < n; i++) {
-            for (int64_t r = c * ROW_CHUNK; r < r1; r++) {
+            for (int64_t r = r0; r < r1; r++) {
                 float v = dot(w->data + r * w->row_bytes, acts[i], cols);
                 out[i * ldo + r] = bias ? v + bias[r] : v;
             }
