@@ -1,6 +1,7 @@
 """What the benchmarks (tools/bench_*.py, tools/check_gguf.py) share: running an engine in a fresh process,
-describing the machine, watching whether anything else is using its CPUs, the end of a side-by-side report, and
-llama.cpp's command-line tools (found, or built from PyPI's source package).
+describing the machine (its CPU, and the rate at which it reads memory), watching whether anything else is using
+its CPUs, the end of a side-by-side report, and llama.cpp's command-line tools (found, or built from PyPI's source
+package).
 
 The scripts run as `python tools/bench_x.py`, which puts tools/ first on sys.path: that is how they import this
 module, and the spawned engine processes inherit that sys.path (so they import the peers in tools/ as well).
@@ -8,6 +9,7 @@ module, and the spawned engine processes inherit that sys.path (so they import t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
 import platform
@@ -38,7 +40,8 @@ def in_fresh_process(fn: Callable, *args):
 
 
 def cpu_description() -> str:
-    """The CPU's model name and its AVX2/AVX-512 flags, from /proc/cpuinfo (Linux; elsewhere what platform knows)."""
+    """The CPU's model name and its AVX2, AVX-512, VNNI and AMX flags, from /proc/cpuinfo (Linux; elsewhere what
+    platform knows)."""
     model, flags = None, None
     try:
         with open("/proc/cpuinfo") as f:
@@ -56,8 +59,54 @@ def cpu_description() -> str:
     model = model or platform.processor() or platform.machine() or "unknown CPU"
     if flags is None:
         return f"{model} (SIMD flags unknown)"
-    simd = [f for f in flags if f == "avx2" or f.startswith("avx512")]
-    return f"{model}; {' '.join(simd) if simd else 'neither AVX2 nor AVX-512'}"
+    avx512 = [f.removeprefix("avx512").lstrip("_") for f in flags if f.startswith("avx512")]
+    amx = [f.removeprefix("amx_") for f in flags if f.startswith("amx_")]
+    simd = (["AVX2"] * ("avx2" in flags) + [f"AVX-512 ({' '.join(avx512)})"] * bool(avx512)
+            + ["AVX-VNNI"] * ("avx_vnni" in flags) + [f"AMX ({' '.join(amx)})"] * bool(amx))
+    return f"{model}; {', '.join(simd) if simd else 'neither AVX2 nor AVX-512'}"
+
+
+BANDWIDTH_MIB, BANDWIDTH_RUNS = 512, 5
+
+
+def read_bandwidth(threads: int = 2, megabytes: int = BANDWIDTH_MIB, runs: int = BANDWIDTH_RUNS) -> float:
+    """The rate, in bytes/s, at which `threads` threads read a buffer of `megabytes` MiB from memory, each its own
+    share, in chunks of 4 MiB, as the dot product of a chunk with itself (BLAS's sdot, one thread per call, the
+    GIL released: it runs at several times memory's speed on cached data, so memory sets the rate). The best of
+    `runs` passes, after one that warms up. The buffer is far larger than any cache, so this is the rate that
+    bounds streaming a model's weights. It holds the buffer while it runs: run it in a process of its own
+    (in_fresh_process), as measure_machine does."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    def read(chunks: list) -> None:
+        for chunk in chunks:
+            np.dot(chunk, chunk)
+
+    buffer = np.ones(megabytes * 2**20 // 4, np.float32)
+    shares = [np.array_split(part, max(1, part.nbytes // 2**22)) for part in np.array_split(buffer, threads)]
+    try:
+        from threadpoolctl import threadpool_limits
+        one_thread_each = threadpool_limits(1, user_api="blas")
+    except ImportError:  # then BLAS may thread a call itself: the threads still share the same memory
+        one_thread_each = contextlib.nullcontext()
+    seconds = []
+    with one_thread_each, ThreadPoolExecutor(threads) as pool:
+        for _ in range(runs + 1):
+            started = time.perf_counter()
+            list(pool.map(read, shares))
+            seconds.append(time.perf_counter() - started)
+    return buffer.nbytes / min(seconds[1:])
+
+
+def measure_machine(threads: int) -> tuple[str, float]:
+    """A line to print above a benchmark's figures: the CPU (model, SIMD flags), its logical CPU count, and the rate
+    at which `threads` threads read memory (read_bandwidth, in a process of its own); and that rate in bytes/s."""
+    bandwidth = in_fresh_process(read_bandwidth, threads)
+    return (f"CPU: {cpu_description()}; {os.cpu_count()} logical CPUs; memory read by {threads} thread"
+            f"{'s' if threads != 1 else ''}: {bandwidth / 1e9:.1f} GB/s (best of {BANDWIDTH_RUNS} passes over "
+            f"{BANDWIDTH_MIB} MiB)"), bandwidth
 
 
 def peak_rss_mb() -> float | None:
@@ -229,6 +278,16 @@ def llama_cpp_tools(names: list[str], *, bin_dir: str | None = None, build: bool
     return found
 
 
+def available_llama_cpp_tools(names: list[str], *, bin_dir: str | None = None,
+                              threads: int = 2) -> dict[str, str] | None:
+    """llama_cpp_tools(names), or None after a line saying why they are not available."""
+    try:
+        return llama_cpp_tools(names, bin_dir=bin_dir, threads=threads)
+    except (RuntimeError, OSError) as e:
+        print(f"llama.cpp's {', '.join(names)}: not available ({e})")
+        return None
+
+
 def llama_cpp_source(version: str | None = None) -> str:
     """The folder of llama.cpp's source as llama-cpp-python's source package on PyPI vendors it (the installed
     version's, by default), downloaded and unpacked into LLAMA_CPP_HOME/llama.cpp-<version>/src the first time."""
@@ -266,9 +325,12 @@ def _build_llama_cpp_tools(names: list[str], version: str, home: str, threads: i
         raise RuntimeError("building llama.cpp's tools needs CMake (pip install cmake, or the system's package)")
     source = llama_cpp_source(version)
     build = os.path.join(home, "build")
+    # llama-server only when asked for; then without its web UI (no npm, no download of prebuilt assets)
+    server = "llama-server" in names
     configure = ["cmake", "-S", source, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF",
-                 "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF",
-                 "-DLLAMA_BUILD_EXAMPLES=OFF"] + llama_cpp_cmake_flags()
+                 "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                 f"-DLLAMA_BUILD_SERVER={'ON' if server else 'OFF'}", "-DLLAMA_BUILD_UI=OFF",
+                 "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"] + llama_cpp_cmake_flags()
     compile_ = ["cmake", "--build", build, "--config", "Release", "-j", str(threads), "--target", *names]
     log = os.path.join(home, "build.log")
     print(f"building llama.cpp's {', '.join(names)} in {build} (a few minutes; output in {log})", flush=True)

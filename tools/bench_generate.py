@@ -1,59 +1,79 @@
-"""Single-stream decoding benchmark: cllm's Decoder against peers on the same weights, each run as users run it.
+"""Single-stream decoding benchmark: cllm's Decoder against peers on the same weights, each run as users run it,
+for each weight type (float32 and GGUF's quantized types).
 
 Engines (--engines, a comma-separated subset):
 
-    cllm              cllm.generate.Decoder (on the exported configs, the model comes from
-                      cllm.checkpoint.load_model of the Hugging Face folder, as users load one)
-    torch             the PyTorch peer's KV-cache path (tools/torch_gpt.py)
-    transformers      transformers' GPT2LMHeadModel or LlamaForCausalLM from the Hugging Face folder, float32,
-                      its KV cache
-    llama.cpp-f32     llama-cpp-python on the GGUF file, f32
-    llama.cpp-q8_0    the same on a q8_0 GGUF file (quantized matrices: its tokens may part from cllm's early)
+    cllm              cllm.generate.Decoder on cllm.checkpoint.load_model of the GGUF file of each type, as
+                      `cllm-generate model.gguf` runs it (baby and mid: cllm's own float32 model, built in memory)
+    llama.cpp         llama-cpp-python on the same GGUF file of each type
+    transformers      transformers' GPT2LMHeadModel or LlamaForCausalLM from the Hugging Face folder, float32 (the
+                      reference row, on the f32 type only), its KV cache
+    torch             the PyTorch peer's KV-cache path (tools/torch_gpt.py; baby and mid)
+    llama.cpp-TYPE    llama.cpp on that type's file only (llama.cpp-f32, llama.cpp-q8_0, ...: the names of earlier
+                      versions of this script)
 
-Every engine holds the same weights, cllm's seeded random init. On baby and mid, cllm builds them and hands them
-to the torch peer as an .npz. On gpt2 (GPT-2 small's shape: 124M parameters, a 50,257-token vocabulary) they are
-written once per run, in a process of their own, as a Hugging Face folder (cllm.formats.hf.save_hf) and as GGUF
-f32 and q8_0 files (cllm.formats.gguf_file.save_gguf), with a small byte-level BPE tokenizer trained on generated
-text (the model's vocabulary is larger than the tokenizer's; the files carry that). Every engine loads those
-files, cllm the folder. Every engine gets the same random prompt (token ids below the tokenizer's size on gpt2,
-so every engine accepts them). One run is
+Types (--types, a comma-separated subset of f32,q8_0,q4_0,q4_k_m,q5_k_m,q6_k; by default f32,q8_0,q4_0,q4_k_m) are a
+dimension of the exported configs (gpt2, smollm2): every (engine, type) pair is benchmarked. Every engine holds the
+same weights, cllm's seeded random init. On gpt2 (GPT-2 small's shape: 124M parameters, a 50,257-token vocabulary)
+and smollm2 they are written once per run, in a process of their own, as a GGUF f32 file (cllm.formats.gguf_file.
+save_gguf) and, for transformers, a Hugging Face folder (cllm.formats.hf.save_hf), with a small byte-level BPE
+tokenizer trained on generated text (the model's vocabulary is larger than the tokenizer's; the files carry that).
+Each quantized type's file is then made from the f32 file by llama.cpp's own `llama-quantize` (found, or built from
+PyPI's source package: tools/bench_common.llama_cpp_tools; --llama-cpp-bin names its folder), once per run, and
+both cllm and llama.cpp load that same file. A K-quant mix (Q4_K_M) types some tensors otherwise (Q6_K, and where a
+row is not whole 256-value super-blocks, as smollm2's width 576, Q5_0 or Q8_0), as llama-quantize decides. On baby
+and mid, types do not apply: cllm builds its float32 weights and hands them to the torch peer as an .npz.
+
+Every engine gets the same random prompt (token ids below the tokenizer's size on the exported configs, so every
+engine accepts them). One run is
 
     prefill   one pass over the prompt, filling the KV cache                 -> prompt tokens / s
     decode    greedy (argmax on the host), one token per step                 -> steps / s
 
-baby and mid prompt half the context and decode to its end; gpt2 prompts 128 tokens and decodes 128 steps.
+baby and mid prompt half the context and decode to its end; gpt2 and smollm2 prompt 128 tokens and decode 128 steps.
 Batch 1, the same thread count for every engine. After one untimed warm-up run, --repeats runs are timed, in each
-of --rounds rounds that alternate the engines (so all sample the same drift of a shared machine's speed); the
-table shows the medians of the pooled runs. Before the table, three checks: each engine's last decode logits
-against its own full forward pass (no cache) over the same tokens (llama.cpp's "full pass" is a fresh evaluation
-of the whole sequence), each peer's logits after the prefill against cllm's, and its greedy tokens against cllm's
-(the first 10 should agree; later ones may part on near-ties, which float rounding can flip). llama.cpp's f32 GELU
-rounds its input to float16 and reads a table, so its logits agree with the float32 engines' to about 1e-3, not
-1e-6; q8_0 also rounds weights and activations to 8 bits, so its tokens may part earlier: printed, not an error.
+of --rounds rounds that alternate the engines and types (so all sample the same drift of a shared machine's speed;
+every other round runs them in the reverse order); the table shows the medians of the pooled runs. Also per pair:
 
-For cllm the table also gives the bytes of weights a decode step reads (every float32 parameter once, but only
-one row of the position table; the KV cache and activations are not counted) and the memory bandwidth that
-implies at its decode rate: decoding one stream is bound by streaming the weights, so that figure against the
-machine's bandwidth says how close to the limit it runs.
+    load      seconds from the loading call to a model that can decode (cllm: load_model and its Decoder;
+              llama.cpp: Llama(), which makes its context; transformers: from_pretrained), imports excluded, the
+              file in the page cache (every engine reads files written moments before); the median over the rounds
+    peak RSS  the process's peak resident set (interpreter and libraries included): the peak of loading and
+              generating, read after the timed runs
 
-Each (engine, config) pair runs in its own fresh spawned process, one at a time, cllm first, never two engines in
-one process: see tools/bench_train.py for why (OMP_WAIT_POLICY and torch's libgomp share a soname). A process
-per config also makes its peak RSS (interpreter and libraries included) that config's own; it is read after the
-timed runs and before the full-pass check, so it is the peak of loading and generating. The parent imports no
-engine; every peer is optional (one that is not installed or not importable is skipped with a line saying so).
+and the ratio cllm/engine of each figure on the same type (for load and RSS, below 1 is cllm's advantage).
+
+The limit: decoding one stream is bound by reading the weights, so the table prints, per type, the bytes of
+weights a decode token reads (every tensor's bytes as stored in the file, but of the position table, gpt2's, one
+row, and of the token embedding one row unless it is also the output head; the KV cache and activations are not
+counted) and the machine's read bandwidth (bench_common.read_bandwidth: --threads threads streaming a buffer of
+hundreds of MB, best of several passes), and their quotient: the decode rate no engine can pass; "% of limit" is
+each engine's decode rate against it. On baby and mid the bytes are cllm's float32 parameters, counted the same way.
+
+Before the table, checks: each engine's last decode logits against its own full forward pass (no cache) over the
+same tokens (llama.cpp's "full pass" is a fresh evaluation of the whole sequence), each peer's logits after the
+prefill against cllm's on the same type, and its greedy tokens against cllm's (on float32 weights, the first 10
+should agree; later ones may part on near-ties, which float rounding can flip). llama.cpp's f32 GELU rounds its
+input to float16 and reads a table, so its logits agree with the float32 engines' to about 1e-3, not 1e-6. On
+quantized types llama.cpp's products also round the activations to 8 bits (cllm's need not), differently in a
+batch and in one row: there the agreement is printed (a warning only past 10% of the logits' norm, which a wrong
+block or kernel makes ~100%), and tokens that part are a note, not an error.
+
+Each (engine, type, config) runs in its own fresh spawned process, one at a time, never two engines in one
+process: see tools/bench_train.py for why (OMP_WAIT_POLICY and torch's libgomp share a soname). A process per run
+also makes its peak RSS and load time its own. The parent imports no engine; every peer is optional (one that is
+not installed or not importable is skipped with a line saying so).
 
     python tools/bench_generate.py                    # baby + mid, cllm and torch, 2 threads (a few minutes)
     python tools/bench_generate.py --configs mid --threads 1 --repeats 20
     python tools/bench_generate.py --no-torch
-    python tools/bench_generate.py --configs gpt2 --engines cllm,transformers,llama.cpp-f32,llama.cpp-q8_0 \\
-        --rounds 2 --repeats 2                        # GPT-2 small's shape against transformers and llama.cpp
+    python tools/bench_generate.py --configs gpt2 --rounds 2 --repeats 2        # cllm, llama.cpp, transformers
+    python tools/bench_generate.py --configs gpt2,smollm2 --types q8_0,q4_k_m --engines cllm,llama.cpp
+    python tools/bench_generate.py --configs gpt2 --engines cllm,transformers,llama.cpp-f32,llama.cpp-q8_0
 
-gpt2 is not in the default --configs: with its four engines and the default rounds and repeats it would add about
-six minutes on 2 cores (the command above takes about two). Its default engines are those four; baby's and mid's
-are cllm and torch. smollm2 is the llama architecture at SmolLM2-135M's shape (grouped-query attention, SwiGLU,
-RoPE), exported like gpt2 and run by the same four engines:
-
-    python tools/bench_generate.py --configs smollm2 --rounds 2 --repeats 2
+gpt2 and smollm2 are not in the default --configs: with three engines on four types, each takes about ten
+minutes on 2 cores at --rounds 2 --repeats 2. smollm2 is the llama architecture at SmolLM2-135M's shape
+(grouped-query attention, SwiGLU, RoPE). With llama.cpp-TYPE names and no --types, cllm runs on f32 and those types.
 """
 from __future__ import annotations
 
@@ -71,16 +91,27 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bench_common import (busy_note, choose_configs, finish_report, fmt, foreign_load, higher_peak, in_fresh_process,
-                          machine_snapshot, peak_rss_mb, use_this_checkout)
+from bench_common import (available_llama_cpp_tools, busy_note, choose_configs, finish_report, fmt, foreign_load,
+                          higher_peak, in_fresh_process, machine_snapshot, measure_machine, peak_rss_mb,
+                          use_this_checkout)
+from check_gguf import QUANT_TYPES, quantize, tensor_types
 
 SEED = 1337
 COMPARED_TOKENS = 10  # greedy tokens that must agree; later ones may differ on near-ties
 CACHE_TOLERANCE = 1e-4  # cached vs full-pass logits; float32 rounding gives ~1e-6 at these logit scales
 # llama.cpp's f32 GELU rounds its input to float16 and reads a table: its logits are good to ~1e-3 (both ways).
 LLAMA_CPP_TOLERANCE = 1e-2
+# cllm on quantized weights: a batch and a row may take different kernels (and round activations differently); a
+# cache that is wrong moves logits by whole units.
+QUANTIZED_CACHE_TOLERANCE = 1e-1
+# cllm's prefill logits against llama.cpp's on the same quantized file, ||difference|| / ||llama.cpp's||: llama.cpp's
+# 8-bit activations account for a few percent at most; a wrong block or kernel makes it ~1.
+QUANTIZED_LOGITS_TOLERANCE = 1e-1
 TOKENIZER_VOCAB = 512  # the exported configs' BPE tokenizer (256 bytes, <|endoftext|>, merges)
 BPE = "bpe"
+F32 = "f32"
+DEFAULT_TYPES = (F32, "q8_0", "q4_0", "q4_k_m")
+TYPES = (F32, *QUANT_TYPES)
 
 
 @dataclass(frozen=True)
@@ -95,7 +126,7 @@ class GenConfig:
     # Decode steps after the prefill; 0: to the end of the context. The prefill's logits give the first new
     # token; each step feeds one token and gives the next, so the token that fills the context is never fed.
     decode_steps: int = 0
-    # Weights exported as a Hugging Face folder and GGUF files, which every engine loads; else built by cllm.
+    # Weights exported as GGUF files (and a Hugging Face folder), which every engine loads; else built by cllm.
     exported: bool = False
     default_engines: tuple[str, ...] = ("cllm", "torch")
     # The architecture, and llama's own settings (see cllm.model.ModelConfig)
@@ -127,44 +158,58 @@ class GenConfig:
                            n_heads=self.n_heads, arch=self.arch, **llama)
 
 
+EXPORTED_ENGINES = ("cllm", "llama.cpp", "transformers")
 CONFIGS = {
     "baby": GenConfig("baby", n_layers=4, n_heads=4, dim=128, context=64, vocab=65),
     "mid": GenConfig("mid", n_layers=6, n_heads=6, dim=384, context=256, vocab=65),
     "gpt2": GenConfig("gpt2", n_layers=12, n_heads=12, dim=768, context=1024, vocab=50257, prompt_len=128,
-                      decode_steps=128, exported=True,
-                      default_engines=("cllm", "transformers", "llama.cpp-f32", "llama.cpp-q8_0")),
+                      decode_steps=128, exported=True, default_engines=EXPORTED_ENGINES),
     # SmolLM2-135M's shape: 30 layers, 9 heads over 3 kv heads, SwiGLU 1536, a 49,152-token vocabulary, tied.
     "smollm2": GenConfig("smollm2", n_layers=30, n_heads=9, dim=576, context=2048, vocab=49152, prompt_len=128,
                          decode_steps=128, exported=True, arch="llama", n_kv_heads=3, intermediate_size=1536,
-                         rope_theta=100000.0,
-                         default_engines=("cllm", "transformers", "llama.cpp-f32", "llama.cpp-q8_0")),
+                         rope_theta=100000.0, default_engines=EXPORTED_ENGINES),
 }
 
 
 @dataclass(frozen=True)
 class Engine:
     module: str  # what must be installed (found, not imported, by the parent)
-    exact: bool = True  # float32 weights: its greedy tokens should agree with cllm's on the first ones
-    cache_tolerance: float | None = CACHE_TOLERANCE  # cached vs full-pass logits; None: printed, not checked
     needs_export: bool = False  # loads the exported files, so it runs on exported configs only
-    gguf_type: str | None = None
+    reads_gguf: bool = False  # runs on each type's GGUF file (on exported configs); else on float32 weights only
 
 
 ENGINES = {
-    "cllm": Engine("cllm"),
-    "torch": Engine("torch"),
+    "cllm": Engine("cllm", reads_gguf=True),
+    "llama.cpp": Engine("llama_cpp", needs_export=True, reads_gguf=True),
     "transformers": Engine("transformers", needs_export=True),
-    "llama.cpp-f32": Engine("llama_cpp", cache_tolerance=LLAMA_CPP_TOLERANCE, needs_export=True, gguf_type="f32"),
-    # Its products quantize the activations too (to 8 bits), differently in a batch and in one row.
-    "llama.cpp-q8_0": Engine("llama_cpp", exact=False, cache_tolerance=None, needs_export=True, gguf_type="q8_0"),
+    "torch": Engine("torch"),
 }
+PINNED = "llama.cpp-"  # llama.cpp-TYPE: llama.cpp on that type only
+
+
+@dataclass(frozen=True)
+class Unit:
+    """What one benchmark process runs: an engine on the weights of one type."""
+    engine: str
+    gguf_type: str = F32
+
+    @property
+    def quantized(self) -> bool:
+        return self.gguf_type != F32
+
+    @property
+    def cache_tolerance(self) -> float | None:
+        """Cached against full-pass logits; None: printed, not checked."""
+        if self.quantized:
+            return QUANTIZED_CACHE_TOLERANCE if self.engine == "cllm" else None
+        return LLAMA_CPP_TOLERANCE if self.engine == "llama.cpp" else CACHE_TOLERANCE
 
 
 @dataclass
 class WeightFiles:
     """Where an engine finds its weights."""
     npz: str | None = None  # baby, mid: cllm writes its init here, the torch peer reads it
-    hf_folder: str | None = None  # exported configs
+    hf_folder: str | None = None  # exported configs, for transformers
     gguf: dict[str, str] = field(default_factory=dict)  # GGUF type -> file, exported configs
 
 
@@ -187,8 +232,9 @@ def _letter_odds(n: int) -> np.ndarray:
     return odds / odds.sum()
 
 
-def export_weights(cfg: GenConfig, folder: str, gguf_types: list[str]) -> tuple[WeightFiles, int, str]:
-    """Writes cllm's seeded init of cfg as a Hugging Face folder and GGUF files; runs in its own process.
+def export_weights(cfg: GenConfig, folder: str, hf_folder: bool) -> tuple[WeightFiles, int, str]:
+    """Writes cllm's seeded init of cfg as an f32 GGUF file and, if hf_folder, a Hugging Face folder; runs in its
+    own process.
 
     Returns the files, the tokenizer's size (prompts stay below it) and a line describing what was written.
     """
@@ -200,15 +246,55 @@ def export_weights(cfg: GenConfig, folder: str, gguf_types: list[str]) -> tuple[
     started = time.perf_counter()
     tokenizer = Tokenizer.train(BPE, generated_texts(np.random.default_rng(SEED)), vocab_size=TOKENIZER_VOCAB)
     model = GPT(cfg.model_config(), seed=SEED)
-    files = WeightFiles(hf_folder=os.path.join(folder, f"{cfg.name}-hf"))
-    written = [f"Hugging Face folder {_mb(sum(p.stat().st_size for p in save_hf(files.hf_folder, model, tokenizer)))}"]
-    for gguf_type in gguf_types:
-        path = save_gguf(os.path.join(folder, f"{cfg.name}-{gguf_type}.gguf"), model, tokenizer, tensor_type=gguf_type)
-        files.gguf[gguf_type] = str(path)
-        written.append(f"GGUF {gguf_type} {_mb(path.stat().st_size)}")
+    files, written = WeightFiles(), []
+    if hf_folder:
+        files.hf_folder = os.path.join(folder, f"{cfg.name}-hf")
+        written.append(f"Hugging Face folder "
+                       f"{_mb(sum(p.stat().st_size for p in save_hf(files.hf_folder, model, tokenizer)))}")
+    path = save_gguf(os.path.join(folder, f"{cfg.name}-{F32}.gguf"), model, tokenizer, tensor_type=F32)
+    files.gguf[F32] = str(path)
+    written.append(f"GGUF {F32} {_mb(path.stat().st_size)}")
     note = (f"  {cfg.name}: {model.num_params / 1e6:.2f}M parameters (seed {SEED}), tokenizer of "
             f"{tokenizer.vocab_size} tokens; wrote {', '.join(written)} in {time.perf_counter() - started:.0f} s")
     return files, tokenizer.vocab_size, note
+
+
+def quantized_files(cfg: GenConfig, files: WeightFiles, types: list[str], tool: str | None) -> list[str]:
+    """Makes each quantized type's file from the f32 one with llama-quantize (tool); returns the types that have a
+    file, and says why any other has none."""
+    made = []
+    for gguf_type in types:
+        if gguf_type == F32:
+            made.append(gguf_type)
+            continue
+        if tool is None:
+            continue
+        path = os.path.join(os.path.dirname(files.gguf[F32]), f"{cfg.name}-{gguf_type}.gguf")
+        started = time.perf_counter()
+        try:
+            quantize(tool, files.gguf[F32], path, QUANT_TYPES[gguf_type])
+        except RuntimeError as e:
+            print(f"  {cfg.name}: no {gguf_type} file, so no {gguf_type} runs: {e}")
+            continue
+        files.gguf[gguf_type] = path
+        made.append(gguf_type)
+        print(f"  {cfg.name}: llama-quantize {QUANT_TYPES[gguf_type]}: {_mb(os.path.getsize(path))} "
+              f"({tensor_types(path)}) in {time.perf_counter() - started:.0f} s", flush=True)
+    return made
+
+
+def decode_bytes(path: str) -> int:
+    """The bytes of weights a decode token reads from the GGUF file at path: every tensor as stored, but one row of
+    the position table, and one row of the token embedding unless it is also the output head (no output.weight)."""
+    import gguf
+
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    total = 0
+    for name, t in tensors.items():
+        lookup = name == "position_embd.weight" or (name == "token_embd.weight" and "output.weight" in tensors)
+        rows = int(np.prod(t.shape[1:])) if len(t.shape) > 1 else 1  # ggml's order: shape[0] is a row's length
+        total += int(t.n_bytes) // rows if lookup else int(t.n_bytes)
+    return total
 
 
 def _mb(size: int) -> str:
@@ -221,11 +307,13 @@ def _mb(size: int) -> str:
 #   prefill(ids)       starts the sequence afresh from the prompt ids (P,); logits predict the next token
 #   step(token)        appends one token; logits predict the one after it
 #   full_pass(ids)     a full forward pass over ids (T,) without any cache; the last position's logits
-# A session may set weight_bytes: the bytes of weights a decode step reads.
+# It sets load_s, the seconds from the loading call to a model that decodes, and may set weight_bytes: the bytes
+# of weights a decode step reads (cllm's float32 models, which have no file).
 
 
 class CllmSession:
-    def __init__(self, cfg: GenConfig, threads: int, stack: contextlib.ExitStack, files: WeightFiles):
+    def __init__(self, cfg: GenConfig, threads: int, stack: contextlib.ExitStack, files: WeightFiles,
+                 gguf_type: str):
         from threadpoolctl import threadpool_limits
 
         from cllm.checkpoint import load_model
@@ -233,18 +321,23 @@ class CllmSession:
         from cllm.model import GPT
 
         stack.enter_context(threadpool_limits(threads, user_api="blas"))
-        if files.hf_folder:
-            self.model, _ = load_model(files.hf_folder, threads=threads)
+        started = time.perf_counter()
+        if files.gguf:
+            self.model, _ = load_model(files.gguf[gguf_type], threads=threads)
         else:
             self.model = GPT(cfg.model_config(), seed=SEED, threads=threads)
+        self.decoder = Decoder(self.model, 1, threads=threads)
+        self.load_s = time.perf_counter() - started
+        if not files.gguf:
             if files.npz:  # for the peer, which must not import cllm
                 np.savez(files.npz, **self.model.p)
-        self.decoder = Decoder(self.model, 1, threads=threads)
+            # A step reads every parameter once, but of a position table (gpt2's) only its position's row.
+            unread = (self.model.config.context_length - 1) * self.model.config.dim if "wpe" in self.model.p else 0
+            self.weight_bytes = (self.model.num_params - unread) * self.model.params.itemsize
         self._token = np.zeros(1, np.int32)
-        # A step reads every parameter once, but of a position table (gpt2's) only its position's row.
-        unread = (self.model.config.context_length - 1) * self.model.config.dim if "wpe" in self.model.p else 0
-        self.weight_bytes = (self.model.num_params - unread) * self.model.params.itemsize
-        self.runtime = f"cllm, OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}"
+        quantized = len(getattr(self.model, "q", None) or ())
+        self.runtime = (f"cllm, {gguf_type}{f', {quantized} quantized matrices' if quantized else ''}, "
+                        f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}")
 
     def prefill(self, ids: np.ndarray) -> np.ndarray:
         return self.decoder.prefill([ids])[0]
@@ -272,10 +365,10 @@ class SafetensorsByCllmName:
 class TorchSession:
     def __init__(self, cfg: GenConfig, threads: int, stack: contextlib.ExitStack, files: WeightFiles):
         import torch
-
         from torch_gpt import GPT, GPTConfig, load_gpt2_weights  # tools/ is on sys.path
 
         torch.set_num_threads(threads)
+        started = time.perf_counter()
         self.model = GPT(GPTConfig(vocab_size=cfg.vocab, context_length=cfg.context, dim=cfg.dim,
                                    n_layers=cfg.n_layers, n_heads=cfg.n_heads), seed=SEED).eval()
         if files.hf_folder:
@@ -284,6 +377,7 @@ class TorchSession:
         elif files.npz:  # absent only when cllm did not run: then the peer keeps its own init
             with np.load(files.npz) as weights:
                 load_gpt2_weights(self.model, weights)
+        self.load_s = time.perf_counter() - started
         self.cache = None
         self.runtime = (f"torch {torch.__version__}, intra-op threads {torch.get_num_threads()}, "
                         f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}")
@@ -305,8 +399,8 @@ class TorchSession:
 
 
 class TransformersSession:
-    """The folder's model (GPT2LMHeadModel, LlamaForCausalLM) as generate() drives it: a prefill with logits for the last position only, then one
-    token per forward pass with the KV cache the model returned."""
+    """The folder's model (GPT2LMHeadModel, LlamaForCausalLM) as generate() drives it: a prefill with logits for the
+    last position only, then one token per forward pass with the KV cache the model returned."""
 
     def __init__(self, cfg: GenConfig, threads: int, stack: contextlib.ExitStack, files: WeightFiles):
         import inspect
@@ -317,7 +411,9 @@ class TransformersSession:
         torch.set_num_threads(threads)
         transformers.utils.logging.disable_progress_bar()  # "Loading weights" on stderr
         self.torch = torch
+        started = time.perf_counter()
         self.model = transformers.AutoModelForCausalLM.from_pretrained(files.hf_folder, dtype=torch.float32).eval()
+        self.load_s = time.perf_counter() - started
         forward = inspect.signature(self.model.forward).parameters
         # transformers 5 renamed past_key_values to cache (argument and output).
         self.cache_arg = "cache" if "cache" in forward else "past_key_values"
@@ -360,8 +456,10 @@ class LlamaCppSession:
         except Exception as e:  # the shared library failed to load: as good as not importable
             raise ImportError(f"{type(e).__name__}: {e}") from e
         self.llama_cpp = llama_cpp
+        started = time.perf_counter()
         self.llm = llama_cpp.Llama(model_path=files.gguf[gguf_type], n_ctx=cfg.context, n_threads=threads,
                                    n_threads_batch=threads, n_batch=512, logits_all=False, verbose=False)
+        self.load_s = time.perf_counter() - started
         if hasattr(self.llm, "close"):
             stack.callback(self.llm.close)
         self.n_vocab = self.llm.n_vocab()
@@ -387,14 +485,14 @@ class LlamaCppSession:
         return self.prefill(ids).copy()
 
 
-def make_session(engine: str, cfg: GenConfig, threads: int, stack: contextlib.ExitStack, files: WeightFiles):
-    if engine == "cllm":
-        return CllmSession(cfg, threads, stack, files)
-    if engine == "torch":
+def make_session(unit: Unit, cfg: GenConfig, threads: int, stack: contextlib.ExitStack, files: WeightFiles):
+    if unit.engine == "cllm":
+        return CllmSession(cfg, threads, stack, files, unit.gguf_type)
+    if unit.engine == "torch":
         return TorchSession(cfg, threads, stack, files)
-    if engine == "transformers":
+    if unit.engine == "transformers":
         return TransformersSession(cfg, threads, stack, files)
-    return LlamaCppSession(cfg, threads, stack, files, ENGINES[engine].gguf_type)
+    return LlamaCppSession(cfg, threads, stack, files, unit.gguf_type)
 
 
 # ------------------------------------------------------------------------------------ one engine, one config
@@ -402,16 +500,17 @@ def make_session(engine: str, cfg: GenConfig, threads: int, stack: contextlib.Ex
 
 @dataclass
 class Result:
-    engine: str
+    unit: Unit
     config: GenConfig
     prefill_s: list[float]  # per timed run
     decode_s: list[float]
+    load_s: list[float]  # per process
     tokens: list[int]  # the greedy continuation
     prefill_logits: np.ndarray  # (V,) after the prompt, for comparing the engines
     cache_error: float  # max |last decode logits - full pass logits|
     peak_rss_mb: float | None
     runtime: str
-    weight_bytes: int | None = None  # read per decode step (cllm)
+    weight_bytes: int | None = None  # read per decode step (cllm's float32 models)
 
     @property
     def prefill_tok_s(self) -> float:
@@ -422,15 +521,22 @@ class Result:
         return self.config.decode_steps / statistics.median(self.decode_s)
 
     @property
-    def bandwidth_gb_s(self) -> float | None:
-        return self.weight_bytes * self.decode_tok_s / 1e9 if self.weight_bytes else None
+    def load(self) -> float:
+        return statistics.median(self.load_s)
+
+    def pool(self, other: Result) -> None:
+        """Adds another process's runs of the same seeded benchmark: the times pooled, the higher peak kept."""
+        self.prefill_s += other.prefill_s
+        self.decode_s += other.decode_s
+        self.load_s += other.load_s
+        self.peak_rss_mb = higher_peak(self.peak_rss_mb, other.peak_rss_mb)
 
     def summary(self) -> str:
-        return (f"  {self.engine:14s} {self.config.name:4s}  prefill {self.prefill_tok_s:9,.0f} tok/s"
-                f"  decode {self.decode_tok_s:7,.1f} tok/s (min {min(self.decode_s) * 1e3:.1f}, "
-                f"max {max(self.decode_s) * 1e3:.1f} ms for {self.config.decode_steps} steps)"
-                f"  cache vs full pass {self.cache_error:.1e}  peak RSS {fmt(self.peak_rss_mb, '.0f')} MB"
-                f"  [{self.runtime}]")
+        return (f"  {self.unit.engine:12s} {self.unit.gguf_type:6s} {self.config.name:7s} load "
+                f"{self.load_s[-1]:5.2f} s  prefill {self.prefill_tok_s:7,.0f} tok/s  decode {self.decode_tok_s:6,.1f} "
+                f"tok/s (min {min(self.decode_s) * 1e3:.0f}, max {max(self.decode_s) * 1e3:.0f} ms for "
+                f"{self.config.decode_steps} steps)  cache vs full pass {self.cache_error:.1e}  peak RSS "
+                f"{fmt(self.peak_rss_mb, '.0f')} MB  [{self.runtime}]")
 
 
 @dataclass
@@ -457,15 +563,16 @@ def greedy_run(session, prompt: np.ndarray, steps: int) -> Run:
     return Run(prefill_s, decode_s, tokens, prefill_logits, logits.copy())
 
 
-def bench_engine(engine: str, cfg: GenConfig, threads: int, repeats: int, prompt: np.ndarray,
+def bench_engine(unit: Unit, cfg: GenConfig, threads: int, repeats: int, prompt: np.ndarray,
                  files: WeightFiles) -> tuple[Result | None, str | None]:
-    """Benchmarks one engine on one config; runs in the engine's own fresh process.
+    """Benchmarks one engine on one type of one config; runs in the engine's own fresh process.
 
     Returns (result, None), or (None, message) when the engine cannot be imported or fails.
     """
+    what = f"{unit.engine} on {cfg.name} {unit.gguf_type}"
     try:
         with contextlib.ExitStack() as stack:
-            session = make_session(engine, cfg, threads, stack, files)
+            session = make_session(unit, cfg, threads, stack, files)
             warmup = greedy_run(session, prompt, cfg.decode_steps)
             timed = [greedy_run(session, prompt, cfg.decode_steps) for _ in range(repeats)]
             # The peak of loading and generating, before the check below: a full pass without a cache is no
@@ -476,62 +583,92 @@ def bench_engine(engine: str, cfg: GenConfig, threads: int, repeats: int, prompt
             cache_error = float(np.max(np.abs(warmup.last_logits - full)))
             runtime, weight_bytes = session.runtime, getattr(session, "weight_bytes", None)
     except ImportError as e:
-        return None, f"{engine} is not importable ({type(e).__name__}: {e}); skipping {engine} on {cfg.name}"
+        return None, f"{unit.engine} is not importable ({type(e).__name__}: {e}); skipping {what}"
     except Exception:  # report and go on with the other runs
-        return None, f"{engine} failed on {cfg.name}:\n{traceback.format_exc()}"
-    return Result(engine, cfg, [r.prefill_s for r in timed], [r.decode_s for r in timed], warmup.tokens,
-                  warmup.prefill_logits, cache_error, peak, runtime, weight_bytes), None
+        return None, f"{what} failed:\n{traceback.format_exc()}"
+    return Result(unit, cfg, [r.prefill_s for r in timed], [r.decode_s for r in timed], [session.load_s],
+                  warmup.tokens, warmup.prefill_logits, cache_error, peak, runtime, weight_bytes), None
 
 
 # ------------------------------------------------------------------------------------------------- checks
 
 
 def check_result(r: Result) -> None:
-    tolerance = ENGINES[r.engine].cache_tolerance
+    tolerance = r.unit.cache_tolerance
     if tolerance is not None and r.cache_error > tolerance:
-        print(f"  WARNING: {r.engine} {r.config.name}: cached logits differ from a full pass by {r.cache_error:.1e}")
+        print(f"  WARNING: {r.unit.engine} {r.config.name} {r.unit.gguf_type}: cached logits differ from a full pass "
+              f"by {r.cache_error:.1e}")
 
 
 def compare_engines(c: Result, peers: list[Result]) -> None:
-    """Prints how closely each peer agrees with cllm: logits after the prefill, then the greedy tokens."""
+    """Prints how closely each peer agrees with cllm on the same type: logits after the prefill (the largest
+    difference, and relative to their norm), then the greedy tokens."""
     for t in peers:
-        logits_diff = float(np.max(np.abs(c.prefill_logits - t.prefill_logits)))
+        diff = c.prefill_logits.astype(np.float64) - t.prefill_logits
+        relative = float(np.linalg.norm(diff) / (np.linalg.norm(t.prefill_logits.astype(np.float64)) or 1.0))
         same = next((i for i, (a, b) in enumerate(zip(c.tokens, t.tokens)) if a != b), len(c.tokens))
-        print(f"  {c.config.name}: {t.engine} vs cllm: prefill logits differ by at most {logits_diff:.1e}; greedy "
-              f"tokens agree on the first {same} of {len(c.tokens)}")
+        where = f"{c.config.name} {c.unit.gguf_type}"
+        print(f"  {where}: {t.unit.engine} vs cllm: prefill logits differ by at most {np.max(np.abs(diff)):.1e} "
+              f"(relative {relative:.1e}); greedy tokens agree on the first {same} of {len(c.tokens)}")
+        if c.unit.quantized and relative > QUANTIZED_LOGITS_TOLERANCE:
+            print(f"  WARNING: {where}: {t.unit.engine}'s logits and cllm's on the same file differ by more than "
+                  f"8-bit activations explain ({relative:.1e} > {QUANTIZED_LOGITS_TOLERANCE:.0e} relative)")
         if same < min(COMPARED_TOKENS, len(c.tokens)):
-            what = ("NOTE (quantized weights, expected to part earlier)" if not ENGINES[t.engine].exact
-                    else "WARNING")
-            print(f"  {what}: {c.config.name}: {t.engine}'s greedy tokens part from cllm's at token {same} (within "
+            what = "NOTE (quantized: expected to part earlier)" if c.unit.quantized else "WARNING"
+            print(f"  {what}: {where}: {t.unit.engine}'s greedy tokens part from cllm's at token {same} (within "
                   f"the first {COMPARED_TOKENS}): cllm {c.tokens[:COMPARED_TOKENS]}, "
-                  f"{t.engine} {t.tokens[:COMPARED_TOKENS]}")
+                  f"{t.unit.engine} {t.tokens[:COMPARED_TOKENS]}")
 
 
 # ------------------------------------------------------------------------------------------------- main
 
 
-def markdown_table(configs: list[GenConfig], engines: dict[str, list[str]],
-                   results: dict[tuple[str, str], Result]) -> str:
+@dataclass
+class Limit:
+    """The decode rate that reading the weights allows, per (config, type)."""
+    file_mb: float | None
+    weight_bytes: int
+
+    def tok_s(self, bandwidth: float | None) -> float | None:
+        return bandwidth / self.weight_bytes if bandwidth else None
+
+
+def markdown_table(configs: list[GenConfig], units: dict[str, list[Unit]], results: dict[tuple, Result],
+                   limits: dict[tuple[str, str], Limit], bandwidth: float | None) -> str:
+    def ratio(c: Result | None, r: Result, figure) -> str:
+        return "" if c is None or r is c else fmt(figure(c) / figure(r), ".2f")
+
     lines = [
-        "| config | engine | decode tok/s | cllm/engine | prefill tok/s | cllm/engine | peak RSS MB "
-        "| weights read per token MB | implied bandwidth GB/s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ("| config | type | engine | decode tok/s | cllm/engine | % of limit | prefill tok/s | cllm/engine "
+         "| load s | cllm/engine | peak RSS MB | cllm/engine |"),
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for cfg in configs:
-        c = results.get(("cllm", cfg.name))
-        for engine in engines[cfg.name]:
-            r = results.get((engine, cfg.name))
+        for unit in units[cfg.name]:
+            r = results.get((unit, cfg.name))
             if r is None:
                 continue
-            decode_ratio = fmt(c and c.decode_tok_s / r.decode_tok_s, ".2f") if r is not c else ""
-            prefill_ratio = fmt(c and c.prefill_tok_s / r.prefill_tok_s, ".2f") if r is not c else ""
+            c = results.get((Unit("cllm", unit.gguf_type), cfg.name))
+            limit = limits.get((cfg.name, unit.gguf_type))
+            ceiling = limit.tok_s(bandwidth) if limit else None
+            rss = ratio(c, r, lambda x: x.peak_rss_mb) if c and c.peak_rss_mb and r.peak_rss_mb else ""
             lines.append(
-                f"| {cfg.name} ({cfg.shape}, prompt {cfg.prompt_len}, decode {cfg.decode_steps}) | {engine} "
-                f"| {r.decode_tok_s:,.1f} | {decode_ratio} | {r.prefill_tok_s:,.0f} | {prefill_ratio} "
-                f"| {fmt(r.peak_rss_mb, '.0f')} "
-                f"| {'' if r.weight_bytes is None else format(r.weight_bytes / 1e6, ',.1f')} "
-                f"| {'' if r.bandwidth_gb_s is None else format(r.bandwidth_gb_s, '.2f')} |"
-            )
+                f"| {cfg.name} | {unit.gguf_type} | {unit.engine} | {r.decode_tok_s:,.1f} "
+                f"| {ratio(c, r, lambda x: x.decode_tok_s)} | {fmt(ceiling and 100 * r.decode_tok_s / ceiling, '.0f')} "
+                f"| {r.prefill_tok_s:,.0f} | {ratio(c, r, lambda x: x.prefill_tok_s)} | {r.load:.2f} "
+                f"| {ratio(c, r, lambda x: x.load)} | {fmt(r.peak_rss_mb, '.0f')} | {rss} |")
+    lines += [
+        "",
+        (f"| config | type | file MB | weights read per decode token MB | limit tok/s at "
+         f"{fmt(bandwidth and bandwidth / 1e9, '.1f')} GB/s |"),
+        "|---|---|---:|---:|---:|",
+    ]
+    for cfg in configs:
+        for gguf_type in dict.fromkeys(u.gguf_type for u in units[cfg.name]):
+            limit = limits.get((cfg.name, gguf_type))
+            if limit:
+                lines.append(f"| {cfg.name} ({cfg.shape}) | {gguf_type} | {fmt(limit.file_mb, ',.1f')} "
+                             f"| {limit.weight_bytes / 1e6:,.1f} | {fmt(limit.tok_s(bandwidth), ',.0f')} |")
     return "\n".join(lines)
 
 
@@ -539,19 +676,40 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default="baby,mid", help=f"comma-separated subset of {','.join(CONFIGS)}")
     p.add_argument("--engines", default=None,
-                   help=f"comma-separated subset of {','.join(ENGINES)} (default: per config, cllm,torch for baby "
-                        f"and mid, cllm,transformers,llama.cpp-f32,llama.cpp-q8_0 for gpt2 and smollm2)")
+                   help=f"comma-separated subset of {','.join(ENGINES)}, or {PINNED}TYPE for llama.cpp on one type "
+                        f"(default: per config, cllm,torch for baby and mid, {','.join(EXPORTED_ENGINES)} for gpt2 "
+                        f"and smollm2)")
+    p.add_argument("--types", default=None,
+                   help=f"GGUF types of the exported configs, a comma-separated subset of {','.join(TYPES)} (default: "
+                        f"{','.join(DEFAULT_TYPES)}; with {PINNED}TYPE engines, f32 and those types)")
     p.add_argument("--threads", type=int, default=2, help="threads for each engine (BLAS/OpenMP, default 2)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per engine, config and round (default 5)")
     p.add_argument("--rounds", type=int, default=3, help="alternate the engines this many times (default 3)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
+    p.add_argument("--llama-cpp-bin", help="the folder of llama.cpp's llama-quantize (default: $LLAMA_CPP_BIN, PATH, "
+                                           "or built from PyPI's source package: see tools/bench_common.py)")
     args = p.parse_args(argv)
     args.configs = choose_configs(p, args.configs, CONFIGS)
+    pinned: list[str] = []
+    args.llama_cpp_types = None  # llama.cpp on these types only (llama.cpp-TYPE names); None: on every type
     if args.engines is not None:
-        args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-        unknown = [e for e in args.engines if e not in ENGINES]
+        names = [e.strip() for e in args.engines.split(",") if e.strip()]
+        pinned = [e[len(PINNED):] for e in names if e.startswith(PINNED)]
+        args.engines = [e for e in names if not e.startswith(PINNED)]
+        if pinned and "llama.cpp" not in args.engines:
+            args.engines.append("llama.cpp")
+            args.llama_cpp_types = pinned
+        unknown = [e for e in args.engines if e not in ENGINES] + [t for t in pinned if t not in TYPES]
         if unknown or not args.engines:
-            p.error(f"unknown engine(s) {unknown}; choose from {list(ENGINES)}")
+            p.error(f"unknown engine(s) or type(s) {unknown}; choose from {list(ENGINES)}, {PINNED}TYPE for TYPE in "
+                    f"{list(TYPES)}")
+    if args.types is None:
+        args.types = list(dict.fromkeys([F32, *pinned])) if pinned else list(DEFAULT_TYPES)
+    else:
+        args.types = list(dict.fromkeys(t.strip().lower() for t in args.types.split(",") if t.strip()))
+        if not args.types or any(t not in TYPES for t in args.types):
+            p.error(f"--types: choose from {','.join(TYPES)}")
+        args.types += [t for t in pinned if t not in args.types]
     if args.threads < 1 or args.repeats < 1 or args.rounds < 1:
         p.error("need --threads >= 1, --repeats >= 1 and --rounds >= 1")
     return args
@@ -582,68 +740,112 @@ def engines_to_run(args, cfg: GenConfig, told: set) -> list[str]:
     return engines
 
 
+def units_to_run(args, cfg: GenConfig, engines: list[str], types: list[str]) -> list[Unit]:
+    """(engine, type) pairs in the order a round runs them: type by type, cllm first; float32-only engines with
+    f32."""
+    if not cfg.exported:
+        return [Unit(engine) for engine in engines]
+    units = []
+    for gguf_type in types:
+        for engine in engines:
+            spec = ENGINES[engine]
+            if engine == "llama.cpp" and args.llama_cpp_types is not None and gguf_type not in args.llama_cpp_types:
+                continue
+            if spec.reads_gguf or gguf_type == F32:
+                units.append(Unit(engine, gguf_type))
+    return units
+
+
+def prepare_config(cfg: GenConfig, args, engines: list[str], tmp: str, quantize_tool) -> tuple | None:
+    """Writes cfg's weights (exported configs: the f32 file, the Hugging Face folder if transformers runs, each
+    quantized type's file): (files, units, prompt, limits), or None if that failed."""
+    if not cfg.exported:  # cllm writes its weights here for the peer, which reads them only if cllm got that far
+        files = WeightFiles(npz=os.path.join(tmp, f"{cfg.name}.npz") if len(engines) > 1 else None)
+        prompt = np.random.default_rng(SEED).integers(0, cfg.vocab, cfg.prompt_len, dtype=np.int32)
+        return files, units_to_run(args, cfg, engines, [F32]), prompt, {}
+    try:  # written once, in a process of its own: the parent imports no engine
+        files, id_limit, note = in_fresh_process(export_weights, cfg, tmp, "transformers" in engines)
+    except Exception:  # noqa: BLE001 - reported; the other configs still run
+        print(f"exporting {cfg.name}'s weights failed; skipping it:\n{traceback.format_exc()}")
+        return None
+    print(note, flush=True)
+    types = quantized_files(cfg, files, args.types, quantize_tool() if any(t != F32 for t in args.types) else None)
+    limits = {t: Limit(os.path.getsize(files.gguf[t]) / 1e6, decode_bytes(files.gguf[t])) for t in types}
+    prompt = np.random.default_rng(SEED).integers(0, id_limit, cfg.prompt_len, dtype=np.int32)
+    return files, units_to_run(args, cfg, engines, types), prompt, limits
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     use_this_checkout()
     print(f"threads {args.threads}, repeats {args.repeats}, python {platform.python_version()}, "
-          f"numpy {np.__version__}, {os.cpu_count()} logical CPUs")
+          f"numpy {np.__version__}")
     told: set[str] = set()
     engines = {cfg.name: engines_to_run(args, cfg, told) for cfg in args.configs}
     before = foreign_load(probe_s=1.0)
     if before is not None:
         print(f"other processes busy on {before:.2f} CPUs before the run{busy_note(before)}", flush=True)
+    machine, bandwidth = measure_machine(args.threads)
+    print(machine, flush=True)
 
-    results: dict[tuple[str, str], Result] = {}
+    tool: list[str | None] = []
+
+    def quantize_tool() -> str | None:
+        """llama-quantize's path (found or built the first time it is asked for), or None, said once."""
+        if not tool:
+            found = available_llama_cpp_tools(["llama-quantize"], bin_dir=args.llama_cpp_bin, threads=args.threads)
+            tool.append(found and found["llama-quantize"])
+        return tool[0]
+
+    results: dict[tuple[Unit, str], Result] = {}
+    limits: dict[tuple[str, str], Limit] = {}
     start = machine_snapshot()
     with tempfile.TemporaryDirectory(prefix="cllm-bench-generate-") as tmp:
-        files: dict[str, WeightFiles] = {}
-        prompts: dict[str, np.ndarray] = {}
-        configs = []
+        prepared = {}
         for cfg in args.configs:
-            if not engines[cfg.name]:
-                continue
-            id_limit = cfg.vocab
-            if cfg.exported:  # written once, in a process of its own: the parent imports no engine
-                gguf_types = [ENGINES[e].gguf_type for e in engines[cfg.name] if ENGINES[e].gguf_type]
-                try:
-                    files[cfg.name], id_limit, note = in_fresh_process(export_weights, cfg, tmp, gguf_types)
-                except Exception:
-                    print(f"exporting {cfg.name}'s weights failed; skipping it:\n{traceback.format_exc()}")
-                    continue
-                print(note, flush=True)
-            else:  # cllm writes its weights here for the peer, which reads them only if cllm got that far
-                files[cfg.name] = WeightFiles(npz=os.path.join(tmp, f"{cfg.name}.npz")
-                                              if len(engines[cfg.name]) > 1 else None)
-            prompts[cfg.name] = np.random.default_rng(SEED).integers(0, id_limit, cfg.prompt_len, dtype=np.int32)
-            configs.append(cfg)
+            if engines[cfg.name] and (done := prepare_config(cfg, args, engines[cfg.name], tmp, quantize_tool)):
+                prepared[cfg.name] = done
+                limits.update({(cfg.name, t): limit for t, limit in done[3].items()})
+        configs = [cfg for cfg in args.configs if cfg.name in prepared]
         for round_ in range(1, args.rounds + 1):
             print(f"round {round_} of {args.rounds}", flush=True)
             for cfg in configs:
-                for engine in engines[cfg.name]:
-                    weights = files[cfg.name]
-                    if not cfg.exported and engine != "cllm" and ("cllm", cfg.name) not in results:
+                files, units, prompt, _ = prepared[cfg.name]
+                # cllm first on baby and mid (it writes the peer's weights); elsewhere every other round reversed
+                order = units if round_ % 2 or not cfg.exported else units[::-1]
+                for unit in order:
+                    weights = files
+                    if not cfg.exported and unit.engine != "cllm" and (Unit("cllm"), cfg.name) not in results:
                         weights = WeightFiles()  # cllm never wrote them
-                    result, error = in_fresh_process(bench_engine, engine, cfg, args.threads, args.repeats,
-                                                     prompts[cfg.name], weights)
+                    result, error = in_fresh_process(bench_engine, unit, cfg, args.threads, args.repeats, prompt,
+                                                     weights)
                     if error:
                         print(error)
                         continue
                     print(result.summary(), flush=True)
                     check_result(result)
-                    pooled = results.setdefault((engine, cfg.name), result)
-                    if pooled is not result:  # the same seeded runs again: pool the times, keep the peak
-                        pooled.prefill_s += result.prefill_s
-                        pooled.decode_s += result.decode_s
-                        pooled.peak_rss_mb = higher_peak(pooled.peak_rss_mb, result.peak_rss_mb)
-                peers = [results[(e, cfg.name)] for e in engines[cfg.name]
-                         if e != "cllm" and (e, cfg.name) in results]
-                if round_ == 1 and ("cllm", cfg.name) in results and peers:
-                    compare_engines(results[("cllm", cfg.name)], peers)
-    title = (f"Single-stream greedy decoding, batch 1, {args.threads} threads, median of {args.repeats} runs in "
-             f"each of {args.rounds} alternating rounds; cllm/engine = cllm's rate over the engine's (above 1: "
-             f"cllm is faster); weights read per decode step in 10^6 bytes and the bandwidth that implies at the "
-             f"decode rate, in 10^9 bytes/s (cllm, float32)")
-    return finish_report(start, results, title, lambda: markdown_table(configs, engines, results))
+                    pooled = results.setdefault((unit, cfg.name), result)
+                    if pooled is not result:  # the same seeded runs again
+                        pooled.pool(result)
+                if round_ == 1:
+                    for gguf_type in dict.fromkeys(u.gguf_type for u in units):
+                        c = results.get((Unit("cllm", gguf_type), cfg.name))
+                        peers = [results[(u, cfg.name)] for u in units if u.gguf_type == gguf_type
+                                 and u.engine != "cllm" and (u, cfg.name) in results]
+                        if c is not None and peers:
+                            compare_engines(c, peers)
+    for cfg in configs:  # baby and mid: the limit of cllm's float32 weights
+        c = results.get((Unit("cllm"), cfg.name))
+        if not cfg.exported and c is not None and c.weight_bytes:
+            limits[(cfg.name, F32)] = Limit(None, c.weight_bytes)
+    print(machine)
+    title = (f"Single-stream greedy decoding, batch 1, {args.threads} threads, median of {args.repeats} runs in each "
+             f"of {args.rounds} alternating rounds; cllm/engine = cllm's figure over the engine's on the same type "
+             f"and file (decode and prefill: above 1, cllm is faster; load and RSS: below 1, cllm takes less); "
+             f"% of limit: the decode rate against the rate at which the machine can read the weights a token "
+             f"needs (second table)")
+    units = {cfg.name: prepared[cfg.name][1] for cfg in configs}
+    return finish_report(start, results, title, lambda: markdown_table(configs, units, results, limits, bandwidth))
 
 
 if __name__ == "__main__":
