@@ -49,7 +49,7 @@ from ..model import GPT, MAX_CONTEXT_LENGTH, ModelConfig, parameter_shapes
 from ..model_file_errors import ModelFileError, few_names, one_line
 from ..quantized import KERNEL_TYPES, QuantizedMatrix, QuantizedRows
 from ..tokenizer import Tokenizer
-from .gguf_file import ARCHITECTURES, CONV1D, interleave_rotary_pairs
+from .gguf_file import ARCHITECTURES, CONV1D, interleave_rotary_pairs, matrix_parts
 from .gguf_tokenizer import read_gguf_tokenizer
 from .hf import hf_tensors
 
@@ -124,25 +124,6 @@ def load_gguf(path: str | os.PathLike, *, threads: int = 1, dequantize: bool = F
     return model, tokenizer
 
 
-def _matrix_parts(config: ModelConfig) -> dict[str, tuple[str, ...]]:
-    """Every matrix that may stay quantized, by cllm's name, and the GGUF tensors that are its row parts, in order."""
-    arch = ARCHITECTURES[config.arch]
-    T = gguf.MODEL_TENSOR
-
-    def name(tensor, layer=None):
-        return gguf.TENSOR_NAMES[tensor].format(bid=layer) + ".weight"
-
-    parts = {"wte": (name(T.TOKEN_EMBD),)} | ({} if config.tied_head else {"lm_head": (name(T.OUTPUT),)})
-    for i in range(config.n_layers):
-        qkv = (T.ATTN_QKV,) if arch == gguf.MODEL_ARCH.GPT2 else (T.ATTN_Q, T.ATTN_K, T.ATTN_V)
-        up = (T.FFN_UP,) if arch == gguf.MODEL_ARCH.GPT2 else (T.FFN_GATE, T.FFN_UP)
-        parts |= {f"h.{i}.attn.c_attn.weight": tuple(name(t, i) for t in qkv),
-                  f"h.{i}.attn.c_proj.weight": (name(T.ATTN_OUT, i),),
-                  f"h.{i}.mlp.c_fc.weight": tuple(name(t, i) for t in up),
-                  f"h.{i}.mlp.c_proj.weight": (name(T.FFN_DOWN, i),)}
-    return parts
-
-
 def _kept_quantized(model: GPT, tensors: dict, layout: dict[str, _Destination], mapping: mmap.mmap
                     ) -> dict[str, tuple[QuantizedMatrix, tuple[str, ...]]]:
     """The matrices whose every part is of a type the kernels take, as QuantizedMatrix (with their parts' GGUF
@@ -151,7 +132,8 @@ def _kept_quantized(model: GPT, tensors: dict, layout: dict[str, _Destination], 
     Each part is packed for the kernels here, as it is read, and its pages of the file given back: the packed copy
     is what products read, and the blocks are read again only for a token's embedding row or an export."""
     kept = {}
-    for name, gguf_names in _matrix_parts(model.config).items():
+    for name, parts in matrix_parts(model.config).items():
+        gguf_names = tuple(gguf_name for gguf_name, _ in parts)
         if not all(tensors[part].tensor_type in KERNEL_TYPES for part in gguf_names):
             continue
         rows = []
