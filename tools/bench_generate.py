@@ -47,7 +47,7 @@ The limit: decoding one stream is bound by reading the weights, so the table pri
 weights a decode token reads (every tensor's bytes as stored in the file, but of the position table, gpt2's, one
 row, and of the token embedding one row unless it is also the output head; the KV cache and activations are not
 counted) and the machine's read bandwidth (bench_common.read_bandwidth: --threads threads streaming a buffer of
-hundreds of MB, best of several passes), and their quotient: the decode rate no engine can pass; "% of limit" is
+hundreds of MB, best of several passes, measured before and after the runs, the higher kept), and their quotient: the decode rate no engine can pass; "% of limit" is
 each engine's decode rate against it. On baby and mid the bytes are cllm's float32 parameters, counted the same way.
 
 Before the table, checks: each engine's last decode logits against its own full forward pass (no cache) over the
@@ -838,6 +838,10 @@ def main(argv=None) -> int:
         c = results.get((Unit("cllm"), cfg.name))
         if not cfg.exported and c is not None and c.weight_bytes:
             limits[(cfg.name, F32)] = Limit(None, c.weight_bytes)
+    # Measured again: another process on the cores lowers the rate, so the higher of the two is the machine's.
+    again = measure_machine(args.threads)
+    if again[1] > bandwidth:
+        machine, bandwidth = again
     print(machine)
     title = (f"Single-stream greedy decoding, batch 1, {args.threads} threads, median of {args.repeats} runs in each "
              f"of {args.rounds} alternating rounds; cllm/engine = cllm's figure over the engine's on the same type "
