@@ -101,8 +101,7 @@ class Decoder:
         self.v_cache = lazy_zeros(self.k_cache.size).reshape(self.k_cache.shape)
         self._logits = aligned_zeros(B * cfg.vocab_size).reshape(B, cfg.vocab_size)
         self._scratch = aligned_zeros(decode.decode_step_scratch(
-            B, dim=cfg.dim, qkv_dim=cfg.qkv_dim, up_dim=cfg.up_dim, hidden=cfg.hidden_dim, vocab=cfg.vocab_size,
-            t_max=T))
+            B, dim=cfg.dim, qkv_dim=cfg.qkv_dim, up_dim=cfg.up_dim, hidden=cfg.hidden_dim, vocab=cfg.vocab_size))
         # Where decode_step finds each parameter in the model's flat buffer; ABSENT for those the model lacks
         # (llama's biases and wpe, a tied model's lm_head), which decode_step checks against the architecture.
         offset = {name: (view.ctypes.data - model.params.ctypes.data) // view.itemsize

@@ -20,12 +20,16 @@
 # reduction runs inside one thread in a fixed order: results do not depend on `threads`. (The full forward pass
 # in attention.pyx gets its dot products from BLAS, so the two agree to rounding, not bit for bit.)
 from cython.parallel cimport parallel, prange
+from openmp cimport omp_get_thread_num
 from libc.limits cimport INT_MAX
 from libc.math cimport sqrtf
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
-from ._common cimport axpy, dot, linear_rows, require, require_blas_sizes, require_threads, softmax_inplace
+import numpy as np
+
+from ._common cimport (axpy, axpy4, dot, dot4, linear_rows, require, require_blas_sizes, require_threads,
+                       softmax_inplace)
 from .quantized cimport MatrixTable, qdequantize_row, qmatmul, qmatrix
 from .gelu cimport gelu_erf_span, gelu_span
 from .layernorm cimport layernorm_row
@@ -37,15 +41,25 @@ from .swiglu cimport swiglu_span
 cdef void head_decode(const float* q, const float* k, const float* v, float* out, float* scores,
                       Py_ssize_t length, Py_ssize_t stride, Py_ssize_t hs, float scale) noexcept nogil:
     """One (batch, query head): q and out point at the head's channels; k and v at its key/value head's channels
-    of cache position 0 (consecutive positions are `stride` floats apart); scores is scratch for `length` floats."""
-    cdef Py_ssize_t s, i
-    for s in range(length):
+    of cache position 0 (consecutive positions are `stride` floats apart); scores is scratch for `length` floats.
+    Positions go four at a time: each load of q serves four keys, and each pass over out adds four values."""
+    cdef Py_ssize_t s = 0, i
+    while s + 4 <= length:
+        dot4(q, k + s * stride, stride, hs, scores + s, False)
+        s += 4
+    while s < length:
         scores[s] = dot(q, k + s * stride, hs)
+        s += 1
     softmax_inplace(scores, length, scale)
     for i in range(hs):
         out[i] = 0.0
-    for s in range(length):
+    s = 0
+    while s + 4 <= length:
+        axpy4(scores + s, v + s * stride, stride, out, hs)
+        s += 4
+    while s < length:
         axpy(scores[s], v + s * stride, out, hs)
+        s += 1
 
 
 cdef Py_ssize_t head_size(Py_ssize_t dim, Py_ssize_t kv_dim, int n_heads, int n_kv_heads) except -1:
@@ -168,21 +182,23 @@ cdef struct Model:
     bint llama  # RMSNorm, no biases, RoPE (else LayerNorm, biases, wpe)
     Activation activation
     const float* rope  # the (cos, sin) table, (positions, head_size / 2, 2); NULL: positions come from wpe
-    int threads  # for the matrix products of 2 to 16 rows (_common.few_rows_product), and the quantized ones
+    int threads  # for the matrix products of 2 to 16 rows (_common.few_rows_product), the quantized ones and
+    # the attention's heads
+    float* scores  # a row of t_max attention weights per thread
     const qmatrix* quantized  # QUANTIZED_PER_LAYER entries a layer, then the head's and wte's; NULL: none
 
 
 cdef inline Py_ssize_t scratch_floats(Py_ssize_t rows, Py_ssize_t dim, Py_ssize_t qkv_dim, Py_ssize_t up_dim,
-                                      Py_ssize_t hidden, Py_ssize_t vocab, Py_ssize_t t_max) noexcept nogil:
-    # x, mid, ln and atty (dim each), qkv, fc (up_dim), its activation (hidden), mean and rstd, logits; then one
-    # row of attention weights
-    return rows * (4 * dim + qkv_dim + up_dim + hidden + 2 + vocab) + t_max
+                                      Py_ssize_t hidden, Py_ssize_t vocab) noexcept nogil:
+    # x, mid, ln and atty (dim each), qkv, fc (up_dim), its activation (hidden), mean and rstd, logits (the rows of
+    # attention weights are decode_step's own, one a thread)
+    return rows * (4 * dim + qkv_dim + up_dim + hidden + 2 + vocab)
 
 
 def decode_step_scratch(Py_ssize_t rows, *, Py_ssize_t dim, Py_ssize_t qkv_dim, Py_ssize_t up_dim,
-                        Py_ssize_t hidden, Py_ssize_t vocab, Py_ssize_t t_max):
+                        Py_ssize_t hidden, Py_ssize_t vocab):
     """Floats of scratch that decode_step needs for `rows` sequences at once (the widths are ModelConfig's)."""
-    return scratch_floats(rows, dim, qkv_dim, up_dim, hidden, vocab, t_max)
+    return scratch_floats(rows, dim, qkv_dim, up_dim, hidden, vocab)
 
 
 def decode_step(const float[::1] params, const Py_ssize_t[:, ::1] layer_offsets,
@@ -215,8 +231,10 @@ def decode_step(const float[::1] params, const Py_ssize_t[:, ::1] layer_offsets,
                                exact_gelu, rope, T)
     require_threads(threads)
     m.threads = threads
-    if scratch.shape[0] < scratch_floats(n, m.dim, m.qkv_dim, m.up_dim, m.hidden, m.vocab, T):
+    if scratch.shape[0] < scratch_floats(n, m.dim, m.qkv_dim, m.up_dim, m.hidden, m.vocab):
         raise ValueError("scratch is too small")
+    cdef float[:, ::1] scores = np.empty((threads, T), np.float32)  # a row of attention weights per thread
+    m.scores = &scores[0, 0]
     check_offsets(params.shape[0], layer_offsets, model_offsets, &m, k_cache.shape[0], T, arch)
     m.quantized = NULL
     if quantized is not None:
@@ -372,7 +390,6 @@ cdef void run_step(const float* P, const Py_ssize_t[:, ::1] layer_offsets, const
     cdef float* mean = fc_act + n * H
     cdef float* rstd = mean + n
     cdef float* step_logits = rstd + n
-    cdef float* scores = step_logits + n * V
     cdef const qmatrix* q = m.quantized  # this layer's entries, if any
     embed(P + model_offsets[WTE], optional(P, model_offsets[WPE]), tokens, positions, x, C,
           NULL if q == NULL else q + k_cache.shape[0] * QUANTIZED_PER_LAYER + 1)
@@ -381,9 +398,7 @@ cdef void run_step(const float* P, const Py_ssize_t[:, ::1] layer_offsets, const
         q = NULL if m.quantized == NULL else m.quantized + l * QUANTIZED_PER_LAYER
         norm_rows(x, n, P + o[LN1_W], optional(P, o[LN1_B]), ln, mean, rstd, m)
         product(ln, n, C, P + o[ATTN_W], entry(q, Q_ATTN), optional(P, o[ATTN_B]), qkv, m.qkv_dim, False, m)
-        for j in range(n):
-            attend(qkv + j * m.qkv_dim, &k_cache[l, rows[j], 0, 0], &v_cache[l, rows[j], 0, 0], positions[j],
-                   atty + j * C, scores, m)
+        attend(qkv, k_cache, v_cache, l, rows, positions, atty, m)
         product(atty, n, C, P + o[PROJ_W], entry(q, Q_PROJ), optional(P, o[PROJ_B]), mid, C, False, m)
         axpy(1, x, mid, n * C)  # the residual
         norm_rows(mid, n, P + o[LN2_W], optional(P, o[LN2_B]), ln, mean, rstd, m)
@@ -442,19 +457,37 @@ cdef inline void norm_rows(const float* x, Py_ssize_t n, const float* w, const f
             layernorm_row(x + j * C, w, b, out + j * C, mean + j, rstd + j, C, m.eps)
 
 
-cdef void attend(float* qkv, float* keys, float* values, Py_ssize_t position, float* out, float* scores,
-                 const Model* m) noexcept nogil:
-    """One new token's attention: its q and k rotated to its position (RoPE), its k and v written to the cache,
-    then each query head over the cache's positions 0..position. qkv is the token's packed q | k | v; keys and
-    values point at its cache row's position 0; out gets the token's (dim,) result."""
-    cdef Py_ssize_t hs = m.head_size, KV = m.kv_dim, group = m.n_heads // m.n_kv_heads, h
-    if m.rope != NULL:  # the very rotation rope_forward applies to row `position` of a full pass
-        rotate_row(qkv, m.rope + position * hs, m.n_heads + m.n_kv_heads, hs, 1.0)
-    memcpy(keys + position * KV, qkv + m.dim, KV * sizeof(float))
-    memcpy(values + position * KV, qkv + m.dim + KV, KV * sizeof(float))
-    for h in range(m.n_heads):
-        head_decode(qkv + h * hs, keys + h // group * hs, values + h // group * hs, out + h * hs, scores,
-                    position + 1, KV, hs, m.scale)
+cdef void attend(float* qkv, float[:, :, :, ::1] k_cache, float[:, :, :, ::1] v_cache, Py_ssize_t l,
+                 const Py_ssize_t[::1] rows, const Py_ssize_t[::1] positions, float* out, const Model* m) noexcept nogil:
+    """Layer l's attention for the step's n new tokens, token j at positions[j] of cache row rows[j]: its q and k
+    rotated to its position (RoPE), its k and v written to the cache, then each query head over the cache's
+    positions 0..positions[j]. qkv holds each token's packed q | k | v; out (n, dim) gets the results. The (token,
+    head) pairs are shared out over m.threads, each computed by one thread in one order."""
+    cdef Py_ssize_t hs = m.head_size, KV = m.kv_dim, group = m.n_heads // m.n_kv_heads, NH = m.n_heads
+    cdef Py_ssize_t n = rows.shape[0], j, h, jh
+    cdef float* x
+    for j in range(n):
+        x = qkv + j * m.qkv_dim
+        if m.rope != NULL:  # the very rotation rope_forward applies to row `position` of a full pass
+            rotate_row(x, m.rope + positions[j] * hs, m.n_heads + m.n_kv_heads, hs, 1.0)
+        memcpy(&k_cache[l, rows[j], positions[j], 0], x + m.dim, KV * sizeof(float))
+        memcpy(&v_cache[l, rows[j], positions[j], 0], x + m.dim + KV, KV * sizeof(float))
+    if m.threads == 1:  # no OpenMP region to enter
+        for jh in range(n * NH):
+            attend_head(qkv, k_cache, v_cache, l, rows, positions, out, jh // NH, jh % NH, m.scores, m)
+        return
+    for jh in prange(n * NH, num_threads=m.threads, schedule="static"):
+        attend_head(qkv, k_cache, v_cache, l, rows, positions, out, jh // NH, jh % NH,
+                    m.scores + omp_get_thread_num() * k_cache.shape[2], m)
+
+
+cdef inline void attend_head(const float* qkv, float[:, :, :, ::1] k_cache, float[:, :, :, ::1] v_cache, Py_ssize_t l,
+                             const Py_ssize_t[::1] rows, const Py_ssize_t[::1] positions, float* out, Py_ssize_t j,
+                             Py_ssize_t h, float* scores, const Model* m) noexcept nogil:
+    """Query head h of token j (attend's pieces)."""
+    cdef Py_ssize_t hs = m.head_size, kv_head = h // (m.n_heads // m.n_kv_heads) * hs
+    head_decode(qkv + j * m.qkv_dim + h * hs, &k_cache[l, rows[j], 0, kv_head], &v_cache[l, rows[j], 0, kv_head],
+                out + j * m.dim + h * hs, scores, positions[j] + 1, m.kv_dim, hs, m.scale)
 
 
 cdef inline void activate(const float* fc, float* out, Py_ssize_t n, const Model* m) noexcept nogil:
