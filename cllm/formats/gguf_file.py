@@ -90,8 +90,9 @@ def _write(tmp: Path, *, model: GPT, vocabulary: _Vocabulary, tensor_type: str, 
         # converted only as it is written.
         for gguf_name, source in _ggml_sources(model):
             shape = _shape(source)
-            nbytes = int(np.prod(gguf.quants.quant_shape_to_byte_shape(shape, type_of(gguf_name, shape))))
-            writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32), nbytes, raw_dtype=type_of(gguf_name, shape))
+            qtype = type_of(gguf_name, shape)
+            nbytes = int(np.prod(gguf.quants.quant_shape_to_byte_shape(shape, qtype)))
+            writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
