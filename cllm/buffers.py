@@ -48,3 +48,10 @@ def carved_size(shapes: dict[str, tuple[int, ...]], *, pad: bool) -> int:
 
 def _padded(size: int) -> int:
     return -(-size // ALIGN_FLOATS) * ALIGN_FLOATS
+
+
+def release_pages(mapping: mmap.mmap, begin: int, nbytes: int) -> None:
+    """Gives back the pages of a memory-mapped file that hold bytes begin:begin + nbytes: a mapped file's pages
+    count in the process's memory until then (they are read from the file again if ever used again)."""
+    page = begin - begin % mmap.PAGESIZE
+    mapping.madvise(mmap.MADV_DONTNEED, page, begin + nbytes - page)

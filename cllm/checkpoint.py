@@ -41,6 +41,7 @@ from safetensors import SafetensorError, safe_open
 
 from . import tensor_files
 from .atomic import atomic_write_file
+from .buffers import release_pages
 from .formats.gguf_file import matrix_parts
 from .formats.gguf_in import is_gguf, load_gguf
 from .formats.hf import load_hf
@@ -216,7 +217,8 @@ def _part_shape(path, name: str, type_name, rows: int, cols: int
 
 
 def _mapped_blocks(path, quantized: dict) -> dict[str, QuantizedMatrix]:
-    """The quantized matrices as read-only views of the file, memory-mapped (checked by the caller)."""
+    """The quantized matrices as read-only views of the file, memory-mapped (checked by the caller), each part
+    packed for the kernels as it is read, and its pages of the file given back (as GGUF's, cllm.formats.gguf_in)."""
     entries, data_start = tensor_files.header(path)
     with open(path, "rb") as f:
         mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # outlives the descriptor, as mmap does
@@ -226,7 +228,10 @@ def _mapped_blocks(path, quantized: dict) -> dict[str, QuantizedMatrix]:
         for i, (qtype, shape) in enumerate(parts):
             begin, end = entries[f"{name}.{i}"]["data_offsets"]
             data = np.frombuffer(mapping, np.uint8, end - begin, data_start + begin).reshape(shape)
-            rows.append(QuantizedRows(qtype, data, cols))
+            part = QuantizedRows(qtype, data, cols)
+            part.packed  # noqa: B018 (made now, while its pages are read; then they are given back)
+            release_pages(mapping, data_start + begin, end - begin)
+            rows.append(part)
         matrices[name] = QuantizedMatrix(tuple(rows))
     return matrices
 

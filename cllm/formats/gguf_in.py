@@ -43,6 +43,7 @@ from typing import Iterator
 import gguf
 import numpy as np
 
+from ..buffers import release_pages
 from ..checks import require_int
 from ..errors import UsageError
 from ..model import GPT, MAX_CONTEXT_LENGTH, ModelConfig, parameter_shapes
@@ -147,7 +148,7 @@ def _kept_quantized(model: GPT, tensors: dict, layout: dict[str, _Destination], 
                 blocks = reordered
             part = QuantizedRows(tensor.tensor_type, blocks, int(tensor.shape[0]))
             part.packed  # noqa: B018 (made now, while the part's pages are read)
-            _release_pages(mapping, tensor.data_offset, tensor.n_bytes)
+            release_pages(mapping, tensor.data_offset, tensor.n_bytes)
             rows.append(part)
         kept[name] = (QuantizedMatrix(tuple(rows)), gguf_names)
     return kept
@@ -342,7 +343,7 @@ def _tied_head(tensors: dict[str, gguf.ReaderTensor], mapping: mmap.mmap) -> boo
     for start in range(0, ours.shape[0], rows):
         same = np.array_equal(ours[start:start + rows], theirs[start:start + rows])
         for tensor in (output, embedding):
-            _release_pages(mapping, tensor.data_offset + start * ours.shape[1], ours[start:start + rows].nbytes)
+            release_pages(mapping, tensor.data_offset + start * ours.shape[1], ours[start:start + rows].nbytes)
         if not same:
             return False
     return True
@@ -485,14 +486,8 @@ def dequantized_chunks(tensor: gguf.ReaderTensor, chunk_values: int = CHUNK_VALU
         raw = blocks[start:start + rows]
         yield start, gguf.quants.dequantize(raw, tensor.tensor_type)
         if mapping is not None:
-            _release_pages(mapping, tensor.data_offset + start * blocks[0].nbytes, raw.nbytes)
+            release_pages(mapping, tensor.data_offset + start * blocks[0].nbytes, raw.nbytes)
 
-
-def _release_pages(mapping: mmap.mmap, begin: int, nbytes: int) -> None:
-    """Gives back the pages of the mapped file that hold bytes begin:begin + nbytes: pages of a mapped file count in
-    the process's memory until then. (They are read again from the file, if ever used again.)"""
-    page = begin - begin % mmap.PAGESIZE
-    mapping.madvise(mmap.MADV_DONTNEED, page, begin + nbytes - page)
 
 
 def read_tensor_into(tensor: gguf.ReaderTensor, destination: np.ndarray, *, row_order: np.ndarray | None = None,
