@@ -1,17 +1,20 @@
-/* Products of float activations with GGML's block-quantized weights (cllm/quantized.py has the block layouts).
+/* Products of float activations with GGML's block-quantized weights (cllm/quantized.py has GGML's layouts).
 
    The activations are quantized on the fly, a row at a time, to int8 in blocks of 32 (d = max|x| / 127,
-   q = x / d rounded to nearest), with the integer sum of every 16 of them. A weight block then meets an activation
-   block as integers: its codes are read as unsigned bytes (Q8_0's signed ones with 128 added, by flipping their
-   top bit), one u8 x s8 dot product gives sum(code * q), and the code's offset comes back out through the
-   activation sums:
+   q = x / d rounded to nearest, as llama.cpp quantizes them for its Q8_0 and Q4_0 products), with the integer sum
+   of every 16. A weight block then meets an activation block as integers: its codes are read as unsigned bytes
+   with an offset (Q8_0's signed ones with 128 added, Q4_0's nibbles less 8, ...), one u8 x s8 dot product gives
+   sum(code * q) in 32-bit lanes, and the offset comes back out through the activation sums, in integers:
        sum_k w_k x_k  ~=  d_a * sum over the weight's scale groups g of  scale_g * (sum_k code_k q_k - offset_g * sum_k q_k)
-   so every type shares one inner product (vpdpbusd with AVX-512 VNNI or AVX-VNNI; maddubs and madd with AVX2;
-   plain C), and differs only in how it unpacks its codes and scales.
+   (Q4_K's min is a value, not a code: dmin * min_g * d_a * sum_k q_k comes off in float). Every type shares that
+   inner product (vpdpbusd with AVX-512 VNNI or AVX-VNNI, maddubs and madd with AVX2) and differs only in how it
+   unpacks its codes and scales.
 
-   Each type has a scalar reference row function, the portable path (quant_ref_*), and SIMD forms compiled for
-   their targets from quants_simd.h; the path is chosen at run time from the CPU's features (cllm_quant_isa).
-   Every product sums in one fixed order, so a result does not depend on the number of threads.
+   Here: the types' reference row functions in portable C (dequantization, which also serves the embedding lookup,
+   and the dot product, the scalar path), cllm's packed layout and its packing, and the dispatch; the SIMD forms
+   on the packed layout are quants_simd.h's, compiled per target and chosen at run time from the CPU's features
+   (quant_best_isa). Every output is one thread's sum in one fixed order, so it does not depend on the number of
+   threads.
 
    Nothing here checks its arguments: cllm/_kernels/quantized.pyx does, at the boundary. */
 #ifndef CLLM_QUANTS_H
@@ -319,8 +322,8 @@ static void pack_group(int type, const uint8_t *src, int64_t stride, int64_t col
 }
 
 /* ------------------------------------------------------------------------------------------------------------
-   SIMD forms: quants_simd.h, once per target. Each defines dot_<type>_<isa>, 256 bits wide; the three differ in
-   the u8 x s8 dot product of 4-byte groups into 32-bit lanes. */
+   SIMD forms: quants_simd.h, once per target, each defining gemm8_<type>_<isa>; the three differ in the u8 x s8
+   dot product of 4-byte groups into 32-bit lanes. */
 
 #ifdef CLLM_X86
 #define QS_ISA avx2
@@ -340,24 +343,6 @@ static void pack_group(int type, const uint8_t *src, int64_t stride, int64_t col
 #define QS_TARGET "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni"
 #define QS_DPBUSD(acc, u, s) _mm256_dpbusd_epi32((acc), (u), (s))
 #include "quants_simd.h"
-#endif
-
-typedef float (*dot_fn)(const uint8_t *w, qact a, int64_t cols);
-
-#define QS_REF_DOT(T) \
-    static float dot_##T##_scalar(const uint8_t *w, qact a, int64_t cols) { return dot_ref(QT_##T, w, a, cols); }
-QS_REF_DOT(Q8_0)
-QS_REF_DOT(Q4_0)
-QS_REF_DOT(Q5_0)
-QS_REF_DOT(Q4_K)
-QS_REF_DOT(Q6_K)
-
-#ifdef CLLM_X86
-#define QS_ROW(isa) {dot_Q8_0_##isa, dot_Q4_0_##isa, dot_Q5_0_##isa, dot_Q4_K_##isa, dot_Q6_K_##isa}
-static const dot_fn DOTS[ISA_COUNT][QT_COUNT] = {QS_ROW(scalar), QS_ROW(avx2), QS_ROW(avxvnni), QS_ROW(avx512vnni)};
-#else
-static const dot_fn DOTS[ISA_COUNT][QT_COUNT] = {{dot_Q8_0_scalar, dot_Q4_0_scalar, dot_Q5_0_scalar, dot_Q4_K_scalar,
-                                                  dot_Q6_K_scalar}};
 #endif
 
 /* out[i, 0..7] = acts[i] . the group's 8 rows (+ bias), for i < n: a packed group's product */
@@ -393,14 +378,13 @@ typedef struct {
     int type;
     int64_t rows, row_bytes;
     const uint8_t *data;
-    const uint8_t *packed; /* the first rows / PACK_ROWS groups in cllm's layout, or NULL */
+    const uint8_t *packed; /* its whole groups of PACK_ROWS rows in cllm's layout, or NULL */
 } quant_part;
 
-enum { ROW_CHUNK = 16 }; /* weight rows a thread takes at a time: they stay in L1 while every activation row passes */
+enum { ROW_CHUNK = 16 }; /* unpacked rows a thread takes at a time: they stay in L1 while every activation row passes */
 
 static void quant_matmul_part(int isa, const quant_part *w, int64_t cols, const qact *acts, int64_t n, float *out,
                               int64_t ldo, const float *bias, int threads) {
-    dot_fn dot = DOTS[isa][w->type];
     gemm8_fn gemm8 = w->packed ? GEMM8S[isa][w->type] : NULL;
     int64_t groups = gemm8 ? w->rows / PACK_ROWS : 0, first_row = groups * PACK_ROWS;
     int64_t group_bytes = cols / QT_BLOCK[w->type] * packed_block_bytes(w->type);
@@ -415,7 +399,7 @@ static void quant_matmul_part(int isa, const quant_part *w, int64_t cols, const 
         int64_t r0 = first_row + (c - groups) * ROW_CHUNK, r1 = r0 + ROW_CHUNK < w->rows ? r0 + ROW_CHUNK : w->rows;
         for (int64_t i = 0; i < n; i++) {
             for (int64_t r = r0; r < r1; r++) {
-                float v = dot(w->data + r * w->row_bytes, acts[i], cols);
+                float v = dot_ref(w->type, w->data + r * w->row_bytes, acts[i], cols);
                 out[i * ldo + r] = bias ? v + bias[r] : v;
             }
         }
