@@ -152,7 +152,7 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -343,10 +343,6 @@ class GPT:
             else:
                 view[...] = 0.0
 
-    @property
-    def quantized(self) -> bool:
-        return bool(self.q)
-
     def dequantize(self) -> None:
         """Widens every quantized matrix into its float32 view and drops the blocks: a model to train or to
         export as floats."""
@@ -404,7 +400,7 @@ class GPT:
         heartbeat, if given, is called as heartbeat("forward", layer) before each layer: the coordinator's
         watchdog reads it, and it may raise to stop work that has been abandoned.
         """
-        cfg, p, a, th = self.config, self.p, ws.a, threads or self.threads
+        cfg, a, th = self.config, ws.a, threads or self.threads
         B, T = ws.batch, ws.seq
         if tokens.shape != (B, T):
             raise ValueError(f"tokens must have shape {(B, T)}, got {tokens.shape}")

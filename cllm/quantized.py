@@ -81,7 +81,7 @@ class QuantizedMatrix:
             raise ValueError("a quantized matrix is one or more row parts of the same row length")
 
     @classmethod
-    def of(cls, *parts: QuantizedRows) -> "QuantizedMatrix":
+    def of(cls, *parts: QuantizedRows) -> QuantizedMatrix:
         return cls(tuple(parts))
 
     @property
@@ -103,7 +103,9 @@ class QuantizedMatrix:
 
 def quantize_rows(values: np.ndarray, ggml_type: Q) -> QuantizedRows:
     """values (rows, cols) float32 as GGML blocks of ggml_type (cllm.formats.quantize's quantizers)."""
-    from .formats.quantize import quantize  # the quantizers pull in more than the kernels need
+    from .formats.quantize import (
+        quantize,  # the quantizers pull in more than the kernels need
+    )
 
     values = np.ascontiguousarray(values, np.float32)
     return QuantizedRows(ggml_type, quantize(values, ggml_type), values.shape[1])
