@@ -29,6 +29,8 @@ from functools import cached_property
 import gguf
 import numpy as np
 
+from .formats.quantize import quantize
+
 Q = gguf.GGMLQuantizationType
 KERNEL_TYPES = (Q.Q8_0, Q.Q4_0, Q.Q5_0, Q.Q4_K, Q.Q6_K)
 
@@ -102,10 +104,6 @@ class QuantizedMatrix:
 
 
 def quantize_rows(values: np.ndarray, ggml_type: Q) -> QuantizedRows:
-    """values (rows, cols) float32 as GGML blocks of ggml_type (cllm.formats.quantize's quantizers)."""
-    from .formats.quantize import (
-        quantize,  # the quantizers pull in more than the kernels need
-    )
-
+    """values (rows, cols) float32 as GGML blocks of ggml_type (cllm.formats.quantize's quantizers, llama.cpp's)."""
     values = np.ascontiguousarray(values, np.float32)
     return QuantizedRows(ggml_type, quantize(values, ggml_type), values.shape[1])

@@ -1,2 +1,2 @@
-"""Model formats other than cllm's own .cllm file (cllm.checkpoint): Hugging Face folders, in and out, and GGUF,
-out."""
+"""Model formats other than cllm's own .cllm file (cllm.checkpoint): Hugging Face folders and GGUF files, in and
+out, and cllm's quantizer of GGML's block types."""
