@@ -2,11 +2,17 @@
 #
 # decode_step runs the whole model for a step in a single nogil call: there is too little work per kernel for
 # Python to sit between the kernels (it took about half of a small model's step). Its pieces are the training
-# kernels' own inline row functions (layernorm.pxd, rmsnorm.pxd, gelu.pxd, swiglu.pxd, rope.pxd, linear_rows in
-# _common.pxd) and head_decode. Both architectures (cllm/model.py) take the same path; where they differ, the
-# step branches once per layer, never per element: the norm (LayerNorm or RMSNorm), the activation (GELU or
-# SwiGLU), the positions (wpe added to the embedding, or RoPE on q and k), and biases (llama has none: their
-# offsets are ABSENT and linear_rows gets NULL).
+# kernels' own inline row functions (layernorm.pxd, rmsnorm.pxd, gelu.pxd, swiglu.pxd, rope.pxd, few_rows_block in
+# _common.pxd), the quantized products (quantized.pxd) and head_decode. Both architectures (cllm/model.py) take the
+# same path; where they differ, the step branches once per layer, never per element: the norm (LayerNorm or
+# RMSNorm), the activation (GELU or SwiGLU), the positions (wpe added to the embedding, or RoPE on q and k), and
+# biases (llama has none: their offsets are ABSENT and the products get NULL).
+#
+# The step's threads enter one OpenMP region for the whole step and meet at a spinning barrier (barrier.h)
+# between its pieces: a small model's step is a few hundred pieces of a few microseconds each, and an OpenMP
+# region per product (its threads put to sleep between them, as OMP_WAIT_POLICY=passive has it) cost more than
+# the products themselves on SmolLM2's 30 narrow layers. The products and the attention's heads are shared out;
+# thread 0 alone does the row-wise pieces between them.
 #
 # attention_decode is the attention part alone, single-query causal attention over the cache, a kernel of its
 # own so that it is tested on its own:
@@ -20,7 +26,7 @@
 # reduction runs inside one thread in a fixed order: results do not depend on `threads`. (The full forward pass
 # in attention.pyx gets its dot products from BLAS, so the two agree to rounding, not bit for bit.)
 from cython.parallel cimport parallel, prange
-from openmp cimport omp_get_thread_num
+from openmp cimport omp_get_num_threads, omp_get_thread_num
 from libc.limits cimport INT_MAX
 from libc.math cimport sqrtf
 from libc.stdlib cimport free, malloc
@@ -28,9 +34,16 @@ from libc.string cimport memcpy
 
 import numpy as np
 
-from ._common cimport (axpy, axpy4, dot, dot4, linear_rows, require, require_blas_sizes, require_threads,
-                       softmax_inplace)
-from .quantized cimport MatrixTable, qdequantize_row, qmatmul, qmatrix
+from ._common cimport (FEW_ROWS_COLUMNS, axpy, axpy4, dot, dot4, few_rows_block, require, require_blas_sizes,
+                       require_threads, softmax_inplace)
+
+cdef extern from "barrier.h" nogil:
+    ctypedef struct spin_barrier:
+        int arrived
+        int phase
+    void spin_barrier_wait(spin_barrier* b, int threads)
+from .quantized cimport (MatrixTable, path, qact, qdequantize_row, qmatrix, quant_act_bytes, quant_act_rows,
+                         quant_matmul_units, quant_units)
 from .gelu cimport gelu_erf_span, gelu_span
 from .layernorm cimport layernorm_row
 from .rmsnorm cimport rmsnorm_row
@@ -186,6 +199,9 @@ cdef struct Model:
     # the attention's heads
     float* scores  # a row of t_max attention weights per thread
     const qmatrix* quantized  # QUANTIZED_PER_LAYER entries a layer, then the head's and wte's; NULL: none
+    int path  # the quantized products' instruction-set path (quantized.path())
+    void* activations  # the step's activations quantized for a product, quant_act_bytes(rows, max(dim, hidden))
+    qact** acts  # where the team finds them (its rows)
 
 
 cdef inline Py_ssize_t scratch_floats(Py_ssize_t rows, Py_ssize_t dim, Py_ssize_t qkv_dim, Py_ssize_t up_dim,
@@ -212,9 +228,8 @@ def decode_step(const float[::1] params, const Py_ssize_t[:, ::1] layer_offsets,
 
     k_cache, v_cache (L, B, Tmax, KV) get each new token's keys and values (KV = n_kv_heads * head size, n_kv_heads
     defaulting to n_heads); row rows[j] attends to its positions 0..positions[j]. Other rows of the cache and of
-    logits are untouched. Matrix products of one row use BLAS's threads; those of 2 to 16 rows `threads`
-    threads (_common.few_rows_product, the same results for any number); everything else runs on the calling
-    thread.
+    logits are untouched. The step runs on `threads` threads, which share out its matrix products and attention
+    heads (the same results for any number); no BLAS runs in it.
 
     arch is ModelConfig's: "gpt2" (LayerNorm, learned positions wpe, GELU: the tanh form, or with exact_gelu=True
     the erf form) or "llama" (RMSNorm, no biases, RoPE from rope = rope_table(Tmax or more, head size, theta),
@@ -223,7 +238,6 @@ def decode_step(const float[::1] params, const Py_ssize_t[:, ::1] layer_offsets,
     quantized, if given, is a MatrixTable (cllm._kernels.quantized) of QUANTIZED_PER_LAYER entries a layer (c_attn,
     c_proj, c_fc, the MLP's c_proj), then the head's and wte's: a matrix it holds is multiplied in its blocks
     (GGML's (out, in) rows) and its float32 one in params is not read; an entry of None takes the float32 one.
-    Quantized products run on `threads` threads.
     """
     cdef Py_ssize_t T = k_cache.shape[2], n = tokens.shape[0], head
     check_cache(k_cache, v_cache, logits, tokens, rows, positions)
@@ -235,6 +249,9 @@ def decode_step(const float[::1] params, const Py_ssize_t[:, ::1] layer_offsets,
         raise ValueError("scratch is too small")
     cdef float[:, ::1] scores = np.empty((threads, T), np.float32)  # a row of attention weights per thread
     m.scores = &scores[0, 0]
+    cdef unsigned char[::1] activations = np.empty(quant_act_bytes(n, max(m.dim, m.hidden)), np.uint8)
+    cdef qact* acts[1]
+    m.activations, m.acts, m.path = &activations[0], acts, path()
     check_offsets(params.shape[0], layer_offsets, model_offsets, &m, k_cache.shape[0], T, arch)
     m.quantized = NULL
     if quantized is not None:
@@ -377,8 +394,28 @@ cdef void run_step(const float* P, const Py_ssize_t[:, ::1] layer_offsets, const
                    Py_ssize_t head, const Py_ssize_t[::1] tokens, const Py_ssize_t[::1] rows,
                    const Py_ssize_t[::1] positions, float[:, :, :, ::1] k_cache, float[:, :, :, ::1] v_cache,
                    float* scratch, float[:, ::1] logits, const Model* m) noexcept nogil:
-    """decode_step's work, everything checked: the model over n new tokens, one per cache row rows[j]."""
-    cdef Py_ssize_t n = tokens.shape[0], C = m.dim, H = m.hidden, V = m.vocab, j, l
+    """decode_step's work, everything checked: the model over n new tokens, one per cache row rows[j], on a team
+    of m.threads threads that enter one OpenMP region for the whole step and meet at a spinning barrier between
+    its pieces (team_step)."""
+    cdef spin_barrier barrier
+    barrier.arrived, barrier.phase = 0, 0
+    if m.threads == 1:  # no OpenMP region to enter
+        team_step(0, 1, &barrier, P, layer_offsets, model_offsets, head, tokens, rows, positions, k_cache, v_cache,
+                  scratch, logits, m)
+        return
+    with parallel(num_threads=m.threads):
+        team_step(omp_get_thread_num(), omp_get_num_threads(), &barrier, P, layer_offsets, model_offsets, head,
+                  tokens, rows, positions, k_cache, v_cache, scratch, logits, m)
+
+
+cdef void team_step(int t, int team, spin_barrier* barrier, const float* P, const Py_ssize_t[:, ::1] layer_offsets,
+                    const Py_ssize_t[::1] model_offsets, Py_ssize_t head, const Py_ssize_t[::1] tokens,
+                    const Py_ssize_t[::1] rows, const Py_ssize_t[::1] positions, float[:, :, :, ::1] k_cache,
+                    float[:, :, :, ::1] v_cache, float* scratch, float[:, ::1] logits, const Model* m) noexcept nogil:
+    """Thread t's part of the step, of `team` threads: the matrix products and the attention heads are shared out
+    (every output computed whole by one thread, whatever the team), and thread 0 alone does the small row-wise
+    pieces between them (embedding, norms, residuals, activation, RoPE and the cache writes)."""
+    cdef Py_ssize_t n = tokens.shape[0], C = m.dim, H = m.hidden, V = m.vocab, L = k_cache.shape[0], j, l
     cdef const Py_ssize_t* o
     cdef float* x = scratch
     cdef float* mid = x + n * C
@@ -391,27 +428,46 @@ cdef void run_step(const float* P, const Py_ssize_t[:, ::1] layer_offsets, const
     cdef float* rstd = mean + n
     cdef float* step_logits = rstd + n
     cdef const qmatrix* q = m.quantized  # this layer's entries, if any
-    embed(P + model_offsets[WTE], optional(P, model_offsets[WPE]), tokens, positions, x, C,
-          NULL if q == NULL else q + k_cache.shape[0] * QUANTIZED_PER_LAYER + 1)
-    for l in range(k_cache.shape[0]):
+    if t == 0:
+        embed(P + model_offsets[WTE], optional(P, model_offsets[WPE]), tokens, positions, x, C,
+              NULL if q == NULL else q + L * QUANTIZED_PER_LAYER + 1)
+    for l in range(L):
         o = &layer_offsets[l, 0]
         q = NULL if m.quantized == NULL else m.quantized + l * QUANTIZED_PER_LAYER
-        norm_rows(x, n, P + o[LN1_W], optional(P, o[LN1_B]), ln, mean, rstd, m)
-        product(ln, n, C, P + o[ATTN_W], entry(q, Q_ATTN), optional(P, o[ATTN_B]), qkv, m.qkv_dim, False, m)
-        attend(qkv, k_cache, v_cache, l, rows, positions, atty, m)
-        product(atty, n, C, P + o[PROJ_W], entry(q, Q_PROJ), optional(P, o[PROJ_B]), mid, C, False, m)
-        axpy(1, x, mid, n * C)  # the residual
-        norm_rows(mid, n, P + o[LN2_W], optional(P, o[LN2_B]), ln, mean, rstd, m)
-        product(ln, n, C, P + o[FC_W], entry(q, Q_FC), optional(P, o[FC_B]), fc, m.up_dim, False, m)
-        activate(fc, fc_act, n, m)
+        if t == 0:
+            norm_rows(x, n, P + o[LN1_W], optional(P, o[LN1_B]), ln, mean, rstd, m)
+        spin_barrier_wait(barrier, team)
+        product(t, team, barrier, ln, n, C, P + o[ATTN_W], entry(q, Q_ATTN), optional(P, o[ATTN_B]), qkv,
+                m.qkv_dim, False, m)
+        if t == 0:
+            place(qkv, k_cache, v_cache, l, rows, positions, m)
+        spin_barrier_wait(barrier, team)
+        attend(t, team, qkv, k_cache, v_cache, l, rows, positions, atty, m)
+        spin_barrier_wait(barrier, team)
+        product(t, team, barrier, atty, n, C, P + o[PROJ_W], entry(q, Q_PROJ), optional(P, o[PROJ_B]), mid, C,
+                False, m)
+        if t == 0:
+            axpy(1, x, mid, n * C)  # the residual
+            norm_rows(mid, n, P + o[LN2_W], optional(P, o[LN2_B]), ln, mean, rstd, m)
+        spin_barrier_wait(barrier, team)
+        product(t, team, barrier, ln, n, C, P + o[FC_W], entry(q, Q_FC), optional(P, o[FC_B]), fc, m.up_dim, False,
+                m)
+        if t == 0:
+            activate(fc, fc_act, n, m)
+        spin_barrier_wait(barrier, team)
         # (x, the block's input, is spent)
-        product(fc_act, n, H, P + o[MLP_W], entry(q, Q_MLP), optional(P, o[MLP_B]), x, C, False, m)
-        axpy(1, mid, x, n * C)
-    norm_rows(x, n, P + model_offsets[LNF_W], optional(P, model_offsets[LNF_B]), ln, mean, rstd, m)
-    q = NULL if m.quantized == NULL else m.quantized + k_cache.shape[0] * QUANTIZED_PER_LAYER
-    product(ln, n, C, P + head, entry(q, 0), NULL, step_logits, V, True, m)
-    for j in range(n):
-        memcpy(&logits[rows[j], 0], step_logits + j * V, V * sizeof(float))
+        product(t, team, barrier, fc_act, n, H, P + o[MLP_W], entry(q, Q_MLP), optional(P, o[MLP_B]), x, C, False,
+                m)
+        if t == 0:
+            axpy(1, mid, x, n * C)
+    if t == 0:
+        norm_rows(x, n, P + model_offsets[LNF_W], optional(P, model_offsets[LNF_B]), ln, mean, rstd, m)
+    spin_barrier_wait(barrier, team)
+    q = NULL if m.quantized == NULL else m.quantized + L * QUANTIZED_PER_LAYER
+    product(t, team, barrier, ln, n, C, P + head, entry(q, 0), NULL, step_logits, V, True, m)
+    if t == 0:
+        for j in range(n):
+            memcpy(&logits[rows[j], 0], step_logits + j * V, V * sizeof(float))
 
 
 cdef inline const qmatrix* entry(const qmatrix* entries, int i) noexcept nogil:
@@ -421,15 +477,29 @@ cdef inline const qmatrix* entry(const qmatrix* entries, int i) noexcept nogil:
     return entries + i
 
 
-cdef inline void product(const float* x, Py_ssize_t n, Py_ssize_t c, const float* w, const qmatrix* qw,
-                         const float* b, float* out, Py_ssize_t oc, bint w_transposed, const Model* m) noexcept nogil:
-    """out (n, oc) = x (n, c) @ W + b: in W's blocks if qw is not NULL, else linear_rows on the float32 W. (The
-    quantized product's scratch is a few rows of activations; run_step has no way to report its failing to
-    allocate them, which the malloc of a few kilobytes does not do in practice: it then leaves out as it was.)"""
+cdef void product(int t, int team, spin_barrier* barrier, const float* x, Py_ssize_t n, Py_ssize_t c,
+                  const float* w, const qmatrix* qw, const float* b, float* out, Py_ssize_t oc, bint w_transposed,
+                  const Model* m) noexcept nogil:
+    """Thread t's share of out (n, oc) = x (n, c) @ W + b, then the team's barrier: in W's blocks if qw is not NULL
+    (thread 0 first quantizes x into m.activations for the team), else on the float32 W, (c, oc), or (oc, c) if
+    w_transposed, in column blocks of FEW_ROWS_COLUMNS."""
+    cdef Py_ssize_t units, blocks, u, j0, j1, i
     if qw != NULL:
-        qmatmul(qw, x, n, out, oc, b, m.threads)
+        if t == 0:
+            quant_act_rows(m.activations, n, c, x, &m.acts[0])
+        spin_barrier_wait(barrier, team)
+        units = quant_units(m.path, qw)
+        quant_matmul_units(m.path, qw, m.acts[0], n, out, oc, b, units * t // team, units * (t + 1) // team)
     else:
-        linear_rows(x, n, c, w, b, out, oc, w_transposed, m.threads)
+        blocks = (oc + FEW_ROWS_COLUMNS - 1) // FEW_ROWS_COLUMNS
+        for u in range(blocks * t // team, blocks * (t + 1) // team):
+            j0, j1 = u * FEW_ROWS_COLUMNS, min((u + 1) * FEW_ROWS_COLUMNS, oc)
+            if b != NULL:  # seeded with the bias, then accumulated onto
+                for i in range(n):
+                    memcpy(out + i * oc + j0, b + j0, (j1 - j0) * sizeof(float))
+            few_rows_block(w_transposed, <int>n, j0, j1, <int>c, x, <int>c, w, <int>(c if w_transposed else oc),
+                           1.0 if b != NULL else 0.0, out, <int>oc)
+    spin_barrier_wait(barrier, team)
 
 
 cdef inline void embed(const float* wte, const float* wpe, const Py_ssize_t[::1] tokens,
@@ -457,37 +527,32 @@ cdef inline void norm_rows(const float* x, Py_ssize_t n, const float* w, const f
             layernorm_row(x + j * C, w, b, out + j * C, mean + j, rstd + j, C, m.eps)
 
 
-cdef void attend(float* qkv, float[:, :, :, ::1] k_cache, float[:, :, :, ::1] v_cache, Py_ssize_t l,
-                 const Py_ssize_t[::1] rows, const Py_ssize_t[::1] positions, float* out, const Model* m) noexcept nogil:
-    """Layer l's attention for the step's n new tokens, token j at positions[j] of cache row rows[j]: its q and k
-    rotated to its position (RoPE), its k and v written to the cache, then each query head over the cache's
-    positions 0..positions[j]. qkv holds each token's packed q | k | v; out (n, dim) gets the results. The (token,
-    head) pairs are shared out over m.threads, each computed by one thread in one order."""
-    cdef Py_ssize_t hs = m.head_size, KV = m.kv_dim, group = m.n_heads // m.n_kv_heads, NH = m.n_heads
-    cdef Py_ssize_t n = rows.shape[0], j, h, jh
+cdef void place(float* qkv, float[:, :, :, ::1] k_cache, float[:, :, :, ::1] v_cache, Py_ssize_t l,
+                const Py_ssize_t[::1] rows, const Py_ssize_t[::1] positions, const Model* m) noexcept nogil:
+    """Each new token's q and k rotated to its position (RoPE), and its k and v written to layer l's cache: token j
+    at positions[j] of cache row rows[j]. qkv holds each token's packed q | k | v."""
+    cdef Py_ssize_t hs = m.head_size, KV = m.kv_dim, j
     cdef float* x
-    for j in range(n):
+    for j in range(rows.shape[0]):
         x = qkv + j * m.qkv_dim
         if m.rope != NULL:  # the very rotation rope_forward applies to row `position` of a full pass
             rotate_row(x, m.rope + positions[j] * hs, m.n_heads + m.n_kv_heads, hs, 1.0)
         memcpy(&k_cache[l, rows[j], positions[j], 0], x + m.dim, KV * sizeof(float))
         memcpy(&v_cache[l, rows[j], positions[j], 0], x + m.dim + KV, KV * sizeof(float))
-    if m.threads == 1:  # no OpenMP region to enter
-        for jh in range(n * NH):
-            attend_head(qkv, k_cache, v_cache, l, rows, positions, out, jh // NH, jh % NH, m.scores, m)
-        return
-    for jh in prange(n * NH, num_threads=m.threads, schedule="static"):
-        attend_head(qkv, k_cache, v_cache, l, rows, positions, out, jh // NH, jh % NH,
-                    m.scores + omp_get_thread_num() * k_cache.shape[2], m)
 
 
-cdef inline void attend_head(const float* qkv, float[:, :, :, ::1] k_cache, float[:, :, :, ::1] v_cache, Py_ssize_t l,
-                             const Py_ssize_t[::1] rows, const Py_ssize_t[::1] positions, float* out, Py_ssize_t j,
-                             Py_ssize_t h, float* scores, const Model* m) noexcept nogil:
-    """Query head h of token j (attend's pieces)."""
-    cdef Py_ssize_t hs = m.head_size, kv_head = h // (m.n_heads // m.n_kv_heads) * hs
-    head_decode(qkv + j * m.qkv_dim + h * hs, &k_cache[l, rows[j], 0, kv_head], &v_cache[l, rows[j], 0, kv_head],
-                out + j * m.dim + h * hs, scores, positions[j] + 1, m.kv_dim, hs, m.scale)
+cdef void attend(int t, int team, const float* qkv, float[:, :, :, ::1] k_cache, float[:, :, :, ::1] v_cache,
+                 Py_ssize_t l, const Py_ssize_t[::1] rows, const Py_ssize_t[::1] positions, float* out,
+                 const Model* m) noexcept nogil:
+    """Thread t's share of layer l's attention: each query head of each new token (placed) over its cache row's
+    positions 0..positions[j], into out (n, dim)."""
+    cdef Py_ssize_t hs = m.head_size, group = m.n_heads // m.n_kv_heads, NH = m.n_heads, pairs = rows.shape[0] * NH
+    cdef Py_ssize_t jh, j, h
+    for jh in range(pairs * t // team, pairs * (t + 1) // team):
+        j, h = jh // NH, jh % NH
+        head_decode(qkv + j * m.qkv_dim + h * hs, &k_cache[l, rows[j], 0, h // group * hs],
+                    &v_cache[l, rows[j], 0, h // group * hs], out + j * m.dim + h * hs, m.scores + t * k_cache.shape[2],
+                    positions[j] + 1, m.kv_dim, hs, m.scale)
 
 
 cdef inline void activate(const float* fc, float* out, Py_ssize_t n, const Model* m) noexcept nogil:

@@ -1,9 +1,10 @@
 # Products with block-quantized weights (cllm/quantized.py; the kernels and their layouts are in quants.h):
 #   out (n, rows) = x (n, cols) @ W^T + bias, W (rows, cols) in GGML's blocks, x quantized on the fly to int8 in
 #   blocks of 32.
-# One path for all n: a thread takes ROW_CHUNK weight rows at a time, which stay in L1 while every activation row
-# passes, so one row (decoding), a few (several streams) and many (a prompt) all read the weights once. Each
-# output is one thread's dot product in a fixed order: results do not depend on `threads`.
+# One path for all n: the matrix is cut into units (8 packed rows; the rows past the last group of 8, 16 at a time)
+# that threads take in contiguous shares, and every activation row passes each unit's rows while they are in L1,
+# so one row (decoding), a few (several streams) and many (a prompt) all read the weights once. Each output is one
+# unit's sum in a fixed order: results do not depend on `threads`.
 import os
 
 import numpy as np
@@ -25,14 +26,10 @@ cdef extern from "quants.h" nogil:
         QT_Q5_0
         QT_Q4_K
         QT_Q6_K
-    ctypedef struct qact:
-        const int8_t* q
-        const float* d
-        const int32_t* s16
     int quant_best_isa()
     void quantize_activation_row(const float* x, int64_t cols, int8_t* q, float* d, int32_t* s16)
-    void quant_matmul_part(int isa, const quant_part* w, int64_t cols, const qact* acts, int64_t n, float* out,
-                           int64_t ldo, const float* bias, int threads)
+    int quant_matmul(int isa, const qmatrix* w, const float* x, int64_t n, float* out, int64_t ldo,
+                     const float* bias, int threads)
     void dequant_ref(int type, const uint8_t* w, int64_t cols, float* out)
     enum:
         PACK_ROWS
@@ -114,7 +111,7 @@ cdef int fill_qmatrix(object matrix, qmatrix* m) except -1:
     if matrix is None:
         return 0
     parts = matrix.parts
-    require(len(parts) <= MAX_PARTS, f"a quantized matrix has at most {MAX_PARTS} row parts, got {len(parts)}")
+    require(len(parts) <= QMAX_PARTS, f"a quantized matrix has at most {QMAX_PARTS} row parts, got {len(parts)}")
     cdef const uint8_t[:, ::1] data
     cdef const uint8_t[::1] packed
     cdef int t
@@ -142,38 +139,15 @@ cdef int fill_qmatrix(object matrix, qmatrix* m) except -1:
     return 0
 
 
+cdef int path() noexcept nogil:
+    return isa
+
+
 cdef int qmatmul(const qmatrix* w, const float* x, int64_t n, float* out, int64_t ldo, const float* bias,
                  int threads) noexcept nogil:
     """out[i, :w.rows] (row stride ldo) = x[i] @ W^T + bias for the n rows of x (w.cols floats each); -1 if its
-    scratch cannot be allocated."""
-    cdef int64_t cols = w.cols, i, first = 0
-    cdef int p
-    cdef int8_t* q = <int8_t*>malloc(n * cols)
-    cdef float* d = <float*>malloc(n * (cols // QA_BLOCK) * sizeof(float))
-    cdef int32_t* s16 = <int32_t*>malloc(n * (cols // QA_GROUP) * sizeof(int32_t))
-    cdef qact* acts = <qact*>malloc(n * sizeof(qact))
-    if q == NULL or d == NULL or s16 == NULL or acts == NULL:
-        release(q, d, s16, acts)
-        return -1
-    for i in range(n):
-        acts[i].q = q + i * cols
-        acts[i].d = d + i * (cols // QA_BLOCK)
-        acts[i].s16 = s16 + i * (cols // QA_GROUP)
-        quantize_activation_row(x + i * cols, cols, q + i * cols, d + i * (cols // QA_BLOCK),
-                                s16 + i * (cols // QA_GROUP))
-    for p in range(w.nparts):
-        quant_matmul_part(isa, &w.parts[p], cols, acts, n, out + first, ldo, NULL if bias == NULL else bias + first,
-                          threads)
-        first += w.parts[p].rows
-    release(q, d, s16, acts)
-    return 0
-
-
-cdef inline void release(int8_t* q, float* d, int32_t* s16, qact* acts) noexcept nogil:
-    free(q)
-    free(d)
-    free(s16)
-    free(acts)
+    activations' memory cannot be allocated."""
+    return quant_matmul(isa, w, x, n, out, ldo, bias, threads)
 
 
 cdef void qdequantize_row(const qmatrix* w, int64_t row, float* out) noexcept nogil:

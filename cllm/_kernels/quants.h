@@ -24,6 +24,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <omp.h>
 
 #if defined(__x86_64__) || defined(__i386__)
 #define CLLM_X86 1
@@ -372,7 +373,11 @@ static int quant_best_isa(void) {
 }
 
 /* ------------------------------------------------------------------------------------------------------------
-   The product: out[i, r] = x[i] . W[r] + bias[r], for the rows of one part of a matrix. */
+   The product: out[i, r] = x[i] . W[r] + bias[r] for a matrix of up to QMAX_PARTS row parts, in units of work that
+   any thread may take: a part's packed groups of 8 rows, then its remaining rows ROW_CHUNK at a time. Each output
+   is computed whole by the unit that holds it, so how units are shared out never changes a result. */
+
+enum { QMAX_PARTS = 4, ROW_CHUNK = 16 };
 
 typedef struct {
     int type;
@@ -381,29 +386,94 @@ typedef struct {
     const uint8_t *packed; /* its whole groups of PACK_ROWS rows in cllm's layout, or NULL */
 } quant_part;
 
-enum { ROW_CHUNK = 16 }; /* unpacked rows a thread takes at a time: they stay in L1 while every activation row passes */
+/* A weight matrix (rows, cols) as parts stacked by rows; nparts 0 stands for one that is not quantized. */
+typedef struct {
+    int nparts;
+    int64_t rows, cols;
+    quant_part parts[QMAX_PARTS];
+} qmatrix;
 
-static void quant_matmul_part(int isa, const quant_part *w, int64_t cols, const qact *acts, int64_t n, float *out,
-                              int64_t ldo, const float *bias, int threads) {
-    gemm8_fn gemm8 = w->packed ? GEMM8S[isa][w->type] : NULL;
-    int64_t groups = gemm8 ? w->rows / PACK_ROWS : 0, first_row = groups * PACK_ROWS;
-    int64_t group_bytes = cols / QT_BLOCK[w->type] * packed_block_bytes(w->type);
-    int64_t tail_chunks = (w->rows - first_row + ROW_CHUNK - 1) / ROW_CHUNK, chunks = groups + tail_chunks;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && chunks > 1)
-    for (int64_t c = 0; c < chunks; c++) {
-        if (c < groups) { /* 8 packed rows, every activation row */
-            gemm8(w->packed + c * group_bytes, cols, acts, n, out + c * PACK_ROWS, ldo,
-                  bias ? bias + c * PACK_ROWS : NULL);
-            continue;
-        }
-        int64_t r0 = first_row + (c - groups) * ROW_CHUNK, r1 = r0 + ROW_CHUNK < w->rows ? r0 + ROW_CHUNK : w->rows;
-        for (int64_t i = 0; i < n; i++) {
-            for (int64_t r = r0; r < r1; r++) {
-                float v = dot_ref(w->type, w->data + r * w->row_bytes, acts[i], cols);
-                out[i * ldo + r] = bias ? v + bias[r] : v;
+static int64_t part_groups(int isa, const quant_part *w) {
+    return w->packed && GEMM8S[isa][w->type] ? w->rows / PACK_ROWS : 0;
+}
+
+static int64_t part_units(int isa, const quant_part *w) {
+    int64_t groups = part_groups(isa, w);
+    return groups + (w->rows - groups * PACK_ROWS + ROW_CHUNK - 1) / ROW_CHUNK;
+}
+
+static int64_t quant_units(int isa, const qmatrix *w) {
+    int64_t units = 0;
+    for (int p = 0; p < w->nparts; p++) units += part_units(isa, &w->parts[p]);
+    return units;
+}
+
+/* Units u0..u1 of the product (a thread's share). */
+static void quant_matmul_units(int isa, const qmatrix *w, const qact *acts, int64_t n, float *out, int64_t ldo,
+                               const float *bias, int64_t u0, int64_t u1) {
+    int64_t first_unit = 0, first_row = 0, cols = w->cols;
+    for (int p = 0; p < w->nparts && first_unit < u1; p++) {
+        const quant_part *part = &w->parts[p];
+        int64_t groups = part_groups(isa, part), units = part_units(isa, part);
+        int64_t group_bytes = cols / QT_BLOCK[part->type] * packed_block_bytes(part->type);
+        int64_t lo = u0 > first_unit ? u0 - first_unit : 0, hi = u1 - first_unit < units ? u1 - first_unit : units;
+        for (int64_t u = lo; u < hi; u++) {
+            if (u < groups) { /* 8 packed rows, every activation row */
+                int64_t r = first_row + u * PACK_ROWS;
+                GEMM8S[isa][part->type](part->packed + u * group_bytes, cols, acts, n, out + r, ldo, bias ? bias + r : NULL);
+                continue;
+            }
+            int64_t r0 = groups * PACK_ROWS + (u - groups) * ROW_CHUNK;
+            int64_t r1 = r0 + ROW_CHUNK < part->rows ? r0 + ROW_CHUNK : part->rows;
+            for (int64_t i = 0; i < n; i++) {
+                for (int64_t r = r0; r < r1; r++) {
+                    float v = dot_ref(part->type, part->data + r * part->row_bytes, acts[i], cols);
+                    out[i * ldo + first_row + r] = bias ? v + bias[first_row + r] : v;
+                }
             }
         }
+        first_unit += units;
+        first_row += part->rows;
     }
+}
+
+/* Activation rows quantized for a product: n rows of cols values in one allocation of quant_act_bytes(n, cols),
+   laid out by quant_act_rows. */
+static size_t quant_act_bytes(int64_t n, int64_t cols) {
+    return (size_t)n * (sizeof(qact) + (size_t)cols + (size_t)cols / QA_BLOCK * sizeof(float) +
+                        (size_t)cols / QA_GROUP * sizeof(int32_t));
+}
+
+static void quant_act_rows(void *memory, int64_t n, int64_t cols, const float *x, qact *rows_out[]) {
+    qact *rows = (qact *)memory;
+    float *d = (float *)(rows + n);
+    int32_t *s16 = (int32_t *)(d + n * (cols / QA_BLOCK));
+    int8_t *q = (int8_t *)(s16 + n * (cols / QA_GROUP));
+    for (int64_t i = 0; i < n; i++) {
+        quantize_activation_row(x + i * cols, cols, q + i * cols, d + i * (cols / QA_BLOCK), s16 + i * (cols / QA_GROUP));
+        rows[i].q = q + i * cols;
+        rows[i].d = d + i * (cols / QA_BLOCK);
+        rows[i].s16 = s16 + i * (cols / QA_GROUP);
+    }
+    *rows_out = rows;
+}
+
+/* The whole product on `threads` threads, each a contiguous share of the units; -1 if the activations' memory
+   cannot be allocated. */
+static int quant_matmul(int isa, const qmatrix *w, const float *x, int64_t n, float *out, int64_t ldo,
+                        const float *bias, int threads) {
+    void *memory = malloc(quant_act_bytes(n, w->cols));
+    if (memory == NULL) return -1;
+    qact *acts;
+    quant_act_rows(memory, n, w->cols, x, &acts);
+    int64_t units = quant_units(isa, w);
+#pragma omp parallel num_threads(threads) if (threads > 1 && units > 1)
+    {
+        int64_t t = omp_get_thread_num(), team = omp_get_num_threads();
+        quant_matmul_units(isa, w, acts, n, out, ldo, bias, units * t / team, units * (t + 1) / team);
+    }
+    free(memory);
+    return 0;
 }
 
 #endif
