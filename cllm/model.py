@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,7 @@ from .buffers import aligned_zeros, carve, carved_size
 from .checks import require_int
 from .errors import UsageError
 from .quantized import QuantizedMatrix
+from .threads import blas_limit
 
 
 # The two block designs, both pre-norm decoders with a tied or untied vocabulary head:
@@ -399,7 +401,16 @@ class GPT:
 
         heartbeat, if given, is called as heartbeat("forward", layer) before each layer: the coordinator's
         watchdog reads it, and it may raise to stop work that has been abandoned.
+
+        On quantized weights BLAS is held at one thread for the pass: only the attention calls it, from threads of
+        its own, and the quantized products run on OpenMP's; a BLAS pool spinning beside them after each call took
+        the second core, and a 2-thread prefill ran no faster than one.
         """
+        with blas_limit(1) if self.q else nullcontext():
+            return self._forward(ws, tokens, targets, grad_scale, threads, heartbeat, logits)
+
+    def _forward(self, ws: Workspace, tokens: np.ndarray, targets: np.ndarray | None, grad_scale: float,
+                 threads: int | None, heartbeat, logits: bool) -> float | None:
         cfg, a, th = self.config, ws.a, threads or self.threads
         B, T = ws.batch, ws.seq
         if tokens.shape != (B, T):
