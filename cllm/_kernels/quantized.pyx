@@ -10,7 +10,9 @@ import os
 import numpy as np
 
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t
+from cython.parallel cimport prange
 from libc.stdlib cimport free, malloc
+from openmp cimport omp_get_num_procs
 from ._common cimport require, require_threads
 
 cdef extern from "quants.h" nogil:
@@ -86,6 +88,10 @@ cdef class MatrixTable:
         return self.n
 
 
+cdef int available_threads() noexcept nogil:
+    return min(omp_get_num_procs(), 8)
+
+
 def pack(str type_name, const uint8_t[:, ::1] data, Py_ssize_t cols):
     """The rows' whole groups of PACK_ROWS in cllm's packed layout (quants.h), as uint8; None for fewer rows than a
     group."""
@@ -99,8 +105,8 @@ def pack(str type_name, const uint8_t[:, ::1] data, Py_ssize_t cols):
     cdef Py_ssize_t group_bytes = cols // QT_BLOCK[t] * packed_block_bytes(t)
     packed = np.empty(groups * group_bytes, np.uint8)
     cdef uint8_t[::1] out = packed
-    with nogil:
-        for g in range(groups):
+    with nogil:  # a reordering of bytes: any thread may move any group
+        for g in prange(groups, num_threads=available_threads(), schedule="static"):
             pack_group(t, &data[g * PACK_ROWS, 0], data.shape[1], cols, &out[g * group_bytes])
     return packed
 

@@ -50,7 +50,7 @@ from ..model import GPT, MAX_CONTEXT_LENGTH, ModelConfig, parameter_shapes
 from ..model_file_errors import ModelFileError, few_names, one_line
 from ..quantized import KERNEL_TYPES, QuantizedMatrix, QuantizedRows
 from ..tokenizer import Tokenizer
-from .gguf_file import ARCHITECTURES, CONV1D, interleave_rotary_pairs, matrix_parts
+from .gguf_file import ARCHITECTURES, CONV1D, interleave_rotary_pairs, matrix_parts, tensor_name_map
 from .gguf_tokenizer import read_gguf_tokenizer
 from .hf import hf_tensors
 
@@ -429,7 +429,7 @@ def _ggml_layout(model) -> dict[str, _Destination]:
     """Every GGUF tensor name of the model's architecture and where its values go: the inverse of what
     cllm.formats.gguf_file writes."""
     cfg = model.config
-    names = gguf.TensorNameMap(ARCHITECTURES[cfg.arch], cfg.n_layers)
+    names = tensor_name_map(cfg.arch, cfg.n_layers)
     layout = {}
     for hf_name, view in hf_tensors(model).items():
         order = None
