@@ -89,20 +89,23 @@ static void quantize_activation_row(const float *x, int64_t cols, int8_t *q, flo
     for (int64_t b = 0; b < cols / QA_BLOCK; b++) {
         const float *xb = x + b * QA_BLOCK;
         float amax = 0.0f;
-        for (int k = 0; k < QA_BLOCK; k++) {
+        int nan = 0;
+        for (int k = 0; k < QA_BLOCK; k++) { /* (loops that gcc vectorises) */
             float a = fabsf(xb[k]);
-            amax = a > amax || a != a ? a : amax; /* a NaN stays: the block's scale is NaN, and so is the product */
+            amax = a > amax ? a : amax;
+            nan |= a != a;
         }
-        float scale = amax / 127.0f, inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
-        d[b] = scale;
+        if (nan) amax = NAN; /* the block's scale is NaN, and so is every product with it */
+        float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
+        d[b] = amax / 127.0f;
+        int8_t *qb = q + b * QA_BLOCK;
+        for (int k = 0; k < QA_BLOCK; k++) {
+            float v = nearbyintf(xb[k] * inverse); /* |v| <= 127, but for NaN or inf, which become 0 */
+            qb[k] = (int8_t)(v >= -127.0f && v <= 127.0f ? (int)v : 0);
+        }
         for (int g = 0; g < 2; g++) {
             int32_t sum = 0;
-            for (int k = g * QA_GROUP; k < (g + 1) * QA_GROUP; k++) {
-                float v = nearbyintf(xb[k] * inverse); /* |v| <= 127, but for NaN or inf, which become 0 */
-                int c = v >= -127.0f && v <= 127.0f ? (int)v : 0;
-                q[b * QA_BLOCK + k] = (int8_t)c;
-                sum += c;
-            }
+            for (int k = g * QA_GROUP; k < (g + 1) * QA_GROUP; k++) sum += qb[k];
             s16[2 * b + g] = sum;
         }
     }
@@ -438,24 +441,34 @@ static void quant_matmul_units(int isa, const qmatrix *w, const qact *acts, int6
 }
 
 /* Activation rows quantized for a product: n rows of cols values in one allocation of quant_act_bytes(n, cols),
-   laid out by quant_act_rows. */
+   laid out by quant_act_layout. */
 static size_t quant_act_bytes(int64_t n, int64_t cols) {
     return (size_t)n * (sizeof(qact) + (size_t)cols + (size_t)cols / QA_BLOCK * sizeof(float) +
                         (size_t)cols / QA_GROUP * sizeof(int32_t));
 }
 
-static void quant_act_rows(void *memory, int64_t n, int64_t cols, const float *x, qact *rows_out[]) {
+static qact *quant_act_layout(void *memory, int64_t n, int64_t cols) {
     qact *rows = (qact *)memory;
     float *d = (float *)(rows + n);
     int32_t *s16 = (int32_t *)(d + n * (cols / QA_BLOCK));
     int8_t *q = (int8_t *)(s16 + n * (cols / QA_GROUP));
     for (int64_t i = 0; i < n; i++) {
-        quantize_activation_row(x + i * cols, cols, q + i * cols, d + i * (cols / QA_BLOCK), s16 + i * (cols / QA_GROUP));
         rows[i].q = q + i * cols;
         rows[i].d = d + i * (cols / QA_BLOCK);
         rows[i].s16 = s16 + i * (cols / QA_GROUP);
     }
-    *rows_out = rows;
+    return rows;
+}
+
+/* Rows i0..i1 of x quantized into their places (a thread's share of the rows). */
+static void quant_act_quantize(qact *rows, const float *x, int64_t cols, int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; i++)
+        quantize_activation_row(x + i * cols, cols, (int8_t *)rows[i].q, (float *)rows[i].d, (int32_t *)rows[i].s16);
+}
+
+static void quant_act_rows(void *memory, int64_t n, int64_t cols, const float *x, qact *rows_out[]) {
+    *rows_out = quant_act_layout(memory, n, cols);
+    quant_act_quantize(*rows_out, x, cols, 0, n);
 }
 
 /* The whole product on `threads` threads, each a contiguous share of the units; -1 if the activations' memory
@@ -464,12 +477,13 @@ static int quant_matmul(int isa, const qmatrix *w, const float *x, int64_t n, fl
                         const float *bias, int threads) {
     void *memory = malloc(quant_act_bytes(n, w->cols));
     if (memory == NULL) return -1;
-    qact *acts;
-    quant_act_rows(memory, n, w->cols, x, &acts);
+    qact *acts = quant_act_layout(memory, n, w->cols);
     int64_t units = quant_units(isa, w);
 #pragma omp parallel num_threads(threads) if (threads > 1 && units > 1)
     {
         int64_t t = omp_get_thread_num(), team = omp_get_num_threads();
+        quant_act_quantize(acts, x, w->cols, n * t / team, n * (t + 1) / team);
+#pragma omp barrier
         quant_matmul_units(isa, w, acts, n, out, ldo, bias, units * t / team, units * (t + 1) / team);
     }
     free(memory);
