@@ -14,10 +14,10 @@ from cllm.formats.gguf_file import quantize_model, save_gguf
 from cllm.formats.gguf_in import load_gguf
 from cllm.generate import Decoder
 from cllm.model import GPT, ModelConfig
-from cllm.tokenizer import Tokenizer
+
+from tests.test_gguf_in import bpe, random_model  # noqa: F401 (bpe: a fixture)
 
 Q = gguf.GGMLQuantizationType
-TEXT = ["To be, or not to be, that is the question:", "Whether 'tis nobler in the mind to suffer"] * 20
 CONFIGS = {
     "gpt2": ModelConfig(vocab_size=300, context_length=48, dim=64, n_layers=2, n_heads=4),
     # rows of 256: q4_k_m gives Q4_K and Q6_K parts; grouped-query attention; an untied head
@@ -29,17 +29,6 @@ FILE_TYPES = ("q8_0", "q4_0", "q4_k_m")
 # product rounds its activations to 8 bits a block of 32 (a relative error of up to 1/254 per value, ~0.2% on a
 # sum); measured on these random models it is 0.4-1.9%, through two layers.
 DEQUANTIZED_TOLERANCE = 0.05
-
-
-@pytest.fixture(scope="module")
-def bpe():
-    return Tokenizer.train("bpe", TEXT, vocab_size=300)
-
-
-def random_model(config: ModelConfig, seed: int = 0) -> GPT:
-    model = GPT(config, seed=seed)
-    model.params += np.random.default_rng(seed).normal(0, 0.05, model.params.size).astype(np.float32)
-    return model
 
 
 @pytest.fixture(scope="module")
