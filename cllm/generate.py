@@ -200,9 +200,9 @@ class Decoder:
         """
         cfg = self.model.config
         tokens, rows = self._check_step(tokens, active)
-        # One nogil call for the whole model, on as many threads as BLAS may use (the step takes BLAS's place: no
-        # BLAS runs in it), which share out its matrix products (each weight read once for all rows) and its
-        # attention heads, and meet between them; its small row-wise kernels run on one of them.
+        # One nogil call for the whole model. On quantized weights it runs on as many threads as BLAS may use (it
+        # takes BLAS's place), which share out its products and attention heads; on float32 weights its products
+        # of one row run on BLAS's threads, of 2 to 16 rows on that many threads of a kernel of cllm's own.
         decode.decode_step(self.model.params, self._layer_offsets, self._model_offsets, cfg.n_heads,
                            cfg.hidden_dim, tokens, rows, self.lengths[rows].astype(np.intp), self.k_cache,
                            self.v_cache, self._scratch, self._logits, eps=cfg.norm_eps, exact_gelu=cfg.exact_gelu,

@@ -8,11 +8,12 @@
 # RMSNorm), the activation (GELU or SwiGLU), the positions (wpe added to the embedding, or RoPE on q and k), and
 # biases (llama has none: their offsets are ABSENT and the products get NULL).
 #
-# The step's threads enter one OpenMP region for the whole step and meet at a spinning barrier (barrier.h)
-# between its pieces: a small model's step is a few hundred pieces of a few microseconds each, and an OpenMP
-# region per product (its threads put to sleep between them, as OMP_WAIT_POLICY=passive has it) cost more than
-# the products themselves on SmolLM2's 30 narrow layers. The products and the attention's heads are shared out;
-# thread 0 alone does the row-wise pieces between them.
+# A quantized model's step threads enter one OpenMP region for the whole step and meet at a spinning barrier
+# (barrier.h) between its pieces: a small model's step is a few hundred pieces of a few microseconds each, and an
+# OpenMP region per product (its threads put to sleep between them, as OMP_WAIT_POLICY=passive has it) cost more
+# than the products themselves on SmolLM2's 30 narrow layers. The products and the attention's heads are shared
+# out; thread 0 alone does the row-wise pieces between them. A float32 model's step runs on the calling thread,
+# its products on BLAS's threads, which stream a float32 matrix faster than a team's share of it.
 #
 # attention_decode is the attention part alone, single-query causal attention over the cache, a kernel of its
 # own so that it is tested on its own:
@@ -34,8 +35,8 @@ from libc.string cimport memcpy
 
 import numpy as np
 
-from ._common cimport (FEW_ROWS_COLUMNS, axpy, axpy4, dot, dot4, few_rows_block, require, require_blas_sizes,
-                       require_threads, softmax_inplace)
+from ._common cimport (FEW_ROWS_COLUMNS, axpy, axpy4, dot, dot4, few_rows_block, linear_rows, require,
+                       require_blas_sizes, require_threads, softmax_inplace)
 
 cdef extern from "barrier.h" nogil:
     ctypedef struct spin_barrier:
@@ -228,8 +229,9 @@ def decode_step(const float[::1] params, const Py_ssize_t[:, ::1] layer_offsets,
 
     k_cache, v_cache (L, B, Tmax, KV) get each new token's keys and values (KV = n_kv_heads * head size, n_kv_heads
     defaulting to n_heads); row rows[j] attends to its positions 0..positions[j]. Other rows of the cache and of
-    logits are untouched. The step runs on `threads` threads, which share out its matrix products and attention
-    heads (the same results for any number); no BLAS runs in it.
+    logits are untouched. A quantized model's step runs on `threads` threads, which share out its matrix products
+    and attention heads (no BLAS runs in it); a float32 model's products of one row run on BLAS's threads, of 2 to
+    16 rows on `threads` (_common.few_rows_product). The same results for any number of threads.
 
     arch is ModelConfig's: "gpt2" (LayerNorm, learned positions wpe, GELU: the tanh form, or with exact_gelu=True
     the erf form) or "llama" (RMSNorm, no biases, RoPE from rope = rope_table(Tmax or more, head size, theta),
@@ -394,12 +396,14 @@ cdef void run_step(const float* P, const Py_ssize_t[:, ::1] layer_offsets, const
                    Py_ssize_t head, const Py_ssize_t[::1] tokens, const Py_ssize_t[::1] rows,
                    const Py_ssize_t[::1] positions, float[:, :, :, ::1] k_cache, float[:, :, :, ::1] v_cache,
                    float* scratch, float[:, ::1] logits, const Model* m) noexcept nogil:
-    """decode_step's work, everything checked: the model over n new tokens, one per cache row rows[j], on a team
-    of m.threads threads that enter one OpenMP region for the whole step and meet at a spinning barrier between
-    its pieces (team_step)."""
+    """decode_step's work, everything checked: the model over n new tokens, one per cache row rows[j]. A quantized
+    model's step runs on a team of m.threads threads that enter one OpenMP region for the whole step and meet at a
+    spinning barrier between its pieces (team_step)."""
     cdef spin_barrier barrier
     barrier.arrived, barrier.phase = 0, 0
-    if m.threads == 1:  # no OpenMP region to enter
+    if m.threads == 1 or m.quantized == NULL:
+        # One thread, or a float32 model, whose products go to BLAS on its own threads (for one row; for 2 to 16
+        # rows to few_rows_product's): the BLAS pool streams a float32 matrix faster than a team's share does.
         team_step(0, 1, &barrier, P, layer_offsets, model_offsets, head, tokens, rows, positions, k_cache, v_cache,
                   scratch, logits, m)
         return
@@ -482,7 +486,8 @@ cdef void product(int t, int team, spin_barrier* barrier, const float* x, Py_ssi
                   const Model* m) noexcept nogil:
     """Thread t's share of out (n, oc) = x (n, c) @ W + b, then the team's barrier: in W's blocks if qw is not NULL
     (thread 0 first quantizes x into m.activations for the team), else on the float32 W, (c, oc), or (oc, c) if
-    w_transposed, in column blocks of FEW_ROWS_COLUMNS."""
+    w_transposed: through linear_rows for a team of one, else in blocks of columns (few_rows_block), each output
+    computed whole in one order."""
     cdef Py_ssize_t units, blocks, u, j0, j1, i
     if qw != NULL:
         if t == 0:
@@ -490,7 +495,9 @@ cdef void product(int t, int team, spin_barrier* barrier, const float* x, Py_ssi
         spin_barrier_wait(barrier, team)
         units = quant_units(m.path, qw)
         quant_matmul_units(m.path, qw, m.acts[0], n, out, oc, b, units * t // team, units * (t + 1) // team)
-    else:
+    elif team == 1:
+        linear_rows(x, n, c, w, b, out, oc, w_transposed, m.threads)
+    else:  # a float32 matrix of a quantized model, in column blocks whose rows of out stay in L1 as W's rows pass
         blocks = (oc + FEW_ROWS_COLUMNS - 1) // FEW_ROWS_COLUMNS
         for u in range(blocks * t // team, blocks * (t + 1) // team):
             j0, j1 = u * FEW_ROWS_COLUMNS, min((u + 1) * FEW_ROWS_COLUMNS, oc)
