@@ -313,13 +313,14 @@ def run_cllm(path: str, dequantized: str, prompt: list[int], n_greedy: int, data
     from cllm.threads import blas_limit
 
     started = time.perf_counter()
-    model, tokenizer = load_model(path, threads=threads)
+    model, tokenizer = load_model(path, threads=threads)  # as users load it: quantized matrices in their blocks
     load_s = time.perf_counter() - started
     out = {"load_s": load_s}
-    # cllm's weights against llama.cpp's dequantization of the same file
+    # cllm's weights, widened, against llama.cpp's dequantization of the same file
+    widened, _ = load_model(path, threads=threads, dequantize=True)
     reference = {t.name: t for t in gguf.GGUFReader(dequantized).tensors}
     worst, differing, missing = 0.0, [], []
-    for name, tensor in _ggml_tensors(model):
+    for name, tensor in _ggml_tensors(widened):
         if name not in reference:
             missing.append(name)
             continue
@@ -328,7 +329,8 @@ def run_cllm(path: str, dequantized: str, prompt: list[int], n_greedy: int, data
         if diff:
             differing.append((name, diff))
         worst = max(worst, diff)
-    extra = sorted(set(reference) - {name for name, _ in _ggml_tensors(model)})
+    extra = sorted(set(reference) - {name for name, _ in _ggml_tensors(widened)})
+    del widened
     out.update(weights_max_diff=worst, weights_differing=differing, weights_missing=missing, weights_extra=extra)
     tokens = np.asarray(prompt, np.int32)
     with blas_limit(threads):
