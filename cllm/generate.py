@@ -167,11 +167,12 @@ class Decoder:
         # Workspaces of our own, not model.workspace(): a training step or another decoder may be using that.
         # Their passes start at position 0 (ws.start), as a prefill does.
         ws = self._prefill_workspaces.get(n, T)
-        self.model.forward_ws(ws, tokens, None, threads=self.threads, logits=False)
-        for i in range(cfg.n_layers):
-            qkv = ws.a[f"qkv{i}"]  # (n, T, C + 2 KV): q | k | v, q and k rotated to their positions (llama)
-            self.k_cache[i, rows, :T] = qkv[:, :, C:C + KV]
-            self.v_cache[i, rows, :T] = qkv[:, :, C + KV:]
+
+        def keys_values(layer: int, qkv: np.ndarray) -> None:  # (n, T, C + 2 KV): q | k | v, q and k rotated
+            self.k_cache[layer, rows, :T] = qkv[:, :, C:C + KV]
+            self.v_cache[layer, rows, :T] = qkv[:, :, C + KV:]
+
+        self.model.forward_ws(ws, tokens, None, threads=self.threads, logits=False, keys_values=keys_values)
         # Only the last position's logits are wanted, so the head runs on those rows alone: with a real
         # vocabulary, the head over every position is a large part of the pass.
         last_hidden = np.ascontiguousarray(ws.a["lnf"].reshape(n, T, C)[:, -1])

@@ -198,8 +198,7 @@ class Workspace:
     which the backward recomputes (see _shapes). An inference workspace
     (training=False) keeps one layer's, shared by all layers (each layer's inputs are consumed before its
     outputs are written), and no backward scratch: a forward pass then needs memory for one layer, not for
-    all of them. Each layer's qkv is still its own, because a prefill copies every layer's keys and values
-    into its cache after the pass.
+    all of them (a prefill copies each layer's keys and values into its cache as the layer makes them).
 
     buffer, if given, is memory to carve the views from (at least Workspace.size floats, 64-byte aligned): a
     server that runs many shapes one at a time reuses one allocation instead of paging in a new one per shape.
@@ -230,7 +229,7 @@ class Workspace:
         """Floats a workspace of this shape needs."""
         return carved_size(cls._shapes(cfg, batch, seq, training), pad=True)
 
-    _SHARED_ACROSS_LAYERS = ("res", "ln1_", "ln1_mean", "ln1_rstd", "att_denom", "atty", "res_mid", "ln2_",
+    _SHARED_ACROSS_LAYERS = ("qkv", "res", "ln1_", "ln1_mean", "ln1_rstd", "att_denom", "atty", "res_mid", "ln2_",
                              "ln2_mean", "ln2_rstd", "fc")
 
     @classmethod
@@ -254,10 +253,11 @@ class Workspace:
         # qkv holds q and k after RoPE (llama), as attention and its backward read them. The activation's output
         # (fc_act) is one buffer for all layers: the backward recomputes it from fc{i} (cheap next to the GEMMs),
         # which saves a quarter of the activations a layer keeps.
-        shapes = {f"qkv{i}": (batch, seq, cfg.qkv_dim) for i in range(L)} | {"fc_act": (N, H)}
+        shapes = {"fc_act": (N, H)}
         final = {"lnf": (N, C)} | mean("lnf_mean") | {"lnf_rstd": (N,), "logits": (N, V)}
         if not training:
-            return shapes | layer("") | final
+            return shapes | {"qkv": (batch, seq, cfg.qkv_dim)} | layer("") | final
+        shapes |= {f"qkv{i}": (batch, seq, cfg.qkv_dim) for i in range(L)}
         for i in range(L):
             shapes |= layer(i)
         return shapes | {f"res{L}": (N, C)} | final | {
@@ -393,7 +393,7 @@ class GPT:
 
     def forward_ws(self, ws: Workspace, tokens: np.ndarray, targets: np.ndarray | None,
                    grad_scale: float = 1.0, threads: int | None = None, heartbeat=None,
-                   logits: bool = True) -> float | None:
+                   logits: bool = True, keys_values=None) -> float | None:
         """Forward over ws. With targets, returns the SUM of token losses and leaves dlogits * grad_scale.
 
         With logits=False it stops after the final norm: ws.a["lnf"] (B*T, C) holds the hidden states (what
@@ -402,15 +402,19 @@ class GPT:
         heartbeat, if given, is called as heartbeat("forward", layer) before each layer: the coordinator's
         watchdog reads it, and it may raise to stop work that has been abandoned.
 
+        keys_values, if given, is called as keys_values(layer, qkv) once a layer's packed queries, keys and values
+        (B, T, qkv_dim) are made, q and k rotated to their positions (llama): a prefill copies them into its cache
+        then, and an inference workspace needs only one layer's.
+
         On quantized weights BLAS is held at one thread for the pass: only the attention calls it, from threads of
         its own, and the quantized products run on OpenMP's; a BLAS pool spinning beside them after each call took
         the second core, and a 2-thread prefill ran no faster than one.
         """
         with blas_limit(1) if self.q else nullcontext():
-            return self._forward(ws, tokens, targets, grad_scale, threads, heartbeat, logits)
+            return self._forward(ws, tokens, targets, grad_scale, threads, heartbeat, logits, keys_values)
 
     def _forward(self, ws: Workspace, tokens: np.ndarray, targets: np.ndarray | None, grad_scale: float,
-                 threads: int | None, heartbeat, logits: bool) -> float | None:
+                 threads: int | None, heartbeat, logits: bool, keys_values) -> float | None:
         cfg, a, th = self.config, ws.a, threads or self.threads
         B, T = ws.batch, ws.seq
         if tokens.shape != (B, T):
@@ -428,6 +432,8 @@ class GPT:
             self._linear(a[f"ln1_{i}"], h + "attn.c_attn", qkv.reshape(B * T, -1), th)
             if self.rope is not None:
                 rope.rope_forward(qkv, self.rope, ws.start, cfg.n_heads, cfg.n_kv_heads, threads=th)
+            if keys_values is not None:
+                keys_values(i, qkv)
             attention.attention_forward(qkv, a[f"atty{i}"].reshape(B, T, -1), a[f"att_denom{i}"], cfg.n_heads,
                                         n_kv_heads=cfg.n_kv_heads, threads=th)
             mid = a[f"res_mid{i}"]
