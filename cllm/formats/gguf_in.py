@@ -17,7 +17,7 @@ it, each step undone:
   it there); any other is an untied head, which K-quant mixes give GPT-2 files (the repeat gets a type of its own).
 - Types: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K (READ_TYPES). A matrix whose parts are
   all of a type cllm's quantized kernels take (Q8_0, Q4_0, Q5_0, Q4_K, Q6_K) stays in its blocks (`model.q`), a view
-  of the memory-mapped file: loading reads none of it, and a decoding step reads it as llama.cpp does. Any other
+  of the memory-mapped file, repacked at load into cllm's layout for the kernels (cllm.quantized). Any other
   tensor, or every one with dequantize=True (training), is dequantized to float32 at load by
   `gguf.quants.dequantize`, the reference, a chunk of rows at a time (a row is whole blocks), from the memory-mapped
   file into the model's buffer: loading holds the model and one chunk. A value that is not finite after
@@ -107,7 +107,7 @@ def load_gguf(path: str | os.PathLike, *, threads: int = 1, dequantize: bool = F
     tokenizer = read_gguf_tokenizer(reader, path)
     if tokenizer.vocab_size > config.vocab_size:
         raise ModelFileError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but {TOKEN_EMBEDDING} only "
-                             f"{config.vocab_size}")
+                             f"{config.vocab_size} rows")
     # The metadata is read. The reader keeps three numpy objects a token of the vocabulary (~100 MB for SmolLM2's):
     # dropped before the model's buffer exists, they stay out of the peak.
     reader.fields.clear()
@@ -138,10 +138,10 @@ def _kept_quantized(model: GPT, tensors: dict, layout: dict[str, _Destination], 
         if not all(tensors[part].tensor_type in KERNEL_TYPES for part in gguf_names):
             continue
         rows = []
-        for part in gguf_names:
-            tensor = tensors[part]
+        for gguf_name in gguf_names:
+            tensor = tensors[gguf_name]
             blocks = tensor.data.reshape(-1, tensor.data.shape[-1])
-            order = layout[part].row_order
+            order = layout[gguf_name].row_order
             if order is not None:  # file row r is row order[r]
                 reordered = np.empty_like(blocks)
                 reordered[order] = blocks
@@ -155,8 +155,8 @@ def _kept_quantized(model: GPT, tensors: dict, layout: dict[str, _Destination], 
 
 
 def quantized_types(path: str | os.PathLike) -> list[str]:
-    """The block-quantized types (GGML's names: Q4_K, Q6_K, ...) of a GGUF file's tensors, which loading
-    dequantizes: none for a file of floats."""
+    """The block-quantized types (GGML's names: Q4_K, Q6_K, ...) of a GGUF file's tensors, which a model loaded to
+    train (dequantize=True) widens: none for a file of floats."""
     return sorted({t.tensor_type.name for t in open_gguf(Path(path)).tensors if t.tensor_type not in FLOAT_TYPES})
 
 
