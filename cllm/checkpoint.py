@@ -11,10 +11,10 @@ matrix is a uint8 (U8) tensor of (rows, bytes per row) named after the matrix an
     quantized = {matrix: {"cols": row length, "parts": [{"type": "Q4_K", "rows": n}, ...]}, ...} as JSON
 describes them, so that any reader can widen them (gguf.quants.dequantize, row by row). The parts are the GGUF
 tensors the matrix is made of (cllm.formats.gguf_file.matrix_parts: a Llama's q | k | v), in Hugging Face's row
-order. Loading maps the blocks from the file instead of reading them: the model uses the file's pages, which the
-kernel shares and can drop, and loading costs the float32 tensors alone. The file must then stay as it is while the
-model lives; cllm's writers replace a file (atomically, a new inode) rather than write into it, which leaves a
-mapping of the old one valid. The format version stays 1: a reader from before quantized files refuses one (its
+order. Loading maps the blocks from the file, packs each part into the kernels' layout as it reads it (cllm.quantized)
+and gives the file's pages back; the blocks stay mapped for a token's embedding row or an export, so the file must
+stay as it is while the model lives. cllm's writers replace a file (atomically, a new inode) rather than write into
+it, which leaves a mapping of the old one valid. The format version stays 1: a reader from before quantized files refuses one (its
 U8 tensors, the missing float32 ones) rather than misreading it.
 
 A training-state file holds what resuming needs beyond the model: AdamW's moments (`adamw.m`, `adamw.v`), the
@@ -135,7 +135,8 @@ def load_model(path: str | os.PathLike, *, threads: int = 1, dequantize: bool = 
     except OSError as e:
         raise ModelFileError(f"{path}: cannot read the model file ({e.strerror or e})") from None
     for name, view in model.p.items():
-        _check_finite(path, name, view)
+        if name not in model.q:  # (a quantized matrix's float32 view is zero, and never touched)
+            _check_finite(path, name, view)
     if dequantize:
         model.dequantize()
     return model, tokenizer
