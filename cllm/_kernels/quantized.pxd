@@ -33,6 +33,4 @@ cdef class MatrixTable:
 
 
 cdef int path() noexcept nogil  # the instruction-set path in use (quants.h's enum quant_isa)
-cdef int qmatmul(const qmatrix* w, const float* x, int64_t n, float* out, int64_t ldo, const float* bias,
-                 int threads) noexcept nogil
 cdef void qdequantize_row(const qmatrix* w, int64_t row, float* out) noexcept nogil

@@ -19,10 +19,6 @@ cdef extern from "quants.h" nogil:
     enum:
         QA_BLOCK
         QA_GROUP
-        ISA_SCALAR
-        ISA_AVX2
-        ISA_AVXVNNI
-        ISA_AVX512VNNI
         QT_Q8_0
         QT_Q4_0
         QT_Q5_0
@@ -149,13 +145,6 @@ cdef int path() noexcept nogil:
     return isa
 
 
-cdef int qmatmul(const qmatrix* w, const float* x, int64_t n, float* out, int64_t ldo, const float* bias,
-                 int threads) noexcept nogil:
-    """out[i, :w.rows] (row stride ldo) = x[i] @ W^T + bias for the n rows of x (w.cols floats each); -1 if its
-    activations' memory cannot be allocated."""
-    return quant_matmul(isa, w, x, n, out, ldo, bias, threads)
-
-
 cdef void qdequantize_row(const qmatrix* w, int64_t row, float* out) noexcept nogil:
     """out[:w.cols] = row `row` of W as float32, exactly as GGML dequantizes it."""
     cdef int p = 0
@@ -194,7 +183,7 @@ def matmul(const float[:, ::1] x, matrix, float[:, ::1] out, const float[::1] bi
     cdef const float* b = NULL if bias is None else &bias[0]
     cdef int status
     with nogil:
-        status = qmatmul(&m, &x[0, 0], n, &out[0, 0], m.rows, b, threads)
+        status = quant_matmul(isa, &m, &x[0, 0], n, &out[0, 0], m.rows, b, threads)
     if status:
         raise MemoryError("the quantized product could not allocate its activations")
 

@@ -61,56 +61,47 @@ QS_INLINE void QS_FN(tile_Q8_0)(const uint8_t *g, int64_t cols, const qact *a, f
     for (int t = 0; t < NR; t++) QS_FN(store8)(acc[t], out + t * ldo, bias);
 }
 
-QS_INLINE void QS_FN(tile_Q4_0)(const uint8_t *g, int64_t cols, const qact *a, float *out, int64_t ldo,
-                                const float *bias, const int NR) {
-    const __m256i low4 = _mm256_set1_epi8(0x0F);
+/* Q4_0 and Q5_0, whose packed blocks differ only in Q5_0's fifth bits (32 bytes after the scales) and the codes'
+   offset (8 or 16); with `fifth` a constant, each inlined form keeps its own half. */
+QS_INLINE void QS_FN(tile_nibbles)(const uint8_t *g, int64_t cols, const qact *a, float *out, int64_t ldo,
+                                   const float *bias, const int NR, const int fifth) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10);
+    const int runs = fifth ? 48 : 16, offset_shift = fifth ? 4 : 3; /* codes less 16, or less 8 */
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int64_t b = 0; b < cols / 32; b++, g += 144) {
+    for (int64_t b = 0; b < cols / 32; b++, g += fifth ? 176 : 144) {
         __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)g));
+        __m256i bits = fifth ? QS_FN(load32)(g + 16) : _mm256_setzero_si256();
         __m256i p[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
         for (int k = 0; k < 4; k++) {
-            __m256i w = QS_FN(load32)(g + 16 + 32 * k);
+            __m256i w = QS_FN(load32)(g + runs + 32 * k);
             __m256i lo = _mm256_and_si256(w, low4), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low4);
+            if (fifth) {
+                /* bit k of each byte to bit 4 for the low nibbles' values, bit 4 + k for the high ones' (16-bit
+                   shifts: bit 4 of a byte only ever receives a bit of the same byte) */
+                lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(bits, 4 - k), bit4));
+                hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_srli_epi16(bits, k), bit4));
+            }
             for (int t = 0; t < NR; t++) {
                 p[t] = QS_DPBUSD(p[t], lo, QS_FN(bcast4)(a[t].q + 32 * b + 4 * k));
                 p[t] = QS_DPBUSD(p[t], hi, QS_FN(bcast4)(a[t].q + 32 * b + 16 + 4 * k));
             }
         }
         for (int t = 0; t < NR; t++) {
-            p[t] = _mm256_sub_epi32(p[t], _mm256_slli_epi32(QS_FN(block_sum)(&a[t], b), 3)); /* codes - 8 */
+            p[t] = _mm256_sub_epi32(p[t], _mm256_slli_epi32(QS_FN(block_sum)(&a[t], b), offset_shift));
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[t]), _mm256_mul_ps(dw, _mm256_set1_ps(a[t].d[b])), acc[t]);
         }
     }
     for (int t = 0; t < NR; t++) QS_FN(store8)(acc[t], out + t * ldo, bias);
 }
 
+QS_INLINE void QS_FN(tile_Q4_0)(const uint8_t *g, int64_t cols, const qact *a, float *out, int64_t ldo,
+                                const float *bias, const int NR) {
+    QS_FN(tile_nibbles)(g, cols, a, out, ldo, bias, NR, 0);
+}
+
 QS_INLINE void QS_FN(tile_Q5_0)(const uint8_t *g, int64_t cols, const qact *a, float *out, int64_t ldo,
                                 const float *bias, const int NR) {
-    const __m256i low4 = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10);
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int64_t b = 0; b < cols / 32; b++, g += 176) {
-        __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)g));
-        __m256i fifth = QS_FN(load32)(g + 16);
-        __m256i p[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
-        for (int k = 0; k < 4; k++) {
-            /* bit k of each byte to bit 4 for the low nibbles' values, bit 4 + k for the high ones' (16-bit shifts:
-               bit 4 of a byte only ever receives a bit of the same byte) */
-            __m256i w = QS_FN(load32)(g + 48 + 32 * k);
-            __m256i lo = _mm256_or_si256(_mm256_and_si256(w, low4),
-                                         _mm256_and_si256(_mm256_slli_epi16(fifth, 4 - k), bit4));
-            __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(w, 4), low4),
-                                         _mm256_and_si256(_mm256_srli_epi16(fifth, k), bit4));
-            for (int t = 0; t < NR; t++) {
-                p[t] = QS_DPBUSD(p[t], lo, QS_FN(bcast4)(a[t].q + 32 * b + 4 * k));
-                p[t] = QS_DPBUSD(p[t], hi, QS_FN(bcast4)(a[t].q + 32 * b + 16 + 4 * k));
-            }
-        }
-        for (int t = 0; t < NR; t++) {
-            p[t] = _mm256_sub_epi32(p[t], _mm256_slli_epi32(QS_FN(block_sum)(&a[t], b), 4)); /* codes - 16 */
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[t]), _mm256_mul_ps(dw, _mm256_set1_ps(a[t].d[b])), acc[t]);
-        }
-    }
-    for (int t = 0; t < NR; t++) QS_FN(store8)(acc[t], out + t * ldo, bias);
+    QS_FN(tile_nibbles)(g, cols, a, out, ldo, bias, NR, 1);
 }
 
 QS_INLINE __m256 QS_FN(bytes8_u)(const uint8_t *p) {
