@@ -101,9 +101,11 @@ class Decoder:
         self.v_cache = lazy_zeros(self.k_cache.size).reshape(self.k_cache.shape)
         self._logits = aligned_zeros(B * cfg.vocab_size).reshape(B, cfg.vocab_size)
         self._scratch = aligned_zeros(decode.decode_step_scratch(
-            B, dim=cfg.dim, qkv_dim=cfg.qkv_dim, up_dim=cfg.up_dim, hidden=cfg.hidden_dim, vocab=cfg.vocab_size))
+            B, dim=cfg.dim, q_dim=cfg.q_dim, qkv_dim=cfg.qkv_dim, up_dim=cfg.up_dim, hidden=cfg.hidden_dim,
+            vocab=cfg.vocab_size))
         # Where decode_step finds each parameter in the model's flat buffer; ABSENT for those the model lacks
-        # (llama's biases and wpe, a tied model's lm_head), which decode_step checks against the architecture.
+        # (the llama family's biases and wpe, a tied model's lm_head), which decode_step checks against the
+        # architecture.
         offset = {name: (view.ctypes.data - model.params.ctypes.data) // view.itemsize
                   for name, view in model.p.items()}
         absent = decode.ABSENT
@@ -163,14 +165,14 @@ class Decoder:
     def _prefill_equal_lengths(self, rows: list[int], tokens: np.ndarray) -> None:
         """One full forward pass over equally long prompts; their keys and values are copied into the cache."""
         cfg = self.model.config
-        n, T, C, KV = len(rows), tokens.shape[1], cfg.dim, cfg.kv_dim
+        n, T, C, Q, KV = len(rows), tokens.shape[1], cfg.dim, cfg.q_dim, cfg.kv_dim
         # Workspaces of our own, not model.workspace(): a training step or another decoder may be using that.
         # Their passes start at position 0 (ws.start), as a prefill does.
         ws = self._prefill_workspaces.get(n, T)
 
-        def keys_values(layer: int, qkv: np.ndarray) -> None:  # (n, T, C + 2 KV): q | k | v, q and k rotated
-            self.k_cache[layer, rows, :T] = qkv[:, :, C:C + KV]
-            self.v_cache[layer, rows, :T] = qkv[:, :, C + KV:]
+        def keys_values(layer: int, qkv: np.ndarray) -> None:  # (n, T, Q + 2 KV): q | k | v, q and k rotated
+            self.k_cache[layer, rows, :T] = qkv[:, :, Q:Q + KV]
+            self.v_cache[layer, rows, :T] = qkv[:, :, Q + KV:]
 
         self.model.forward_ws(ws, tokens, None, threads=self.threads, logits=False, keys_values=keys_values)
         # Only the last position's logits are wanted, so the head runs on those rows alone: with a real
@@ -207,7 +209,7 @@ class Decoder:
         decode.decode_step(self.model.params, self._layer_offsets, self._model_offsets, cfg.n_heads,
                            cfg.hidden_dim, tokens, rows, self.lengths[rows].astype(np.intp), self.k_cache,
                            self.v_cache, self._scratch, self._logits, eps=cfg.norm_eps, exact_gelu=cfg.exact_gelu,
-                           arch=cfg.arch, n_kv_heads=cfg.n_kv_heads, rope=self.model.rope,
+                           arch=cfg.arch, n_kv_heads=cfg.n_kv_heads, dim=cfg.dim, rope=self.model.rope,
                            quantized=self._quantized, threads=current_blas_limit() or self._cpus)
         self.lengths[rows] += 1
         return self._logits

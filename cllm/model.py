@@ -30,11 +30,18 @@ from .threads import blas_limit
 #   untied one only for imported files: llama.cpp's K-quant mixes give GPT-2's repeated head a type of its own).
 # - "llama": rotary positions (RoPE) on q and k, RMSNorm, grouped-query attention (n_kv_heads key/value heads shared
 #   by groups of query heads), a SwiGLU MLP (down(silu(gate(x)) * up(x))), no biases, a tied or untied head.
-ARCHITECTURES = ("gpt2", "llama")
+# - "qwen2" (Qwen2, Qwen2.5): llama with biases on q, k and v (none on the attention's output or elsewhere).
+# - "qwen3" (Qwen3, Qwen3-Embedding): llama with an RMSNorm over each head of q and of k before RoPE (q_norm and
+#   k_norm, one weight vector of head_dim each, shared by the heads), and heads whose width is set apart from the
+#   model's (Qwen3-0.6B: width 1024, 16 query heads of 128).
+# Any llama-family model may set head_dim apart (Hugging Face's LlamaConfig has it too): queries are then
+# n_heads * head_dim wide, and the attention's output projection maps that width back to dim.
+ARCHITECTURES = ("gpt2", "llama", "qwen2", "qwen3")
+LLAMA_FAMILY = ("llama", "qwen2", "qwen3")
 # The MLP's activation per architecture. gpt2: "gelu_tanh" is the tanh approximation (GPT-2; Hugging Face's
 # gelu_new / gelu_pytorch_tanh), "gelu_erf" the exact 0.5 x (1 + erf(x / sqrt 2)) (Hugging Face's gelu, nanoGPT's).
 # llama: "silu", gating SwiGLU's up projection.
-ACTIVATIONS = {"gpt2": ("gelu_tanh", "gelu_erf"), "llama": ("silu",)}
+ACTIVATIONS = {"gpt2": ("gelu_tanh", "gelu_erf")} | {arch: ("silu",) for arch in LLAMA_FAMILY}
 # The most positions a model may have. Nothing else bounds a llama's context_length: no tensor holds it, yet the
 # RoPE table (context_length x head_dim floats, 512 MiB at this cap for heads of 128), the KV cache and the decoding
 # scratch are all sized by it, so a config asking for 10^12 would allocate before anything could refuse it. 2^20
@@ -66,6 +73,9 @@ class ModelConfig:
     rope_theta: float = 10000.0  # RoPE's base (llama)
     norm_eps: float = 1e-5
     tied_head: bool = True  # the vocabulary head is the token embedding (GPT-2's always is, but for imports)
+    # Channels of one attention head when set apart from dim / n_heads (llama family); None when it is that, so
+    # that dataclasses.replace of dim or n_heads keeps the heads following them. head_size is the width in use.
+    head_dim: int | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "dim", "n_layers", "n_heads", "mlp_ratio"):
@@ -73,7 +83,7 @@ class ModelConfig:
             object.__setattr__(self, name, require_int(f"ModelConfig.{name}", getattr(self, name), maximum=maximum))
         if self.arch not in ARCHITECTURES:
             raise UsageError(f"ModelConfig.arch must be one of {', '.join(ARCHITECTURES)}, got {self.arch!r}")
-        llama = self.arch == "llama"
+        llama = self.llama_family
         if self.activation is None:
             object.__setattr__(self, "activation", ACTIVATIONS[self.arch][0])
         if self.activation not in ACTIVATIONS[self.arch]:
@@ -85,8 +95,15 @@ class ModelConfig:
                 raise UsageError(f"ModelConfig.{name} must be a positive number, got {value!r}")
         if not isinstance(self.tied_head, bool):
             raise UsageError(f"ModelConfig.tied_head must be true or false, got {self.tied_head!r}")
-        if self.dim % self.n_heads:
-            raise UsageError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        if self.head_dim is not None:
+            object.__setattr__(self, "head_dim", require_int("ModelConfig.head_dim", self.head_dim))
+            if self.head_dim * self.n_heads == self.dim:
+                object.__setattr__(self, "head_dim", None)  # not apart
+            elif not llama:
+                raise UsageError(f"ModelConfig.head_dim must be dim / n_heads for gpt2 (got {self.head_dim}): it is "
+                                 f"a llama setting")
+        if self.head_dim is None and self.dim % self.n_heads:
+            raise UsageError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads}), or head_dim given")
         if llama:  # its own widths, filled in when not given
             if self.n_kv_heads is None:
                 object.__setattr__(self, "n_kv_heads", self.n_heads)
@@ -96,8 +113,8 @@ class ModelConfig:
                 object.__setattr__(self, name, require_int(f"ModelConfig.{name}", getattr(self, name)))
             if self.n_heads % self.n_kv_heads:
                 raise UsageError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
-            if self.head_dim % 2:
-                raise UsageError(f"the head size dim / n_heads = {self.head_dim} must be even: RoPE rotates pairs")
+            if self.head_size % 2:
+                raise UsageError(f"the head size {self.head_size} must be even: RoPE rotates pairs")
         else:  # gpt2's follow from the other fields; they stay None, so that dataclasses.replace keeps them so
             implied = {"n_kv_heads": self.n_heads, "intermediate_size": self.mlp_ratio * self.dim}
             for name, value in implied.items():
@@ -115,8 +132,30 @@ class ModelConfig:
         return self.activation == "gelu_erf"
 
     @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+    def llama_family(self) -> bool:
+        """RoPE, RMSNorm, SwiGLU and grouped-query attention (llama, qwen2, qwen3), rather than GPT-2's block."""
+        return self.arch in LLAMA_FAMILY
+
+    @property
+    def qkv_bias(self) -> bool:
+        """Whether q, k and v have biases while the other llama-family projections have none (qwen2)."""
+        return self.arch == "qwen2"
+
+    @property
+    def qk_norm(self) -> bool:
+        """Whether each head of q and of k is RMS-normalised before RoPE (qwen3)."""
+        return self.arch == "qwen3"
+
+    @property
+    def head_size(self) -> int:
+        """Channels of one attention head: head_dim if set apart, else dim / n_heads."""
+        return self.head_dim or self.dim // self.n_heads
+
+    @property
+    def q_dim(self) -> int:
+        """Channels of one token's queries, and of the attention's output: n_heads * head_dim (dim, unless
+        head_dim is set apart)."""
+        return self.n_heads * self.head_size
 
     @property
     def hidden_dim(self) -> int:
@@ -126,23 +165,26 @@ class ModelConfig:
     @property
     def kv_dim(self) -> int:
         """Channels of one token's keys (and of its values)."""
-        return (self.n_kv_heads or self.n_heads) * self.head_dim
+        return (self.n_kv_heads or self.n_heads) * self.head_size
 
     @property
     def qkv_dim(self) -> int:
         """Channels of one token's packed queries, keys and values: (n_heads + 2 n_kv_heads) head_dim."""
-        return self.dim + 2 * self.kv_dim
+        return self.q_dim + 2 * self.kv_dim
 
     @property
     def up_dim(self) -> int:
         """Width of the MLP's first projection: the hidden width, or gate and up side by side for SwiGLU."""
-        return 2 * self.hidden_dim if self.arch == "llama" else self.hidden_dim
+        return 2 * self.hidden_dim if self.llama_family else self.hidden_dim
 
     def to_dict(self) -> dict:
-        """Every field for llama. For gpt2 the original fields, and activation only when it is not gelu_tanh: a
-        GPT-2 config then reads exactly as before the later fields existed (run.json, model files), and cllm
-        versions from before them, which refuse unknown fields, still load it. from_dict restores the defaults."""
+        """Every field for the llama family, but head_dim when it is not set apart. For gpt2 the original fields,
+        and activation only when it is not gelu_tanh: a config then reads exactly as before the later fields
+        existed (run.json, model files), and cllm versions from before them, which refuse unknown fields, still
+        load it. from_dict restores the defaults."""
         d = dataclasses.asdict(self)
+        if self.head_dim is None:
+            del d["head_dim"]
         if self.arch == "gpt2":
             for name in ("arch", "n_kv_heads", "intermediate_size", "rope_theta"):
                 del d[name]  # each has its one gpt2 value
@@ -168,8 +210,9 @@ def parameter_shapes(cfg: ModelConfig) -> tuple[dict[str, tuple[int, ...]], int]
     Both architectures use GPT-2's names, which name a part by its place in the block: ln_1, ln_2 and ln_f are
     the norms (RMSNorm for llama, with no bias), attn.c_attn the packed q, k, v projection (k and v n_kv_heads
     wide), attn.c_proj the attention's output, mlp.c_fc the MLP's first projection (for llama, gate then up side by
-    side: (dim, 2 * intermediate)) and mlp.c_proj its down projection. Matrices are stored (in, out). llama has no
-    wpe and no biases; an untied head is lm_head, (vocab, dim) like wte."""
+    side: (dim, 2 * intermediate)) and mlp.c_proj its down projection. Matrices are stored (in, out). The llama
+    family has no wpe and no biases but qwen2's attn.c_attn.bias; qwen3's attn.q_norm and attn.k_norm are its
+    per-head RMSNorms' weights. An untied head is lm_head, (vocab, dim) like wte."""
     C, H, U = cfg.dim, cfg.hidden_dim, cfg.up_dim
     gpt2 = cfg.arch == "gpt2"
     matrices = {"wte": (cfg.vocab_size, C)}
@@ -178,7 +221,7 @@ def parameter_shapes(cfg: ModelConfig) -> tuple[dict[str, tuple[int, ...]], int]
     vectors = {}
     for i in range(cfg.n_layers):
         p = f"h.{i}."
-        matrices |= {p + "attn.c_attn.weight": (C, cfg.qkv_dim), p + "attn.c_proj.weight": (C, C),
+        matrices |= {p + "attn.c_attn.weight": (C, cfg.qkv_dim), p + "attn.c_proj.weight": (cfg.q_dim, C),
                      p + "mlp.c_fc.weight": (C, U), p + "mlp.c_proj.weight": (H, C)}
         if gpt2:
             vectors |= {p + "ln_1.weight": (C,), p + "ln_1.bias": (C,),
@@ -186,7 +229,11 @@ def parameter_shapes(cfg: ModelConfig) -> tuple[dict[str, tuple[int, ...]], int]
                         p + "ln_2.weight": (C,), p + "ln_2.bias": (C,),
                         p + "mlp.c_fc.bias": (U,), p + "mlp.c_proj.bias": (C,)}
         else:
-            vectors |= {p + "ln_1.weight": (C,), p + "ln_2.weight": (C,)}
+            vectors |= {p + "ln_1.weight": (C,)}
+            vectors |= {p + "attn.c_attn.bias": (cfg.qkv_dim,)} if cfg.qkv_bias else {}
+            vectors |= {p + "attn.q_norm.weight": (cfg.head_size,), p + "attn.k_norm.weight": (cfg.head_size,)} \
+                if cfg.qk_norm else {}
+            vectors |= {p + "ln_2.weight": (C,)}
     vectors |= {"ln_f.weight": (C,), "ln_f.bias": (C,)} if gpt2 else {"ln_f.weight": (C,)}
     return matrices | vectors, carved_size(matrices, pad=False)
 
@@ -229,8 +276,8 @@ class Workspace:
         """Floats a workspace of this shape needs."""
         return carved_size(cls._shapes(cfg, batch, seq, training), pad=True)
 
-    _SHARED_ACROSS_LAYERS = ("qkv", "res", "ln1_", "ln1_mean", "ln1_rstd", "att_denom", "atty", "res_mid", "ln2_",
-                             "ln2_mean", "ln2_rstd", "fc")
+    _SHARED_ACROSS_LAYERS = ("qkv", "res", "ln1_", "ln1_mean", "ln1_rstd", "qk_rstd", "att_denom", "atty",
+                             "res_mid", "ln2_", "ln2_mean", "ln2_rstd", "fc")
 
     @classmethod
     def _shapes(cls, cfg: ModelConfig, batch: int, seq: int, training: bool) -> dict[str, tuple[int, ...]]:
@@ -238,17 +285,24 @@ class Workspace:
             raise UsageError(f"sequence length {seq} must be in [1, context_length={cfg.context_length}]")
         if batch < 1:
             raise UsageError(f"batch size must be positive, got {batch}")
-        N, C, H, U, V, NH, L = (batch * seq, cfg.dim, cfg.hidden_dim, cfg.up_dim, cfg.vocab_size, cfg.n_heads,
-                                cfg.n_layers)
+        N, C, Q, H, U, V, NH, L = (batch * seq, cfg.dim, cfg.q_dim, cfg.hidden_dim, cfg.up_dim, cfg.vocab_size,
+                                   cfg.n_heads, cfg.n_layers)
         # RMSNorm keeps no mean.
         mean = (lambda name: {name: (N,)}) if cfg.arch == "gpt2" else (lambda name: {})
+
+        def head_norm(i) -> dict[str, tuple[int, ...]]:
+            """qwen3's per-head norms keep each head's rstd, and (training) the heads as the projection made them."""
+            if not cfg.qk_norm:
+                return {}
+            heads = cfg.n_heads + cfg.n_kv_heads
+            return {f"qk_rstd{i}": (N, heads)} | ({f"qk{i}": (N, heads * cfg.head_size)} if training else {})
 
         def layer(i) -> dict[str, tuple[int, ...]]:
             # Attention keeps each query row's softmax denominator (att_denom), not the (seq, seq) probabilities,
             # which its backward recomputes: every buffer here grows linearly with seq.
-            return ({f"res{i}": (N, C), f"ln1_{i}": (N, C)} | mean(f"ln1_mean{i}") | {f"ln1_rstd{i}": (N,),
-                    f"att_denom{i}": (batch, NH, seq), f"atty{i}": (N, C), f"res_mid{i}": (N, C), f"ln2_{i}": (N, C)}
-                    | mean(f"ln2_mean{i}") | {f"ln2_rstd{i}": (N,), f"fc{i}": (N, U)})
+            return ({f"res{i}": (N, C), f"ln1_{i}": (N, C)} | mean(f"ln1_mean{i}") | {f"ln1_rstd{i}": (N,)}
+                    | head_norm(i) | {f"att_denom{i}": (batch, NH, seq), f"atty{i}": (N, Q), f"res_mid{i}": (N, C),
+                    f"ln2_{i}": (N, C)} | mean(f"ln2_mean{i}") | {f"ln2_rstd{i}": (N,), f"fc{i}": (N, U)})
 
         # qkv holds q and k after RoPE (llama), as attention and its backward read them. The activation's output
         # (fc_act) is one buffer for all layers: the backward recomputes it from fc{i} (cheap next to the GEMMs),
@@ -264,7 +318,8 @@ class Workspace:
             "losses": (N,),
             # backward scratch, reused by every layer: dh takes the MLP's first projection's gradient, and first
             # the recomputed activation output (its first N * H floats), which the down projection's GEMM reads
-            "dres": (N, C), "dc": (N, C), "dqkv": (batch, seq, cfg.qkv_dim), "dh": (N, U), "dh_act": (N, H)}
+            "dres": (N, C), "dc": (N, C), "datty": (N, Q), "dqkv": (batch, seq, cfg.qkv_dim), "dh": (N, U),
+            "dh_act": (N, H)}
 
 
 class ForwardWorkspaces:
@@ -314,14 +369,14 @@ class GPT:
         self.g = carve(self.grads, shapes, pad=False)
         # Gradients that backward only ever adds to (norm parameters, positions, an untied model's token
         # embedding): the rest are written once.
-        self._summed_grads = [name for name in shapes
-                              if name == "wpe" or "ln_" in name or (name == "wte" and not config.tied_head)]
+        self._summed_grads = [name for name in shapes if name == "wpe" or "ln_" in name or "_norm" in name
+                              or (name == "wte" and not config.tied_head)]
         self.head = "wte" if config.tied_head else "lm_head"  # the parameter that projects onto the vocabulary
         # Matrices held block-quantized (cllm.quantized), by name: their float32 views in p stay zero and unused.
         self.q: dict[str, QuantizedMatrix] = {}
-        # RoPE's (cos, sin) for every position, built once (llama).
-        self.rope = (rope.rope_table(config.context_length, config.head_dim, config.rope_theta)
-                     if config.arch == "llama" else None)
+        # RoPE's (cos, sin) for every position, built once (llama family).
+        self.rope = (rope.rope_table(config.context_length, config.head_size, config.rope_theta)
+                     if config.llama_family else None)
         self._workspace: Workspace | None = None  # the latest shape's only: the model keeps no cache by shape
         self._last: Workspace | None = None  # what backward() differentiates
         if init:
@@ -332,7 +387,7 @@ class GPT:
         return self.params.size
 
     def init_weights(self, seed: int) -> None:
-        """GPT-2 init: N(0, 0.02); residual output projections N(0, 0.02/sqrt(2 n_layers)); biases 0; LN w 1."""
+        """GPT-2 init: N(0, 0.02); residual output projections N(0, 0.02/sqrt(2 n_layers)); biases 0; norms' w 1."""
         rng = np.random.default_rng(seed)
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
         for name, view in self.p.items():
@@ -340,7 +395,7 @@ class GPT:
                 view[...] = rng.normal(0.0, residual_std, view.shape)
             elif view.ndim == 2:
                 view[...] = rng.normal(0.0, 0.02, view.shape)
-            elif name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+            elif name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight", "_norm.weight")):
                 view[...] = 1.0
             else:
                 view[...] = 0.0
@@ -430,6 +485,10 @@ class GPT:
             self._norm_forward(x, h + "ln_1", a[f"ln1_{i}"], a.get(f"ln1_mean{i}"), a[f"ln1_rstd{i}"], th)
             qkv = a[f"qkv{i}"]
             self._linear(a[f"ln1_{i}"], h + "attn.c_attn", qkv.reshape(B * T, -1), th)
+            if cfg.qk_norm:
+                rmsnorm.head_rmsnorm_forward(qkv, self.p[h + "attn.q_norm.weight"], self.p[h + "attn.k_norm.weight"],
+                                             cfg.n_heads, cfg.n_kv_heads, a[f"qk_rstd{i}"], a.get(f"qk{i}"),
+                                             eps=cfg.norm_eps, threads=th)
             if self.rope is not None:
                 rope.rope_forward(qkv, self.rope, ws.start, cfg.n_heads, cfg.n_kv_heads, threads=th)
             if keys_values is not None:
@@ -481,7 +540,7 @@ class GPT:
         if not accumulate:
             for name in self._summed_grads:
                 g[name].fill(0.0)
-        dres, dc, dqkv, dh, dh_act = a["dres"], a["dc"], a["dqkv"], a["dh"], a["dh_act"]
+        dres, dc, datty, dqkv, dh, dh_act = a["dres"], a["dc"], a["datty"], a["dqkv"], a["dh"], a["dh_act"]
         act = dh.reshape(-1)[:dh_act.size].reshape(dh_act.shape)  # the recomputed activation, in dh's memory
         # The head writes g[self.head] first (the embedding's scatter-add comes last), so it alone may overwrite.
         overwrite_dx = {"accumulate": accumulate, "accumulate_dx": False, "threads": th}
@@ -505,12 +564,16 @@ class GPT:
             self._norm_backward(dc, a[f"res_mid{i}"], h + "ln_2", a.get(f"ln2_mean{i}"), a[f"ln2_rstd{i}"], dres, g,
                                 th)
             # dres is now d(res_mid); it flows into the block input and into the attention branch.
-            linear.linear_backward(dres, a[f"atty{i}"], p[h + "attn.c_proj.weight"], dc,
+            linear.linear_backward(dres, a[f"atty{i}"], p[h + "attn.c_proj.weight"], datty,
                                    g[h + "attn.c_proj.weight"], g.get(h + "attn.c_proj.bias"), **overwrite_dx)
-            attention.attention_backward(dc.reshape(B, T, -1), a[f"qkv{i}"], a[f"att_denom{i}"], dqkv, cfg.n_heads,
-                                         n_kv_heads=cfg.n_kv_heads, accumulate=False, threads=th)
-            if self.rope is not None:  # d(rotated q, k) -> d(q, k) as the projection made them
+            attention.attention_backward(datty.reshape(B, T, -1), a[f"qkv{i}"], a[f"att_denom{i}"], dqkv,
+                                         cfg.n_heads, n_kv_heads=cfg.n_kv_heads, accumulate=False, threads=th)
+            if self.rope is not None:  # d(rotated q, k) -> d(q, k) as they were before the rotation
                 rope.rope_backward(dqkv, self.rope, ws.start, cfg.n_heads, cfg.n_kv_heads, threads=th)
+            if cfg.qk_norm:  # -> d(q, k) as the projection made them
+                rmsnorm.head_rmsnorm_backward(dqkv, a[f"qk{i}"], a[f"qk_rstd{i}"], p[h + "attn.q_norm.weight"],
+                                              p[h + "attn.k_norm.weight"], g[h + "attn.q_norm.weight"],
+                                              g[h + "attn.k_norm.weight"], cfg.n_heads, cfg.n_kv_heads, threads=th)
             linear.linear_backward(dqkv.reshape(B * T, -1), a[f"ln1_{i}"], p[h + "attn.c_attn.weight"], dc,
                                    g[h + "attn.c_attn.weight"], g.get(h + "attn.c_attn.bias"), **overwrite_dx)
             self._norm_backward(dc, a[f"res{i}"], h + "ln_1", a.get(f"ln1_mean{i}"), a[f"ln1_rstd{i}"], dres, g, th)
@@ -552,7 +615,7 @@ class GPT:
         """out = the norm `name` of x, saving what its backward needs: rstd, and the mean (gpt2's LayerNorm; None
         for RMSNorm)."""
         w = self.p[name + ".weight"]
-        if self.config.arch == "llama":
+        if self.config.llama_family:
             rmsnorm.rmsnorm_forward(x, w, out, rstd, eps=self.config.norm_eps, threads=th)
         else:
             layernorm.layernorm_forward(x, w, self.p[name + ".bias"], out, mean, rstd, eps=self.config.norm_eps,
@@ -561,21 +624,21 @@ class GPT:
     def _norm_backward(self, dout, x, name: str, mean, rstd, dx, g: dict, th: int) -> None:
         """dx and the norm's parameter gradients in g += the norm's backward of dout."""
         w = self.p[name + ".weight"]
-        if self.config.arch == "llama":
+        if self.config.llama_family:
             rmsnorm.rmsnorm_backward(dout, x, w, rstd, dx, g[name + ".weight"], threads=th)
         else:
             layernorm.layernorm_backward(dout, x, w, mean, rstd, dx, g[name + ".weight"], g[name + ".bias"],
                                          threads=th)
 
     def _activation_forward(self, fc, out, th: int) -> None:
-        if self.config.arch == "llama":
+        if self.config.llama_family:
             swiglu.swiglu_forward(fc, out, threads=th)
         else:
             gelu.gelu_forward(fc, out, exact=self.config.exact_gelu, threads=th)
 
     def _activation_backward(self, dout, fc, dfc, th: int) -> None:
         """dfc = the activation's backward of dout (overwritten)."""
-        if self.config.arch == "llama":
+        if self.config.llama_family:
             swiglu.swiglu_backward(dout, fc, dfc, accumulate=False, threads=th)
         else:
             gelu.gelu_backward(dout, fc, dfc, accumulate=False, exact=self.config.exact_gelu, threads=th)

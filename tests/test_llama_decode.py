@@ -1,5 +1,5 @@
-"""KV-cache decoding of llama models (RoPE, RMSNorm, grouped-query attention, SwiGLU, no biases, a tied or untied
-head): the fused decode step and the Decoder against the model's full forward pass, grouped-query attention in
+"""KV-cache decoding of the llama family (RoPE, RMSNorm, grouped-query attention, SwiGLU, a tied or untied head;
+qwen2's q, k, v biases, qwen3's head norms and heads set apart from the width): the fused decode step and the Decoder against the model's full forward pass, grouped-query attention in
 attention_decode, greedy generation through context shifts, thread-count invariance, and the checks at
 decode_step's boundary.
 
@@ -32,6 +32,8 @@ CONFIGS = {
     "gqa-tied": dataclasses.replace(GQA, tied_head=True),
     "mqa-tied": dataclasses.replace(GQA, n_kv_heads=1, tied_head=True),  # every query head reads one kv head
     "mha-untied": dataclasses.replace(GQA, n_kv_heads=6, norm_eps=1e-3),
+    "qwen2": dataclasses.replace(GQA, arch="qwen2", tied_head=True),  # biases on q, k and v
+    "qwen3": dataclasses.replace(GQA, arch="qwen3", dim=16, head_dim=6),  # head norms; queries 36 wide, not 16
 }
 
 
@@ -84,7 +86,7 @@ def test_stepped_keys_and_values_are_those_of_a_full_pass(model):
         stepped.step([token])
     prefilled = Decoder(model)
     prefilled.prefill([ids])
-    assert stepped.k_cache.shape == (cfg.n_layers, 1, cfg.context_length, cfg.n_kv_heads * cfg.head_dim)
+    assert stepped.k_cache.shape == (cfg.n_layers, 1, cfg.context_length, cfg.n_kv_heads * cfg.head_size)
     for layer in range(cfg.n_layers):
         assert rel_err(stepped.k_cache[layer], prefilled.k_cache[layer]) <= LOGITS_TOL, f"keys of layer {layer}"
         assert rel_err(stepped.v_cache[layer], prefilled.v_cache[layer]) <= LOGITS_TOL, f"values of layer {layer}"
@@ -111,11 +113,13 @@ def test_rows_of_different_lengths_step_together(model):
     assert np.array_equal(decoder.logits[1], full_row) and decoder.lengths.tolist() == [7, 10, 8]
 
 
-def test_results_do_not_depend_on_kernel_threads():
+@pytest.mark.parametrize("name", ["gqa-untied", "qwen3"])
+def test_results_do_not_depend_on_kernel_threads(name):
     # The prefill's kernels split their work by shape, never by thread count; a step runs its own loops on one
     # thread. (BLAS's threads are process-wide and not the decoder's to vary.)
-    model = llama_model(GQA, seed=5)
-    sequences = [random_ids(GQA, 8, seed=6), random_ids(GQA, 8, seed=7)]
+    cfg = CONFIGS[name]
+    model = llama_model(cfg, seed=5)
+    sequences = [random_ids(cfg, 8, seed=6), random_ids(cfg, 8, seed=7)]
     runs = []
     for threads in (1, 2, 3):
         decoder = Decoder(model, batch=2, threads=threads)
@@ -249,13 +253,13 @@ MODEL = {name: i for i, name in enumerate(decode.MODEL_PARAMETERS)}
     (dict(n_kv_heads=4), "n_kv_heads=4 must divide n_heads=6"),
     (dict(n_kv_heads=3), "the cache's 8 channels are not divisible by n_kv_heads=3"),
     (dict(exact_gelu=True), "exact_gelu is a gpt2 setting"),
-    (dict(arch="mistral"), "arch must be gpt2 or llama"),
+    (dict(arch="mistral"), "arch must be gpt2, llama, qwen2 or qwen3"),
     (set_offset("layer_offsets", LAYER["attn.c_attn.bias"], 0), "llama has no parameter h.0.attn.c_attn.bias"),
     (set_offset("model_offsets", MODEL["wpe"], 0), "llama has no parameter wpe"),
     (set_offset("layer_offsets", LAYER["mlp.c_fc.weight"], decode.ABSENT),
      "parameter h.0.mlp.c_fc.weight is ABSENT, but llama needs it"),
     (set_offset("model_offsets", MODEL["lm_head"], 10**9), "parameter lm_head at offset 1000000000"),
-    (lambda args: args.update(layer_offsets=args["layer_offsets"][:1]), r"layer_offsets must be \(2, 12\)"),
+    (lambda args: args.update(layer_offsets=args["layer_offsets"][:1]), r"layer_offsets must be \(2, 14\)"),
 ])
 def test_decode_step_refuses_bad_input_before_it_runs(change, message):
     decoder = Decoder(llama_model(GQA))

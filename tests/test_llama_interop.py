@@ -363,7 +363,7 @@ def test_gguf_reads_back_with_llama_names_metadata_and_pair_order(request, tmp_p
         "attention.head_count_kv", "rope.dimension_count", "vocab_size")} == {
         "context_length": cfg.context_length, "embedding_length": cfg.dim, "block_count": 2,
         "feed_forward_length": cfg.intermediate_size, "attention.head_count": cfg.n_heads,
-        "attention.head_count_kv": cfg.n_kv_heads, "rope.dimension_count": cfg.head_dim,
+        "attention.head_count_kv": cfg.n_kv_heads, "rope.dimension_count": cfg.head_size,
         "vocab_size": cfg.vocab_size}
     assert fields["llama.rope.freq_base"] == pytest.approx(cfg.rope_theta)
     assert fields["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(cfg.norm_eps)
@@ -391,7 +391,7 @@ def test_gguf_reads_back_with_llama_names_metadata_and_pair_order(request, tmp_p
     q = tensors["blk.0.attn_q.weight"]
     if q.tensor_type == gguf.GGMLQuantizationType.F32:  # the order itself, not only its inverse: row 1 is row hs/2
         rows = np.asarray(q.data).reshape(-1, cfg.dim)
-        assert np.array_equal(rows[1], hf["model.layers.0.self_attn.q_proj.weight"][cfg.head_dim // 2])
+        assert np.array_equal(rows[1], hf["model.layers.0.self_attn.q_proj.weight"][cfg.head_size // 2])
 
 
 def test_gguf_tokenizers_take_the_form_llama_cpp_tokenizes_alike(tmp_path, smollm2, small):

@@ -1,4 +1,4 @@
-"""The llama architecture as a whole model: its loss against an independent float64 numpy forward, its gradients
+"""The llama family (llama, qwen2, qwen3) as a whole model: its loss against an independent float64 numpy forward, its gradients
 against that forward's central differences, thread-count invariance, and its config."""
 import dataclasses
 import math
@@ -11,6 +11,9 @@ from cllm.model import GPT, ModelConfig, llama_intermediate_size
 # GQA (6 query heads over 2 key/value heads), an odd vocabulary, an untied head: every llama-only path.
 TINY = ModelConfig(vocab_size=13, context_length=9, dim=24, n_layers=2, n_heads=6, arch="llama", n_kv_heads=2,
                    intermediate_size=20, rope_theta=500.0, norm_eps=1e-5, tied_head=False)
+# qwen2's biases on q, k and v; qwen3's per-head norms, with heads of 6 whose queries (24 wide) are not the width
+QWEN2 = dataclasses.replace(TINY, arch="qwen2", tied_head=True)
+QWEN3 = dataclasses.replace(TINY, arch="qwen3", dim=16, head_dim=6, n_heads=4, n_kv_heads=2)
 
 
 def batch(cfg, B, T, seed=0):
@@ -46,21 +49,25 @@ def rotate(x, positions, theta):
 
 def reference_loss(cfg, p, tokens, targets):
     B, T = tokens.shape
-    NH, NKV, hs, C, I = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dim, cfg.intermediate_size
+    NH, NKV, hs, Q, I = cfg.n_heads, cfg.n_kv_heads, cfg.head_size, cfg.q_dim, cfg.intermediate_size
     x = p["wte"][tokens]  # (B, T, C)
     causal = np.tril(np.ones((T, T), bool))
     for i in range(cfg.n_layers):
         h = lambda s: p[f"h.{i}.{s}"]
         qkv = rms(x, h("ln_1.weight"), cfg.norm_eps) @ h("attn.c_attn.weight")
-        q = qkv[..., :C].reshape(B, T, NH, hs).transpose(0, 2, 1, 3)
-        k = qkv[..., C:C + NKV * hs].reshape(B, T, NKV, hs).transpose(0, 2, 1, 3)
-        v = qkv[..., C + NKV * hs:].reshape(B, T, NKV, hs).transpose(0, 2, 1, 3)
+        if cfg.qkv_bias:
+            qkv = qkv + h("attn.c_attn.bias")
+        q = qkv[..., :Q].reshape(B, T, NH, hs).transpose(0, 2, 1, 3)
+        k = qkv[..., Q:Q + NKV * hs].reshape(B, T, NKV, hs).transpose(0, 2, 1, 3)
+        v = qkv[..., Q + NKV * hs:].reshape(B, T, NKV, hs).transpose(0, 2, 1, 3)
+        if cfg.qk_norm:  # each head on its own, before the rotation
+            q, k = rms(q, h("attn.q_norm.weight"), cfg.norm_eps), rms(k, h("attn.k_norm.weight"), cfg.norm_eps)
         q, k = rotate(q, np.arange(T), cfg.rope_theta), rotate(k, np.arange(T), cfg.rope_theta)
         k, v = np.repeat(k, NH // NKV, axis=1), np.repeat(v, NH // NKV, axis=1)  # query head j reads kv j // group
         scores = np.where(causal, q @ k.transpose(0, 1, 3, 2) / math.sqrt(hs), -np.inf)
         att = np.exp(scores - scores.max(-1, keepdims=True))
         att /= att.sum(-1, keepdims=True)
-        y = (att @ v).transpose(0, 2, 1, 3).reshape(B, T, C)
+        y = (att @ v).transpose(0, 2, 1, 3).reshape(B, T, Q)
         x = x + y @ h("attn.c_proj.weight")
         gate_up = rms(x, h("ln_2.weight"), cfg.norm_eps) @ h("mlp.c_fc.weight")
         gate, up = gate_up[..., :I], gate_up[..., I:]
@@ -78,8 +85,8 @@ def float64_params(model):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cfg", [TINY, dataclasses.replace(TINY, tied_head=True, n_kv_heads=6)],
-                         ids=["gqa-untied", "mha-tied"])
+@pytest.mark.parametrize("cfg", [TINY, dataclasses.replace(TINY, tied_head=True, n_kv_heads=6), QWEN2, QWEN3],
+                         ids=["gqa-untied", "mha-tied", "qwen2", "qwen3"])
 def test_loss_and_gradients_match_the_float64_reference(cfg):
     model = perturbed(GPT(cfg, seed=3))
     tokens, targets = batch(cfg, 2, cfg.context_length, seed=5)
@@ -117,11 +124,26 @@ def test_layout_has_no_positions_or_biases_and_counts_every_parameter():
     assert GPT(dataclasses.replace(TINY, tied_head=True)).num_params == model.num_params - V * C
 
 
-def test_results_do_not_depend_on_kernel_threads():
-    tokens, targets = batch(TINY, 3, 9, seed=2)
+def test_qwen_layouts_add_their_biases_and_head_norms_and_size_queries_by_head_dim():
+    qwen2 = GPT(QWEN2)
+    biases = [name for name in qwen2.p if name.endswith(".bias")]
+    assert biases == [f"h.{i}.attn.c_attn.bias" for i in range(QWEN2.n_layers)]
+    assert qwen2.p["h.0.attn.c_attn.bias"].shape == (QWEN2.qkv_dim,)
+    assert qwen2.num_params == GPT(dataclasses.replace(QWEN2, arch="llama")).num_params + 2 * QWEN2.qkv_dim
+    qwen3 = GPT(QWEN3)
+    assert QWEN3.q_dim == 24 != QWEN3.dim and QWEN3.qkv_dim == 24 + 2 * 12
+    assert qwen3.p["h.1.attn.c_attn.weight"].shape == (16, 48) and qwen3.p["h.1.attn.c_proj.weight"].shape == (24, 16)
+    assert qwen3.p["h.1.attn.q_norm.weight"].shape == qwen3.p["h.1.attn.k_norm.weight"].shape == (6,)
+    assert (qwen3.p["h.0.attn.q_norm.weight"] == 1).all()  # initialised as the other norms are
+    assert not any(name.endswith(".bias") for name in qwen3.p)
+
+
+@pytest.mark.parametrize("cfg", [TINY, QWEN2, QWEN3], ids=["llama", "qwen2", "qwen3"])
+def test_results_do_not_depend_on_kernel_threads(cfg):
+    tokens, targets = batch(cfg, 3, 9, seed=2)
     runs = []
     for threads in (1, 2, 3):
-        model = perturbed(GPT(TINY, seed=1, threads=threads))
+        model = perturbed(GPT(cfg, seed=1, threads=threads))
         loss = model.forward(tokens, targets)
         model.backward()
         runs.append((loss, model.grads.copy()))
@@ -129,9 +151,10 @@ def test_results_do_not_depend_on_kernel_threads():
         assert loss == runs[0][0] and np.array_equal(grads, runs[0][1])
 
 
-def test_overwriting_gradients_equals_accumulating_into_zeros():
-    model = perturbed(GPT(TINY, seed=1))
-    tokens, targets = batch(TINY, 2, 7, seed=3)
+@pytest.mark.parametrize("cfg", [TINY, QWEN3], ids=["llama", "qwen3"])
+def test_overwriting_gradients_equals_accumulating_into_zeros(cfg):
+    model = perturbed(GPT(cfg, seed=1))
+    tokens, targets = batch(cfg, 2, 7, seed=3)
     ws = model.workspace(2, 7)
     model.forward_ws(ws, tokens, targets)
     model.zero_grad()
@@ -143,16 +166,19 @@ def test_overwriting_gradients_equals_accumulating_into_zeros():
     assert np.array_equal(model.grads, want)
 
 
-def test_an_inference_workspace_gives_the_training_logits():
-    model = perturbed(GPT(TINY, seed=1))
-    tokens, targets = batch(TINY, 2, 9, seed=3)
+@pytest.mark.parametrize("cfg", [TINY, QWEN2, QWEN3], ids=["llama", "qwen2", "qwen3"])
+def test_an_inference_workspace_gives_the_training_logits(cfg):
+    model = perturbed(GPT(cfg, seed=1))
+    tokens, targets = batch(cfg, 2, 9, seed=3)
     ws = model.workspace(2, 9)
     model.forward_ws(ws, tokens, None)
     assert np.array_equal(model.logits(tokens).reshape(ws.a["logits"].shape), ws.a["logits"])
 
 
 def test_config_round_trips_and_gpt2_configs_read_as_before():
-    assert ModelConfig.from_dict(TINY.to_dict()) == TINY
+    for cfg in (TINY, QWEN2, QWEN3):
+        assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    assert "head_dim" not in TINY.to_dict() and QWEN3.to_dict()["head_dim"] == 6 and QWEN3.head_size == 6
     gpt2 = ModelConfig(vocab_size=11, context_length=8, dim=12, n_layers=2, n_heads=3)
     assert gpt2.to_dict() == {"vocab_size": 11, "context_length": 8, "dim": 12, "n_layers": 2, "n_heads": 3,
                               "mlp_ratio": 4}
@@ -169,6 +195,9 @@ def test_config_round_trips_and_gpt2_configs_read_as_before():
     ({"activation": "gelu_tanh"}, "activation"),
     ({"arch": "mamba"}, "arch"),
     ({"arch": "gpt2", "activation": None}, "llama setting"),  # gpt2 with kv heads, a width and an untied head
+    ({"head_dim": 5}, "must be even"),
+    ({"head_dim": 0}, "head_dim"),
+    ({"dim": 25, "head_dim": None}, "divisible by n_heads"),
 ])
 def test_bad_configs_are_refused_with_the_field_named(change, message):
     with pytest.raises(ValueError, match=message):

@@ -3,10 +3,12 @@
 # decode_step runs the whole model for a step in a single nogil call: there is too little work per kernel for
 # Python to sit between the kernels (it took about half of a small model's step). Its pieces are the training
 # kernels' own inline row functions (layernorm.pxd, rmsnorm.pxd, gelu.pxd, swiglu.pxd, rope.pxd, few_rows_block in
-# _common.pxd), the quantized products (quantized.pxd) and head_decode. Both architectures (cllm/model.py) take the
+# _common.pxd), the quantized products (quantized.pxd) and head_decode. Every architecture (cllm/model.py) takes the
 # same path; where they differ, the step branches once per layer, never per element: the norm (LayerNorm or
-# RMSNorm), the activation (GELU or SwiGLU), the positions (wpe added to the embedding, or RoPE on q and k), and
-# biases (llama has none: their offsets are ABSENT and the products get NULL).
+# RMSNorm), the activation (GELU or SwiGLU), the positions (wpe added to the embedding, or RoPE on q and k), biases
+# (the llama family has none but qwen2's on q, k and v: the others' offsets are ABSENT and the products get NULL),
+# and qwen3's RMSNorm of each q and k head before RoPE. Queries may be wider or narrower than the model (a head
+# size set apart from dim / n_heads): the attention's output is q_dim wide, and its projection maps it to dim.
 #
 # A quantized model's step threads enter one OpenMP region for the whole step and meet at a spinning barrier
 # (barrier.h) between its pieces: a small model's step is a few hundred pieces of a few microseconds each, and an
@@ -76,18 +78,18 @@ cdef void head_decode(const float* q, const float* k, const float* v, float* out
         s += 1
 
 
-cdef Py_ssize_t head_size(Py_ssize_t dim, Py_ssize_t kv_dim, int n_heads, int n_kv_heads) except -1:
-    """The head size, once queries (dim channels) are n_heads heads and keys and values (kv_dim) n_kv_heads heads
+cdef Py_ssize_t head_size(Py_ssize_t q_dim, Py_ssize_t kv_dim, int n_heads, int n_kv_heads) except -1:
+    """The head size, once queries (q_dim channels) are n_heads heads and keys and values (kv_dim) n_kv_heads heads
     of it, n_kv_heads dividing n_heads (grouped-query attention). decode_step asks every step, so the messages are
     formatted only for what fails (an f-string passed to require() would be formatted every time)."""
-    if not (n_heads > 0 and dim > 0 and dim % n_heads == 0):
-        raise ValueError(f"dim {dim} is not divisible by n_heads={n_heads}")
+    if not (n_heads > 0 and q_dim > 0 and q_dim % n_heads == 0):
+        raise ValueError(f"the queries' {q_dim} channels are not divisible by n_heads={n_heads}")
     if not (n_kv_heads > 0 and n_heads % n_kv_heads == 0):
         raise ValueError(f"n_kv_heads={n_kv_heads} must divide n_heads={n_heads}")
-    if kv_dim * n_heads != dim * n_kv_heads:
+    if kv_dim * n_heads != q_dim * n_kv_heads:
         raise ValueError(f"keys and values have {kv_dim} channels, not n_kv_heads * head size = "
-                         f"{n_kv_heads * (dim // n_heads)}")
-    return dim // n_heads
+                         f"{n_kv_heads * (q_dim // n_heads)}")
+    return q_dim // n_heads
 
 
 cdef int check_lengths(const int[::1] lengths, Py_ssize_t t_max) except -1:
@@ -135,10 +137,11 @@ def attention_decode(const float[:, ::1] q, const float[:, :, ::1] k_cache, cons
 
 # decode_step's parameter offsets: where each of a layer's parameters starts in the flat buffer (one row per
 # layer, in LAYER_PARAMETERS order), then the model's own (MODEL_PARAMETERS order). A parameter the model does
-# not have is ABSENT: llama's biases, wpe and ln_f.bias, and lm_head when the head is tied to wte.
+# not have is ABSENT: the llama family's biases (but qwen2's c_attn.bias), wpe and ln_f.bias, the head norms but
+# qwen3's, and lm_head when the head is tied to wte.
 LAYER_PARAMETERS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
                     "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
-                    "mlp.c_proj.weight", "mlp.c_proj.bias")
+                    "mlp.c_proj.weight", "mlp.c_proj.bias", "attn.q_norm.weight", "attn.k_norm.weight")
 MODEL_PARAMETERS = ("wte", "wpe", "ln_f.weight", "ln_f.bias", "lm_head")
 
 cpdef enum:
@@ -157,6 +160,8 @@ cdef enum:
     FC_B
     MLP_W
     MLP_B
+    Q_NORM
+    K_NORM
     N_LAYER_PARAMETERS
 
 cdef enum:
@@ -190,10 +195,12 @@ cdef enum Activation:
 
 # The model's widths and the step's choices, fixed for a call; checked before any loop runs.
 cdef struct Model:
-    Py_ssize_t dim, kv_dim, qkv_dim, hidden, up_dim, vocab, n_heads, n_kv_heads, head_size
+    Py_ssize_t dim, q_dim, kv_dim, qkv_dim, hidden, up_dim, vocab, n_heads, n_kv_heads, head_size
     float scale  # 1 / sqrt(head_size)
     float eps
-    bint llama  # RMSNorm, no biases, RoPE (else LayerNorm, biases, wpe)
+    bint llama  # the llama family: RMSNorm, RoPE, no biases but qwen2's (else LayerNorm, biases, wpe)
+    bint qkv_bias  # qwen2's biases on q, k and v
+    bint qk_norm  # qwen3's RMSNorm of each q and k head
     Activation activation
     const float* rope  # the (cos, sin) table, (positions, head_size / 2, 2); NULL: positions come from wpe
     int threads  # for the matrix products of 2 to 16 rows (_common.few_rows_product), the quantized ones and
@@ -205,37 +212,41 @@ cdef struct Model:
     qact** acts  # where the team finds them (its rows)
 
 
-cdef inline Py_ssize_t scratch_floats(Py_ssize_t rows, Py_ssize_t dim, Py_ssize_t qkv_dim, Py_ssize_t up_dim,
-                                      Py_ssize_t hidden, Py_ssize_t vocab) noexcept nogil:
-    # x, mid, ln and atty (dim each), qkv, fc (up_dim), its activation (hidden), mean and rstd, logits (the rows of
-    # attention weights are decode_step's own, one a thread)
-    return rows * (4 * dim + qkv_dim + up_dim + hidden + 2 + vocab)
+cdef inline Py_ssize_t scratch_floats(Py_ssize_t rows, Py_ssize_t dim, Py_ssize_t q_dim, Py_ssize_t qkv_dim,
+                                      Py_ssize_t up_dim, Py_ssize_t hidden, Py_ssize_t vocab) noexcept nogil:
+    # x, mid and ln (dim each), qkv, atty (q_dim), fc (up_dim), its activation (hidden), mean and rstd, logits (the
+    # rows of attention weights are decode_step's own, one a thread)
+    return rows * (3 * dim + qkv_dim + q_dim + up_dim + hidden + 2 + vocab)
 
 
 def decode_step_scratch(Py_ssize_t rows, *, Py_ssize_t dim, Py_ssize_t qkv_dim, Py_ssize_t up_dim,
-                        Py_ssize_t hidden, Py_ssize_t vocab):
-    """Floats of scratch that decode_step needs for `rows` sequences at once (the widths are ModelConfig's)."""
-    return scratch_floats(rows, dim, qkv_dim, up_dim, hidden, vocab)
+                        Py_ssize_t hidden, Py_ssize_t vocab, q_dim=None):
+    """Floats of scratch that decode_step needs for `rows` sequences at once (the widths are ModelConfig's; q_dim
+    defaults to dim)."""
+    return scratch_floats(rows, dim, dim if q_dim is None else q_dim, qkv_dim, up_dim, hidden, vocab)
 
 
 def decode_step(const float[::1] params, const Py_ssize_t[:, ::1] layer_offsets,
                 const Py_ssize_t[::1] model_offsets, int n_heads, Py_ssize_t hidden, const Py_ssize_t[::1] tokens,
                 const Py_ssize_t[::1] rows, const Py_ssize_t[::1] positions, float[:, :, :, ::1] k_cache,
                 float[:, :, :, ::1] v_cache, float[::1] scratch, float[:, ::1] logits, *, float eps=1e-5,
-                bint exact_gelu=False, str arch="gpt2", n_kv_heads=None, const float[:, :, ::1] rope=None,
-                MatrixTable quantized=None, int threads=1):
+                bint exact_gelu=False, str arch="gpt2", n_kv_heads=None, dim=None,
+                const float[:, :, ::1] rope=None, MatrixTable quantized=None, int threads=1):
     """Appends tokens[j] at position positions[j] of cache row rows[j], for each j, and writes the logits that
     predict each row's next token to logits[rows[j]].
 
     k_cache, v_cache (L, B, Tmax, KV) get each new token's keys and values (KV = n_kv_heads * head size, n_kv_heads
-    defaulting to n_heads); row rows[j] attends to its positions 0..positions[j]. Other rows of the cache and of
+    defaulting to n_heads); row rows[j] attends to its positions 0..positions[j]. dim is the model's width, by
+    default n_heads * head size (the queries' width; a model whose heads are set apart has another). Other rows of the cache and of
     logits are untouched. A quantized model's step runs on `threads` threads, which share out its matrix products
     and attention heads (no BLAS runs in it); a float32 model's products of one row run on BLAS's threads, of 2 to
     16 rows on `threads` (_common.few_rows_product). The same results for any number of threads.
 
     arch is ModelConfig's: "gpt2" (LayerNorm, learned positions wpe, GELU: the tanh form, or with exact_gelu=True
-    the erf form) or "llama" (RMSNorm, no biases, RoPE from rope = rope_table(Tmax or more, head size, theta),
-    SwiGLU over an MLP projection of width 2 * hidden, gate then up). The head is lm_head, or wte if ABSENT.
+    the erf form) or one of the llama family (RMSNorm, RoPE from rope = rope_table(Tmax or more, head size, theta),
+    SwiGLU over an MLP projection of width 2 * hidden, gate then up; no biases in "llama" and "qwen3", biases on
+    q, k and v in "qwen2", and in "qwen3" an RMSNorm of each q and k head before RoPE). The head is lm_head, or wte
+    if ABSENT.
 
     quantized, if given, is a MatrixTable (cllm._kernels.quantized) of QUANTIZED_PER_LAYER entries a layer (c_attn,
     c_proj, c_fc, the MLP's c_proj), then the head's and wte's: a matrix it holds is multiplied in its blocks
@@ -243,15 +254,15 @@ def decode_step(const float[::1] params, const Py_ssize_t[:, ::1] layer_offsets,
     """
     cdef Py_ssize_t T = k_cache.shape[2], n = tokens.shape[0], head
     check_cache(k_cache, v_cache, logits, tokens, rows, positions)
-    cdef Model m = check_model(arch, n_heads, n_kv_heads, hidden, k_cache.shape[3], logits.shape[1], eps,
+    cdef Model m = check_model(arch, n_heads, n_kv_heads, dim, hidden, k_cache.shape[3], logits.shape[1], eps,
                                exact_gelu, rope, T)
     require_threads(threads)
     m.threads = threads
-    if scratch.shape[0] < scratch_floats(n, m.dim, m.qkv_dim, m.up_dim, m.hidden, m.vocab):
+    if scratch.shape[0] < scratch_floats(n, m.dim, m.q_dim, m.qkv_dim, m.up_dim, m.hidden, m.vocab):
         raise ValueError("scratch is too small")
     cdef float[:, ::1] scores = np.empty((threads, T), np.float32)  # a row of attention weights per thread
     m.scores = &scores[0, 0]
-    cdef unsigned char[::1] activations = np.empty(quant_act_bytes(n, max(m.dim, m.hidden)), np.uint8)
+    cdef unsigned char[::1] activations = np.empty(quant_act_bytes(n, max(m.dim, m.q_dim, m.hidden)), np.uint8)
     cdef qact* acts[1]
     m.activations, m.acts, m.path = &activations[0], acts, path()
     check_offsets(params.shape[0], layer_offsets, model_offsets, &m, k_cache.shape[0], T, arch)
@@ -265,22 +276,27 @@ def decode_step(const float[::1] params, const Py_ssize_t[:, ::1] layer_offsets,
                  &scratch[0], logits, &m)
 
 
-cdef Model check_model(str arch, int n_heads, n_kv_heads, Py_ssize_t hidden, Py_ssize_t kv_dim, Py_ssize_t vocab,
-                       float eps, bint exact_gelu, const float[:, :, ::1] rope, Py_ssize_t t_max) except *:
+cdef Model check_model(str arch, int n_heads, n_kv_heads, dim, Py_ssize_t hidden, Py_ssize_t kv_dim,
+                       Py_ssize_t vocab, float eps, bint exact_gelu, const float[:, :, ::1] rope,
+                       Py_ssize_t t_max) except *:
     """The widths and choices of a step, each checked against the others. These checks run every step, so they
     test in C and format a message only for what fails (an f-string passed to require() would be formatted every
     time: about a tenth of a small model's step)."""
     cdef Model m
-    cdef bint llama = arch == "llama"
+    cdef bint llama = arch == "llama" or arch == "qwen2" or arch == "qwen3"
     if not llama and arch != "gpt2":
-        raise ValueError(f"arch must be gpt2 or llama, got {arch!r}")
+        raise ValueError(f"arch must be gpt2, llama, qwen2 or qwen3, got {arch!r}")
+    m.qkv_bias, m.qk_norm = arch == "qwen2", arch == "qwen3"
     m.n_heads = n_heads
     m.n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
     if m.n_kv_heads <= 0 or kv_dim % m.n_kv_heads:
         raise ValueError(f"the cache's {kv_dim} channels are not divisible by n_kv_heads={m.n_kv_heads}")
-    m.kv_dim, m.dim = kv_dim, kv_dim // m.n_kv_heads * n_heads
-    m.head_size = head_size(m.dim, kv_dim, n_heads, m.n_kv_heads)
-    m.qkv_dim = m.dim + 2 * kv_dim
+    m.kv_dim, m.q_dim = kv_dim, kv_dim // m.n_kv_heads * n_heads
+    m.head_size = head_size(m.q_dim, kv_dim, n_heads, m.n_kv_heads)
+    m.dim = m.q_dim if dim is None else dim
+    if m.dim <= 0 or (m.dim != m.q_dim and not llama):
+        raise ValueError(f"dim={dim} must be positive, and n_heads * head size = {m.q_dim} for gpt2")
+    m.qkv_dim = m.q_dim + 2 * kv_dim
     m.scale = 1 / sqrtf(<float>m.head_size)
     if hidden <= 0:
         raise ValueError(f"hidden must be positive, got {hidden}")
@@ -335,12 +351,15 @@ cdef int check_offsets(Py_ssize_t total, const Py_ssize_t[:, ::1] layer_offsets,
         raise ValueError(f"layer_offsets must be ({n_layers}, {N_LAYER_PARAMETERS}), a row per layer of the cache")
     if model_offsets.shape[0] != N_MODEL_PARAMETERS:
         raise ValueError(f"model_offsets must have {N_MODEL_PARAMETERS} entries")
-    cdef Presence bias = EXCLUDED if m.llama else REQUIRED  # llama has no biases, its norms' included
+    cdef Presence bias = EXCLUDED if m.llama else REQUIRED  # the llama family has no biases, its norms' included,
+    cdef Presence qkv_bias = REQUIRED if m.qkv_bias or not m.llama else EXCLUDED  # but for qwen2's on q, k and v
+    cdef Presence head_norms = REQUIRED if m.qk_norm else EXCLUDED
     cdef Presence wpe = EXCLUDED if m.llama else REQUIRED  # RoPE places its tokens
-    cdef Presence[N_LAYER_PARAMETERS] layer_presence = [REQUIRED, bias, REQUIRED, bias, REQUIRED, bias, REQUIRED,
-                                                        bias, REQUIRED, bias, REQUIRED, bias]
-    cdef Py_ssize_t[N_LAYER_PARAMETERS] layer_sizes = [C, C, C * m.qkv_dim, m.qkv_dim, C * C, C, C, C,
-                                                       C * m.up_dim, m.up_dim, H * C, C]
+    cdef Presence[N_LAYER_PARAMETERS] layer_presence = [REQUIRED, bias, REQUIRED, qkv_bias, REQUIRED, bias,
+                                                        REQUIRED, bias, REQUIRED, bias, REQUIRED, bias, head_norms,
+                                                        head_norms]
+    cdef Py_ssize_t[N_LAYER_PARAMETERS] layer_sizes = [C, C, C * m.qkv_dim, m.qkv_dim, m.q_dim * C, C, C, C,
+                                                       C * m.up_dim, m.up_dim, H * C, C, m.head_size, m.head_size]
     cdef Presence[N_MODEL_PARAMETERS] model_presence = [REQUIRED, wpe, REQUIRED, bias, OPTIONAL]
     cdef Py_ssize_t[N_MODEL_PARAMETERS] model_sizes = [m.vocab * C, t_max * C, C, C, m.vocab * C]
     for l in range(n_layers):
@@ -360,7 +379,7 @@ cdef int check_quantized(MatrixTable table, const Model* m, Py_ssize_t n_layers)
         raise ValueError(f"quantized must have {QUANTIZED_PER_LAYER} entries a layer and two more, "
                          f"{n_layers * QUANTIZED_PER_LAYER + 2}, got {len(table)}")
     cdef Py_ssize_t C = m.dim
-    shapes = [(m.qkv_dim, C), (C, C), (m.up_dim, C), (C, m.hidden)] * n_layers + [(m.vocab, C), (m.vocab, C)]
+    shapes = [(m.qkv_dim, C), (C, m.q_dim), (m.up_dim, C), (C, m.hidden)] * n_layers + [(m.vocab, C), (m.vocab, C)]
     names = [f"h.{l}.{name}" for l in range(n_layers) for name in QUANTIZED_LAYER_MATRICES] + ["head", "wte"]
     cdef Py_ssize_t i
     for i in range(table.n):
@@ -426,7 +445,7 @@ cdef void team_step(int t, int team, spin_barrier* barrier, const float* P, cons
     cdef float* ln = mid + n * C
     cdef float* qkv = ln + n * C
     cdef float* atty = qkv + n * m.qkv_dim
-    cdef float* fc = atty + n * C
+    cdef float* fc = atty + n * m.q_dim
     cdef float* fc_act = fc + n * m.up_dim
     cdef float* mean = fc_act + n * H
     cdef float* rstd = mean + n
@@ -444,12 +463,12 @@ cdef void team_step(int t, int team, spin_barrier* barrier, const float* P, cons
         product(t, team, barrier, ln, n, C, P + o[ATTN_W], entry(q, Q_ATTN), optional(P, o[ATTN_B]), qkv,
                 m.qkv_dim, False, m)
         if t == 0:
-            place(qkv, k_cache, v_cache, l, rows, positions, m)
+            place(qkv, P, o, k_cache, v_cache, l, rows, positions, m)
         spin_barrier_wait(barrier, team)
         attend(t, team, qkv, k_cache, v_cache, l, rows, positions, atty, m)
         spin_barrier_wait(barrier, team)
-        product(t, team, barrier, atty, n, C, P + o[PROJ_W], entry(q, Q_PROJ), optional(P, o[PROJ_B]), mid, C,
-                False, m)
+        product(t, team, barrier, atty, n, m.q_dim, P + o[PROJ_W], entry(q, Q_PROJ), optional(P, o[PROJ_B]), mid,
+                C, False, m)
         if t == 0:
             axpy(1, x, mid, n * C)  # the residual
             norm_rows(mid, n, P + o[LN2_W], optional(P, o[LN2_B]), ln, mean, rstd, m)
@@ -534,31 +553,39 @@ cdef inline void norm_rows(const float* x, Py_ssize_t n, const float* w, const f
             layernorm_row(x + j * C, w, b, out + j * C, mean + j, rstd + j, C, m.eps)
 
 
-cdef void place(float* qkv, float[:, :, :, ::1] k_cache, float[:, :, :, ::1] v_cache, Py_ssize_t l,
-                const Py_ssize_t[::1] rows, const Py_ssize_t[::1] positions, const Model* m) noexcept nogil:
-    """Each new token's q and k rotated to its position (RoPE), and its k and v written to layer l's cache: token j
-    at positions[j] of cache row rows[j]. qkv holds each token's packed q | k | v."""
-    cdef Py_ssize_t hs = m.head_size, KV = m.kv_dim, j
+cdef void place(float* qkv, const float* P, const Py_ssize_t* o, float[:, :, :, ::1] k_cache,
+                float[:, :, :, ::1] v_cache, Py_ssize_t l, const Py_ssize_t[::1] rows, const Py_ssize_t[::1] positions,
+                const Model* m) noexcept nogil:
+    """Each new token's q and k heads normalised (qwen3) and rotated to its position (RoPE), and its k and v
+    written to layer l's cache: token j at positions[j] of cache row rows[j]. qkv holds each token's packed
+    q | k | v; o is the layer's parameter offsets."""
+    cdef Py_ssize_t hs = m.head_size, KV = m.kv_dim, j, h
     cdef float* x
+    cdef float rstd
     for j in range(rows.shape[0]):
         x = qkv + j * m.qkv_dim
+        if m.qk_norm:  # as head_rmsnorm_forward normalises the heads of a full pass
+            for h in range(m.n_heads + m.n_kv_heads):
+                rmsnorm_row(x + h * hs, P + (o[Q_NORM] if h < m.n_heads else o[K_NORM]), x + h * hs, &rstd, hs,
+                            m.eps)
         if m.rope != NULL:  # the very rotation rope_forward applies to row `position` of a full pass
             rotate_row(x, m.rope + positions[j] * hs, m.n_heads + m.n_kv_heads, hs, 1.0)
-        memcpy(&k_cache[l, rows[j], positions[j], 0], x + m.dim, KV * sizeof(float))
-        memcpy(&v_cache[l, rows[j], positions[j], 0], x + m.dim + KV, KV * sizeof(float))
+        memcpy(&k_cache[l, rows[j], positions[j], 0], x + m.q_dim, KV * sizeof(float))
+        memcpy(&v_cache[l, rows[j], positions[j], 0], x + m.q_dim + KV, KV * sizeof(float))
 
 
 cdef void attend(int t, int team, const float* qkv, float[:, :, :, ::1] k_cache, float[:, :, :, ::1] v_cache,
                  Py_ssize_t l, const Py_ssize_t[::1] rows, const Py_ssize_t[::1] positions, float* out,
                  const Model* m) noexcept nogil:
     """Thread t's share of layer l's attention: each query head of each new token (placed) over its cache row's
-    positions 0..positions[j], into out (n, dim)."""
+    positions 0..positions[j], into out (n, q_dim)."""
     cdef Py_ssize_t hs = m.head_size, group = m.n_heads // m.n_kv_heads, NH = m.n_heads, pairs = rows.shape[0] * NH
     cdef Py_ssize_t jh, j, h
     for jh in range(pairs * t // team, pairs * (t + 1) // team):
         j, h = jh // NH, jh % NH
         head_decode(qkv + j * m.qkv_dim + h * hs, &k_cache[l, rows[j], 0, h // group * hs],
-                    &v_cache[l, rows[j], 0, h // group * hs], out + j * m.dim + h * hs, m.scores + t * k_cache.shape[2],
+                    &v_cache[l, rows[j], 0, h // group * hs], out + j * m.q_dim + h * hs,
+                    m.scores + t * k_cache.shape[2],
                     positions[j] + 1, m.kv_dim, hs, m.scale)
 
 

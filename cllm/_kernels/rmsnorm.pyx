@@ -3,6 +3,7 @@
 # backward does not recompute it.
 from cython.parallel cimport prange
 from libc.math cimport INFINITY
+from libc.string cimport memcpy
 
 from ._common cimport COLUMN_BLOCK, require, require_threads
 
@@ -83,3 +84,85 @@ def rmsnorm_backward(const float[:, ::1] dout not None, const float[:, ::1] x no
         for blk in prange(nblocks, num_threads=threads, schedule="static"):
             rmsnorm_weight_backward(&dout[0, 0], &x[0, 0], &rstd[0], n, c, blk * COLUMN_BLOCK,
                                     min((blk + 1) * COLUMN_BLOCK, c), &dweight[0], accumulate)
+
+
+# RMSNorm over each attention head of q and of k (Qwen3's q_norm and k_norm), in place on a packed qkv buffer
+# (B, T, (NH + 2 NKV) hs), before RoPE: every query head shares q's weight (hs,), every key head k's; v is not
+# touched. The same row kernel as above, run on head-sized rows.
+
+
+cdef int check_heads(Py_ssize_t W, Py_ssize_t rows, int n_heads, int n_kv_heads, Py_ssize_t q_len, Py_ssize_t k_len,
+                     tuple rstd_shape) except -1:
+    require(n_heads > 0 and n_kv_heads > 0, f"n_heads ({n_heads}) and n_kv_heads ({n_kv_heads}) must be positive")
+    cdef Py_ssize_t heads = <Py_ssize_t>n_heads + 2 * <Py_ssize_t>n_kv_heads
+    require(rows > 0 and W > 0 and W % heads == 0,
+            f"qkv's last dimension ({W}) is not (n_heads + 2 * n_kv_heads) * head_size = {heads} * head_size")
+    require(q_len == W // heads and k_len == W // heads,
+            f"q_weight and k_weight must have the head size, {W // heads}, got {q_len} and {k_len}")
+    require(rstd_shape == (rows, n_heads + n_kv_heads), f"rstd must be ({rows}, {n_heads + n_kv_heads}), one per "
+                                                         f"token and normalised head, got {rstd_shape}")
+    return 0
+
+
+def head_rmsnorm_forward(float[:, :, ::1] qkv not None, const float[::1] q_weight not None,
+                         const float[::1] k_weight not None, int n_heads, int n_kv_heads,
+                         float[:, ::1] rstd not None, float[:, ::1] saved=None, *, float eps, int threads=1):
+    """Each head x of q and k in qkv (B, T, (n_heads + 2 n_kv_heads) hs) becomes x * rstd * weight, in place;
+    rstd (B*T, n_heads + n_kv_heads) is saved for the backward, and saved (B*T, (n_heads + n_kv_heads) hs), if
+    given, receives the heads as they were, where the backward differentiates."""
+    cdef Py_ssize_t B = qkv.shape[0], T = qkv.shape[1], W = qkv.shape[2], r, h
+    require_threads(threads)
+    check_heads(W, B * T, n_heads, n_kv_heads, q_weight.shape[0], k_weight.shape[0], (rstd.shape[0], rstd.shape[1]))
+    require(0 < eps < INFINITY, f"eps must be positive and finite, got {eps}")
+    cdef Py_ssize_t hs = q_weight.shape[0], normed = <Py_ssize_t>n_heads + n_kv_heads
+    if saved is not None:
+        require(saved.shape[0] == B * T and saved.shape[1] == normed * hs,
+                f"saved must be ({B * T}, {normed * hs}), the q and k heads of every token")
+    cdef float* x
+    with nogil:
+        for r in prange(B * T, num_threads=threads, schedule="static"):
+            x = &qkv[r // T, r % T, 0]
+            if saved is not None:
+                memcpy(&saved[r, 0], x, normed * hs * sizeof(float))
+            for h in range(normed):
+                rmsnorm_row(x + h * hs, &q_weight[0] if h < n_heads else &k_weight[0], x + h * hs, &rstd[r, h], hs,
+                            eps)
+
+
+def head_rmsnorm_backward(float[:, :, ::1] dqkv not None, const float[:, ::1] saved not None,
+                          const float[:, ::1] rstd not None, const float[::1] q_weight not None,
+                          const float[::1] k_weight not None, float[::1] dq_weight not None,
+                          float[::1] dk_weight not None, int n_heads, int n_kv_heads, *, int threads=1):
+    """The transpose of head_rmsnorm_forward, in place: dq's and dk's heads of dqkv become the gradient with
+    respect to the heads as they were (saved), and dq_weight, dk_weight += the sum over tokens and heads of
+    dout * x * rstd, each column summed by one thread in one order."""
+    cdef Py_ssize_t B = dqkv.shape[0], T = dqkv.shape[1], W = dqkv.shape[2], N = B * T, r, h, u, i, c0, c1
+    require_threads(threads)
+    check_heads(W, N, n_heads, n_kv_heads, q_weight.shape[0], k_weight.shape[0], (rstd.shape[0], rstd.shape[1]))
+    cdef Py_ssize_t hs = q_weight.shape[0], normed = <Py_ssize_t>n_heads + n_kv_heads
+    require(saved.shape[0] == N and saved.shape[1] == normed * hs, f"saved must be ({N}, {normed * hs})")
+    require(dq_weight.shape[0] == hs and dk_weight.shape[0] == hs, f"dq_weight and dk_weight must have length {hs}")
+    cdef Py_ssize_t blocks = (hs + COLUMN_BLOCK - 1) // COLUMN_BLOCK
+    cdef float* dw
+    cdef const float* g
+    cdef const float* x
+    cdef float s
+    with nogil:
+        # The weights' gradients first, from dout as it comes: a unit is a block of one weight's columns.
+        for u in prange(2 * blocks, num_threads=threads, schedule="static"):
+            dw = &dq_weight[0] if u < blocks else &dk_weight[0]
+            c0 = u % blocks * COLUMN_BLOCK
+            c1 = min(c0 + COLUMN_BLOCK, hs)
+            for r in range(N):
+                for h in range(0 if u < blocks else n_heads, n_heads if u < blocks else normed):
+                    g = &dqkv[r // T, r % T, h * hs]
+                    x = &saved[r, h * hs]
+                    s = rstd[r, h]
+                    for i in range(c0, c1):
+                        dw[i] += g[i] * (x[i] * s)
+        # then each head's input gradient over its own output gradient
+        for r in prange(N, num_threads=threads, schedule="static"):
+            for h in range(normed):
+                rmsnorm_row_backward(&dqkv[r // T, r % T, h * hs], &saved[r, h * hs],
+                                     &q_weight[0] if h < n_heads else &k_weight[0], rstd[r, h],
+                                     &dqkv[r // T, r % T, h * hs], hs, False)

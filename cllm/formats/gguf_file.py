@@ -129,7 +129,7 @@ def _add_hyperparameters(writer: gguf.GGUFWriter, cfg: ModelConfig) -> None:
     writer.add_head_count_kv(cfg.n_kv_heads)
     writer.add_layer_norm_rms_eps(cfg.norm_eps)
     writer.add_rope_freq_base(cfg.rope_theta)
-    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_rope_dimension_count(cfg.head_size)
     writer.add_vocab_size(cfg.vocab_size)
 
 

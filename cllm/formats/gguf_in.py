@@ -351,13 +351,13 @@ def _tied_head(tensors: dict[str, gguf.ReaderTensor], mapping: mmap.mmap) -> boo
 
 def _restated(config: ModelConfig) -> dict[str, tuple[int, str]]:
     """The {arch}. keys that restate a size the config implies: the value each must have, and why."""
-    heads = f"its heads are embedding_length / head_count = {config.head_dim} wide"
+    heads = f"its heads are embedding_length / head_count = {config.head_size} wide"
     restated = {"vocab_size": (config.vocab_size, f"{TOKEN_EMBEDDING} has {config.vocab_size} rows"),
-                "attention.key_length": (config.head_dim, heads), "attention.value_length": (config.head_dim, heads)}
+                "attention.key_length": (config.head_size, heads), "attention.value_length": (config.head_size, heads)}
     if config.arch == "gpt2":
         restated["attention.head_count_kv"] = (config.n_heads, "GPT-2 has a key/value head per head")
     else:
-        restated["rope.dimension_count"] = (config.head_dim, f"its RoPE rotates whole heads, and {heads}")
+        restated["rope.dimension_count"] = (config.head_size, f"its RoPE rotates whole heads, and {heads}")
     return restated
 
 

@@ -215,9 +215,9 @@ def _llama_config(path: Path, hf: dict) -> ModelConfig:
         n_kv_heads=hf.get("num_key_value_heads"), intermediate_size=hf.get("intermediate_size"),
         rope_theta=_rope_theta(path, hf), norm_eps=hf["rms_norm_eps"], tied_head=hf["tie_word_embeddings"])
     head_dim = hf.get("head_dim")
-    if head_dim not in (None, config.head_dim):
+    if head_dim not in (None, config.head_size):
         raise HFFolderError(f"{path}: head_dim={head_dim} is not supported (cllm's heads are hidden_size / "
-                            f"num_attention_heads = {config.head_dim} wide)")
+                            f"num_attention_heads = {config.head_size} wide)")
     return config
 
 
@@ -487,7 +487,7 @@ def _llama_config_json(cfg: ModelConfig) -> dict:
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
             "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.context_length, "hidden_size": cfg.dim,
             "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.n_layers,
-            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_size,
             "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "rope_scaling": None,
             "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
             "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1}
