@@ -220,7 +220,7 @@ def test_a_tied_model_whose_file_repeats_its_head_loads_only_if_it_is_the_embedd
 
 REFUSED = [("rope_scaling", {"rope_type": "linear", "factor": 2.0}),
            ("rope_parameters", {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}),
-           ("attention_bias", True), ("mlp_bias", True), ("head_dim", 32), ("pretraining_tp", 2),
+           ("attention_bias", True), ("mlp_bias", True), ("pretraining_tp", 2),
            ("rope_interleaved", True), ("hidden_act", "gelu"), ("model_type", "mistral")]
 
 

@@ -1,4 +1,4 @@
-"""train_model --arch llama end to end: the run, its record and model file, resume, fine-tuning, the flags."""
+"""train_model --arch llama (and qwen2, qwen3) end to end: the run, its record and model file, resume, fine-tuning, the flags."""
 import json
 import subprocess
 import sys
@@ -15,6 +15,9 @@ pytestmark = pytest.mark.timeout(240)
 TEXT = "".join(f"the {w} sat on the mat number {i}.\n" for i, w in enumerate(["cat", "dog", "bird", "fox"] * 60))
 LLAMA = ["--arch", "llama", "--heads", "4", "--kv-heads", "2", "--dim", "32", "--intermediate-size", "48",
          "--rope-theta", "5000"]
+# the Qwen blocks from scratch: qwen2's q, k, v biases; qwen3's head norms, on heads set apart from the width
+FAMILY = {"llama": LLAMA, "qwen2": ["--arch", "qwen2", *LLAMA[2:]], "qwen3": ["--arch", "qwen3", *LLAMA[2:],
+                                                                          "--head-dim", "12"]}
 ARGS = ["--tokenizer", "char", "--layers", "2", "--context", "16", "--batch-size", "4", "--steps", "8", "--lr",
         "3e-3", "--warmup", "2", "--eval-every", "4", "--eval-batches", "1", "--checkpoint-every", "4",
         "--threads", "2", "--no-progress"]
@@ -36,15 +39,17 @@ def cli(tool, *args):
                           text=True, timeout=200)
 
 
-def test_a_llama_run_records_its_shape_learns_and_generates(corpus, tmp_path, capsys):
-    assert train(corpus, "--out", tmp_path / "run", *LLAMA, *ARGS) == 0
+@pytest.mark.parametrize("arch", list(FAMILY))
+def test_a_llama_family_run_records_its_shape_learns_and_generates(corpus, tmp_path, capsys, arch):
+    assert train(corpus, "--out", tmp_path / "run", *FAMILY[arch], *ARGS) == 0
     out = capsys.readouterr().out
-    assert "llama, 2 layers, dim 32, 4 heads over 2 kv heads" in out and "sample:" in out
+    assert f"{arch}, 2 layers, dim 32, 4 heads over 2 kv heads" in out and "sample:" in out
     recorded = json.loads((tmp_path / "run" / "run.json").read_text())["model"]
     assert {k: recorded[k] for k in ("arch", "n_kv_heads", "intermediate_size", "rope_theta")} == \
-        {"arch": "llama", "n_kv_heads": 2, "intermediate_size": 48, "rope_theta": 5000.0}
+        {"arch": arch, "n_kv_heads": 2, "intermediate_size": 48, "rope_theta": 5000.0}
+    assert recorded.get("head_dim") == (12 if arch == "qwen3" else None)
     model, _ = load_model(tmp_path / "run" / "model.cllm")
-    assert model.config.arch == "llama" and model.config.intermediate_size == 48 and "wpe" not in model.p
+    assert model.config.arch == arch and model.config.intermediate_size == 48 and "wpe" not in model.p
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.25  # it learns (3.5 to 3.1 in 8 steps here)
     greedy = [cli("inference", tmp_path / "run" / "model.cllm", "-p", "the cat", "-n", 10, "--temperature", 0)
@@ -53,9 +58,10 @@ def test_a_llama_run_records_its_shape_learns_and_generates(corpus, tmp_path, ca
     assert greedy[0].stdout == greedy[1].stdout and greedy[0].stdout.startswith("the cat")
 
 
-def test_a_stopped_llama_run_resumes_bit_identically(corpus, tmp_path):
-    assert train(corpus, "--out", tmp_path / "straight", *LLAMA, *ARGS) == 0
-    assert train(corpus, "--out", tmp_path / "stopped", *LLAMA, *ARGS, "--stop-after", 4) == 0
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_a_stopped_llama_family_run_resumes_bit_identically(corpus, tmp_path, arch):
+    assert train(corpus, "--out", tmp_path / "straight", *FAMILY[arch], *ARGS) == 0
+    assert train(corpus, "--out", tmp_path / "stopped", *FAMILY[arch], *ARGS, "--stop-after", 4) == 0
     assert train("--out", tmp_path / "stopped", "--resume", "--no-progress") == 0
     a, b = (load_file(tmp_path / run / "model.cllm") for run in ("straight", "stopped"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
@@ -71,8 +77,10 @@ def test_a_llama_model_fine_tunes_with_its_shape(corpus, tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--kv-heads", "2"], "--kv-heads is a setting of --arch llama"),
-    (["--rope-theta", "500"], "--rope-theta is a setting of --arch llama"),
+    (["--kv-heads", "2"], "--kv-heads is a setting of the llama family"),
+    (["--rope-theta", "500"], "--rope-theta is a setting of the llama family"),
+    (["--head-dim", "16"], "--head-dim is a setting of the llama family"),
+    (["--arch", "qwen3", "--head-dim", "7"], "must be even"),
     (["--arch", "llama", "--heads", "4", "--kv-heads", "3"], "n_kv_heads (3) must divide n_heads (4)"),
     (["--arch", "mamba"], "invalid choice"),
 ])

@@ -35,13 +35,18 @@ from ..formats.quantize import FILE_TYPES
 from ._cli import MODEL_HELP, Parser, run
 
 
+ARCHITECTURE_NAMES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+
+
 def describe(model, tokenizer) -> str:
     """One line: the architecture and its shape (layers L, query heads H, key/value heads KV, width C), then what
     the shape leaves open."""
     cfg = model.config
-    if cfg.arch == "llama":
-        shape = (f"Llama L{cfg.n_layers} H{cfg.n_heads} KV{cfg.n_kv_heads} C{cfg.dim}, MLP {cfg.intermediate_size}, "
-                 f"{'tied' if cfg.tied_head else 'untied'} head, RoPE base {cfg.rope_theta:g}")
+    if cfg.llama_family:
+        heads = f" of {cfg.head_dim}" if cfg.head_dim else ""
+        shape = (f"{ARCHITECTURE_NAMES[cfg.arch]} L{cfg.n_layers} H{cfg.n_heads}{heads} KV{cfg.n_kv_heads} C{cfg.dim}, "
+                 f"MLP {cfg.intermediate_size}, {'tied' if cfg.tied_head else 'untied'} head, RoPE base "
+                 f"{cfg.rope_theta:g}")
     else:
         shape = f"GPT-2 L{cfg.n_layers} H{cfg.n_heads} C{cfg.dim}"
     return (f"{shape}, context {cfg.context_length}, vocabulary {cfg.vocab_size}, {cfg.activation}, "

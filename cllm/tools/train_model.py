@@ -55,25 +55,32 @@ class ModelShape:
     n_heads: int = field(default=4, metadata={"flag": "--heads", "help": "attention heads"})
     context_length: int = field(default=128, metadata={"flag": "--context", "help": "context length in tokens"})
     arch: str = field(default="gpt2", metadata={
-        "choices": ARCHITECTURES, "help": "the block: gpt2 (learned positions, LayerNorm, GELU, biases) or llama "
-                                          "(RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases)"})
-    # llama's own settings; ModelConfig fills what is not given
+        "choices": ARCHITECTURES, "help": "the block: gpt2 (learned positions, LayerNorm, GELU, biases), llama "
+                                          "(RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases), qwen2 "
+                                          "(llama with biases on q, k and v) or qwen3 (llama with an RMSNorm of "
+                                          "each q and k head)"})
+    # the llama family's own settings; ModelConfig fills what is not given
     n_kv_heads: int | None = field(default=None, metadata={
-        "flag": "--kv-heads", "default_help": "--heads", "help": "llama: key/value heads, a divisor of --heads"})
+        "flag": "--kv-heads", "default_help": "--heads", "help": "llama family: key/value heads, a divisor of --heads"})
+    head_dim: int | None = field(default=None, metadata={
+        "default_help": "--dim / --heads", "help": "llama family: channels of one attention head"})
     intermediate_size: int | None = field(default=None, metadata={
-        "default_help": "8/3 of --dim, rounded up to a multiple of 32", "help": "llama: the SwiGLU MLP's width"})
+        "default_help": "8/3 of --dim, rounded up to a multiple of 32",
+        "help": "llama family: the SwiGLU MLP's width"})
     rope_theta: float | None = field(default=None, metadata={
-        "default_help": 10000.0, "help": "llama: the base of the rotary position embedding's frequencies"})
+        "default_help": 10000.0, "help": "llama family: the base of the rotary position embedding's frequencies"})
 
-    LLAMA_ONLY = ("n_kv_heads", "intermediate_size", "rope_theta")
+    LLAMA_ONLY = ("n_kv_heads", "head_dim", "intermediate_size", "rope_theta")
 
     def config(self, vocab_size: int) -> ModelConfig:
-        """The model these flags describe. llama's settings, given with --arch gpt2, are refused by flag."""
+        """The model these flags describe. The llama family's settings, given with --arch gpt2, are refused by
+        flag."""
         given = {name: value for name, value in dataclasses.asdict(self).items() if value is not None}
-        if self.arch != "llama":
+        if self.arch == "gpt2":
             for setting in dataclasses.fields(self):
                 if setting.name in self.LLAMA_ONLY and setting.name in given:
-                    raise UsageError(f"{flag_of(setting)} is a setting of --arch llama")
+                    raise UsageError(f"{flag_of(setting)} is a setting of the llama family (--arch llama, qwen2, "
+                                     f"qwen3)")
         return ModelConfig(vocab_size=vocab_size, **given)
 
 
