@@ -273,21 +273,28 @@ def test_a_folder_serves_embeddings_and_generation_and_runs_the_inference_tool(t
     assert done.stdout == TEXT[2][:20] + text + "\n"
 
 
-def test_a_folder_fine_tunes_and_the_result_exports_back_to_transformers(tmp_path, bpe):
+def fine_tune_and_export(folder, tmp_path, text: list[str]):
+    """Fine-tunes the Hugging Face folder for 3 steps on text (cllm-train --init-from), then exports the result
+    back to a folder and loads it in transformers: (the tuned model, its tokenizer, the base model, transformers'
+    model of the export)."""
     from cllm.tools import train_model
 
-    hf_gpt2(tmp_path / "hf", bpe)
     corpus = tmp_path / "text.txt"
-    corpus.write_text("\n".join(TEXT))
-    assert train_model.main([str(corpus), "--out", str(tmp_path / "run"), "--init-from", str(tmp_path / "hf"),
+    corpus.write_text("\n".join(text))
+    assert train_model.main([str(corpus), "--out", str(tmp_path / "run"), "--init-from", str(folder),
                              "--batch-size", "4", "--steps", "3", "--eval-every", "1000", "--eval-batches", "1",
                              "--threads", "2", "--no-progress"]) == 0
     tuned, tokenizer = load_model(tmp_path / "run" / "model.cllm")
-    base, _ = load_model(tmp_path / "hf")
+    base, _ = load_model(folder)
     assert tuned.config == base.config and not np.array_equal(tuned.params, base.params)
-    assert tokenizer.encode(TEXT[0]).tolist() == bpe.encode(TEXT[0]).tolist()
     assert convert.main([str(tmp_path / "run" / "model.cllm"), str(tmp_path / "out")]) == 0
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    return tuned, tokenizer, base, transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+
+
+def test_a_folder_fine_tunes_and_the_result_exports_back_to_transformers(tmp_path, bpe):
+    hf_gpt2(tmp_path / "hf", bpe)
+    tuned, tokenizer, _, theirs = fine_tune_and_export(tmp_path / "hf", tmp_path, TEXT)
+    assert tokenizer.encode(TEXT[0]).tolist() == bpe.encode(TEXT[0]).tolist()
     ids = bpe.encode(TEXT[1])[None, :16]
     assert_logits_close(tuned.logits(ids), hf_logits(theirs, ids))
 

@@ -29,7 +29,7 @@ from cllm.generate import generate  # noqa: E402
 from cllm.model import GPT, ModelConfig  # noqa: E402
 from cllm.tokenizer import Tokenizer  # noqa: E402
 from cllm.tools import convert  # noqa: E402
-from tests.test_interop import assert_logits_close, hf_logits  # noqa: E402  (GPT-2's, the same measure)
+from tests.test_interop import assert_logits_close, fine_tune_and_export, hf_logits  # noqa: E402  (GPT-2's)
 
 TEXT = ["To be, or not to be, that is the question:", "Whether 'tis nobler in the mind to suffer",
         "The slings and arrows of outrageous fortune,", "Or to take arms against a sea of troubles",
@@ -226,7 +226,11 @@ REFUSED = [("rope_scaling", {"rope_type": "linear", "factor": 2.0}),
 
 @pytest.mark.parametrize("setting, value", REFUSED)
 def test_settings_that_change_the_arithmetic_are_refused_in_one_line_naming_them(small, tmp_path, setting, value):
-    folder, _ = small
+    assert_refused_in_one_line(small[0], tmp_path, setting, value)
+
+
+def assert_refused_in_one_line(folder, tmp_path, setting: str, value) -> None:
+    """A copy of folder whose config.json sets setting to value is refused in one line that names it."""
     shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(config | {setting: value}))
@@ -303,20 +307,9 @@ def test_greedy_generation_matches_transformers(request, which):
 
 
 def test_a_folder_fine_tunes_and_the_result_exports_back_to_transformers(small, tmp_path):
-    from cllm.tools import train_model
-
     folder, _ = small
-    corpus = tmp_path / "text.txt"
-    corpus.write_text("\n".join(TEXT * 10))
-    assert train_model.main([str(corpus), "--out", str(tmp_path / "run"), "--init-from", str(folder),
-                             "--batch-size", "4", "--steps", "3", "--eval-every", "1000", "--eval-batches", "1",
-                             "--threads", "2", "--no-progress"]) == 0
-    tuned, tokenizer = load_model(tmp_path / "run" / "model.cllm")
-    base, base_tokenizer = load_model(folder)
-    assert tuned.config == base.config and not np.array_equal(tuned.params, base.params)
-    assert tokenizer.to_json() == base_tokenizer.to_json()  # </s> still the separator
-    assert convert.main([str(tmp_path / "run" / "model.cllm"), str(tmp_path / "out")]) == 0
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    tuned, tokenizer, _, theirs = fine_tune_and_export(folder, tmp_path, TEXT * 10)
+    assert tokenizer.to_json() == load_model(folder)[1].to_json()  # </s> still the separator
     ids = tokenizer.encode(TEXT[1])[None]
     assert_logits_close(tuned.logits(ids), hf_logits(theirs, ids))
 
