@@ -13,7 +13,7 @@ Engines (--engines, a comma-separated subset):
                       versions of this script)
 
 Types (--types, a comma-separated subset of f32,q8_0,q4_0,q4_k_m,q5_k_m,q6_k; by default f32,q8_0,q4_0,q4_k_m) are a
-dimension of the exported configs (gpt2, smollm2): every (engine, type) pair is benchmarked. Every engine holds the
+dimension of the exported configs (gpt2, smollm2, qwen2.5, qwen3): every (engine, type) pair is benchmarked. Every engine holds the
 same weights, cllm's seeded random init. On gpt2 (GPT-2 small's shape: 124M parameters, a 50,257-token vocabulary)
 and smollm2 they are written once per run, in a process of their own, as a GGUF f32 file (cllm.formats.gguf_file.
 save_gguf) and, for transformers, a Hugging Face folder (cllm.formats.hf.save_hf), with a small byte-level BPE
@@ -30,7 +30,8 @@ engine accepts them). One run is
     prefill   one pass over the prompt, filling the KV cache                 -> prompt tokens / s
     decode    greedy (argmax on the host), one token per step                 -> steps / s
 
-baby and mid prompt half the context and decode to its end; gpt2 and smollm2 prompt 128 tokens and decode 128 steps.
+baby and mid prompt half the context and decode to its end; the exported configs prompt 128 tokens and decode 128
+steps.
 Batch 1, the same thread count for every engine. After one untimed warm-up run, --repeats runs are timed, in each
 of --rounds rounds that alternate the engines and types (so all sample the same drift of a shared machine's speed;
 every other round runs them in the reverse order); the table shows the medians of the pooled runs. Also per pair:
@@ -71,9 +72,11 @@ not installed or not importable is skipped with a line saying so).
     python tools/bench_generate.py --configs gpt2,smollm2 --types q8_0,q4_k_m --engines cllm,llama.cpp
     python tools/bench_generate.py --configs gpt2 --engines cllm,transformers,llama.cpp-f32,llama.cpp-q8_0
 
-gpt2 and smollm2 are not in the default --configs: with three engines on four types, each takes about ten
-minutes on 2 cores at --rounds 2 --repeats 2. smollm2 is the llama architecture at SmolLM2-135M's shape
-(grouped-query attention, SwiGLU, RoPE). With llama.cpp-TYPE names and no --types, cllm runs on f32 and those types.
+The exported configs are not in the default --configs: with three engines on four types, gpt2 and smollm2 each take
+about ten minutes on 2 cores at --rounds 2 --repeats 2, qwen2.5 and qwen3 (0.5 and 0.6 billion parameters) longer.
+smollm2 is the llama architecture at SmolLM2-135M's shape (grouped-query attention, SwiGLU, RoPE); qwen2.5 is
+qwen2 at Qwen2.5-0.5B's (q, k, v biases) and qwen3 qwen3 at Qwen3-0.6B's (head norms, heads of 128 on a width of
+1024). With llama.cpp-TYPE names and no --types, cllm runs on f32 and those types.
 """
 from __future__ import annotations
 
@@ -129,11 +132,12 @@ class GenConfig:
     # Weights exported as GGUF files (and a Hugging Face folder), which every engine loads; else built by cllm.
     exported: bool = False
     default_engines: tuple[str, ...] = ("cllm", "torch")
-    # The architecture, and llama's own settings (see cllm.model.ModelConfig)
+    # The architecture, and the llama family's own settings (see cllm.model.ModelConfig)
     arch: str = "gpt2"
     n_kv_heads: int | None = None
     intermediate_size: int | None = None
     rope_theta: float = 10000.0
+    head_dim: int | None = None
 
     def __post_init__(self):
         if not self.prompt_len:
@@ -146,14 +150,15 @@ class GenConfig:
     @property
     def shape(self) -> str:
         kv = f"/{self.n_kv_heads}" if self.n_kv_heads else ""
-        return f"{self.arch} L{self.n_layers} H{self.n_heads}{kv} C{self.dim} T{self.context} V{self.vocab}"
+        heads = f"x{self.head_dim}" if self.head_dim else ""
+        return f"{self.arch} L{self.n_layers} H{self.n_heads}{kv}{heads} C{self.dim} T{self.context} V{self.vocab}"
 
     def model_config(self):
         """The cllm ModelConfig of these weights (imported here: the parent process imports no engine)."""
         from cllm.model import ModelConfig
 
         llama = dict(n_kv_heads=self.n_kv_heads, intermediate_size=self.intermediate_size,
-                     rope_theta=self.rope_theta) if self.arch == "llama" else {}
+                     rope_theta=self.rope_theta, head_dim=self.head_dim) if self.arch != "gpt2" else {}
         return ModelConfig(vocab_size=self.vocab, context_length=self.context, dim=self.dim, n_layers=self.n_layers,
                            n_heads=self.n_heads, arch=self.arch, **llama)
 
@@ -168,6 +173,14 @@ CONFIGS = {
     "smollm2": GenConfig("smollm2", n_layers=30, n_heads=9, dim=576, context=2048, vocab=49152, prompt_len=128,
                          decode_steps=128, exported=True, arch="llama", n_kv_heads=3, intermediate_size=1536,
                          rope_theta=100000.0, default_engines=EXPORTED_ENGINES),
+    # Qwen2.5-0.5B's shape: 24 layers, 14 heads over 2 kv heads, q/k/v biases, SwiGLU 4864, 151,936 tokens, tied.
+    "qwen2.5": GenConfig("qwen2.5", n_layers=24, n_heads=14, dim=896, context=4096, vocab=151936, prompt_len=128,
+                         decode_steps=128, exported=True, arch="qwen2", n_kv_heads=2, intermediate_size=4864,
+                         rope_theta=1e6, default_engines=EXPORTED_ENGINES),
+    # Qwen3-0.6B's: 28 layers, 16 heads of 128 (2048 query channels on a width of 1024) over 8 kv heads, head norms.
+    "qwen3": GenConfig("qwen3", n_layers=28, n_heads=16, dim=1024, context=4096, vocab=151936, prompt_len=128,
+                       decode_steps=128, exported=True, arch="qwen3", n_kv_heads=8, intermediate_size=3072,
+                       rope_theta=1e6, head_dim=128, default_engines=EXPORTED_ENGINES),
 }
 
 
@@ -677,8 +690,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--configs", default="baby,mid", help=f"comma-separated subset of {','.join(CONFIGS)}")
     p.add_argument("--engines", default=None,
                    help=f"comma-separated subset of {','.join(ENGINES)}, or {PINNED}TYPE for llama.cpp on one type "
-                        f"(default: per config, cllm,torch for baby and mid, {','.join(EXPORTED_ENGINES)} for gpt2 "
-                        f"and smollm2)")
+                        f"(default: per config, cllm,torch for baby and mid, {','.join(EXPORTED_ENGINES)} for the "
+                        f"exported configs)")
     p.add_argument("--types", default=None,
                    help=f"GGUF types of the exported configs, a comma-separated subset of {','.join(TYPES)} (default: "
                         f"{','.join(DEFAULT_TYPES)}; with {PINNED}TYPE engines, f32 and those types)")
