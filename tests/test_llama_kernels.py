@@ -315,6 +315,47 @@ def test_rmsnorm_matches_hugging_face_llama_rmsnorm(rng, eps):
 # SwiGLU
 
 # (N, H); 8200 and 20000 split rows into chunks of 8192, the one-row case (decoding) over several threads.
+@pytest.mark.parametrize("B,T,NH,NKV,hs", [(2, 5, 4, 2, 6), (1, 3, 3, 3, 128), (3, 1, 2, 1, 130)])
+def test_head_rmsnorm_normalises_each_q_and_k_head_and_its_backward_is_the_reference(rng, B, T, NH, NKV, hs):
+    """Qwen3's q_norm and k_norm: head_rmsnorm_forward on a packed qkv is rmsnorm over every q head with q's weight
+    and every k head with k's, v untouched; its backward is the rows' reference backward, the weights' gradients
+    summed over tokens and heads."""
+    eps, Q, K = 1e-6, NH * hs, NKV * hs
+    qkv = randn(rng, B, T, Q + 2 * K, scale=2.0, shift=0.3)
+    wq, wk = randn(rng, hs, shift=1.0), randn(rng, hs, shift=1.0)
+    dqkv = randn(rng, B, T, Q + 2 * K)
+
+    def forward(threads):
+        out, rstd, saved = qkv.copy(), nans(B * T, NH + NKV), nans(B * T, Q + K)
+        rmsnorm.head_rmsnorm_forward(out, wq, wk, NH, NKV, rstd, saved, eps=eps, threads=threads)
+        return {"out": out, "rstd": rstd, "saved": saved}
+
+    got = same_bits_for_every_thread_count(forward)
+    rows = qkv.reshape(B * T, -1)
+    q_rows, k_rows = rows[:, :Q].reshape(-1, hs), rows[:, Q:Q + K].reshape(-1, hs)
+    (q_out, q_rstd), (k_out, k_rstd) = rmsnorm_ref(q_rows, wq, eps), rmsnorm_ref(k_rows, wk, eps)
+    out = got["out"].reshape(B * T, -1)
+    assert_elementwise("q heads", out[:, :Q].reshape(-1, hs), q_out)
+    assert_elementwise("k heads", out[:, Q:Q + K].reshape(-1, hs), k_out)
+    assert np.array_equal(out[:, Q + K:], rows[:, Q + K:]) and np.array_equal(got["saved"], rows[:, :Q + K])
+    rstd = got["rstd"]
+    assert_elementwise("rstd", rstd, np.concatenate([q_rstd.reshape(B * T, NH), k_rstd.reshape(B * T, NKV)], 1))
+
+    def backward(threads):
+        d, dwq, dwk = dqkv.copy(), np.zeros(hs, f32), np.zeros(hs, f32)
+        rmsnorm.head_rmsnorm_backward(d, got["saved"], rstd, wq, wk, dwq, dwk, NH, NKV, threads=threads)
+        return {"d": d, "dwq": dwq, "dwk": dwk}
+
+    got = same_bits_for_every_thread_count(backward)
+    d_rows, d = dqkv.reshape(B * T, -1), got["d"].reshape(B * T, -1)
+    for name, sl, x_rows, w, dw in (("q", slice(0, Q), q_rows, wq, got["dwq"]), ("k", slice(Q, Q + K), k_rows, wk,
+                                                                                  got["dwk"])):
+        rdx, rdw = rmsnorm_backward_ref(d_rows[:, sl].reshape(-1, hs), x_rows, w, eps)
+        assert_close(f"d{name}", d[:, sl].reshape(-1, hs), rdx)
+        assert_close(f"d{name}_weight", dw, rdw)
+    assert np.array_equal(d[:, Q + K:], d_rows[:, Q + K:])  # dv untouched
+
+
 SWIGLU_SHAPES = [(4, 64), (3, 5), (1, 1), (33, 100), (7, 8200), (1, 20000)]
 
 
