@@ -50,14 +50,15 @@ def test_two_ranks_give_the_bits_of_one(tmp_path):
     assert "distributed: 2 ranks x 6 spheres" in two.stdout and two.stdout.count("sample:") == 1
 
 
-def test_a_llama_model_on_two_ranks_gives_the_bits_of_one(tmp_path):
-    args = [*ARGS, "--arch", "llama", "--kv-heads", "1"]
+@pytest.mark.parametrize("arch, extra", [("llama", []), ("qwen3", ["--head-dim", "8"])])
+def test_a_llama_family_model_on_two_ranks_gives_the_bits_of_one(tmp_path, arch, extra):
+    args = [*ARGS, "--arch", arch, "--kv-heads", "1", *extra]
     one = train(tmp_path, "one", 0, "--steps", "4", args=args)
     two = train(tmp_path, "two", 2, "--steps", "4", args=args)
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
     a, _ = load_model(tmp_path / "one" / "model.cllm")
     b, _ = load_model(tmp_path / "two" / "model.cllm")
-    assert a.config.arch == "llama" and np.array_equal(a.params, b.params)
+    assert a.config.arch == arch and np.array_equal(a.params, b.params)
 
 
 def test_two_ranks_share_the_default_sharding_bit_for_bit(tmp_path):
