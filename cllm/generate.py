@@ -431,7 +431,7 @@ class TextStream:
             self.stopped = True
             return self._settle(decoded[:stop_at])
         settled = decoded.rstrip(REPLACEMENT_CHARACTER)
-        return self._settle(settled[:len(settled) - _stop_prefix_length(settled, self.stop)])
+        return self._settle(settled[:len(settled) - partial_match_length(settled, self.stop)])
 
     def flush(self) -> str:
         """The held-back rest, once no more tokens will come (nothing after a stop string)."""
@@ -444,10 +444,11 @@ class TextStream:
         return piece
 
 
-def _stop_prefix_length(text: str, stops: tuple[str, ...]) -> int:
-    """The length of the longest tail of text that is the start (not the whole) of some stop string."""
+def partial_match_length(text: str, strings: Sequence[str]) -> int:
+    """The length of the longest tail of text that is the start (not the whole) of one of strings: what a stream
+    holds back until the next piece tells whether the string follows."""
     longest = 0
-    for s in stops:
+    for s in strings:
         for k in range(min(len(s) - 1, len(text)), longest, -1):
             if text.endswith(s[:k]):
                 longest = k

@@ -6,6 +6,12 @@ i * n + j continues prompt i), and a stream sends, per choice, an opening chunk 
 role), a chunk per settled piece of text (with the logprobs of the tokens it settles), and a closing chunk with
 the finish reason; then, if asked, a chunk with the usage and no choices.
 
+A chat whose request lets the model call tools has its replies read for calls (cllm.tool_calls): a message holds
+them as `tool_calls` (its content null when it says nothing else), and a stream sends, for each call once it is
+read, a delta that opens it (its index among the choice's calls, id, type and name, with empty arguments) and one
+with its arguments whole, as OpenAI streams calls. Text that may still turn out to be part of a call is held back
+meanwhile; logprobs are sent as their tokens come, with an empty content delta when no text goes with them.
+
 Logprobs are the model's own log-probabilities (before penalties and temperature: cllm.generate.TokenLogprob),
 with each token written as its text. A token that ends in the middle of a multi-byte character has no text of
 its own: it is written with U+FFFD, and chat's `bytes` are that text's UTF-8, not the token's raw bytes.
@@ -17,6 +23,7 @@ import uuid
 from collections.abc import Sequence
 
 from .generate import Completion, TokenLogprob
+from .tool_calls import ToolCalling, ToolCallReader, finish_reason
 
 
 def usage(completions: Sequence[Completion], n: int) -> dict:
@@ -55,6 +62,14 @@ class ResponseForm:
     def opening(self, index: int) -> dict | None:
         """The chunk that opens a choice's stream, if the form has one."""
         return None
+
+    def deltas(self, index: int, text: str, logprobs: list[TokenLogprob] | None) -> list[dict]:
+        """The chunks for a piece of a choice's stream: one, unless it settles neither text nor tokens."""
+        return [self.delta(index, text, logprobs)] if text or logprobs else []
+
+    def closing(self, index: int, finish_reason: str) -> list[dict]:
+        """The chunks that end a choice's stream: its finish reason's."""
+        return [self.finish(index, finish_reason)]
 
     def delta(self, index: int, text: str, logprobs: list[TokenLogprob] | None) -> dict:
         raise NotImplementedError
@@ -102,23 +117,65 @@ class TextCompletionForm(ResponseForm):
 
 
 class ChatCompletionForm(ResponseForm):
-    """/v1/chat/completions: the assistant's message per choice, with logprobs as {"content": [{"token",
-    "logprob", "bytes", "top_logprobs"}]}."""
+    """/v1/chat/completions: the assistant's message per choice, with its tool calls read as `calling` says, and
+    logprobs as {"content": [{"token", "logprob", "bytes", "top_logprobs"}]}."""
 
     object, chunk_object = "chat.completion", "chat.completion.chunk"
     id_prefix = "chatcmpl-"
 
+    def __init__(self, tokenizer, model_name: str, calling: ToolCalling = ToolCalling()):
+        super().__init__(tokenizer, model_name)
+        self.calling = calling
+        self._readers: dict[int, ToolCallReader] = {}  # per streamed choice, when calls are read
+        self._calls_sent: dict[int, int] = {}
+
     def choice(self, index: int, completion: Completion) -> dict:
-        return {"index": index, "message": {"role": "assistant", "content": completion.text},
-                "logprobs": self.logprobs(completion.logprobs), "finish_reason": completion.finish_reason}
+        reply = self.calling.reply(completion)
+        message = {"role": "assistant", "content": reply.text}
+        if reply.tool_calls:
+            message |= {"content": reply.text or None, "tool_calls": list(reply.tool_calls)}
+        return {"index": index, "message": message, "logprobs": self.logprobs(completion.logprobs),
+                "finish_reason": reply.finish_reason}
 
     def opening(self, index: int) -> dict:
         return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                 "finish_reason": None}
 
-    def delta(self, index: int, text: str, logprobs: list[TokenLogprob] | None) -> dict:
-        return {"index": index, "delta": {"content": text}, "logprobs": self.logprobs(logprobs),
-                "finish_reason": None}
+    def deltas(self, index: int, text: str, logprobs: list[TokenLogprob] | None) -> list[dict]:
+        if self.calling.callable is None:
+            return self._settled(index, [text] if text else [], logprobs)
+        return self._settled(index, self._reader(index).push(text), logprobs)
+
+    def closing(self, index: int, reason: str) -> list[dict]:
+        if self.calling.callable is None:
+            return super().closing(index, reason)
+        reader = self._reader(index)
+        return self._settled(index, reader.finish(), None) + [self.finish(index, finish_reason(reason,
+                                                                                               reader.calls))]
+
+    def _reader(self, index: int) -> ToolCallReader:
+        if index not in self._readers:
+            self._readers[index] = self.calling.reader()
+        return self._readers[index]
+
+    def _settled(self, index: int, settled: list[str | dict], logprobs: list[TokenLogprob] | None) -> list[dict]:
+        """The deltas of what a reader settled: text, and two for each call (OpenAI's opening, and the arguments);
+        the logprobs go with the first, or with an empty text if nothing settled."""
+        deltas = []
+        for item in settled:
+            if isinstance(item, str):
+                deltas.append({"content": item})
+                continue
+            call = self._calls_sent.get(index, 0)
+            self._calls_sent[index] = call + 1
+            function = item["function"]
+            deltas += [{"tool_calls": [{"index": call, "id": item["id"], "type": "function",
+                                        "function": {"name": function["name"], "arguments": ""}}]},
+                       {"tool_calls": [{"index": call, "function": {"arguments": function["arguments"]}}]}]
+        if logprobs and not deltas:
+            deltas.append({"content": ""})
+        return [{"index": index, "delta": delta, "logprobs": self.logprobs(logprobs) if i == 0 else None,
+                 "finish_reason": None} for i, delta in enumerate(deltas)]
 
     def finish(self, index: int, finish_reason: str) -> dict:
         return {"index": index, "delta": {}, "logprobs": None, "finish_reason": finish_reason}

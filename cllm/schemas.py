@@ -30,16 +30,20 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 from pydantic_core import PydanticCustomError, PydanticKnownError
 from pydantic_core.core_schema import ErrorType, ValidatorFunctionWrapHandler
 
-from .chat import ROLES, message_text
+from .chat import ROLES, message_text, template_kwargs
 from .errors import UsageError
 from .generate import MAX_PENALTY, MAX_REPETITION_PENALTY, MAX_TEMPERATURE, MAX_TOP_K, MAX_TOP_LOGPROBS
 from .pooling import POOLINGS
+from .tool_calls import TOOL_CHOICES, ToolCalling, tool_calling
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_STOP_CHARS = 64  # each stop string is looked for at every token: long ones would cost time on every token
 MAX_SEED = 2**63 - 1  # OpenAI's seeds are int64; numpy's generators take any non-negative integer
 MAX_PROMPTS = 16  # prompts in one completions request
 MAX_CHOICES = 16  # n times the prompts: each choice takes a decoder row
+MAX_TOOLS = 128  # tools in one request (as OpenAI), and tool calls in one message
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for a tool's name
+MAX_TEMPLATE_KWARGS = 32  # chat_template_kwargs' names: a template reads a few
 
 
 @dataclass(frozen=True)
@@ -333,10 +337,96 @@ def message_content(value):
                                   {"reason": str(e), "given": short_repr(value)}) from None
 
 
+def as_given(value, handler: ValidatorFunctionWrapHandler):
+    """The value checked as its annotation says, but kept as the client wrote it: a template prints it (tojson), key
+    order and all, as transformers prints what it is given."""
+    handler(value)
+    return value
+
+
+def from_usage_error(check, what: str):
+    """check(value), with its UsageError ("what must ...") as this field's refusal ("must ...")."""
+    def checked(value):
+        try:
+            check(value)
+        except UsageError as e:
+            raise PydanticCustomError(what, "{reason}", {"reason": str(e).removeprefix(f"{what} ")}) from None
+        return value
+
+    return checked
+
+
+class FunctionCall(RequestModel):
+    name: str
+    arguments: str  # JSON, as the model wrote it
+
+
+class ToolCall(RequestModel):
+    """A call an assistant's message made, as OpenAI returned it."""
+
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(RequestModel):
     role: Literal[ROLES]
     content: Annotated[Any, AfterValidator(message_content)]
     name: str | None = None  # passed to the template, which may show it
+    tool_calls: Annotated[list[ToolCall], Field(min_length=1, max_length=MAX_TOOLS)] | None = None  # assistant's
+    tool_call_id: str | None = None  # the call a tool's message answers
+
+    @model_validator(mode="before")
+    @classmethod
+    def calls_may_say_nothing(cls, data):
+        """An assistant's message that calls tools may have no content (null): it says nothing else, ""."""
+        if isinstance(data, dict) and data.get("role") == "assistant" and data.get("tool_calls") \
+                and data.get("content") is None:
+            return {**data, "content": ""}
+        return data
+
+    @model_validator(mode="after")
+    def fields_of_its_role(self):
+        if self.tool_calls is not None and self.role != "assistant":
+            raise PydanticCustomError("tool_calls_role", "may hold tool_calls only as an assistant's message")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise PydanticCustomError("tool_call_id", "is a tool's message, which needs the tool_call_id it answers")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise PydanticCustomError("tool_call_id_role", "may hold a tool_call_id only as a tool's message")
+        return self
+
+
+class FunctionDefinition(RequestModel):
+    name: Annotated[str, Field(pattern=FUNCTION_NAME)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema, printed by the template
+    strict: bool | None = None
+
+
+class Tool(RequestModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ChosenFunction(RequestModel):
+    name: str
+
+
+class NamedToolChoice(RequestModel):
+    type: Literal["function"]
+    function: ChosenFunction
+
+
+def mode_or_named(value, handler: ValidatorFunctionWrapHandler):
+    """tool_choice: a mode (a string) or a named function (an object), each checked as itself so that a refusal
+    speaks of the form the client used; kept as given (cllm.tool_calls reads both)."""
+    if not isinstance(value, str):
+        return as_given(value, handler)
+    if value not in TOOL_CHOICES:
+        raise PydanticCustomError("tool_choice", "must be one of {modes} or {named}, got {given}",
+                                  {"modes": ", ".join(map(json.dumps, TOOL_CHOICES)), "given": short_repr(value),
+                                   "named": '{"type": "function", "function": {"name": ...}}'})
+    return value
 
 
 class ChatCompletionRequest(GenerationRequest):
@@ -347,10 +437,23 @@ class ChatCompletionRequest(GenerationRequest):
                                      AfterValidator(within_max_completion_tokens)] | None = None  # max_tokens' new name
     logprobs: bool = False
     top_logprobs: Annotated[Integer, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    # The tools (cllm.tool_calls), checked as Tool but handed to the template as the client wrote them.
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS), WrapValidator(as_given),
+                     AfterValidator(from_usage_error(tool_calling, "tools"))] | None = None
+    tool_choice: Annotated[NamedToolChoice, WrapValidator(mode_or_named)] | None = None
+    # The template's own arguments, as vLLM names them (Qwen3's enable_thinking)
+    chat_template_kwargs: Annotated[dict[str, Any], Field(max_length=MAX_TEMPLATE_KWARGS),
+                                    AfterValidator(from_usage_error(template_kwargs, "chat_template_kwargs"))
+                                    ] | None = None
     # OpenAI's options that cllm does not implement, accepted at the values that change nothing
     response_format: Annotated[Any, only({"type": "text"})] = Field(default_factory=lambda: {"type": "text"})
-    tools: Annotated[Any, only([])] = Field(default_factory=list)
-    tool_choice: Annotated[Any, only("none")] = "none"
+
+    @field_validator("tool_choice")
+    @classmethod
+    def choice_among_tools(cls, choice, info: ValidationInfo):
+        if "tools" in info.data:  # else the tools are refused already
+            from_usage_error(lambda c: tool_calling(info.data["tools"], c), "tool_choice")(choice)
+        return choice
 
     @model_validator(mode="after")
     def settled(self):
@@ -362,6 +465,9 @@ class ChatCompletionRequest(GenerationRequest):
 
     def sampling(self) -> dict:
         return super().sampling() | {"logprobs": (self.top_logprobs or 0) if self.logprobs else None}
+
+    def tool_calling(self) -> ToolCalling:
+        return tool_calling(self.tools, self.tool_choice)
 
 
 class TEIEmbedRequest(RequestModel):

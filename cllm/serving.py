@@ -442,9 +442,12 @@ class AsyncModel:
             raise job.error
         return job.ids
 
-    async def encode_chat(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> np.ndarray:
-        """The prompt ids of a chat, as Tokenizer.encode_chat gives them: rendered on the render threads, encoded in
-        a tokenization round (module notes). UsageError for a model without a template or messages it refuses,
+    async def encode_chat(self, messages: Sequence[dict], *, add_generation_prompt: bool = True,
+                          tools: Sequence[dict] | None = None, chat_template_kwargs: dict | None = None,
+                          reply_start: str = "") -> np.ndarray:
+        """The prompt ids of a chat, as Tokenizer.encode_chat gives them (the tools offered, the caller's template
+        arguments, what the reply is made to begin with): rendered on the render threads, encoded in a
+        tokenization round (module notes). UsageError for a model without a template or messages it refuses,
         TemplateLimitExceeded for a render past its limits."""
         self._check_running()
         render = None
@@ -452,7 +455,8 @@ class AsyncModel:
             async with self._render_limiter:
                 render = _ModelCall("chat template render", None)
                 rendered = await run_sync_daemon(render.run, functools.partial(
-                    self.tokenizer.render_chat, messages, add_generation_prompt=add_generation_prompt))
+                    self.tokenizer.render_chat, messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                    chat_template_kwargs=chat_template_kwargs, reply_start=reply_start))
         if deadline.cancelled_caught:
             if render is not None and render.running:
                 self._abandoned_renders.append(render)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 
+from .chat import template_kwargs
 from .errors import UsageError
 from .generate import Continuation, Decoder, Sampling, check_generation, context_shift_length
 from .model import GPT
@@ -78,19 +79,23 @@ class Session:
     """A conversation with one model whose tokens stay in a KV cache between turns (module notes).
 
     prompt: chat mode's system message (none if empty), or plain mode's start of the document. chat: the mode,
-    chat if the tokenizer has a chat template unless False. The other settings are each reply's, as generate()
-    takes them: max_new_tokens, stop strings, Sampling's (temperature, top_k, top_p, min_p and the penalties), and
-    seed, which turn i (from 0) uses as seed + i. They are checked here (UsageError).
+    chat if the tokenizer has a chat template unless False. chat_template_kwargs: chat mode's template arguments
+    (cllm.chat: Qwen3's {"enable_thinking": False}). The other settings are each reply's, as generate() takes
+    them: max_new_tokens, stop strings, Sampling's (temperature, top_k, top_p, min_p and the penalties), and seed,
+    which turn i (from 0) uses as seed + i. They are checked here (UsageError).
     """
 
     def __init__(self, model: GPT, tokenizer, *, prompt: str = "", chat: bool | None = None,
-                 max_new_tokens: int = 256, seed: int | None = None, stop: str | Iterable[str] = (),
-                 threads: int | None = None, **sampling):
+                 chat_template_kwargs: dict | None = None, max_new_tokens: int = 256, seed: int | None = None,
+                 stop: str | Iterable[str] = (), threads: int | None = None, **sampling):
         if chat is None:
             chat = tokenizer.chat_template is not None
         elif chat and tokenizer.chat_template is None:
             raise UsageError("this model has no chat template, so a session with it can only continue a document")
+        if chat_template_kwargs is not None and not chat:
+            raise UsageError("chat template arguments need a chat session, with a model that has a chat template")
         self.model, self.tokenizer, self.chat = model, tokenizer, chat
+        self.chat_template_kwargs = template_kwargs(chat_template_kwargs)
         self.stop = check_generation(max_new_tokens=max_new_tokens, seed=seed, stop=stop)
         Sampling(**sampling)  # checked now, not at the first turn
         self.max_new_tokens, self.seed, self.sampling = max_new_tokens, seed, sampling
@@ -120,7 +125,8 @@ class Session:
         """The conversation's token ids as this session encodes it: the messages (default: the history) with the
         prompt for the assistant's reply (chat), or the document (plain)."""
         if self.chat:
-            return [int(i) for i in self.tokenizer.encode_chat(self.messages if messages is None else messages)]
+            return [int(i) for i in self.tokenizer.encode_chat(self.messages if messages is None else messages,
+                                                               chat_template_kwargs=self.chat_template_kwargs)]
         document = self.document if document is None else document
         start = [] if self.prompt else [self.tokenizer.separator_id]
         return start + [int(i) for i in self.tokenizer.encode(document)] or [self.tokenizer.separator_id]

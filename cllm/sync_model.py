@@ -4,6 +4,7 @@
     vectors = model.encode(texts, batch_size=32, normalize_embeddings=True)   # (n, dim) float32
     completion = model.generate("Once upon a time", max_new_tokens=50, temperature=0)   # .text, .finish_reason
     reply = model.chat([{"role": "user", "content": "Hello!"}], max_new_tokens=50)   # with the model's template
+    reply = model.chat(messages, tools=[weather_tool])           # .tool_calls, in OpenAI's form
 
 encode() takes sentence-transformers' arguments and returns what it returns: a float32 array, (n, dim) for a list
 and (dim,) for a single string. Texts are batched by length (sorted, then cut into batches of batch_size), so a
@@ -28,6 +29,7 @@ from .model import GPT, ForwardWorkspaces
 from .pooling import check_pooling, embed_batch, fit_to_context
 from .threads import available_cpus, blas_limit
 from .tokenizer import Tokenizer
+from .tool_calls import ChatCompletion, tool_calling
 
 
 class Model:
@@ -90,11 +92,20 @@ class Model:
         return Completion(generation.text, generation.finish_reason, len(generation.prompt_ids),
                           len(generation.token_ids), generation.logprobs)
 
-    def chat(self, messages: Sequence[dict], *, max_new_tokens: int = 256, **settings) -> Completion:
-        """The assistant's reply to messages ({"role", "content"} each), rendered with the model's chat template;
-        it ends at the template's end-of-turn token. UsageError for a model without a template."""
-        ids = self.tokenizer.encode_chat(messages)
-        return self.generate(ids, max_new_tokens=max_new_tokens, end_ids=self.tokenizer.end_of_turn_ids, **settings)
+    def chat(self, messages: Sequence[dict], *, max_new_tokens: int = 256, tools: Sequence[dict] | None = None,
+             tool_choice: str | dict | None = None, chat_template_kwargs: dict | None = None,
+             **settings) -> ChatCompletion:
+        """The assistant's reply to messages (OpenAI's: {"role", "content"} each, an assistant's with its
+        tool_calls, a tool's with its tool_call_id), rendered with the model's chat template and the template
+        arguments chat_template_kwargs (Qwen3's {"enable_thinking": False}); it ends at the template's end-of-turn
+        token. With tools (OpenAI's function tools) and tool_choice, the calls it makes are read as the server
+        reads them (cllm.tool_calls): its `tool_calls`, in OpenAI's form, and its text the content outside them.
+        UsageError for a model without a template."""
+        calling = tool_calling(tools, tool_choice)
+        ids = self.tokenizer.encode_chat(messages, tools=calling.tools, chat_template_kwargs=chat_template_kwargs,
+                                         reply_start=calling.reply_start)
+        return calling.reply(self.generate(ids, max_new_tokens=max_new_tokens,
+                                           end_ids=self.tokenizer.end_of_turn_ids, **settings))
 
     def stream(self, prompt: str | Sequence[int], *, max_new_tokens: int = 256, seed: int | None = None,
                stop: str | Sequence[str] = (), **settings) -> Iterator[str]:

@@ -149,20 +149,29 @@ class Tokenizer:
     def encode(self, text: str) -> np.ndarray:
         return np.array(self._hf.encode(text).ids, dtype=np.int32)
 
-    def encode_chat(self, messages, *, add_generation_prompt: bool = True) -> np.ndarray:
+    def encode_chat(self, messages, *, add_generation_prompt: bool = True, tools=None, chat_template_kwargs=None,
+                    reply_start: str = "") -> np.ndarray:
         """The prompt ids of a chat (a list of {"role", "content"} messages), rendered with the chat template
-        (cllm.chat); with add_generation_prompt, it ends where the assistant's reply begins. UsageError if this
-        tokenizer has no template. render_chat, then encode_rendered_chat: a server runs the two apart."""
-        return self.encode_rendered_chat(self.render_chat(messages, add_generation_prompt=add_generation_prompt))
+        (cllm.chat) offering the tools, with the caller's template arguments; with add_generation_prompt, it ends
+        where the assistant's reply begins, and reply_start after that. UsageError if this tokenizer has no
+        template. render_chat, then encode_rendered_chat: a server runs the two apart."""
+        return self.encode_rendered_chat(self.render_chat(messages, add_generation_prompt=add_generation_prompt,
+                                                          tools=tools, chat_template_kwargs=chat_template_kwargs,
+                                                          reply_start=reply_start))
 
-    def render_chat(self, messages, *, add_generation_prompt: bool = True) -> RenderedChat:
-        """The chat's prompt text, with the spans of it that the messages' own strings hold markup in."""
+    def render_chat(self, messages, *, add_generation_prompt: bool = True, tools=None, chat_template_kwargs=None,
+                    reply_start: str = "") -> RenderedChat:
+        """The chat's prompt text, with the spans of it where the caller's strings hold markup. reply_start is what
+        the assistant's reply is made to begin with (a forced tool call's opening, cllm.tool_calls): the caller's
+        markup, not a message's, so its special tokens are parsed."""
         if self.chat_template is None:
             raise UsageError("this model has no chat template, so it cannot take chat messages: give it a prompt "
                              "to continue instead, or attach a template (cllm-convert MODEL OUT --chat-template "
                              "FILE)")
-        return self.chat_template.render_quoting(messages, self._special_ids,
-                                                 add_generation_prompt=add_generation_prompt)
+        rendered = self.chat_template.render_quoting(messages, self._special_ids,
+                                                     add_generation_prompt=add_generation_prompt, tools=tools,
+                                                     chat_template_kwargs=chat_template_kwargs)
+        return rendered._replace(text=rendered.text + reply_start)
 
     def encode_rendered_chat(self, rendered: RenderedChat) -> np.ndarray:
         """The ids of a rendered chat. The template's special tokens ("<|im_start|>") are parsed as the tokens they

@@ -1,7 +1,11 @@
 """A small chat model for tests, built offline: a byte-level BPE with ChatML's special tokens, SmolLM2-Instruct's
-chat template, and a random Llama-style model; a Zephyr-style tokenizer beside it; and user messages that try to
-open a turn of their own, with the prompt each should give."""
+chat template, and a random Llama-style model; a Zephyr-style tokenizer beside it; user messages that try to
+open a turn of their own, with the prompt each should give; and Qwen2.5-Instruct's and Qwen3's published templates,
+which call tools, with a tokenizer that has Qwen's markup (its tool tags added tokens that are not special)."""
 from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -74,3 +78,28 @@ def literal_prompt(tokenizer: Tokenizer, content: str) -> list[int]:
     markup.encode_special_tokens = False
     return (markup.encode(before, add_special_tokens=False).ids + tokenizer.encode(content).tolist()
             + markup.encode(after, add_special_tokens=False).ids)
+
+
+# Qwen2.5-7B-Instruct's and Qwen3-0.6B's chat templates (tokenizer_config.json's chat_template), as published
+TEMPLATES = Path(__file__).parent / "templates"
+QWEN25 = (TEMPLATES / "qwen2.5-instruct.jinja").read_text(encoding="utf-8")
+QWEN3 = (TEMPLATES / "qwen3.jinja").read_text(encoding="utf-8")
+# Qwen's tags: added tokens, matched in any text, but not special (a chat's quoting leaves them be, as transformers)
+QWEN_TAGS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
+
+
+def qwen_hf_tokenizer(texts: Iterable[str] = ()) -> HFTokenizer:
+    """A byte-level BPE trained on TEXT, both templates and texts, with ChatML's special tokens and Qwen's tags."""
+    tokenizer = HFTokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([*TEXT, QWEN25, QWEN3, *texts], trainer)
+    tokenizer.add_tokens(QWEN_TAGS)
+    return tokenizer
+
+
+def qwen_tokenizer(template: str, texts: Iterable[str] = ()) -> Tokenizer:
+    return Tokenizer("bpe", qwen_hf_tokenizer(texts), separator="<|endoftext|>",
+                     chat_template=ChatTemplate(template, eos_token="<|im_end|>"))

@@ -2,7 +2,7 @@
 
 Request bodies are checked before the model sees them, each against its pydantic model in cllm.schemas (with
 the server's limits as validation context; see parse and request_error below): a field of the wrong type or out
-of range, an unknown field, or an OpenAI option that cllm does not implement (echo, suffix, logit_bias, tools,
+of range, an unknown field, or an OpenAI option that cllm does not implement (echo, suffix, logit_bias,
 a response_format other than text, ...) is refused rather than ignored, so a client never silently gets something other than what it asked for.
 null is the same as leaving a field out, as in OpenAI's API. A refusal names the field in `param` and says what
 it must be and what it got.

@@ -96,13 +96,16 @@ class OpenAIEndpoints:
         body = await self.read_request(request, ChatCompletionRequest)
         tokenizer = self.model.tokenizer
         messages = [message.model_dump(exclude_none=True) for message in body.messages]
+        calling = body.tool_calling()
         with model_errors():  # no template, one that refuses these messages, or one past its limits
-            prompt = await self.model.encode_chat(messages)
+            prompt = await self.model.encode_chat(messages, tools=calling.tools,
+                                                  chat_template_kwargs=body.chat_template_kwargs,
+                                                  reply_start=calling.reply_start)
         check_lengths(self.limits, [prompt], "messages")
         settings = body.sampling() | {"end_ids": tokenizer.end_of_turn_ids}
         if "max_tokens" not in body.model_fields_set and body.max_completion_tokens is None:
             settings["max_new_tokens"] = self.limits.max_completion_tokens  # a reply runs to its end, as OpenAI's
-        form = ChatCompletionForm(tokenizer, self.model_name)
+        form = ChatCompletionForm(tokenizer, self.model_name, calling)
         return await self.generate(request, [prompt], settings, body, form, started)
 
     async def generate(self, request: Request, prompts: list[np.ndarray], settings: dict, body: GenerationRequest,

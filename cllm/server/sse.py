@@ -45,7 +45,8 @@ async def generation_events(stream: CompletionStream, form: ResponseForm, n: int
                             include_usage: bool, keep_alive_interval: float, metrics: ServerMetrics,
                             started: float) -> AsyncIterator[str]:
     """The SSE body of a streamed generation, in the route's form: per choice, its opening chunk (if the form has
-    one), a chunk per settled piece, and a chunk with its finish reason; then the usage if asked for, then [DONE];
+    one), the chunks of each settled piece, and those that close it with its finish reason; then the usage if asked
+    for, then [DONE];
     a keep-alive comment whenever the stream has been quiet for keep_alive_interval seconds. Closing it early (the
     client went away) frees the model's decoder rows."""
     first_piece = True
@@ -61,14 +62,14 @@ async def generation_events(stream: CompletionStream, form: ResponseForm, n: int
                 delta = await stream.next_delta()
                 if delta is None:
                     break
-                if delta.text or delta.logprobs:
-                    if first_piece and delta.text:
-                        metrics.first_token.observe(time.perf_counter() - started)
-                        first_piece = False
-                    yield server_sent_event(form.chunk(form.delta(delta.index, delta.text,
-                                                                  delta.logprobs if logprobs else None)))
+                if first_piece and delta.text:
+                    metrics.first_token.observe(time.perf_counter() - started)
+                    first_piece = False
+                for choice in form.deltas(delta.index, delta.text, delta.logprobs if logprobs else None):
+                    yield server_sent_event(form.chunk(choice))
                 if delta.finish_reason is not None:
-                    yield server_sent_event(form.chunk(form.finish(delta.index, delta.finish_reason)))
+                    for choice in form.closing(delta.index, delta.finish_reason):
+                        yield server_sent_event(form.chunk(choice))
         except EngineStalled as e:
             logger.error("request %s: %s", current_request_id.get(), e)
             yield server_sent_event(stalled(e).body())

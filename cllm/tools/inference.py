@@ -11,7 +11,9 @@ text is appended to the document as typed and continued, -p/-f the start of the 
 continues it further. "/reset" forgets the conversation (the system message or starting text stays). Ctrl-C
 during a reply stops that reply (what it said so far stays in the conversation); Ctrl-C or Ctrl-D (end of input)
 at the prompt ends the session, with status 0. When the conversation outgrows the context, it goes on from its
-most recent half-context of tokens, and a note on stderr says so.
+most recent half-context of tokens, and a note on stderr says so. --chat-template-kwargs JSON gives a chat model's
+template its own arguments, as transformers' apply_chat_template(**kwargs) takes them (Qwen3's
+'{"enable_thinking": false}').
 
 -n may exceed the model's context: when the context is full, the last half of it is kept and re-encoded (a
 context shift, see cllm.generate), and generation goes on, seeing only that window from then on. A prompt
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 import time
 
@@ -45,6 +48,17 @@ def sampling_setting(name: str):
         return value
     parse.__name__ = "number"  # argparse's message for text that is no number: "invalid number value: 'x'"
     return parse
+
+
+def json_object(text: str) -> dict:
+    """An argparse type for a JSON object given on the command line."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, e.g. '{{\"enable_thinking\": false}}', got {text}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,8 +92,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="hold a conversation: read turns from standard input, a line each, and stream each "
                         "reply; -p/-f is then the system message (a chat model) or the start of the document; "
                         f"{RESET} forgets the conversation")
+    p.add_argument("--chat-template-kwargs", type=json_object, metavar="JSON",
+                   help="with -i and a chat model: arguments for its chat template, a JSON object "
+                        "('{\"enable_thinking\": false}')")
     p.add_argument("-v", "--verbose", action="store_true", help="report tokens/s on stderr")
     args = p.parse_args(argv)
+    if args.chat_template_kwargs is not None and not args.interactive:
+        p.error("--chat-template-kwargs goes with -i, a chat model's conversation")
     if args.interactive and args.file == "-":
         p.error("-i reads its turns from standard input, so the prompt cannot come from there too (-f -)")
     if args.interactive and args.num_samples != 1:
@@ -93,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     # BLAS has the thread budget (below), so threads of each would make threads² (as in cllm.serving).
     model, tokenizer = load_model(args.model, threads=1)
     if args.interactive:
-        session = Session(model, tokenizer, prompt=prompt, max_new_tokens=args.max_new, seed=args.seed,
-                          stop=tuple(args.stop), **sampling)
+        session = Session(model, tokenizer, prompt=prompt, chat_template_kwargs=args.chat_template_kwargs,
+                          max_new_tokens=args.max_new, seed=args.seed, stop=tuple(args.stop), **sampling)
         return converse(session, threads=args.threads, verbose=args.verbose)
     for sample in range(args.num_samples):
         if args.num_samples > 1:
