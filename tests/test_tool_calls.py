@@ -17,7 +17,7 @@ import pytest
 from cllm.chat import ChatTemplate
 from cllm.checkpoint import save_model
 from cllm.errors import UsageError
-from cllm.generate import complete
+from cllm.generate import Completion, Continuation, complete
 from cllm.model import GPT, ModelConfig
 from cllm.optim import AdamW
 from cllm.server import ServerLimits
@@ -441,6 +441,27 @@ def test_a_reply_read_piece_by_piece_is_the_reply_read_whole(reply):
     pieces += reader.finish()
     assert "".join(p for p in pieces if isinstance(p, str)) == content
     assert [p["function"]["name"] for p in pieces if isinstance(p, dict)] == names
+
+
+def test_tags_that_are_special_tokens_stay_in_the_text_that_is_read():
+    """A tokenizer may make the tags special tokens (Qwen's are added ones, not special): decoding keeps them."""
+    hf = chatml_hf_tokenizer()
+    hf.add_special_tokens(["<tool_call>", "</tool_call>"])
+    tokenizer = Tokenizer("bpe", hf, chat_template=ChatTemplate(CHATML, eos_token="<|im_end|>"))
+    reply = call("get_time", {})
+    script = [hf.token_to_id("<tool_call>"), *tokenizer.encode(reply.removeprefix("<tool_call>").removesuffix(
+        "</tool_call>")).tolist(), hf.token_to_id("</tool_call>"), tokenizer.end_of_turn_ids[0]]
+    continuation = Continuation(tokenizer, tokenizer.encode_chat(PARIS), context_length=128, temperature=0,
+                                end_ids=tokenizer.end_of_turn_ids)
+    text = ""
+    for token in script:
+        logits = np.zeros(tokenizer.vocab_size, np.float32)
+        logits[token] = 1.0
+        text += continuation.advance(logits)
+    assert text == reply and continuation.finish_reason == "stop"
+    calling = tool_calling([TIME])
+    reply = calling.reply(Completion(text, "stop", 0, len(script)))
+    assert [c["function"]["name"] for c in reply.tool_calls] == ["get_time"]
 
 
 def test_a_tail_that_may_begin_a_call_is_held_back_until_it_is_known():
