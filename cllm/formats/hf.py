@@ -1,15 +1,19 @@
-"""Hugging Face folders: read GPT-2 and Llama models as cllm models, and write cllm models as them.
+"""Hugging Face folders: read GPT-2, Llama, Qwen2 (Qwen2.5) and Qwen3 models as cllm models, and write cllm models
+as them.
 
-A folder is `config.json` (GPT2Config or LlamaConfig), `model.safetensors` (or shards listed in
-`model.safetensors.index.json`), and the tokenizer (`tokenizer.json`, or GPT-2's `vocab.json` + `merges.txt`).
-config.json's model_type is cllm's architecture ("gpt2" or "llama", cllm.model.ARCHITECTURES).
+A folder is `config.json` (GPT2Config, LlamaConfig, Qwen2Config or Qwen3Config), `model.safetensors` (or shards
+listed in `model.safetensors.index.json`), and the tokenizer (`tokenizer.json`, or GPT-2's `vocab.json` +
+`merges.txt`). config.json's model_type is cllm's architecture ("gpt2", "llama", "qwen2" or "qwen3",
+cllm.model.ARCHITECTURES). A checkpoint of the base model alone (Qwen3-Embedding's Qwen3Model, whose names have no
+`model.` and which has no head) reads as a tied model.
 
 Each architecture's tensors map onto cllm's parameters by `hf_tensors`, which gives every tensor of the Hugging
 Face checkpoint as a view into the model's parameter buffer, in Hugging Face's layout: loading reads each tensor
 straight into its view (cllm.tensor_files), and saving writes the views. GPT-2's map name for name, with no
 transposes: cllm keeps GPT-2's names and its (in, out) Conv1D layout. Llama's nn.Linear weights are (out, in), so
 each is a transposed view, and q, k, v (and gate, up) are column blocks of cllm's packed matrix. HF's RoPE rotates
-the two halves of each head, as cllm's does, so q_proj and k_proj need no reordering.
+the two halves of each head, as cllm's does, so q_proj and k_proj need no reordering. Qwen2's q, k and v biases are
+the blocks of cllm's packed c_attn bias, and Qwen3's q_norm and k_norm map name for name.
 
 Reading refuses, with one line naming it, any config setting that would change the arithmetic from what cllm
 computes, rather than run a different model silently. It never unpickles: a folder holding only
@@ -58,10 +62,11 @@ CHAT_TEMPLATE = "chat_template.jinja"
 READABLE_DTYPES = tuple(tensor_files.DTYPES)  # F32, and F16 and BF16 (widened on reading)
 # The prefix of the base model's tensors inside the causal-LM checkpoint (GPT2LMHeadModel's transformer.,
 # LlamaForCausalLM's model.); a checkpoint of the base model alone (GPT2Model, LlamaModel) has none.
-BASE_PREFIX = {"gpt2": "transformer.", "llama": "model."}
+BASE_PREFIX = {"gpt2": "transformer.", "llama": "model.", "qwen2": "model.", "qwen3": "model."}
 # Buffers that some checkpoints hold beside the parameters: GPT-2's causal masks, Llama's RoPE frequencies (from
 # transformers before 4.31; cllm computes them from rope_theta, and any scaling of them is refused in config.json).
-IGNORED_TENSORS = {"gpt2": (".attn.bias", ".attn.masked_bias"), "llama": (".rotary_emb.inv_freq",)}
+IGNORED_TENSORS = {"gpt2": (".attn.bias", ".attn.masked_bias")} | {
+    arch: (".rotary_emb.inv_freq",) for arch in ("llama", "qwen2", "qwen3")}
 LM_HEAD = "lm_head.weight"  # an untied head; a tied model's is its token embedding, whether or not the file repeats it
 
 # GPT-2
@@ -80,6 +85,12 @@ LLAMA_DEFAULTS = {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_t
 # (SmolLM2's configs name it) would rotate adjacent pairs rather than halves.
 LLAMA_SAME_ARITHMETIC = {"rope_scaling": None, "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1,
                          "rope_interleaved": False}
+# Qwen2's and Qwen3's: a sliding window over the upper layers (off in every released model) would mask attention
+# differently; Qwen3's attention_bias would add biases to every projection of the attention.
+QWEN_SAME_ARITHMETIC = {"qwen2": {"rope_scaling": None, "use_sliding_window": False},
+                        "qwen3": {"rope_scaling": None, "use_sliding_window": False, "attention_bias": False}}
+# The names config.json's architectures gives each, for writing
+CAUSAL_LM = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
 class HFFolderError(ModelFileError):
@@ -101,18 +112,25 @@ def _gpt2_tensors(model: GPT) -> dict[str, np.ndarray]:
 
 def _llama_tensors(model: GPT) -> dict[str, np.ndarray]:
     """nn.Linear weights are (out, in), cllm's (in, out): each is a transposed view, and q, k, v and gate, up are
-    column blocks of cllm's packed c_attn and c_fc."""
+    column blocks of cllm's packed c_attn and c_fc (as Qwen2's q, k, v biases are of its c_attn bias)."""
     cfg, p = model.config, model.p
-    C, KV, I = cfg.dim, cfg.kv_dim, cfg.hidden_dim
+    Q, KV, I = cfg.q_dim, cfg.kv_dim, cfg.hidden_dim
     tensors = {"model.embed_tokens.weight": p["wte"]}
     for i in range(cfg.n_layers):
         ours, theirs = f"h.{i}.", f"model.layers.{i}."
         qkv, gate_up = p[ours + "attn.c_attn.weight"], p[ours + "mlp.c_fc.weight"]
         tensors |= {theirs + "input_layernorm.weight": p[ours + "ln_1.weight"],
-                    theirs + "self_attn.q_proj.weight": qkv[:, :C].T,
-                    theirs + "self_attn.k_proj.weight": qkv[:, C:C + KV].T,
-                    theirs + "self_attn.v_proj.weight": qkv[:, C + KV:].T,
-                    theirs + "self_attn.o_proj.weight": p[ours + "attn.c_proj.weight"].T,
+                    theirs + "self_attn.q_proj.weight": qkv[:, :Q].T,
+                    theirs + "self_attn.k_proj.weight": qkv[:, Q:Q + KV].T,
+                    theirs + "self_attn.v_proj.weight": qkv[:, Q + KV:].T}
+        if cfg.qkv_bias:
+            bias = p[ours + "attn.c_attn.bias"]
+            tensors |= {theirs + "self_attn.q_proj.bias": bias[:Q], theirs + "self_attn.k_proj.bias": bias[Q:Q + KV],
+                        theirs + "self_attn.v_proj.bias": bias[Q + KV:]}
+        if cfg.qk_norm:
+            tensors |= {theirs + f"self_attn.{name}.weight": p[ours + f"attn.{name}.weight"]
+                        for name in ("q_norm", "k_norm")}
+        tensors |= {theirs + "self_attn.o_proj.weight": p[ours + "attn.c_proj.weight"].T,
                     theirs + "post_attention_layernorm.weight": p[ours + "ln_2.weight"],
                     theirs + "mlp.gate_proj.weight": gate_up[:, :I].T,
                     theirs + "mlp.up_proj.weight": gate_up[:, I:].T,
@@ -123,7 +141,7 @@ def _llama_tensors(model: GPT) -> dict[str, np.ndarray]:
     return tensors
 
 
-_TENSORS = {"gpt2": _gpt2_tensors, "llama": _llama_tensors}
+_TENSORS = {"gpt2": _gpt2_tensors, "llama": _llama_tensors, "qwen2": _llama_tensors, "qwen3": _llama_tensors}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -202,23 +220,27 @@ def _gpt2_config(path: Path, hf: dict) -> ModelConfig:
                          norm_eps=hf.get("layer_norm_epsilon", LAYER_NORM_EPS))
 
 
-def _llama_config(path: Path, hf: dict) -> ModelConfig:
-    _refuse_other_arithmetic(path, hf, LLAMA_SAME_ARITHMETIC, "Llama")
+def _llama_config(path: Path, hf: dict, arch: str = "llama") -> ModelConfig:
+    """A llama-family config.json: Llama's, or Qwen2's and Qwen3's, which name the same settings alike."""
+    if arch == "llama":
+        _refuse_other_arithmetic(path, hf, LLAMA_SAME_ARITHMETIC, "Llama")
+    else:
+        _refuse_other_arithmetic(path, hf, QWEN_SAME_ARITHMETIC[arch], arch.capitalize())
+        sliding = [kind for kind in hf.get("layer_types") or () if kind != "full_attention"]
+        if sliding:
+            raise HFFolderError(f"{path}: layer_types has {json.dumps(sliding[0])} layers, which cllm does not "
+                                f"implement (it computes full_attention in every layer)")
     hf = LLAMA_DEFAULTS | hf
     if hf["hidden_act"] != "silu":
         raise HFFolderError(f"{path}: hidden_act {hf['hidden_act']!r} is not supported (cllm's Llama MLP is "
                             f"SwiGLU, hidden_act \"silu\")")
-    config = _model_config(
-        path, arch="llama", vocab_size=hf.get("vocab_size"),
+    return _model_config(
+        path, arch=arch, vocab_size=hf.get("vocab_size"),
         context_length=_context_length(path, hf, "max_position_embeddings"),
         dim=hf.get("hidden_size"), n_layers=hf.get("num_hidden_layers"), n_heads=hf.get("num_attention_heads"),
         n_kv_heads=hf.get("num_key_value_heads"), intermediate_size=hf.get("intermediate_size"),
-        rope_theta=_rope_theta(path, hf), norm_eps=hf["rms_norm_eps"], tied_head=hf["tie_word_embeddings"])
-    head_dim = hf.get("head_dim")
-    if head_dim not in (None, config.head_size):
-        raise HFFolderError(f"{path}: head_dim={head_dim} is not supported (cllm's heads are hidden_size / "
-                            f"num_attention_heads = {config.head_size} wide)")
-    return config
+        head_dim=hf.get("head_dim"), rope_theta=_rope_theta(path, hf), norm_eps=hf["rms_norm_eps"],
+        tied_head=hf["tie_word_embeddings"])
 
 
 def _context_length(path: Path, hf: dict, key: str) -> int:
@@ -243,7 +265,8 @@ def _rope_theta(path: Path, hf: dict) -> float:
     return rope.get("rope_theta", hf["rope_theta"])
 
 
-_CONFIG_READERS = {"gpt2": _gpt2_config, "llama": _llama_config}
+_CONFIG_READERS = {"gpt2": _gpt2_config, "llama": _llama_config, "qwen2": partial(_llama_config, arch="qwen2"),
+                   "qwen3": partial(_llama_config, arch="qwen3")}
 
 
 def read_tokenizer(folder: Path, eos_token_id=None) -> Tokenizer:
@@ -483,17 +506,23 @@ def _gpt2_config_json(cfg: ModelConfig) -> dict:
 
 def _llama_config_json(cfg: ModelConfig) -> dict:
     """RoPE's base is written both ways: rope_parameters for transformers 5, rope_theta (with rope_scaling null)
-    for earlier versions and for the tools that read config.json themselves (llama.cpp's converter)."""
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-            "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.context_length, "hidden_size": cfg.dim,
-            "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.n_layers,
-            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_size,
-            "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "rope_scaling": None,
-            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-            "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1}
+    for earlier versions and for the tools that read config.json themselves (llama.cpp's converter). Qwen's
+    sliding window is written off, as every released Qwen2 and Qwen3 model has it."""
+    config = {"architectures": [CAUSAL_LM[cfg.arch]], "model_type": cfg.arch,
+              "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.context_length, "hidden_size": cfg.dim,
+              "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.n_layers,
+              "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_size,
+              "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "rope_scaling": None,
+              "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}, "attention_dropout": 0.0}
+    if cfg.arch == "llama":
+        return config | {"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}
+    config |= {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layers,
+               "layer_types": ["full_attention"] * cfg.n_layers}
+    return config | ({"attention_bias": False} if cfg.arch == "qwen3" else {})
 
 
-_CONFIG_WRITERS = {"gpt2": _gpt2_config_json, "llama": _llama_config_json}
+_CONFIG_WRITERS = {"gpt2": _gpt2_config_json, "llama": _llama_config_json, "qwen2": _llama_config_json,
+                   "qwen3": _llama_config_json}
 
 
 def _json_bytes(obj) -> bytes:
