@@ -27,17 +27,34 @@ def check_pooling(pooling: str) -> str:
     return pooling
 
 
-def fit_to_context(ids: np.ndarray, context: int, *, truncate: bool, name: str) -> np.ndarray:
-    """A text's ids, checked: not empty, and within the context, or cut to its first `context` tokens if
-    truncate (as TEI truncates)."""
+def fit_to_context(ids: np.ndarray, context: int, *, truncate: bool, name: str,
+                   ends: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """A text's ids, checked: not empty, and within the context, or if truncate cut to `context` tokens from its
+    end, as TEI truncates (cut_to: the `ends` tokens the tokenizer put around the text stay)."""
     if ids.size == 0:
         raise UsageError(f"{name} is empty: there is nothing to embed")
     if ids.size > context:
         if not truncate:
             raise UsageError(f"{name} is {ids.size} tokens long but the model's context holds only {context} "
                              f"(truncate cuts it to fit)")
-        return ids[:context]
+        return cut_to(ids, context, ends=ends)
     return ids
+
+
+def cut_to(ids: np.ndarray, limit: int, *, ends: tuple[int, int] = (0, 0), side: str = "right") -> np.ndarray:
+    """ids cut to at most limit tokens as the tokenizers library truncates a text: the tokens the tokenizer put
+    before and after it (ends: how many of each) stay, and the text between loses its end (side "right") or its
+    start ("left"). A model that pools its last token then pools the appended one, as it was trained to. A limit
+    too small to hold the added tokens cuts the ids plainly."""
+    if ids.size <= limit:
+        return ids
+    before, after = ends
+    if limit <= before + after:
+        return ids[:limit] if side == "right" else ids[ids.size - limit:]
+    text = ids[before:ids.size - after]
+    kept = limit - before - after
+    text = text[:kept] if side == "right" else text[text.size - kept:]
+    return np.concatenate([ids[:before], text, ids[ids.size - after:]])
 
 
 def embed_batch(model: GPT, workspaces: ForwardWorkspaces, texts: list[np.ndarray], *, seq: int,

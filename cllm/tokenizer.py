@@ -14,7 +14,14 @@ generation stops when the model draws it.
 A tokenizer read from a Hugging Face folder (cllm.formats.hf) is kind "bpe" and its tokenizer.json as it is:
 GPT-2's or SmolLM2's byte-level BPE, or Llama's BPE with byte fallback. Its separator is the model's end-of-text
 token, which may not be "<|endoftext|>" (Llama's is "</s>"); to_json then records it. Its chat template, if it
-has one (cllm.chat), comes along, and to_json records that too (earlier cllm versions ignore it).
+has one (cllm.chat), comes along, and so do the embedding defaults an embedding model declares
+(cllm.embedding_config); to_json records both (earlier cllm versions ignore them).
+
+The tokens a tokenizer.json puts around every text (its post-processor: tokens_around_text) are put before a text
+but never after it when it is a prompt or a document (encode): Llama's leading <s> starts a prompt as the model was
+trained, but the <|endoftext|> that Qwen3-Embedding's tokenizer appends would end the prompt before its
+continuation, and end every piece of a training document. A text to embed gets them all (encode_for_embedding), as
+transformers and sentence-transformers tokenize it: an embedding model that pools its last token pools that one.
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 from .chat import ChatTemplate, RenderedChat
+from .embedding_config import EmbeddingConfig
 from .errors import UsageError
 
 JSON_FORMAT = "cllm-tokenizer"
@@ -71,9 +79,10 @@ class Tokenizer:
     """A trained tokenizer of one kind. Build it with train() or from_json(), not the constructor."""
 
     def __init__(self, kind: str, hf: HFTokenizer, *, separator: str | None = None,
-                 chat_template: ChatTemplate | None = None):
+                 chat_template: ChatTemplate | None = None, embedding: EmbeddingConfig | None = None):
         """separator: the token that ends a document, if not the kind's own (SEPARATOR). chat_template: how a chat
-        model's messages become its prompt (cllm.chat)."""
+        model's messages become its prompt (cllm.chat). embedding: what an embedding model declares about its
+        use (cllm.embedding_config)."""
         check_settings(kind, None)
         self.kind = kind
         self._hf = hf
@@ -81,6 +90,7 @@ class Tokenizer:
         self._hf.encode_special_tokens = True
         self._hf_markup: HFTokenizer | None = None  # a copy that parses special tokens (encode_chat)
         self.chat_template = chat_template
+        self.embedding = embedding
         self.separator: str = separator or SEPARATOR[kind]
         separator_id = hf.token_to_id(self.separator)
         if separator_id is None:
@@ -121,8 +131,9 @@ class Tokenizer:
         separator = doc.get("separator")
         if separator is not None and not isinstance(separator, str):
             raise UsageError(f"tokenizer JSON has a separator that is not a string: {separator!r}")
-        chat = doc.get("chat_template")
-        return cls(kind, hf, separator=separator, chat_template=None if chat is None else ChatTemplate.from_dict(chat))
+        chat, embedding = doc.get("chat_template"), doc.get("embedding")
+        return cls(kind, hf, separator=separator, chat_template=None if chat is None else ChatTemplate.from_dict(chat),
+                   embedding=None if embedding is None else EmbeddingConfig.from_dict(embedding))
 
     def to_json(self) -> str:
         """The separator is recorded only when it is not the kind's own, so a trained tokenizer's JSON is what it
@@ -132,7 +143,9 @@ class Tokenizer:
         head = ({"version": JSON_VERSION} if own
                 else {"version": JSON_VERSION_WITH_SEPARATOR, "separator": self.separator})
         chat = {} if self.chat_template is None else {"chat_template": self.chat_template.to_dict()}
-        return json.dumps({"format": JSON_FORMAT, **head, "kind": self.kind, "hf": hf, **chat}, ensure_ascii=False)
+        embedding = {} if self.embedding is None else {"embedding": self.embedding.to_dict()}
+        return json.dumps({"format": JSON_FORMAT, **head, "kind": self.kind, "hf": hf, **chat, **embedding},
+                          ensure_ascii=False)
 
     def hf_json(self) -> str:
         """The HF `tokenizers` JSON alone: a tokenizer.json that HF's libraries load."""
@@ -147,7 +160,24 @@ class Tokenizer:
         return self._hf.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> np.ndarray:
-        return np.array(self._hf.encode(text).ids, dtype=np.int32)
+        """A prompt's or a document's ids: the tokens the tokenizer puts before every text, then the text's (see
+        the module notes)."""
+        return self._without_appended(self._hf.encode(text).ids)
+
+    def encode_for_embedding(self, texts: Iterable[str]) -> list[np.ndarray]:
+        """The ids of texts to embed, with every token the tokenizer puts around a text, as transformers'
+        tokenizer(text) gives them; encoded at once, on HF's Rust threads."""
+        return [np.array(e.ids, dtype=np.int32) for e in self._hf.encode_batch_fast(list(texts))]
+
+    @cached_property
+    def added_around_text(self) -> tuple[int, int]:
+        """How many tokens this tokenizer puts before and after every text it encodes (tokens_around_text)."""
+        post_processor = self._hf.post_processor
+        return tokens_around_text(None if post_processor is None else json.loads(post_processor.__getstate__()))
+
+    def _without_appended(self, ids: list[int]) -> np.ndarray:
+        appended = self.added_around_text[1]
+        return np.array(ids[:len(ids) - appended], dtype=np.int32)
 
     def encode_chat(self, messages, *, add_generation_prompt: bool = True, tools=None, chat_template_kwargs=None,
                     reply_start: str = "") -> np.ndarray:
@@ -222,14 +252,14 @@ class Tokenizer:
         return () if token_id is None or token_id == self.separator_id else (token_id,)
 
     def encode_batch(self, texts: Iterable[str]) -> list[np.ndarray]:
-        """Encodes many texts at once, in parallel on HF's Rust threads."""
+        """Encodes many texts at once as encode() encodes one, in parallel on HF's Rust threads."""
         # The _fast variant skips computing character offsets, which nothing here uses.
-        return [np.array(e.ids, dtype=np.int32) for e in self._hf.encode_batch_fast(list(texts))]
+        return [self._without_appended(e.ids) for e in self._hf.encode_batch_fast(list(texts))]
 
     def pieces(self, text: str, *, add_special_tokens: bool = True) -> list[Piece]:
         """The tokens of text with what each stands for (what a /tokenize route shows): the span of text it
-        covers, or, for a special token the tokenizer adds (Llama's leading <s>), its own name and no span.
-        add_special_tokens=False leaves those out; encode() adds them."""
+        covers, or, for a special token the tokenizer adds (Llama's leading <s>), its own name and no span: the
+        ids encode_for_embedding() gives, or with add_special_tokens=False, the text's alone."""
         encoding = self._hf.encode(text, add_special_tokens=add_special_tokens)
         return [Piece(i, token, True, None, None) if special else Piece(i, text[start:stop], False, start, stop)
                 for i, token, special, (start, stop)
@@ -242,6 +272,27 @@ class Tokenizer:
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             raise UsageError(f"token ids must be in [0, {self.vocab_size}), got {ids.min()}..{ids.max()}")
         return self._hf.decode(ids.tolist(), skip_special_tokens=skip_special_tokens)
+
+
+def tokens_around_text(post_processor: dict | None) -> tuple[int, int]:
+    """How many tokens a tokenizer.json post-processor puts before and after every single text: those of its
+    template (TemplateProcessing: Llama's <s> before, Qwen3-Embedding's <|endoftext|> after), BERT's and RoBERTa's
+    one on each side, those of a Sequence of processors added up; none for any other (ByteLevel's adds none)."""
+    kind = (post_processor or {}).get("type")
+    if kind == "TemplateProcessing":
+        template = post_processor["single"]
+        text_at = next((i for i, piece in enumerate(template) if "Sequence" in piece), len(template))
+
+        def count(pieces) -> int:
+            return sum(len(post_processor["special_tokens"][piece["SpecialToken"]["id"]]["ids"]) for piece in pieces)
+
+        return count(template[:text_at]), count(template[text_at + 1:])
+    if kind in ("BertProcessing", "RobertaProcessing"):
+        return 1, 1
+    if kind == "Sequence":
+        around = [tokens_around_text(processor) for processor in post_processor["processors"]]
+        return sum(before for before, _ in around), sum(after for _, after in around)
+    return 0, 0
 
 
 def _train_bpe(texts: Iterator[str], vocab_size: int) -> HFTokenizer:

@@ -15,7 +15,7 @@ gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers",
                                    reason="the peer checks need transformers: pip install -e \".[interop]\"")
 
-from tokenizers import Regex, decoders, models, pre_tokenizers, trainers  # noqa: E402
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
 from tokenizers import Tokenizer as HFTokenizer  # noqa: E402
 
 from cllm.chat import ChatTemplate  # noqa: E402
@@ -289,6 +289,27 @@ def test_llama3_and_qwen2_files_give_transformers_ids(tmp_path, pre):
     assert [ours.encode(text).tolist() for text in CORPUS] == [bos + hf.encode(text).ids for text in CORPUS]
 
 
+def test_a_qwen2_tokenizer_exports_as_llama_cpps_qwen2_and_reads_back_to_its_ids(tmp_path):
+    """Qwen's tokenizer.json (Qwen2.5's, Qwen3's): NFC, then Qwen2's regex with (?i:) contractions, then the bytes
+    spelled. llama.cpp's converter writes it as pre-tokenizer qwen2, which applies no normalizer and spells the
+    contractions case by case; so does cllm's exporter. The two part only on text not in NFC (none here) and on
+    "ſ", which (?i:) folds to "s"."""
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_HF_REGEX
+    hf = split_bpe(QWEN2_HF_REGEX)
+    hf.normalizer = normalizers.NFC()
+    original = Tokenizer("bpe", hf, separator="<|end_of_text|>")
+    path = export(tmp_path / "qwen.gguf", original, "qwen2", extra_rows=0)
+    assert tokenizer_fields(path)[KEY.PRE] == "qwen2"
+    ours = read(path)
+    for text in CORPUS:
+        if "ſ" not in text:
+            assert ours.encode(text).tolist() == original.encode(text).tolist(), text
+    assert pieces(original, "'ſt") == ["'ſ", "t"] and pieces(ours, "'ſt") == ["'ſt"]
+    # what was read (llama.cpp's spelling) writes back as qwen2 too, to the same file
+    again = export(tmp_path / "again.gguf", ours, "qwen2", extra_rows=0)
+    assert tokenizer_fields(again) == tokenizer_fields(path)
+
+
 def test_llama3s_pre_tokenizer_adds_bos_unless_the_file_says_not_to(tmp_path):
     hf = split_bpe(LLAMA3_HF_REGEX)
     assert read(byte_level_file(tmp_path / "a.gguf", hf, "llama-bpe")).encode("hi").tolist()[0] == 0
@@ -357,7 +378,8 @@ def test_a_sentencepiece_file_without_ids_takes_llama_cpps_defaults(tmp_path, ti
 def test_add_eos_token_ends_every_text_and_add_space_prefix_false_marks_no_start(tmp_path, exported,
                                                                                  tinyllama_fields):
     write_metadata(tmp_path / "a.gguf", tinyllama_fields | {KEY.ADD_EOS: True})
-    assert read(tmp_path / "a.gguf").encode("To be").tolist()[-1] == 2
+    ends = read(tmp_path / "a.gguf")
+    assert ends.encode_for_embedding(["To be"])[0].tolist()[-1] == 2 and ends.encode("To be").tolist()[-1] != 2
     write_metadata(tmp_path / "b.gguf", tinyllama_fields | {KEY.ADD_PREFIX: False})
     unmarked, marked = read(tmp_path / "b.gguf"), read(exported["tinyllama"][1])
     for text in filter(None, CORPUS):  # (an empty text has no start to mark)
