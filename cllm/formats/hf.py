@@ -32,6 +32,9 @@ A chat model's template (tokenizer_config.json's chat_template, or the chat_temp
 transformers versions write) comes along with its bos_token and eos_token (cllm.chat), and is written back to
 tokenizer_config.json. Its end-of-turn token is written into config.json's and generation_config.json's
 eos_token_id too, after the separator, so that transformers' generate() ends a reply where cllm does.
+
+An embedding model's sentence-transformers files (modules.json, 1_Pooling/, config_sentence_transformers.json) are
+read into the tokenizer's embedding config and written back from it (cllm.formats.sentence_transformers).
 """
 from __future__ import annotations
 
@@ -55,6 +58,7 @@ from ..errors import UsageError
 from ..model import GPT, MAX_CONTEXT_LENGTH, ModelConfig, parameter_shapes
 from ..model_file_errors import ModelFileError, few_names, one_line
 from ..tokenizer import ENDOFTEXT, Tokenizer
+from .sentence_transformers import padding_settings, read_embedding_config, save_embedding_config
 
 CONFIG, WEIGHTS, WEIGHTS_INDEX, TOKENIZER, TOKENIZER_CONFIG = \
     "config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json"
@@ -154,6 +158,7 @@ def load_hf(folder: str | os.PathLike, *, threads: int = 1) -> tuple[GPT, Tokeni
     hf_config = read_config_json(folder)
     config = read_config(folder / CONFIG, hf_config)
     tokenizer = read_tokenizer(folder, hf_config.get("eos_token_id"))
+    tokenizer.embedding = read_embedding_config(folder, config.dim)
     if tokenizer.vocab_size > config.vocab_size:
         raise HFFolderError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                             f"{config.vocab_size}")
@@ -477,7 +482,7 @@ def save_hf(folder: str | os.PathLike, model: GPT, tokenizer: Tokenizer) -> list
     if tokenizer.kind == "word":
         special["pad_token"] = "<pad>"
     tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.context_length,
-                        "clean_up_tokenization_spaces": False, **special}
+                        "clean_up_tokenization_spaces": False, **padding_settings(tokenizer), **special}
     if tokenizer.chat_template is not None:
         chat = tokenizer.chat_template
         tokenizer_config |= {"chat_template": chat.source, "bos_token": chat.bos_token or bos,
@@ -492,7 +497,8 @@ def save_hf(folder: str | os.PathLike, model: GPT, tokenizer: Tokenizer) -> list
     }
     for name, data in files.items():
         atomic_write_bytes(folder / name, data)
-    return [folder / WEIGHTS] + [folder / name for name in files]
+    embedding_files = save_embedding_config(folder, tokenizer, cfg.dim, cfg.context_length)
+    return [folder / WEIGHTS] + [folder / name for name in files] + embedding_files
 
 
 def _gpt2_config_json(cfg: ModelConfig) -> dict:
