@@ -234,6 +234,16 @@ class EmbeddingsRequest(RequestModel):
     # than max_input_tokens to its first max_input_tokens tokens (else such a text is refused).
     pooling: Literal[POOLINGS] | None = None
     truncate: bool = False
+    # Extensions: the prompt put before each input, named (as TEI's prompt_name) or given whole (as
+    # sentence-transformers' encode(prompt=...); not "prompt", which is a completion's text in OpenAI's API).
+    prompt_name: str | None = None
+    prompt_text: str | None = None
+
+    @model_validator(mode="after")
+    def one_prompt_at_most(self):
+        if self.prompt_name is not None and self.prompt_text is not None:
+            raise PydanticCustomError("two_prompts", "give 'prompt_name' or 'prompt_text', not both")
+        return self
 
 
 class StreamOptions(RequestModel):
@@ -477,7 +487,7 @@ class TEIEmbedRequest(RequestModel):
     normalize: bool = True
     truncate: bool = False
     truncation_direction: Literal["Right", "Left", "right", "left"] = "Right"
-    prompt_name: Annotated[Any, only(None)] = None  # cllm models carry no sentence-transformers prompts
+    prompt_name: str | None = None  # one of the model's prompts, put before each input
     dimensions: Dimensions | None = None
 
 
@@ -486,7 +496,7 @@ class TEITokenizeRequest(RequestModel):
 
     inputs: Annotated[Texts, AfterValidator(within_batch_size)]
     add_special_tokens: bool = True
-    prompt_name: Annotated[Any, only(None)] = None
+    prompt_name: str | None = None
 
 
 class LlamaTokenizeRequest(RequestModel):

@@ -9,7 +9,12 @@
 Embeddings are the final hidden states (after the final norm) averaged over the text's own tokens (pooling
 "mean", masked: padding never counts) or the last token's (pooling "last"), then scaled to unit L2 norm unless
 normalize=False (cllm.pooling). The model is causal, so padding after a text does not change its hidden states:
-a text's embedding is the same alone or batched with others, up to float32 rounding.
+a text's embedding is the same alone or batched with others, up to float32 rounding. An embedding model's declared
+defaults (cllm.embedding_config: a sentence-transformers folder's) are the engine's: its pooling (unless the
+constructor's pooling says otherwise) and normalization, and its prompts, one of which embed() puts before each
+text when asked by name (prompt_name="query"), or its default one; prompt="..." gives one whole. A text to embed is
+tokenized with every token the tokenizer adds around it (Tokenizer.encode_for_embedding: Qwen3-Embedding's
+appended <|endoftext|>, which its last-token pooling pools), and truncation keeps those.
 
 Text or token ids. Every call takes text, or token ids instead (`await model.tokenize(texts)` gives them): a
 server that counts a request's tokens against its limits tokenizes once and hands the ids on. Tokenizing runs
@@ -86,6 +91,7 @@ from ._kernels.fault import hang
 from .chat import RenderedChat
 from .checkpoint import load_model
 from .checks import require_int
+from .embedding_config import EmbeddingConfig
 from .errors import UsageError
 from .generate import (
     Completion,
@@ -338,7 +344,7 @@ class AsyncModel:
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, *, threads: int = 1, max_batch_tokens: int = 4096,
                  max_wait_ms: float = 5.0, max_queue: int = DEFAULT_MAX_QUEUE, queue_timeout: float = 0.0,
-                 max_streams: int = 8, batch_timeout: float = DEFAULT_BATCH_TIMEOUT, pooling: str = "mean",
+                 max_streams: int = 8, batch_timeout: float = DEFAULT_BATCH_TIMEOUT, pooling: str | None = None,
                  faults: Sequence[ServingFault] | None = None):
         for name, value in dict(threads=threads, max_batch_tokens=max_batch_tokens, max_queue=max_queue,
                                 max_streams=max_streams).items():
@@ -355,7 +361,8 @@ class AsyncModel:
         self.threads, self.max_batch_tokens, self.max_streams = int(threads), int(max_batch_tokens), int(max_streams)
         self.max_wait_ms, self.max_queue, self.queue_timeout = float(max_wait_ms), int(max_queue), float(queue_timeout)
         self.batch_timeout = float(batch_timeout)
-        self.pooling = check_pooling(pooling)  # embed()'s default
+        self.embedding = tokenizer.embedding or EmbeddingConfig()  # the model's declared defaults, or cllm's
+        self.pooling = self.embedding.pooling if pooling is None else check_pooling(pooling)  # embed()'s default
         self.faults = parse_serving_faults(os.environ.get("CLLM_FAULT", "")) if faults is None else list(faults)
         self._calls_made = {"embed": 0, "decode": 0}  # counted for the faults
         self._decoding: dict = {}  # the decoding loop's rows in use
@@ -389,6 +396,7 @@ class AsyncModel:
                            "max_wait_ms": self.max_wait_ms, "max_queue": self.max_queue,
                            "queue_timeout": self.queue_timeout, "max_streams": self.max_streams,
                            "batch_timeout": self.batch_timeout}, "pooling": self.pooling,
+                "normalize": self.embedding.normalize, "prompt_names": list(self.embedding.prompts),
                 "batches_run": dict(self._calls_made)}
 
     def health(self) -> dict:
@@ -427,9 +435,14 @@ class AsyncModel:
         itself, and under load kept dozens of threads fighting over the GIL."""
         return await self._encode_in_rounds(texts)
 
-    async def _encode_in_rounds(self, texts: Sequence[str | RenderedChat]) -> list[np.ndarray]:
-        """tokenize(), for texts and rendered chats alike."""
-        job = _TokenizeJob(list(texts))
+    async def tokenize_for_embedding(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """The token ids of each text to embed (Tokenizer.encode_for_embedding), computed as tokenize()'s are."""
+        return await self._encode_in_rounds(texts, for_embedding=True)
+
+    async def _encode_in_rounds(self, texts: Sequence[str | RenderedChat], *,
+                                for_embedding: bool = False) -> list[np.ndarray]:
+        """tokenize(), for texts, texts to embed and rendered chats alike."""
+        job = _TokenizeJob(list(texts), for_embedding)
         if not job.texts:
             return []
         self._tokenize_jobs.append(job)
@@ -577,18 +590,26 @@ class AsyncModel:
     # ----------------------------------------------------------------------------------------------------------
     # embeddings
 
-    async def embed(self, texts: str | Sequence[str | Sequence[int]], *, normalize: bool = True,
-                    pooling: str | None = None, truncate: bool = False) -> np.ndarray:
-        """Embeddings (n, dim) float32 of the texts (strings, or token ids), or (dim,) for a single string:
-        pooled "mean" or "last" (cllm.pooling; default: the model's `pooling`), of unit length unless
-        normalize=False. A text longer than the context is an error, or with truncate=True cut to its first
-        context_length tokens."""
+    async def embed(self, texts: str | Sequence[str | Sequence[int]], *, normalize: bool | None = None,
+                    pooling: str | None = None, truncate: bool = False, prompt_name: str | None = None,
+                    prompt: str | None = None) -> np.ndarray:
+        """Embeddings (n, dim) float32 of the texts (strings, or token ids, taken as they are), or (dim,) for a
+        single string: pooled "mean" or "last" (cllm.pooling; default: the engine's `pooling`), of unit length if
+        normalize (default: as the model declares). The prompt named prompt_name, or prompt itself, is put before
+        each string (neither: the model's default prompt, if any; not both). A text longer than the context is an
+        error, or with truncate=True cut to context_length tokens, losing its end."""
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
         names = ["the text"] if single else [f"texts[{i}]" for i in range(len(texts))]
         pooling = self.pooling if pooling is None else check_pooling(pooling)
+        normalize = self.embedding.normalize if normalize is None else normalize
+        prefix = self.embedding.prompt_text(prompt_name, prompt)
+        if (prompt_name is not None or prompt is not None) and not all(isinstance(t, str) for t in texts):
+            raise UsageError("a prompt goes before texts, not token ids: give the texts, or put the prompt's ids "
+                             "in yours")
         self._check_running()
-        ids = await self._token_ids(texts, names, truncate=truncate)
+        ids = await self._token_ids([prefix + t if isinstance(t, str) else t for t in texts], names,
+                                    truncate=truncate)
         if not ids:
             return np.zeros((0, self.config.dim), np.float32)
         results, receive = anyio.create_memory_object_stream[np.ndarray](1)
@@ -606,15 +627,17 @@ class AsyncModel:
 
     async def _token_ids(self, texts: list, names: list[str], *, truncate: bool = False) -> list[np.ndarray]:
         """Each text's token ids (strings are tokenized together, in one worker-thread call), checked: not empty,
-        and within the context (or cut to it, if truncate)."""
+        and within the context (or cut to it, if truncate: keeping the tokens the tokenizer added around a
+        string)."""
         ids = [None if isinstance(text, str) else token_ids(text, self.tokenizer.vocab_size, name)
                for text, name in zip(texts, names)]
         strings = [i for i, text in enumerate(texts) if isinstance(text, str)]
         if strings:
-            for i, encoded in zip(strings, await self.tokenize([texts[i] for i in strings])):
+            for i, encoded in zip(strings, await self.tokenize_for_embedding([texts[i] for i in strings])):
                 ids[i] = encoded
-        return [fit_to_context(text_ids, self.config.context_length, truncate=truncate, name=name)
-                for name, text_ids in zip(names, ids)]
+        return [fit_to_context(text_ids, self.config.context_length, truncate=truncate, name=name,
+                               ends=self.tokenizer.added_around_text if isinstance(text, str) else (0, 0))
+                for name, text, text_ids in zip(names, texts, ids)]
 
     async def _batch_embeddings(self, queue: MemoryObjectReceiveStream[_EmbeddingRequest]) -> None:
         """The batcher task: gathers queued texts into forward passes until cancelled."""
@@ -827,6 +850,7 @@ async def _receive(queue: MemoryObjectReceiveStream):
 class _TokenizeJob:
     """One tokenize() call, as a tokenization round sees it."""
     texts: list[str | RenderedChat]
+    for_embedding: bool  # texts to embed (Tokenizer.encode_for_embedding), not prompts
     ids: list[np.ndarray] | None = None
     error: BaseException | None = None
 
@@ -839,6 +863,9 @@ def _encode_jobs(tokenizer: Tokenizer, jobs: list[_TokenizeJob]) -> None:
     """In a worker thread: each job's token ids, or the error that encoding one of its texts raised."""
     for job in jobs:
         try:
+            if job.for_embedding:
+                job.ids = tokenizer.encode_for_embedding(job.texts)
+                continue
             job.ids = [tokenizer.encode(text) if isinstance(text, str) else tokenizer.encode_rendered_chat(text)
                        for text in job.texts]
         except Exception as error:

@@ -7,9 +7,12 @@
     reply = model.chat(messages, tools=[weather_tool])           # .tool_calls, in OpenAI's form
 
 encode() takes sentence-transformers' arguments and returns what it returns: a float32 array, (n, dim) for a list
-and (dim,) for a single string. Texts are batched by length (sorted, then cut into batches of batch_size), so a
-batch pads its texts to nearly the same length, and the vectors come back in the order of the texts. Embeddings
-are cllm.pooling's, the same as AsyncModel.embed's up to float32 rounding.
+and (dim,) for a single string. An embedding model's declared defaults (cllm.embedding_config) apply as there: its
+pooling and normalization, its named prompts (prompt_name="query") and its default prompt; prompt="..." gives one
+whole. Texts are tokenized with every token the tokenizer adds (Tokenizer.encode_for_embedding) and batched by
+length (sorted, then cut into batches of batch_size), so a batch pads its texts to nearly the same length, and the
+vectors come back in the order of the texts. Embeddings are cllm.pooling's, the same as AsyncModel.embed's up to
+float32 rounding.
 
 Threads: BLAS is held at `threads` while the model runs, as AsyncModel holds it (cllm.threads).
 """
@@ -23,6 +26,7 @@ from tqdm import tqdm
 
 from .checkpoint import load_model
 from .checks import require_int
+from .embedding_config import EmbeddingConfig
 from .errors import UsageError
 from .generate import Completion, generate
 from .model import GPT, ForwardWorkspaces
@@ -40,6 +44,7 @@ class Model:
             raise UsageError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                              f"{model.config.vocab_size}")
         self.model, self.tokenizer = model, tokenizer
+        self.embedding = tokenizer.embedding or EmbeddingConfig()  # the model's declared defaults, or cllm's
         self.threads = require_int("threads", available_cpus() if threads is None else threads)
         self._workspaces = ForwardWorkspaces(model.config)
 
@@ -54,20 +59,26 @@ class Model:
     def config(self):
         return self.model.config
 
-    def encode(self, texts: str | Sequence[str], batch_size: int = 32, normalize_embeddings: bool = True, *,
-               pooling: str = "mean", truncate: bool = False, show_progress_bar: bool = False) -> np.ndarray:
-        """Embeddings of the texts: (n, dim) float32, or (dim,) for one string. pooling is "mean" or "last"; a text
-        longer than the context is an error, or with truncate=True cut to its first context_length tokens."""
+    def encode(self, texts: str | Sequence[str], batch_size: int = 32, normalize_embeddings: bool | None = None, *,
+               prompt_name: str | None = None, prompt: str | None = None, pooling: str | None = None,
+               truncate: bool = False, show_progress_bar: bool = False) -> np.ndarray:
+        """Embeddings of the texts: (n, dim) float32, or (dim,) for one string. pooling is "mean" or "last", and
+        normalize_embeddings whether to scale to unit length (None: as the model declares; cllm's defaults, mean and
+        unit length, for one that declares nothing). prompt_name names one of the model's prompts, prompt gives one
+        (not both; neither: the model's default prompt, if any): it is put before each text. A text longer than the
+        context is an error, or with truncate=True cut to context_length tokens, losing its end."""
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
         require_int("batch_size", batch_size)
-        check_pooling(pooling)
+        pooling = self.embedding.pooling if pooling is None else check_pooling(pooling)
+        normalize = self.embedding.normalize if normalize_embeddings is None else bool(normalize_embeddings)
+        prompt = self.embedding.prompt_text(prompt_name, prompt)
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise UsageError(f"texts[{i}] is {type(text).__name__}, not a string")
         ids = [fit_to_context(encoded, self.config.context_length, truncate=truncate,
-                              name="the text" if single else f"texts[{i}]")
-               for i, encoded in enumerate(self.tokenizer.encode_batch(texts))]
+                              name="the text" if single else f"texts[{i}]", ends=self.tokenizer.added_around_text)
+               for i, encoded in enumerate(self.tokenizer.encode_for_embedding(prompt + text for text in texts))]
         vectors = np.empty((len(texts), self.config.dim), np.float32)
         order = np.argsort([-t.size for t in ids], kind="stable")  # longest first: the largest workspace at once
         batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
@@ -76,7 +87,7 @@ class Model:
                 texts_in_batch = [ids[i] for i in batch]
                 vectors[batch] = embed_batch(self.model, self._workspaces, texts_in_batch,
                                              seq=max(t.size for t in texts_in_batch),
-                                             normalize=[normalize_embeddings] * len(batch),
+                                             normalize=[normalize] * len(batch),
                                              pooling=[pooling] * len(batch), threads=1)
         return vectors[0] if single else vectors
 

@@ -168,7 +168,7 @@ def test_a_long_value_is_shown_cut_short():
 def test_tei_bodies():
     body = TEIEmbedRequest.model_validate({"inputs": "a", "truncation_direction": "left"}, context=LIMITS)
     assert body.inputs == ["a"] and body.normalize and not body.truncate and body.truncation_direction == "left"
-    assert refusal(TEIEmbedRequest, {"inputs": "a", "prompt_name": "query"}).param == "prompt_name"
+    assert refusal(TEIEmbedRequest, {"inputs": "a", "prompt_name": 3}).param == "prompt_name"
     too_many = refusal(TEIEmbedRequest, {"inputs": list("abcd")})
     assert (too_many.status, too_many.param) == (413, "inputs")  # TEI's status for too large a batch
     assert refusal(TEITokenizeRequest, {"inputs": list("abcd")}).status == 413

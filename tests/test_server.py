@@ -120,7 +120,7 @@ def test_health_and_info(http, model, tokenizer):
         "embedding_dim": DIM, "context_length": CONTEXT,
         "limits": {"threads": 1, "max_batch_tokens": 4096, "max_wait_ms": 5.0, "max_queue": 512,
                    "queue_timeout": 0.0, "max_streams": 8, "batch_timeout": DEFAULT_BATCH_TIMEOUT},
-        "pooling": "mean"}
+        "pooling": "mean", "normalize": True, "prompt_names": []}
     # One embedding batch for one text, and a decoding step per token of a greedy completion (which never ends
     # early on this model).
     assert http.post("/v1/embeddings", json={"model": NAME, "input": "the fox"}).status_code == 200
@@ -297,13 +297,19 @@ def test_a_temperature_too_small_to_divide_by_is_greedy(http):
 
 def test_each_text_is_tokenized_once_off_the_event_loop(server, http, monkeypatch):
     tokenizer, threads = server.model.tokenizer, []
-    encode = tokenizer.encode
+    encode, encode_for_embedding = tokenizer.encode, tokenizer.encode_for_embedding
 
     def recorded(text):
         threads.append(threading.get_ident())
         return encode(text)
 
+    def recorded_for_embedding(texts):
+        texts = list(texts)
+        threads.extend([threading.get_ident()] * len(texts))
+        return encode_for_embedding(texts)
+
     monkeypatch.setattr(tokenizer, "encode", recorded)
+    monkeypatch.setattr(tokenizer, "encode_for_embedding", recorded_for_embedding)
     body = http.post("/v1/embeddings", json={"model": NAME, "input": ["the lazy dog", "quick", "a"]}).json()
     assert body["usage"]["prompt_tokens"] == len("the lazy dog") + len("quick") + len("a")
     assert len(threads) == 3

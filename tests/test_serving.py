@@ -630,13 +630,19 @@ async def test_the_blas_limit_nests_with_other_holders(model, tokenizer, monkeyp
 @pytest.mark.anyio
 async def test_tokenizing_happens_in_a_worker_thread(model, tokenizer, monkeypatch):
     threads = []
-    encode = tokenizer.encode
+    encode, encode_for_embedding = tokenizer.encode, tokenizer.encode_for_embedding
 
     def recorded(text):
         threads.append(threading.get_ident())
         return encode(text)
 
+    def recorded_for_embedding(texts):
+        texts = list(texts)
+        threads.extend([threading.get_ident()] * len(texts))
+        return encode_for_embedding(texts)
+
     monkeypatch.setattr(tokenizer, "encode", recorded)
+    monkeypatch.setattr(tokenizer, "encode_for_embedding", recorded_for_embedding)
     async with AsyncModel(model, tokenizer) as m:
         await m.embed(["the fox", "lazy"])
         await m.generate("the", max_new_tokens=2, temperature=0)

@@ -1,6 +1,8 @@
 """An OpenAI-compatible HTTP API over an AsyncModel (Starlette): what `python -m cllm.tools.serve` runs.
 
-    POST /v1/embeddings    {"model", "input": str | [str], "encoding_format": "float" | "base64", "dimensions"}
+    POST /v1/embeddings    {"model", "input": str | [str], "encoding_format": "float" | "base64", "dimensions",
+                           and the extensions "pooling", "truncate", and "prompt_name" or "prompt_text" (the prompt
+                           put before each input: one of the model's, or given whole)}
     POST /v1/completions   {"model", "prompt": str | [str] (up to 16), "n": 1, "max_tokens": 16, "temperature": 1,
                             "top_p": 1, "top_k", "min_p", "repetition_penalty" (the last three extensions, as
                             vLLM's), "presence_penalty", "frequency_penalty", "seed", "stop": str | [str],
@@ -24,8 +26,9 @@
 and, in the shapes of Hugging Face's text-embeddings-inference (TEI) and of llama.cpp's server:
 
     POST /embed            TEI: {"inputs": str | [str], "normalize": true, "truncate": false,
-                           "truncation_direction": "Right" | "Left"} -> [[float, ...], ...]
-    POST /tokenize         TEI: {"inputs": str | [str], "add_special_tokens": true} -> one list per input of
+                           "truncation_direction": "Right" | "Left", "prompt_name"} -> [[float, ...], ...]
+    POST /tokenize         TEI: {"inputs": str | [str], "add_special_tokens": true, "prompt_name"} -> one list per
+                           input of
                            {"id", "text", "special", "start", "stop"}; or llama.cpp: {"content": str,
                            "add_special": false, "with_pieces": false} -> {"tokens": [id, ...]} (with_pieces:
                            [{"id", "piece"}, ...])

@@ -18,6 +18,7 @@ import numpy as np
 from pydantic import ValidationError
 from starlette.requests import Request
 
+from ..pooling import cut_to
 from ..schemas import PYDANTIC_ERRORS, Limits, RequestModel, short_repr
 from ..serving import AsyncModel
 from .errors import APIError, invalid
@@ -96,15 +97,24 @@ def request_error(error: ValidationError) -> APIError:
     return APIError(413 if kind == "batch_too_large" else 400, message, param=param)
 
 
-async def input_ids(model: AsyncModel, limits: ServerLimits, texts: Sequence[str], param: str, *,
-                    truncate: str | None = None) -> list[np.ndarray]:
-    """The texts' token ids, each within max_input_tokens: the one tokenization of the request, done in a worker
-    thread; the model gets these ids. A longer text is refused, or with truncate "right" ("left") cut to its first
-    (last) max_input_tokens tokens."""
+async def input_ids(model: AsyncModel, limits: ServerLimits, texts: Sequence[str], param: str) -> list[np.ndarray]:
+    """The prompts' token ids, each within max_input_tokens (else a 400): the one tokenization of the request,
+    done in a worker thread; the model gets these ids."""
     ids = await model.tokenize(texts)
+    check_lengths(limits, ids, param)
+    return ids
+
+
+async def embedding_input_ids(model: AsyncModel, limits: ServerLimits, texts: Sequence[str], param: str, *,
+                              prompt: str, truncate: str | None = None) -> list[np.ndarray]:
+    """The token ids of the texts to embed, the prompt before each (AsyncModel.tokenize_for_embedding), each within
+    max_input_tokens. A longer text is refused, or with truncate "right" ("left") cut to max_input_tokens tokens
+    from its end (start), keeping the tokens the tokenizer put around it (cllm.pooling.cut_to)."""
+    ids = await model.tokenize_for_embedding([prompt + text for text in texts])
     limit = limits.max_input_tokens
     if truncate is not None:
-        return [text_ids[-limit:] if truncate == "left" else text_ids[:limit] for text_ids in ids]
+        ends = model.tokenizer.added_around_text
+        return [cut_to(text_ids, limit, ends=ends, side=truncate) for text_ids in ids]
     check_lengths(limits, ids, param)
     return ids
 

@@ -23,6 +23,7 @@ from ..serving import AsyncModel, CompletionStream
 from .bodies import (
     Body,
     check_lengths,
+    embedding_input_ids,
     input_ids,
     parse,
     read_json_object,
@@ -69,10 +70,12 @@ class OpenAIEndpoints:
 
     async def embeddings(self, request: Request) -> Response:
         body = await self.read_request(request, EmbeddingsRequest)
-        ids = await input_ids(self.model, self.limits, body.input, "input",
-                              truncate="right" if body.truncate else None)
+        with model_errors():  # a prompt_name the model does not have
+            prompt = self.model.embedding.prompt_text(body.prompt_name, body.prompt_text)
+        ids = await embedding_input_ids(self.model, self.limits, body.input, "input", prompt=prompt,
+                                        truncate="right" if body.truncate else None)
         with model_errors():
-            vectors = await self.model.embed(ids, pooling=body.pooling or self.model.pooling)
+            vectors = await self.model.embed(ids, pooling=body.pooling)
         encode = encode_base64 if body.encoding_format == "base64" else np.asarray  # json_bytes writes arrays
         data = [{"object": "embedding", "index": i, "embedding": encode(vector)} for i, vector in enumerate(vectors)]
         tokens = sum(len(text_ids) for text_ids in ids)

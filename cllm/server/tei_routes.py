@@ -20,7 +20,7 @@ from ..schemas import (
     TEITokenizeRequest,
 )
 from ..serving import AsyncModel
-from .bodies import input_ids, parse, read_json_object, request_limits
+from .bodies import embedding_input_ids, parse, read_json_object, request_limits
 from .errors import APIError, model_errors
 from .limits import ServerLimits
 from .responses import EmbeddingsResponse
@@ -54,8 +54,9 @@ class TEIEndpoints:
     @tei_errors
     async def embed(self, request: Request) -> Response:
         body = parse(TEIEmbedRequest, await read_json_object(request), self.request_limits)
-        ids = await input_ids(self.model, self.limits, body.inputs, "inputs",
-                              truncate=body.truncation_direction.lower() if body.truncate else None)
+        prompt = self.prompt(body.prompt_name)
+        ids = await embedding_input_ids(self.model, self.limits, body.inputs, "inputs", prompt=prompt,
+                                        truncate=body.truncation_direction.lower() if body.truncate else None)
         with model_errors():
             vectors = await self.model.embed(ids, normalize=body.normalize)
         return EmbeddingsResponse(vectors)
@@ -69,10 +70,16 @@ class TEIEndpoints:
     @tei_errors
     async def tokenize_inputs(self, request: Request, document: dict) -> Response:
         body = parse(TEITokenizeRequest, document, self.request_limits)
-        tokenizer = self.model.tokenizer
+        tokenizer, prompt = self.model.tokenizer, self.prompt(body.prompt_name)
         pieces = await anyio.to_thread.run_sync(
-            lambda: [tokenizer.pieces(text, add_special_tokens=body.add_special_tokens) for text in body.inputs])
+            lambda: [tokenizer.pieces(prompt + text, add_special_tokens=body.add_special_tokens)
+                     for text in body.inputs])
         return JSONResponse([[piece._asdict() for piece in text_pieces] for text_pieces in pieces])
+
+    def prompt(self, prompt_name: str | None) -> str:
+        """The model's prompt of that name, or its default one, put before each input as TEI puts it."""
+        with model_errors():  # a name the model does not have
+            return self.model.embedding.prompt_text(prompt_name)
 
     async def tokenize_content(self, body: LlamaTokenizeRequest) -> Response:
         tokenizer = self.model.tokenizer

@@ -65,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     engine.add_argument("--max-wait-ms", type=non_negative_float, default=5.0,
                         help="how long a request may wait for others to share its micro-batch")
     engine.add_argument("--max-streams", type=positive_int, default=8, help="generations decoded at once")
-    engine.add_argument("--pooling", choices=POOLINGS, default="mean",
+    engine.add_argument("--pooling", choices=POOLINGS,
                         help="how an embedding pools a text's hidden states: their mean, or the last token's (the "
-                             "usual choice for causal models); a request's \"pooling\" overrides it")
+                             "usual choice for causal models); a request's \"pooling\" overrides it (default: the "
+                             "pooling the model declares, as a sentence-transformers folder does; else mean)")
     engine.add_argument("--max-queue", type=positive_int, default=DEFAULT_MAX_QUEUE,
                         help="requests waiting for the model before new ones are refused (429)")
     engine.add_argument("--batch-timeout", type=positive_float, default=DEFAULT_BATCH_TIMEOUT,
