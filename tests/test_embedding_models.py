@@ -1,8 +1,8 @@
 """Embedding models as sentence-transformers ships them (Qwen3-Embedding's layout), checked against
 sentence-transformers itself on the same folder: a tiny Llama of random weights saved by transformers as its base
-model (Qwen3-Embedding's checkpoint is a Qwen3Model), a byte-level BPE built here, offline, whose post-processor
-appends <|endoftext|> to every text, and Qwen3-Embedding's modules.json, 1_Pooling/config.json and
-config_sentence_transformers.json. cllm must read the pooling, normalization and prompts they declare, embed the ids
+model (Qwen3-Embedding's checkpoint is a Qwen3Model), and a Qwen3 of Qwen3-0.6B's widths, each with a byte-level
+BPE built here, offline, whose post-processor appends <|endoftext|> to every text, and Qwen3-Embedding's
+modules.json, 1_Pooling/config.json and config_sentence_transformers.json. cllm must read the pooling, normalization and prompts they declare, embed the ids
 sentence-transformers embeds, keep all of it through a .cllm file and back to a folder, serve it, and refuse what
 it would compute otherwise. Needs the interop extra (pip install -e ".[interop]")."""
 from __future__ import annotations
@@ -65,8 +65,9 @@ def appending_tokenizer() -> HFTokenizer:
     return tokenizer
 
 
-def st_files(folder, *, pooling: dict | None = None, modules: list | None = None, prompts: dict | None = None):
-    """Qwen3-Embedding's sentence-transformers files, with any of them replaced."""
+def st_files(folder, *, width: int = DIM, pooling: dict | None = None, modules: list | None = None,
+             prompts: dict | None = None):
+    """Qwen3-Embedding's sentence-transformers files for a model of that width, with any of them replaced."""
     (folder / "1_Pooling").mkdir(exist_ok=True)
     flags = ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens", "lasttoken")
     files = {
@@ -74,7 +75,7 @@ def st_files(folder, *, pooling: dict | None = None, modules: list | None = None
             {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
             {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
             {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}],
-        "1_Pooling/config.json": pooling or {"word_embedding_dimension": DIM,
+        "1_Pooling/config.json": pooling or {"word_embedding_dimension": width,
                                              **{f"pooling_mode_{flag}": flag == "lasttoken" for flag in flags},
                                              "include_prompt": True},
         "config_sentence_transformers.json": prompts or {"prompts": PROMPTS, "default_prompt_name": None,
@@ -84,27 +85,34 @@ def st_files(folder, *, pooling: dict | None = None, modules: list | None = None
         (folder / name).write_text(json.dumps(content, indent=2))
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("embedder") / "model"
+def embedding_folder(folder, model_class, config: dict, *, scale: float):
+    """A random base model (a Qwen3Model, as Qwen3-Embedding's checkpoint is) made by transformers from config,
+    with weights of about scale so that every token's hidden state reads the others', saved in float32 with the
+    appending tokenizer and Qwen3-Embedding's sentence-transformers files."""
     tokenizer = appending_tokenizer()
     eot = tokenizer.token_to_id(ENDOFTEXT)
-    config = transformers.LlamaConfig(
-        vocab_size=tokenizer.get_vocab_size(), hidden_size=DIM, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT, rope_theta=10000.0,
-        rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=eot, eos_token_id=eot)
+    config = config | {"vocab_size": tokenizer.get_vocab_size(), "max_position_embeddings": CONTEXT,
+                       "tie_word_embeddings": True, "bos_token_id": eot, "eos_token_id": eot}
     torch.manual_seed(0)
-    model = transformers.LlamaModel(config).eval()
-    with torch.no_grad():  # weights large enough that every token's hidden state reads the others'
+    model = model_class(transformers.AutoConfig.for_model(**config)).eval()
+    with torch.no_grad():
         for p in model.parameters():
-            p.copy_(1.0 + 0.1 * torch.randn_like(p) if p.ndim == 1 else 0.15 * torch.randn_like(p))
+            p.copy_(1.0 + 0.1 * torch.randn_like(p) if p.ndim == 1 else scale * torch.randn_like(p))
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": ENDOFTEXT, "pad_token": ENDOFTEXT,
         "padding_side": "left", "model_max_length": CONTEXT}))
-    st_files(folder)
+    st_files(folder, width=config["hidden_size"])
     return folder
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    config = dict(model_type="llama", hidden_size=DIM, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, rms_norm_eps=1e-6)
+    return embedding_folder(tmp_path_factory.mktemp("embedder") / "model", transformers.LlamaModel, config,
+                            scale=0.15)
 
 
 @pytest.fixture(scope="module")
@@ -254,6 +262,25 @@ def test_a_mean_pooling_model_without_normalize_exports_as_it_reads(folder, tmp_
     assert convert.main([str(mean), str(tmp_path / "out")]) == 0
     again = sentence_transformers.SentenceTransformer(str(tmp_path / "out"), device="cpu")
     np.testing.assert_allclose(again.encode(QUERIES), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_qwen3_embedding_model_embeds_as_sentence_transformers_and_exports_back(tmp_path):
+    """Qwen3-Embedding-0.6B's architecture: Qwen3-0.6B's widths (heads of 128 apart from its width of 1024, q and k
+    norms; tests.test_qwen_interop's config) cut to 2 layers and the offline tokenizer's vocabulary, saved as the
+    base model, Qwen3Model, as Qwen3-Embedding's checkpoint is."""
+    from tests.test_qwen_interop import QWEN3_CONFIG
+    folder = embedding_folder(tmp_path / "qwen3", transformers.Qwen3Model, QWEN3_CONFIG, scale=0.05)
+    ours = cllm.Model.open(folder)
+    assert (ours.config.arch, ours.config.head_dim, ours.embedding.pooling) == ("qwen3", 128, "last")
+    theirs = sentence_transformers.SentenceTransformer(str(folder), device="cpu")
+    texts = QUERIES + DOCUMENTS
+    for prompt_name in (None, "query"):
+        assert_same_directions(ours.encode(texts, prompt_name=prompt_name),
+                               theirs.encode(texts, prompt_name=prompt_name))
+    assert convert.main([str(folder), str(tmp_path / "m.cllm")]) == 0
+    assert convert.main([str(tmp_path / "m.cllm"), str(tmp_path / "out")]) == 0
+    exported = sentence_transformers.SentenceTransformer(str(tmp_path / "out"), device="cpu")
+    assert_same_directions(exported.encode(texts, prompt_name="query"), theirs.encode(texts, prompt_name="query"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
