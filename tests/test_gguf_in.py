@@ -35,6 +35,9 @@ CONFIGS = {
                               n_kv_heads=2, intermediate_size=96, rope_theta=500.0, norm_eps=1e-6),
     "llama-untied": ModelConfig(arch="llama", vocab_size=320, context_length=48, dim=96, n_layers=2, n_heads=6,
                                 n_kv_heads=2, intermediate_size=128, tied_head=False),
+    # heads of 32 set apart from the width (64 / 4): attention.key_length, and q and k interleaved per head of 32
+    "llama-heads-apart": ModelConfig(arch="llama", vocab_size=320, context_length=48, dim=64, n_layers=2, n_heads=4,
+                                     n_kv_heads=2, head_dim=32, intermediate_size=96),
 }
 # Logits of a file against the original model's, as a share of their largest magnitude: a rounding's effect (the
 # weights themselves are checked exactly against the writer's rounding).
@@ -53,17 +56,21 @@ def random_model(config: ModelConfig, seed: int = 0) -> GPT:
     return model
 
 
-@pytest.fixture(scope="module")
-def exported(bpe, tmp_path_factory):
-    """(model, its GGUF file) for each configuration and type, written by cllm's exporter."""
-    folder = tmp_path_factory.mktemp("exported")
+def export_each(folder, tokenizer: Tokenizer, configs: dict[str, ModelConfig], tensor_types) -> dict:
+    """(model, its GGUF file) for each configuration's random model and each type, written by cllm's exporter into
+    folder, by (configuration's name, type)."""
     files = {}
-    for name, config in CONFIGS.items():
+    for name, config in configs.items():
         model = random_model(config)
-        for tensor_type in TOLERANCE:
-            files[name, tensor_type] = model, save_gguf(folder / f"{name}-{tensor_type}.gguf", model, bpe,
+        for tensor_type in tensor_types:
+            files[name, tensor_type] = model, save_gguf(folder / f"{name}-{tensor_type}.gguf", model, tokenizer,
                                                         tensor_type=tensor_type)
     return files
+
+
+@pytest.fixture(scope="module")
+def exported(bpe, tmp_path_factory):
+    return export_each(tmp_path_factory.mktemp("exported"), bpe, CONFIGS, TOLERANCE)
 
 
 def interleave(rows: np.ndarray, heads: int) -> np.ndarray:
@@ -255,17 +262,22 @@ def test_an_exported_model_reads_back_with_its_config_weights_and_logits(exporte
 
 
 @pytest.mark.parametrize("name, tensor_type", [("gpt2", "f32"), ("gpt2", "q8_0"), ("llama-untied", "f32"),
-                                               ("llama-tied", "q8_0"), ("llama-untied", "f16")])
+                                               ("llama-tied", "q8_0"), ("llama-untied", "f16"),
+                                               ("llama-heads-apart", "f32")])
 def test_transformers_reads_the_same_file_to_the_same_logits(exported, bpe, name, tensor_type):
-    """transformers' own GGUF loader (gguf's dequantization, its own undoing of the q/k order) is the peer."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
     _, path = exported[name, tensor_type]
     model, _ = load_gguf(path, dequantize=True)
     # transformers' GGUF reader takes gpt2.context_length as n_ctx and leaves n_positions at 1024: say it.
     extra = {"n_positions": model.config.context_length} if model.config.arch == "gpt2" else {}
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **extra).eval()
-    ids = bpe.encode(TEXT[2])[None, :16]
+    assert_transformers_logits(path, model, bpe.encode(TEXT[2])[None, :16], **extra)
+
+
+def assert_transformers_logits(path, model: GPT, ids: np.ndarray, **config) -> None:
+    """model's logits of ids (1, T) are those of transformers' own GGUF loader (gguf's dequantization, its own
+    undoing of the q/k order) on the file at path, given config's settings."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **config).eval()
     with torch.no_grad():
         want = theirs(torch.from_numpy(ids).long()).logits.float().numpy()
     np.testing.assert_allclose(model.logits(ids), want, rtol=0, atol=1e-4 * max(1.0, np.abs(want).max()))
@@ -279,15 +291,12 @@ MIXED_TYPES = {"attn_q": Q.Q4_K, "attn_k": Q.Q5_K, "attn_v": Q.Q6_K, "attn_outpu
                "ffn_norm": Q.F16}
 
 
-@pytest.fixture(scope="module")
-def mixed(bpe, tmp_path_factory):
-    """A Llama file whose every tensor but the final norm has another type: random blocks of model-sized values."""
-    folder = tmp_path_factory.mktemp("mixed")
-    save_gguf(folder / "f32.gguf", random_model(MIXED_CONFIG), bpe)
-    rng = np.random.default_rng(7)
+def retype(src, dst, type_of, rng: np.random.Generator) -> None:
+    """A copy of the f32 GGUF file src at dst with each tensor of the type type_of(its name) gives (None: as it is):
+    its values in a float type, or random blocks of model-sized values in a block type."""
     tensors = {}
-    for t in gguf.GGUFReader(folder / "f32.gguf").tensors:
-        qtype = MIXED_TYPES.get(t.name.split(".")[-2] if t.name.startswith("blk.") else t.name.split(".")[0])
+    for t in gguf.GGUFReader(src).tensors:
+        qtype = type_of(t.name)
         if qtype in FLOAT_TYPES:
             tensors[t.name] = gguf.quants.quantize(np.array(t.data), qtype), qtype
         elif qtype is not None:
@@ -295,7 +304,21 @@ def mixed(bpe, tmp_path_factory):
             rows, length = t.data.shape
             blocks = random_blocks(qtype, rows * length // block_size, rng, weights=True)
             tensors[t.name] = blocks.reshape(rows, length // block_size * type_size), qtype
-    rewrite(folder / "f32.gguf", folder / "mixed.gguf", tensors=tensors)
+    rewrite(src, dst, tensors=tensors)
+
+
+def kind(tensor_name: str) -> str:
+    """A GGUF tensor's kind: blk.0.attn_q.weight's attn_q, token_embd.weight's token_embd."""
+    return tensor_name.split(".")[-2] if tensor_name.startswith("blk.") else tensor_name.split(".")[0]
+
+
+@pytest.fixture(scope="module")
+def mixed(bpe, tmp_path_factory):
+    """A Llama file whose every tensor but the final norm has another type: random blocks of model-sized values."""
+    folder = tmp_path_factory.mktemp("mixed")
+    save_gguf(folder / "f32.gguf", random_model(MIXED_CONFIG), bpe)
+    retype(folder / "f32.gguf", folder / "mixed.gguf", lambda name: MIXED_TYPES.get(kind(name)),
+           np.random.default_rng(7))
     return folder / "mixed.gguf"
 
 
@@ -311,14 +334,7 @@ def test_a_file_of_mixed_types_reads_each_tensor_as_gguf_dequantizes_it(mixed):
 
 
 def test_transformers_reads_a_file_of_mixed_types_to_the_same_logits(mixed, bpe):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    model, _ = load_gguf(mixed, dequantize=True)
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(mixed.parent, gguf_file=mixed.name).eval()
-    ids = bpe.encode(TEXT[3])[None, :16]
-    with torch.no_grad():
-        want = theirs(torch.from_numpy(ids).long()).logits.float().numpy()
-    np.testing.assert_allclose(model.logits(ids), want, rtol=0, atol=1e-4 * max(1.0, np.abs(want).max()))
+    assert_transformers_logits(mixed, load_gguf(mixed, dequantize=True)[0], bpe.encode(TEXT[3])[None, :16])
 
 
 def test_a_gpt2_files_repeated_head_is_tied_and_one_of_its_own_type_is_a_head_of_its_own(exported, bpe, tmp_path):
@@ -355,8 +371,8 @@ def refusals(path) -> dict[str, tuple[dict, str]]:
     """Each way to spoil the llama file at path: rewrite's arguments, and the words of the refusal."""
     wrong_shape = np.zeros((64, 48), np.float32)
     return {
-        "architecture": ({"fields": {"general.architecture": ("qwen2", V.STRING)}},
-                         "general.architecture is 'qwen2'; cllm reads the gpt2 and llama architectures"),
+        "architecture": ({"fields": {"general.architecture": ("phi3", V.STRING)}},
+                         "general.architecture is 'phi3'; cllm reads the gpt2, llama, qwen2 and qwen3 architectures"),
         "rope scaling": ({"fields": {"llama.rope.scaling.type": ("yarn", V.STRING)}},
                          "llama.rope.scaling.type = 'yarn' is a setting that cllm does not compute"),
         "sliding window": ({"fields": {"llama.attention.sliding_window": (16, V.UINT32)}},

@@ -80,9 +80,12 @@ def test_the_quantized_model_is_the_dequantized_one_to_its_activations_rounding(
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_decoding_steps_are_the_full_pass_on_the_same_blocks(files, name):
+    assert_decoding_steps_are_the_full_pass(load_gguf(files[name, "q4_k_m"])[0])
+
+
+def assert_decoding_steps_are_the_full_pass(model: GPT) -> None:
     """Prefill (the forward pass), then steps of the fused decoding kernel, two rows of different lengths, against
     a full pass over each row's tokens: the same quantized products, so they agree to float32 rounding."""
-    model, _ = load_gguf(files[name, "q4_k_m"])
     cfg = model.config
     first, second = prompt(cfg, 9, seed=2), prompt(cfg, 4, seed=3)
     decoder = Decoder(model, batch=2)

@@ -1,15 +1,21 @@
 """GGUF export, for llama.cpp and the tools built on it (Ollama, LM Studio), written with the `gguf` package.
 
 The file is what llama.cpp's own converter makes of the Hugging Face folder that cllm.formats.hf writes, for
-either architecture: the tensors under GGUF's names (gguf.TensorNameMap of the Hugging Face names), every matrix
+each architecture: the tensors under GGUF's names (gguf.TensorNameMap of the Hugging Face names), every matrix
 (out, in) as GGML lays it out, the hyper-parameters llama.cpp reads, and the tokenizer. A tied model has no output
 matrix: llama.cpp then uses the token embedding, as cllm does.
 
 - "gpt2": GPT-2's four Conv1D matrices are transposed from their (in, out) layout.
-- "llama": the Hugging Face (out, in) layout as it is, but for the rows of q and k. llama.cpp's RoPE rotates
+- "llama": the Hugging Face (out, in) layout as it is, but for the rows of q and k. llama.cpp's llama RoPE rotates
   adjacent pairs of a head's channels, (x[2j], x[2j+1]), where cllm's and Hugging Face's rotate its two halves,
   (x[j], x[j + head_dim/2]); so each head's rows of q_proj and k_proj are interleaved, row j of its first half to
   2j and row j of its second half to 2j + 1, as llama.cpp's converter does. Attention scores are the same.
+- "qwen2" and "qwen3": the Hugging Face layout as it is, q and k too: llama.cpp runs these architectures with
+  NEOX RoPE, which rotates halves as cllm does, and its converter leaves their rows in place. qwen2's biases on q,
+  k and v are the attn_q/attn_k/attn_v .bias vectors; qwen3's per-head norms attn_q_norm and attn_k_norm.
+  llama.cpp sizes a qwen2 model's queries and attention output by embedding_length, so heads set apart from
+  dim / n_heads (ModelConfig.head_dim) are written for llama and qwen3 only (attention.key_length and
+  value_length, which Qwen3's converted files always carry) and refused for qwen2.
 
 Types: f32 keeps every tensor; f16 converts the matrices; q8_0, q4_0 and q4_k_m are llama.cpp's file types of
 those names, each matrix typed as llama-quantize types it (cllm.formats.quantize.tensor_type: Q4_K_M's Q6_K head,
@@ -23,10 +29,10 @@ converted and written one at a time, so exporting needs the model's memory and o
 `quantize_model` quantizes a model in memory by the same rule: what a .cllm file of quantized blocks holds.
 
 Tokenizers (_Vocabulary) are written in the form llama.cpp tokenizes the same way: a byte-level BPE (cllm's own,
-GPT-2's, SmolLM2's) as model "gpt2" with its merges, and the pre-tokenizer that matches its splitting; Llama's BPE
-with byte fallback (TinyLlama's) as model "llama", sentencepiece's, which merges by score: each token scores minus
-the rank of the merge that makes it. A tokenizer with no faithful form (char, word, another pre-tokenizer) is
-refused rather than written as something that tokenizes differently.
+GPT-2's, SmolLM2's, Qwen2's) as model "gpt2" with its merges, and the pre-tokenizer that matches its splitting;
+Llama's BPE with byte fallback (TinyLlama's) as model "llama", sentencepiece's, which merges by score: each token
+scores minus the rank of the merge that makes it. A tokenizer with no faithful form (char, word, another
+pre-tokenizer) is refused rather than written as something that tokenizes differently.
 """
 from __future__ import annotations
 
@@ -49,13 +55,18 @@ from ..model import GPT, VOCABULARY_TABLES, ModelConfig, parameter_shapes
 from ..quantized import KERNEL_TYPES, QuantizedMatrix, QuantizedRows, quantize_rows
 from ..tokenizer import Tokenizer
 from . import quantize
+from .gguf_tokenizer import QWEN2_REGEX
 from .hf import hf_tensors, leading_special_token
 
 TYPES = quantize.FLOAT_FILE_TYPES | quantize.FILE_TYPES  # each file type's default tensor type
 FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
               "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
               "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M}
-ARCHITECTURES = {"gpt2": gguf.MODEL_ARCH.GPT2, "llama": gguf.MODEL_ARCH.LLAMA}
+ARCHITECTURES = {"gpt2": gguf.MODEL_ARCH.GPT2, "llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2,
+                 "qwen3": gguf.MODEL_ARCH.QWEN3}
+# The architectures whose q and k rows llama.cpp's RoPE takes in adjacent pairs (its "norm" RoPE type); the rest of
+# the llama family it runs with NEOX RoPE, on halves, as cllm does.
+PAIRED_ROPE = ("llama",)
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # GPT-2's (in, out)
 
 
@@ -68,6 +79,9 @@ def save_gguf(path: str | os.PathLike, model: GPT, tokenizer: Tokenizer, *, tens
     if model.config.arch == "gpt2" and model.config.activation != "gelu_tanh":
         raise UsageError(f"llama.cpp's gpt2 architecture computes GELU's tanh form; this model uses "
                          f"{model.config.activation}, so a GGUF file would run a different model")
+    if model.config.arch == "qwen2" and model.config.head_dim is not None:
+        raise UsageError(f"llama.cpp's qwen2 architecture has heads of embedding_length / head_count channels; this "
+                         f"model's are {model.config.head_dim} wide (head_dim), so llama.cpp could not load its file")
     vocabulary = _Vocabulary.of(tokenizer, model.config.vocab_size)
     path = Path(path)
     atomic_write_file(path, partial(_write, model=model, vocabulary=vocabulary, tensor_type=tensor_type,
@@ -129,8 +143,12 @@ def _add_hyperparameters(writer: gguf.GGUFWriter, cfg: ModelConfig) -> None:
     writer.add_head_count_kv(cfg.n_kv_heads)
     writer.add_layer_norm_rms_eps(cfg.norm_eps)
     writer.add_rope_freq_base(cfg.rope_theta)
-    writer.add_rope_dimension_count(cfg.head_size)
-    writer.add_vocab_size(cfg.vocab_size)
+    if cfg.head_dim is not None or cfg.arch == "qwen3":  # Qwen3's config.json always names its head_dim
+        writer.add_key_length(cfg.head_size)
+        writer.add_value_length(cfg.head_size)
+    if cfg.arch == "llama":  # what llama.cpp's converter adds for llama alone
+        writer.add_rope_dimension_count(cfg.head_size)
+        writer.add_vocab_size(cfg.vocab_size)
 
 
 def _ggml_tensors(model: GPT) -> Iterator[tuple[str, np.ndarray]]:
@@ -154,8 +172,7 @@ def _ggml_sources(model: GPT) -> Iterator[tuple[str, np.ndarray | QuantizedRows]
             tensor = model.q[name].parts[i]
         elif cfg.arch == "gpt2" and hf_name.endswith(CONV1D):
             tensor = tensor.T
-        heads = cfg.n_heads if hf_name.endswith("q_proj.weight") else \
-            cfg.n_kv_heads if hf_name.endswith("k_proj.weight") else None
+        heads = paired_rope_heads(cfg, hf_name)
         if heads is not None and isinstance(tensor, QuantizedRows):  # whole rows of blocks move as rows of values
             tensor = QuantizedRows(tensor.ggml_type, interleave_rotary_pairs(tensor.data, heads), tensor.cols)
         elif heads is not None:
@@ -218,6 +235,15 @@ def quantize_model(model: GPT, file_type: str) -> None:
         view[...] = 0.0
 
 
+def paired_rope_heads(config: ModelConfig, hf_name: str) -> int | None:
+    """The heads of the Hugging Face tensor hf_name if the file holds its rows interleaved for llama.cpp's
+    adjacent-pair RoPE (q_proj and k_proj of a PAIRED_ROPE architecture), else None."""
+    if config.arch not in PAIRED_ROPE:
+        return None
+    return config.n_heads if hf_name.endswith("q_proj.weight") else \
+        config.n_kv_heads if hf_name.endswith("k_proj.weight") else None
+
+
 def interleave_rotary_pairs(rows: np.ndarray, heads: int) -> np.ndarray:
     """q_proj or k_proj (heads * head_dim, dim) with each head's rows reordered from the rotate-halves order to
     llama.cpp's rotate-adjacent-pairs order: row j of a head's first half goes to 2j, row j of its second half to
@@ -238,12 +264,28 @@ def _tensor_type(gguf_name: str, shape: tuple[int, ...], file_type: str,
 
 
 # Byte-level BPE pre-tokenizers, as Hugging Face's tokenizer.json writes them, and the llama.cpp pre-tokenizer
-# that splits text the same way: GPT-2's regex, alone or after splitting off every digit (SmolLM2's).
+# that splits text the same way: GPT-2's regex, alone or after splitting off every digit (SmolLM2's); or Qwen2's
+# regex, then the bytes spelled with no more splitting, in either spelling of its contractions: Qwen's
+# tokenizer.json's (?i:'s|...), or case by case as llama.cpp and a tokenizer read from a qwen2 GGUF file have them
+# (the two part only on "ſ", which (?i:) folds to "s").
 _BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
-BYTE_LEVEL_PRE_TOKENIZERS = {
-    "gpt-2": [_BYTE_LEVEL],
-    "smollm": [{"type": "Digits", "individual_digits": True}, _BYTE_LEVEL],
+_BYTES_ONLY = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}
+QWEN2_TOKENIZER_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                         r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _isolated(pattern: str) -> dict:
+    return {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False}
+
+
+BYTE_LEVEL_PRE_TOKENIZERS = {  # each name's forms, any of which
+    "gpt-2": ([_BYTE_LEVEL],),
+    "smollm": ([{"type": "Digits", "individual_digits": True}, _BYTE_LEVEL],),
+    "qwen2": ([_isolated(QWEN2_TOKENIZER_REGEX), _BYTES_ONLY], [_isolated(QWEN2_REGEX), _BYTES_ONLY]),
 }
+# The normalizer a pre-tokenizer's tokenizer.json may name although llama.cpp applies none: Qwen's names NFC,
+# which changes only text not in NFC already, and llama.cpp's converter writes these files as qwen2 all the same.
+IGNORED_NORMALIZERS = {"qwen2": {"type": "NFC"}}
 # Llama's BPE with byte fallback (TinyLlama's tokenizer.json) marks every space, and the text's start, with "▁",
 # as llama.cpp's sentencepiece tokenizer does. (A Metaspace pre-tokenizer, as later conversions write, does not
 # mark the start of a text that begins with a space, which llama.cpp does: it is refused.)
@@ -358,11 +400,14 @@ class _Vocabulary:
 
 def _byte_level_pre_tokenizer(hf: dict) -> str | None:
     """The llama.cpp pre-tokenizer of a byte-level BPE that splits as this one does, or None."""
-    if hf["model"].get("type") != "BPE" or hf.get("normalizer") is not None or hf.get("pre_tokenizer") is None:
+    if hf["model"].get("type") != "BPE" or hf.get("pre_tokenizer") is None:
         return None
     pre = hf["pre_tokenizer"]
     steps = pre["pretokenizers"] if pre.get("type") == "Sequence" else [pre]
-    return next((name for name, expected in BYTE_LEVEL_PRE_TOKENIZERS.items() if _matches(steps, expected)), None)
+    normalizer = hf.get("normalizer")
+    return next((name for name, forms in BYTE_LEVEL_PRE_TOKENIZERS.items()
+                 if any(_matches(steps, form) for form in forms)
+                 and (normalizer is None or _matches(normalizer, IGNORED_NORMALIZERS.get(name)))), None)
 
 
 def _is_sentencepiece_bpe(hf: dict) -> bool:

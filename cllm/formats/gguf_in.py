@@ -1,18 +1,23 @@
-"""GGUF in: a llama.cpp model file of the gpt2 or llama architecture, in any of the common tensor types, as a cllm
-model and its tokenizer.
+"""GGUF in: a llama.cpp model file of the gpt2, llama, qwen2 or qwen3 architecture, in any of the common tensor
+types, as a cllm model and its tokenizer.
 
 The file is read as llama.cpp's converter (and cllm's own exporter, cllm.formats.gguf_file, which follows it) wrote
 it, each step undone:
 
 - Settings come from GGUF's own metadata, `{arch}.block_count`, `.embedding_length`, `.feed_forward_length`,
-  `.attention.head_count(_kv)`, `.context_length`, the norm's epsilon and `.rope.freq_base`; the vocabulary's size
-  from the token embedding. Every other `{arch}.` key is refused by name unless it holds the value under which cllm
-  computes the same thing (`rope.scaling.type` "none"), and so are keys that merely restate a size cllm derives
-  (`rope.dimension_count`, `attention.key_length`) when they disagree with it: never a guess.
+  `.attention.head_count(_kv)`, `.context_length`, the norm's epsilon, `.rope.freq_base` and, for llama and qwen3,
+  `.attention.key_length`, the width of a head when it is set apart from embedding_length / head_count (Qwen3's);
+  the vocabulary's size from the token embedding. Every other `{arch}.` key is refused by name unless it holds the
+  value under which cllm computes the same thing (`rope.scaling.type` "none"), and so are keys that merely restate
+  a size cllm derives (`rope.dimension_count`, `attention.value_length`, a qwen2's `attention.key_length`, which
+  llama.cpp takes to be embedding_length / head_count) when they disagree with it: never a guess. A sliding
+  window, RoPE scaling or a pooling type is such a key.
 - Tensors are named as gguf.TensorNameMap names the Hugging Face tensors that cllm.formats.hf maps onto cllm's
   buffer (`hf_tensors`): each GGUF tensor is written straight into its view of `model.p`, in GGML's (out, in)
   layout. GPT-2's four Conv1D matrices are transposed views. Llama's q and k rows were interleaved for llama.cpp's
   adjacent-pair RoPE; reading puts each row back where `interleave_rotary_pairs` took it from, a reorder of rows.
+  qwen2's and qwen3's were not (llama.cpp's NEOX RoPE rotates halves, as cllm's does); qwen2's attn_q, attn_k and
+  attn_v biases fill the packed c_attn bias, qwen3's attn_q_norm and attn_k_norm its per-head norms.
   A tied model has no `output.weight`, or one of the same blocks as the embedding (llama.cpp's GPT-2 files repeat
   it there); any other is an untied head, which K-quant mixes give GPT-2 files (the repeat gets a type of its own).
 - Types: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K (READ_TYPES). A matrix whose parts are
@@ -50,7 +55,7 @@ from ..model import GPT, MAX_CONTEXT_LENGTH, ModelConfig, parameter_shapes
 from ..model_file_errors import ModelFileError, few_names, one_line
 from ..quantized import KERNEL_TYPES, QuantizedMatrix, QuantizedRows
 from ..tokenizer import Tokenizer
-from .gguf_file import ARCHITECTURES, CONV1D, interleave_rotary_pairs, matrix_parts, tensor_name_map
+from .gguf_file import CONV1D, interleave_rotary_pairs, matrix_parts, paired_rope_heads, tensor_name_map
 from .gguf_tokenizer import read_gguf_tokenizer
 from .hf import hf_tensors
 
@@ -60,12 +65,16 @@ FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
 MAGIC = b"GGUF"
 CHUNK_VALUES = 1 << 20  # float32 values dequantized at a time: 4 MiB, whole rows (at least one)
 
-# The {arch}. keys read into the config, per architecture.
+# The {arch}. keys read into the config, per architecture. llama.cpp sizes a qwen2 model's queries by
+# embedding_length, so only llama and qwen3 may set their heads' width apart (attention.key_length).
+_LLAMA_KEYS = ("block_count", "embedding_length", "feed_forward_length", "context_length", "attention.head_count",
+               "attention.head_count_kv", "attention.layer_norm_rms_epsilon", "rope.freq_base")
 CONFIG_KEYS = {
     "gpt2": ("block_count", "embedding_length", "feed_forward_length", "context_length", "attention.head_count",
              "attention.layer_norm_epsilon"),
-    "llama": ("block_count", "embedding_length", "feed_forward_length", "context_length", "attention.head_count",
-              "attention.head_count_kv", "attention.layer_norm_rms_epsilon", "rope.freq_base"),
+    "llama": _LLAMA_KEYS + ("attention.key_length",),
+    "qwen2": _LLAMA_KEYS,
+    "qwen3": _LLAMA_KEYS + ("attention.key_length",),
 }
 # {arch}. keys that may be present at the value under which cllm computes what llama.cpp does (llama.cpp's
 # converters write some of them into files that need nothing more); any other value is refused.
@@ -92,12 +101,13 @@ def is_gguf(path: str | os.PathLike) -> bool:
 
 
 def load_gguf(path: str | os.PathLike, *, threads: int = 1, dequantize: bool = False) -> tuple[GPT, Tokenizer]:
-    """A gpt2 or llama GGUF file as a cllm model and its tokenizer; ModelFileError, naming the file and the key or
-    tensor, for anything cllm would not compute as llama.cpp does.
+    """A gpt2, llama, qwen2 or qwen3 GGUF file as a cllm model and its tokenizer; ModelFileError, naming the file
+    and the key or tensor, for anything cllm would not compute as llama.cpp does.
 
     Matrices of the types cllm's kernels compute on (cllm.quantized.KERNEL_TYPES) stay in their blocks, in
     `model.q`, as views of the memory-mapped file (q and k of a llama are copies, their rows put back in cllm's
-    order); with dequantize=True, or of another type, they are widened to float32."""
+    order); with dequantize=True, or of another type, they are widened to float32. Biases and norms are float32
+    whatever their type in the file."""
     path = Path(path)
     reader = open_gguf(path)
     tensors = {t.name: t for t in reader.tensors}
@@ -284,8 +294,9 @@ def read_config(reader: gguf.GGUFReader, path: Path, tensors: dict) -> ModelConf
     arch = _value(reader, path, "general.architecture", {STRING})
     if arch not in CONFIG_KEYS:
         found = "missing" if arch is None else repr(arch)
-        raise ModelFileError(f"{path}: general.architecture is {found}; cllm reads the "
-                             f"{' and '.join(CONFIG_KEYS)} architectures")
+        *others, last = CONFIG_KEYS
+        raise ModelFileError(f"{path}: general.architecture is {found}; cllm reads the {', '.join(others)} and "
+                             f"{last} architectures")
     setting = {key: _value(reader, path, f"{arch}.{key}", NUMBERS) for key in CONFIG_KEYS[arch]}
     n_layers = _int(path, f"{arch}.block_count", setting["block_count"])
     # Every layer has tensors of its own: the layers are bounded so before parameter_shapes lists each one's.
@@ -313,14 +324,16 @@ def read_config(reader: gguf.GGUFReader, path: Path, tensors: dict) -> ModelConf
                       norm_eps=_positive(path, "gpt2.attention.layer_norm_epsilon",
                                          setting["attention.layer_norm_epsilon"]))
     else:
-        kv_heads = setting["attention.head_count_kv"]
-        theta = setting["rope.freq_base"]
-        fields = dict(arch="llama", intermediate_size=hidden, tied_head=_tied_head(tensors, reader.mapping),
-                      n_kv_heads=None if kv_heads is None else _int(path, "llama.attention.head_count_kv", kv_heads),
-                      norm_eps=_positive(path, "llama.attention.layer_norm_rms_epsilon",
+        kv_heads, theta, key_length = (setting.get(key) for key in ("attention.head_count_kv", "rope.freq_base",
+                                                                      "attention.key_length"))
+        fields = dict(arch=arch, intermediate_size=hidden, tied_head=_tied_head(tensors, reader.mapping),
+                      n_kv_heads=None if kv_heads is None else _int(path, f"{arch}.attention.head_count_kv", kv_heads),
+                      norm_eps=_positive(path, f"{arch}.attention.layer_norm_rms_epsilon",
                                          setting["attention.layer_norm_rms_epsilon"]),
                       # absent, RoPE's base is 10000 in llama.cpp as in cllm
-                      rope_theta=10000.0 if theta is None else _positive(path, "llama.rope.freq_base", theta))
+                      rope_theta=10000.0 if theta is None else _positive(path, f"{arch}.rope.freq_base", theta),
+                      # absent, a head is embedding_length / head_count wide in llama.cpp as in cllm
+                      head_dim=None if key_length is None else _int(path, f"{arch}.attention.key_length", key_length))
     try:
         config = ModelConfig(**shape, **fields)
     except UsageError as e:
@@ -351,7 +364,11 @@ def _tied_head(tensors: dict[str, gguf.ReaderTensor], mapping: mmap.mmap) -> boo
 
 def _restated(config: ModelConfig) -> dict[str, tuple[int, str]]:
     """The {arch}. keys that restate a size the config implies: the value each must have, and why."""
-    heads = f"its heads are embedding_length / head_count = {config.head_size} wide"
+    if config.head_dim is not None:
+        heads = f"its heads are attention.key_length = {config.head_size} wide"
+    else:
+        whose = "llama.cpp's qwen2 heads are" if config.arch == "qwen2" else "its heads are"
+        heads = f"{whose} embedding_length / head_count = {config.head_size} wide"
     restated = {"vocab_size": (config.vocab_size, f"{TOKEN_EMBEDDING} has {config.vocab_size} rows"),
                 "attention.key_length": (config.head_size, heads), "attention.value_length": (config.head_size, heads)}
     if config.arch == "gpt2":
@@ -435,8 +452,7 @@ def _ggml_layout(model) -> dict[str, _Destination]:
         order = None
         if cfg.arch == "gpt2" and hf_name.endswith(CONV1D):
             view = view.T  # GPT-2's (in, out) Conv1D as GGML's (out, in)
-        elif hf_name.endswith(("q_proj.weight", "k_proj.weight")):
-            heads = cfg.n_heads if hf_name.endswith("q_proj.weight") else cfg.n_kv_heads
+        elif (heads := paired_rope_heads(cfg, hf_name)) is not None:
             # the writer's own interleaving, applied to row numbers: file row r is row order[r] of the view
             order = interleave_rotary_pairs(np.arange(view.shape[0])[:, None], heads)[:, 0]
         layout[names.get_name(hf_name, try_suffixes=(".weight", ".bias"))] = _Destination(view, order)

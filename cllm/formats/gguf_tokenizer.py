@@ -66,7 +66,7 @@ SPACE_MARK = "\u2581"  # sentencepiece's visible space
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 _CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
 _LLAMA3 = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-_QWEN2 = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+QWEN2_REGEX = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 
 
 def _regexes(*patterns: str) -> list:
@@ -83,7 +83,7 @@ PRE_TOKENIZERS = {
     "gpt-2": lambda: _gpt2(),
     "smollm": lambda: _gpt2(pre_tokenizers.Digits(individual_digits=True)),  # llama.cpp's \p{N}, then GPT-2's
     "llama-bpe": lambda: _regexes(_LLAMA3),
-    "qwen2": lambda: _regexes(_QWEN2),
+    "qwen2": lambda: _regexes(QWEN2_REGEX),
 }
 # Other names llama.cpp gives the same splitting, merging and bos (its load(): one branch for each).
 PRE_TOKENIZER_NAMES = {"llama3": "llama-bpe", "llama-v3": "llama-bpe", "falcon3": "llama-bpe",
