@@ -12,6 +12,7 @@ import re
 import shutil
 
 import anyio
+import gguf
 import httpx
 import numpy as np
 import pytest
@@ -29,6 +30,7 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers  #
 import cllm  # noqa: E402
 from cllm.checkpoint import load_model, read_metadata, save_model  # noqa: E402
 from cllm.embedding_config import MAX_PROMPTS, EmbeddingConfig  # noqa: E402
+from cllm.formats.gguf_file import save_gguf  # noqa: E402
 from cllm.model_file_errors import ModelFileError  # noqa: E402
 from cllm.tokenizer import Tokenizer  # noqa: E402
 from cllm.tools import convert  # noqa: E402
@@ -243,6 +245,28 @@ def test_a_round_trip_through_cllm_keeps_the_declarations_and_the_vectors(folder
         assert_same_directions(exported.encode(texts, prompt_name=prompt_name), want)
         assert_same_directions(from_file.encode(texts, prompt_name=prompt_name), want)
     assert cllm.Model.open(tmp_path / "out").embedding == from_file.embedding
+
+
+def test_gguf_carries_the_pooling_as_llama_cpp_declares_it(folder, ours, tmp_path):
+    """{arch}.pooling_type, as llama.cpp's converter writes it from 1_Pooling/: the pooling comes back (GGUF holds
+    no prompts), and the vectors with it; a pooling cllm does not compute is refused by name."""
+    assert convert.main([str(folder), str(tmp_path / "e.gguf")]) == 0
+    reader = gguf.GGUFReader(tmp_path / "e.gguf")
+    assert reader.fields["llama.pooling_type"].contents() == gguf.PoolingType.LAST
+    from_gguf = cllm.Model.open(tmp_path / "e.gguf")
+    assert from_gguf.embedding == EmbeddingConfig("last", True)
+    assert_same_directions(from_gguf.encode(DOCUMENTS), ours.encode(DOCUMENTS))
+    model, tokenizer = load_model(tmp_path / "e.gguf")
+    tokenizer.embedding = None  # a model that declares nothing writes no pooling_type, and reads back so
+    save_gguf(tmp_path / "plain.gguf", model, tokenizer)
+    assert "llama.pooling_type" not in gguf.GGUFReader(tmp_path / "plain.gguf").fields
+    assert load_model(tmp_path / "plain.gguf")[1].embedding is None
+    cls = tmp_path / "cls.gguf"
+    cls.write_bytes((tmp_path / "e.gguf").read_bytes())
+    field = gguf.GGUFReader(cls, "r+").fields["llama.pooling_type"]
+    field.parts[field.data[0]][0] = gguf.PoolingType.CLS
+    with pytest.raises(ModelFileError, match="llama.pooling_type = CLS is a pooling that cllm does not compute"):
+        load_model(cls)
 
 
 def test_a_mean_pooling_model_without_normalize_exports_as_it_reads(folder, tmp_path):

@@ -36,10 +36,10 @@ pre-tokenizer) is refused rather than written as something that tokenizes differ
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
-import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from pathlib import Path
@@ -50,13 +50,14 @@ import gguf
 import numpy as np
 
 from ..atomic import atomic_write_file
+from ..embedding_config import EmbeddingConfig
 from ..errors import UsageError
 from ..model import GPT, VOCABULARY_TABLES, ModelConfig, parameter_shapes
 from ..quantized import KERNEL_TYPES, QuantizedMatrix, QuantizedRows, quantize_rows
 from ..tokenizer import Tokenizer
 from . import quantize
 from .gguf_tokenizer import QWEN2_REGEX
-from .hf import hf_tensors, leading_special_token
+from .hf import hf_tensors, leading_special_token, trailing_special_token
 
 TYPES = quantize.FLOAT_FILE_TYPES | quantize.FILE_TYPES  # each file type's default tensor type
 FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -67,6 +68,9 @@ ARCHITECTURES = {"gpt2": gguf.MODEL_ARCH.GPT2, "llama": gguf.MODEL_ARCH.LLAMA, "
 # The architectures whose q and k rows llama.cpp's RoPE takes in adjacent pairs (its "norm" RoPE type); the rest of
 # the llama family it runs with NEOX RoPE, on halves, as cllm does.
 PAIRED_ROPE = ("llama",)
+# An embedding model's pooling (cllm.embedding_config) as {arch}.pooling_type; GGUF holds no prompts, and llama.cpp
+# scales every pooled embedding to unit length.
+POOLING_TYPES = {"mean": gguf.PoolingType.MEAN, "last": gguf.PoolingType.LAST}
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # GPT-2's (in, out)
 
 
@@ -85,16 +89,19 @@ def save_gguf(path: str | os.PathLike, model: GPT, tokenizer: Tokenizer, *, tens
     vocabulary = _Vocabulary.of(tokenizer, model.config.vocab_size)
     path = Path(path)
     atomic_write_file(path, partial(_write, model=model, vocabulary=vocabulary, tensor_type=tensor_type,
-                                    name=name or path.stem))
+                                    name=name or path.stem, embedding=tokenizer.embedding))
     return path
 
 
-def _write(tmp: Path, *, model: GPT, vocabulary: _Vocabulary, tensor_type: str, name: str) -> None:
+def _write(tmp: Path, *, model: GPT, vocabulary: _Vocabulary, tensor_type: str, name: str,
+           embedding: EmbeddingConfig | None) -> None:
     cfg = model.config
     writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[ARCHITECTURES[cfg.arch]])
     try:
         writer.add_name(name)
         _add_hyperparameters(writer, cfg)
+        if embedding is not None:  # what llama.cpp's converter writes from an embedding model's 1_Pooling/
+            writer.add_pooling_type(POOLING_TYPES[embedding.pooling])
         writer.add_file_type(FILE_TYPES[tensor_type])
         if tensor_type in quantize.FILE_TYPES:
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -310,6 +317,7 @@ class _Vocabulary:
     unk_id: int | None
     chat_template: str | None = None
     eot_id: int | None = None  # a chat template's end of turn, where it is not the eos token
+    add_eos: bool = False  # the eos token after every text to embed (Qwen3-Embedding's)
 
     @classmethod
     def of(cls, tokenizer: Tokenizer, vocab_size: int) -> "_Vocabulary":
@@ -318,6 +326,13 @@ class _Vocabulary:
             raise UsageError(f"a {tokenizer.kind} tokenizer has no faithful GGUF form (llama.cpp's tokenizers are "
                              f"BPE): train with --tokenizer bpe to export to GGUF")
         vocabulary = cls._of(tokenizer, vocab_size)
+        appended = trailing_special_token(json.loads(tokenizer.hf_json()))
+        if appended is not None:
+            # llama.cpp appends its eos token where add_eos_token says so, and (as cllm) to a text it embeds only
+            if appended != tokenizer.separator:
+                raise UsageError(f"this tokenizer ends every text with {appended}, not with its end-of-text token "
+                                 f"{tokenizer.separator}, which llama.cpp would append instead")
+            vocabulary = dataclasses.replace(vocabulary, add_eos=True)
         chat = tokenizer.chat_template
         if chat is None:
             return vocabulary
@@ -392,6 +407,8 @@ class _Vocabulary:
         if self.unk_id is not None:
             writer.add_unk_token_id(self.unk_id)
         writer.add_add_bos_token(self.add_bos)
+        if self.add_eos:
+            writer.add_add_eos_token(True)
         if self.chat_template is not None:
             writer.add_chat_template(self.chat_template)
         if self.eot_id is not None:

@@ -11,7 +11,8 @@ it, each step undone:
   value under which cllm computes the same thing (`rope.scaling.type` "none"), and so are keys that merely restate
   a size cllm derives (`rope.dimension_count`, `attention.value_length`, a qwen2's `attention.key_length`, which
   llama.cpp takes to be embedding_length / head_count) when they disagree with it: never a guess. A sliding
-  window, RoPE scaling or a pooling type is such a key.
+  window or RoPE scaling is such a key. An embedding model's `.pooling_type` (MEAN or LAST, Qwen3-Embedding's)
+  becomes the tokenizer's embedding config, as a folder's sentence-transformers files do; another is refused.
 - Tensors are named as gguf.TensorNameMap names the Hugging Face tensors that cllm.formats.hf maps onto cllm's
   buffer (`hf_tensors`): each GGUF tensor is written straight into its view of `model.p`, in GGML's (out, in)
   layout. GPT-2's four Conv1D matrices are transposed views. Llama's q and k rows were interleaved for llama.cpp's
@@ -50,6 +51,7 @@ import numpy as np
 
 from ..buffers import release_pages
 from ..checks import require_int
+from ..embedding_config import EmbeddingConfig
 from ..errors import UsageError
 from ..model import GPT, MAX_CONTEXT_LENGTH, ModelConfig, parameter_shapes
 from ..model_file_errors import ModelFileError, few_names, one_line
@@ -79,6 +81,9 @@ CONFIG_KEYS = {
 # {arch}. keys that may be present at the value under which cllm computes what llama.cpp does (llama.cpp's
 # converters write some of them into files that need nothing more); any other value is refused.
 NEUTRAL_VALUES = {"rope.scaling.type": "none", "rope.scaling.factor": 1.0, "expert_count": 0, "expert_used_count": 0}
+# An embedding model's pooling (llama.cpp's converter writes it from 1_Pooling/), as cllm.pooling names it
+POOLING_TYPE = "pooling_type"
+POOLINGS = {gguf.PoolingType.MEAN: "mean", gguf.PoolingType.LAST: "last"}
 V = gguf.GGUFValueType
 ARRAY, STRING = V.ARRAY, V.STRING
 INTEGERS = {V.UINT8, V.INT8, V.UINT16, V.INT16, V.UINT32, V.INT32, V.UINT64, V.INT64}
@@ -115,6 +120,7 @@ def load_gguf(path: str | os.PathLike, *, threads: int = 1, dequantize: bool = F
     layout = _ggml_layout(_shapes_only(config))
     _check_tensors(path, tensors, layout, config)
     tokenizer = read_gguf_tokenizer(reader, path)
+    tokenizer.embedding = _embedding_config(reader, path, config.arch)
     if tokenizer.vocab_size > config.vocab_size:
         raise ModelFileError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but {TOKEN_EMBEDDING} only "
                              f"{config.vocab_size} rows")
@@ -385,7 +391,7 @@ def _check_other_settings(reader: gguf.GGUFReader, path: Path, config: ModelConf
     restated = _restated(config)
     for key, field in reader.fields.items():
         name = key[len(arch) + 1:]
-        if not key.startswith(f"{arch}.") or name in CONFIG_KEYS[arch]:
+        if not key.startswith(f"{arch}.") or name in CONFIG_KEYS[arch] or name == POOLING_TYPE:
             continue
         if name in restated:
             found = _value(reader, path, key, INTEGERS)
@@ -396,6 +402,20 @@ def _check_other_settings(reader: gguf.GGUFReader, path: Path, config: ModelConf
         if name not in NEUTRAL_VALUES or value != NEUTRAL_VALUES[name]:
             shown = f"an array of {len(field.data)}" if field.types[0] == ARRAY else repr(value)
             raise ModelFileError(f"{path}: {key} = {shown} is a setting that cllm does not compute")
+
+
+def _embedding_config(reader: gguf.GGUFReader, path: Path, arch: str) -> EmbeddingConfig | None:
+    """An embedding model's pooling, from {arch}.pooling_type as llama.cpp's converter writes it (Qwen3-Embedding's
+    LAST), unit length as llama.cpp gives every pooled embedding; None for a file that declares no pooling."""
+    key = f"{arch}.{POOLING_TYPE}"
+    value = _value(reader, path, key, INTEGERS)
+    if value in (None, gguf.PoolingType.NONE):
+        return None
+    if value not in POOLINGS:
+        shown = gguf.PoolingType(value).name if value in iter(gguf.PoolingType) else value
+        raise ModelFileError(f"{path}: {key} = {shown} is a pooling that cllm does not compute (it pools MEAN or "
+                             f"LAST)")
+    return EmbeddingConfig(pooling=POOLINGS[value])
 
 
 def _value(reader: gguf.GGUFReader, path: Path, key: str, types: set):

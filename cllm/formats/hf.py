@@ -353,9 +353,20 @@ def _separator(folder: Path, hf: HFTokenizer, eos_id) -> str:
 def leading_special_token(hf_tokenizer: dict) -> str | None:
     """The special token that a tokenizer.json's post-processor puts before every single text (Llama's <s>), or
     None."""
-    post = hf_tokenizer.get("post_processor") or {}
-    template = post.get("single") if post.get("type") == "TemplateProcessing" else None
+    template = _single_template(hf_tokenizer)
     return (template[0].get("SpecialToken") or {}).get("id") if template else None
+
+
+def trailing_special_token(hf_tokenizer: dict) -> str | None:
+    """The special token that a tokenizer.json's post-processor puts after every single text (Qwen3-Embedding's
+    <|endoftext|>), or None."""
+    template = _single_template(hf_tokenizer)
+    return (template[-1].get("SpecialToken") or {}).get("id") if template else None
+
+
+def _single_template(hf_tokenizer: dict) -> list[dict] | None:
+    post = hf_tokenizer.get("post_processor") or {}
+    return post.get("single") if post.get("type") == "TemplateProcessing" else None
 
 
 def _weight_files(folder: Path) -> list[Path]:
