@@ -90,11 +90,12 @@ def st_files(folder, *, width: int = DIM, pooling: dict | None = None, modules: 
 def embedding_folder(folder, model_class, config: dict, *, scale: float):
     """A random base model (a Qwen3Model, as Qwen3-Embedding's checkpoint is) made by transformers from config,
     with weights of about scale so that every token's hidden state reads the others', saved in float32 with the
-    appending tokenizer and Qwen3-Embedding's sentence-transformers files."""
+    appending tokenizer and Qwen3-Embedding's sentence-transformers files. The vocabulary and context are the
+    tokenizer's and CONTEXT unless config sets them."""
     tokenizer = appending_tokenizer()
     eot = tokenizer.token_to_id(ENDOFTEXT)
-    config = config | {"vocab_size": tokenizer.get_vocab_size(), "max_position_embeddings": CONTEXT,
-                       "tie_word_embeddings": True, "bos_token_id": eot, "eos_token_id": eot}
+    config = {"vocab_size": tokenizer.get_vocab_size(), "max_position_embeddings": CONTEXT} | config | {
+        "tie_word_embeddings": True, "bos_token_id": eot, "eos_token_id": eot}
     torch.manual_seed(0)
     model = model_class(transformers.AutoConfig.for_model(**config)).eval()
     with torch.no_grad():
@@ -289,11 +290,12 @@ def test_a_mean_pooling_model_without_normalize_exports_as_it_reads(folder, tmp_
 
 
 def test_a_qwen3_embedding_model_embeds_as_sentence_transformers_and_exports_back(tmp_path):
-    """Qwen3-Embedding-0.6B's architecture: Qwen3-0.6B's widths (heads of 128 apart from its width of 1024, q and k
-    norms; tests.test_qwen_interop's config) cut to 2 layers and the offline tokenizer's vocabulary, saved as the
-    base model, Qwen3Model, as Qwen3-Embedding's checkpoint is."""
+    """Qwen3-Embedding-0.6B's released config (Qwen3-0.6B's widths: heads of 128 apart from its width of 1024, q
+    and k norms; its vocabulary of 151,669 and context of 32,768) cut to 2 layers, saved as the base model,
+    Qwen3Model, as Qwen3-Embedding's checkpoint is."""
     from tests.test_qwen_interop import QWEN3_CONFIG
-    folder = embedding_folder(tmp_path / "qwen3", transformers.Qwen3Model, QWEN3_CONFIG, scale=0.05)
+    config = QWEN3_CONFIG | {"vocab_size": 151669, "max_position_embeddings": 32768}
+    folder = embedding_folder(tmp_path / "qwen3", transformers.Qwen3Model, config, scale=0.05)
     ours = cllm.Model.open(folder)
     assert (ours.config.arch, ours.config.head_dim, ours.embedding.pooling) == ("qwen3", 128, "last")
     theirs = sentence_transformers.SentenceTransformer(str(folder), device="cpu")
