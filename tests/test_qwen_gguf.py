@@ -62,7 +62,8 @@ def converter_tensors(model) -> dict[str, np.ndarray]:
     under the name gguf's constants give it, as it is, (out, in), q and k rows unmoved."""
     cfg, hf = model.config, hf_tensors(model)
     assert {T.ATTN_Q_NORM, T.ATTN_K_NORM} <= set(gguf.MODEL_TENSORS[gguf.MODEL_ARCH.QWEN3])
-    tensors = {gguf_name(T.TOKEN_EMBD): hf["model.embed_tokens.weight"], gguf_name(T.OUTPUT_NORM): hf["model.norm.weight"]}
+    tensors = {gguf_name(T.TOKEN_EMBD): hf["model.embed_tokens.weight"],
+               gguf_name(T.OUTPUT_NORM): hf["model.norm.weight"]}
     if not cfg.tied_head:
         tensors[gguf_name(T.OUTPUT)] = hf["lm_head.weight"]
     parts = LAYER_TENSORS | (QK_NORMS if cfg.qk_norm else {})

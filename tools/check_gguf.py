@@ -1,6 +1,6 @@
-"""GGUF in, against llama.cpp itself (issue 21): files that llama.cpp's own llama-quantize wrote, read by cllm and by
-llama.cpp, their logits, greedy tokens and perplexities side by side; and llama.cpp's own tokenizer tests run on
-cllm's reading of their vocabularies.
+"""GGUF in and out, against llama.cpp itself (issue 21): files that cllm's exporter and llama.cpp's own
+llama-quantize wrote, read by cllm and by llama.cpp, their logits, greedy tokens and perplexities side by side; and
+llama.cpp's own tokenizer tests run on cllm's reading of their vocabularies.
 
 A check to run by hand, never a test in CI: it needs llama.cpp and minutes of CPU. llama.cpp comes in two parts.
 Its Python binding, llama-cpp-python, gives the logits; this machine's was built from its source package:
@@ -18,14 +18,22 @@ outside the repository (tools/bench_common.llama_cpp_tools: once, a few minutes 
     python tools/check_gguf.py --tokenizers-only      # a minute or two
     python tools/check_gguf.py --work /tmp/gguf-check # keeps the models and files there; a rerun reuses them
     python tools/check_gguf.py --model smollm2=SmolLM2-135M.gguf   # your own weights (any MODEL cllm reads)
+    python tools/check_gguf.py --models qwen2.5,qwen3 --no-tokenizers  # the Qwen architectures: ~25 minutes
 
-The models (--models), each exported by cllm as an f32 GGUF file (`cllm-convert model.cllm model-f32.gguf`) and
-quantized by `llama-quantize` to each of --types (Q8_0, Q4_0, Q4_K_M, Q5_K_M, Q6_K):
+The models (--models), each exported by cllm as an f32 GGUF file (`cllm-convert model.cllm model-f32.gguf`),
+quantized by `llama-quantize` to each of --types (Q8_0, Q4_0, Q4_K_M, Q5_K_M, Q6_K), and by cllm's own exporter to
+each of --cllm-types (`cllm-convert model-f32.gguf out.gguf --quantize q8_0`: rows "q8_0 by cllm"):
 
     gpt2      GPT-2 small's shape: 12 layers, 12 heads, width 768, context 1024, 50,257 rows (124M parameters)
     smollm2   SmolLM2-135M's: llama, 30 layers, 9 heads over 3 kv heads, width 576, SwiGLU 1536, context 2048,
               49,152 rows, a tied head, RoPE base 100,000 (135M). Its width is not a multiple of 256, so llama.cpp's
               K-quant mixes fall back to Q5_0, Q5_1 and Q8_0 on many of its matrices, as a real SmolLM2 file does.
+    qwen2.5   Qwen2.5-0.5B's widths: qwen2 (biases on q, k and v), 14 heads over 2 kv heads, width 896, SwiGLU 4864,
+              context 32,768, 151,936 rows, a tied head, RoPE base 10^6, norm epsilon 1e-6; 4 of its 24 layers
+              (197M). 896 is not a multiple of 256 either: its q4_k_m holds Q5_0 and Q8_0 beside Q4_K and Q6_K.
+    qwen3     Qwen3-0.6B's widths: qwen3 (an RMSNorm over each head of q and k), 16 heads of 128 (apart from the
+              width, 1024) over 8 kv heads, SwiGLU 3072, context 40,960, 151,936 rows, a tied head, RoPE base 10^6,
+              norm epsilon 1e-6; 4 of its 28 layers (218M).
 
 Their weights are not pretrained models' (nothing is downloaded), and come in two sets (--weights), since neither
 alone makes every check telling:
@@ -42,10 +50,21 @@ alone makes every check telling:
               it is far more sensitive than a trained model: rounding its activations to 8 bits, as llama.cpp's
               quantized products do, moves its logits by a few percent and its perplexity by up to ~ 1%.
 
-Both come with a byte-level BPE tokenizer of --vocab tokens trained on the same 90% (the embedding's rows past it
-stay as initialized and are never produced). The script prints, for each, how peaked its logits are and how many
-distinct greedy tokens it makes. --model NAME=PATH takes other weights instead (a .cllm file, a Hugging Face folder,
-or an f32/f16 GGUF file, which is quantized as it is).
+For the Qwen shapes, the random weights' q, k and v biases (qwen2) are N(0, 0.5^2) and the head norms' gains
+(qwen3) N(1, 0.5^2), where cllm's init leaves them 0 and 1: each then moves the logits.
+
+All come with a byte-level BPE tokenizer of --vocab tokens trained on the same 90% (the embedding's rows past it
+stay as initialized and are never produced): cllm's own, or for the Qwen shapes one built as Qwen's is (NFC,
+Qwen2's regex, then the bytes), which the GGUF files name pre-tokenizer qwen2 and llama.cpp splits with its own.
+The script prints, for each, how peaked its logits are and how many distinct greedy tokens it makes. --model
+NAME=PATH takes other weights instead (a .cllm file, a Hugging Face folder, or an f32/f16 GGUF file, which is
+quantized as it is).
+
+With --hf-converter, each model is also exported as a Hugging Face folder (`cllm-convert model.cllm folder/`) and
+converted by llama.cpp's own `convert_hf_to_gguf.py --outtype f32` (from --llama-cpp-src): that file must hold the
+tensors of cllm's f32 export bit for bit (its metadata's differences are notes), and is checked as the others are
+(row "f32 by convert_hf_to_gguf"). The converter names a byte-level BPE's pre-tokenizer by hashing its ids of a
+test string, which it knows only for published vocabularies; for these it is told the name cllm's exporter wrote.
 
 For each file, the f32 export first, the engines run one at a time, each in a fresh process with --threads threads;
 which of them goes first alternates from one file to the next. cllm: `cllm.checkpoint.load_model(file)`, its full
@@ -130,6 +149,8 @@ DEFAULT_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.p
 HELD_OUT = 0.1  # the last tenth of --data
 # llama-quantize's names for the types checked
 QUANT_TYPES = {"q8_0": "Q8_0", "q4_0": "Q4_0", "q4_k_m": "Q4_K_M", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K"}
+CLLM_TYPES = ("q8_0", "q4_0", "q4_k_m")  # the file types cllm's exporter writes (cllm.formats.quantize.FILE_TYPES)
+CONVERTED = "f32 by convert_hf_to_gguf"  # the row of llama.cpp's converter's file (--hf-converter)
 PPL_TOLERANCE = 0.005
 # cllm against llama.cpp on the same float weights: float32 arithmetic in different orders gives ~1e-6 here; a wrong
 # block or row order gives 1e-2 and more. llama.cpp's gpt2 also rounds each GELU's input and output to f16 (a table),
@@ -145,6 +166,9 @@ GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1  # llama_cpp's type_k / type_v values
 LLAMA_TOOLS = ["llama-quantize", "llama-perplexity"]
 WEIGHTS = ("trained", "random")
 RANDOM_BLOCK_SCALE, RANDOM_NORM_SCALE = 2.0, 4.0  # the "random" weights (see the module's notes)
+RANDOM_QWEN_SPREAD = 0.5  # the random weights' spread of qwen2's biases (init 0) and qwen3's head norms (init 1)
+QWEN_ARCHITECTURES = ("qwen2", "qwen3")
+QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # the first ends a text
 # Vocabularies whose tokenizer cllm reads (cllm.formats.gguf_tokenizer); any other is expected to be refused.
 READ_PRE_TOKENIZERS = ("gpt-2", "smollm", "llama-bpe", "qwen2", "default")  # of model "gpt2"; a file without one: default
 
@@ -161,20 +185,27 @@ class Shape:
     n_kv_heads: int | None = None
     intermediate_size: int | None = None
     rope_theta: float = 10000.0
+    head_dim: int | None = None
+    norm_eps: float = 1e-5
 
     def model_config(self):
         from cllm.model import ModelConfig
 
         llama = dict(n_kv_heads=self.n_kv_heads, intermediate_size=self.intermediate_size,
-                     rope_theta=self.rope_theta) if self.arch == "llama" else {}
+                     rope_theta=self.rope_theta, head_dim=self.head_dim) if self.arch != "gpt2" else {}
         return ModelConfig(vocab_size=self.vocab, context_length=self.context, dim=self.dim, n_layers=self.n_layers,
-                           n_heads=self.n_heads, arch=self.arch, **llama)
+                           n_heads=self.n_heads, arch=self.arch, norm_eps=self.norm_eps, **llama)
 
 
 SHAPES = {
     "gpt2": Shape("gpt2", "gpt2", n_layers=12, n_heads=12, dim=768, context=1024, vocab=50257),
     "smollm2": Shape("smollm2", "llama", n_layers=30, n_heads=9, dim=576, context=2048, vocab=49152, n_kv_heads=3,
                      intermediate_size=1536, rope_theta=100000.0),
+    # Qwen2.5-0.5B's and Qwen3-0.6B's widths, 4 of their 24 and 28 layers
+    "qwen2.5": Shape("qwen2.5", "qwen2", n_layers=4, n_heads=14, dim=896, context=32768, vocab=151936, n_kv_heads=2,
+                     intermediate_size=4864, rope_theta=1e6, norm_eps=1e-6),
+    "qwen3": Shape("qwen3", "qwen3", n_layers=4, n_heads=16, dim=1024, context=40960, vocab=151936, n_kv_heads=8,
+                   intermediate_size=3072, rope_theta=1e6, head_dim=128, norm_eps=1e-6),
 }
 
 
@@ -198,29 +229,56 @@ def split_text(data: str) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
+def byte_level_tokenizer(shape: Shape, text: str, vocab: int):
+    """A byte-level BPE of vocab tokens trained on text: cllm's own (GPT-2's splitting), or for the Qwen shapes one
+    built as Qwen's is (NFC, Qwen2's regex, then the bytes; ChatML's special tokens), which GGUF files name
+    pre-tokenizer qwen2."""
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from cllm.formats.gguf_file import QWEN2_TOKENIZER_REGEX
+    from cllm.tokenizer import Tokenizer
+
+    if shape.arch not in QWEN_ARCHITECTURES:
+        return Tokenizer.train("bpe", [text], vocab_size=vocab)
+    hf = HFTokenizer(models.BPE())
+    hf.normalizer = normalizers.NFC()
+    hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_TOKENIZER_REGEX), "isolated"),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator([text], trainers.BpeTrainer(vocab_size=vocab, special_tokens=QWEN_SPECIAL_TOKENS,
+                                                       show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return Tokenizer("bpe", hf, separator=QWEN_SPECIAL_TOKENS[0])
+
+
 def make_model(shape: Shape, kind: str, data: str, out: str, training: Training, threads: int) -> str:
     """cllm's seeded init of shape, made into the weights `kind` names (WEIGHTS), saved with a byte-level BPE
-    tokenizer trained on data's training part to out (a .cllm file); runs in a process of its own. Returns a line
-    saying what was done."""
+    tokenizer trained on data's training part (byte_level_tokenizer) to out (a .cllm file); runs in a process of
+    its own. Returns a line saying what was done."""
     from cllm.checkpoint import save_model
     from cllm.model import GPT
     from cllm.optim import AdamW, cosine_lr
     from cllm.threads import blas_limit
-    from cllm.tokenizer import Tokenizer
 
     started = time.perf_counter()
     train_text, _ = split_text(data)
-    tokenizer = Tokenizer.train("bpe", [train_text], vocab_size=training.vocab)
+    tokenizer = byte_level_tokenizer(shape, train_text, training.vocab)
     model = GPT(shape.model_config(), seed=SEED, threads=threads)
     what = f"cllm's init (seed {SEED}) of {model.num_params / 1e6:.1f}M parameters"
     if kind == "random":
+        rng = np.random.default_rng(SEED)
         for name, view in model.p.items():
             if name.startswith("h.") and view.ndim == 2:
                 view *= RANDOM_BLOCK_SCALE
+            elif name.endswith(("attn.c_attn.bias", "_norm.weight")):  # qwen2's biases, qwen3's head norms
+                view += rng.normal(0.0, RANDOM_QWEN_SPREAD, view.shape).astype(np.float32)
         model.p["ln_f.weight"][...] *= RANDOM_NORM_SCALE
         save_model(out, model, tokenizer)
+        qwen = {"qwen2": f", q, k and v biases N(0, {RANDOM_QWEN_SPREAD:g}^2)",
+                "qwen3": f", head norms' gains N(1, {RANDOM_QWEN_SPREAD:g}^2)"}.get(shape.arch, "")
         return (f"{what}, every block matrix x{RANDOM_BLOCK_SCALE:g} and the final norm's gain "
-                f"x{RANDOM_NORM_SCALE:g}; untrained; a {tokenizer.vocab_size}-token BPE of the text")
+                f"x{RANDOM_NORM_SCALE:g}{qwen}; untrained; a {tokenizer.vocab_size}-token BPE of the text")
     ids = tokenizer.encode(train_text)
     optimizer = AdamW(model, lr=training.lr, betas=(0.9, 0.95), weight_decay=0.1)
     rng = np.random.default_rng(SEED)
@@ -248,8 +306,74 @@ def make_model(shape: Shape, kind: str, data: str, out: str, training: Training,
 
 def export_f32(source: str, out: str) -> None:
     """cllm-convert SOURCE OUT: cllm's own GGUF export, f32."""
-    subprocess.run([sys.executable, "-m", "cllm.tools.convert", source, out, "--gguf-type", "f32"], check=True,
+    export(source, out, "--gguf-type", "f32")
+
+
+def export(source: str, out: str, *options: str) -> None:
+    """cllm-convert SOURCE OUT OPTIONS..."""
+    subprocess.run([sys.executable, "-m", "cllm.tools.convert", source, out, *options], check=True,
                    stdout=subprocess.DEVNULL)
+
+
+def tokenizer_pre(path: str) -> str:
+    """A GGUF file's tokenizer.ggml.pre."""
+    import gguf
+
+    return gguf.GGUFReader(path).fields["tokenizer.ggml.pre"].contents()
+
+
+def gguf_differences(ours: str, theirs: str) -> tuple[list[str], list[str]]:
+    """Where two GGUF files differ: their tensors (names, types, shapes, bytes), and their metadata's values but for
+    general.* (names, size labels) and the reader's own GGUF.* entries."""
+    import gguf
+
+    a, b = gguf.GGUFReader(ours), gguf.GGUFReader(theirs)
+    differences = []
+    tensors = {t.name: t for t in b.tensors}
+    for t in a.tensors:
+        other = tensors.pop(t.name, None)
+        if other is None:
+            differences.append(f"tensor {t.name} only in {os.path.basename(ours)}")
+        elif (t.tensor_type, tuple(t.shape)) != (other.tensor_type, tuple(other.shape)):
+            differences.append(f"tensor {t.name}: {t.tensor_type.name} {tuple(t.shape)} against "
+                               f"{other.tensor_type.name} {tuple(other.shape)}")
+        elif not np.array_equal(np.asarray(t.data).view(np.uint8), np.asarray(other.data).view(np.uint8)):
+            differences.append(f"tensor {t.name}: other values")
+    differences += [f"tensor {name} only in {os.path.basename(theirs)}" for name in tensors]
+
+    def metadata(reader) -> dict:
+        return {key: field.contents() for key, field in reader.fields.items()
+                if not key.startswith(("general.", "GGUF."))}
+
+    mine, other = metadata(a), metadata(b)
+    return differences, [f"{key}: {mine.get(key, '(none)')!r:.60} against {other.get(key, '(none)')!r:.60}"
+                         for key in sorted(mine.keys() | other.keys()) if mine.get(key) != other.get(key)]
+
+
+def convert_hf_to_gguf(source: str, folder: str, out: str, pre: str) -> str | None:
+    """llama.cpp's own converter (SOURCE/convert_hf_to_gguf.py FOLDER --outtype f32 --outfile OUT) on a Hugging Face
+    folder. The converter names a byte-level BPE's pre-tokenizer by hashing its ids of a test string, which it knows
+    for published vocabularies only: if it does not know this one, it is run again told pre, the name cllm's
+    exporter gives the same tokenizer. Returns a note saying so, or None."""
+    script = os.path.join(source, "convert_hf_to_gguf.py")
+    command = [script, folder, "--outtype", "f32", "--outfile", out]
+    done = subprocess.run([sys.executable, *command], capture_output=True, text=True)
+    if done.returncode == 0:
+        return None
+    if "BPE pre-tokenizer was not recognized" not in done.stderr:
+        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    told = (f"import runpy, sys\n"
+            f"sys.path[:0] = [{source!r}, {os.path.join(source, 'gguf-py')!r}]\n"
+            f"import conversion.base\n"
+            f"conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: {pre!r}\n"
+            f"sys.argv = {command!r}\n"
+            f"runpy.run_path({script!r}, run_name='__main__')\n")
+    done = subprocess.run([sys.executable, "-c", told], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(command)}, told pre-tokenizer {pre!r}, failed ({done.returncode}):\n"
+                           f"{done.stderr[-3000:]}")
+    return (f"convert_hf_to_gguf.py does not know this vocabulary's pre-tokenizer by its hash (it knows published "
+            f"ones): told {pre!r}, as cllm's exporter names it")
 
 
 def quantize(tool: str, source: str, out: str, qtype: str, *, requantize: bool = False) -> None:
@@ -620,6 +744,7 @@ def check_model(shape: Shape, kind: str, args, tools: dict, work: str) -> tuple[
     print(f"\n== {shape.name}, {kind} weights", flush=True)
     f32 = f"{stem}-f32.gguf"
     given = args.model.get(shape.name)
+    source = None  # a model to export to a Hugging Face folder (not a given GGUF file)
     if given and given.endswith(".gguf"):
         f32, what = given, f"{given} (given; quantized as it is)"
     else:
@@ -641,6 +766,21 @@ def check_model(shape: Shape, kind: str, args, tools: dict, work: str) -> tuple[
             started = time.perf_counter()
             quantize(tools["llama-quantize"], f32, files[qtype], QUANT_TYPES[qtype])
             print(f"llama-quantize {QUANT_TYPES[qtype]}: {time.perf_counter() - started:.0f} s", flush=True)
+    for qtype in args.cllm_types:
+        files[f"{qtype} by cllm"] = path = f"{stem}-{qtype}-cllm.gguf"
+        if not os.path.exists(path):
+            started = time.perf_counter()
+            export(f32, path, "--quantize", qtype)
+            print(f"cllm-convert --quantize {qtype}: {time.perf_counter() - started:.0f} s", flush=True)
+    converted = f"{stem}-f32-converter.gguf"
+    if args.hf_converter and source is not None:
+        files[CONVERTED] = converted
+        if not os.path.exists(converted):
+            folder = f"{stem}-hf"
+            export(source, folder)
+            note = convert_hf_to_gguf(args.llama_cpp_src or llama_cpp_source(), folder, converted,
+                                      in_fresh_process(tokenizer_pre, f32))
+            print(f"{CONVERTED}: {folder} converted" + (f"; note: {note}" if note else ""), flush=True)
     prompt = in_fresh_process(prompt_ids, f32, args.data, args.prompt)
     held_out_file = os.path.join(work, "held_out.txt")
     with open(held_out_file, "w", encoding="utf-8") as f:
@@ -648,13 +788,17 @@ def check_model(shape: Shape, kind: str, args, tools: dict, work: str) -> tuple[
     rows = []
     for i, (qtype, path) in enumerate(files.items()):
         dequantized = path
-        if qtype != "f32":
+        if not qtype.startswith("f32"):
             dequantized = f"{stem}-{qtype}-dequantized-f32.gguf"
             if not os.path.exists(dequantized):
                 quantize(tools["llama-quantize"], path, dequantized, "F32", requantize=True)
         row = check_file(qtype, path, dequantized, args, tools, prompt, held_out_file, cllm_first=i % 2 == 0,
                          f32_logits=rows[0].logits if rows else None,
                          f16_yardstick=rows[0].f16_kv if rows else None)
+        if qtype == CONVERTED:  # the converter's file is to be cllm's f32 export, tensor for tensor
+            tensors, metadata = in_fresh_process(gguf_differences, f32, path)
+            row.problems += tensors
+            row.notes += [f"metadata of cllm's f32 export against the converter's: {line}" for line in metadata]
         seconds = ", ".join(f"{k} {v:.0f} s" for k, v in row.seconds.items())
         print(f"{shape.name} {kind} {qtype}: done ({seconds})", flush=True)
         for line in row.notes:
@@ -830,6 +974,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--types", default=",".join(QUANT_TYPES),
                    help="llama-quantize types, a comma-separated subset of the default; f32 is always checked "
                         "(default: %(default)s)")
+    p.add_argument("--cllm-types", default="q8_0,q4_k_m",
+                   help=f"the file types cllm's own exporter also writes from the f32 file (cllm-convert --quantize), "
+                        f"a comma-separated subset of {','.join(CLLM_TYPES)}, or none (default: %(default)s)")
+    p.add_argument("--hf-converter", action="store_true",
+                   help="also export each model as a Hugging Face folder (cllm-convert) and check the f32 file "
+                        "llama.cpp's convert_hf_to_gguf.py makes of it: the same tensors and metadata as cllm's f32 "
+                        "export, and a row of its own")
     p.add_argument("--weights", default=",".join(WEIGHTS),
                    help="the weight sets made for each model, a comma-separated subset of the default (default: "
                         "%(default)s)")
@@ -871,6 +1022,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.types = [t.strip().lower() for t in args.types.split(",") if t.strip()]
     if any(t not in QUANT_TYPES for t in args.types):
         p.error(f"--types: choose from {','.join(QUANT_TYPES)}")
+    args.cllm_types = [t.strip().lower() for t in args.cllm_types.split(",") if t.strip() not in ("", "none")]
+    if any(t not in CLLM_TYPES for t in args.cllm_types):
+        p.error(f"--cllm-types: choose from {','.join(CLLM_TYPES)}, or none")
     given = {}
     for spec in args.model:
         name, sep, path = spec.partition("=")

@@ -13,7 +13,8 @@ from ..errors import UsageError
 from ..trainer import flag
 
 USAGE_ERROR = 2
-MODEL_HELP = "a .cllm model file, a GGUF file (gpt2 or llama, any common type) or a Hugging Face GPT-2 or Llama folder"
+MODEL_HELP = ("a .cllm model file, a GGUF file (gpt2, llama, qwen2 or qwen3, any common type) or a Hugging Face "
+              "GPT-2, Llama, Qwen2 or Qwen3 folder")
 
 
 class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):

@@ -1,4 +1,5 @@
-"""Convert a model between cllm's .cllm file, a Hugging Face folder (GPT-2 or Llama) and GGUF (llama.cpp's).
+"""Convert a model between cllm's .cllm file, a Hugging Face folder (GPT-2, Llama, Qwen2 or Qwen3) and GGUF
+(llama.cpp's).
 
     python -m cllm.tools.convert smollm2-folder model.cllm               # Hugging Face -> cllm
     python -m cllm.tools.convert model.cllm exported/                    # cllm -> Hugging Face folder
@@ -7,10 +8,10 @@
     python -m cllm.tools.convert smollm2-folder q4.cllm --quantize q4_k_m # quantized blocks, for cllm
     python -m cllm.tools.convert model.cllm chat.cllm --chat-template chatml.jinja --end-of-turn "<|im_end|>"
 
-SRC is a .cllm file (float32 or quantized), a GGUF file (gpt2 or llama) or a Hugging Face folder; its weights are
-read as float32 (quantized ones widened). DST's kind comes from its name: a .cllm file, a .gguf file, or else a
-folder for Hugging Face (created if needed). Files are written atomically: an interrupted conversion leaves any
-file that already existed as it was.
+SRC is a .cllm file (float32 or quantized), a GGUF file (gpt2, llama, qwen2 or qwen3) or a Hugging Face folder; its
+weights are read as float32 (quantized ones widened). DST's kind comes from its name: a .cllm file, a .gguf file,
+or else a folder for Hugging Face (created if needed). Files are written atomically: an interrupted conversion leaves
+any file that already existed as it was.
 
 --quantize q8_0|q4_0|q4_k_m quantizes the matrices as llama.cpp's llama-quantize does for that file type, with
 cllm's own quantizer (cllm.formats.quantize: each tensor's type by llama.cpp's rule, its blocks llama.cpp's): a
