@@ -4,7 +4,9 @@
 A check to run by hand, never a test in CI: it needs llama.cpp's llama-quantize, found (--llama-cpp-bin,
 $LLAMA_CPP_BIN, PATH) or built outside the repository as tools/check_gguf.py's notes say (bench_common).
 
-    python tools/check_quantize.py                          # GPT-2-small- and SmolLM2-135M-shaped, random weights
+    python tools/check_quantize.py                          # every check_gguf shape (gpt2, smollm2, qwen2.5,
+                                                            # qwen3), random weights
+    python tools/check_quantize.py --models qwen2.5,qwen3 --types q8_0,q4_0,q4_k_m   # about 15 minutes
     python tools/check_quantize.py --models smollm2 --types q4_k_m --weights trained
     python tools/check_quantize.py --work /tmp/quantize-check   # keeps the files; a rerun reuses them
 
