@@ -14,8 +14,8 @@ tensors the matrix is made of (cllm.formats.gguf_file.matrix_parts: a Llama's q 
 order. Loading maps the blocks from the file, packs each part into the kernels' layout as it reads it (cllm.quantized)
 and gives the file's pages back; the blocks stay mapped for a token's embedding row or an export, so the file must
 stay as it is while the model lives. cllm's writers replace a file (atomically, a new inode) rather than write into
-it, which leaves a mapping of the old one valid. The format version stays 1: a reader from before quantized files refuses one (its
-U8 tensors, the missing float32 ones) rather than misreading it.
+it, which leaves a mapping of the old one valid. The format version stays 1: a reader from before quantized files
+refuses one (its U8 tensors, the missing float32 ones) rather than misreading it.
 
 A training-state file holds what resuming needs beyond the model: AdamW's moments (`adamw.m`, `adamw.v`), the
 parameters they belong to (`params`, optional), and metadata
@@ -97,8 +97,8 @@ def save_model(path: str | os.PathLike, model: GPT, tokenizer: Tokenizer, *,
 
 
 def load_model(path: str | os.PathLike, *, threads: int = 1, dequantize: bool = False) -> tuple[GPT, Tokenizer]:
-    """Reads a .cllm file written by save_model, a Hugging Face GPT-2 or Llama folder (cllm.formats.hf), or a GGUF
-    file (cllm.formats.gguf_in: named .gguf, or starting with GGUF's magic). Raises ModelFileError (or
+    """Reads a .cllm file written by save_model, a Hugging Face GPT-2, Llama or Qwen folder (cllm.formats.hf), or a
+    GGUF file (cllm.formats.gguf_in: named .gguf, or starting with GGUF's magic). Raises ModelFileError (or
     HFFolderError) if anything about it is wrong.
 
     A file of quantized blocks gives a model that holds them (model.q), mapped from the file; with dequantize, a

@@ -377,8 +377,8 @@ class AsyncModel:
 
     @classmethod
     def open(cls, path: str | os.PathLike, **kwargs) -> "AsyncModel":
-        """Loads a .cllm model file, a GGUF file or a Hugging Face GPT-2 or Llama folder (ModelFileError if it is
-        bad); kwargs as for the constructor."""
+        """Loads a .cllm model file, a GGUF file or a Hugging Face GPT-2, Llama or Qwen folder (ModelFileError if
+        it is bad); kwargs as for the constructor."""
         model, tokenizer = load_model(path, threads=kwargs.get("threads", 1))
         return cls(model, tokenizer, **kwargs)
 

@@ -50,8 +50,8 @@ class Model:
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, threads: int | None = None) -> "Model":
-        """Loads a .cllm model file, a GGUF file or a Hugging Face GPT-2 or Llama folder (ModelFileError if it is
-        bad)."""
+        """Loads a .cllm model file, a GGUF file or a Hugging Face GPT-2, Llama or Qwen folder (ModelFileError if
+        it is bad)."""
         model, tokenizer = load_model(path)
         return cls(model, tokenizer, threads=threads)
 

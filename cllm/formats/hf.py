@@ -153,7 +153,7 @@ _TENSORS = {"gpt2": _gpt2_tensors, "llama": _llama_tensors, "qwen2": _llama_tens
 
 
 def load_hf(folder: str | os.PathLike, *, threads: int = 1) -> tuple[GPT, Tokenizer]:
-    """A GPT-2 or Llama folder as a cllm model and its tokenizer."""
+    """A GPT-2, Llama, Qwen2 or Qwen3 folder as a cllm model and its tokenizer."""
     folder = Path(folder)
     hf_config = read_config_json(folder)
     config = read_config(folder / CONFIG, hf_config)

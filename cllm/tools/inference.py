@@ -63,7 +63,8 @@ def json_object(text: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="inference",
-               description="Generate text with a model (.cllm, GGUF, or a Hugging Face GPT-2 or Llama folder).")
+               description="Generate text with a model (.cllm, GGUF, or a Hugging Face GPT-2, Llama or Qwen "
+                           "folder).")
     p.add_argument("model", help=MODEL_HELP)
     source = p.add_mutually_exclusive_group()
     source.add_argument("-p", "--prompt", default="", help="text to continue (default: start a new document)")

@@ -1,5 +1,5 @@
-"""Serve a model (.cllm, GGUF, or a Hugging Face GPT-2 or Llama folder) over HTTP with an OpenAI-compatible API
-(cllm.server), on uvicorn.
+"""Serve a model (.cllm, GGUF, or a Hugging Face GPT-2, Llama or Qwen folder) over HTTP with an OpenAI-compatible
+API (cllm.server), on uvicorn.
 
     python -m cllm.tools.serve runs/default/model.cllm --port 8000
     curl 127.0.0.1:8000/v1/completions -d '{"model": "model", "prompt": "def ", "max_tokens": 40}'
@@ -47,9 +47,9 @@ LISTEN_BACKLOG = 2048  # connections the kernel holds for us while all are busy 
 
 def main(argv: list[str] | None = None) -> int:
     defaults = ServerLimits()
-    p = Parser(prog="serve", description="Serve a model (.cllm, GGUF, or a Hugging Face GPT-2 or Llama folder) with an "
-                                         "OpenAI-compatible HTTP API (/v1/embeddings, /v1/completions), and TEI's and "
-                                         "llama.cpp's /embed, /tokenize, /decode and /detokenize.")
+    p = Parser(prog="serve", description="Serve a model (.cllm, GGUF, or a Hugging Face GPT-2, Llama or Qwen folder) "
+                                         "with an OpenAI-compatible HTTP API (/v1/embeddings, /v1/completions), and "
+                                         "TEI's and llama.cpp's /embed, /tokenize, /decode and /detokenize.")
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes the server to "
                                                        "your network: give it an --api-key)")
