@@ -104,8 +104,8 @@ def model_files(name: str, args, tools: dict, work: str) -> dict[str, str]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python tools/bench_perplexity.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=",".join(SHAPES), help=f"comma-separated subset of {','.join(SHAPES)} "
-                                                              f"(default: %(default)s)")
+    p.add_argument("--models", default="gpt2,smollm2", help=f"comma-separated subset of {','.join(SHAPES)} "
+                                                            f"(default: %(default)s)")
     p.add_argument("--types", default=",".join(DEFAULT_TYPES),
                    help=f"comma-separated subset of {','.join((F32, *QUANT_TYPES))} (default: %(default)s)")
     p.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
