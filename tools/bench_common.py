@@ -135,6 +135,36 @@ def higher_peak(a: float | None, b: float | None) -> float | None:
     return max(a or 0.0, b or 0.0) or None
 
 
+@contextlib.contextmanager
+def timed_calls(targets: list[tuple[object, str, str | Callable]]):
+    """Within the block, every call of each target's function (module, function name, label) adds its seconds to
+    totals[label], the dict the block is given; label may instead be a function of the call's arguments that
+    names it (a GEMM by its weight's shape). The functions are put back on leaving. For profiles that wrap
+    cllm's kernel modules: only calls through the module's attribute are seen."""
+    from collections import defaultdict
+
+    totals: dict[str, float] = defaultdict(float)
+    originals = []
+
+    def wrap(fn, label):
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                totals[label(*args) if callable(label) else label] += time.perf_counter() - started
+        return timed
+
+    for module, name, label in targets:
+        originals.append((module, name, getattr(module, name)))
+        setattr(module, name, wrap(originals[-1][2], label))
+    try:
+        yield totals
+    finally:
+        for module, name, fn in originals:
+            setattr(module, name, fn)
+
+
 # ------------------------------------------------------------------------- is anything else using the CPUs?
 # Timings with N threads on an N-core machine collapse when another process holds a core (threads that
 # spin-wait for each other get descheduled), so the benchmarks measure and report foreign CPU use.
