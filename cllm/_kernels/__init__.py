@@ -12,6 +12,15 @@ import sys
 BLAS_BINDINGS = "scipy.linalg.cython_blas"
 
 
+def path_index(paths: tuple[str, ...], best: int, name: str) -> int:
+    """The number of instruction-set path `name` among a kernel's `paths` (portable first), of which this CPU runs
+    those up to `best`; ValueError naming them if it is not one of those."""
+    supported = paths[:best + 1]
+    if name not in supported:
+        raise ValueError(f"the {name!r} path is not one this CPU runs: choose one of {', '.join(supported)}")
+    return paths.index(name)
+
+
 def _load_blas_bindings() -> None:
     """Loads scipy's BLAS bindings, which every kernel cimports, without running the scipy.linalg package: that
     imports some 300 modules and holds 25 MB (a third of a quantized model's process before the model), for the

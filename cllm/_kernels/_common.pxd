@@ -6,7 +6,10 @@
 from cython.parallel cimport prange
 from libc.limits cimport INT_MAX
 from libc.string cimport memcpy
+from openmp cimport omp_in_parallel
 from scipy.linalg.cython_blas cimport sgemm, sgemv
+
+from .sgemm cimport packed_product
 
 cdef extern from "fastmath.h" nogil:
     float cllm_expf(float x)
@@ -100,18 +103,16 @@ cdef inline void softmax_inplace(float* row, Py_ssize_t n, float scale) noexcept
 
 cdef inline void gemm(bint trans_a, bint trans_b, int m, int n, int k, const float* a, int lda, const float* b,
                       int ldb, float beta, float* c, int ldc, int threads=1) noexcept nogil:
-    """Row-major C[m,n] = op(A)[m,k] @ op(B)[k,n] + beta*C, beta 0 (overwrite) or 1 (accumulate). Callers check
-    their sizes with require_blas_sizes. `threads` is for 2 to FEW_ROWS rows, which few_rows_product computes
-    itself; BLAS has its own thread count.
-
-    BLAS is column-major, and a row-major matrix is its transpose in column-major, so C^T = op(B)^T op(A)^T:
-    call sgemm with the operands swapped.
-    """
+    """Row-major C[m,n] = op(A)[m,k] @ op(B)[k,n] + beta*C, beta 0 (overwrite) or 1 (accumulate), on `threads`
+    threads. Callers check their sizes with require_blas_sizes. The path by shape: one row, BLAS's sgemv (on BLAS's
+    own threads, so never from inside an OpenMP region, where it would put threads on threads); up to FEW_ROWS
+    rows, few_rows_product; more, cllm's packed kernel (sgemm.h), or BLAS's sgemm if the kernel's packing buffers
+    cannot be allocated. Every path computes each element of C on one thread in a fixed order."""
     cdef char ta = b'T' if trans_a else b'N'
     cdef char tb = b'T' if trans_b else b'N'
     cdef float one = 1.0
     cdef int inc = 1
-    if m == 1 and not trans_a:
+    if m == 1 and not trans_a and not omp_in_parallel():
         # One row (KV-cache decoding): a matrix-vector product, which BLAS does ~10x faster than a 1-row GEMM.
         # c^T = op(B)^T a^T, with op(B)^T being B read column-major.
         if trans_b:
@@ -122,6 +123,10 @@ cdef inline void gemm(bint trans_a, bint trans_b, int m, int n, int k, const flo
     if m <= FEW_ROWS and not trans_a:
         few_rows_product(trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc, threads)
         return
+    if packed_product(trans_a, trans_b, m, n, k, a, lda, b, ldb, beta != 0.0, c, ldc, threads) == 0:
+        return
+    # No memory for packing: BLAS is column-major, and a row-major matrix is its transpose in column-major, so C^T = op(B)^T op(A)^T:
+    # call sgemm with the operands swapped.
     sgemm(&tb, &ta, &n, &m, &k, &one, <float*>b, &ldb, <float*>a, &lda, &beta, c, &ldc)
 
 

@@ -1,6 +1,5 @@
-# Linear layers on BLAS: y[N,OC] = x[N,C] @ W + b, where W is (C, OC), or (OC, C) with w_transposed=True (the
-# tied LM head multiplies by the token embedding, stored (V, C)). Thread count of the GEMMs is BLAS's own,
-# set process-wide through threadpoolctl; `threads` only drives the bias reduction.
+# Linear layers: y[N,OC] = x[N,C] @ W + b, where W is (C, OC), or (OC, C) with w_transposed=True (the tied LM head
+# multiplies by the token embedding, stored (V, C)). The products are gemm()'s (_common.pxd), on `threads` threads.
 from ._common cimport column_sum, gemm, linear_rows, require, require_blas_sizes, require_threads
 
 
@@ -45,11 +44,11 @@ def linear_backward(const float[:, ::1] dout, const float[:, ::1] x, const float
     with nogil:
         if w_transposed:  # W is (OC, C)
             if dx is not None:
-                gemm(False, False, n, c, oc, &dout[0, 0], oc, &w[0, 0], c, beta_dx, &dx[0, 0], c)
-            gemm(True, False, oc, c, n, &dout[0, 0], oc, &x[0, 0], c, beta, &dw[0, 0], c)
+                gemm(False, False, n, c, oc, &dout[0, 0], oc, &w[0, 0], c, beta_dx, &dx[0, 0], c, threads)
+            gemm(True, False, oc, c, n, &dout[0, 0], oc, &x[0, 0], c, beta, &dw[0, 0], c, threads)
         else:  # W is (C, OC)
             if dx is not None:
-                gemm(False, True, n, c, oc, &dout[0, 0], oc, &w[0, 0], oc, beta_dx, &dx[0, 0], c)
-            gemm(True, False, c, oc, n, &x[0, 0], c, &dout[0, 0], oc, beta, &dw[0, 0], oc)
+                gemm(False, True, n, c, oc, &dout[0, 0], oc, &w[0, 0], oc, beta_dx, &dx[0, 0], c, threads)
+            gemm(True, False, c, oc, n, &x[0, 0], c, &dout[0, 0], oc, beta, &dw[0, 0], oc, threads)
         if db is not None:
             column_sum(&dout[0, 0], n, oc, &db[0], accumulate, threads)

@@ -9,6 +9,8 @@ import os
 
 import numpy as np
 
+from . import path_index
+
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t
 from cython.parallel cimport prange
 from libc.stdlib cimport free, malloc
@@ -56,9 +58,7 @@ def active_isa():
 def use_isa(str name):
     """Runs every product on the path `name` from now on (tests and benchmarks compare the paths)."""
     global isa
-    if name not in supported_isas():
-        raise ValueError(f"the {name!r} path is not one this CPU runs: choose one of {', '.join(supported_isas())}")
-    isa = ISAS.index(name)
+    isa = path_index(ISAS, best_isa, name)
 
 
 # CLLM_ISA caps the path chosen at start: a machine runs the portable forms for a test or a comparison.
