@@ -189,10 +189,33 @@ typedef struct {
     int trans;
 } sg_operand;
 
+#ifdef SG_X86
+/* dst[p * ldd + q] = src[q * lds + p] for p, q < 8: an 8 x 8 transpose in registers */
+__attribute__((target("avx2"))) static void sg_transpose8(const float *src, int64_t lds, float *dst, int64_t ldd) {
+    __m256 r[8], t[8], u[8];
+    for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(src + i * lds);
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {
+        _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
+        _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
+    }
+}
+#endif
+
 /* dst[p * width + q] = op(X)[p0 + p, q0 + q] for p < kc, q < cols; zero for cols <= q < width. B's panels take
-   q as the column; A's take op(A)^T, so that q is the row. */
+   q as the column; A's take op(A)^T, so that q is the row. `simd`: 8 x 8 blocks of a transposed read through
+   registers (the SIMD paths run on CPUs with AVX2). */
 static void sg_pack_panel(sg_operand x, int transposed, int64_t p0, int64_t q0, int64_t kc, int64_t cols,
-                          int width, float *dst) {
+                          int width, int simd, float *dst) {
     if (!transposed) { /* rows of kc are contiguous in q: a copy per row */
         for (int64_t p = 0; p < kc; p++) {
             const float *src = x.x + (p0 + p) * x.ld + q0;
@@ -202,12 +225,24 @@ static void sg_pack_panel(sg_operand x, int transposed, int64_t p0, int64_t q0, 
         }
         return;
     }
-    /* columns are contiguous in p: read `width` of them at once, a short stretch of p at a time */
-    for (int64_t q = 0; q < cols; q++) {
+    /* columns are contiguous in p */
+    int64_t q = 0;
+#ifdef SG_X86
+    if (simd) {
+        for (; q + 8 <= cols; q += 8) {
+            const float *src = x.x + (q0 + q) * x.ld + p0;
+            int64_t p = 0;
+            for (; p + 8 <= kc; p += 8) sg_transpose8(src + p, x.ld, dst + p * width + q, width);
+            for (; p < kc; p++)
+                for (int64_t i = 0; i < 8; i++) dst[p * width + q + i] = src[i * x.ld + p];
+        }
+    }
+#endif
+    for (; q < cols; q++) {
         const float *src = x.x + (q0 + q) * x.ld + p0;
         for (int64_t p = 0; p < kc; p++) dst[p * width + q] = src[p];
     }
-    for (int64_t q = cols; q < width; q++)
+    for (q = cols; q < width; q++)
         for (int64_t p = 0; p < kc; p++) dst[p * width + q] = 0.0f;
 }
 
@@ -226,6 +261,7 @@ typedef struct {
     int64_t kc;   /* the largest KC block: a panel's stride, the same for the short last block, so that a thread
                      packing its next panels never writes where another still reads its last ones */
     int64_t nc;   /* columns per block: the team's share of L2 */
+    int simd;     /* a SIMD path: packing may use AVX2 */
     spin_barrier barrier;
 } sg_job;
 
@@ -271,7 +307,8 @@ static void sg_thread(sg_job *job, int t, int team) {
             /* B's panels: each thread packs the ones it alone reads, so no one waits for them */
             for (int64_t panel = j0; panel < j1; panel++) {
                 int64_t col = panel * nr, cols = ncur - col < nr ? ncur - col : nr;
-                sg_pack_panel(job->b, job->b.trans, pc, jc + col, kcur, cols, nr, job->bpack + panel * nr * job->kc);
+                sg_pack_panel(job->b, job->b.trans, pc, jc + col, kcur, cols, nr, job->simd,
+                              job->bpack + panel * nr * job->kc);
             }
             for (int64_t ic = 0; ic < job->m; ic += path->mc) {
                 int64_t mcur = job->m - ic < path->mc ? job->m - ic : path->mc, apanels = (mcur + mr - 1) / mr;
@@ -279,7 +316,8 @@ static void sg_thread(sg_job *job, int t, int team) {
                 for (int64_t panel = apanels * t / team; panel < apanels * (t + 1) / team; panel++) {
                     int64_t row = panel * mr, rows = mcur - row < mr ? mcur - row : mr;
                     /* op(A)'s rows are op(A)^T's columns: A packs transposed when it is not */
-                    sg_pack_panel(job->a, !job->a.trans, pc, ic + row, kcur, rows, mr, job->apack + row * kcur);
+                    sg_pack_panel(job->a, !job->a.trans, pc, ic + row, kcur, rows, mr, job->simd,
+                                  job->apack + row * kcur);
                 }
                 spin_barrier_wait(&job->barrier, team); /* the block of A is whole */
                 sg_block_tiles(job, jc, ncur, j0, j1, kcur, load_c, ic, mcur);
@@ -311,7 +349,7 @@ static int sgemm_packed(int isa, int trans_a, int trans_b, int64_t m, int64_t n,
         free(bpack);
         return -1;
     }
-    sg_job job = {path, {a, lda, trans_a}, {b, ldb, trans_b}, m, n, k, c, ldc, accumulate, apack, bpack, kc, nc, {0, 0}};
+    sg_job job = {path, {a, lda, trans_a}, {b, ldb, trans_b}, m, n, k, c, ldc, accumulate, apack, bpack, kc, nc, isa != SGEMM_SCALAR, {0, 0}};
 #pragma omp parallel num_threads(threads) if (threads > 1)
     sg_thread(&job, omp_get_thread_num(), omp_get_num_threads());
     free(apack);
