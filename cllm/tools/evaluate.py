@@ -34,10 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=positive_int, help="tokens per window (default: the model's context)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass")
     p.add_argument("--threads", type=positive_int, default=available_cpus(),
-                   help="threads for BLAS (default: the CPUs this process may use)")
+                   help="threads, the whole budget (default: the CPUs this process may use)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, threads=args.threads)
     seq = args.seq_len or model.config.context_length
     if seq > model.config.context_length:
         raise UsageError(f"--seq-len {seq} is longer than the model's context ({model.config.context_length})")
@@ -71,8 +71,7 @@ def negative_log_likelihood(model, tokens: np.ndarray, seq: int, batch_size: int
         inputs = np.stack([tokens[s:s + length] for s in batch])
         targets = np.stack([tokens[s + 1:s + 1 + length] for s in batch]).reshape(-1)
         ws = workspaces.get(len(batch), length)
-        # The kernels' own loops on one thread: BLAS has the budget (see cllm.serving's notes on threads).
-        model.forward_ws(ws, inputs, None, threads=1)
+        model.forward_ws(ws, inputs, None)  # on the model's threads
         logits = ws.a["logits"]
         total += crossentropy.cross_entropy(logits, targets, np.empty(targets.size, np.float32), None, 0.0)
         predicted += targets.size

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, help="for reproducible sampling")
     p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
     p.add_argument("--threads", type=positive_int, default=available_cpus(),
-                   help="threads for BLAS, the whole budget (default: the CPUs this process may use)")
+                   help="threads, the whole budget (default: the CPUs this process may use)")
     p.add_argument("--num-samples", type=positive_int, default=1,
                    help="continuations of the prompt, one after another (with --seed, seeds S, S+1, ...)")
     p.add_argument("-i", "--interactive", action="store_true",
@@ -109,9 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                     repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
                     presence_penalty=args.presence_penalty)
 
-    # The kernels' own OpenMP loops stay on one thread: the prefill's attention calls BLAS inside its loop, and
-    # BLAS has the thread budget (below), so threads of each would make threads² (as in cllm.serving).
-    model, tokenizer = load_model(args.model, threads=1)
+    model, tokenizer = load_model(args.model, threads=args.threads)
     if args.interactive:
         session = Session(model, tokenizer, prompt=prompt, chat_template_kwargs=args.chat_template_kwargs,
                           max_new_tokens=args.max_new, seed=args.seed, stop=tuple(args.stop), **sampling)
