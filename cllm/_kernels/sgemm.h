@@ -19,7 +19,8 @@
        avx512  MR 14, NR 32: 28 accumulators, two loads of B and 14 broadcasts of A per 28 FMAs
        avx2    MR 6,  NR 16: 12 accumulators (of 16 registers), the classic Haswell tile
        scalar  MR 4,  NR 16: portable C, vectorised by the compiler for the build's target
-   Tiles past the edge of C are computed in a buffer (the packing pads with zeros) and copied out.
+   Tiles past the edge of C are computed in a buffer (the packing pads with zeros) and copied out, by a
+   half-width kernel when they are at most NR / 2 columns wide.
 
    Nothing here checks its arguments: cllm/_kernels/sgemm.pyx and gemm() in _common.pxd do. */
 #ifndef CLLM_SGEMM_H
@@ -51,119 +52,112 @@ typedef void (*sg_kernel_fn)(int mr, int64_t kc, const float *ap, const float *b
 typedef struct {
     int mr, nr;
     int64_t kc, mc, nc; /* cache blocking (nc per thread) */
-    sg_kernel_fn kernel;
+    sg_kernel_fn kernel, half; /* full tiles, and tiles of at most NR / 2 columns */
 } sg_path;
 
 /* ------------------------------------------------------------------------------------------------------------
-   Micro-kernels. Each is written once for a tile of `mr` rows, always inlined into a switch over mr, so that gcc
-   sees a constant and keeps the whole tile in registers. */
+   Micro-kernels. Each is written once for a tile of `mr` rows and `halves` (1 or 2) halves of the panel's NR
+   columns, always inlined into a switch over mr, so that gcc sees constants and keeps the whole tile in
+   registers. The half-width form serves a last panel of at most NR / 2 columns at half the work. */
 
 #define SG_UNROLL _Pragma("GCC unroll 16")
 
-/* tile(mr, ...) for the mr at hand, each case with its constant; the cases past the path's MR compile to nothing */
-#define SG_CASE(tile, rows)                                                                                    \
+/* tile(mr, halves, ...) for the mr at hand, each case with its constant; cases past the path's MR compile to
+   nothing */
+#define SG_CASE(tile, rows, halves)                                                                            \
     case rows:                                                                                                 \
-        if (rows <= max_rows) tile(rows, kc, ap, bp, c, ldc, load_c);                                          \
+        if (rows <= max_rows) tile(rows, halves, kc, ap, bp, c, ldc, load_c);                                  \
         break;
-#define SG_SWITCH_MR(tile, MR)                                                                                 \
+#define SG_SWITCH_MR(tile, MR, halves)                                                                         \
     const int max_rows = MR;                                                                                   \
     switch (mr) {                                                                                              \
-        SG_CASE(tile, 14) SG_CASE(tile, 13) SG_CASE(tile, 12) SG_CASE(tile, 11) SG_CASE(tile, 10)              \
-        SG_CASE(tile, 9) SG_CASE(tile, 8) SG_CASE(tile, 7) SG_CASE(tile, 6) SG_CASE(tile, 5)                   \
-        SG_CASE(tile, 4) SG_CASE(tile, 3) SG_CASE(tile, 2) SG_CASE(tile, 1)                                    \
+        SG_CASE(tile, 14, halves) SG_CASE(tile, 13, halves) SG_CASE(tile, 12, halves) SG_CASE(tile, 11, halves) \
+        SG_CASE(tile, 10, halves) SG_CASE(tile, 9, halves) SG_CASE(tile, 8, halves) SG_CASE(tile, 7, halves)   \
+        SG_CASE(tile, 6, halves) SG_CASE(tile, 5, halves) SG_CASE(tile, 4, halves) SG_CASE(tile, 3, halves)    \
+        SG_CASE(tile, 2, halves) SG_CASE(tile, 1, halves)                                                      \
+    }
+/* A path's full and half-width kernels over its inlined tile */
+#define SG_KERNELS(name, attributes, tile, MR)                                                                 \
+    attributes static void name(int mr, int64_t kc, const float *ap, const float *bp, float *c, int64_t ldc,    \
+                                int load_c) {                                                                  \
+        SG_SWITCH_MR(tile, MR, 2)                                                                              \
+    }                                                                                                          \
+    attributes static void name##_half(int mr, int64_t kc, const float *ap, const float *bp, float *c,          \
+                                       int64_t ldc, int load_c) {                                              \
+        SG_SWITCH_MR(tile, MR, 1)                                                                              \
     }
 
-static inline __attribute__((always_inline)) void sg_tile_scalar(const int mr, int64_t kc, const float *ap,
-                                                                 const float *bp, float *c, int64_t ldc,
-                                                                 int load_c) {
+static inline __attribute__((always_inline)) void sg_tile_scalar(const int mr, const int halves, int64_t kc,
+                                                                 const float *ap, const float *bp, float *c,
+                                                                 int64_t ldc, int load_c) {
     enum { MR = 4, NR = 16 };
+    const int cols = halves * NR / 2;
     float acc[MR][NR];
     SG_UNROLL for (int i = 0; i < mr; i++)
-        for (int j = 0; j < NR; j++) acc[i][j] = load_c ? c[i * ldc + j] : 0.0f;
+        for (int j = 0; j < cols; j++) acc[i][j] = load_c ? c[i * ldc + j] : 0.0f;
     for (int64_t p = 0; p < kc; p++, ap += MR, bp += NR)
         SG_UNROLL for (int i = 0; i < mr; i++)
-            for (int j = 0; j < NR; j++) acc[i][j] += ap[i] * bp[j];
+            for (int j = 0; j < cols; j++) acc[i][j] += ap[i] * bp[j];
     SG_UNROLL for (int i = 0; i < mr; i++)
-        for (int j = 0; j < NR; j++) c[i * ldc + j] = acc[i][j];
+        for (int j = 0; j < cols; j++) c[i * ldc + j] = acc[i][j];
 }
 
-static void sg_kernel_scalar(int mr, int64_t kc, const float *ap, const float *bp, float *c, int64_t ldc,
-                             int load_c) {
-    SG_SWITCH_MR(sg_tile_scalar, 4)
-}
+SG_KERNELS(sg_kernel_scalar, , sg_tile_scalar, 4)
 
 #ifdef SG_X86
 #define SG_AVX2_INLINE static inline __attribute__((always_inline, target("avx2,fma")))
 #define SG_AVX512_INLINE static inline __attribute__((always_inline, target("avx512f,fma")))
 
-SG_AVX2_INLINE void sg_tile_avx2(const int mr, int64_t kc, const float *ap, const float *bp, float *c,
-                                 int64_t ldc, int load_c) {
+SG_AVX2_INLINE void sg_tile_avx2(const int mr, const int halves, int64_t kc, const float *ap, const float *bp,
+                                 float *c, int64_t ldc, int load_c) {
     enum { MR = 6, NR = 16 };
-    __m256 c0[MR], c1[MR];
-    SG_UNROLL for (int i = 0; i < mr; i++) {
-        c0[i] = load_c ? _mm256_loadu_ps(c + i * ldc) : _mm256_setzero_ps();
-        c1[i] = load_c ? _mm256_loadu_ps(c + i * ldc + 8) : _mm256_setzero_ps();
-    }
+    __m256 acc[MR][2];
+    SG_UNROLL for (int i = 0; i < mr; i++)
+        SG_UNROLL for (int h = 0; h < halves; h++)
+            acc[i][h] = load_c ? _mm256_loadu_ps(c + i * ldc + 8 * h) : _mm256_setzero_ps();
     for (int64_t p = 0; p < kc; p++, ap += MR, bp += NR) {
-        __m256 b0 = _mm256_load_ps(bp), b1 = _mm256_load_ps(bp + 8);
+        __m256 b[2] = {_mm256_load_ps(bp), halves > 1 ? _mm256_load_ps(bp + 8) : _mm256_setzero_ps()};
         _mm_prefetch((const char *)(bp + SG_PREFETCH * NR), _MM_HINT_T0);
         SG_UNROLL for (int i = 0; i < mr; i++) {
             __m256 a = _mm256_broadcast_ss(ap + i);
-            c0[i] = _mm256_fmadd_ps(a, b0, c0[i]);
-            c1[i] = _mm256_fmadd_ps(a, b1, c1[i]);
+            SG_UNROLL for (int h = 0; h < halves; h++) acc[i][h] = _mm256_fmadd_ps(a, b[h], acc[i][h]);
         }
     }
-    SG_UNROLL for (int i = 0; i < mr; i++) {
-        _mm256_storeu_ps(c + i * ldc, c0[i]);
-        _mm256_storeu_ps(c + i * ldc + 8, c1[i]);
-    }
+    SG_UNROLL for (int i = 0; i < mr; i++)
+        SG_UNROLL for (int h = 0; h < halves; h++) _mm256_storeu_ps(c + i * ldc + 8 * h, acc[i][h]);
 }
 
-__attribute__((target("avx2,fma"))) static void sg_kernel_avx2(int mr, int64_t kc, const float *ap,
-                                                               const float *bp, float *c, int64_t ldc,
-                                                               int load_c) {
-    SG_SWITCH_MR(sg_tile_avx2, 6)
-}
-
-
-SG_AVX512_INLINE void sg_tile_avx512(const int mr, int64_t kc, const float *ap, const float *bp, float *c,
-                                     int64_t ldc, int load_c) {
+SG_AVX512_INLINE void sg_tile_avx512(const int mr, const int halves, int64_t kc, const float *ap, const float *bp,
+                                     float *c, int64_t ldc, int load_c) {
     enum { MR = 14, NR = 32 };
-    __m512 c0[MR], c1[MR];
-    SG_UNROLL for (int i = 0; i < mr; i++) {
-        c0[i] = load_c ? _mm512_loadu_ps(c + i * ldc) : _mm512_setzero_ps();
-        c1[i] = load_c ? _mm512_loadu_ps(c + i * ldc + 16) : _mm512_setzero_ps();
-    }
+    __m512 acc[MR][2];
+    SG_UNROLL for (int i = 0; i < mr; i++)
+        SG_UNROLL for (int h = 0; h < halves; h++)
+            acc[i][h] = load_c ? _mm512_loadu_ps(c + i * ldc + 16 * h) : _mm512_setzero_ps();
     for (int64_t p = 0; p < kc; p++, ap += MR, bp += NR) {
-        __m512 b0 = _mm512_load_ps(bp), b1 = _mm512_load_ps(bp + 16);
+        __m512 b[2] = {_mm512_load_ps(bp), halves > 1 ? _mm512_load_ps(bp + 16) : _mm512_setzero_ps()};
         _mm_prefetch((const char *)(bp + SG_PREFETCH * NR), _MM_HINT_T0);
         _mm_prefetch((const char *)(bp + SG_PREFETCH * NR + 16), _MM_HINT_T0);
         SG_UNROLL for (int i = 0; i < mr; i++) {
             __m512 a = _mm512_set1_ps(ap[i]);
-            c0[i] = _mm512_fmadd_ps(a, b0, c0[i]);
-            c1[i] = _mm512_fmadd_ps(a, b1, c1[i]);
+            SG_UNROLL for (int h = 0; h < halves; h++) acc[i][h] = _mm512_fmadd_ps(a, b[h], acc[i][h]);
         }
     }
-    SG_UNROLL for (int i = 0; i < mr; i++) {
-        _mm512_storeu_ps(c + i * ldc, c0[i]);
-        _mm512_storeu_ps(c + i * ldc + 16, c1[i]);
-    }
+    SG_UNROLL for (int i = 0; i < mr; i++)
+        SG_UNROLL for (int h = 0; h < halves; h++) _mm512_storeu_ps(c + i * ldc + 16 * h, acc[i][h]);
 }
 
-__attribute__((target("avx512f,fma"))) static void sg_kernel_avx512(int mr, int64_t kc, const float *ap,
-                                                                    const float *bp, float *c, int64_t ldc,
-                                                                    int load_c) {
-    SG_SWITCH_MR(sg_tile_avx512, 14)
-}
+SG_KERNELS(sg_kernel_avx2, __attribute__((target("avx2,fma"))), sg_tile_avx2, 6)
+SG_KERNELS(sg_kernel_avx512, __attribute__((target("avx512f,fma"))), sg_tile_avx512, 14)
 #endif
 
 /* The paths' tiles and blocking: a KC x MR panel of A (14 KB at avx512's 256 x 14) stays in L1, an MC x KC block
    of A (200 KB) and each thread's NC x KC share of B (1 MB) in its L2. */
 static const sg_path SG_PATHS[SGEMM_ISA_COUNT] = {
-    {4, 16, 256, 128, 1024, sg_kernel_scalar},
+    {4, 16, 256, 128, 1024, sg_kernel_scalar, sg_kernel_scalar_half},
 #ifdef SG_X86
-    {6, 16, 256, 192, 1024, sg_kernel_avx2},
-    {14, 32, 256, 196, 1024, sg_kernel_avx512},
+    {6, 16, 256, 192, 1024, sg_kernel_avx2, sg_kernel_avx2_half},
+    {14, 32, 256, 196, 1024, sg_kernel_avx512, sg_kernel_avx512_half},
 #else
     {0}, {0},
 #endif
@@ -287,7 +281,7 @@ static void sg_block_tiles(sg_job *job, int64_t jc, int64_t ncur, int64_t j0, in
             }
             for (int i = 0; i < rows; i++)
                 for (int j = 0; j < nr; j++) edge[i * nr + j] = load_c && j < cols ? c[i * job->ldc + j] : 0.0f;
-            path->kernel(rows, kcur, ap, bp, edge, nr, load_c);
+            (cols <= nr / 2 ? path->half : path->kernel)(rows, kcur, ap, bp, edge, nr, load_c);
             for (int i = 0; i < rows; i++) memcpy(c + i * job->ldc, edge + i * nr, cols * sizeof(float));
         }
     }
