@@ -27,9 +27,10 @@ RENDER_SECONDS; one still running at RENDER_TIMEOUT (stuck in a single long call
 TemplateLimitExceeded, its thread is abandoned, and health() reports the engine as degraded until it ends. The
 rendered text's ids come from the tokenization rounds, with the other requests' texts.
 
-Batching. Concurrent embed() calls are queued, and one batcher task gathers their texts, oldest first, into one
-forward pass of at most max_batch_tokens padded tokens (texts x the longest, rounded up to a power of two so
-that few activation shapes exist), waiting for more at most max_wait_ms after the oldest was queued. A single
+Batching. Concurrent embed() calls are queued, and one batcher task gathers their texts, waiting for more at most
+max_wait_ms after the oldest was queued, and cuts the texts gathered into passes by length as Model.encode does
+(cllm.pooling.length_batches: texts of about the same length together, each pass padded to its longest text, of
+at most max_batch_tokens padded tokens); it runs the pass that holds the oldest text, and gathers again. A single
 text longer than that budget runs alone. Generations share one Decoder of max_streams rows (continuous
 batching): a request joins at the next decoding step (its prompt prefilled into a free row), decodes with its
 own sampling settings and seeded generator, and leaves when it ends or its caller goes, freeing the row for the
@@ -104,7 +105,7 @@ from .generate import (
     token_ids,
 )
 from .model import GPT, ForwardWorkspaces, ModelConfig
-from .pooling import check_pooling, embed_batch, fit_to_context
+from .pooling import check_pooling, embed_batch, fit_to_context, length_batches
 from .template_sandbox import RENDER_SECONDS, TemplateLimitExceeded
 from .threads import blas_limit, current_blas_limit, run_sync_daemon
 from .tokenizer import Tokenizer
@@ -649,7 +650,7 @@ class AsyncModel:
                 if not waiting:
                     _enqueue_texts(waiting, await _receive(queue))
                 deadline = waiting[0][0].queued_at + self.max_wait_ms / 1000
-                while self._padded_tokens(waiting) < self.max_batch_tokens:
+                while sum(r.texts[i].size for r, i in waiting) < self.max_batch_tokens:  # a pass's worth
                     request = await _receive_before(queue, deadline)
                     if request is None:
                         break
@@ -683,32 +684,26 @@ class AsyncModel:
                 request.results.close()
             _refuse_queued(queue)
 
-    def _padded_length(self, length: int) -> int:
-        """The sequence length a text of `length` tokens is padded to: the next power of two, within the
-        context. Few distinct shapes keep the workspaces reusable; padding costs at most twice the work."""
-        return min(1 << (length - 1).bit_length(), self.config.context_length)
-
-    def _padded_tokens(self, texts: Sequence[tuple[_EmbeddingRequest, int]]) -> int:
-        if not texts:
-            return 0
-        return len(texts) * self._padded_length(max(r.texts[i].size for r, i in texts))
-
     def _take_batch(self, waiting: deque) -> list[tuple[_EmbeddingRequest, int]]:
-        """Takes the oldest texts that fit in max_batch_tokens together (at least one) out of waiting."""
-        batch, longest = [], 0
-        while waiting:
-            request, i = waiting[0]
-            longer = max(longest, request.texts[i].size)
-            if batch and (len(batch) + 1) * self._padded_length(longer) > self.max_batch_tokens:
-                break
-            batch.append(waiting.popleft())
-            longest = longer
+        """Takes out of waiting the texts of the pass that holds the oldest one, when length_batches cuts them all
+        into passes of at most max_batch_tokens (none if waiting is empty). The texts left wait for the next pass,
+        and new ones may join them: the oldest text is always in the next pass, so none waits for ever."""
+        if not waiting:
+            return []
+        passes = length_batches([r.texts[i].size for r, i in waiting], max_tokens=self.max_batch_tokens)
+        taken = set(next(p for p in passes if 0 in p).tolist())
+        batch = [text for k, text in enumerate(waiting) if k in taken]
+        left = [text for k, text in enumerate(waiting) if k not in taken]
+        waiting.clear()
+        waiting.extend(left)
         return batch
 
     def _embed_batch(self, workspaces: ForwardWorkspaces, batch: list[tuple[_EmbeddingRequest, int]]) -> np.ndarray:
-        """In the worker thread: one forward pass over the batch's texts, each pooled as its request asks."""
+        """In the worker thread: one forward pass over the batch's texts, padded to the longest, each pooled as its
+        request asks. The workspaces keep their MAX_VIEWS latest shapes in one buffer, so the many shapes that exact
+        lengths make cost no memory."""
         texts = [r.texts[i] for r, i in batch]
-        return embed_batch(self.model, workspaces, texts, seq=self._padded_length(max(t.size for t in texts)),
+        return embed_batch(self.model, workspaces, texts, seq=max(t.size for t in texts),
                            normalize=[r.normalize for r, _ in batch], pooling=[r.pooling for r, _ in batch],
                            threads=self._kernel_threads())
 

@@ -10,9 +10,9 @@ encode() takes sentence-transformers' arguments and returns what it returns: a f
 and (dim,) for a single string. An embedding model's declared defaults (cllm.embedding_config) apply as there: its
 pooling and normalization, its named prompts (prompt_name="query") and its default prompt; prompt="..." gives one
 whole. Texts are tokenized with every token the tokenizer adds (Tokenizer.encode_for_embedding) and batched by
-length (sorted, then cut into batches of batch_size), so a batch pads its texts to nearly the same length, and the
-vectors come back in the order of the texts. Embeddings are cllm.pooling's, the same as AsyncModel.embed's up to
-float32 rounding.
+length (cllm.pooling.length_batches: sorted, then cut where the work, padding included, is least, at most
+batch_size texts a batch), so a batch pads its texts to nearly the same length, and the vectors come back in the
+order of the texts. Embeddings are cllm.pooling's, the same as AsyncModel.embed's up to float32 rounding.
 
 Threads: BLAS is held at `threads` while the model runs, as AsyncModel holds it (cllm.threads).
 """
@@ -30,7 +30,7 @@ from .embedding_config import EmbeddingConfig
 from .errors import UsageError
 from .generate import Completion, generate
 from .model import GPT, ForwardWorkspaces
-from .pooling import check_pooling, embed_batch, fit_to_context
+from .pooling import check_pooling, embed_batch, fit_to_context, length_batches
 from .threads import available_cpus, blas_limit
 from .tokenizer import Tokenizer
 from .tool_calls import ChatCompletion, tool_calling
@@ -80,8 +80,7 @@ class Model:
                               name="the text" if single else f"texts[{i}]", ends=self.tokenizer.added_around_text)
                for i, encoded in enumerate(self.tokenizer.encode_for_embedding(prompt + text for text in texts))]
         vectors = np.empty((len(texts), self.config.dim), np.float32)
-        order = np.argsort([-t.size for t in ids], kind="stable")  # longest first: the largest workspace at once
-        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        batches = length_batches([t.size for t in ids], max_texts=batch_size)
         with blas_limit(self.threads):
             for batch in tqdm(batches, desc="encode", unit="batch", disable=not show_progress_bar):
                 texts_in_batch = [ids[i] for i in batch]

@@ -26,6 +26,7 @@ from cllm.checkpoint import save_model
 from cllm.errors import UsageError
 from cllm.generate import Decoder, complete, generate
 from cllm.model import GPT, ModelConfig, Workspace
+from cllm.pooling import length_batches
 from cllm.serving import Completion, ServingFault, parse_serving_faults
 from cllm.threads import blas_limit, current_blas_limit
 from cllm.tokenizer import Tokenizer
@@ -139,8 +140,10 @@ async def test_concurrent_embeddings_are_batched_and_equal_to_embedding_alone(mo
         async with anyio.create_task_group() as tg:
             for i in range(len(TEXTS)):
                 tg.start_soon(embed, m, i)
-    assert len(embedding_passes(passes)) == 1, "16 concurrent calls should make one forward pass"
-    assert embedding_passes(passes)[0][0] == len(TEXTS)
+    # Gathered together, the 16 texts are cut into passes by length as one set: the 3 long ones, then the rest.
+    lengths = [ids.size for ids in tokenizer.encode_for_embedding(TEXTS)]
+    planned = [(len(p), max(lengths[i] for i in p)) for p in length_batches(lengths, max_tokens=m.max_batch_tokens)]
+    assert sorted(embedding_passes(passes)) == sorted(planned) == [(3, 30), (13, 11)]
     assert np.abs(np.stack(together) - np.stack(alone)).max() <= 1e-5
 
 
@@ -154,6 +157,20 @@ async def test_batches_keep_within_max_batch_tokens(model, tokenizer, monkeypatc
     assert len(shapes) > 1 and all(batch * seq <= 64 for batch, seq in shapes)
     assert sum(batch for batch, _ in shapes) == len(TEXTS)
     assert np.abs(vectors - alone).max() <= 1e-5
+
+
+@pytest.mark.anyio
+async def test_texts_share_a_pass_with_texts_of_about_their_length(model, tokenizer, monkeypatch):
+    rng = np.random.default_rng(0)
+    lengths = rng.permutation([*rng.integers(30, 33, 64), *rng.integers(15, 18, 64)])
+    texts = [rng.integers(0, tokenizer.vocab_size, n).tolist() for n in lengths]
+    async with AsyncModel(model, tokenizer, max_wait_ms=0) as m:
+        alone = np.stack([(await m.embed([ids]))[0] for ids in texts])
+        passes = forward_passes(model, monkeypatch)
+        together = await m.embed(texts)  # once one pass of 128 x 32 tokens (a power of two) for their 3,016
+    padded = sum(batch * seq for batch, seq in embedding_passes(passes))
+    assert padded <= 1.1 * sum(lengths), embedding_passes(passes)
+    np.testing.assert_allclose(together, alone, rtol=1e-6, atol=1e-7)  # in the texts' order, as computed alone
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -68,6 +68,40 @@ def test_batching_by_length_keeps_the_texts_order(model):
     assert model.encode([]).shape == (0, 32)
 
 
+def mixed_lengths() -> list[str]:
+    """40 texts of 160 to 199 characters (tokens) and 24 of 20 to 43, shuffled: batches cut by count alone, as
+    encode once cut them (sorted, then batch_size at a time), pad short texts to long ones."""
+    rng = np.random.default_rng(0)
+    lengths = [*rng.integers(160, 200, 40), *rng.integers(20, 44, 24)]
+    starts = rng.integers(0, len(CORPUS), len(lengths))
+    texts = [(CORPUS * 4)[start:start + length] for start, length in zip(starts, lengths)]
+    return [texts[i] for i in rng.permutation(len(texts))]
+
+
+def test_encode_pads_little_and_a_vector_does_not_depend_on_its_batch(parts, monkeypatch):
+    tokenizer = parts[1]
+    model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, context_length=256, dim=32, n_layers=2, n_heads=2,
+                            arch="llama", n_kv_heads=1), seed=0)
+    model.params[:] = np.random.default_rng(0).normal(0.0, 0.3, model.params.size)
+    encoder = cllm.Model(model, tokenizer, threads=2)
+    texts = mixed_lengths()
+    alone = np.stack([encoder.encode(text) for text in texts])
+    shapes = []  # (texts, padded length) of each forward pass
+    forward_ws = model.forward_ws
+
+    def recorded(ws, *args, **kwargs):
+        shapes.append((ws.batch, ws.seq))
+        return forward_ws(ws, *args, **kwargs)
+
+    monkeypatch.setattr(model, "forward_ws", recorded)
+    together = encoder.encode(texts)  # batch_size 32: cut 32 at a time once, they were padded to 1.45 x their tokens
+    tokens = sum(ids.size for ids in tokenizer.encode_for_embedding(texts))
+    padded = sum(batch * seq for batch, seq in shapes)
+    assert sum(batch for batch, _ in shapes) == len(texts) and all(batch <= 32 for batch, _ in shapes)
+    assert padded <= 1.1 * tokens, (padded, tokens, shapes)
+    np.testing.assert_allclose(together, alone, rtol=1e-6, atol=1e-7)  # in the texts' order, as computed alone
+
+
 def test_normalize_embeddings_false_gives_the_raw_pooled_vector(model):
     raw, normalized = model.encode(TEXTS, normalize_embeddings=False), model.encode(TEXTS)
     assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0)
