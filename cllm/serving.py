@@ -43,11 +43,9 @@ generation is bounded by its max_new_tokens, not by the context.
 
 Threads. Model work runs on daemon worker threads (cllm.threads.run_sync_daemon), one call at a time (an
 embedding batch and a decoding step would only compete for the same cores), so the event loop never waits for
-it. BLAS is held at `threads` (cllm.threads.blas_limit, which nests with other holders such as a trainer) while
-the model runs, and the kernels' own OpenMP loops then run on one thread: the attention kernel calls sgemm
-inside its loop over (batch, head), so OpenMP threads each running a BLAS of `threads` threads would put
-threads² threads on `threads` cores. When the BLAS limit in force is one thread (another holder's), the kernels
-get the `threads` instead.
+it. The kernels run on `threads` OpenMP threads, their products included (cllm's own GEMM); BLAS is held at
+`threads` too (cllm.threads.blas_limit, which nests with other holders such as a trainer) for the one-row
+products it computes, which never run inside a kernel's own threads.
 
 Failures. A batch (an embedding forward pass, or a decoding step with the prefills of the rows that join it)
 that raises fails its own requests with that exception, and the next batch is served as usual. A batch that
@@ -107,7 +105,7 @@ from .generate import (
 from .model import GPT, ForwardWorkspaces, ModelConfig
 from .pooling import check_pooling, embed_batch, fit_to_context, length_batches
 from .template_sandbox import RENDER_SECONDS, TemplateLimitExceeded
-from .threads import blas_limit, current_blas_limit, run_sync_daemon
+from .threads import blas_limit, run_sync_daemon
 from .tokenizer import Tokenizer
 
 NOT_RUNNING = "the model is not running: use it inside `async with AsyncModel(...) as model:`"
@@ -583,11 +581,6 @@ class AsyncModel:
         finally:
             self._limiter.release()
 
-    def _kernel_threads(self) -> int:
-        """In the worker: threads for the kernels' OpenMP loops, our budget only while BLAS is on one thread
-        (see the module notes)."""
-        return self.threads if current_blas_limit() == 1 else 1
-
     # ----------------------------------------------------------------------------------------------------------
     # embeddings
 
@@ -705,7 +698,7 @@ class AsyncModel:
         texts = [r.texts[i] for r, i in batch]
         return embed_batch(self.model, workspaces, texts, seq=max(t.size for t in texts),
                            normalize=[r.normalize for r, _ in batch], pooling=[r.pooling for r, _ in batch],
-                           threads=self._kernel_threads())
+                           threads=self.threads)
 
     # ----------------------------------------------------------------------------------------------------------
     # generation
@@ -818,7 +811,7 @@ class AsyncModel:
         """In the worker thread: prefills the rows that join, draws every row's next token from its logits, then
         gives the model the tokens of the rows that go on (one step for them all, a context shift for a row whose
         cache is full: cllm.generate.feed). Returns each row's new text."""
-        decoder.threads = self._kernel_threads()  # for the forward passes of prefills and context shifts
+        decoder.threads = self.threads  # for the forward passes of prefills and context shifts
         if joining:
             decoder.prefill_rows(joining, [continuations[row].prompt_ids for row in joining])
         pieces = {row: continuation.advance(decoder.logits[row]) for row, continuation in continuations.items()}

@@ -14,7 +14,7 @@ length (cllm.pooling.length_batches: sorted, then cut where the work, padding in
 batch_size texts a batch), so a batch pads its texts to nearly the same length, and the vectors come back in the
 order of the texts. Embeddings are cllm.pooling's, the same as AsyncModel.embed's up to float32 rounding.
 
-Threads: BLAS is held at `threads` while the model runs, as AsyncModel holds it (cllm.threads).
+Threads: the kernels run on `threads`, and BLAS (one-row products) is held at it, as in AsyncModel (cllm.threads).
 """
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ class Model:
                 vectors[batch] = embed_batch(self.model, self._workspaces, texts_in_batch,
                                              seq=max(t.size for t in texts_in_batch),
                                              normalize=[normalize] * len(batch),
-                                             pooling=[pooling] * len(batch), threads=1)
+                                             pooling=[pooling] * len(batch), threads=self.threads)
         return vectors[0] if single else vectors
 
     def generate(self, prompt: str | Sequence[int], *, max_new_tokens: int = 256, seed: int | None = None,
