@@ -1,10 +1,13 @@
 """cllm: train and serve small language models (GPT-2 and Llama architectures) on the CPU."""
 import os
 
-# Idle OpenMP threads that spin steal the cores BLAS is about to use, and the other way round: on a 2-core
-# machine that made training steps several times slower. Sleeping idle threads cost microseconds per region.
-# This must be set before the kernels load libgomp, hence here.
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+# An OpenMP thread that finishes its part of a region spins for about 0.1 ms (libgomp's GOMP_SPINCOUNT; LLVM's
+# KMP_BLOCKTIME, in ms), then sleeps. The kernels enter regions a few microseconds apart, and waking a sleeping
+# thread costs about 50 us, which was most of a small GEMM's time on 2 threads; spinning for long (libgomp's
+# default is milliseconds) would steal the cores from the BLAS threads of a one-row product or from other work.
+# This must be set before the kernels load their OpenMP runtime, hence here.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+os.environ.setdefault("KMP_BLOCKTIME", "1")
 
 from .model import GPT, ModelConfig  # noqa: E402
 from .optim import AdamW, cosine_lr  # noqa: E402

@@ -287,6 +287,30 @@ static void sg_block_tiles(sg_job *job, int64_t jc, int64_t ncur, int64_t j0, in
     }
 }
 
+/* Panels j0:j1 of B's block (jc, pc). Stored as it is, B is read a row at a time across all of them: one long
+   run per row, which the hardware prefetches, where a panel at a time would read short runs a row apart (a
+   weight matrix coming from memory then cost more to pack than to multiply by 128 rows). */
+static void sg_pack_b(sg_job *job, int64_t jc, int64_t ncur, int64_t j0, int64_t j1, int64_t pc, int64_t kcur) {
+    const int nr = job->path->nr;
+    if (job->b.trans) {
+        for (int64_t panel = j0; panel < j1; panel++) {
+            int64_t col = panel * nr, cols = ncur - col < nr ? ncur - col : nr;
+            sg_pack_panel(job->b, 1, pc, jc + col, kcur, cols, nr, job->simd, job->bpack + panel * nr * job->kc);
+        }
+        return;
+    }
+    int64_t last = j1 * nr < ncur ? j1 * nr : ncur; /* the columns j0 * nr:last of the block */
+    for (int64_t p = 0; p < kcur; p++) {
+        const float *src = job->b.x + (pc + p) * job->b.ld + jc;
+        for (int64_t panel = j0; panel < j1; panel++) {
+            float *out = job->bpack + panel * nr * job->kc + p * nr;
+            int64_t col = panel * nr, cols = last - col < nr ? last - col : nr;
+            memcpy(out, src + col, cols * sizeof(float));
+            for (int64_t q = cols; q < nr; q++) out[q] = 0.0f;
+        }
+    }
+}
+
 static void sg_thread(sg_job *job, int t, int team) {
     const sg_path *path = job->path;
     const int mr = path->mr, nr = path->nr;
@@ -299,11 +323,7 @@ static void sg_thread(sg_job *job, int t, int team) {
             int64_t kcur = job->k - pc < path->kc ? job->k - pc : path->kc;
             int load_c = pc > 0 || job->accumulate;
             /* B's panels: each thread packs the ones it alone reads, so no one waits for them */
-            for (int64_t panel = j0; panel < j1; panel++) {
-                int64_t col = panel * nr, cols = ncur - col < nr ? ncur - col : nr;
-                sg_pack_panel(job->b, job->b.trans, pc, jc + col, kcur, cols, nr, job->simd,
-                              job->bpack + panel * nr * job->kc);
-            }
+            sg_pack_b(job, jc, ncur, j0, j1, pc, kcur);
             for (int64_t ic = 0; ic < job->m; ic += path->mc) {
                 int64_t mcur = job->m - ic < path->mc ? job->m - ic : path->mc, apanels = (mcur + mr - 1) / mr;
                 spin_barrier_wait(&job->barrier, team); /* everyone is done with the last block of A */
