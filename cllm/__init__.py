@@ -8,6 +8,10 @@ import os
 # This must be set before the kernels load their OpenMP runtime, hence here.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 os.environ.setdefault("KMP_BLOCKTIME", "1")
+# OpenBLAS's threads (one-row products) likewise spin 2^20 cycles (about 0.3 ms) after a call, not its default 2^28
+# (about 0.1 s): spinning that long after a decoding step, they held the cores that the next prefill's OpenMP
+# threads needed, and a float32 prefill ran at 0.6x its speed.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
 
 from .model import GPT, ModelConfig  # noqa: E402
 from .optim import AdamW, cosine_lr  # noqa: E402
