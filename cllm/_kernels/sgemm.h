@@ -30,6 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
+#include <pthread.h>
 
 #include "barrier.h"
 
@@ -305,8 +306,15 @@ static void sg_pack_b(sg_job *job, int64_t jc, int64_t ncur, int64_t j0, int64_t
         for (int64_t panel = j0; panel < j1; panel++) {
             float *out = job->bpack + panel * nr * job->kc + p * nr;
             int64_t col = panel * nr, cols = last - col < nr ? last - col : nr;
-            memcpy(out, src + col, cols * sizeof(float));
-            for (int64_t q = cols; q < nr; q++) out[q] = 0.0f;
+            /* copies of a constant size are inlined as vector moves; a call to memcpy per panel cost as much */
+            if (cols == 32)
+                memcpy(out, src + col, 32 * sizeof(float));
+            else if (cols == 16)
+                memcpy(out, src + col, 16 * sizeof(float));
+            else {
+                memcpy(out, src + col, cols * sizeof(float));
+                for (int64_t q = cols; q < nr; q++) out[q] = 0.0f;
+            }
         }
     }
 }
@@ -340,8 +348,44 @@ static void sg_thread(sg_job *job, int t, int team) {
     }
 }
 
+/* Each calling thread's packing buffer, kept for its next products and freed when the thread ends: allocated
+   afresh per product, its pages were faulted in and zeroed by the kernel every time (7% of a product of 128 rows). */
+typedef struct {
+    void *data;
+    size_t bytes;
+} sg_buffer;
+
+static pthread_key_t sg_buffer_key;
+static pthread_once_t sg_buffer_once = PTHREAD_ONCE_INIT;
+
+static void sg_buffer_free(void *buffer) {
+    free(((sg_buffer *)buffer)->data);
+    free(buffer);
+}
+
+static void sg_buffer_key_create(void) { pthread_key_create(&sg_buffer_key, sg_buffer_free); }
+
+/* At least `bytes` of this thread's buffer, aligned to SG_ALIGN; NULL without memory */
+static void *sg_thread_buffer(size_t bytes) {
+    pthread_once(&sg_buffer_once, sg_buffer_key_create);
+    sg_buffer *buffer = pthread_getspecific(sg_buffer_key);
+    if (buffer == NULL) {
+        if ((buffer = calloc(1, sizeof *buffer)) == NULL) return NULL;
+        if (pthread_setspecific(sg_buffer_key, buffer) != 0) {
+            free(buffer);
+            return NULL;
+        }
+    }
+    if (buffer->bytes < bytes) {
+        free(buffer->data);
+        buffer->data = aligned_alloc(SG_ALIGN, bytes);
+        buffer->bytes = buffer->data ? bytes : 0;
+    }
+    return buffer->data;
+}
+
 /* C (m, n) = op(A) (m, k) op(B) (k, n), plus C if `accumulate`, on `threads` threads with path `isa`; -1 if the
-   packing buffers cannot be allocated. */
+   packing buffer cannot be allocated. Not reentrant within one thread (no product calls another). */
 static int sgemm_packed(int isa, int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, const float *a,
                         int64_t lda, const float *b, int64_t ldb, int accumulate, float *c, int64_t ldc,
                         int threads) {
@@ -357,17 +401,12 @@ static int sgemm_packed(int isa, int trans_a, int trans_b, int64_t m, int64_t n,
     int64_t nc = n < path->nc * threads ? n : path->nc * threads, panels = (nc + path->nr - 1) / path->nr;
     size_t abytes = sg_round_up(sg_round_up(mc, path->mr) * kc * sizeof(float), SG_ALIGN);
     size_t bbytes = sg_round_up(panels * path->nr * kc * sizeof(float), SG_ALIGN);
-    float *apack = aligned_alloc(SG_ALIGN, abytes), *bpack = aligned_alloc(SG_ALIGN, bbytes);
-    if (apack == NULL || bpack == NULL) {
-        free(apack);
-        free(bpack);
-        return -1;
-    }
+    float *apack = sg_thread_buffer(abytes + bbytes);
+    if (apack == NULL) return -1;
+    float *bpack = apack + abytes / sizeof(float);
     sg_job job = {path, {a, lda, trans_a}, {b, ldb, trans_b}, m, n, k, c, ldc, accumulate, apack, bpack, kc, nc, isa != SGEMM_SCALAR, {0, 0}};
 #pragma omp parallel num_threads(threads) if (threads > 1)
     sg_thread(&job, omp_get_thread_num(), omp_get_num_threads());
-    free(apack);
-    free(bpack);
     return 0;
 }
 
