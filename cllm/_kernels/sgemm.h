@@ -255,12 +255,18 @@ typedef struct {
     float *bpack; /* each thread's panels of one KC x NC block of B, at their place in the block, kc x NR apart */
     int64_t kc;   /* the largest KC block: a panel's stride, the same for the short last block, so that a thread
                      packing its next panels never writes where another still reads its last ones */
+    int64_t kblocks;
     int64_t nc;   /* columns per block: the team's share of L2 */
     int simd;     /* a SIMD path: packing may use AVX2 */
     spin_barrier barrier;
 } sg_job;
 
 static inline int64_t sg_round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+/* Where part i of `parts` starts when `size` is shared out evenly: A's rows among its panels, at most MR each, so
+   that 128 rows make 10 panels of 12 or 13 rows instead of 9 of 14 and one of 2 (which ran at a fraction of the
+   kernel's speed), and k among its KC blocks. */
+static inline int64_t sg_panel_start(int64_t i, int64_t parts, int64_t size) { return size * i / parts; }
 
 /* Thread t's tiles of block (jc, pc, ic): every panel of A against each of its panels of B. A's panel (broadcast,
    kc x MR) stays in L1 while B's (loaded as vectors, kc x NR) stream past from L2, prefetched by the kernel. */
@@ -269,9 +275,11 @@ static void sg_block_tiles(sg_job *job, int64_t jc, int64_t ncur, int64_t j0, in
     const sg_path *path = job->path;
     const int mr = path->mr, nr = path->nr;
     float edge[SG_MAX_MR * SG_MAX_NR] __attribute__((aligned(SG_ALIGN)));
-    for (int64_t row = 0; row < mcur; row += mr) {
-        int rows = mcur - row < mr ? (int)(mcur - row) : mr;
-        const float *ap = job->apack + row * kcur;
+    const int64_t apanels = (mcur + mr - 1) / mr;
+    for (int64_t apanel = 0; apanel < apanels; apanel++) {
+        int64_t row = sg_panel_start(apanel, apanels, mcur);
+        int rows = (int)(sg_panel_start(apanel + 1, apanels, mcur) - row);
+        const float *ap = job->apack + apanel * mr * kcur;
         for (int64_t panel = j0; panel < j1; panel++) {
             const float *bp = job->bpack + panel * nr * job->kc;
             int64_t col = jc + panel * nr, cols = ncur - panel * nr < nr ? ncur - panel * nr : nr;
@@ -327,8 +335,9 @@ static void sg_thread(sg_job *job, int t, int team) {
         int64_t j0 = panels * t / team, j1 = panels * (t + 1) / team;
         /* a narrower last block shares its panels out differently: wait until no one reads the last block's */
         if (jc > 0) spin_barrier_wait(&job->barrier, team);
-        for (int64_t pc = 0; pc < job->k; pc += path->kc) {
-            int64_t kcur = job->k - pc < path->kc ? job->k - pc : path->kc;
+        for (int64_t kblock = 0; kblock < job->kblocks; kblock++) {
+            int64_t pc = sg_panel_start(kblock, job->kblocks, job->k);
+            int64_t kcur = sg_panel_start(kblock + 1, job->kblocks, job->k) - pc;
             int load_c = pc > 0 || job->accumulate;
             /* B's panels: each thread packs the ones it alone reads, so no one waits for them */
             sg_pack_b(job, jc, ncur, j0, j1, pc, kcur);
@@ -336,10 +345,11 @@ static void sg_thread(sg_job *job, int t, int team) {
                 int64_t mcur = job->m - ic < path->mc ? job->m - ic : path->mc, apanels = (mcur + mr - 1) / mr;
                 spin_barrier_wait(&job->barrier, team); /* everyone is done with the last block of A */
                 for (int64_t panel = apanels * t / team; panel < apanels * (t + 1) / team; panel++) {
-                    int64_t row = panel * mr, rows = mcur - row < mr ? mcur - row : mr;
+                    int64_t row = sg_panel_start(panel, apanels, mcur);
+                    int64_t rows = sg_panel_start(panel + 1, apanels, mcur) - row;
                     /* op(A)'s rows are op(A)^T's columns: A packs transposed when it is not */
                     sg_pack_panel(job->a, !job->a.trans, pc, ic + row, kcur, rows, mr, job->simd,
-                                  job->apack + row * kcur);
+                                  job->apack + panel * mr * kcur);
                 }
                 spin_barrier_wait(&job->barrier, team); /* the block of A is whole */
                 sg_block_tiles(job, jc, ncur, j0, j1, kcur, load_c, ic, mcur);
@@ -397,14 +407,17 @@ static int sgemm_packed(int isa, int trans_a, int trans_b, int64_t m, int64_t n,
         return 0;
     }
     if (threads > (n + path->nr - 1) / path->nr) threads = (int)((n + path->nr - 1) / path->nr); /* each one a panel */
-    int64_t kc = k < path->kc ? k : path->kc, mc = m < path->mc ? m : path->mc;
+    /* k in equal blocks of at most KC (576 as 3 x 192, not 256 + 256 + 64) */
+    int64_t kblocks = (k + path->kc - 1) / path->kc, kc = (k + kblocks - 1) / kblocks;
+    int64_t mc = m < path->mc ? m : path->mc;
     int64_t nc = n < path->nc * threads ? n : path->nc * threads, panels = (nc + path->nr - 1) / path->nr;
     size_t abytes = sg_round_up(sg_round_up(mc, path->mr) * kc * sizeof(float), SG_ALIGN);
     size_t bbytes = sg_round_up(panels * path->nr * kc * sizeof(float), SG_ALIGN);
     float *apack = sg_thread_buffer(abytes + bbytes);
     if (apack == NULL) return -1;
     float *bpack = apack + abytes / sizeof(float);
-    sg_job job = {path, {a, lda, trans_a}, {b, ldb, trans_b}, m, n, k, c, ldc, accumulate, apack, bpack, kc, nc, isa != SGEMM_SCALAR, {0, 0}};
+    sg_job job = {path, {a, lda, trans_a}, {b, ldb, trans_b}, m, n, k, c, ldc, accumulate,
+                  apack, bpack, kc, kblocks, nc, isa != SGEMM_SCALAR, {0, 0}};
 #pragma omp parallel num_threads(threads) if (threads > 1)
     sg_thread(&job, omp_get_thread_num(), omp_get_num_threads());
     return 0;
