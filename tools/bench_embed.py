@@ -58,7 +58,7 @@ looked up, nor the vectors of the norms and biases) x the texts' tokens, plus th
 4 x query channels per query-key pair per layer, causal pairs only); GFLOP/s is those over the median encode, the
 same count for every engine (padding is work an engine chose, not work the texts need), and "% of sgemm peak" holds
 it against the machine's float32 GEMM rate (sgemm_peak: the best of 5 calls of one 4096^3 sgemm on the same
-threads, in a process of its own, with the BLAS cllm calls). A bfloat16 row's "% of peak" is against the float32
+threads, in a process of its own, with scipy's OpenBLAS). A bfloat16 row's "% of peak" is against the float32
 peak too: above 100% is what bfloat16 products (AMX, AVX-512 BF16) buy.
 
 --profile runs, instead of the benchmark, cllm's encode once more with each kernel timed (the GEMMs by their
@@ -501,7 +501,7 @@ def run_transformers(spec: Engine, shape: EmbedShape, folder: str, texts: list[s
 
 def sgemm_peak(threads: int) -> tuple[float, str]:
     """The machine's float32 GEMM rate in GFLOP/s: the best of PEAK_CALLS calls of one PEAK_SGEMM^3 sgemm after a
-    warm-up (bench_train.time_sgemm: the BLAS cllm calls, on `threads` threads), and which BLAS that is. The best,
+    warm-up (bench_train.time_sgemm: scipy's OpenBLAS, on `threads` threads), and which BLAS that is. The best,
     not the median: it is a ceiling, and a shared machine only ever lowers it. Run it in a process of its own."""
     from threadpoolctl import threadpool_info
 

@@ -43,8 +43,9 @@ The figure is the median call over all rounds. An engine's process runs every pr
 every one on the next.
 Each engine runs in a fresh (spawned) process of its own per round, one after the other, never concurrently: the
 engines alternate round by round (--rounds, default 3), in reverse order every other round, so that all sample
-the same drift of a shared machine's speed. Separate processes matter: importing cllm sets OMP_WAIT_POLICY=passive,
-and torch's bundled libgomp has the same soname, so in one process torch would run on cllm's OpenMP settings.
+the same drift of a shared machine's speed. Separate processes matter: importing cllm sets its OpenMP threads'
+spin (GOMP_SPINCOUNT), and torch's bundled libgomp has the same soname, so in one process torch would run on
+cllm's OpenMP settings.
 The parent imports no engine. Beside the tables, each engine's rate on one 2048^3 product at each thread count:
 the machine's "sgemm 2048^3" rate that bench_train holds a training step's GFLOP/s against.
 
@@ -217,7 +218,7 @@ class CllmEngine:
 
     def about(self) -> str:
         return (f"cllm sgemm path {self.sgemm.active_isa()} (this CPU runs {', '.join(self.sgemm.supported_isas())}); "
-                f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+                f"GOMP_SPINCOUNT {os.environ.get('GOMP_SPINCOUNT', 'unset')}")
 
 
 class OpenBlasEngine:
@@ -263,7 +264,7 @@ class TorchEngine:
     def about(self) -> str:
         torch = self.torch
         mkl = "MKL available" if torch.backends.mkl.is_available() else "no MKL"
-        return f"torch {torch.__version__}, {mkl}; OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}"
+        return f"torch {torch.__version__}, {mkl}; GOMP_SPINCOUNT {os.environ.get('GOMP_SPINCOUNT', 'unset')}"
 
 
 ENGINES = {"cllm": CllmEngine, "openblas": OpenBlasEngine, "torch": TorchEngine}

@@ -61,7 +61,7 @@ batch and in one row: there the agreement is printed (a warning only past 10% of
 block or kernel makes ~100%), and tokens that part are a note, not an error.
 
 Each (engine, type, config) runs in its own fresh spawned process, one at a time, never two engines in one
-process: see tools/bench_train.py for why (OMP_WAIT_POLICY and torch's libgomp share a soname). A process per run
+process: see tools/bench_train.py for why (cllm's OpenMP settings and torch's libgomp share a soname). A process per run
 also makes its peak RSS and load time its own. The parent imports no engine; every peer is optional (one that is
 not installed or not importable is skipped with a line saying so).
 
@@ -350,7 +350,7 @@ class CllmSession:
         self._token = np.zeros(1, np.int32)
         quantized = len(getattr(self.model, "q", None) or ())
         self.runtime = (f"cllm, {gguf_type}{f', {quantized} quantized matrices' if quantized else ''}, "
-                        f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+                        f"GOMP_SPINCOUNT {os.environ.get('GOMP_SPINCOUNT', 'unset')}")
 
     def prefill(self, ids: np.ndarray) -> np.ndarray:
         return self.decoder.prefill([ids])[0]
@@ -393,7 +393,7 @@ class TorchSession:
         self.load_s = time.perf_counter() - started
         self.cache = None
         self.runtime = (f"torch {torch.__version__}, intra-op threads {torch.get_num_threads()}, "
-                        f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+                        f"GOMP_SPINCOUNT {os.environ.get('GOMP_SPINCOUNT', 'unset')}")
 
     def prefill(self, ids: np.ndarray) -> np.ndarray:
         import torch
@@ -479,7 +479,7 @@ class LlamaCppSession:
         if self.n_vocab != cfg.vocab:
             raise RuntimeError(f"llama.cpp reads a vocabulary of {self.n_vocab} tokens, expected {cfg.vocab}")
         self.runtime = (f"llama-cpp-python {llama_cpp.__version__}, {gguf_type}, threads {threads}, "
-                        f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+                        f"GOMP_SPINCOUNT {os.environ.get('GOMP_SPINCOUNT', 'unset')}")
 
     def _last_logits(self) -> np.ndarray:
         pointer = self.llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)

@@ -16,12 +16,13 @@ engine reports the median step time over the timed steps after untimed warm-up s
 GFLOP/s (the same FLOP count for both engines, attention products included) is held against two limits: bare
 sgemm calls on the step's own GEMM shapes (whole batch, BLAS on the same threads, timed each round), what the BLAS
 gives on that work alone; and one large 2048x2048x2048 sgemm on the same threads (median of 5 calls, once per run),
-the machine's best sgemm rate. Both use the BLAS cllm calls (scipy's).
+the machine's best sgemm rate. Both use scipy's OpenBLAS, a reference rate (cllm's products are its own GEMM;
+tools/bench_gemm.py holds it against OpenBLAS and MKL).
 
 Each engine trains each config in its own fresh (spawned) process, one process after the other, never
 concurrently: for each config cllm, then torch, and all of that again for each of --rounds rounds (default 3),
 whose timed steps are pooled before the median. Alternating lets both engines sample the same drift of a shared
-machine's speed. Separate processes matter: importing cllm sets OMP_WAIT_POLICY=passive for its OpenMP runtime,
+machine's speed. Separate processes matter: importing cllm sets its OpenMP threads' spin (GOMP_SPINCOUNT),
 and torch's bundled libgomp has the same soname, so in one process torch would silently run on cllm's
 already-initialised runtime and settings. The parent imports neither engine. A process per config also makes the
 peak RSS that config's alone (interpreter and libraries included). torch is optional: without it only cllm's
@@ -350,7 +351,7 @@ def bench_engine(engine: str, cfg: BenchConfig, threads: int, warmup: int, steps
     result = Result(engine, cfg, num_params, times, losses, used, peak_rss_mb())
     print(result.summary(), flush=True)
     if describe:
-        policy = f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}"
+        policy = f"GOMP_SPINCOUNT {os.environ.get('GOMP_SPINCOUNT', 'unset')}"
         if engine == "torch":
             import torch
 

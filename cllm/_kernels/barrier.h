@@ -1,6 +1,6 @@
 /* A barrier for the threads of one OpenMP team that meet many times in a short while: a decoding step's threads
    meet about ten times a layer, a few microseconds of work apart, where a barrier that puts its threads to sleep
-   (OpenMP's, under OMP_WAIT_POLICY=passive, which cllm sets) costs tens of microseconds to wake them. A waiting
+   (OpenMP's, once their short spin runs out) costs tens of microseconds to wake them. A waiting
    thread spins for a while, then yields its CPU, so that a team sharing the machine with other work still
    progresses. Centralized and sense-reversing: the last thread to arrive resets the count, then opens the phase. */
 #ifndef CLLM_BARRIER_H

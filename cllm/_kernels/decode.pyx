@@ -12,7 +12,7 @@
 #
 # A quantized model's step threads enter one OpenMP region for the whole step and meet at a spinning barrier
 # (barrier.h) between its pieces: a small model's step is a few hundred pieces of a few microseconds each, and an
-# OpenMP region per product (its threads put to sleep between them, as OMP_WAIT_POLICY=passive has it) cost more
+# OpenMP region per product (its threads put to sleep between them once their spin ran out) cost more
 # than the products themselves on SmolLM2's 30 narrow layers. The products and the attention's heads are shared
 # out; thread 0 alone does the row-wise pieces between them. A float32 model's step runs on the calling thread,
 # its products on BLAS's threads, which stream a float32 matrix faster than a team's share of it.

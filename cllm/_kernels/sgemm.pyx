@@ -1,5 +1,5 @@
 # cllm's own float32 GEMM (sgemm.h): C = op(A) op(B) (+ C), packed panels and register-blocked micro-kernels for
-# AVX-512 and AVX2, chosen at run time, with a portable path. gemm() in _common.pxd routes every product of more
+# AVX-512 and AVX2, chosen at run time, with a portable path. gemm() in _common.pxd routes the products of more
 # than FEW_ROWS rows here; `matmul` is the same product from Python, for the tests and the benchmarks.
 #
 # Each element of C is one thread's chain of FMAs over k in order, so results do not depend on `threads`.
