@@ -1,15 +1,16 @@
 /* cllm's float32 matrix product: C = op(A) op(B) (+ C), row-major, in the manner of BLIS.
 
    The operands are copied, a block at a time, into packed panels: op(B) into panels of NR columns, each one
-   kc x NR contiguous floats, and op(A) into panels of MR rows, each kc x MR. A register-blocked micro-kernel
-   then computes an MR x NR tile of C from one panel of each, with every load of B serving MR rows and every
-   broadcast of A serving NR columns. Packing is what makes the transposes free (each is one way of gathering) and
-   what keeps the kernel's loads in L1 whatever the operands' strides.
+   kc x NR contiguous floats, and op(A) into panels of up to MR rows (the rows shared out evenly), each kc x MR.
+   A register-blocked micro-kernel then computes a tile of C from one panel of each, with every load of B serving
+   the panel's rows and every broadcast of A serving NR columns. Packing is what makes the transposes free (each
+   is one way of gathering) and what keeps the kernel's loads in L1 whatever the operands' strides.
 
    The loops, outermost first: NC columns of C at a time; KC steps of the sum at a time, in order (each thread
    packs the B panels it will use); MC rows at a time (A packed by the whole team, between two barriers); then
-   each thread's B panels against all of the block's A panels. Threads share out the columns only, by whole
-   panels, and the sum runs over k in one order: every element of C is one thread's chain of fused multiply-adds,
+   each of the block's A panels, held in L1, against each of the thread's B panels, streamed from L2. Threads
+   share out the columns only, by whole panels, and the sum runs over k in one order: every element of C is one
+   thread's chain of fused multiply-adds,
        c = fma(a[i, k-1], b[k-1, j], ... fma(a[i, 1], b[1, j], fma(a[i, 0], b[0, j], c0)))
    with c0 = 0, or C's value when accumulating; a KC block starts from the value the last one stored. So a result
    depends neither on the thread count nor on the cache blocking (which is tuned per machine), only on the path's
