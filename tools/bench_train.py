@@ -55,7 +55,7 @@ from typing import Callable
 import numpy as np
 
 from bench_common import (busy_note, choose_configs, cpu_description, finish_report, fmt, foreign_load, higher_peak,
-                          in_fresh_process, machine_snapshot, peak_rss_mb, use_this_checkout)
+                          in_fresh_process, machine_snapshot, peak_rss_mb, timed_calls, use_this_checkout)
 
 
 @dataclass(frozen=True)
@@ -432,8 +432,6 @@ def profile(args) -> int:
     Every kernel call is timed by wrapping the kernel modules' functions; GEMMs are told apart by their weight's
     shape. 'python + coordination' is the step's wall time minus all timed parts.
     """
-    from collections import defaultdict
-
     from anyio.from_thread import start_blocking_portal
 
     from cllm import spheres as spheres_module
@@ -444,7 +442,6 @@ def profile(args) -> int:
     from cllm.spheres import Spheres
 
     for cfg in args.configs:
-        totals: dict[str, float] = defaultdict(float)
         C = cfg.dim
         n_spheres = spheres_for(args, cfg)
 
@@ -453,33 +450,21 @@ def profile(args) -> int:
                     (cfg.hidden, C): "MLP GEMMs", (cfg.vocab, C): "head GEMM"}.get(w.shape, "other GEMM")
             return f"{name} {direction}"
 
-        def timed(module, fn_name, label):
-            fn = getattr(module, fn_name)
-
-            def wrapper(*a, **k):
-                t = time.perf_counter()
-                try:
-                    return fn(*a, **k)
-                finally:
-                    totals[label(*a) if callable(label) else label] += time.perf_counter() - t
-            setattr(module, fn_name, wrapper)
-            return module, fn_name, fn
-
-        originals = [
-            timed(embedding, "embedding_forward", "embedding"), timed(embedding, "embedding_backward", "embedding"),
-            timed(layernorm, "layernorm_forward", "layernorm"), timed(layernorm, "layernorm_backward", "layernorm"),
-            timed(linear, "linear_forward", lambda x, w, *r: gemm_name(w, "fwd")),
-            timed(linear, "linear_backward", lambda g, x, w, *r: gemm_name(w, "bwd")),
-            timed(attention, "attention_forward", "attention"), timed(attention, "attention_backward", "attention"),
-            timed(gelu, "gelu_forward", "GELU"), timed(gelu, "gelu_backward", "GELU"),
-            timed(rmsnorm, "rmsnorm_forward", "RMSNorm"), timed(rmsnorm, "rmsnorm_backward", "RMSNorm"),
-            timed(rope, "rope_forward", "RoPE"), timed(rope, "rope_backward", "RoPE"),
-            timed(swiglu, "swiglu_forward", "SwiGLU"), timed(swiglu, "swiglu_backward", "SwiGLU"),
-            timed(crossentropy, "cross_entropy", "cross-entropy"),
-            timed(adamw, "adamw_step", "AdamW + grad norm"), timed(adamw, "grad_sq_norm", "AdamW + grad norm"),
-            timed(spheres_module._Buffers, "add_slots", "gradient reduction"),
+        targets = [
+            (embedding, "embedding_forward", "embedding"), (embedding, "embedding_backward", "embedding"),
+            (layernorm, "layernorm_forward", "layernorm"), (layernorm, "layernorm_backward", "layernorm"),
+            (linear, "linear_forward", lambda x, w, *r: gemm_name(w, "fwd")),
+            (linear, "linear_backward", lambda g, x, w, *r: gemm_name(w, "bwd")),
+            (attention, "attention_forward", "attention"), (attention, "attention_backward", "attention"),
+            (gelu, "gelu_forward", "GELU"), (gelu, "gelu_backward", "GELU"),
+            (rmsnorm, "rmsnorm_forward", "RMSNorm"), (rmsnorm, "rmsnorm_backward", "RMSNorm"),
+            (rope, "rope_forward", "RoPE"), (rope, "rope_backward", "RoPE"),
+            (swiglu, "swiglu_forward", "SwiGLU"), (swiglu, "swiglu_backward", "SwiGLU"),
+            (crossentropy, "cross_entropy", "cross-entropy"),
+            (adamw, "adamw_step", "AdamW + grad norm"), (adamw, "grad_sq_norm", "AdamW + grad norm"),
+            (spheres_module._Buffers, "add_slots", "gradient reduction"),
         ]
-        try:
+        with timed_calls(targets) as totals:
             model = GPT(cllm_config(cfg), seed=SEED)
             opt = AdamW(model, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
             x, y = make_batch(cfg)
@@ -496,9 +481,6 @@ def profile(args) -> int:
                 for _ in range(n):
                     step()
                 wall = (time.perf_counter() - started) / n
-        finally:
-            for module, fn_name, fn in originals:
-                setattr(module, fn_name, fn)
         parts = {k: v / n for k, v in totals.items()}
         parts["python + coordination"] = wall - sum(parts.values())
         print(f"\n{cfg.label}: {wall * 1e3:.1f} ms per step on 1 thread, {n_spheres} spheres "

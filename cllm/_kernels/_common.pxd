@@ -125,8 +125,8 @@ cdef inline void gemm(bint trans_a, bint trans_b, int m, int n, int k, const flo
         return
     if packed_product(trans_a, trans_b, m, n, k, a, lda, b, ldb, beta != 0.0, c, ldc, threads) == 0:
         return
-    # No memory for packing: BLAS is column-major, and a row-major matrix is its transpose in column-major, so C^T = op(B)^T op(A)^T:
-    # call sgemm with the operands swapped.
+    # No memory for packing: BLAS's sgemm. BLAS is column-major, and a row-major matrix is its transpose in
+    # column-major, so C^T = op(B)^T op(A)^T: call sgemm with the operands swapped.
     sgemm(&tb, &ta, &n, &m, &k, &one, <float*>b, &ldb, <float*>a, &lda, &beta, c, &ldc)
 
 

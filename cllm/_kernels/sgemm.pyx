@@ -49,8 +49,8 @@ cdef int packed_product(bint trans_a, bint trans_b, int64_t m, int64_t n, int64_
     return sgemm_packed(isa, trans_a, trans_b, m, n, k, a, lda, b, ldb, accumulate, c, ldc, threads)
 
 
-def matmul(const float[:, ::1] a not None, const float[:, ::1] b not None, float[:, ::1] c not None, *, bint trans_a=False,
-           bint trans_b=False, bint accumulate=False, int threads=1):
+def matmul(const float[:, ::1] a not None, const float[:, ::1] b not None, float[:, ::1] c not None, *,
+           bint trans_a=False, bint trans_b=False, bint accumulate=False, int threads=1):
     """c = op(a) @ op(b) (+ c if accumulate), op transposing when asked, always on the packed kernel."""
     cdef int64_t m = a.shape[1] if trans_a else a.shape[0], k = a.shape[0] if trans_a else a.shape[1]
     cdef int64_t kb = b.shape[1] if trans_b else b.shape[0], n = b.shape[0] if trans_b else b.shape[1]
