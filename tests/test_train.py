@@ -1,6 +1,7 @@
 """Text to trained model: the training loop, resume, and the command-line tools end to end."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -126,6 +127,10 @@ def test_cli_train_then_generate(corpus, tmp_path):
             "--threads", 2, "--no-progress")
     assert r.returncode == 0, r.stderr
     assert (out / "model.cllm").exists() and "sample:" in r.stdout
+    # The closing hints name the commands this install has, and the playground's address
+    generate = "cllm-generate" if shutil.which("cllm-generate") else "python -m cllm.tools.inference"
+    assert f"generate more: {generate} {out / 'model.cllm'} -p" in r.stdout
+    assert "open its playground at http://127.0.0.1:8000/" in r.stdout
     greedy = [cli("inference", out / "model.cllm", "-p", "the cat", "-n", 12, "--temperature", 0) for _ in "ab"]
     assert greedy[0].returncode == 0, greedy[0].stderr
     assert greedy[0].stdout == greedy[1].stdout and greedy[0].stdout.startswith("the cat")

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
+import shutil
 import sys
 import sysconfig
 from contextlib import ExitStack
@@ -41,6 +43,7 @@ from ._cli import MODEL_HELP, Parser, add_flags, flag_of, given_settings, positi
 # schedule that takes about two minutes on two cores.
 DEMO_STEPS = 400
 DEFAULT_OUT = "runs/default"
+SERVE_ADDRESS = "http://127.0.0.1:8000/"  # where cllm-serve listens by default (not imported: it needs the serve extra)
 
 
 def demo_corpus() -> list[Path]:
@@ -292,9 +295,16 @@ def train(given: dict, held: ExitStack) -> int:
     text, _ = complete(model, prepared.tokenizer, prompt, max_new_tokens=120, temperature=0.8, top_k=40,
                        seed=settings.seed)
     print(f"sample:\n{prompt}{text}\n")
+    model_path = shlex.quote(str(result.model_path))
     print(f"model: {result.model_path}")
-    print(f"generate more: python -m cllm.tools.inference {result.model_path} -p \"...\"")
+    print(f"generate more: {command('cllm-generate', 'inference')} {model_path} -p \"...\"")
+    print(f"serve it:      {command('cllm-serve', 'serve')} {model_path}, and open its playground at {SERVE_ADDRESS}")
     return 0
+
+
+def command(script: str, module: str) -> str:
+    """How this user runs one of cllm's tools: its command when the install put it on PATH, else `python -m`."""
+    return script if shutil.which(script) else f"python -m cllm.tools.{module}"
 
 
 def tensorboard_dir(given: dict, out: Path) -> Path | None:
