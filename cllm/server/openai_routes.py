@@ -51,8 +51,15 @@ class OpenAIEndpoints:
         return JSONResponse(health, status_code=200 if health["status"] in ("ok", "degraded") else 503)
 
     async def info(self, request: Request) -> Response:
+        """The model's name, config and engine settings and the server's limits, and what the playground shows of
+        the model: whether it has a chat template, the GGML types of its quantized matrices ([]: float32) and its
+        parameter count."""
+        weights = self.model.model
+        quantization = sorted({kind for matrix in weights.q.values() for kind in matrix.types})
         return JSONResponse({"model": self.model_name, "config": self.model.config.to_dict(),
-                             "limits": dataclasses.asdict(self.limits), "engine": self.model.info()})
+                             "limits": dataclasses.asdict(self.limits), "engine": self.model.info(),
+                             "chat_template": self.model.tokenizer.chat_template is not None,
+                             "quantization": quantization, "parameters": weights.num_params})
 
     async def models(self, request: Request) -> Response:
         card = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "cllm"}
