@@ -19,7 +19,9 @@
                            deadline still runs (AsyncModel.encode_chat); 503 with
                            {"status": "stalled" or "stopped", "reason"} when the model cannot serve (see
                            AsyncModel.health)
-    GET  /info             the model's name, config and engine settings, and the server's limits
+    GET  /info             the model's name, config and engine settings, and the server's limits; whether it
+                           has a chat template ("chat_template"), the GGML types of its block-quantized matrices
+                           ("quantization": [] for float32 weights) and its parameter count ("parameters")
     GET  /metrics          Prometheus metrics (cllm.metrics): requests, latency, queue depth, batch sizes, tokens,
                            time to first token
 
@@ -35,6 +37,10 @@ and, in the shapes of Hugging Face's text-embeddings-inference (TEI) and of llam
     POST /decode           TEI: {"ids": [id, ...] | [[id, ...], ...], "skip_special_tokens": true} -> [str, ...]
     POST /detokenize       llama.cpp: {"tokens": [id, ...]} -> {"content": str}
 
+and, unless create_app(webui=False), the playground, a page that calls the routes above (cllm.server.webui):
+
+    GET  /                 the page; GET /ui/app.js and /ui/style.css, its script and style sheet
+
 Lifetime: the caller opens the AsyncModel before create_app and closes it after the server has stopped; the
 app only borrows it (and has no lifespan of its own), so one model can outlive several apps, as in the tests.
 
@@ -49,6 +55,7 @@ The server is built in layers, a module each:
     tei_routes     /embed, /tokenize, /decode, /detokenize in TEI's and llama.cpp's shapes
     sse            a streamed generation as server-sent events
     responses      JSON bodies that hold numpy vectors
+    webui          the playground's page and its files, with the headers that keep its text from running
 """
 from __future__ import annotations
 
@@ -71,6 +78,7 @@ from .openai_routes import OpenAIEndpoints
 from .request_ids import RequestIds
 from .sse import KEEP_ALIVE_SECONDS
 from .tei_routes import TEIEndpoints
+from .webui import page_routes
 
 __all__ = ["KEEP_ALIVE_SECONDS", "ServerLimits", "create_app"]
 
@@ -82,11 +90,15 @@ OPEN_ENDPOINTS = ("/health",)  # answered without an API key: a load balancer's 
 
 
 def create_app(model: AsyncModel, *, model_name: str, limits: ServerLimits = ServerLimits(),
-               api_key: str | None = None, keep_alive_interval: float = KEEP_ALIVE_SECONDS) -> Starlette:
-    """The API over an open AsyncModel, which the caller keeps open while the app serves (see the module notes).
-    With an api_key, every route but /health wants it as `Authorization: Bearer KEY`."""
+               api_key: str | None = None, keep_alive_interval: float = KEEP_ALIVE_SECONDS,
+               webui: bool = True) -> Starlette:
+    """The API over an open AsyncModel, which the caller keeps open while the app serves (see the module notes),
+    and the playground at / if webui. With an api_key, every route but /health and the playground's wants it as
+    `Authorization: Bearer KEY`."""
     limits = limits.resolve(model.config.context_length)
-    metrics = ServerMetrics(model, ROUTES)
+    pages = page_routes(api_key_required=api_key is not None) if webui else []
+    page_paths = tuple(route.path for route in pages)
+    metrics = ServerMetrics(model, ROUTES + page_paths)  # three fixed paths: a label each
     api = OpenAIEndpoints(model, model_name, limits, keep_alive_interval, metrics)
     tei = TEIEndpoints(model, limits)
     routes = [
@@ -101,6 +113,7 @@ def create_app(model: AsyncModel, *, model_name: str, limits: ServerLimits = Ser
         Route("/decode", tei.decode, methods=["POST"]),
         Route("/detokenize", tei.detokenize, methods=["POST"]),
         Route("/metrics", metrics.endpoint, methods=["GET"]),
+        *pages,
     ]
     slots = RequestSlots(limits.max_concurrent_requests, MODEL_ENDPOINTS)
     middleware = [Middleware(RefuseWhenFull, slots=slots),
@@ -108,7 +121,8 @@ def create_app(model: AsyncModel, *, model_name: str, limits: ServerLimits = Ser
                              timeout=limits.body_timeout),
                   Middleware(ConcurrencyLimit, slots=slots)]
     if api_key is not None:
-        middleware.insert(0, Middleware(ApiKeyCheck, api_key=api_key, open_paths=OPEN_ENDPOINTS))
+        # The page and its files hold no secret: the key is typed into the page, which sends it to the API routes.
+        middleware.insert(0, Middleware(ApiKeyCheck, api_key=api_key, open_paths=OPEN_ENDPOINTS + page_paths))
     middleware.insert(0, Middleware(RequestMetrics, metrics=metrics))  # every answer counts
     middleware.insert(0, Middleware(RequestIds))  # outermost: every answer carries its id
     handlers = {APIError: api_error_response, HTTPException: http_error_response, Exception: server_error_response}

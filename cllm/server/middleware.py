@@ -1,8 +1,8 @@
 """Before an endpoint sees a request, four middlewares have their say, outermost first: ApiKeyCheck (when the
-server has a key: `Authorization: Bearer KEY` on every route but /health), RefuseWhenFull (429 at once when
-every request slot is taken, before the body is read), BufferedBody (the whole body, within a size and a time
-limit) and ConcurrencyLimit (a slot, taken only once the body is in, so that a client that sends its body
-slowly or never holds none).
+server has a key: `Authorization: Bearer KEY` on every route but /health and the playground's page),
+RefuseWhenFull (429 at once when every request slot is taken, before the body is read), BufferedBody (the whole
+body, within a size and a time limit) and ConcurrencyLimit (a slot, taken only once the body is in, so that a
+client that sends its body slowly or never holds none).
 """
 from __future__ import annotations
 

@@ -5,11 +5,15 @@ API (cllm.server), on uvicorn.
     curl 127.0.0.1:8000/v1/completions -d '{"model": "model", "prompt": "def ", "max_tokens": 40}'
 
 The server binds to 127.0.0.1 unless --host says otherwise. With --api-key (or CLLM_API_KEY) every route but
-/health wants `Authorization: Bearer KEY`; listening beyond loopback without one prints a warning. The model is
-loaded, the limits checked against it and the port bound before anything runs, so a bad model file, a limit the
-model cannot meet or a port in use is one line on stderr and status 2. Ctrl-C (or SIGTERM) stops accepting
-connections, lets requests in flight finish for up to GRACE_SECONDS, closes the model and exits with 130 (143);
-it never waits for a model thread stuck past its batch deadline (those are daemon threads).
+/health and the playground's wants `Authorization: Bearer KEY`; listening beyond loopback without one prints a
+warning. The model is loaded, the limits checked against it and the port bound before anything runs, so a bad
+model file, a limit the model cannot meet or a port in use is one line on stderr and status 2. Ctrl-C (or SIGTERM)
+stops accepting connections, lets requests in flight finish for up to GRACE_SECONDS, closes the model and exits
+with 130 (143); it never waits for a model thread stuck past its batch deadline (those are daemon threads).
+
+The playground: a browser at the server's address (http://127.0.0.1:8000/) gets a page that chats with the model
+(or continues a text), compares embeddings, shows a text's tokens and the server's status, through the routes
+above (cllm.server.webui); it asks for the API key if the server has one. --no-webui leaves it out.
 
 Slow clients: uvicorn bounds the size of a request's headers (h11's 16 KiB) and the idle time between requests
 (timeout_keep_alive), but not the time a client takes to send its headers, so HeaderDeadlineProtocol adds
@@ -56,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=port_number, default=8000, help="port to listen on (0: any free port)")
     p.add_argument("--model-name", help="the name clients send as `model` (default: the file's stem)")
     p.add_argument("--api-key", default=os.environ.get("CLLM_API_KEY") or None,
-                   help="require 'Authorization: Bearer KEY' on every route but /health (default: the CLLM_API_KEY "
-                        "environment variable, which keeps the key out of the process list)")
+                   help="require 'Authorization: Bearer KEY' on every route but /health and the playground's page "
+                        "(default: the CLLM_API_KEY environment variable, which keeps the key out of the process "
+                        "list)")
+    p.add_argument("--no-webui", action="store_true", help="do not serve the playground, the web page at /")
     engine = p.add_argument_group("engine")
     engine.add_argument("--threads", type=positive_int, default=1, help="kernel threads")
     engine.add_argument("--max-batch-tokens", type=positive_int, default=4096,
@@ -112,10 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         host = f"[{args.host}]" if ":" in args.host else args.host
         print(f"serve: {args.model} as model {model_name!r} on http://{host}:{port}/v1 (Ctrl-C to stop)",
               file=sys.stderr, flush=True)
+        if not args.no_webui:
+            print(f"serve: playground: http://{host}:{port}/", file=sys.stderr, flush=True)
 
     run_server = partial(serve, args.model, args.host, args.port, model_name=model_name, limits=server_limits,
                          model_options=model_options, api_key=args.api_key, log_level=args.log_level,
-                         access_log=not args.no_access_log, listening=announce)
+                         access_log=not args.no_access_log, webui=not args.no_webui, listening=announce)
     # uvicorn is asyncio-only.
     anyio.run(run_server, backend="asyncio")
     return 0
@@ -184,15 +192,16 @@ class HeaderDeadlineProtocol(H11Protocol):
 async def serve(model_path, host: str, port: int, *, model_name: str, limits: ServerLimits,
                 model_options: dict, api_key: str | None = None, keep_alive_interval: float = KEEP_ALIVE_SECONDS,
                 log_level: str = "info", access_log: bool = True,
-                log_config: dict | None = uvicorn.config.LOGGING_CONFIG,
+                log_config: dict | None = uvicorn.config.LOGGING_CONFIG, webui: bool = True,
                 listening: Callable[[uvicorn.Server, AsyncModel, int], None] | None = None) -> None:
     """Opens the model, listens on host:port and serves until the uvicorn server is told to exit (a signal, or its
-    should_exit set). listening, if given, is called with the server, the model and the port before serving."""
+    should_exit set), with the playground at / if webui. listening, if given, is called with the server, the model
+    and the port before serving."""
     # Everything that can fail on the user's input happens before the model's task group starts, which would
     # wrap the error in an ExceptionGroup.
     model = AsyncModel.open(model_path, **model_options)
     app = create_app(model, model_name=model_name, limits=limits, api_key=api_key,
-                     keep_alive_interval=keep_alive_interval)
+                     keep_alive_interval=keep_alive_interval, webui=webui)
     with listen(host, port) as sock:
         async with model:
             config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
@@ -246,16 +255,16 @@ class BackgroundServer:
         with BackgroundServer("model.cllm", limits=ServerLimits(...), max_queue=4) as server:
             httpx.get(f"{server.url}/health")
 
-    `model` is the open AsyncModel, for tests that need to reach into it. Extra keyword arguments go to
-    AsyncModel.open.
+    `model` is the open AsyncModel, for tests that need to reach into it; the playground is at `url` unless
+    webui=False. Extra keyword arguments go to AsyncModel.open.
     """
 
     def __init__(self, model_path, *, model_name: str = "model", limits: ServerLimits = ServerLimits(),
                  api_key: str | None = None, keep_alive_interval: float = KEEP_ALIVE_SECONDS,
-                 startup_timeout: float = 60.0, **model_options):
+                 webui: bool = True, startup_timeout: float = 60.0, **model_options):
         self._serve = partial(serve, model_path, "127.0.0.1", 0, model_name=model_name, limits=limits,
                               model_options=model_options, api_key=api_key, keep_alive_interval=keep_alive_interval,
-                              log_level="warning", access_log=False,
+                              webui=webui, log_level="warning", access_log=False,
                               log_config=None)  # logging stays as the host program set it up
         self.startup_timeout = startup_timeout
         self.server: uvicorn.Server | None = None
