@@ -1,6 +1,7 @@
 """Text generation: KV-cache decoding, sampling, and streaming text with stop strings.
 
-    prompt -> tokens -> Decoder.prefill (one full forward pass, keys and values cached per layer)
+    prompt -> tokens -> Decoder.prefill (one full forward pass, keys and values cached per layer; the prompt's
+              own logprobs from the same pass, when asked: what scoring a text takes)
            -> repeat: Continuation.advance (sample a token from the last logits, settle its text, decide
               whether to end) -> Decoder.step (that one token through every layer), or, once the cache
               is full, a context shift (below)
@@ -41,7 +42,7 @@ start of a new document.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Real
 from typing import NamedTuple
@@ -70,6 +71,9 @@ MAX_TEMPERATURE = 2.0
 MAX_PENALTY = 2.0  # frequency_penalty and presence_penalty, from -MAX_PENALTY
 MAX_REPETITION_PENALTY = 10.0
 MAX_TOP_K = 2**31 - 1
+# Prompt positions whose logits a prefill computes at once, when they are wanted (Decoder.prefill_rows): a block
+# large enough for the head's GEMM to run at speed, small enough to keep its logits (times the vocabulary) small.
+PROMPT_LOGITS_POSITIONS = 64
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -136,9 +140,16 @@ class Decoder:
             raise ValueError(f"this decoder holds {self.batch} sequences, got {len(prompts)} prompts")
         return self.prefill_rows(range(self.batch), prompts)
 
-    def prefill_rows(self, rows: Sequence[int], prompts: Sequence[Sequence[int]]) -> np.ndarray:
+    def prefill_rows(self, rows: Sequence[int], prompts: Sequence[Sequence[int]], *,
+                     prompt_logits: Mapping[int, Callable[[int, np.ndarray], None]] | None = None) -> np.ndarray:
         """Starts the given rows afresh from their prompts (lengths may differ); the other rows keep their
         sequences and logits.
+
+        prompt_logits maps some of the rows to a function that takes the logits at every position of that row's
+        prompt but the last (whose logits are the row's `logits`), from the same forward pass: it is called as
+        f(start, logits) with the logits (n, V) of positions start to start + n - 1, PROMPT_LOGITS_POSITIONS at a
+        time, in order. A prompt's logits at once would be its length times the vocabulary in floats, hundreds of
+        megabytes for a long prompt and a real vocabulary.
 
         Returns the logits (B, V), a view into this decoder (see `logits`).
         """
@@ -159,11 +170,14 @@ class Decoder:
             rows_by_length.setdefault(p.size, []).append(row)
         prompt_of_row = dict(zip(rows, prompts))
         for same_length in rows_by_length.values():
-            self._prefill_equal_lengths(same_length, np.stack([prompt_of_row[r] for r in same_length]))
+            self._prefill_equal_lengths(same_length, np.stack([prompt_of_row[r] for r in same_length]),
+                                        prompt_logits or {})
         return self._logits
 
-    def _prefill_equal_lengths(self, rows: list[int], tokens: np.ndarray) -> None:
-        """One full forward pass over equally long prompts; their keys and values are copied into the cache."""
+    def _prefill_equal_lengths(self, rows: list[int], tokens: np.ndarray,
+                               prompt_logits: Mapping[int, Callable[[int, np.ndarray], None]]) -> None:
+        """One full forward pass over equally long prompts; their keys and values are copied into the cache, and
+        the rows in prompt_logits get their prompts' logits (see prefill_rows)."""
         cfg = self.model.config
         n, T, C, Q, KV = len(rows), tokens.shape[1], cfg.dim, cfg.q_dim, cfg.kv_dim
         # Workspaces of our own, not model.workspace(): a training step or another decoder may be using that.
@@ -175,9 +189,18 @@ class Decoder:
             self.v_cache[layer, rows, :T] = qkv[:, :, Q + KV:]
 
         self.model.forward_ws(ws, tokens, None, threads=self.threads, logits=False, keys_values=keys_values)
-        # Only the last position's logits are wanted, so the head runs on those rows alone: with a real
-        # vocabulary, the head over every position is a large part of the pass.
-        last_hidden = np.ascontiguousarray(ws.a["lnf"].reshape(n, T, C)[:, -1])
+        hidden = ws.a["lnf"].reshape(n, T, C)
+        for k, row in enumerate(rows):
+            if row in prompt_logits:
+                for start in range(0, T - 1, PROMPT_LOGITS_POSITIONS):
+                    positions = hidden[k, start:min(start + PROMPT_LOGITS_POSITIONS, T - 1)]
+                    logits = np.empty((len(positions), cfg.vocab_size), np.float32)
+                    self.model.head_logits(positions, logits, self.threads)
+                    prompt_logits[row](start, logits)
+        # Otherwise only the last position's logits are wanted, so the head runs on those rows alone: with a real
+        # vocabulary, the head over every position is a large part of the pass. A row whose prompt's logits were
+        # wanted gets its last position's here too, so that its tokens are the same bits as without them.
+        last_hidden = np.ascontiguousarray(hidden[:, -1])
         logits = np.empty((n, cfg.vocab_size), np.float32)
         self.model.head_logits(last_hidden, logits, self.threads)
         self._logits[rows] = logits
@@ -333,11 +356,12 @@ def sample_token(logits: np.ndarray, rng: np.random.Generator, sampling: Samplin
 
 
 class TokenLogprob(NamedTuple):
-    """A generated token's log-probability under the model (its raw distribution, before penalties and
-    temperature, as vLLM reports it by default), and the `top` most likely tokens with theirs, most likely first."""
+    """A token's log-probability under the model (its raw distribution, before penalties and temperature, as vLLM
+    reports it by default), and the `top` most likely tokens with theirs, most likely first. A prompt's first token
+    has neither (None): nothing before it predicts it."""
     id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...]
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] | None
 
 
 MAX_TOP_LOGPROBS = 20  # as OpenAI
@@ -377,11 +401,12 @@ def _nucleus(probs: np.ndarray, top_p: float, first: int = 256) -> np.ndarray:
 
 
 def check_generation(*, max_new_tokens: int, seed: int | None, stop: str | Iterable[str],
-                     logprobs: int | None = None) -> tuple[str, ...]:
+                     logprobs: int | None = None, prompt_logprobs: int | None = None) -> tuple[str, ...]:
     """Raises UsageError for generation settings that mean nothing; returns the stop strings as a tuple."""
     require_int("max_new_tokens", max_new_tokens, minimum=0)
     require_int("seed", seed, minimum=0, optional=True)
     require_int("logprobs", logprobs, minimum=0, maximum=MAX_TOP_LOGPROBS, optional=True)
+    require_int("prompt_logprobs", prompt_logprobs, minimum=0, maximum=MAX_TOP_LOGPROBS, optional=True)
     stop = (stop,) if isinstance(stop, str) else tuple(stop)
     if not all(isinstance(s, str) and s for s in stop):
         raise UsageError("stop strings must be non-empty strings")
@@ -468,7 +493,8 @@ class Completion:
     finish_reason: str  # "stop" (the separator, an end of turn or a stop string) or "length"
     prompt_tokens: int
     completion_tokens: int  # stop string included
-    logprobs: list[TokenLogprob] | None = None  # one per completion token, when asked for
+    logprobs: list[TokenLogprob] | None = None  # one per completion token (and the end token), when asked for
+    prompt_logprobs: list[TokenLogprob] | None = None  # one per prompt token, when asked for (the first's None)
 
 
 class Continuation:
@@ -482,16 +508,23 @@ class Continuation:
     `prompt_ids` are the tokens the model is given, `token_ids` the tokens generated (stop string included,
     separator not), `finish_reason` "stop" or "length" (max_new_tokens reached), None while it may go on, and
     `context_shifts` how many times its decoder row slid its window (see `shift_window` and the module notes).
+    The separator ends a continuation, and so does any of `end_ids` (a chat's end-of-turn token); neither is part
+    of token_ids or the text. `sampling` are Sampling's settings.
+
     With `logprobs` (0 to MAX_TOP_LOGPROBS), `logprobs` lists a TokenLogprob for each of token_ids, with that
-    many alternatives. The separator ends a continuation, and so does any of `end_ids` (a chat's end-of-turn
-    token); neither is part of token_ids or the text. `sampling` are Sampling's settings.
+    many alternatives, and last for the end token it drew, if it ended on one, as vLLM lists it: a client that
+    scores a prompt by dropping the last entry, the generated token's (lm-evaluation-harness), would otherwise drop
+    one of the prompt's. With `prompt_logprobs` (as many), `prompt_logprobs` lists one for each of prompt_ids once
+    the prompt is prefilled (`prefill`, which scores it in the same forward pass; the first token's logprob and
+    top are None), even with max_new_tokens=0: what scoring a text takes.
     """
 
     def __init__(self, tokenizer, prompt: str | Sequence[int], *, context_length: int, max_new_tokens: int = 256,
                  seed: int | None = None, stop: str | Iterable[str] = (), logprobs: int | None = None,
-                 end_ids: Iterable[int] = (), **sampling):
+                 prompt_logprobs: int | None = None, end_ids: Iterable[int] = (), **sampling):
         self.sampling = Sampling(**sampling)
-        stop = check_generation(max_new_tokens=max_new_tokens, seed=seed, stop=stop, logprobs=logprobs)
+        stop = check_generation(max_new_tokens=max_new_tokens, seed=seed, stop=stop, logprobs=logprobs,
+                                prompt_logprobs=prompt_logprobs)
         # Token ids are taken as they are: a server that has tokenized the prompt to count it need not again.
         ids = tokenizer.encode(prompt) if isinstance(prompt, str) else token_ids(prompt, tokenizer.vocab_size,
                                                                                  "the prompt")
@@ -506,6 +539,9 @@ class Continuation:
         self.context_shifts = 0
         self.logprobs: list[TokenLogprob] | None = None if logprobs is None else []
         self._top_logprobs = logprobs
+        self.prompt_logprobs: list[TokenLogprob] | None = (
+            None if prompt_logprobs is None else [TokenLogprob(self.prompt_ids[0], None, None)])
+        self._top_prompt_logprobs = prompt_logprobs
         self._context_length = context_length
         self._budget = max_new_tokens
         if self._budget == 0:
@@ -523,6 +559,18 @@ class Continuation:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def needs_prefill(self) -> bool:
+        """Whether, before it starts, it needs the model at all: it has tokens to draw, or its prompt to score."""
+        return not self.finished or self.prompt_logprobs is not None
+
+    def score_prompt(self, start: int, logits: np.ndarray) -> None:
+        """Takes the logits (n, V) of prompt positions start to start + n - 1 (Decoder.prefill_rows' prompt_logits),
+        which predict the prompt's tokens after them, into prompt_logprobs."""
+        scored = slice(start + 1, start + 1 + len(logits))
+        self.prompt_logprobs[scored] = [token_logprob(row[:self._vocab_size], token, self._top_prompt_logprobs)
+                                        for row, token in zip(logits, self.prompt_ids[scored])]
+
     def advance(self, logits: np.ndarray) -> str:
         """Draws the next token from logits (V,), those predicting the token after prompt_ids + token_ids.
 
@@ -534,14 +582,14 @@ class Continuation:
         logits = logits[:self._vocab_size]
         token = sample_token(self._penalized(logits) if self.sampling.penalized else logits, self._rng,
                              self.sampling)
+        if self.logprobs is not None:
+            self.logprobs.append(token_logprob(logits, token, self._top_logprobs))
         if token in self._end_ids:
             self.finish_reason = "stop"
             return self._text.flush()
         self.token_ids.append(token)
         self._seen.add(token)
         self._generated[token] = self._generated.get(token, 0) + 1
-        if self.logprobs is not None:
-            self.logprobs.append(token_logprob(logits, token, self._top_logprobs))
         piece = self._text.push(token)
         if self._text.stopped:
             self.finish_reason = "stop"
@@ -574,6 +622,14 @@ class Continuation:
         return (self.prompt_ids[-keep:] + self.token_ids[-keep:])[-keep:]
 
 
+def prefill(decoder: Decoder, continuations: Mapping[int, Continuation]) -> None:
+    """Starts each named decoder row afresh from its continuation's prompt, so that decoder.logits[row] predict
+    its first token; a continuation that asks for its prompt's logprobs gets them from the same forward pass."""
+    decoder.prefill_rows(list(continuations), [c.prompt_ids for c in continuations.values()],
+                         prompt_logits={row: c.score_prompt for row, c in continuations.items()
+                                        if c.prompt_logprobs is not None})
+
+
 def feed(decoder: Decoder, continuations: Mapping[int, Continuation]) -> None:
     """Gives each decoder row the token its continuation has just drawn, so that decoder.logits[row] predict
     the one after; rows of finished continuations, and rows not named, are left as they are.
@@ -604,17 +660,17 @@ class Generation(Iterator[str]):
 
     Afterwards, `text` is everything generated (the pieces joined), `finish_reason` is "stop" or "length"
     (None while it may go on), `prompt_ids` are the tokens the model was given and `token_ids` the tokens it
-    generated, stop string included, and `context_shifts` how often the context was full and slid (module
-    notes). Settings are checked and the prompt encoded when it is created; the model runs only while it is
-    iterated.
+    generated, stop string included, `context_shifts` how often the context was full and slid (module notes), and
+    `logprobs` and `prompt_logprobs` Continuation's. Settings are checked and the prompt encoded when it is
+    created; the model runs only while it is iterated.
     """
 
     def __init__(self, model: GPT, tokenizer, prompt: str | Sequence[int], *, max_new_tokens: int = 256,
                  seed: int | None = None, stop: str | Iterable[str] = (), logprobs: int | None = None,
-                 end_ids: Iterable[int] = (), **sampling):
+                 prompt_logprobs: int | None = None, end_ids: Iterable[int] = (), **sampling):
         self._continuation = Continuation(tokenizer, prompt, context_length=model.config.context_length,
                                           max_new_tokens=max_new_tokens, seed=seed, stop=stop, logprobs=logprobs,
-                                          end_ids=end_ids, **sampling)
+                                          prompt_logprobs=prompt_logprobs, end_ids=end_ids, **sampling)
         self.text = ""
         self._pieces = self._run(model)
 
@@ -638,6 +694,10 @@ class Generation(Iterator[str]):
     def logprobs(self) -> list[TokenLogprob] | None:
         return self._continuation.logprobs
 
+    @property
+    def prompt_logprobs(self) -> list[TokenLogprob] | None:
+        return self._continuation.prompt_logprobs
+
     def __next__(self) -> str:
         piece = next(self._pieces)
         self.text += piece
@@ -645,24 +705,22 @@ class Generation(Iterator[str]):
 
     def _run(self, model: GPT) -> Iterator[str]:
         continuation = self._continuation
-        if continuation.finished:  # max_new_tokens=0
+        if not continuation.needs_prefill:  # max_new_tokens=0
             return
         decoder = Decoder(model)
-        decoder.prefill([continuation.prompt_ids])
-        while True:
+        prefill(decoder, {0: continuation})
+        while not continuation.finished:
             piece = continuation.advance(decoder.logits[0])
             if piece:
                 yield piece
-            if continuation.finished:
-                return
             feed(decoder, {0: continuation})
 
 
 def generate(model: GPT, tokenizer, prompt: str | Sequence[int], *, max_new_tokens: int = 256,
              seed: int | None = None, stop: str | Iterable[str] = (), **settings) -> Generation:
     """Streams the continuation of prompt (text, or token ids) as text pieces. `settings` are Sampling's
-    (temperature, top_k, top_p, min_p and the penalties) and Continuation's logprobs and end_ids. See Generation,
-    and the module notes on context."""
+    (temperature, top_k, top_p, min_p and the penalties) and Continuation's logprobs, prompt_logprobs and end_ids.
+    See Generation, and the module notes on context."""
     return Generation(model, tokenizer, prompt, max_new_tokens=max_new_tokens, seed=seed, stop=stop, **settings)
 
 

@@ -14,7 +14,18 @@ meanwhile; logprobs are sent as their tokens come, with an empty content delta w
 
 Logprobs are the model's own log-probabilities (before penalties and temperature: cllm.generate.TokenLogprob),
 with each token written as its text. A token that ends in the middle of a multi-byte character has no text of
-its own: it is written with U+FFFD, and chat's `bytes` are that text's UTF-8, not the token's raw bytes.
+its own: it is written with U+FFFD, and chat's `bytes` are that text's UTF-8, not the token's raw bytes. Of
+alternatives written alike (several such tokens), a legacy {token: log-probability} dict keeps the most likely's.
+A completion that ended on the separator lists the separator's logprob last, as vLLM does, though its text stops
+before it; a chat leaves out its end of turn, the template's markup, as OpenAI's chat does.
+
+A completion may echo its prompt, as OpenAI's legacy completions do: each choice's text is its prompt's (as the
+client gave it, or its token ids decoded) followed by the continuation, and its logprobs cover the prompt's
+tokens (those the model was given: an empty prompt's separator) before the generated ones: the first with a null
+logprob and null alternatives (nothing predicts it), each other's computed from the logits at the position before
+it, in the prefill's forward pass (cllm.generate.Continuation's prompt_logprobs), with as many alternatives as a
+generated token's. A stream sends the prompt with its logprobs in each choice's first chunk, with the first
+generated text.
 """
 from __future__ import annotations
 
@@ -80,18 +91,32 @@ class ResponseForm:
 
 class TextCompletionForm(ResponseForm):
     """/v1/completions: choices of text, with logprobs in the legacy form (token strings, their log-probabilities,
-    a {token: log-probability} dict of the alternatives, and each token's offset in the choice's text)."""
+    a {token: log-probability} dict of the alternatives, and each token's offset in the choice's text). `echo`,
+    if given, holds per choice the text it begins with, its prompt's; a choice's Completion then holds its
+    prompt's logprobs, if it has logprobs at all (see the module notes)."""
 
     object = chunk_object = "text_completion"
     id_prefix = "cmpl-"
 
-    def __init__(self, tokenizer, model_name: str):
+    def __init__(self, tokenizer, model_name: str, echo: Sequence[str] | None = None):
         super().__init__(tokenizer, model_name)
+        self.echo = echo
         self._offsets: dict[int, int] = {}  # per streamed choice, the text its tokens so far cover
+        self._echoed: set[int] = set()  # the streamed choices whose prompt has been sent
 
     def choice(self, index: int, completion: Completion) -> dict:
-        return {"text": completion.text, "index": index, "finish_reason": completion.finish_reason,
-                "logprobs": self.logprobs(completion.logprobs, 0)}
+        logprobs = completion.logprobs
+        if logprobs is not None:
+            logprobs = [*(completion.prompt_logprobs or ()), *logprobs]
+        return {"text": ("" if self.echo is None else self.echo[index]) + completion.text, "index": index,
+                "finish_reason": completion.finish_reason, "logprobs": self.logprobs(logprobs, 0)}
+
+    def deltas(self, index: int, text: str, logprobs: list[TokenLogprob] | None) -> list[dict]:
+        # A choice's first delta brings its prompt's logprobs (serving.Delta), and its prompt goes before its text.
+        if self.echo is not None and index not in self._echoed:
+            self._echoed.add(index)
+            text = self.echo[index] + text
+        return super().deltas(index, text, logprobs)
 
     def delta(self, index: int, text: str, logprobs: list[TokenLogprob] | None) -> dict:
         offset = self._offsets.get(index, 0)
@@ -112,8 +137,16 @@ class TextCompletionForm(ResponseForm):
             offsets.append(offset)
             offset += len(token)
         return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-                "top_logprobs": [{self.token_text(i): lp for i, lp in e.top} for e in entries],
+                "top_logprobs": [None if e.top is None else self.alternatives(e.top) for e in entries],
                 "text_offset": offsets}
+
+    def alternatives(self, top: tuple[tuple[int, float], ...]) -> dict[str, float]:
+        """{token: log-probability}, most likely first; tokens written alike keep the most likely's log-probability,
+        which a client comparing a token's with the best alternative's (lm-evaluation-harness) needs to find."""
+        written: dict[str, float] = {}
+        for token_id, logprob in top:
+            written.setdefault(self.token_text(token_id), logprob)
+        return written
 
 
 class ChatCompletionForm(ResponseForm):
@@ -126,6 +159,7 @@ class ChatCompletionForm(ResponseForm):
     def __init__(self, tokenizer, model_name: str, calling: ToolCalling = ToolCalling()):
         super().__init__(tokenizer, model_name)
         self.calling = calling
+        self._end_ids = {tokenizer.separator_id, *tokenizer.end_of_turn_ids}  # what ends a reply
         self._readers: dict[int, ToolCallReader] = {}  # per streamed choice, when calls are read
         self._calls_sent: dict[int, int] = {}
 
@@ -134,7 +168,7 @@ class ChatCompletionForm(ResponseForm):
         message = {"role": "assistant", "content": reply.text}
         if reply.tool_calls:
             message |= {"content": reply.text or None, "tool_calls": list(reply.tool_calls)}
-        return {"index": index, "message": message, "logprobs": self.logprobs(completion.logprobs),
+        return {"index": index, "message": message, "logprobs": self.logprobs(self._said(completion.logprobs)),
                 "finish_reason": reply.finish_reason}
 
     def opening(self, index: int) -> dict:
@@ -142,6 +176,7 @@ class ChatCompletionForm(ResponseForm):
                 "finish_reason": None}
 
     def deltas(self, index: int, text: str, logprobs: list[TokenLogprob] | None) -> list[dict]:
+        logprobs = self._said(logprobs)
         if self.calling.callable is None:
             return self._settled(index, [text] if text else [], logprobs)
         return self._settled(index, self._reader(index).push(text), logprobs)
@@ -152,6 +187,11 @@ class ChatCompletionForm(ResponseForm):
         reader = self._reader(index)
         return self._settled(index, reader.finish(), None) + [self.finish(index, finish_reason(reason,
                                                                                                reader.calls))]
+
+    def _said(self, entries: list[TokenLogprob] | None) -> list[TokenLogprob] | None:
+        """The entries of the reply's own tokens: a continuation lists the end of turn that ended it last
+        (cllm.generate.Continuation), but that is the template's markup, which OpenAI's chat logprobs never show."""
+        return None if entries is None else [e for e in entries if e.id not in self._end_ids]
 
     def _reader(self, index: int) -> ToolCallReader:
         if index not in self._readers:

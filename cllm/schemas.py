@@ -25,8 +25,8 @@ import json
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
-                      ValidationInfo, WrapValidator, field_validator, model_validator)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, TypeAdapter,
+                      ValidationError, ValidationInfo, WrapValidator, field_validator, model_validator)
 from pydantic_core import PydanticCustomError, PydanticKnownError
 from pydantic_core.core_schema import ErrorType, ValidatorFunctionWrapHandler
 
@@ -53,6 +53,7 @@ class Limits:
     max_embedding_inputs: int | None = None  # texts in one embeddings (or TEI tokenize) request
     max_completion_tokens: int | None = None  # the largest max_tokens
     dim: int | None = None  # the model's embedding size, the only `dimensions` it can give
+    vocab_size: int | None = None  # the tokenizer's: a prompt's token ids are below it
 
 
 def limit(info: ValidationInfo, name: str) -> int | None:
@@ -299,32 +300,68 @@ class GenerationRequest(RequestModel):
                     seed=self.seed, stop=tuple(self.stop))
 
 
-def one_or_many_prompts(value, handler: ValidatorFunctionWrapHandler):
-    """A prompt, or a list of prompts: a string is a list of one."""
+def within_vocabulary(value: int, info: ValidationInfo) -> int:
+    vocab_size = limit(info, "vocab_size")
+    if vocab_size is not None and value >= vocab_size:
+        raise PydanticCustomError("token_id", "must be a token id below {vocab_size}, the model's vocabulary, got "
+                                  "{given}", {"vocab_size": vocab_size, "given": value})
+    return value
+
+
+PROMPT_TOKEN_IDS = TypeAdapter(Annotated[list[Annotated[TokenId, AfterValidator(within_vocabulary)]],
+                                         Field(min_length=1)], config=ConfigDict(strict=True))
+
+
+def text_or_token_ids(value, info: ValidationInfo):
+    """A prompt: text, or the token ids of one (each below the vocabulary), as OpenAI's API takes either."""
     if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return PROMPT_TOKEN_IDS.validate_python(value, context=info.context)  # its errors located inside value
+    raise PydanticCustomError("prompt_type", "must be a string or a list of token ids, got {given}",
+                              {"given": short_repr(value)})
+
+
+def one_or_many_prompts(value, handler: ValidatorFunctionWrapHandler):
+    """A prompt, or a list of prompts: a string, or a list of token ids (a list holding no strings or lists), is a
+    list of one."""
+    if not isinstance(value, (str, list)):
+        raise PydanticCustomError("prompt_type", "must be a string, a list of token ids, or a list of such prompts, "
+                                  "got {given}", {"given": short_repr(value)})
+    if isinstance(value, str) or (value and not any(isinstance(item, (str, list)) for item in value)):
         return as_list_of_one(value, handler)
-    if isinstance(value, list) and value and all(isinstance(text, str) for text in value):
-        return handler(value)
-    raise PydanticCustomError("prompt_type", "must be a string or a list of strings (token-id arrays are not "
-                              "supported), got {given}", {"given": short_repr(value)})
+    return handler(value)
 
 
 # An empty prompt starts a new document.
-Prompts = Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS), WrapValidator(one_or_many_prompts)]
+Prompts = Annotated[list[Annotated[str | list[int], PlainValidator(text_or_token_ids)]],
+                    Field(min_length=1, max_length=MAX_PROMPTS), WrapValidator(one_or_many_prompts)]
 
 
 class CompletionRequest(GenerationRequest):
-    """POST /v1/completions: n choices for each prompt (choice i * n + j continues prompt i)"""
+    """POST /v1/completions: n choices for each prompt (choice i * n + j continues prompt i). With echo, a choice
+    is its prompt followed by its continuation, and its logprobs cover the prompt's tokens first (the first with
+    none); max_tokens may then be 0: the prompt alone, scored."""
 
     prompt: Prompts = Field(default_factory=lambda: [""])
+    max_tokens: Annotated[Integer, Field(ge=0), AfterValidator(within_max_completion_tokens)] = 16  # 0: echo only
     logprobs: Annotated[Integer, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None  # alternatives per token
+    echo: bool = False
     best_of: Integer | None = None  # accepted equal to n: cllm returns every choice it draws
     # OpenAI's options that cllm does not implement, accepted at the values that change nothing
-    echo: Annotated[Any, only(False)] = False
     suffix: Annotated[Any, only(None)] = None
 
     def sampling(self) -> dict:
-        return super().sampling() | {"logprobs": self.logprobs}
+        return super().sampling() | {"logprobs": self.logprobs,
+                                     "prompt_logprobs": self.logprobs if self.echo else None}
+
+    @model_validator(mode="after")
+    def something_to_return(self):
+        if self.max_tokens == 0 and not self.echo:  # raised as the field's own error, so that `param` names it
+            raise ValidationError.from_exception_data(type(self).__name__, [{
+                "type": PydanticCustomError("nothing_to_return", "must be at least 1 unless 'echo' is true (0 echoes "
+                                            "the prompt alone), got 0"), "loc": ("max_tokens",), "input": 0}])
+        return self
 
     @model_validator(mode="after")
     def choices_within_limits(self):

@@ -32,14 +32,15 @@ max_wait_ms after the oldest was queued, and cuts the texts gathered into passes
 (cllm.pooling.length_batches: texts of about the same length together, each pass padded to its longest text, of
 at most max_batch_tokens padded tokens); it runs the pass that holds the oldest text, and gathers again. A single
 text longer than that budget runs alone. Generations share one Decoder of max_streams rows (continuous
-batching): a request joins at the next decoding step (its prompt prefilled into a free row), decodes with its
-own sampling settings and seeded generator, and leaves when it ends or its caller goes, freeing the row for the
-next in the queue. A generation gets the tokens that cllm.generate.complete gets with the same settings: bit
-for bit when it decodes alone, and up to float32 rounding of its logits when batched with others (which can
-only change a token at a near-tie). That includes the context shift (cllm.generate's module notes): a row
-whose cache is full when it needs another token is prefilled afresh, within the same decoding step, with the
-last context_length // 2 tokens of its prompt and generation, while the other rows step as usual; a
-generation is bounded by its max_new_tokens, not by the context.
+batching): a request joins at the next decoding step (its prompt prefilled into a free row, and scored in the
+same forward pass if it asks for its prompt's logprobs), decodes with its own sampling settings and seeded
+generator, and leaves when it ends or its caller goes, freeing the row for the next in the queue. A generation
+gets the tokens that cllm.generate.complete gets with the same settings: bit for bit when it decodes alone, and
+up to float32 rounding of its logits when batched with others (which can only change a token at a near-tie).
+That includes the context shift (cllm.generate's module notes): a row whose cache is full when it needs another
+token is prefilled afresh, within the same decoding step, with the last context_length // 2 tokens of its prompt
+and generation, while the other rows step as usual; a generation is bounded by its max_new_tokens, not by the
+context.
 
 Threads. Model work runs on daemon worker threads (cllm.threads.run_sync_daemon), one call at a time (an
 embedding batch and a decoding step would only compete for the same cores), so the event loop never waits for
@@ -100,6 +101,7 @@ from .generate import (
     TokenLogprob,
     check_generation,
     feed,
+    prefill,
     token_ids,
 )
 from .model import GPT, ForwardWorkspaces, ModelConfig
@@ -197,7 +199,8 @@ class _GenerationRequest:
 
 class Delta(NamedTuple):
     """What one choice of a CompletionStream settled: text (maybe ""), the logprobs of the tokens generated since
-    its previous delta (empty unless asked for), and on its last delta, its finish reason."""
+    its previous delta (empty unless asked for; on its first delta, led by its prompt's when prompt_logprobs were
+    asked for), and on its last delta, its finish reason."""
     index: int
     text: str
     logprobs: list[TokenLogprob]
@@ -280,12 +283,15 @@ class CompletionStream(AsyncIterator[str]):
             return None
         (index, piece, tokens, finish_reason), self._next = self._next, None
         c = self._requests[index].continuation
-        logprobs = [] if c.logprobs is None else c.logprobs[self._tokens[index]:tokens]  # in before it was sent
+        # In before it was sent; the last delta's run to the end, the end token's included (Continuation.logprobs).
+        logprobs = [] if c.logprobs is None else c.logprobs[self._tokens[index]:None if finish_reason else tokens]
+        if c.prompt_logprobs is not None and not self._texts[index]:  # its first delta, after the prefill
+            logprobs = c.prompt_logprobs + logprobs
         self._tokens[index] = tokens
         self._texts[index].append(piece)
         if finish_reason is not None:
             self.completions[index] = Completion("".join(self._texts[index]), finish_reason, len(c.prompt_ids),
-                                                 len(c.token_ids), c.logprobs)
+                                                 len(c.token_ids), c.logprobs, c.prompt_logprobs)
         return Delta(index, piece, logprobs, finish_reason)
 
     async def __anext__(self) -> str:
@@ -725,27 +731,29 @@ class AsyncModel:
 
     def stream_choices(self, prompts: Sequence[str | Sequence[int]], *, n: int = 1, max_new_tokens: int = 128,
                        seed: int | None = None, stop: str | Sequence[str] = (), logprobs: int | None = None,
-                       end_ids: Sequence[int] = (), **sampling) -> CompletionStream:
+                       prompt_logprobs: int | None = None, end_ids: Sequence[int] = (),
+                       **sampling) -> CompletionStream:
         """n continuations of each prompt, decoded together: choice i * n + j continues prompts[i], with seed
         seed + i * n + j if a seed is given (so choices differ, and each is reproducible). Read them with the
         stream's next_delta().
 
-        Settings: max_new_tokens (at least 1), seed, stop strings, logprobs (None, or 0 to 20 alternatives per
-        token) and end_ids (tokens that end a continuation besides the separator, a chat's end of turn), and
-        cllm.generate.Sampling's: temperature (0 is greedy), top_k, top_p, min_p, repetition_penalty,
-        frequency_penalty and presence_penalty.
+        Settings: max_new_tokens (0: nothing generated), seed, stop strings, logprobs (None, or 0 to 20 alternatives
+        per token), prompt_logprobs (as many, for each prompt token, computed in the prefill's forward pass: a
+        choice's Completion and its first Delta have them, with max_new_tokens=0 too) and end_ids (tokens that end a
+        continuation besides the separator, a chat's end of turn), and cllm.generate.Sampling's: temperature (0 is
+        greedy), top_k, top_p, min_p, repetition_penalty, frequency_penalty and presence_penalty.
         """
-        require_int("max_new_tokens", max_new_tokens)
         require_int("n", n)
         if not prompts:
             raise UsageError("stream_choices needs at least one prompt")
         Sampling(**sampling)  # checked here, before anything is queued
-        check_generation(max_new_tokens=max_new_tokens, seed=seed, stop=stop, logprobs=logprobs)
+        check_generation(max_new_tokens=max_new_tokens, seed=seed, stop=stop, logprobs=logprobs,
+                         prompt_logprobs=prompt_logprobs)
         prompts = [prompt if isinstance(prompt, str) else token_ids(prompt, self.tokenizer.vocab_size, "the prompt")
                    for prompt in prompts]
         self._check_running()
         settings = [dict(max_new_tokens=max_new_tokens, seed=None if seed is None else seed + index, stop=stop,
-                         logprobs=logprobs, end_ids=tuple(end_ids), **sampling)
+                         logprobs=logprobs, prompt_logprobs=prompt_logprobs, end_ids=tuple(end_ids), **sampling)
                     for index in range(len(prompts) * n)]
         return CompletionStream(self, [prompt for prompt in prompts for _ in range(n)], settings)
 
@@ -777,7 +785,7 @@ class AsyncModel:
                         request = await queue.receive()  # idle: nothing to step until a request comes
                     if _abandoned(request.results):
                         request.results.close()
-                    elif request.continuation.finished:  # max_new_tokens=0: nothing to decode
+                    elif not request.continuation.needs_prefill:  # max_new_tokens=0, and no prompt to score
                         request.deliver("")
                     else:
                         row = min(set(range(self.max_streams)) - rows.keys())
@@ -808,13 +816,15 @@ class AsyncModel:
 
     def _decode_step(self, decoder: Decoder, continuations: dict[int, Continuation],
                      joining: list[int]) -> dict[int, str]:
-        """In the worker thread: prefills the rows that join, draws every row's next token from its logits, then
-        gives the model the tokens of the rows that go on (one step for them all, a context shift for a row whose
-        cache is full: cllm.generate.feed). Returns each row's new text."""
+        """In the worker thread: prefills the rows that join (scoring their prompts, if asked), draws every row's
+        next token from its logits (none for a row that joined only to be scored: max_new_tokens=0), then gives the
+        model the tokens of the rows that go on (one step for them all, a context shift for a row whose cache is
+        full: cllm.generate.feed). Returns each row's new text."""
         decoder.threads = self.threads  # for the forward passes of prefills and context shifts
         if joining:
-            decoder.prefill_rows(joining, [continuations[row].prompt_ids for row in joining])
-        pieces = {row: continuation.advance(decoder.logits[row]) for row, continuation in continuations.items()}
+            prefill(decoder, {row: continuations[row] for row in joining})
+        pieces = {row: "" if continuation.finished else continuation.advance(decoder.logits[row])
+                  for row, continuation in continuations.items()}
         feed(decoder, continuations)
         return pieces
 

@@ -100,7 +100,7 @@ class Model:
             for _ in generation:
                 pass
         return Completion(generation.text, generation.finish_reason, len(generation.prompt_ids),
-                          len(generation.token_ids), generation.logprobs)
+                          len(generation.token_ids), generation.logprobs, generation.prompt_logprobs)
 
     def chat(self, messages: Sequence[dict], *, max_new_tokens: int = 256, tools: Sequence[dict] | None = None,
              tool_choice: str | dict | None = None, chat_template_kwargs: dict | None = None,

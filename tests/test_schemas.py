@@ -10,7 +10,7 @@ from cllm.schemas import (MAX_STOP_CHARS, CompletionRequest, DetokenizeRequest, 
                           LlamaTokenizeRequest, StreamOptions, TEIDecodeRequest, TEIEmbedRequest, TEITokenizeRequest)
 from cllm.server.bodies import parse, request_error
 
-LIMITS = Limits(max_embedding_inputs=3, max_completion_tokens=40, dim=32)
+LIMITS = Limits(max_embedding_inputs=3, max_completion_tokens=40, dim=32, vocab_size=100)
 
 
 def completion(**fields) -> CompletionRequest:
@@ -73,7 +73,9 @@ def test_unknown_fields_are_refused_first_at_any_depth():
 
 
 @pytest.mark.parametrize("fields, param, message", [
-    ({"max_tokens": 0}, "max_tokens", "'max_tokens' must be at least 1, got 0."),
+    ({"max_tokens": 0}, "max_tokens", "'max_tokens' must be at least 1 unless 'echo' is true (0 echoes the prompt "
+                                      "alone), got 0."),
+    ({"max_tokens": -1, "echo": True}, "max_tokens", "'max_tokens' must be at least 0, got -1."),
     ({"max_tokens": 41}, "max_tokens", "'max_tokens' must be at most 40, got 41."),  # the server's limit
     ({"temperature": 2.5}, "temperature", "'temperature' must be at most 2.0, got 2.5."),
     ({"temperature": -0.1}, "temperature", "'temperature' must be at least 0.0, got -0.1."),
@@ -89,8 +91,13 @@ def test_unknown_fields_are_refused_first_at_any_depth():
     ({"stop": ["a", "z" * 65]}, "stop", "'stop[1]' is 65 characters long; a stop string may have at most 64."),
     ({"stop": 5}, "stop", "'stop' must be a string or a list of strings (token-id arrays are not supported), "
                           "got 5."),
-    ({"prompt": [1, 2]}, "prompt", "'prompt' must be a string or a list of strings (token-id arrays are not "
-                                   "supported), got [1, 2]."),
+    ({"prompt": 5}, "prompt", "'prompt' must be a string, a list of token ids, or a list of such prompts, got 5."),
+    ({"prompt": [1, 100]}, "prompt", "'prompt[1]' must be a token id below 100, the model's vocabulary, got 100."),
+    ({"prompt": [[1], [2, -1]]}, "prompt", "'prompt[1][1]' must be at least 0, got -1."),
+    ({"prompt": [[1], []]}, "prompt", "'prompt[1]' must hold at least 1 item, got 0."),
+    ({"prompt": ["a", 1]}, "prompt", "'prompt[1]' must be a string or a list of token ids, got 1."),
+    ({"prompt": [True]}, "prompt", "'prompt[0]' must be an integer, got true."),
+    ({"echo": 1}, "echo", "'echo' must be a boolean, got 1."),
     ({"prompt": ["a"] * 17}, "prompt", "'prompt' must hold at most 16 items, got 17."),
     ({"n": 17}, "n", "'n' must be at most 16, got 17."),
     ({"prompt": ["a", "b"], "n": 9}, None, "2 prompts with n=9 make 18 choices; this server makes at most 16 in one "
@@ -117,11 +124,17 @@ def test_ranges_accept_their_bounds():
     assert body.max_tokens == 40 and body.stop == ["y" * MAX_STOP_CHARS] * 4
     assert completion(prompt=["a"], stop="x").prompt == ["a"] and completion(stop="x").stop == ["x"]
     assert completion(prompt="a").prompt == ["a"] and completion().prompt == [""]
+    # token ids, as OpenAI takes them: one prompt's, or a list of them (mixed with text, too)
+    assert completion(prompt=[1, 2.0]).prompt == [[1, 2]] and completion(prompt=[[1], [2, 3]]).prompt == [[1], [2, 3]]
+    assert completion(prompt=["a", [99]]).prompt == ["a", [99]]
+    echoed = completion(prompt="a", echo=True, max_tokens=0, logprobs=1).sampling()
+    assert (echoed["max_new_tokens"], echoed["logprobs"], echoed["prompt_logprobs"]) == (0, 1, 1)
+    assert completion(logprobs=1).sampling()["prompt_logprobs"] is None  # only an echoed prompt is scored
     assert completion(prompt=["a", "b"], n=8, best_of=8, logprobs=20, min_p=1, presence_penalty=-2,
                       frequency_penalty=2, repetition_penalty=10).sampling()["n"] == 8
 
 
-@pytest.mark.parametrize("name, neutral", [("echo", False), ("suffix", None), ("logit_bias", {})])
+@pytest.mark.parametrize("name, neutral", [("suffix", None), ("logit_bias", {})])
 def test_unsupported_openai_options_only_at_their_neutral_value(name, neutral):
     completion(**{name: neutral})
     for other in [2, True, "x", {"1": 5}]:
@@ -197,7 +210,7 @@ def test_token_ids_one_list_or_a_list_of_lists():
 def test_parse_raises_the_servers_error():
     from cllm.server.errors import APIError
     with pytest.raises(APIError) as info:
-        parse(CompletionRequest, {"model": "m", "echo": True}, LIMITS)
-    assert info.value.body() == {"error": {"message": "'echo' is not supported by this server (only false).",
-                                           "type": "invalid_request_error", "param": "echo", "code": None}}
+        parse(CompletionRequest, {"model": "m", "suffix": "x"}, LIMITS)
+    assert info.value.body() == {"error": {"message": "'suffix' is not supported by this server (only null).",
+                                           "type": "invalid_request_error", "param": "suffix", "code": None}}
     assert parse(CompletionRequest, {"model": "m", "max_tokens": 40}, LIMITS).max_tokens == 40

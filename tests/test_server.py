@@ -439,7 +439,7 @@ def test_stream_with_the_openai_client(client):
     ("/v1/completions", {"prompt": "a", "presence_penalty": 2.5}, "presence_penalty"),
     ("/v1/completions", {"prompt": "a", "frequency_penalty": -3}, "frequency_penalty"),
     ("/v1/completions", {"prompt": "a", "repetition_penalty": 0}, "repetition_penalty"),
-    ("/v1/completions", {"prompt": "a", "echo": True}, "echo"),
+    ("/v1/completions", {"prompt": "a", "echo": "yes"}, "echo"),
     ("/v1/completions", {"prompt": "a", "logit_bias": {"5": 1}}, "logit_bias"),
     ("/v1/completions", {"prompt": "a", "stream_options": {"include_usage": True}}, "stream_options"),
     ("/v1/completions", {"prompt": "a", "stream": True, "stream_options": {"what": 1}}, "stream_options.what"),

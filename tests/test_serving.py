@@ -250,7 +250,7 @@ async def test_a_row_that_shifts_its_context_leaves_the_others_as_they_were(mode
     async with AsyncModel(model, tokenizer, max_streams=2) as m:
         alone = await m.generate(short_prompt, **short_run)
         prefills = Gate(monkeypatch, Decoder, "prefill_rows",
-                        lambda decoder, rows, prompts: (list(rows), [len(p) for p in prompts]))
+                        lambda decoder, rows, prompts, **_: (list(rows), [len(p) for p in prompts]))
         steps = decoding_steps(monkeypatch, held=True)
         results = {}
 
@@ -449,7 +449,7 @@ async def test_calls_outside_the_context_raise(model, tokenizer):
     (lambda m: m.embed("o" * (CONTEXT + 1)), f"33 tokens long but the model's context holds only {CONTEXT}"),
     (lambda m: m.embed([b"bytes"]), "must be a string"),
     (lambda m: m.generate("o" * (CONTEXT + 1)), "prompt is 33 tokens long"),
-    (lambda m: m.generate("a", max_new_tokens=0), "max_new_tokens"),
+    (lambda m: m.generate("a", max_new_tokens=-1), "max_new_tokens"),
     (lambda m: m.generate("a", temperature=-1.0), "temperature"),
     (lambda m: m.generate("a", top_k=0), "top_k"),
     (lambda m: m.generate("a", top_p=1.5), "top_p"),

@@ -2,8 +2,9 @@
 
 Request bodies are checked before the model sees them, each against its pydantic model in cllm.schemas (with
 the server's limits as validation context; see parse and request_error below): a field of the wrong type or out
-of range, an unknown field, or an OpenAI option that cllm does not implement (echo, suffix, logit_bias,
-a response_format other than text, ...) is refused rather than ignored, so a client never silently gets something other than what it asked for.
+of range, an unknown field, or an OpenAI option that cllm does not implement (suffix, logit_bias, a
+response_format other than text, ...) is refused rather than ignored, so a client never silently gets something
+other than what it asked for.
 null is the same as leaving a field out, as in OpenAI's API. A refusal names the field in `param` and says what
 it must be and what it got.
 """
@@ -97,10 +98,13 @@ def request_error(error: ValidationError) -> APIError:
     return APIError(413 if kind == "batch_too_large" else 400, message, param=param)
 
 
-async def input_ids(model: AsyncModel, limits: ServerLimits, texts: Sequence[str], param: str) -> list[np.ndarray]:
-    """The prompts' token ids, each within max_input_tokens (else a 400): the one tokenization of the request,
-    done in a worker thread; the model gets these ids."""
-    ids = await model.tokenize(texts)
+async def input_ids(model: AsyncModel, limits: ServerLimits, prompts: Sequence[str | list[int]],
+                    param: str) -> list[np.ndarray]:
+    """The prompts' token ids, each within max_input_tokens (else a 400): the texts' from the one tokenization of
+    the request, done in a worker thread, and a prompt given as token ids (checked by cllm.schemas) as it is; the
+    model gets these ids."""
+    encoded = iter(await model.tokenize([prompt for prompt in prompts if isinstance(prompt, str)]))
+    ids = [next(encoded) if isinstance(prompt, str) else np.array(prompt, np.int32) for prompt in prompts]
     check_lengths(limits, ids, param)
     return ids
 
@@ -131,4 +135,5 @@ def check_lengths(limits: ServerLimits, ids: Sequence[np.ndarray], param: str) -
 def request_limits(model: AsyncModel, limits: ServerLimits) -> Limits:
     """What cllm.schemas checks of a request that depends on the server: its (resolved) limits and the model."""
     return Limits(max_embedding_inputs=limits.max_embedding_inputs,
-                  max_completion_tokens=limits.max_completion_tokens, dim=model.config.dim)
+                  max_completion_tokens=limits.max_completion_tokens, dim=model.config.dim,
+                  vocab_size=model.tokenizer.vocab_size)

@@ -96,7 +96,12 @@ class OpenAIEndpoints:
         started = time.perf_counter()
         body = await self.read_request(request, CompletionRequest)
         prompts = await input_ids(self.model, self.limits, body.prompt, "prompt")
-        form = TextCompletionForm(self.model.tokenizer, self.model_name)
+        echo = None
+        if body.echo:  # each choice's text begins with its prompt: as given, or its token ids decoded
+            decode = self.model.tokenizer.decode
+            texts = [prompt if isinstance(prompt, str) else decode(prompt) for prompt in body.prompt]
+            echo = [text for text in texts for _ in range(body.n)]
+        form = TextCompletionForm(self.model.tokenizer, self.model_name, echo)
         return await self.generate(request, prompts, body.sampling(), body, form, started)
 
     # ---- chat completions
