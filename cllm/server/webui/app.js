@@ -159,6 +159,14 @@ async function loadModel() {
   applyInfo();
 }
 
+// True, and says so, when the server wants a key and none is typed in: nothing is sent without one.
+function keyMissing() {
+  if (!KEY_REQUIRED || apiKey()) return false;
+  showError(new Error(KEY_WANTED));
+  $("api-key").focus();
+  return true;
+}
+
 // The name to send as `model`, asked of the server again if the last try failed or was made with another key.
 async function modelName() {
   if (server.model === null || server.key !== apiKey()) await loadModel();
@@ -175,12 +183,9 @@ function applyInfo() {
   $("mode").options[0].disabled = !hasChatTemplate();
   const template = hasChatTemplate() ? "the model's template" : "this model has no template";
   $("mode").options[0].textContent = `Chat (${template})`;
-  const maxTokens = $("settings").elements.max_tokens;
-  if (info) {
-    maxTokens.max = String(info.limits.max_completion_tokens);
-    maxTokens.placeholder = `auto (≤ ${info.limits.max_completion_tokens})`;
-  }
+  if (info) $("settings").elements.max_tokens.max = String(info.limits.max_completion_tokens);
   if (current?.mode === "chat" && !hasChatTemplate()) current.mode = "completion";
+  renderConversationList();
   showMode();
   renderStatus();
 }
@@ -425,6 +430,7 @@ function touch(conversation) {
 }
 
 function openConversation(conversation) {
+  if (conversation === current) return;
   if (streaming) streaming.controller.abort();
   current = conversation;
   if (!conversations.includes(conversation)) conversations.push(conversation);
@@ -502,6 +508,10 @@ function showMode() {
   $("system-prompt").disabled = !chat;
   $("system-field").classList.toggle("disabled", !chat);
   $("prompt").placeholder = chat ? "Message" : "Text for the model to continue";
+  // what an empty max tokens means (requestFor): a chat reply runs to its end, a completion has a default length
+  const limit = server.info?.limits.max_completion_tokens;
+  $("settings").elements.max_tokens.placeholder = chat ? (limit ? `auto (≤ ${limit})` : "auto")
+    : String(Math.min(COMPLETION_MAX_TOKENS, limit ?? COMPLETION_MAX_TOKENS));
 }
 
 function exportConversations() {
@@ -624,7 +634,7 @@ function requestFor(conversation, model) {
 
 async function send() {
   const text = $("prompt").value;
-  if (streaming || text.trim() === "") return;
+  if (streaming || text.trim() === "" || keyMissing()) return;
   clearBanner();
   current.messages.push({ role: "user", content: text, mode: current.mode });
   touch(current);
@@ -634,7 +644,7 @@ async function send() {
 }
 
 async function regenerate() {
-  if (streaming) return;
+  if (streaming || keyMissing()) return;
   clearBanner();
   while (current.messages.length && current.messages.at(-1).role === "assistant") current.messages.pop();
   if (current.messages.length === 0) return;
@@ -683,7 +693,7 @@ async function generate() {
       if (event.error) throw new ApiError(0, event.error.message); // after the 200: no status of its own
       if (event.usage) usage = event.usage;
       for (const choice of event.choices ?? []) {
-        const piece = conversation.mode === "chat" ? choice.delta?.content : choice.text;
+        const piece = reply.mode === "chat" ? choice.delta?.content : choice.text;
         if (piece) {
           firstAt ??= performance.now();
           reply.content += piece;
@@ -781,6 +791,7 @@ function saveSettings() {
 // ---- embeddings: each text against each other
 
 async function compareEmbeddings() {
+  if (keyMissing()) return;
   clearBanner();
   const texts = $("embed-input").value.split("\n").filter((line) => line.trim() !== "");
   if (texts.length === 0) {
@@ -823,8 +834,8 @@ function unit(vector) {
 
 function renderSimilarity(texts, similarity) {
   const others = similarity.flatMap((row, i) => row.filter((_, j) => j !== i));
-  const low = Math.min(...others, 1);
-  const high = Math.max(...others, low);
+  const low = others.reduce((a, b) => Math.min(a, b), 1);
+  const high = others.reduce((a, b) => Math.max(a, b), low);
   const table = $("similarity");
   const head = element("tr");
   head.append(element("th"));
@@ -867,6 +878,7 @@ function renderSimilarity(texts, similarity) {
 // ---- tokenizer
 
 async function tokenize() {
+  if (keyMissing()) return;
   clearBanner();
   const text = $("tokenize-input").value;
   if (text === "") {
@@ -973,6 +985,7 @@ async function refreshHealth() {
 }
 
 async function showMetrics() {
+  if (keyMissing()) return;
   clearBanner();
   try {
     const pre = $("metrics");
@@ -994,9 +1007,17 @@ function start() {
   if (!conversations.includes(current)) conversations.push(current);
   showConversation();
 
-  for (const button of document.querySelectorAll("nav button[data-tab]")) {
-    button.addEventListener("click", () => showTab(button.dataset.tab));
-  }
+  showTab("chat");
+  const tabs = [...document.querySelectorAll("nav button[data-tab]")];
+  for (const button of tabs) button.addEventListener("click", () => showTab(button.dataset.tab));
+  document.querySelector("nav.tabs").addEventListener("keydown", (event) => { // a tab list's arrow keys
+    const step = { ArrowRight: 1, ArrowLeft: -1 }[event.key];
+    const at = tabs.indexOf(document.activeElement);
+    if (!step || at < 0) return;
+    const next = tabs[(at + step + tabs.length) % tabs.length];
+    showTab(next.dataset.tab);
+    next.focus();
+  });
   $("api-key").addEventListener("input", saveKey);
   $("api-key").addEventListener("change", loadModel);
   $("remember-key").addEventListener("change", saveKey);
@@ -1017,10 +1038,11 @@ function start() {
     event.target.value = "";
     if (file) importConversations(file);
   });
-  $("mode").addEventListener("change", () => {
+  $("mode").addEventListener("change", () => { // for the next message: those shown keep their own
     current.mode = $("mode").value;
     saveConversations();
-    showConversation();
+    renderConversationList();
+    showMode();
   });
   $("system-prompt").addEventListener("input", () => {
     current.system = $("system-prompt").value;
