@@ -13,9 +13,11 @@ from importlib.resources import files
 import httpx
 import pytest
 
+from cllm.checkpoint import save_model
 from cllm.server import create_app
 from cllm.serving import AsyncModel
 from cllm.tokenizer import Tokenizer
+from cllm.tools.serve import BackgroundServer
 from tests.chat_models import chat_model, chat_tokenizer, chatml_hf_tokenizer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
@@ -63,6 +65,14 @@ async def test_without_the_webui_there_is_no_page():
         for path in PAGE_FILES:
             assert (await client.get(path)).status_code == 404, path
         assert (await client.get("/v1/models")).status_code == 200
+
+
+def test_the_serve_tool_passes_webui_on(tmp_path):
+    tokenizer = chat_tokenizer()
+    save_model(tmp_path / "chat.cllm", chat_model(tokenizer), tokenizer)
+    for webui, status in ((True, 200), (False, 404)):
+        with BackgroundServer(tmp_path / "chat.cllm", model_name=NAME, webui=webui) as server:
+            assert httpx.get(f"{server.url}/").status_code == status
 
 
 async def test_under_an_api_key_the_page_is_open_and_the_api_is_not():
