@@ -26,7 +26,7 @@ CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'se
                            "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 PAGE_HEADERS = {
     "Content-Security-Policy": CONTENT_SECURITY_POLICY,
-    "X-Content-Type-Options": "nosniff",  # app.js runs as a script only because it is served as one
+    "X-Content-Type-Options": "nosniff",  # each file is only what its Content-Type says, never sniffed as more
     "Referrer-Policy": "no-referrer",
     # The files change with the package, under the same names: the browser asks each time, and the ETag makes an
     # unchanged file a 304.
@@ -53,7 +53,7 @@ class PageFile:
 
 
 def page_routes(*, api_key_required: bool) -> list[Route]:
-    """GET / (the page), /ui/app.js and /ui/style.css."""
+    """GET / (the page, marked with whether the API wants a key), /ui/app.js and /ui/style.css."""
     routes = []
     for path, (name, media_type) in PAGE_FILES.items():
         body = files(__name__).joinpath(name).read_bytes()
