@@ -3,11 +3,14 @@
     POST /v1/embeddings    {"model", "input": str | [str], "encoding_format": "float" | "base64", "dimensions",
                            and the extensions "pooling", "truncate", and "prompt_name" or "prompt_text" (the prompt
                            put before each input: one of the model's, or given whole)}
-    POST /v1/completions   {"model", "prompt": str | [str] (up to 16), "n": 1, "max_tokens": 16, "temperature": 1,
-                            "top_p": 1, "top_k", "min_p", "repetition_penalty" (the last three extensions, as
-                            vLLM's), "presence_penalty", "frequency_penalty", "seed", "stop": str | [str],
-                            "logprobs": null | 0..20, "stream": false, "stream_options"}: choice i * n + j
-                            continues prompt i (with seed + i * n + j)
+    POST /v1/completions   {"model", "prompt": str | [id, ...] | a list of up to 16 of either, "n": 1,
+                            "max_tokens": 16 (0 with echo), "temperature": 1, "top_p": 1, "top_k", "min_p",
+                            "repetition_penalty" (the last three extensions, as vLLM's), "presence_penalty",
+                            "frequency_penalty", "seed", "stop": str | [str], "logprobs": null | 0..20,
+                            "echo": false, "stream": false, "stream_options"}: choice i * n + j continues prompt i
+                            (with seed + i * n + j); with echo, a choice's text and logprobs begin with its
+                            prompt's (the first token's logprob and top_logprobs null), scored in the prefill's
+                            forward pass: what lm-evaluation-harness's local-completions model reads
     POST /v1/chat/completions  {"model", "messages": [{"role", "content": str | [text parts]}], "max_tokens" or
                             "max_completion_tokens" (default: the server's limit), "logprobs": false,
                             "top_logprobs", and the sampling fields above}: the messages rendered with the
