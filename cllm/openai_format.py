@@ -14,8 +14,10 @@ meanwhile; logprobs are sent as their tokens come, with an empty content delta w
 
 Logprobs are the model's own log-probabilities (before penalties and temperature: cllm.generate.TokenLogprob),
 with each token written as its text. A token that ends in the middle of a multi-byte character has no text of
-its own: it is written with U+FFFD, and chat's `bytes` are that text's UTF-8, not the token's raw bytes. Of
-alternatives written alike (several such tokens), a legacy {token: log-probability} dict keeps the most likely's.
+its own: it is written with U+FFFD, and chat's `bytes` are that text's UTF-8, not the token's raw bytes. A legacy
+{token: log-probability} dict of alternatives also holds the token itself when it is not among them, as OpenAI's
+legacy completions hold it ("up to logprobs + 1" entries; chat lists the alternatives alone); of tokens written
+alike (several such tokens), it keeps the most likely's.
 A completion that ended on the separator lists the separator's logprob last, as vLLM does, though its text stops
 before it; a chat leaves out its end of turn, the template's markup, as OpenAI's chat does.
 
@@ -137,14 +139,15 @@ class TextCompletionForm(ResponseForm):
             offsets.append(offset)
             offset += len(token)
         return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-                "top_logprobs": [None if e.top is None else self.alternatives(e.top) for e in entries],
+                "top_logprobs": [None if e.top is None else self.alternatives(e) for e in entries],
                 "text_offset": offsets}
 
-    def alternatives(self, top: tuple[tuple[int, float], ...]) -> dict[str, float]:
-        """{token: log-probability}, most likely first; tokens written alike keep the most likely's log-probability,
-        which a client comparing a token's with the best alternative's (lm-evaluation-harness) needs to find."""
+    def alternatives(self, entry: TokenLogprob) -> dict[str, float]:
+        """{token: log-probability} of the alternatives, most likely first, then the token itself if it is not
+        among them; tokens written alike keep the most likely's log-probability, which a client comparing a
+        token's with the best alternative's (lm-evaluation-harness) needs to find."""
         written: dict[str, float] = {}
-        for token_id, logprob in top:
+        for token_id, logprob in (*entry.top, (entry.id, entry.logprob)):
             written.setdefault(self.token_text(token_id), logprob)
         return written
 

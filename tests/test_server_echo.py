@@ -69,11 +69,12 @@ def next_token_logprobs(model, ids: list[int]) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
-def alternatives(tokenizer, row: np.ndarray, k: int) -> dict[str, float]:
-    """The k most likely tokens of a log-softmax row as the legacy form writes them: by text, the most likely's
-    log-probability kept where tokens are written alike."""
+def alternatives(tokenizer, row: np.ndarray, k: int, token: int) -> dict[str, float]:
+    """The k most likely tokens of a log-softmax row as the legacy form writes them, then `token` if it is not among
+    them (as OpenAI's legacy completions add it): by text, the most likely's log-probability kept where tokens are
+    written alike."""
     written = {}
-    for i in np.argsort(-row, kind="stable")[:k]:
+    for i in [*np.argsort(-row, kind="stable")[:k], token]:
         written.setdefault(tokenizer.decode([int(i)]), float(row[i]))
     return written
 
@@ -86,7 +87,7 @@ def check_echoed_prompt(logprobs: dict, ids: list[int], reference: np.ndarray, t
     np.testing.assert_allclose(logprobs["token_logprobs"][1:len(ids)], reference[np.arange(len(ids) - 1), ids[1:]],
                                rtol=TOLERANCE)
     for position, top in enumerate(logprobs["top_logprobs"][1:len(ids)]):
-        expected = alternatives(tokenizer, reference[position], k)
+        expected = alternatives(tokenizer, reference[position], k, ids[position + 1])
         assert list(top) == list(expected), position
         np.testing.assert_allclose(list(top.values()), list(expected.values()), rtol=TOLERANCE)
         assert max(top.values()) == top[tokenizer.decode([int(reference[position].argmax())])]
@@ -108,7 +109,8 @@ def test_an_echoed_prompt_is_scored_by_the_models_logits(http, model, tokenizer)
     check_echoed_prompt(logprobs, ids, reference, tokenizer, 3)
     assert logprobs["tokens"][-1] == tokenizer.decode([generated])
     assert logprobs["token_logprobs"][-1] == pytest.approx(reference[-1].max(), rel=TOLERANCE)
-    assert logprobs["top_logprobs"][-1] == pytest.approx(alternatives(tokenizer, reference[-1], 3), rel=TOLERANCE)
+    assert logprobs["top_logprobs"][-1] == pytest.approx(alternatives(tokenizer, reference[-1], 3, generated),
+                                                            rel=TOLERANCE)
     assert logprobs["text_offset"] == [sum(map(len, logprobs["tokens"][:k])) for k in range(len(ids) + 1)]
     assert response["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 1, "total_tokens": len(ids) + 1}
 
@@ -152,7 +154,10 @@ def test_echo_without_logprobs_puts_the_prompt_before_the_same_continuation(http
 def test_the_echoed_logprobs_sum_to_the_evaluators_negative_log_likelihood(http, model, tokenizer):
     ids = tokenizer.encode(LONG)
     choice = complete(http, prompt=LONG, echo=True, logprobs=0, max_tokens=0)["choices"][0]
-    assert all(top == {} for top in choice["logprobs"]["top_logprobs"][1:])  # logprobs 0: no alternatives
+    logprobs = choice["logprobs"]
+    # logprobs 0: no alternatives, only the token itself, as OpenAI's legacy completions give it
+    assert all(top == {token: logprob} for token, logprob, top
+               in zip(logprobs["tokens"][1:], logprobs["token_logprobs"][1:], logprobs["top_logprobs"][1:]))
     total, predicted = negative_log_likelihood(model, ids, len(ids), 1)  # one window, the whole text
     assert predicted == len(ids) - 1
     assert -sum(choice["logprobs"]["token_logprobs"][1:]) == pytest.approx(total, rel=TOLERANCE)
