@@ -49,11 +49,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._kernels import decode, quantized
+from ._kernels import crossentropy, decode, quantized
 from .buffers import aligned_zeros, lazy_zeros
 from .checks import require_int
 from .errors import UsageError
 from .model import GPT, ForwardWorkspaces
+from .pooling import length_batches
 from .threads import available_cpus, current_blas_limit
 
 # A byte-level BPE token can end inside a multi-byte UTF-8 character; until the next token completes it, that
@@ -71,9 +72,12 @@ MAX_TEMPERATURE = 2.0
 MAX_PENALTY = 2.0  # frequency_penalty and presence_penalty, from -MAX_PENALTY
 MAX_REPETITION_PENALTY = 10.0
 MAX_TOP_K = 2**31 - 1
-# Prompt positions whose logits a prefill computes at once, when they are wanted (Decoder.prefill_rows): a block
-# large enough for the head's GEMM to run at speed, small enough to keep its logits (times the vocabulary) small.
-PROMPT_LOGITS_POSITIONS = 64
+# The logits a prefill computes at once when a prompt's are wanted (Decoder.prefill_rows): 64 MB, so that a long
+# prompt never holds its length times the vocabulary, while a prompt an evaluation harness sends (a few hundred
+# positions over GPT-2's vocabulary) goes through the head in one product, which reads the head's weights once.
+PROMPT_LOGITS_FLOATS = 2**24
+# Prompt tokens, padding included, that a prefill's forward pass may hold besides one full-context prompt
+PREFILL_PASS_TOKENS = 4096
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -147,9 +151,9 @@ class Decoder:
 
         prompt_logits maps some of the rows to a function that takes the logits at every position of that row's
         prompt but the last (whose logits are the row's `logits`), from the same forward pass: it is called as
-        f(start, logits) with the logits (n, V) of positions start to start + n - 1, PROMPT_LOGITS_POSITIONS at a
-        time, in order. A prompt's logits at once would be its length times the vocabulary in floats, hundreds of
-        megabytes for a long prompt and a real vocabulary.
+        f(start, logits) with the logits (n, V) of positions start to start + n - 1, in order, n at most
+        PROMPT_LOGITS_FLOATS // V. A long prompt's logits at once would be its length times the vocabulary in
+        floats, hundreds of megabytes or more.
 
         Returns the logits (B, V), a view into this decoder (see `logits`).
         """
@@ -164,22 +168,26 @@ class Decoder:
             if p.ndim != 1 or not 1 <= p.size <= cfg.context_length:
                 raise ValueError(f"a prompt must be 1 to {cfg.context_length} token ids, got shape {p.shape}")
             _check_ids(p, cfg.vocab_size)
-        # Checked above, before anything is written: a bad prompt leaves the cache as it was.
-        rows_by_length: dict[int, list[int]] = {}
-        for row, p in zip(rows, prompts):
-            rows_by_length.setdefault(p.size, []).append(row)
-        prompt_of_row = dict(zip(rows, prompts))
-        for same_length in rows_by_length.values():
-            self._prefill_equal_lengths(same_length, np.stack([prompt_of_row[r] for r in same_length]),
-                                        prompt_logits or {})
+        # Checked above, before anything is written: a bad prompt leaves the cache as it was. Prompts of about the
+        # same length share a forward pass (a batch of an evaluation harness's, or requests that came together),
+        # as an embedding batch's texts do, each pass no larger than a full-context prompt's or PREFILL_PASS_TOKENS.
+        max_tokens = max(cfg.context_length, PREFILL_PASS_TOKENS)
+        for together in length_batches([p.size for p in prompts], max_tokens=max_tokens):
+            self._prefill_pass([rows[i] for i in together], [prompts[i] for i in together], prompt_logits or {})
         return self._logits
 
-    def _prefill_equal_lengths(self, rows: list[int], tokens: np.ndarray,
-                               prompt_logits: Mapping[int, Callable[[int, np.ndarray], None]]) -> None:
-        """One full forward pass over equally long prompts; their keys and values are copied into the cache, and
-        the rows in prompt_logits get their prompts' logits (see prefill_rows)."""
+    def _prefill_pass(self, rows: list[int], prompts: list[np.ndarray],
+                      prompt_logits: Mapping[int, Callable[[int, np.ndarray], None]]) -> None:
+        """One full forward pass over prompts padded on the right to the longest: causal attention keeps the
+        padding out of every prompt position's result. Their keys and values are copied into the cache (a row's
+        padding's too, past its length, where nothing reads them and decoding overwrites them), and the rows in
+        prompt_logits get their prompts' logits (see prefill_rows)."""
         cfg = self.model.config
-        n, T, C, Q, KV = len(rows), tokens.shape[1], cfg.dim, cfg.q_dim, cfg.kv_dim
+        lengths = np.array([p.size for p in prompts])
+        n, T, C, Q, KV = len(rows), int(lengths.max()), cfg.dim, cfg.q_dim, cfg.kv_dim
+        tokens = np.zeros((n, T), np.int32)
+        for k, p in enumerate(prompts):
+            tokens[k, :p.size] = p
         # Workspaces of our own, not model.workspace(): a training step or another decoder may be using that.
         # Their passes start at position 0 (ws.start), as a prefill does.
         ws = self._prefill_workspaces.get(n, T)
@@ -190,21 +198,22 @@ class Decoder:
 
         self.model.forward_ws(ws, tokens, None, threads=self.threads, logits=False, keys_values=keys_values)
         hidden = ws.a["lnf"].reshape(n, T, C)
+        block = max(1, PROMPT_LOGITS_FLOATS // cfg.vocab_size)
         for k, row in enumerate(rows):
             if row in prompt_logits:
-                for start in range(0, T - 1, PROMPT_LOGITS_POSITIONS):
-                    positions = hidden[k, start:min(start + PROMPT_LOGITS_POSITIONS, T - 1)]
+                for start in range(0, lengths[k] - 1, block):
+                    positions = hidden[k, start:min(start + block, lengths[k] - 1)]
                     logits = np.empty((len(positions), cfg.vocab_size), np.float32)
                     self.model.head_logits(positions, logits, self.threads)
                     prompt_logits[row](start, logits)
         # Otherwise only the last position's logits are wanted, so the head runs on those rows alone: with a real
         # vocabulary, the head over every position is a large part of the pass. A row whose prompt's logits were
         # wanted gets its last position's here too, so that its tokens are the same bits as without them.
-        last_hidden = np.ascontiguousarray(hidden[:, -1])
+        last_hidden = np.ascontiguousarray(hidden[np.arange(n), lengths - 1])
         logits = np.empty((n, cfg.vocab_size), np.float32)
         self.model.head_logits(last_hidden, logits, self.threads)
         self._logits[rows] = logits
-        self.lengths[rows] = T
+        self.lengths[rows] = lengths
 
     def truncate(self, row: int, length: int) -> None:
         """Forgets row's positions from `length` on, keeping the first `length` (a conversation whose history
@@ -369,14 +378,27 @@ MAX_TOP_LOGPROBS = 20  # as OpenAI
 
 def token_logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
     """token's log-probability under softmax(logits), with the top most likely tokens' (ties in id order)."""
-    z = logits.astype(np.float64)
-    log_probs = z - (z.max() + np.log(np.exp(z - z.max()).sum()))
-    best: tuple[tuple[int, float], ...] = ()
-    if top:
-        candidates = np.argpartition(-log_probs, top - 1)[:top] if top < z.size else np.arange(z.size)
-        ranked = candidates[np.lexsort((candidates, -log_probs[candidates]))]
-        best = tuple((int(i), float(log_probs[i])) for i in ranked)
-    return TokenLogprob(token, float(log_probs[token]), best)
+    return token_logprobs(logits[np.newaxis], [token], top)[0]
+
+
+def token_logprobs(logits: np.ndarray, tokens: Sequence[int], top: int) -> list[TokenLogprob]:
+    """token_logprob of each row of logits (n, V) and its token. A log-probability is the logit minus its row's
+    log-sum-exp (a kernel's, summed in double), in float64: a prompt scored at every position over a real
+    vocabulary makes no float64 copy of its logits, which cost more than the head's product that made them."""
+    logits = np.ascontiguousarray(logits, np.float32)
+    log_norms = np.empty(len(logits))
+    crossentropy.log_normalizers(logits, log_norms)
+    entries = []
+    for row, token, log_norm in zip(logits, tokens, log_norms):
+        best: tuple[tuple[int, float], ...] = ()
+        if top == 1:  # the usual request (an evaluation harness's): argmax, the lowest id among equals
+            best = ((int(row.argmax()), float(row.max()) - log_norm),)
+        elif top:
+            candidates = np.argpartition(-row, top - 1)[:top] if top < row.size else np.arange(row.size)
+            ranked = candidates[np.lexsort((candidates, -row[candidates]))]
+            best = tuple((int(i), float(row[i]) - log_norm) for i in ranked)
+        entries.append(TokenLogprob(int(token), float(row[token]) - log_norm, best))
+    return entries
 
 
 def _nucleus(probs: np.ndarray, top_p: float, first: int = 256) -> np.ndarray:
@@ -568,8 +590,8 @@ class Continuation:
         """Takes the logits (n, V) of prompt positions start to start + n - 1 (Decoder.prefill_rows' prompt_logits),
         which predict the prompt's tokens after them, into prompt_logprobs."""
         scored = slice(start + 1, start + 1 + len(logits))
-        self.prompt_logprobs[scored] = [token_logprob(row[:self._vocab_size], token, self._top_prompt_logprobs)
-                                        for row, token in zip(logits, self.prompt_ids[scored])]
+        self.prompt_logprobs[scored] = token_logprobs(logits[:, :self._vocab_size], self.prompt_ids[scored],
+                                                      self._top_prompt_logprobs)
 
     def advance(self, logits: np.ndarray) -> str:
         """Draws the next token from logits (V,), those predicting the token after prompt_ids + token_ids.

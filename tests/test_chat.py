@@ -18,12 +18,27 @@ from cllm import template_sandbox
 from cllm.chat import MAX_TEMPLATE_CHARS, ChatTemplate, TemplateLimitExceeded
 from cllm.checkpoint import load_model, save_model
 from cllm.errors import UsageError
-from cllm.generate import Continuation, Sampling, generate, sample_token, token_logprob
+from cllm.generate import (
+    Continuation,
+    Sampling,
+    generate,
+    sample_token,
+    token_logprob,
+    token_logprobs,
+)
 from cllm.sync_model import Model
 from cllm.tokenizer import Tokenizer
 from cllm.tools import convert
-from tests.chat_models import (CHATML, INJECTIONS, ZEPHYR, chat_model, chat_tokenizer, chatml_hf_tokenizer,
-                               literal_prompt, zephyr_tokenizer)
+from tests.chat_models import (
+    CHATML,
+    INJECTIONS,
+    ZEPHYR,
+    chat_model,
+    chat_tokenizer,
+    chatml_hf_tokenizer,
+    literal_prompt,
+    zephyr_tokenizer,
+)
 
 CONVERSATION = [{"role": "user", "content": "To be, or not to be?"},
                 {"role": "assistant", "content": "That is the question."},
@@ -374,17 +389,47 @@ def test_min_p_keeps_only_tokens_near_the_most_likely():
 # logprobs
 
 
+def float64_log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    peak = z.max(axis=-1, keepdims=True)
+    return z - (peak + np.log(np.exp(z - peak).sum(axis=-1, keepdims=True)))
+
+
+# The kernel's exp is a polynomial good to float32's precision; its sum is in double.
+LOGPROB_TOLERANCE = 1e-6
+
+
 def test_token_logprob_is_the_float64_log_softmax():
     rng = np.random.default_rng(1)
     logits = rng.normal(size=500).astype(np.float32) * 4
-    z = logits.astype(np.float64)
-    reference = z - math.log(np.exp(z - z.max()).sum()) - z.max()
+    reference = float64_log_softmax(logits)
     result = token_logprob(logits, 17, top=5)
-    assert result.id == 17 and result.logprob == pytest.approx(reference[17], abs=1e-9)
+    assert result.id == 17 and result.logprob == pytest.approx(reference[17], abs=LOGPROB_TOLERANCE)
     order = np.argsort(-reference, kind="stable")[:5]
     assert [i for i, _ in result.top] == order.tolist()
-    np.testing.assert_allclose([lp for _, lp in result.top], reference[order], atol=1e-9)
+    np.testing.assert_allclose([lp for _, lp in result.top], reference[order], atol=LOGPROB_TOLERANCE)
     assert token_logprob(logits, 3, top=0).top == ()
+
+
+@pytest.mark.parametrize("top", [0, 1, 3])
+def test_token_logprobs_score_rows_of_a_real_vocabulary(top):
+    """A prompt's positions at once, over GPT-2's vocabulary: each token's log-probability and the alternatives
+    are the float64 log-softmax's, ties going to the lowest id, and the token's own value is the one its entry
+    among the alternatives has (a harness compares them for equality)."""
+    rng = np.random.default_rng(2)
+    logits = (rng.normal(size=(6, 50257)) * 3).astype(np.float32)
+    logits[2, [7, 70, 700]] = logits[2].max() + 1  # a three-way tie for the most likely
+    tokens = [int(logits[0].argmax()), 5, 70, 50256, 0, 12345]
+    reference = float64_log_softmax(logits)
+    entries = token_logprobs(logits, tokens, top)
+    for row, (entry, token) in enumerate(zip(entries, tokens)):
+        assert entry.id == token and entry.logprob == pytest.approx(reference[row, token], abs=LOGPROB_TOLERANCE)
+        order = np.argsort(-reference[row], kind="stable")[:top]
+        assert [i for i, _ in entry.top] == order.tolist()
+        np.testing.assert_allclose([lp for _, lp in entry.top], reference[row, order], atol=LOGPROB_TOLERANCE)
+    if top:
+        assert entries[0].logprob == entries[0].top[0][1]
+        assert [i for i, _ in entries[2].top][:1] == [7]
 
 
 def test_generated_logprobs_are_the_models_own(tokenizer):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from functools import partial
 
 import numpy as np
 import pytest
@@ -148,6 +149,32 @@ def test_decoder_batch_with_prompts_of_different_lengths(model):
             assert rel_err(logits[row], full_forward_next_logits(model, s[:n + step])) <= 1e-4
         logits = decoder.step([s[n + step] for s, n in zip(sequences, prompt_lengths)])
     assert decoder.lengths.tolist() == [5, 8, 5]
+
+
+def test_prompts_padded_into_one_prefill_are_scored_and_cached_as_alone(model):
+    """Prompts of different lengths share a prefill's forward pass, padded on the right: each one's positions get
+    what a prefill of its own gives them (logits and cached keys and values), up to float32 rounding (products of
+    more rows may take another of the GEMM's paths), the padding seen by none."""
+    rng = np.random.default_rng(12)
+    prompts = [rng.integers(0, model.config.vocab_size, n) for n in (9, 4, 6)]
+
+    def scored(decoder: Decoder, rows: list[int], given: list[np.ndarray]) -> dict[int, np.ndarray]:
+        logits = {row: [] for row in rows}
+        decoder.prefill_rows(rows, given, prompt_logits={row: lambda start, block, row=row: logits[row].append(
+            block.copy()) for row in rows})
+        return {row: np.concatenate(blocks) for row, blocks in logits.items()}
+
+    together = Decoder(model, batch=3)
+    batched = scored(together, [0, 1, 2], prompts)
+    for row, prompt in enumerate(prompts):
+        alone = Decoder(model)
+        close = partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5)
+        close(scored(alone, [0], [prompt])[0], batched[row])
+        n = prompt.size
+        close(alone.k_cache[:, 0, :n], together.k_cache[:, row, :n])
+        close(alone.v_cache[:, 0, :n], together.v_cache[:, row, :n])
+        close(alone.logits[0], together.logits[row])
+    assert together.lengths.tolist() == [9, 4, 6]
 
 
 def test_decoder_steps_only_the_active_rows(model):

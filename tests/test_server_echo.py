@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from cllm.checkpoint import save_model
-from cllm.generate import PROMPT_LOGITS_POSITIONS, generate
+from cllm.generate import generate
 from cllm.model import GPT, ModelConfig
 from cllm.server import ServerLimits
 from cllm.tools.evaluate import negative_log_likelihood
@@ -25,7 +25,8 @@ pytestmark = pytest.mark.timeout(120)
 NAME = "echo"
 LIMITS = ServerLimits(max_input_tokens=96, max_completion_tokens=24)
 TOLERANCE = 1e-4  # relative: float32 logits against their float64 log-softmax
-LONG = " ".join(TEXT[:7])  # longer than a prefill's block of PROMPT_LOGITS_POSITIONS, within max_input_tokens
+LONG = " ".join(TEXT[:7])  # longer than BLOCK, within max_input_tokens
+BLOCK = 64  # prompt positions a prefill scores at once, in the tests that set it (cllm.generate.PROMPT_LOGITS_FLOATS)
 SHORT = "Whether 'tis nobler in the mind"
 
 
@@ -96,9 +97,10 @@ def check_echoed_prompt(logprobs: dict, ids: list[int], reference: np.ndarray, t
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_an_echoed_prompt_is_scored_by_the_models_logits(http, model, tokenizer):
+def test_an_echoed_prompt_is_scored_by_the_models_logits(http, model, tokenizer, monkeypatch):
+    monkeypatch.setattr("cllm.generate.PROMPT_LOGITS_FLOATS", BLOCK * model.config.vocab_size)
     ids = tokenizer.encode(LONG).tolist()
-    assert PROMPT_LOGITS_POSITIONS + 1 < len(ids) <= LIMITS.max_input_tokens  # scored in more than one block
+    assert BLOCK + 1 < len(ids) <= LIMITS.max_input_tokens  # scored in more than one block
     response = complete(http, prompt=LONG, echo=True, logprobs=3, max_tokens=1)
     [choice] = response["choices"]
     reference = next_token_logprobs(model, ids)
@@ -121,8 +123,16 @@ def test_text_ids_and_lists_of_ids_are_the_same_prompts(http, tokenizer):
     as_text = complete(http, prompt=[LONG, SHORT], **settings)["choices"]
     as_ids = complete(http, prompt=long, **settings)["choices"]
     as_lists = complete(http, prompt=[long, short], **settings)["choices"]
-    # The same ids, the same prefills (one per prompt length): the same bits, and the ids' text is the prompt's.
-    assert as_lists == as_text and as_ids == as_text[:1]
+    # The same ids, the same prefills: the same bits, and the ids' text is the prompt's.
+    assert as_lists == as_text
+    # Alone, a prompt is scored as when it shares its prefill's forward pass with another (padded on the right),
+    # up to float32 rounding: products of other sizes may take another of the GEMM's paths.
+    alone, batched = as_ids[0]["logprobs"], as_text[0]["logprobs"]
+    assert as_ids[0]["text"] == as_text[0]["text"]
+    assert alone["tokens"] == batched["tokens"] and alone["text_offset"] == batched["text_offset"]
+    assert [None if top is None else list(top) for top in alone["top_logprobs"]] == [
+        None if top is None else list(top) for top in batched["top_logprobs"]]
+    np.testing.assert_allclose(alone["token_logprobs"][1:], batched["token_logprobs"][1:], rtol=1e-6)
     assert [c["text"][:len(prompt)] for c, prompt in zip(as_lists, [LONG, SHORT])] == [LONG, SHORT]
     assert [len(c["logprobs"]["tokens"]) for c in as_lists] == [len(long) + 1, len(short) + 1]
 
@@ -249,7 +259,7 @@ def test_a_streamed_echo_sends_each_prompt_first_and_adds_up_to_the_whole(http, 
 def test_the_library_scores_a_prompt_as_the_server_does(http, model, tokenizer, monkeypatch):
     """cllm.generate's own generation with prompt_logprobs, in blocks of 5 positions: the server's values."""
     served = complete(http, prompt=LONG, echo=True, logprobs=2, max_tokens=0)["choices"][0]["logprobs"]
-    monkeypatch.setattr("cllm.generate.PROMPT_LOGITS_POSITIONS", 5)
+    monkeypatch.setattr("cllm.generate.PROMPT_LOGITS_FLOATS", 5 * model.config.vocab_size)
     generation = generate(model, tokenizer, LONG, max_new_tokens=0, prompt_logprobs=2)
     assert list(generation) == []
     assert [e.id for e in generation.prompt_logprobs] == tokenizer.encode(LONG).tolist()

@@ -54,9 +54,10 @@ sums) must agree within --tolerance (1e-3), else the run says FAILED and exits 1
 too (a random model's logits are flat, so near-ties may part them: printed, not checked).
 
 --profile runs, instead of the benchmark, one pass of cllm's side with its parts timed: the prefill's forward pass
-(the layers), the head over every prompt position, the head on the last position, the per-position log-softmax in
-Python (Continuation.score_prompt, which calls cllm.generate.token_logprob for each position), the token drawn, the
-response's choices written, the client's parse, and the rest (HTTP, JSON, the server's event loop).
+(the layers), the head over every prompt position, the head on the last position, the per-position log-softmax
+(Continuation.score_prompt: cllm.generate.token_logprobs, a kernel's log-sum-exp and the alternatives in numpy), the
+token drawn, the response's choices written, the client's parse, and the rest (HTTP, JSON, the server's event
+loop).
 
     python tools/bench_score.py                                 # gpt2-small, all CPUs (1.5 minutes on 2 cores)
     python tools/bench_score.py --shape smollm2-135m
@@ -387,7 +388,7 @@ STEP = "decoding step (the model's work, in its thread)"
 FORWARD = "prefill forward pass (the layers, GPT.forward_ws)"
 HEAD_PROMPT = "head over every prompt position (GPT.head_logits)"
 HEAD_LAST = "head on each prompt's last position"
-LOG_SOFTMAX = "log-softmax per position (Continuation.score_prompt -> token_logprob)"
+LOG_SOFTMAX = "log-softmax per position (Continuation.score_prompt -> token_logprobs)"
 DRAW = "drawing the one token (Continuation.advance)"
 RESPONSE = "the response's choices (token texts, logprobs: ResponseForm.response)"
 PARSE = "client: parsing the answer (httpx .json(), the harness's reading)"

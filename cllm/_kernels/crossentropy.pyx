@@ -1,6 +1,6 @@
 # Softmax + cross-entropy over the vocabulary, fused: one pass gives each row's loss and its dlogits.
 from cython.parallel cimport prange
-from libc.math cimport logf
+from libc.math cimport log, logf
 
 from ._common cimport cllm_expf, require, require_threads, row_max
 
@@ -60,3 +60,21 @@ def cross_entropy(const float[:, ::1] logits, const int[::1] targets, float[::1]
         for n in range(N):
             loss_sum += losses[n]
     return loss_sum
+
+
+def log_normalizers(const float[:, ::1] logits, double[::1] out):
+    """out[n] = log(sum_j exp(logits[n, j])), each row's log-sum-exp, with the sum in double: a token's
+    log-probability is then its logit minus its row's, to float64 precision whatever the vocabulary's size (the
+    scoring of a prompt's every position: cllm.generate.token_logprobs)."""
+    cdef Py_ssize_t N = logits.shape[0], V = logits.shape[1], n, j
+    cdef float maxv
+    cdef double total
+    require(V > 0, "log-sum-exp of empty rows")
+    require(out.shape[0] == N, f"out must have length {N}")
+    with nogil:
+        for n in range(N):
+            maxv = row_max(&logits[n, 0], V)
+            total = 0.0
+            for j in range(V):
+                total = total + cllm_expf(logits[n, j] - maxv)
+            out[n] = maxv + log(total)
