@@ -216,6 +216,27 @@ def fmt(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def alternating_rounds(engines: list[str], rounds: int, run: Callable[[str], tuple[object | None, str | None]],
+                       summary: Callable[[object], str]) -> dict:
+    """Each engine's run(engine) -> (result, error) once a round, in the engines' order in odd rounds and the reverse
+    in even ones, so that neither always meets the machine first; each result's summary printed (an error printed
+    instead, and the other engines still run), and each engine's results pooled into its first (its pool(other)).
+    Returns {engine: its pooled result}, in the engines' order, for those that gave one."""
+    results: dict = {}
+    for round_ in range(1, rounds + 1):
+        print(f"round {round_} of {rounds}", flush=True)
+        for engine in engines if round_ % 2 else engines[::-1]:
+            result, error = run(engine)
+            if error:
+                print(error)
+                continue
+            print(summary(result), flush=True)
+            pooled = results.setdefault(engine, result)
+            if pooled is not result:
+                pooled.pool(result)
+    return {engine: results[engine] for engine in engines if engine in results}
+
+
 def finish_report(start, results: dict, title: str, table: Callable[[], str]) -> int:
     """The end of a side-by-side run: how busy the machine was meanwhile, then the title and the table."""
     during = foreign_load(since=start)

@@ -94,6 +94,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 from bench_common import (
+    alternating_rounds,
     busy_note,
     finish_report,
     fmt,
@@ -685,7 +686,6 @@ def main(argv=None) -> int:
         peak_gflops = None
         print(f"the large sgemm failed ({type(e).__name__}: {e})")
 
-    results: dict[str, Result] = {}
     start = machine_snapshot()
     with tempfile.TemporaryDirectory(prefix="cllm-bench-embed-") as tmp:
         folder = os.path.join(tmp, args.shape.name)
@@ -694,19 +694,11 @@ def main(argv=None) -> int:
         if args.profile:
             print(in_fresh_process(profile_cllm, args.shape, folder, texts, args.threads, args.batch_size))
             return 0
-        for round_ in range(1, args.rounds + 1):
-            print(f"round {round_} of {args.rounds}", flush=True)
-            for engine in engines if round_ % 2 else engines[::-1]:
-                result, error = in_fresh_process(bench_engine, engine, args.shape, folder, texts, args.threads,
-                                                 args.batch_size, args.repeats)
-                if error:
-                    print(error)
-                    continue
-                print(result.summary(len(texts)), flush=True)
-                pooled = results.setdefault(engine, result)
-                if pooled is not result:
-                    pooled.pool(result)
-    results = {e: results[e] for e in engines if e in results}
+        results: dict[str, Result] = alternating_rounds(
+            engines, args.rounds,
+            lambda engine: in_fresh_process(bench_engine, engine, args.shape, folder, texts, args.threads,
+                                            args.batch_size, args.repeats),
+            lambda result: result.summary(len(texts)))
     agree = check_agreement(results, args.shape, lengths, args.min_cosine)
     title = (f"Embedding {len(texts)} texts ({MIN_TOKENS}-{MAX_TOKENS} tokens), batch {args.batch_size}, "
              f"{args.threads} threads, median of {args.repeats} encode(s) in each of {args.rounds} alternating "

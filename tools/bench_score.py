@@ -81,6 +81,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from bench_common import (
+    alternating_rounds,
     busy_note,
     finish_report,
     fmt,
@@ -589,7 +590,6 @@ def main(argv=None) -> int:
             peaks[engine] = None
             print(f"{engine}'s GEMM peak could not be measured ({type(e).__name__}: {e})")
 
-    results: dict[str, Result] = {}
     start = machine_snapshot()
     with tempfile.TemporaryDirectory(prefix="cllm-bench-score-") as tmp:
         folder = os.path.join(tmp, args.shape.name)
@@ -599,19 +599,11 @@ def main(argv=None) -> int:
         if args.profile:
             print(in_fresh_process(profile_cllm, args.shape, folder, batches, args.threads))
             return 0
-        for round_ in range(1, args.rounds + 1):
-            print(f"round {round_} of {args.rounds}", flush=True)
-            for engine in engines if round_ % 2 else engines[::-1]:
-                result, error = in_fresh_process(bench_engine, engine, args.shape, folder, batches, args.threads,
-                                                 args.repeats, args.attention_mask)
-                if error:
-                    print(error)
-                    continue
-                print(result.summary(len(prompts)), flush=True)
-                pooled = results.setdefault(engine, result)
-                if pooled is not result:
-                    pooled.pool(result)
-    results = {e: results[e] for e in engines if e in results}
+        results: dict[str, Result] = alternating_rounds(
+            engines, args.rounds,
+            lambda engine: in_fresh_process(bench_engine, engine, args.shape, folder, batches, args.threads,
+                                            args.repeats, args.attention_mask),
+            lambda result: result.summary(len(prompts)))
     agree = check_agreement(results, prompts, args.tolerance)
     title = (f"Scoring {len(prompts)} prompts ({MIN_TOKENS}-{MAX_TOKENS} tokens) as lm-evaluation-harness does, "
              f"{args.batch} per request or forward pass, {args.threads} threads, median of {args.repeats} pass(es) "
